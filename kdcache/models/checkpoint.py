@@ -1,0 +1,151 @@
+"""Weights-only checkpoints: load other people's state dicts safely, write ours atomically.
+
+Files are read with `torch.load(weights_only=True)`, which refuses any pickle that would build
+arbitrary Python objects, so a checkpoint from the internet cannot run code. We write only
+tensors and plain values, so our own files pass that check.
+"""
+
+import hashlib
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdcache.errors import KdcacheError
+
+_CHOOSE_MODEL = "pass the --model and class count the checkpoint was trained with"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of a file's bytes."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def _first_sentence(text: str) -> str:
+    """The first line of an error message up to its first full stop: torch's messages run long."""
+    return text.strip().split("\n", 1)[0].split(". ", 1)[0].rstrip(".")
+
+
+def _corrupt(path: Path, reason: str) -> KdcacheError:
+    return KdcacheError(f"checkpoint {path} is truncated or corrupt ({reason}): copy or download it again")
+
+
+def _read(path: Path) -> object:
+    """What `path` holds, loaded weights-only on the CPU; every way that fails is one KdcacheError line."""
+    if not path.is_file():
+        raise KdcacheError(f"checkpoint {path} does not exist: pass the path of a file saved with torch.save")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # A refusal names the global that weights-only loading would not import; other failures are bad bytes.
+        unsafe_global = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if unsafe_global is None:
+            raise _corrupt(path, "not a pickle stream that weights-only loading can parse") from None
+        raise KdcacheError(
+            f"checkpoint {path} holds the Python object {unsafe_global.group(1)}, which weights-only loading "
+            "refuses because unpickling it can run code; if you trust the file, load it once with "
+            "torch.load(weights_only=False) and torch.save only its state dict"
+        ) from None
+    except PermissionError:
+        raise KdcacheError(f"checkpoint {path} cannot be read: permission denied") from None
+    except Exception as error:  # a damaged file fails in many ways: zip reader, EOF, OS, pickle opcodes
+        detail = _first_sentence(str(error))
+        raise _corrupt(path, f"{type(error).__name__}: {detail}" if detail else type(error).__name__) from None
+
+
+def _state_dict_in(content: object, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in a loaded file: bare, or under "model" (mdistiller) or "state_dict", `module.` stripped."""
+    if isinstance(content, Mapping):
+        for key in ("model", "state_dict"):
+            if isinstance(content.get(key), Mapping):
+                content = content[key]
+                break
+    if not isinstance(content, Mapping) or not any(isinstance(value, torch.Tensor) for value in content.values()):
+        raise KdcacheError(
+            f"checkpoint {path} holds no state dict: expected a dict of tensors, bare or under 'model' or 'state_dict'"
+        )
+    # DataParallel and DistributedDataParallel save every name under `module.`.
+    return {str(name).removeprefix("module."): value for name, value in content.items()}
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return str(list(tensor.shape))
+
+
+def _check_fits(state: Mapping[str, torch.Tensor], model: nn.Module, path: Path) -> None:
+    """Raise one line naming the first parameter where `state` and `model` disagree, if any."""
+    arch = getattr(model, "arch", type(model).__name__)
+    expected = model.state_dict()
+    for name, tensor in expected.items():
+        if name in state and state[name].shape != tensor.shape:
+            raise KdcacheError(
+                f"checkpoint {path} does not fit {arch}: {name} has shape {_shape(state[name])} in the file "
+                f"but {_shape(tensor)} in the model; {_CHOOSE_MODEL}"
+            )
+    # load_state_dict fills BatchNorm counters that files from before PyTorch 0.4.1 lack.
+    missing = [name for name in expected if name not in state and not name.endswith("num_batches_tracked")]
+    if missing:
+        raise KdcacheError(
+            f"checkpoint {path} does not fit {arch}: the file lacks {missing[0]} and {len(missing) - 1} more of the "
+            f"model's parameters; {_CHOOSE_MODEL}"
+        )
+    unexpected = [name for name in state if name not in expected]
+    if unexpected:
+        raise KdcacheError(
+            f"checkpoint {path} does not fit {arch}: the file has {unexpected[0]} and {len(unexpected) - 1} more "
+            f"parameters the model lacks; {_CHOOSE_MODEL}"
+        )
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+    """Load a weights-only checkpoint into `model` (strictly) and return the model."""
+    path = Path(path)
+    state = _state_dict_in(_read(path), path)
+    _check_fits(state, model, path)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _check_plain(value: object, where: str) -> None:
+    """Raise TypeError unless `value` is made of tensors and plain values, which weights-only loading accepts."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_plain(key, where)
+            _check_plain(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_plain(item, f"{where}[{index}]")
+    elif not isinstance(value, (torch.Tensor, str, int, float, bool, type(None))):
+        raise TypeError(
+            f"save_checkpoint(): {where} is a {type(value).__name__}; store tensors and plain values only "
+            "(for a dataclass, dataclasses.asdict) so the file loads weights-only"
+        )
+
+
+def save_checkpoint(path: str | os.PathLike, model_or_state: nn.Module | Mapping, **extra: object) -> None:
+    """Write {"model": state_dict, **extra} to `path` atomically (temporary file, then rename)."""
+    if "model" in extra:
+        raise TypeError("save_checkpoint(): 'model' is the state dict's key; name the extra value otherwise")
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else dict(model_or_state)
+    content = {"model": state, **extra}
+    _check_plain(content, "checkpoint")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A temporary file in the same directory, so the rename stays on one filesystem and is atomic:
+    # a reader sees the old file or the new one, never half of one.
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(content, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
