@@ -1,1 +1,18 @@
+"""Data as whole uint8 tensors (sources) and replayable augmentation policies (augment)."""
 
+from kdcache.data.augment import AugmentPolicy, CropFlip, Identity, get_policy, list_policies
+from kdcache.data.sources import ImageData, data_fingerprint, list_datasets, load_dataset, normalize, register_dataset
+
+__all__ = [
+    "AugmentPolicy",
+    "CropFlip",
+    "Identity",
+    "ImageData",
+    "data_fingerprint",
+    "get_policy",
+    "list_datasets",
+    "list_policies",
+    "load_dataset",
+    "normalize",
+    "register_dataset",
+]

@@ -1,0 +1,249 @@
+"""Data sources by name: whole uint8 image tensors with labels, normalisation constants and a fingerprint.
+
+A loader is `loader(root, split, *, option=default, ...) -> ImageData`, registered under its
+function name with `@register_dataset`; `load_dataset` checks the name, split and options once
+for all of them.
+"""
+
+import hashlib
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdcache.data.cifar import read_cifar
+from kdcache.errors import KdcacheError, unknown_name
+
+SPLITS = ("train", "test")
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+DIGITS_SIZE = 32
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+
+SYNTHETIC_NUM_SAMPLES = {"train": 2000, "test": 500}
+SYNTHETIC_PATTERN_CELLS = 4  # each class pattern is a random 4×4 colour grid, smoothly upsampled
+SYNTHETIC_PATTERN_AMPLITUDE = 48.0  # grey levels per unit of the pattern's normal draw
+SYNTHETIC_NOISE_STD = 48.0  # grey levels of per-pixel Gaussian noise
+
+
+@dataclass(frozen=True, eq=False)
+class ImageData:
+    """One split of a dataset as whole tensors: uint8 images [N, C, H, W] and int64 labels [N], on the CPU."""
+
+    name: str
+    split: str
+    images: Tensor
+    labels: Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    fingerprint: str = field(init=False)
+
+    def __post_init__(self):
+        images, labels = self.images, self.labels
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.device.type != "cpu" or not images.is_contiguous():
+            raise KdcacheError(
+                f"ImageData({self.name!r}): images should be a contiguous CPU uint8 tensor [N, C, H, W], "
+                f"found {images.dtype} {list(images.shape)} on {images.device}"
+            )
+        if labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
+            raise KdcacheError(
+                f"ImageData({self.name!r}): labels should be int64 [{len(images)}], found {labels.dtype} {list(labels.shape)}"
+            )
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise KdcacheError(f"ImageData({self.name!r}): labels should lie in [0, {self.num_classes})")
+        channels = images.shape[1]
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise KdcacheError(f"ImageData({self.name!r}): mean and std need one value per channel ({channels})")
+        object.__setattr__(self, "mean", tuple(float(value) for value in self.mean))
+        object.__setattr__(self, "std", tuple(float(value) for value in self.std))
+        object.__setattr__(self, "fingerprint", data_fingerprint(images, labels))
+
+    def describe(self) -> dict:
+        """What identifies this data in cache metadata (JSON-able)."""
+        return {
+            "name": self.name,
+            "split": self.split,
+            "num_samples": len(self.labels),
+            "image_shape": list(self.images.shape[1:]),
+            "num_classes": self.num_classes,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "fingerprint": self.fingerprint,
+        }
+
+
+def data_fingerprint(images: Tensor, labels: Tensor) -> str:
+    """sha256 hex of the shapes, the image bytes and the label bytes: another order or subset gives another digest."""
+    digest = hashlib.sha256(f"kdcache-data-v1 images uint8 {list(images.shape)} labels int64 {list(labels.shape)}\n".encode())
+    digest.update(images.contiguous().numpy().reshape(-1))  # a flat view of the bytes: hashed without a copy
+    digest.update(labels.numpy().astype("<i8").tobytes())
+    return digest.hexdigest()
+
+
+def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """float32 `(images / 255 - mean) / std` per channel of uint8 images [..., C, H, W], on their device."""
+    if images.dtype != torch.uint8 or images.ndim < 3 or images.shape[-3] != len(mean) or len(mean) != len(std):
+        raise KdcacheError(
+            f"normalize(): needs uint8 images [..., C, H, W] and C values of mean and std, found {images.dtype} "
+            f"{list(images.shape)} with {len(mean)} means and {len(std)} stds"
+        )
+    mean_tensor = torch.tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    std_tensor = torch.tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    return (images.to(torch.float32) / 255 - mean_tensor) / std_tensor
+
+
+_LOADERS: dict[str, Callable[..., ImageData]] = {}
+
+
+def register_dataset(loader: Callable[..., ImageData]) -> Callable[..., ImageData]:
+    """Register `loader(root, split, *, options...) -> ImageData` under its function name."""
+    _LOADERS[loader.__name__] = loader
+    return loader
+
+
+def list_datasets() -> list[str]:
+    """The registered dataset names, sorted."""
+    return sorted(_LOADERS)
+
+
+def load_dataset(name: str, root: str | Path | None = None, split: str = "train", **options) -> ImageData:
+    """One split of a registered dataset; `options` are the loader's keyword options."""
+    loader = _LOADERS.get(name)
+    if loader is None:
+        raise unknown_name("load_dataset()", name, list_datasets())
+    if split not in SPLITS:
+        raise KdcacheError(f"load_dataset({name!r}): unknown split {split!r}; known: {', '.join(SPLITS)}")
+    known = [p.name for p in inspect.signature(loader).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise KdcacheError(
+            f"load_dataset({name!r}): unknown option(s) {', '.join(unknown)}; known: {', '.join(known) or 'none'}"
+        )
+    return loader(root, split, **options)
+
+
+@register_dataset
+def cifar10(root: str | Path | None, split: str) -> ImageData:
+    """CIFAR-10 from `root` in torchvision's layout (`root/cifar-10-batches-py/`); never downloads."""
+    images, labels = read_cifar("cifar10", root, split)
+    return ImageData("cifar10", split, images, labels, 10, CIFAR10_MEAN, CIFAR10_STD)
+
+
+@register_dataset
+def cifar100(root: str | Path | None, split: str) -> ImageData:
+    """CIFAR-100 (fine labels) from `root` in torchvision's layout (`root/cifar-100-python/`); never downloads."""
+    images, labels = read_cifar("cifar100", root, split)
+    return ImageData("cifar100", split, images, labels, 100, CIFAR100_MEAN, CIFAR100_STD)
+
+
+@register_dataset
+def digits(root: str | Path | None, split: str) -> ImageData:
+    """scikit-learn's bundled 8×8 digits as 3×32×32 uint8 images, a fixed stratified 80/20 split; `root` is unused."""
+    images, labels = _digits_images()
+    train_indices, test_indices = _digits_split(labels.numpy())
+    mean, std = _channel_stats(images[train_indices])
+    indices = train_indices if split == "train" else test_indices
+    return ImageData("digits", split, images[indices].contiguous(), labels[indices], 10, mean, std)
+
+
+def _digits_images() -> tuple[Tensor, Tensor]:
+    """All 1797 digits upsampled bilinearly ×4 to 32×32, scaled 0..16 → 0..255, grey replicated to 3 channels."""
+    from sklearn.datasets import load_digits  # a heavy import, needed only here
+
+    bunch = load_digits()
+    grid = torch.from_numpy(bunch.images).to(torch.float64).unsqueeze(1)  # [N, 1, 8, 8], integers 0..16
+    # With scale 4 and align_corners=False the bilinear weights are multiples of 1/8 per axis, so every
+    # product and sum below is exact in float64: the pixels (and the fingerprint) are the same on every
+    # machine and torch version. torch.round breaks the ties that remain half-to-even.
+    upsampled = F.interpolate(grid, scale_factor=DIGITS_SIZE // 8, mode="bilinear", align_corners=False)
+    grey = torch.round(upsampled * (255 / 16)).to(torch.uint8)
+    return grey.expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(bunch.target).to(torch.int64)
+
+
+def _digits_split(labels: np.ndarray) -> tuple[Tensor, Tensor]:
+    """Sorted train and test indices: per class, a seeded random 20% to test, the rest to train."""
+    # NumPy's legacy RandomState stream is frozen (NEP 19), so the split never changes with its version
+    generator = np.random.RandomState(DIGITS_SPLIT_SEED)
+    test_parts = []
+    for label in range(int(labels.max()) + 1):
+        members = np.flatnonzero(labels == label)
+        test_parts.append(members[generator.permutation(len(members))[: round(len(members) * DIGITS_TEST_FRACTION)]])
+    test = np.sort(np.concatenate(test_parts))
+    train = np.setdiff1d(np.arange(len(labels)), test)
+    return torch.from_numpy(train), torch.from_numpy(test)
+
+
+def _channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images scaled to [0, 1], from exact integer sums, to 4 decimals."""
+    pixels = images.transpose(0, 1).reshape(images.shape[1], -1).to(torch.int64)
+    count = pixels.shape[1]
+    sums, square_sums = pixels.sum(1).tolist(), (pixels * pixels).sum(1).tolist()
+    mean = tuple(round(total / (count * 255), 4) for total in sums)
+    # population variance from Python integers: exact until the final division and square root
+    std = tuple(
+        round(math.sqrt((count * squares - total * total) / (count * count * 255 * 255)), 4)
+        for total, squares in zip(sums, square_sums)
+    )
+    return mean, std
+
+
+@register_dataset
+def synthetic(
+    root: str | Path | None,
+    split: str,
+    *,
+    num_samples: int | None = None,
+    num_classes: int = 10,
+    image_size: int = 32,
+    seed: int = 0,
+) -> ImageData:
+    """Seeded learnable images: each class a smooth random colour pattern, randomly shifted, plus noise; `root` is unused.
+
+    Both splits share the class patterns of `seed` and draw their samples from separate streams;
+    `num_samples` defaults to 2000 (train) or 500 (test).
+    """
+    num_samples = SYNTHETIC_NUM_SAMPLES[split] if num_samples is None else num_samples
+    minimums = (("num_samples", num_samples, 1), ("num_classes", num_classes, 2), ("image_size", image_size, 8), ("seed", seed, 0))
+    for option, value, least in minimums:
+        if not isinstance(value, int) or value < least:
+            raise KdcacheError(f"load_dataset('synthetic'): {option} should be an integer >= {least}, found {value!r}")
+    max_shift = image_size // 8
+    canvas = image_size + 2 * max_shift
+    pattern_generator = torch.Generator().manual_seed(_stream_seed(seed, "patterns"))
+    cells = torch.randn(num_classes, 3, SYNTHETIC_PATTERN_CELLS, SYNTHETIC_PATTERN_CELLS, generator=pattern_generator)
+    patterns = F.interpolate(cells, size=(canvas, canvas), mode="bilinear", align_corners=False) * SYNTHETIC_PATTERN_AMPLITUDE
+
+    sample_generator = torch.Generator().manual_seed(_stream_seed(seed, split))
+    labels = torch.randperm(num_samples, generator=sample_generator) % num_classes  # balanced classes, random order
+    shifts = torch.randint(0, 2 * max_shift + 1, (num_samples, 2), generator=sample_generator)
+    noise = torch.randn(num_samples, 3, image_size, image_size, generator=sample_generator) * SYNTHETIC_NOISE_STD
+    offsets = torch.arange(image_size)
+    rows = (shifts[:, 0, None] + offsets)[:, None, :, None]
+    cols = (shifts[:, 1, None] + offsets)[:, None, None, :]
+    shifted = patterns[labels[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
+    images = (128 + shifted + noise).round().clamp(0, 255).to(torch.uint8)
+
+    # Normalisation from the shared patterns and the noise level (ignoring clipping), so both splits agree
+    channel_mean = 128 + patterns.mean(dim=(0, 2, 3))
+    channel_std = (patterns.var(dim=(0, 2, 3), unbiased=False) + SYNTHETIC_NOISE_STD**2).sqrt()
+    mean = tuple(round(value / 255, 4) for value in channel_mean.tolist())
+    std = tuple(round(value / 255, 4) for value in channel_std.tolist())
+    return ImageData("synthetic", split, images, labels, num_classes, mean, std)
+
+
+def _stream_seed(seed: int, stream: str) -> int:
+    """An independent torch seed for one named random stream of the synthetic dataset."""
+    stream_index = ("patterns", *SPLITS).index(stream)
+    return int(np.random.SeedSequence([seed, stream_index]).generate_state(1, dtype=np.uint64)[0])
