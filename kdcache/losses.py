@@ -1,0 +1,440 @@
+"""Distillation losses as pure functions on tensors, and the registry behind `--loss NAME`.
+
+Shapes. Logits are `[..., C]`, classes last. Region logits are `[B, R, C]`: region 0 is the global
+logit, then each scale's cells row-major (R = sum of s² over the scales, e.g. 1 + 4 + 16 = 21 for
+scales 1, 2, 4). Labels are integer class indices shaped like the logits without the class axis.
+
+Precision. fp16/bf16 inputs (the cache stores fp16; training runs under bf16 autocast) are computed
+in float32 and the result is float32; float32 and float64 inputs keep their dtype. Every quantity is
+computed in log space, so finite logits (±1e4 included) give finite losses and gradients.
+
+Sources (the numbers and the formulas were checked against these; no code was copied):
+  KD   Hinton, Vinyals, Dean 2015; megvii-research/mdistiller@a08d46f `mdistiller/distillers/KD.py`.
+  DKD  Zhao et al., CVPR 2022; mdistiller `mdistiller/distillers/DKD.py`.
+  LS   Sun et al., CVPR 2024; sunshangquan/logit-standardization-KD `mdistiller/distillers/KD.py`,
+       `DKD.py` (z-score with the unbiased std, eps 1e-7 added to the std), `tools/train.py`.
+  SDD  Wei et al., CVPR 2024; shicaiwei123/SDD-CVPR2024@e412036 `mdistiller/distillers/KD.py`
+       (`sdd_kd_loss`), `SDD_DKD.py` (`multi_dkd`), `mdistiller/models/cifar/utils.py` (`SPP`:
+       regions ordered 1x1, 2x2, 4x4, row-major, the same layout as kdcache's).
+  SLD  Limantoro et al. 2025 (arXiv 2504.20108, Multimedia Systems);
+       StephenEkaputra/Swapped-Logit-Distillation@e2d0d1d `mdistiller/distillers/SLD.py`.
+
+Where kdcache computes the same quantity differently from the released code, it says so at the
+function. The defaults of each `--loss` name live in `configs/losses.yaml`.
+"""
+
+import dataclasses
+import functools
+import importlib.resources
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor
+
+from kdcache.errors import KdcacheError, unknown_name
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """fp16/bf16 → float32; other dtypes unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _reduce(per_sample: Tensor, reduction: str, call: str) -> Tensor:
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "none":
+        return per_sample
+    raise KdcacheError(f"{call}: reduction must be 'mean' or 'none'; got {reduction!r}")
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p ‖ q) = Σ p (log p − log q) over the last axis, from log-probabilities (0·finite = 0)."""
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+def _split_target(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The target logit `[...]` and the C − 1 non-target logits `[..., C-1]` (original order kept)."""
+    labels = labels.unsqueeze(-1)
+    j = torch.arange(logits.shape[-1] - 1, device=logits.device)
+    others = logits.gather(-1, j + (j >= labels))  # class j for j < label, j + 1 after it; no host sync
+    return logits.gather(-1, labels).squeeze(-1), others
+
+
+def _prepare(student: Tensor, teacher: Tensor, standardize_logits: bool, call: str) -> tuple[Tensor, Tensor]:
+    student, teacher = _upcast(student), _upcast(teacher)
+    if student.shape != teacher.shape:
+        raise KdcacheError(
+            f"{call}: student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ in shape"
+        )
+    if student.shape[-1] < 2:
+        raise KdcacheError(f"{call}: needs at least 2 classes; logits have shape {tuple(student.shape)}")
+    if standardize_logits:
+        student, teacher = standardize(student), standardize(teacher)
+    return student, teacher
+
+
+def _check_labels(labels: Tensor, logits: Tensor, call: str) -> Tensor:
+    if labels.shape != logits.shape[:-1]:
+        raise KdcacheError(
+            f"{call}: labels {tuple(labels.shape)} must have the logits' shape without classes, "
+            f"{tuple(logits.shape[:-1])}"
+        )
+    return labels.long()
+
+
+# ---------------------------------------------------------------------------------------------
+# the losses
+
+
+def standardize(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    """Z-score over classes: (z − mean(z)) / (std(z) + eps), as in logit standardisation (Sun et al. 2024).
+
+    Follows the LS released code: the std is the unbiased one (divides by C − 1, torch's default) and
+    eps is added to the std, not to the variance. The std is taken as sqrt(max(var, tiny)) so that a
+    constant row (std 0) has a finite gradient; in float32 this changes no value (tiny ≈ 1e-38).
+    The gradient at a constant row is of order 1/eps, by the formula: finite in float32/bfloat16,
+    beyond float16's range, so logits that need gradients should not be float16 here.
+    """
+    z = _upcast(logits)
+    mean = z.mean(dim=-1, keepdim=True)
+    var = z.var(dim=-1, keepdim=True, correction=1)
+    std = var.clamp_min(torch.finfo(z.dtype).tiny).sqrt()
+    return (z - mean) / (std + eps)
+
+
+def kd(
+    student: Tensor, teacher: Tensor, temperature: float, standardize: bool = False, reduction: str = "mean"
+) -> Tensor:
+    """Hinton et al. 2015: T² · KL(softmax(t/T) ‖ softmax(s/T)), summed over classes, mean over samples.
+
+    `standardize=True` z-scores both logits first (KD+LS, Sun et al. 2024; T is then their "base
+    temperature"). `reduction="none"` returns the per-sample loss, shaped like the logits without classes.
+    """
+    s, t = _prepare(student, teacher, standardize, "kd()")
+    log_p_s = F.log_softmax(s / temperature, dim=-1)
+    log_p_t = F.log_softmax(t / temperature, dim=-1)
+    return _reduce(temperature**2 * _kl(log_p_t, log_p_s), reduction, "kd()")
+
+
+def tckd(student: Tensor, teacher: Tensor, labels: Tensor, temperature: float) -> Tensor:
+    """DKD's target-class term, per sample: T² · KL(b_t ‖ b_s), b = [p_target, 1 − p_target] at temperature T.
+
+    Computed in log space (log(1 − p_target) = logsumexp of the non-target logits − logsumexp of all),
+    where the DKD code takes log of the summed probabilities; same value, and no log(0) for large logits.
+    """
+    s, t = _upcast(student) / temperature, _upcast(teacher) / temperature
+    log_b_s = _binary_log_probs(s, labels)
+    log_b_t = _binary_log_probs(t, labels)
+    return temperature**2 * _kl(log_b_t, log_b_s)
+
+
+def _binary_log_probs(z: Tensor, labels: Tensor) -> Tensor:
+    """[log p_target, log(1 − p_target)] of softmax(z), `[..., 2]`."""
+    target, others = _split_target(z, labels)
+    log_total = z.logsumexp(dim=-1)
+    return torch.stack([target - log_total, others.logsumexp(dim=-1) - log_total], dim=-1)
+
+
+def nckd(student: Tensor, teacher: Tensor, labels: Tensor, temperature: float) -> Tensor:
+    """DKD's non-target-class term, per sample: T² · KL(p̂_t ‖ p̂_s), p̂ the softmax over the non-target classes.
+
+    The DKD code gets p̂ by subtracting 1000 from the target logit/T before a softmax over all classes;
+    kdcache drops the target column instead: the same value for ordinary logits, and still exact for
+    logits whose spread/T is beyond 1000 (±1e4 logits, where the DKD code's loss is NaN).
+    """
+    _, s_others = _split_target(_upcast(student) / temperature, labels)
+    _, t_others = _split_target(_upcast(teacher) / temperature, labels)
+    return temperature**2 * _kl(F.log_softmax(t_others, dim=-1), F.log_softmax(s_others, dim=-1))
+
+
+def dkd(
+    student: Tensor,
+    teacher: Tensor,
+    labels: Tensor,
+    alpha: float,
+    beta: float,
+    temperature: float,
+    standardize: bool = False,
+    reduction: str = "mean",
+) -> Tensor:
+    """Decoupled KD (Zhao et al., CVPR 2022): α · TCKD + β · NCKD, mean over samples.
+
+    With `standardize=True` both logits are z-scored before the target masks (DKD+LS, as the LS code
+    does). The DKD warm-up min(epoch / warmup, 1) is not part of the loss: the caller applies it
+    (`LossSpec.compute` does), as the DKD code does in its distiller.
+    """
+    s, t = _prepare(student, teacher, standardize, "dkd()")
+    labels = _check_labels(labels, s, "dkd()")
+    per_sample = alpha * tckd(s, t, labels, temperature) + beta * nckd(s, t, labels, temperature)
+    return _reduce(per_sample, reduction, "dkd()")
+
+
+def sdd_region_weights(teacher_regions: Tensor, labels: Tensor, complementary_weight: float = 2.0) -> Tensor:
+    """SDD's weight of each region, `[B, R]`: 1 where consistent, `complementary_weight` where complementary.
+
+    A region is consistent when the teacher's local prediction (argmax of the region) and its global
+    prediction (region 0) are both right or both wrong about the label; complementary when one is right
+    and the other wrong (global right/local wrong, global wrong/local right). Region 0 is consistent.
+    Predictions come from the raw teacher logits (standardising does not move the argmax).
+    """
+    with torch.no_grad():
+        right = _upcast(teacher_regions).argmax(dim=-1) == labels.long().unsqueeze(-1)  # [B, R]
+        consistent = right == right[:, :1]
+        ones = torch.ones(right.shape, dtype=_upcast(teacher_regions).dtype, device=right.device)
+        return torch.where(consistent, ones, complementary_weight * ones)
+
+
+def sdd(
+    student_regions: Tensor,
+    teacher_regions: Tensor,
+    labels: Tensor,
+    base: Callable[..., Tensor],
+    complementary_weight: float = 2.0,
+    **base_args,
+) -> Tensor:
+    """Scale Decoupled Distillation (Wei et al., CVPR 2024): the base loss on every region, SDD-weighted.
+
+    L = Σ_b Σ_r w_br · base(s_br, t_br, y_b) / (R · B), with w from `sdd_region_weights` and `base`
+    `kd` or `dkd` (its arguments in `base_args`, e.g. temperature, alpha, beta, standardize).
+    This is the normalisation of the SDD code (`sdd_kd_loss`, `multi_dkd`): every region of every sample
+    counts once, complementary ones `complementary_weight` times. With one region (scale 1 only) it is
+    the base loss. The SDD code replaces NaN terms by 0; kdcache's terms are finite by construction.
+    """
+    call = "sdd()"
+    if student_regions.dim() != 3:
+        raise KdcacheError(f"{call}: region logits must be [B, R, C]; got shape {tuple(student_regions.shape)}")
+    batch, regions, _ = student_regions.shape
+    if labels.shape != (batch,):
+        raise KdcacheError(f"{call}: labels must be [B] = ({batch},); got {tuple(labels.shape)}")
+    if base is kd:
+        per_region = kd(student_regions, teacher_regions, reduction="none", **base_args)
+    elif base is dkd:
+        region_labels = labels.long().unsqueeze(1).expand(batch, regions)
+        per_region = dkd(student_regions, teacher_regions, region_labels, reduction="none", **base_args)
+    else:
+        raise KdcacheError(f"{call}: base must be kdcache.losses.kd or kdcache.losses.dkd; got {base!r}")
+    weights = sdd_region_weights(teacher_regions, labels, complementary_weight)
+    return (weights * per_region).sum() / (regions * batch)
+
+
+def sdd_lskd(
+    student_regions: Tensor,
+    teacher_regions: Tensor,
+    labels: Tensor,
+    base: Callable[..., Tensor] = dkd,
+    complementary_weight: float = 2.0,
+    **base_args,
+) -> Tensor:
+    """SDD-LSKD, the fusion kdcache is named for: SDD with every region's logits z-scored before the base loss.
+
+    Both the student's and the teacher's logits of every region are standardised (LS), then the base
+    loss runs at one base temperature for all scales, then SDD weights and normalises the regions
+    (see `sdd`). The recipe (SDD-LSKD README) is DKD-based: α 1, β 8, T 4, warm-up 20 epochs, scales
+    1, 2, 4, complementary weight 2, CE weight 1 (`configs/losses.yaml`, `sdd-lskd`).
+    """
+    return sdd(student_regions, teacher_regions, labels, base, complementary_weight, standardize=True, **base_args)
+
+
+def swap_target_max(logits: Tensor, labels: Tensor) -> Tensor:
+    """SLD's swap: where the largest logit is not the label's, exchange the two values; other rows unchanged."""
+    labels = labels.long().unsqueeze(-1)
+    top = logits.argmax(dim=-1, keepdim=True)
+    target_value, top_value = logits.gather(-1, labels), logits.gather(-1, top)
+    # where top == label both writes hit the same cell with the same value: the row is unchanged
+    return logits.scatter(-1, labels, top_value).scatter(-1, top, target_value)
+
+
+def sld(
+    student: Tensor,
+    teacher: Tensor,
+    labels: Tensor,
+    temperatures: Sequence[float],
+    epoch: float,
+    switch_epoch: float,
+    detach_student_teacher: bool = True,
+) -> Tensor:
+    """Swapped Logit Distillation (Limantoro et al. 2025): KD from swapped teachers, summed over temperatures.
+
+    L = Σ_T KD_T(s, swap(t))  +  [⌊epoch⌋ > switch_epoch] · Σ_T KD_T(s, swap(s)),
+    swap() exchanging the label's logit with the largest one where they differ (`swap_target_max`),
+    KD_T the Hinton loss at temperature T (`kd`). Followed: the official code (SLD.py, `swap`, `kd_loss`:
+    temperatures 1..6, second teacher from epoch > γ = 150 with the epoch counted from 1, CE 0.1 and KD
+    0.9 from its cfg.py) and the README/abstract (two teachers, loss scheduling). A fractional epoch
+    e + step/steps (e counted from 1) switches like the integer e, as in the official code.
+    Differences: the official trainer distils two augmented views (weak and strong) per step, kdcache the
+    one view it is given. The official code does not detach the swapped student logits (gradient flows
+    through both sides of the second KL); kdcache detaches them by default, treating them as a teacher,
+    i.e. a fixed target (the paper's full text was not available to check which it states);
+    `detach_student_teacher=False` gives the official gradient. The loss value is the same either way.
+    """
+    s, t = _upcast(student), _upcast(teacher)
+    labels = _check_labels(labels, s, "sld()")
+    teachers = [swap_target_max(t, labels)]
+    if math.floor(epoch) > switch_epoch:
+        teachers.append(swap_target_max(s.detach() if detach_student_teacher else s, labels))
+    return sum(kd(s, target, temperature) for target in teachers for temperature in temperatures)
+
+
+# ---------------------------------------------------------------------------------------------
+# registry: `--loss NAME` → function + the paper's defaults (configs/losses.yaml)
+
+_FUNCTIONS: dict[str, Callable[..., Tensor] | None] = {
+    "ce": None,
+    "kd": kd,
+    "dkd": dkd,
+    "sdd": sdd,
+    "sdd_lskd": sdd_lskd,
+    "sld": sld,
+}
+_BASES = {"kd": kd, "dkd": dkd}
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A loss and its defaults: what `--loss NAME` means. Plain values, so it can be saved with a checkpoint.
+
+    `loss` names the pure function (ce, kd, dkd, sdd, sdd_lskd, sld); `base` the per-region loss of the
+    SDD ones (kd or dkd); `standardize` z-scores the logits for kd, dkd and sdd (sdd_lskd always does).
+    Epochs count from 1 (the first epoch is 1), as in mdistiller's trainer.
+    """
+
+    name: str
+    loss: str
+    paper: str
+    code: str
+    ce_weight: float
+    distill_weight: float = 0.0
+    temperature: float | None = None
+    alpha: float | None = None
+    beta: float | None = None
+    warmup_epochs: float = 0.0
+    standardize: bool = False
+    base: str | None = None
+    complementary_weight: float | None = None
+    scales: tuple[int, ...] | None = None
+    temperatures: tuple[float, ...] | None = None
+    switch_epoch: float | None = None
+
+    def __post_init__(self):
+        call = f"LossSpec({self.name!r})"
+        if self.loss not in _FUNCTIONS:
+            raise unknown_name(f"{call}: loss", self.loss, _FUNCTIONS)
+        if self.loss in ("sdd", "sdd_lskd") and self.base not in _BASES:
+            raise KdcacheError(f"{call}: an SDD loss needs base 'kd' or 'dkd'; got {self.base!r}")
+        needed = {
+            "ce": [],
+            "kd": ["temperature"],
+            "dkd": ["temperature", "alpha", "beta"],
+            "sdd": ["temperature", "complementary_weight"],
+            "sdd_lskd": ["temperature", "complementary_weight"],
+            "sld": ["temperatures", "switch_epoch"],
+        }[self.loss]
+        if self.base == "dkd":
+            needed += ["alpha", "beta"]
+        missing = [field for field in needed if getattr(self, field) is None]
+        if missing:
+            raise KdcacheError(f"{call}: loss {self.loss!r} needs {', '.join(missing)}")
+
+    @property
+    def function(self) -> Callable[..., Tensor] | None:
+        """The pure loss function (None for plain cross-entropy)."""
+        return _FUNCTIONS[self.loss]
+
+    @property
+    def uses_regions(self) -> bool:
+        """Whether the loss reads every region (SDD) or only region 0, the global logit."""
+        return self.loss in ("sdd", "sdd_lskd")
+
+    def warmup_factor(self, epoch: float) -> float:
+        """min(epoch / warm-up epochs, 1), the DKD/SDD-DKD ramp of the distillation term; 1 without warm-up."""
+        return min(epoch / self.warmup_epochs, 1.0) if self.warmup_epochs > 0 else 1.0
+
+    def compute(
+        self, student_regions: Tensor, teacher_regions: Tensor | None, labels: Tensor, epoch: float
+    ) -> dict[str, Tensor]:
+        """The weighted terms of one training step: `ce`, `kd` (the distillation term; absent for `ce`), `total`.
+
+        student_regions/teacher_regions: `[B, R, C]`; labels: `[B]`; epoch: counted from 1 (pass the integer
+        epoch to reproduce the papers' code exactly). CE is on the student's region 0. Non-SDD losses read
+        region 0 only; SDD losses every region given. kd = distill_weight · warm-up factor · loss.
+        """
+        call = f"LossSpec({self.name!r}).compute()"
+        if student_regions.dim() != 3:
+            raise KdcacheError(f"{call}: student logits must be [B, R, C]; got {tuple(student_regions.shape)}")
+        student = _upcast(student_regions)
+        labels = labels.long()
+        terms = {"ce": self.ce_weight * F.cross_entropy(student[:, 0], labels)}
+        if self.loss != "ce":
+            if teacher_regions is None:
+                raise KdcacheError(f"{call}: loss {self.name!r} needs teacher logits; got None")
+            if teacher_regions.shape != student_regions.shape:
+                raise KdcacheError(
+                    f"{call}: teacher logits {tuple(teacher_regions.shape)} and student logits "
+                    f"{tuple(student_regions.shape)} differ in shape"
+                )
+            distill = self._distill(student, _upcast(teacher_regions), labels, epoch)
+            terms["kd"] = self.distill_weight * self.warmup_factor(epoch) * distill
+        terms["total"] = sum(terms.values())
+        return terms
+
+    def _distill(self, student: Tensor, teacher: Tensor, labels: Tensor, epoch: float) -> Tensor:
+        if self.loss == "kd":
+            return kd(student[:, 0], teacher[:, 0], self.temperature, standardize=self.standardize)
+        if self.loss == "dkd":
+            s, t = student[:, 0], teacher[:, 0]
+            return dkd(s, t, labels, self.alpha, self.beta, self.temperature, standardize=self.standardize)
+        if self.loss == "sld":
+            return sld(student[:, 0], teacher[:, 0], labels, self.temperatures, epoch, self.switch_epoch)
+        base_args = {"temperature": self.temperature}
+        if self.base == "dkd":
+            base_args |= {"alpha": self.alpha, "beta": self.beta}
+        if self.loss == "sdd":
+            base_args["standardize"] = self.standardize
+        return self.function(student, teacher, labels, _BASES[self.base], self.complementary_weight, **base_args)
+
+
+_TUPLE_FIELDS = {"scales", "temperatures"}
+
+
+@functools.cache
+def _registry() -> dict[str, LossSpec]:
+    text = (importlib.resources.files("kdcache.configs") / "losses.yaml").read_text()
+    fields = {field.name for field in dataclasses.fields(LossSpec)} - {"name"}
+    specs = {}
+    for name, entry in yaml.safe_load(text).items():
+        unknown = sorted(set(entry) - fields)
+        if unknown:
+            raise KdcacheError(
+                f"configs/losses.yaml: entry {name!r} has unknown keys {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(fields))}"
+            )
+        values = {key: tuple(value) if key in _TUPLE_FIELDS else value for key, value in entry.items()}
+        specs[name] = LossSpec(name=name, **values)
+    return specs
+
+
+def list_losses() -> list[str]:
+    """The `--loss` names, in the order of configs/losses.yaml."""
+    return list(_registry())
+
+
+def get_loss(name: str, **overrides) -> LossSpec:
+    """The `LossSpec` registered as `name`, with any field replaced by `overrides` (e.g. temperature=3.0)."""
+    try:
+        spec = _registry()[name]
+    except KeyError:
+        raise unknown_name("get_loss()", name, list_losses()) from None
+    fields = {field.name for field in dataclasses.fields(LossSpec)} - {"name", "loss"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        known = ", ".join(sorted(fields))
+        raise KdcacheError(f"get_loss({name!r}): unknown field {', '.join(unknown)}; known: {known}")
+    overrides = {key: tuple(value) if key in _TUPLE_FIELDS else value for key, value in overrides.items()}
+    return dataclasses.replace(spec, **overrides)

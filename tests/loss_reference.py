@@ -1,0 +1,112 @@
+"""Slow reference formulas for tests/test_losses.py, written straight from the papers.
+
+Plain Python floats (float64), loops over samples, regions and classes; nothing shared with
+kdcache.losses. Logits are nested lists: [B][C] for one logit per sample, [B][R][C] for regions.
+"""
+
+import math
+
+
+def softmax(row, temperature=1.0):
+    top = max(row)
+    exps = [math.exp((x - top) / temperature) for x in row]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def kl(p, q):
+    """KL(p ‖ q) = Σ_i p_i log(p_i / q_i), with 0 · log 0 = 0."""
+    return sum(p_i * math.log(p_i / q_i) for p_i, q_i in zip(p, q) if p_i > 0)
+
+
+def argmax(row):
+    """The first index of the largest value (torch.argmax's tie rule)."""
+    best = 0
+    for j, x in enumerate(row):
+        if x > row[best]:
+            best = j
+    return best
+
+
+def standardize(row, eps=1e-7):
+    """Sun et al. 2024: (z − mean) / (std + eps), std the unbiased one (the LS code's torch.std)."""
+    n = len(row)
+    mean = sum(row) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in row) / (n - 1))
+    return [(x - mean) / (std + eps) for x in row]
+
+
+def kd_one(s, t, temperature):
+    """Hinton et al. 2015, one sample: T² · KL(softmax(t/T) ‖ softmax(s/T))."""
+    return temperature**2 * kl(softmax(t, temperature), softmax(s, temperature))
+
+
+def dkd_one(s, t, y, alpha, beta, temperature):
+    """Zhao et al. 2022, one sample: T² · (α · KL(b_t ‖ b_s) + β · KL(p̂_t ‖ p̂_s))."""
+    p_s, p_t = softmax(s, temperature), softmax(t, temperature)
+    b_s = [p_s[y], sum(p for j, p in enumerate(p_s) if j != y)]
+    b_t = [p_t[y], sum(p for j, p in enumerate(p_t) if j != y)]
+    hat_s = softmax([x for j, x in enumerate(s) if j != y], temperature)
+    hat_t = softmax([x for j, x in enumerate(t) if j != y], temperature)
+    return temperature**2 * (alpha * kl(b_t, b_s) + beta * kl(hat_t, hat_s))
+
+
+def kd(student, teacher, temperature, standardize_logits=False):
+    losses = []
+    for s, t in zip(student, teacher):
+        if standardize_logits:
+            s, t = standardize(s), standardize(t)
+        losses.append(kd_one(s, t, temperature))
+    return sum(losses) / len(losses)
+
+
+def dkd(student, teacher, labels, alpha, beta, temperature, standardize_logits=False):
+    losses = []
+    for s, t, y in zip(student, teacher, labels):
+        if standardize_logits:
+            s, t = standardize(s), standardize(t)
+        losses.append(dkd_one(s, t, y, alpha, beta, temperature))
+    return sum(losses) / len(losses)
+
+
+def sdd_weight(teacher_regions_of_sample, y, r, complementary_weight):
+    """Wei et al. 2024: weight 1 if the teacher's global and local predictions are both right or both wrong."""
+    global_right = argmax(teacher_regions_of_sample[0]) == y
+    local_right = argmax(teacher_regions_of_sample[r]) == y
+    return 1.0 if global_right == local_right else complementary_weight
+
+
+def sdd(student, teacher, labels, base, complementary_weight, standardize_logits=False, **base_args):
+    """Σ over samples and regions of weight · base loss, divided by R · B; base is "kd" or "dkd"."""
+    total, count = 0.0, 0
+    for s_regions, t_regions, y in zip(student, teacher, labels):
+        for r, (s, t) in enumerate(zip(s_regions, t_regions)):
+            weight = sdd_weight(t_regions, y, r, complementary_weight)
+            if standardize_logits:
+                s, t = standardize(s), standardize(t)
+            if base == "kd":
+                loss = kd_one(s, t, base_args["temperature"])
+            else:
+                loss = dkd_one(s, t, y, base_args["alpha"], base_args["beta"], base_args["temperature"])
+            total += weight * loss
+            count += 1
+    return total / count
+
+
+def swap(row, y):
+    """Limantoro et al. 2025: exchange the label's logit with the largest one when they differ."""
+    row = list(row)
+    top = argmax(row)
+    if top != y:
+        row[y], row[top] = row[top], row[y]
+    return row
+
+
+def sld(student, teacher, labels, temperatures, epoch, switch_epoch):
+    """Σ_T KD_T(s, swap(t)) + [epoch > switch] Σ_T KD_T(s, swap(s)), each KD a mean over samples."""
+    total = 0.0
+    for temperature in temperatures:
+        total += kd(student, [swap(t, y) for t, y in zip(teacher, labels)], temperature)
+        if epoch > switch_epoch:
+            total += kd(student, [swap(s, y) for s, y in zip(student, labels)], temperature)
+    return total
