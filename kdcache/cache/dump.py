@@ -1,0 +1,124 @@
+"""Stage 1: the teacher runs once over K replayable views of a dataset, and its region logits go to a cache."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from kdcache.cache.layout import CacheSpec
+from kdcache.cache.writer import BackgroundWriter, CacheWriter
+from kdcache.data import ImageData, normalize
+from kdcache.errors import KdcacheError
+from kdcache.models import LogitMap
+from kdcache.runtime import autocast, precision, prepare_model
+
+
+@dataclass(frozen=True)
+class DumpResult:
+    """What a dump did: where, how big, how fast, and the teacher's accuracy per view."""
+
+    path: Path
+    images: int
+    seconds: float
+    bytes_on_disk: int
+    view_accuracy: list[float]
+    resumed: bool
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+
+def view_params(policy: Any, num_samples: int, num_views: int | None, exhaustive: bool, seed: int) -> torch.Tensor:
+    """[K, N, P] augmentation parameters: K sampled views, or every view of a finite policy per sample."""
+    generator = torch.Generator().manual_seed(seed)
+    if exhaustive:
+        grid = policy.enumerate()  # [V, P]
+        # each sample sees every view once, in its own seeded random order
+        order = torch.rand(num_samples, len(grid), generator=generator).argsort(dim=1)
+        return grid[order].transpose(0, 1).contiguous()
+    if num_views is None or num_views < 1:
+        raise KdcacheError(f"--views: expected a positive number of views per sample, got {num_views}")
+    return torch.stack([policy.sample(generator, num_samples) for _ in range(num_views)])
+
+
+def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageData, policy: Any, out: str | Path, *,
+                 views: int | None = 1, exhaustive: bool = False, scales: tuple[int, ...] = (1, 2, 4),
+                 batch_size: int = 256, device: torch.device = torch.device("cpu"), dtype: str = "float16",
+                 format: str | None = None, seed: int = 0, block_size: int = 0, overwrite: bool = False,
+                 show_progress: bool = True) -> DumpResult:
+    """Write the teacher's region logits for every (view, sample) to a cache; resumes an interrupted dump.
+
+    teacher_info names the teacher in the metadata: arch, num_classes, checkpoint, checkpoint_sha256.
+    """
+    out = Path(out)
+    params = view_params(policy, len(data.labels), views, exhaustive, seed)
+    logit_map = prepare_model(LogitMap(teacher, scales), device).eval()
+    with torch.no_grad():
+        feature_map = list(teacher.forward_features(normalize(data.images[:1], data.mean, data.std).to(device)).shape[2:])
+    spec = CacheSpec(
+        teacher={**teacher_info, "precision": precision(device), "feature_map": feature_map},
+        dataset=data.describe(), augmentation=policy.describe(), num_views=len(params), exhaustive=exhaustive,
+        seed=seed, scales=tuple(scales), dtype=dtype, block_size=block_size)
+    if spec.num_classes != data.num_classes:
+        raise KdcacheError(f"the teacher predicts {spec.num_classes} classes but dataset {data.name} has "
+                           f"{data.num_classes}; pass the checkpoint trained on this dataset")
+
+    writer = CacheWriter.open(out, spec, data.labels.numpy(), params.numpy(), format=format, overwrite=overwrite)
+    try:
+        pending = writer.pending()
+        resumed = len(pending) < spec.num_views * spec.num_blocks
+        # a resumed run replays exactly the stored parameters
+        stored_params = torch.from_numpy(writer.aug_params()).to(device)
+        images, labels = data.images.to(device), data.labels.to(device)
+        total = sum(len(spec.block_range(block)) for _, block in pending)
+        started = time.perf_counter()
+        background = BackgroundWriter(writer)
+        try:
+            with tqdm(total=total, unit="img", unit_scale=True, disable=not show_progress,
+                      desc=f"dump {out.name}") as bar:
+                for view, block in pending:
+                    logits, correct = _teacher_block(logit_map, images, labels, stored_params[view], data,
+                                                     policy, spec.block_range(block), batch_size, device, dtype)
+                    background.submit(view, block, logits, correct)
+                    bar.update(len(logits))
+        except BaseException:
+            background.close(raise_errors=False)  # blocks already queued are still written
+            raise
+        background.close()
+        seconds = time.perf_counter() - started
+        accuracy = writer.finish()
+    finally:
+        writer.close()
+    return DumpResult(out, total, seconds, _bytes_on_disk(out), accuracy, resumed)
+
+
+def _teacher_block(logit_map: nn.Module, images: torch.Tensor, labels: torch.Tensor, params: torch.Tensor,
+                   data: ImageData, policy: Any, rows: range, batch_size: int, device: torch.device,
+                   dtype: str) -> tuple[np.ndarray, int]:
+    """Region logits of one block of samples under one view's parameters, and how many region-0 predictions are right."""
+    parts, correct = [], torch.zeros((), dtype=torch.long, device=device)
+    # batches always start at the block's start, so a resumed block computes exactly what it would have
+    for start in range(rows.start, rows.stop, batch_size):
+        batch = slice(start, min(start + batch_size, rows.stop))
+        x = normalize(policy.apply(images[batch], params[batch]), data.mean, data.std)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), autocast(device):
+            regions = logit_map(x).float().to(getattr(torch, dtype))
+        correct += (regions[:, 0].argmax(-1) == labels[batch]).sum()  # of what is stored, so verify can recount it
+        parts.append(regions)
+    return torch.cat(parts).cpu().numpy(), int(correct)
+
+
+def _bytes_on_disk(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size if path.exists() else 0

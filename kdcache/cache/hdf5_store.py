@@ -1,0 +1,134 @@
+"""HDF5 backend: one `.h5` file, fletcher32 checksums on every chunk, metadata as one JSON attribute.
+
+Data are written in SWMR mode, which keeps the file valid if the writer is killed. HDF5 then
+refuses to reopen it for writing (its consistency flag stays set), so `open` for writing rebuilds
+such a file by copying it, which keeps everything that was written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from kdcache.cache.store import ArrayInfo, Selection, Store
+from kdcache.errors import CorruptCacheError
+
+METADATA_KEY = "kdcache"
+log = logging.getLogger(__name__)
+
+
+class HDF5Store(Store):
+    """A cache as one HDF5 file (`.h5`)."""
+
+    format_name = "hdf5"
+    suffix = ".h5"
+    other_suffixes = (".hdf5",)
+
+    def __init__(self, path: Path, file: h5py.File, read_only: bool) -> None:
+        super().__init__(path, read_only)
+        self._file = file
+
+    @classmethod
+    def create(cls, path: Path) -> HDF5Store:
+        """Create an empty HDF5 file in the latest format (needed for SWMR)."""
+        return cls(path, h5py.File(path, "w-", libver="latest"), read_only=False)
+
+    @classmethod
+    def open(cls, path: Path, read_only: bool = True) -> HDF5Store:
+        """Open an existing file; for writing, rebuild it first if a writer died with it open."""
+        try:
+            if read_only:
+                # SWMR reading also opens a file whose writer was killed, and never writes to it
+                return cls(path, h5py.File(path, "r", libver="latest", swmr=True), read_only=True)
+            return cls(path, h5py.File(path, "r+", libver="latest"), read_only=False)
+        except OSError as error:
+            if not read_only and "already open for write" in str(error):
+                _rebuild_after_crash(path)
+                return cls(path, h5py.File(path, "r+", libver="latest"), read_only=False)
+            raise CorruptCacheError(f"{path} is not a readable HDF5 cache ({error}); rebuild it with "
+                                    f"`kdcache dump-teacher --overwrite`") from error
+
+    def _dataset(self, name: str) -> h5py.Dataset:
+        if name not in self._file:
+            raise CorruptCacheError(f"{self.path}: array {name!r} is missing")
+        return self._file[name]
+
+    def _create_array(self, name: str, shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, ...],
+                      fill_value: int | float) -> None:
+        self._leave_swmr()
+        if 0 in shape:  # e.g. the parameters of a policy that has none: nothing to chunk or checksum
+            self._file.create_dataset(name, shape=shape, dtype=dtype)
+            return
+        self._file.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, fletcher32=True,
+                                  fillvalue=fill_value)
+
+    def _write(self, name: str, selection: Selection, values: np.ndarray) -> None:
+        if not self._file.swmr_mode:
+            self._file.swmr_mode = True
+        self._dataset(name)[selection] = values
+
+    def _read(self, name: str, selection: Selection) -> np.ndarray:
+        return self._dataset(name)[selection or ()]
+
+    def _set_metadata(self, metadata: dict[str, Any]) -> None:
+        self._leave_swmr()
+        self._file.attrs[METADATA_KEY] = json.dumps(metadata)
+
+    def _leave_swmr(self) -> None:
+        # SWMR forbids new objects and attribute changes; reopening the file ends SWMR mode
+        if self._file.swmr_mode:
+            self._file.close()
+            self._file = h5py.File(self.path, "r+", libver="latest")
+
+    def metadata(self) -> dict[str, Any]:
+        """The kdcache metadata document from the root attribute."""
+        text = self._file.attrs.get(METADATA_KEY)
+        if text is None:
+            return {}
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise CorruptCacheError(f"{self.path}: the {METADATA_KEY!r} attribute is not valid JSON ({error})") from error
+
+    def array_names(self) -> list[str]:
+        """Names of the datasets at the file's root."""
+        return sorted(k for k, v in self._file.items() if isinstance(v, h5py.Dataset))
+
+    def array_info(self, name: str) -> ArrayInfo:
+        """Shape, dtype and chunk shape of one dataset."""
+        dataset = self._dataset(name)
+        return ArrayInfo(tuple(dataset.shape), np.dtype(dataset.dtype), tuple(dataset.chunks or dataset.shape))
+
+    def chunk_exists(self, name: str, chunk_coords: tuple[int, ...]) -> bool:
+        """Whether HDF5 allocated storage for the chunk (it does so on first write)."""
+        dataset = self._dataset(name)
+        offset = tuple(c * s for c, s in zip(chunk_coords, dataset.chunks))
+        return dataset.id.get_chunk_info_by_coord(offset).byte_offset is not None
+
+    def flush(self) -> None:
+        """Flush data and metadata to the file."""
+        self._file.flush()
+
+    def close(self) -> None:
+        """Close the file."""
+        if self._file.id.valid:
+            self._file.close()
+
+
+def _rebuild_after_crash(path: Path) -> None:
+    """Copy a file left open by a killed SWMR writer into a fresh file and put it in its place."""
+    log.warning("%s was left open by a writer that stopped; rebuilding it (keeps everything written)", path)
+    partial = path.with_name(path.name + ".rebuild")
+    with h5py.File(path, "r", libver="latest", swmr=True) as source, \
+            h5py.File(partial, "w", libver="latest") as target:
+        for name in source:
+            source.copy(source[name], target, name)
+        for key, value in source.attrs.items():
+            target.attrs[key] = value
+    os.replace(partial, path)

@@ -1,0 +1,222 @@
+"""Cache format version 1: the arrays, the metadata schema, and the checks that a cache fits its use."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from kdcache import __version__
+from kdcache.errors import CorruptCacheError, KdcacheError
+
+FORMAT = "kdcache-teacher-logits"
+FORMAT_VERSION = 1
+TARGET_CHUNK_BYTES = 2 * 2**20  # one view x one block of samples per chunk: 1-4 MB reads well from disk
+PENDING = -1  # progress value of a block not yet written
+
+ARRAYS = {
+    "logits": "[views, samples, regions, classes] raw pre-softmax teacher logits of each region",
+    "aug": "[views, samples, params] augmentation parameters that replay each view (see augmentation)",
+    "labels": "[samples] class labels",
+    "progress": "[views, blocks] -1 while a block is not written; then how many of its samples the "
+                "teacher's global logit (region 0) classifies correctly",
+}
+REGION_LAYOUT = "region 0 is the global logit; then, for each scale s in order, its s*s cells row-major"
+
+# fields that define what a cache holds: a rerun must match them all to resume
+IDENTITY_FIELDS = (
+    "teacher.arch", "teacher.num_classes", "teacher.checkpoint_sha256", "teacher.precision",
+    "dataset.name", "dataset.split", "dataset.num_samples", "dataset.image_shape", "dataset.num_classes",
+    "dataset.mean", "dataset.std", "dataset.fingerprint",
+    "augmentation", "views.count", "views.exhaustive", "views.seed", "scales", "logits.dtype",
+    "logits.block_size",
+)
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything that defines the contents of a cache."""
+
+    teacher: dict[str, Any]  # arch, num_classes, checkpoint_sha256, precision (+ checkpoint path, informative)
+    dataset: dict[str, Any]  # ImageData.describe()
+    augmentation: dict[str, Any]  # policy.describe()
+    num_views: int
+    exhaustive: bool
+    seed: int
+    scales: tuple[int, ...]
+    dtype: str = "float16"
+    block_size: int = 0  # 0: chosen from TARGET_CHUNK_BYTES
+    view_accuracy: list[float] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            object.__setattr__(self, "block_size", default_block_size(
+                self.num_regions, self.num_classes, self.dtype, self.num_samples))
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.dataset["num_samples"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.teacher["num_classes"])
+
+    @property
+    def num_regions(self) -> int:
+        return sum(s * s for s in self.scales)
+
+    @property
+    def num_params(self) -> int:
+        return len(self.augmentation["param_names"])
+
+    @property
+    def num_blocks(self) -> int:
+        return math.ceil(self.num_samples / self.block_size)
+
+    def block_range(self, block: int) -> range:
+        """The sample indices of one block."""
+        return range(block * self.block_size, min((block + 1) * self.block_size, self.num_samples))
+
+    @property
+    def logits_shape(self) -> tuple[int, int, int, int]:
+        return (self.num_views, self.num_samples, self.num_regions, self.num_classes)
+
+    def to_metadata(self) -> dict[str, Any]:
+        """The JSON metadata document stored with the cache."""
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kdcache_version": __version__,
+            "description": "Teacher logits over replayable augmented views, written by `kdcache dump-teacher`; "
+                           "train students from it with `kdcache distill --cache`.",
+            "teacher": self.teacher,
+            "dataset": self.dataset,
+            "augmentation": self.augmentation,
+            "views": {"count": self.num_views, "exhaustive": self.exhaustive, "seed": self.seed},
+            "scales": list(self.scales),
+            "regions": {"count": self.num_regions, "layout": REGION_LAYOUT},
+            "logits": {"dtype": self.dtype, "block_size": self.block_size,
+                       "values": "raw pre-softmax logits; temperature, standardisation and masks are "
+                                 "applied when training"},
+            "arrays": ARRAYS,
+            "view_accuracy": self.view_accuracy,
+        }
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any], where: str) -> CacheSpec:
+        """Parse and check a stored metadata document; a missing or malformed field names itself."""
+        if not metadata:
+            raise CorruptCacheError(f"{where} has no kdcache metadata: it was not written by `kdcache dump-teacher`, "
+                                    f"or its creation was interrupted before it started; rerun dump-teacher")
+        if metadata.get("format") != FORMAT:
+            raise CorruptCacheError(f"{where}: metadata field 'format' is {metadata.get('format')!r}, "
+                                    f"expected {FORMAT!r}; this is not a kdcache teacher cache")
+        if metadata.get("format_version") != FORMAT_VERSION:
+            raise CorruptCacheError(f"{where}: cache format version {metadata.get('format_version')!r}, this "
+                                    f"kdcache ({__version__}) reads version {FORMAT_VERSION}; rebuild the cache "
+                                    f"or use the kdcache that wrote it")
+        get = _FieldReader(metadata, where)
+        scales = tuple(get("scales", list))
+        if not scales or not all(isinstance(s, int) and s > 0 for s in scales):
+            raise CorruptCacheError(f"{where}: metadata field 'scales' must be a list of positive integers, "
+                                    f"found {scales!r}")
+        spec = cls(
+            teacher=get("teacher", dict), dataset=get("dataset", dict), augmentation=get("augmentation", dict),
+            num_views=get("views.count", int), exhaustive=get("views.exhaustive", bool),
+            seed=get("views.seed", int), scales=scales, dtype=get("logits.dtype", str),
+            block_size=get("logits.block_size", int), view_accuracy=metadata.get("view_accuracy"))
+        for name, kind in (("teacher.arch", str), ("teacher.num_classes", int), ("dataset.num_samples", int),
+                           ("dataset.fingerprint", str), ("augmentation.param_names", list)):
+            get(name, kind)
+        if spec.num_views < 1 or spec.block_size < 1 or spec.dtype not in ("float16", "float32"):
+            raise CorruptCacheError(f"{where}: metadata has views.count={spec.num_views}, logits.block_size="
+                                    f"{spec.block_size}, logits.dtype={spec.dtype!r}; expected positive counts "
+                                    f"and float16 or float32")
+        return spec
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define the cache's contents, by dotted name."""
+        flat = _flatten(self.to_metadata())
+        return {name: value for name, value in flat.items()
+                if any(name == f or name.startswith(f + ".") for f in IDENTITY_FIELDS)}
+
+
+def differences(stored: CacheSpec, wanted: CacheSpec) -> list[str]:
+    """Each identity field that differs, as 'field: cache has X, this run has Y'."""
+    ours, theirs = stored.identity(), wanted.identity()
+    return [f"{name}: cache has {_short(ours.get(name))}, this run has {_short(theirs.get(name))}"
+            for name in sorted(set(ours) | set(theirs)) if ours.get(name) != theirs.get(name)]
+
+
+def default_block_size(num_regions: int, num_classes: int, dtype: str, num_samples: int) -> int:
+    """Samples per chunk so that one chunk of logits holds about TARGET_CHUNK_BYTES."""
+    bytes_per_sample = num_regions * num_classes * (2 if dtype == "float16" else 4)
+    return max(1, min(num_samples, TARGET_CHUNK_BYTES // bytes_per_sample))
+
+
+def require_match(spec: CacheSpec, where: str, expected: dict[str, Any]) -> None:
+    """Refuse a cache whose field differs from what this use expects, naming the field and both values.
+
+    Keys are dotted metadata names (`dataset.fingerprint`, `augmentation`, `teacher.num_classes`);
+    `scales` asks for a subset of the cache's scales.
+    """
+    metadata = spec.to_metadata()
+    for name, value in expected.items():
+        if name == "scales":
+            if not set(value) <= set(spec.scales):
+                raise KdcacheError(f"cache {where} holds scales {list(spec.scales)} but this run asks for "
+                                   f"{list(value)}: choose --scales among the cache's or rebuild it with them")
+            continue
+        have = _lookup(metadata, name)
+        if _normal(have) != _normal(value):
+            raise KdcacheError(f"cache {where} was written for {name} {_short(have)} but this run has "
+                               f"{_short(value)}: rebuild the cache or pass the {name.split('.')[0]} it was made from")
+
+
+def _lookup(tree: dict[str, Any], name: str) -> Any:
+    for part in name.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+class _FieldReader:
+    def __init__(self, metadata: dict[str, Any], where: str) -> None:
+        self.metadata, self.where = metadata, where
+
+    def __call__(self, name: str, kind: type) -> Any:
+        value: Any = self.metadata
+        for part in name.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise CorruptCacheError(f"{self.where}: metadata field {name!r} is missing; the cache's metadata "
+                                        f"was edited or truncated — rebuild it with `kdcache dump-teacher --overwrite`")
+            value = value[part]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise CorruptCacheError(f"{self.where}: metadata field {name!r} should be {kind.__name__}, "
+                                    f"found {_short(value)}")
+        return value
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = _normal(value)
+    return flat
+
+
+def _normal(value: Any) -> Any:
+    """JSON-comparable form: tuples become lists, nested dicts compared by content."""
+    if isinstance(value, (tuple, list)):
+        return [_normal(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items()}
+    return value
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+

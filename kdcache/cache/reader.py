@@ -1,0 +1,256 @@
+"""The cache reader: read-only, validates what it opens, reads whole views, verifies every chunk."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdcache.cache.layout import PENDING, CacheSpec, require_match
+from kdcache.cache.store import ChunkReadError, Store, open_store
+from kdcache.errors import CorruptCacheError, KdcacheError
+
+# |region 0 - mean of a scale's cells| allowed, relative to the sample's largest logit: fp16 storage
+# of fp32 logits, or logits computed under bf16 autocast (8 mantissa bits)
+SELF_CHECK_TOLERANCE = {"float32": 4e-3, "bfloat16": 4e-2}
+
+
+def open_cache(path: str | Path) -> TeacherCache:
+    """Open a cache for reading; it is never written to."""
+    store = open_store(path, read_only=True)
+    try:
+        return TeacherCache(store, CacheSpec.from_metadata(store.metadata(), str(path)))
+    except BaseException:
+        store.close()
+        raise
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing `verify` found wrong, located by array, view and block."""
+
+    array: str
+    view: int | None
+    block: int | None
+    samples: range | None
+    what: str
+
+    def __str__(self) -> str:
+        where = [f"array {self.array!r}"]
+        if self.view is not None:
+            where.append(f"view {self.view}")
+        if self.block is not None:
+            where.append(f"block {self.block} (samples {self.samples.start}-{self.samples.stop - 1})")
+        return ", ".join(where) + f": {self.what}"
+
+
+class TeacherCache:
+    """A teacher cache opened read-only: metadata, labels, augmentation parameters and whole views."""
+
+    def __init__(self, store: Store, spec: CacheSpec) -> None:
+        self.store, self.spec, self.path = store, spec, store.path
+        self._prefetcher: ThreadPoolExecutor | None = None
+        self._check_shapes()
+
+    # -- what it holds -----------------------------------------------------------------------
+    @property
+    def num_views(self) -> int:
+        return self.spec.num_views
+
+    @property
+    def num_samples(self) -> int:
+        return self.spec.num_samples
+
+    @property
+    def scales(self) -> tuple[int, ...]:
+        return self.spec.scales
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.store.metadata()
+
+    def progress(self) -> np.ndarray:
+        """[views, blocks]: PENDING or the block's count of correct teacher predictions."""
+        return self._read_checked("progress", None)
+
+    def is_complete(self) -> bool:
+        """Whether every (view, block) was written."""
+        return bool((self.progress() != PENDING).all())
+
+    def view_accuracy(self) -> list[float | None]:
+        """Teacher top-1 accuracy of region 0 per view (None for a view not fully written)."""
+        return [None if (row == PENDING).any() else float(row.sum()) / self.num_samples for row in self.progress()]
+
+    def require(self, expected: dict[str, Any]) -> None:
+        """Refuse this cache if a metadata field differs from what the caller expects (see layout.require_match)."""
+        require_match(self.spec, str(self.path), expected)
+
+    # -- reading -------------------------------------------------------------------------------
+    def labels(self) -> np.ndarray:
+        """[samples] int64 labels."""
+        return self._read_checked("labels", None)
+
+    def aug_params(self, view: int) -> np.ndarray:
+        """[samples, params] int32 augmentation parameters of one view."""
+        return self._read_checked("aug", view)
+
+    def view(self, view: int) -> np.ndarray:
+        """[samples, regions, classes] logits of one whole view, as stored; refuses an incomplete or damaged view."""
+        if not 0 <= view < self.num_views:
+            raise KdcacheError(f"cache {self.path} has views 0-{self.num_views - 1}; view {view} was asked for")
+        missing = np.flatnonzero(self.progress()[view] == PENDING)
+        if missing.size:
+            raise KdcacheError(f"cache {self.path} is incomplete: view {view} lacks {missing.size} of "
+                               f"{self.spec.num_blocks} blocks (first: block {missing[0]}); rerun the same "
+                               f"`kdcache dump-teacher` command to finish it")
+        logits = self._read_checked("logits", view)
+        if not np.isfinite(logits).all():
+            block = int(np.flatnonzero(~np.isfinite(logits).reshape(len(logits), -1).all(1))[0]) // self.spec.block_size
+            raise CorruptCacheError(str(Problem("logits", view, block, self.spec.block_range(block),
+                                                "holds NaN or Inf values")) + f" in {self.path}; "
+                                    "rebuild the cache with `kdcache dump-teacher --overwrite`")
+        return logits
+
+    def prefetch(self, view: int) -> Future:
+        """Start reading a whole view in a background thread; `.result()` gives `view(view)`."""
+        if self._prefetcher is None:
+            self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-prefetch")
+        return self._prefetcher.submit(self.view, view)
+
+    def _read_checked(self, name: str, view: int | None) -> np.ndarray:
+        """Read an array (or one view of it), refusing missing chunks and naming the block that fails."""
+        problem = next(self._missing_chunks(name, view), None)
+        if problem is not None:
+            raise CorruptCacheError(f"{self.path}: {problem}; the cache is damaged: rebuild it with "
+                                    f"`kdcache dump-teacher --overwrite` (`kdcache verify` lists every damaged block)")
+        selection = () if view is None else (view,)
+        try:
+            return self.store.read(name, selection)
+        except ChunkReadError:
+            problem = next(self._unreadable_chunks(name, view), None)
+            if problem is None:
+                raise
+            raise CorruptCacheError(f"{self.path}: {problem}; the cache is damaged: rebuild it with "
+                                    f"`kdcache dump-teacher --overwrite` (`kdcache verify` lists every damaged "
+                                    f"block)") from None
+
+    # -- checking ------------------------------------------------------------------------------
+    def _check_shapes(self) -> None:
+        spec = self.spec
+        expected = {"logits": spec.logits_shape, "aug": (spec.num_views, spec.num_samples, spec.num_params),
+                    "labels": (spec.num_samples,), "progress": (spec.num_views, spec.num_blocks)}
+        for name, shape in expected.items():
+            info = self.store.array_info(name)
+            if info.shape != shape:
+                raise CorruptCacheError(f"{self.path}: array {name!r} has shape {list(info.shape)} but its "
+                                        f"metadata implies {list(shape)}; the cache was altered, rebuild it")
+
+    def _chunks(self, name: str, view: int | None) -> Iterator[tuple[tuple[int, ...], int | None, int | None]]:
+        """(chunk coordinates, view, block) of every chunk of an array, or of one view of it."""
+        info = self.store.array_info(name)
+        if 0 in info.shape:
+            return
+        if name in ("logits", "aug"):
+            views = range(self.num_views) if view is None else [view]
+            for k in views:
+                for block in range(self.spec.num_blocks):
+                    yield (k, block) + (0,) * (len(info.shape) - 2), k, block
+        elif name == "progress":
+            for k in range(self.num_views):
+                yield (k, 0), k, None
+        else:
+            yield (0,) * len(info.shape), None, None
+
+    def _selection(self, name: str, view: int | None, block: int | None) -> tuple:
+        if block is not None:
+            rows = self.spec.block_range(block)
+            return (view, slice(rows.start, rows.stop))
+        return () if view is None else (view,)
+
+    def _missing_chunks(self, name: str, view: int | None) -> Iterator[Problem]:
+        for coords, k, block in self._chunks(name, view):
+            if not self.store.chunk_exists(name, coords):
+                yield Problem(name, k, block, None if block is None else self.spec.block_range(block),
+                              "the chunk is missing (deleted or never written); it is never read as zeros")
+
+    def _unreadable_chunks(self, name: str, view: int | None) -> Iterator[Problem]:
+        for _, k, block in self._chunks(name, view):
+            try:
+                self.store.read(name, self._selection(name, k, block))
+            except ChunkReadError as error:
+                yield Problem(name, k, block, None if block is None else self.spec.block_range(block),
+                              f"fails its checksum ({error.__cause__})")
+
+    def verify(self, on_block: Callable[[], None] | None = None) -> list[Problem]:
+        """Read every chunk: checksums, missing chunks, completeness, finiteness, region-0 self-check."""
+        problems = [p for name in ("labels", "progress", "aug") for p in self._missing_chunks(name, None)]
+        problems += [p for name in ("labels", "progress", "aug") for p in self._unreadable_chunks(name, None)]
+        if any(p.array == "progress" for p in problems):
+            return problems
+        progress = self.progress()
+        tolerance = SELF_CHECK_TOLERANCE.get(self.spec.teacher.get("precision", "float32"), 4e-2)
+        for k in range(self.num_views):
+            for block in range(self.spec.num_blocks):
+                problems += self._verify_block(k, block, progress[k, block], tolerance)
+                if on_block is not None:
+                    on_block()
+        return problems
+
+    def _verify_block(self, view: int, block: int, progress: int, tolerance: float) -> list[Problem]:
+        rows = self.spec.block_range(block)
+
+        def problem(what: str) -> list[Problem]:
+            return [Problem("logits", view, block, rows, what)]
+
+        if progress == PENDING:
+            return problem("not written yet (the dump did not finish; rerun it to resume)")
+        if not self.store.chunk_exists("logits", (view, block, 0, 0)):
+            return problem("the chunk is missing (deleted); it is never read as zeros")
+        try:
+            logits = self.store.read("logits", (view, slice(rows.start, rows.stop))).astype(np.float32)
+        except ChunkReadError as error:
+            return problem(f"fails its checksum ({error.__cause__})")
+        finite = np.isfinite(logits).reshape(len(rows), -1).all(1)
+        if not finite.all():
+            return problem(f"NaN or Inf logits for samples {list(np.flatnonzero(~finite)[:10] + rows.start)}")
+        found = []
+        labels_correct = int((logits[:, 0].argmax(-1) == self._labels_cached()[rows.start:rows.stop]).sum())
+        if labels_correct != progress:
+            found += problem(f"progress records {progress} correct teacher predictions, the logits give "
+                             f"{labels_correct}")
+        for scale in self._self_checkable_scales():
+            start = sum(s * s for s in self.scales[: self.scales.index(scale)])
+            cells = logits[:, start:start + scale * scale].mean(1)
+            error = np.abs(cells - logits[:, 0]).max(-1) / np.maximum(np.abs(logits[:, 0]).max(-1), 1.0)
+            if (error > tolerance).any():
+                found += problem(f"region 0 differs from the mean of the scale-{scale} cells by up to "
+                                 f"{error.max():.3g} (relative; allowed {tolerance}): the logits do not fit the "
+                                 f"region layout")
+        return found
+
+    def _labels_cached(self) -> np.ndarray:
+        if not hasattr(self, "_labels"):
+            self._labels = self.labels()
+        return self._labels
+
+    def _self_checkable_scales(self) -> list[int]:
+        """Scales whose cells tile the teacher's final map evenly, so their mean is the global logit."""
+        height, width = self.spec.teacher.get("feature_map", (0, 0))
+        return [s for s in self.scales if s > 1 and height and width
+                and (height % s == 0 or s % height == 0) and (width % s == 0 or s % width == 0)]
+
+    def close(self) -> None:
+        """Stop the prefetch thread and close the store."""
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=True)
+        self.store.close()
+
+    def __enter__(self) -> TeacherCache:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,165 @@
+"""The cache writer: creates or resumes a cache, writes (view, block) units, marks them done last."""
+
+from __future__ import annotations
+
+import errno
+import queue
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from kdcache.cache.layout import PENDING, CacheSpec, differences
+from kdcache.cache.lock import WriterLock
+from kdcache.cache.store import Store, open_store, remove_store, store_class
+from kdcache.errors import KdcacheError
+
+
+class CacheWriter:
+    """Writes one cache; the unit of work is a (view, block) pair, marked in `progress` only once written."""
+
+    def __init__(self, store: Store, spec: CacheSpec, lock: WriterLock) -> None:
+        self.store, self.spec, self._lock = store, spec, lock
+
+    @classmethod
+    def open(cls, path: str | Path, spec: CacheSpec, labels: np.ndarray, aug_params: np.ndarray,
+             format: str | None = None, overwrite: bool = False) -> CacheWriter:
+        """Create the cache, or resume it when it exists and was made with the same spec."""
+        path = Path(path)
+        lock = WriterLock(path).acquire()
+        try:
+            if path.exists() and overwrite:
+                remove_store(path)
+            if path.exists():
+                store = open_store(path, read_only=False)
+                stored = CacheSpec.from_metadata(store.metadata(), str(path))
+                differing = differences(stored, spec)
+                if differing:
+                    store.close()
+                    raise KdcacheError(f"{path} exists and was made with other arguments ("
+                                       + "; ".join(differing)
+                                       + "): rerun with the same arguments to resume, another --out, or --overwrite")
+                return cls(store, stored, lock)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            store = store_class(path, format).create(path)
+            cls._create_arrays(store, spec, labels, aug_params)
+            return cls(store, spec, lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    @staticmethod
+    def _create_arrays(store: Store, spec: CacheSpec, labels: np.ndarray, aug_params: np.ndarray) -> None:
+        block = spec.block_size
+        store.create_array("labels", (spec.num_samples,), "int64", (spec.num_samples,))
+        store.create_array("aug", (spec.num_views, spec.num_samples, spec.num_params), "int32",
+                           (1, block, spec.num_params))
+        store.create_array("logits", spec.logits_shape, spec.dtype, (1, block, spec.num_regions, spec.num_classes))
+        store.create_array("progress", (spec.num_views, spec.num_blocks), "int64", (1, spec.num_blocks),
+                           fill_value=PENDING)
+        store.write("labels", (), labels.astype(np.int64))
+        store.write("aug", (), aug_params.astype(np.int32))
+        store.write("progress", (), np.full((spec.num_views, spec.num_blocks), PENDING, np.int64))
+        # the metadata goes last: a store without it is one whose creation never finished
+        store.set_metadata(spec.to_metadata())
+        store.flush()
+
+    def progress(self) -> np.ndarray:
+        """[views, blocks]: PENDING or the block's count of correct teacher predictions."""
+        return self.store.read("progress")
+
+    def pending(self) -> list[tuple[int, int]]:
+        """The (view, block) pairs still to write, in order."""
+        return [tuple(map(int, vb)) for vb in np.argwhere(self.progress() == PENDING)]
+
+    def aug_params(self) -> np.ndarray:
+        """[views, samples, params] as stored (a resumed run replays exactly these)."""
+        return self.store.read("aug")
+
+    def write_block(self, view: int, block: int, logits: np.ndarray, correct: int) -> None:
+        """Write one block's logits, then mark it done; a failure leaves it pending."""
+        rows = self.spec.block_range(block)
+        if logits.shape != (len(rows), self.spec.num_regions, self.spec.num_classes):
+            raise ValueError(f"block {block} of view {view} needs logits of shape "
+                             f"{(len(rows), self.spec.num_regions, self.spec.num_classes)}, got {logits.shape}")
+        values = logits.astype(self.spec.dtype, copy=False)  # checked after the cast: fp16 overflows to Inf
+        bad = ~np.isfinite(values).reshape(len(rows), -1).all(axis=1)
+        if bad.any():
+            raise KdcacheError(f"teacher logits are NaN or Inf for samples {_indices(np.flatnonzero(bad) + rows.start)} "
+                               f"of view {view}; nothing of block {block} was marked done. Check the checkpoint "
+                               f"and the data (run with --dtype float32 / without bf16 to rule out overflow)")
+        try:
+            self.store.write("logits", (view, slice(rows.start, rows.stop)), values)
+            self.store.flush()
+            self.store.write("progress", (view, block), np.int64(correct))
+            self.store.flush()
+        except OSError as error:
+            hint = ("the disk is full: free space" if error.errno in (errno.ENOSPC, errno.EDQUOT)
+                    else "fix the cause")
+            raise KdcacheError(f"could not write view {view}, block {block} (samples {rows.start}-{rows.stop - 1}) "
+                               f"of {self.store.path}: {error}; {hint}, then rerun the same command to resume "
+                               f"(finished blocks are kept)") from error
+
+    def finish(self) -> list[float]:
+        """Record per-view teacher accuracy in the metadata when every block is written; returns it."""
+        progress = self.progress()
+        accuracy = [float(row.sum()) / self.spec.num_samples for row in progress]
+        if (progress != PENDING).all():
+            metadata = self.store.metadata()
+            metadata["view_accuracy"] = accuracy
+            self.store.set_metadata(metadata)
+            self.store.flush()
+        return accuracy
+
+    def close(self) -> None:
+        """Close the store and release the writer lock."""
+        try:
+            self.store.close()
+        finally:
+            self._lock.release()
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class BackgroundWriter:
+    """Writes blocks in a thread through a bounded queue, so the device never waits for the disk."""
+
+    def __init__(self, writer: CacheWriter, max_pending: int = 4) -> None:
+        self._writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kdcache-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._writer.write_block(*item)
+                except BaseException as error:  # handed to the main thread at its next call
+                    self._error = error
+
+    def submit(self, view: int, block: int, logits: np.ndarray, correct: int) -> None:
+        """Queue one block (waits while the queue is full); re-raises an earlier write's error."""
+        self._raise_pending()
+        self._queue.put((view, block, logits, correct))
+
+    def close(self, raise_errors: bool = True) -> None:
+        """Wait for queued blocks to be written; re-raise a write error unless another error is on its way."""
+        self._queue.put(None)
+        self._thread.join()
+        if raise_errors:
+            self._raise_pending()
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+def _indices(values: np.ndarray, limit: int = 10) -> str:
+    shown = ", ".join(str(int(v)) for v in values[:limit])
+    return shown + (f" and {len(values) - limit} more" if len(values) > limit else "")
