@@ -1,2 +1,241 @@
-def main():
-    pass
+"""The `kdcache` command: thin, every command one call into the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from kdcache import __version__
+from kdcache.config import DistillConfig, DumpConfig, TeacherConfig, field_default, load_config
+from kdcache.errors import KdcacheError
+
+
+def _overrides(ctx: click.Context) -> dict[str, Any]:
+    """The flags given on the command line (they win over the recipe, which wins over the defaults)."""
+    return {name: value for name, value in ctx.params.items()
+            if name != "config" and ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
+
+
+def _scales(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    from kdcache.models import parse_scales
+
+    return None if value is None else parse_scales(value)
+
+
+def _default(cls: type, name: str) -> dict[str, Any]:
+    value = field_default(cls, name)
+    if isinstance(value, tuple):
+        value = ",".join(map(str, value))
+    return {"default": value, "show_default": True}
+
+
+config_option = click.option("--config", type=click.Path(dir_okay=False), default=None,
+                             help="YAML recipe; its keys are these options' names, and flags given here override it.")
+device_option = click.option("--device", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+seed_option = click.option("--seed", type=int, help="Seed of every random draw (views, batch order, initial weights).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="kdcache")
+def cli() -> None:
+    """Offline knowledge distillation: run the teacher once, cache its multi-scale logits, train many students.
+
+    \b
+    Start here:   kdcache quickstart
+    Stage 1:      kdcache dump-teacher --checkpoint T.pt --teacher resnet32x4 --dataset cifar100 --data-root DATA
+    Stage 2:      kdcache distill --cache caches/teacher.zarr --student resnet8x4
+    """
+
+
+@cli.command()
+@click.option("--out", default="runs/quickstart", show_default=True, help="Folder for the teacher and students.")
+@click.option("--cache", "cache_path", default="caches/quickstart-digits.zarr", show_default=True,
+              help="Where the teacher cache goes.")
+@device_option
+def quickstart(out: str, cache_path: str, device: str | None) -> None:
+    """The whole mission on scikit-learn's bundled digits: train a teacher, dump its cache, distil two students.
+
+    Needs no download and no flags; about two minutes on two CPU cores.
+    """
+    from kdcache.quickstart import run_quickstart
+
+    run_quickstart(Path(out), Path(cache_path), device or "auto")
+
+
+@cli.command("train-teacher")
+@config_option
+@click.option("--model", help="Architecture from `kdcache models`.", **_default(TeacherConfig, "model"))
+@click.option("--dataset", help="Dataset from `kdcache datasets`.", **_default(TeacherConfig, "dataset"))
+@click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset (CIFAR).")
+@click.option("--epochs", type=click.IntRange(min=1), help="Epochs; the lr decays ×0.1 at 62.5/75/87.5 % of them.",
+              **_default(TeacherConfig, "epochs"))
+@click.option("--batch-size", type=click.IntRange(min=2), **_default(TeacherConfig, "batch_size"))
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Initial SGD learning rate.",
+              **_default(TeacherConfig, "lr"))
+@click.option("--augmentation", help="Augmentation policy (cifar: pad 4, crop, flip; none).",
+              **_default(TeacherConfig, "augmentation"))
+@click.option("--out", help="Folder for model.pt (weights only), model.json, metrics.csv.",
+              **_default(TeacherConfig, "out"))
+@device_option
+@seed_option
+@click.pass_context
+def train_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> None:
+    """Train a teacher (cross-entropy, the SGD recipe of the KD literature) and write a weights-only checkpoint."""
+    from kdcache.train import train_teacher
+
+    result = train_teacher(load_config(TeacherConfig, config, _overrides(ctx), section="teacher"))
+    click.echo(f"teacher test accuracy {result.test_acc:.4f} (best {result.best_test_acc:.4f}); "
+               f"checkpoint {result.checkpoint}, sidecar {result.sidecar}")
+
+
+@cli.command("dump-teacher")
+@config_option
+@click.option("--checkpoint", help="Teacher weights (kdcache's model.pt or an mdistiller .pth).")
+@click.option("--teacher", help="Teacher architecture; read from the checkpoint's kdcache sidecar when omitted.")
+@click.option("--dataset", help="Dataset from `kdcache datasets`.", **_default(DumpConfig, "dataset"))
+@click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset (CIFAR).")
+@click.option("--split", type=click.Choice(["train", "test"]), **_default(DumpConfig, "split"))
+@click.option("--views", type=click.IntRange(min=1), help="Views per sample to cache (default 4).")
+@click.option("--exhaustive", is_flag=True, help="Cache every view of a finite policy (cifar: 162) per sample, "
+              "in a seeded random order.")
+@click.option("--scales", callback=_scales, help="Region scales; region count is the sum of their squares.",
+              **_default(DumpConfig, "scales"))
+@click.option("--aug", "augmentation", help="Augmentation policy replayed for each view.",
+              **_default(DumpConfig, "augmentation"))
+@click.option("--batch-size", type=click.IntRange(min=1), **_default(DumpConfig, "batch_size"))
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), help="Stored logit precision.",
+              **_default(DumpConfig, "dtype"))
+@click.option("--format", type=click.Choice(["zarr", "hdf5"]), help="Store format (default: from --out's suffix, "
+              "else zarr).")
+@click.option("--out", help="Cache path (.zarr directory or .h5 file).", **_default(DumpConfig, "out"))
+@click.option("--block-size", type=click.IntRange(min=0), help="Samples per chunk (0: about 2 MB per chunk).",
+              **_default(DumpConfig, "block_size"))
+@click.option("--overwrite", is_flag=True, help="Delete an existing cache at --out and start over.")
+@device_option
+@seed_option
+@click.pass_context
+def dump_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> None:
+    """Stage 1: run the teacher once over K replayable views and cache its region logits (resumes when rerun)."""
+    from kdcache.commands import dump_teacher_from_config
+
+    dump_teacher_from_config(load_config(DumpConfig, config, _overrides(ctx), section="dump"))
+
+
+@cli.command("distill")
+@config_option
+@click.option("--cache", help="Teacher cache written by dump-teacher.")
+@click.option("--live-teacher", help="Teacher checkpoint run on every batch instead: the online baseline (fresh views "
+              "each epoch, or the cache's views when --cache is given too).")
+@click.option("--teacher", help="Architecture of --live-teacher (read from its sidecar when omitted).")
+@click.option("--student", "students", multiple=True, help="Student architecture; repeat for several students.")
+@click.option("--loss", "losses", multiple=True, help="Loss from `kdcache losses` (default sdd-lskd); repeat for "
+              "several. Every student is trained with every loss.")
+@click.option("--scales", callback=_scales, help="Region scales (default: the cache's; a subset such as 1,2 of a "
+              "1,2,4 cache is taken from the stored regions).")
+@click.option("--dataset", help="Dataset (default: the cache's).")
+@click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset (CIFAR).")
+@click.option("--epochs", type=click.IntRange(min=1), help="Epochs; lr ×0.1 at 62.5/75/87.5 %, loss warm-ups scale "
+              "with epochs/240.", **_default(DistillConfig, "epochs"))
+@click.option("--batch-size", type=click.IntRange(min=2), **_default(DistillConfig, "batch_size"))
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), **_default(DistillConfig, "lr"))
+@click.option("--view-order", type=click.Choice(["cycle", "shuffle"]), help="Epoch e uses view e mod K (cycle) or "
+              "a seeded permutation of the views per round (shuffle).", **_default(DistillConfig, "view_order"))
+@click.option("--batch-path", type=click.Choice(["device", "dataset"]), help="device: whole view on the device, "
+              "batches as tensor ops (fast); dataset: CachedViewDataset + DataLoader (general).",
+              **_default(DistillConfig, "batch_path"))
+@click.option("--temperature", type=float, help="Override the loss's temperature.")
+@click.option("--ce-weight", type=float, help="Override the cross-entropy weight.")
+@click.option("--distill-weight", type=float, help="Override the distillation weight.")
+@click.option("--alpha", type=float, help="Override DKD's alpha.")
+@click.option("--beta", type=float, help="Override DKD's beta.")
+@click.option("--warmup-epochs", type=float, help="Override the loss warm-up (in epochs of this run).")
+@click.option("--out", help="Folder for one sub-folder per run, summary.csv and summary.png.",
+              **_default(DistillConfig, "out"))
+@click.option("--resume", is_flag=True, help="Continue each run from its last checkpoint.")
+@device_option
+@seed_option
+@click.pass_context
+def distill_command(ctx: click.Context, config: str | None, **_: Any) -> None:
+    """Stage 2: train students from a teacher cache (SDD-LSKD by default) and compare them."""
+    from kdcache.train import distill
+
+    distill(load_config(DistillConfig, config, _overrides(ctx), section="distill"))
+
+
+@cli.command("inspect")
+@click.argument("cache")
+@click.option("--json", "as_json", is_flag=True, help="Print the metadata and status as JSON.")
+def inspect_command(cache: str, as_json: bool) -> None:
+    """What a cache holds: metadata, shape, size, completeness, teacher accuracy per view."""
+    from kdcache.commands import describe_cache
+
+    report = describe_cache(cache)
+    click.echo(json.dumps(report, indent=2) if as_json else report["text"])
+
+
+@cli.command("verify")
+@click.argument("cache")
+def verify_command(cache: str) -> None:
+    """Read every chunk of a cache and check it: checksums, missing chunks, NaN/Inf, region self-check."""
+    from kdcache.commands import verify_cache
+
+    problems = verify_cache(cache)
+    if problems:
+        for problem in problems:
+            click.echo(f"{cache}: {problem}", err=True)
+        sys.exit(1)
+
+
+@cli.command("models")
+@click.argument("pattern", default="*")
+def models_command(pattern: str) -> None:
+    """List registered architectures (optionally matching a pattern such as 'resnet*')."""
+    from kdcache.commands import model_table
+
+    click.echo(model_table(pattern))
+
+
+@cli.command("datasets")
+def datasets_command() -> None:
+    """List data sources and augmentation policies."""
+    from kdcache.commands import dataset_table
+
+    click.echo(dataset_table())
+
+
+@cli.command("losses")
+def losses_command() -> None:
+    """List losses with their papers' default weights."""
+    from kdcache.commands import loss_table
+
+    click.echo(loss_table())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: a user's mistake is one line on stderr and exit code 2, never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="kdcache", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.UsageError as error:
+        hint = f" (see `{error.ctx.command_path} --help`)" if error.ctx is not None else ""
+        click.echo(f"kdcache: error: {error.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except KdcacheError as error:
+        click.echo(f"kdcache: error: {error}", err=True)
+        sys.exit(error.exit_code)
+    except click.Abort:
+        click.echo("kdcache: interrupted; rerun the same command to resume where it stopped", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("kdcache: interrupted; rerun the same command to resume where it stopped", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Configs as plain values: frozen dataclasses filled from a YAML recipe, then from command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from kdcache.errors import KdcacheError
+
+C = TypeVar("C")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The SGD recipe of the CIFAR KD literature, shared by teachers and students."""
+
+    epochs: int = 240
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_decay_at: tuple[float, ...] = (0.625, 0.75, 0.875)  # fractions of the run: epochs 150, 180, 210 of 240
+    lr_decay_rate: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    augmentation: str = "cifar"
+
+    def lr_milestones(self) -> list[int]:
+        """Epochs at which the learning rate is multiplied by lr_decay_rate."""
+        return sorted({max(1, round(f * self.epochs)) for f in self.lr_decay_at})
+
+
+@dataclass(frozen=True)
+class TeacherConfig(TrainConfig):
+    """`kdcache train-teacher`."""
+
+    model: str = "resnet20"
+    dataset: str = "digits"
+    data_root: str | None = None
+    out: str = "runs/teacher"
+
+
+@dataclass(frozen=True)
+class DumpConfig:
+    """`kdcache dump-teacher`."""
+
+    teacher: str = ""
+    checkpoint: str = ""
+    dataset: str = "digits"
+    data_root: str | None = None
+    split: str = "train"
+    views: int | None = None
+    exhaustive: bool = False
+    scales: tuple[int, ...] = (1, 2, 4)
+    augmentation: str = "cifar"
+    batch_size: int = 256
+    device: str = "auto"
+    dtype: str = "float16"
+    format: str | None = None
+    out: str = "caches/teacher.zarr"
+    seed: int = 0
+    block_size: int = 0
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class DistillConfig(TrainConfig):
+    """`kdcache distill`."""
+
+    cache: str | None = None
+    live_teacher: str | None = None
+    teacher: str | None = None
+    students: tuple[str, ...] = ("resnet8x4",)
+    losses: tuple[str, ...] = ("sdd-lskd",)
+    scales: tuple[int, ...] | None = None
+    dataset: str | None = None  # default: the cache's
+    data_root: str | None = None
+    view_order: str = "cycle"
+    batch_path: str = "device"
+    out: str = "runs/distill"
+    resume: bool = False
+    # loss overrides; None keeps the loss's published default (configs/losses.yaml)
+    temperature: float | None = None
+    ce_weight: float | None = None
+    distill_weight: float | None = None
+    alpha: float | None = None
+    beta: float | None = None
+    warmup_epochs: float | None = None
+
+    def loss_overrides(self) -> dict[str, float]:
+        """The loss hyper-parameters given explicitly."""
+        names = ("temperature", "ce_weight", "distill_weight", "alpha", "beta", "warmup_epochs")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+def field_default(cls: type, name: str) -> Any:
+    """A config field's default value (for --help)."""
+    return next(f.default for f in fields(cls) if f.name == name)
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                section: str | None = None) -> C:
+    """A config from a YAML recipe (its `section` mapping when it has one) with flags on top; unknown keys are an error."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values = _read_yaml(Path(path), section)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise KdcacheError(f"{path or 'config'}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: _coerce(name, value, hints[name], path) for name, value in values.items()})
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """A config as JSON-able plain values (saved in checkpoints and metadata)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def _read_yaml(path: Path, section: str | None) -> dict[str, Any]:
+    if not path.is_file():
+        raise KdcacheError(f"--config: no recipe file at {path}")
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise KdcacheError(f"--config {path}: not valid YAML ({error})".replace("\n", " ")) from error
+    if not isinstance(document, dict):
+        raise KdcacheError(f"--config {path}: expected a mapping of option names to values")
+    if section is not None and isinstance(document.get(section), dict):
+        document = document[section]
+    return {str(k).replace("-", "_"): v for k, v in document.items()}
+
+
+def _coerce(name: str, value: Any, hint: Any, where: Any) -> Any:
+    """Check a value against a field's type, turning lists into tuples and ints into floats where asked."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        origin = typing.get_origin(option)
+        if origin is tuple and isinstance(value, (list, tuple)):
+            item = typing.get_args(option)[0]
+            return tuple(_coerce(name, v, item, where) for v in value)
+        if origin is tuple and isinstance(value, (str, int)) and not isinstance(value, bool):
+            return _coerce(name, [value], option, where)
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option in (int, str, bool) and type(value) is option:
+            return value
+    raise KdcacheError(f"{where or 'config'}: {name} should be {_type_name(hint)}, got {value!r}")
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")

@@ -1,0 +1,205 @@
+"""The training loop shared by teachers and students: whole-batch data on the device, the loop on one screen."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from kdcache.config import TrainConfig
+from kdcache.data import ImageData, normalize
+from kdcache.errors import KdcacheError
+from kdcache.losses import LossSpec
+from kdcache.models import LogitMap, file_sha256, save_checkpoint
+from kdcache.runtime import autocast, prepare_model
+
+log = logging.getLogger(__name__)
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # images (normalised), labels, targets [b, R, C]
+Targets = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (sample indices, images) -> region logits
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The seeded generator of one epoch's batch order (a resumed run replays the same orders)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def device_batches(images: torch.Tensor, labels: torch.Tensor, params: torch.Tensor, policy: Any,
+                   mean: tuple[float, ...], std: tuple[float, ...], targets: Targets | None, batch_size: int,
+                   generator: torch.Generator) -> Iterator[Batch]:
+    """The fast path: uint8 images, labels and parameters already on the device; each batch is indexed,
+    augmented as one op and normalised there. The order comes from a CPU generator, so it is the same on any device."""
+    order = torch.randperm(len(labels), generator=generator).to(images.device)
+    for start in range(0, len(order) - batch_size + 1, batch_size):  # full batches only: BatchNorm needs > 1
+        index = order[start:start + batch_size]
+        x = normalize(policy.apply(images[index], params[index]), mean, std)
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield x, labels[index], None if targets is None else targets(index, x)
+
+
+def loader_batches(dataset: Any, batch_size: int, generator: torch.Generator, device: torch.device,
+                   num_workers: int = 0) -> Iterator[Batch]:
+    """The general path: a Dataset of (image, label, targets) through a DataLoader, in the device path's order."""
+    order = torch.randperm(len(dataset), generator=generator).tolist()
+    # the loader draws its workers' base seed from `generator`: give it its own, so the order above stands
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=True, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(0), pin_memory=device.type == "cuda")
+    for x, y, t in loader:
+        yield (x.to(device, non_blocking=True), y.to(device, non_blocking=True), t.to(device, non_blocking=True))
+
+
+class Run:
+    """One model being trained: its LogitMap, loss, optimiser, folder and history."""
+
+    def __init__(self, name: str, model: nn.Module, loss: LossSpec, scales: tuple[int, ...], config: TrainConfig,
+                 folder: Path, device: torch.device, record: dict[str, Any]) -> None:
+        self.name, self.loss, self.config, self.folder, self.device = name, loss, config, Path(folder), device
+        self.record = record  # what the run is (config, teacher, cache): saved with every checkpoint
+        self.model = prepare_model(LogitMap(model, scales), device)
+        # the run's regions are a prefix of the targets' (region 0 alone for a loss on the global logit)
+        self.num_regions = self.model.num_regions
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+        self.start_epoch = 0
+        self.history: list[dict[str, float]] = []
+
+    def learning_rate(self, epoch: int) -> float:
+        """Step decay of the papers: ×lr_decay_rate at each milestone epoch."""
+        passed = sum(epoch >= m for m in self.config.lr_milestones())
+        return self.config.lr * self.config.lr_decay_rate ** passed
+
+    def train_epoch(self, epoch: int, batches: Iterator[Batch], steps: int, show_progress: bool) -> dict[str, float]:
+        """One pass of SGD over the epoch's batches; returns the epoch's mean loss terms and train accuracy."""
+        lr = self.learning_rate(epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        sums: dict[str, torch.Tensor] = {}
+        correct = torch.zeros((), device=self.device)
+        seen, started = 0, time.perf_counter()
+        for step, (x, y, t) in enumerate(tqdm(batches, total=steps, desc=f"{self.name} {epoch + 1}/{self.config.epochs}",
+                                              unit="batch", leave=False, disable=not show_progress)):
+            with autocast(self.device):
+                s = self.model(x)
+            t = None if t is None else t[:, :self.num_regions]
+            terms = self.loss.compute(s.float(), t, y, epoch + 1)  # epochs count from 1, as in mdistiller
+            self.optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            self.optimizer.step()
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0) + value.detach()
+            correct += (s[:, 0].argmax(-1) == y).sum()
+            seen += len(y)
+        if seen == 0:
+            raise KdcacheError(f"--batch-size {self.config.batch_size} is larger than the {self.name} training set; "
+                               f"use a smaller batch")
+        metrics = {f"loss_{k}": float(v) / (step + 1) for k, v in sums.items()}  # the float() syncs once per epoch
+        seconds = time.perf_counter() - started
+        metrics.update(epoch=epoch + 1, lr=lr, train_acc=float(correct) / seen, img_per_s=seen / seconds,
+                       seconds=seconds)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, test: ImageData, test_images: torch.Tensor, batch_size: int = 1000) -> float:
+        """Top-1 accuracy of the global logit on the un-augmented test split."""
+        self.model.eval()
+        correct = 0
+        for start in range(0, len(test_images), batch_size):
+            x = normalize(test_images[start:start + batch_size], test.mean, test.std)
+            with autocast(self.device):
+                logits = self.model.model(x)
+            correct += int((logits.argmax(-1).cpu() == test.labels[start:start + batch_size]).sum())
+        return correct / len(test_images)
+
+    def end_epoch(self, metrics: dict[str, float]) -> None:
+        """Record the epoch: history, metrics.csv, TensorBoard when installed, and the resumable checkpoint."""
+        self.history.append(metrics)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        columns = list(dict.fromkeys(k for row in self.history for k in row))
+        with open(self.folder / "metrics.csv", "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.history)
+        _tensorboard(self.folder, metrics)
+        save_checkpoint(self.folder / "last.pt", self.model.model, optimizer=self.optimizer.state_dict(),
+                        epoch=int(metrics["epoch"]), record=json.dumps(self.record), history=json.dumps(self.history))
+
+    def resume(self) -> None:
+        """Continue from the folder's last checkpoint, which must come from the same configuration."""
+        path = self.folder / "last.pt"
+        if not path.exists():
+            return
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        stored = json.loads(state["record"])
+        if stored != self.record:
+            changed = sorted(k for k in set(stored) | set(self.record) if stored.get(k) != self.record.get(k))
+            raise KdcacheError(f"--resume: {path} was written by a run with other settings ({', '.join(changed)}); "
+                               f"resume with the same settings, or use another --out")
+        self.model.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.start_epoch = int(state["epoch"])
+        self.history = json.loads(state["history"])
+
+    def finish(self) -> Path:
+        """Write the final weights (a checkpoint any kdcache command loads) and their JSON sidecar."""
+        path = self.folder / "model.pt"
+        save_checkpoint(path, self.model.model)
+        best = max(self.history, key=lambda row: row["test_acc"])
+        sidecar = {**self.record, "test_acc": self.history[-1]["test_acc"], "best_test_acc": best["test_acc"],
+                   "best_epoch": best["epoch"], "epochs": len(self.history), "sha256": file_sha256(path)}
+        (self.folder / "model.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+        return path
+
+
+def fit(runs: list[Run], data: ImageData, test: ImageData, views: Any, policy: Any, targets: Any | None,
+        config: TrainConfig, device: torch.device,
+        batch_path: Callable[[int, torch.Generator], Iterator[Batch]] | None = None,
+        show_progress: bool = True) -> None:
+    """Train every run for config.epochs; each epoch's view is loaded once and shared by all runs.
+
+    views gives each epoch's augmentation parameters (CachedViews or FreshViews); targets gives
+    region logits per batch (CachedTargets, LiveTeacher, or None for plain cross-entropy);
+    batch_path, when given, replaces the device path with another source of batches (the Dataset path).
+    """
+    images, labels = data.images.to(device), data.labels.to(device)
+    test_images = test.images.to(device)
+    steps = len(labels) // config.batch_size
+    for epoch in range(min(run.start_epoch for run in runs), config.epochs):
+        params = views.params(epoch).to(device)
+        if targets is not None:
+            next_view = views.view_of(epoch + 1) if epoch + 1 < config.epochs else None
+            targets.begin_epoch(views.view_of(epoch), next_view)
+        for run in runs:
+            if epoch < run.start_epoch:
+                continue
+            generator = epoch_generator(config.seed, epoch)
+            batches = (batch_path(epoch, generator) if batch_path is not None else
+                       device_batches(images, labels, params, policy, data.mean, data.std, targets,
+                                      config.batch_size, generator))
+            metrics = run.train_epoch(epoch, batches, steps, show_progress)
+            metrics["test_acc"] = run.evaluate(test, test_images)
+            run.end_epoch(metrics)
+            if show_progress:
+                tqdm.write(f"{run.name:>28} epoch {epoch + 1:>3}/{config.epochs}  loss {metrics['loss_total']:.4f}  "
+                           f"train {metrics['train_acc']:.4f}  test {metrics['test_acc']:.4f}  "
+                           f"{metrics['img_per_s']:.0f} img/s")
+
+
+def _tensorboard(folder: Path, metrics: dict[str, float]) -> None:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # TensorBoard is optional: metrics.csv has everything
+        return
+    with SummaryWriter(str(folder / "tensorboard")) as writer:
+        for key, value in metrics.items():
+            if key != "epoch":
+                writer.add_scalar(key, value, int(metrics["epoch"]))

@@ -1,0 +1,112 @@
+"""The `kdcache` command: help that explains, one-line errors with exit code 2, and the stages end to end."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kdcache.cli import main
+
+COMMANDS = ["quickstart", "train-teacher", "dump-teacher", "distill", "inspect", "verify", "models", "datasets",
+            "losses"]
+
+
+def run(argv, capsys):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_that_explains_its_options(command, capsys):
+    code, out, _ = run([command, "--help"], capsys)
+    assert code == 0 and "Usage: kdcache " + command in out
+    for line in out.split("Options:")[1].splitlines():
+        if line.strip().startswith("--") and "--help" not in line and "--version" not in line:
+            option = line.split()[0]
+            assert len(line.split(maxsplit=1)) > 1 or option in out, f"{command} {option} has no help"
+
+
+def test_top_level_help_lists_the_commands(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0 and all(command in out for command in COMMANDS)
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["train-teacher", "--model", "resnet9", "--epochs", "1"],
+     "create_model(): unknown name 'resnet9'; known: mobilenetv2, resnet110"),
+    (["train-teacher", "--dataset", "mnist"], "load_dataset(): unknown name 'mnist'; known: cifar10, cifar100, digits"),
+    (["train-teacher", "--dataset", "cifar100", "--data-root", "/nonexistent/data"], "/nonexistent/data"),
+    (["dump-teacher", "--checkpoint", "/nonexistent/t.pt", "--teacher", "resnet8"], "/nonexistent/t.pt"),
+    (["dump-teacher", "--checkpoint", "x.pt", "--views", "0"], "--views"),
+    (["dump-teacher", "--checkpoint", "x.pt", "--scales", "1,,x"], "--scales: expected comma-separated"),
+    (["dump-teacher", "--checkpoint", "x.pt", "--scales", "2,4"], "starting with 1"),
+    (["distill", "--cache", "/nonexistent/c.zarr"], "no cache at /nonexistent/c.zarr"),
+    (["distill"], "--cache CACHE"),
+    (["inspect", "/nonexistent/c.zarr"], "no cache at /nonexistent/c.zarr"),
+    (["models", "nothing*"], "nothing matches"),
+    (["distill", "--no-such-flag"], "No such option '--no-such-flag'"),
+    (["distill", "--cache", "/nonexistent/c.zarr", "--loss", "fitnet"], "get_loss(): unknown name 'fitnet'; known: ce,"),
+    (["distill", "--cache", "/nonexistent/c.zarr", "--student", "resnet9"], "create_model(): unknown name 'resnet9'"),
+])
+def test_a_users_mistake_is_one_line_and_exit_code_2(argv, expected, capsys):
+    code, out, err = run(argv, capsys)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("kdcache: error: ") and expected in err
+
+
+def test_recipe_keys_are_checked_and_flags_override_the_recipe(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("teacher:\n  model: resnet8\n  epochs: 3\n  bogus: 1\n")
+    code, _, err = run(["train-teacher", "--config", str(recipe)], capsys)
+    assert code == 2 and "unknown key(s) bogus; known:" in err
+    from kdcache.config import TeacherConfig, load_config
+
+    recipe.write_text("teacher:\n  model: resnet8\n  epochs: 3\n  lr_decay_at: [0.5]\n")
+    config = load_config(TeacherConfig, recipe, {"epochs": 1}, section="teacher")
+    assert (config.model, config.epochs, config.lr_decay_at, config.batch_size) == ("resnet8", 1, (0.5,), 64)
+    recipe.write_text("teacher:\n  epochs: many\n")
+    with pytest.raises(Exception, match="epochs should be int, got 'many'"):
+        load_config(TeacherConfig, recipe, section="teacher")
+
+
+def test_listing_commands(capsys):
+    assert "resnet32x4" in run(["models"], capsys)[1]
+    assert "resnet8x4" in run(["models", "resnet8*"], capsys)[1]
+    assert "digits" in run(["datasets"], capsys)[1]
+    losses = run(["losses"], capsys)[1]
+    assert all(name in losses for name in ["sdd-lskd", "dkd+ls", "sld"])
+
+
+def test_the_stages_end_to_end_through_the_console_script(tmp_path):
+    def kdcache(*args):
+        return subprocess.run(["kdcache", *args], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+
+    teacher = kdcache("train-teacher", "--model", "resnet8", "--epochs", "1", "--out", "t")
+    assert teacher.returncode == 0, teacher.stderr
+    assert "teacher test accuracy" in teacher.stdout and (tmp_path / "t" / "model.json").exists()
+    dump = kdcache("dump-teacher", "--checkpoint", "t/model.pt", "--views", "2", "--scales", "1,2", "--out", "c.h5")
+    assert dump.returncode == 0, dump.stderr
+    assert "wrote c.h5" in dump.stdout and "teacher accuracy per view" in dump.stdout
+    again = kdcache("dump-teacher", "--checkpoint", "t/model.pt", "--views", "3", "--scales", "1,2", "--out", "c.h5")
+    assert again.returncode == 2 and "views.count: cache has 2, this run has 3" in again.stderr
+    inspect = kdcache("inspect", "c.h5", "--json")
+    report = json.loads(inspect.stdout)
+    assert report["complete"] and report["metadata"]["teacher"]["arch"] == "resnet8"
+    assert kdcache("verify", "c.h5").returncode == 0
+    students = kdcache("distill", "--cache", "c.h5", "--student", "resnet8", "--loss", "ce", "--loss", "sdd-lskd",
+                       "--epochs", "1", "--out", "s")
+    assert students.returncode == 0, students.stderr
+    assert "resnet8-sdd-lskd" in students.stdout and (tmp_path / "s" / "summary.png").exists()
+
+
+def test_python_dash_m_kdcache_works():
+    result = subprocess.run([sys.executable, "-m", "kdcache", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and "kdcache, version" in result.stdout
