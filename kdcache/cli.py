@@ -74,7 +74,8 @@ def quickstart(out: str, cache_path: str, device: str | None) -> None:
 @click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset (CIFAR).")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs; the lr decays ×0.1 at 62.5/75/87.5 % of them.",
               **_default(TeacherConfig, "epochs"))
-@click.option("--batch-size", type=click.IntRange(min=2), **_default(TeacherConfig, "batch_size"))
+@click.option("--batch-size", type=click.IntRange(min=2), help="Images per SGD step.",
+              **_default(TeacherConfig, "batch_size"))
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Initial SGD learning rate.",
               **_default(TeacherConfig, "lr"))
 @click.option("--augmentation", help="Augmentation policy (cifar: pad 4, crop, flip; none).",
@@ -99,7 +100,8 @@ def train_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> N
 @click.option("--teacher", help="Teacher architecture; read from the checkpoint's kdcache sidecar when omitted.")
 @click.option("--dataset", help="Dataset from `kdcache datasets`.", **_default(DumpConfig, "dataset"))
 @click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset (CIFAR).")
-@click.option("--split", type=click.Choice(["train", "test"]), **_default(DumpConfig, "split"))
+@click.option("--split", type=click.Choice(["train", "test"]), help="Which split's images to cache.",
+              **_default(DumpConfig, "split"))
 @click.option("--views", type=click.IntRange(min=1), help="Views per sample to cache (default 4).")
 @click.option("--exhaustive", is_flag=True, help="Cache every view of a finite policy (cifar: 162) per sample, "
               "in a seeded random order.")
@@ -107,7 +109,8 @@ def train_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> N
               **_default(DumpConfig, "scales"))
 @click.option("--aug", "augmentation", help="Augmentation policy replayed for each view.",
               **_default(DumpConfig, "augmentation"))
-@click.option("--batch-size", type=click.IntRange(min=1), **_default(DumpConfig, "batch_size"))
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per teacher forward pass.",
+              **_default(DumpConfig, "batch_size"))
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), help="Stored logit precision.",
               **_default(DumpConfig, "dtype"))
 @click.option("--format", type=click.Choice(["zarr", "hdf5"]), help="Store format (default: from --out's suffix, "
@@ -135,14 +138,18 @@ def dump_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> No
 @click.option("--student", "students", multiple=True, help="Student architecture; repeat for several students.")
 @click.option("--loss", "losses", multiple=True, help="Loss from `kdcache losses` (default sdd-lskd); repeat for "
               "several. Every student is trained with every loss.")
+@click.option("--pair", "pairs", multiple=True, help="STUDENT:LOSS to train, repeatable; replaces the --student x "
+              "--loss grid (e.g. --pair resnet8x4:sdd-lskd --pair shufflev2:dkd).")
 @click.option("--scales", callback=_scales, help="Region scales (default: the cache's; a subset such as 1,2 of a "
               "1,2,4 cache is taken from the stored regions).")
 @click.option("--dataset", help="Dataset (default: the cache's).")
 @click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset (CIFAR).")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs; lr ×0.1 at 62.5/75/87.5 %, loss warm-ups scale "
               "with epochs/240.", **_default(DistillConfig, "epochs"))
-@click.option("--batch-size", type=click.IntRange(min=2), **_default(DistillConfig, "batch_size"))
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), **_default(DistillConfig, "lr"))
+@click.option("--batch-size", type=click.IntRange(min=2), help="Images per SGD step.",
+              **_default(DistillConfig, "batch_size"))
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Initial SGD learning rate.",
+              **_default(DistillConfig, "lr"))
 @click.option("--view-order", type=click.Choice(["cycle", "shuffle"]), help="Epoch e uses view e mod K (cycle) or "
               "a seeded permutation of the views per round (shuffle).", **_default(DistillConfig, "view_order"))
 @click.option("--batch-path", type=click.Choice(["device", "dataset"]), help="device: whole view on the device, "

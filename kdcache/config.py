@@ -78,6 +78,7 @@ class DistillConfig(TrainConfig):
     teacher: str | None = None
     students: tuple[str, ...] = ("resnet8x4",)
     losses: tuple[str, ...] = ("sdd-lskd",)
+    pairs: tuple[str, ...] = ()  # "student:loss"; when given, these runs instead of students x losses
     scales: tuple[int, ...] | None = None
     dataset: str | None = None  # default: the cache's
     data_root: str | None = None
@@ -92,6 +93,15 @@ class DistillConfig(TrainConfig):
     alpha: float | None = None
     beta: float | None = None
     warmup_epochs: float | None = None
+
+    def runs(self) -> list[tuple[str, str]]:
+        """The (student, loss) pairs to train: the explicit pairs, else every student with every loss."""
+        if not self.pairs:
+            return [(student, loss) for student in self.students for loss in self.losses]
+        malformed = [pair for pair in self.pairs if pair.count(":") != 1]
+        if malformed:
+            raise KdcacheError(f"--pair: expected STUDENT:LOSS such as resnet8x4:sdd-lskd, got {malformed[0]!r}")
+        return [tuple(pair.split(":")) for pair in self.pairs]
 
     def loss_overrides(self) -> dict[str, float]:
         """The loss hyper-parameters given explicitly."""

@@ -181,6 +181,14 @@ def test_many_students_from_one_cache_each_get_a_folder_and_the_sweep_a_summary(
     assert runs[0].test_acc == pytest.approx(float(summary[0]["test_acc"]), abs=1e-4)
 
 
+def test_explicit_student_loss_pairs_replace_the_grid(cache16, data, tmp_path):
+    runs = distill(config(tmp_path, "pairs", cache=str(cache16), epochs=1, pairs=("resnet8:kd", "wrn_16_2:ce")),
+                   show_progress=False, data=data)
+    assert [(r.student, r.loss) for r in runs] == [("resnet8", "kd"), ("wrn_16_2", "ce")]
+    with pytest.raises(KdcacheError, match="--pair: expected STUDENT:LOSS"):
+        distill(config(tmp_path, "pairs", cache=str(cache16), pairs=("resnet8",)), show_progress=False, data=data)
+
+
 def test_distill_refuses_a_cache_of_another_dataset_or_a_missing_source(cache16, data, tmp_path):
     other = load_dataset("synthetic", num_samples=48, num_classes=CLASSES, image_size=16, seed=6)
     with pytest.raises(KdcacheError, match="dataset.fingerprint"):

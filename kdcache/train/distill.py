@@ -52,10 +52,9 @@ def distill(config: DistillConfig, show_progress: bool = True,
                            "(the online baseline)")
     if config.batch_path not in BATCH_PATHS:
         raise KdcacheError(f"--batch-path: unknown path {config.batch_path!r}; known: {', '.join(BATCH_PATHS)}")
-    for name in config.losses:  # names are checked before any work
-        get_loss(name)
-    for name in config.students:
-        create_model(name)
+    for student, loss in config.runs():  # names are checked before any work
+        create_model(student)
+        get_loss(loss)
     device = pick_device(config.device)
     cache = open_cache(config.cache) if config.cache else None
     try:
@@ -75,7 +74,7 @@ def _distill(config: DistillConfig, cache: TeacherCache | None, device: torch.de
     data, test = data_and_test
     policy = get_policy(stored.augmentation["name"] if stored else config.augmentation)
     scales = tuple(config.scales or (stored.scales if stored else (1, 2, 4)))
-    losses = {name: scaled_loss(name, config.loss_overrides(), config.epochs) for name in config.losses}
+    losses = {name: scaled_loss(name, config.loss_overrides(), config.epochs) for _, name in config.runs()}
     if cache is not None:
         cache.require({"dataset.fingerprint": data.fingerprint, "dataset.mean": list(data.mean),
                        "dataset.std": list(data.std), "augmentation": policy.describe(), "scales": scales,
@@ -98,17 +97,17 @@ def _distill(config: DistillConfig, cache: TeacherCache | None, device: torch.de
 
     out = Path(config.out)
     runs = []
-    for student in config.students:
-        for loss_name, loss in losses.items():
-            torch.manual_seed(config.seed)  # every run of a student starts from the same weights
-            model = create_model(student, num_classes=data.num_classes)
-            record = {"arch": student, "num_classes": data.num_classes, "loss": loss_name,
-                      "dataset": data.describe(), "config": _record_config(config), **source}
-            run = Run(f"{student}-{loss_name}", model, loss, scales if loss.uses_regions else (1,), config,
-                      out / f"{student}-{loss_name}", device, record)
-            if config.resume:
-                run.resume()
-            runs.append(run)
+    for student, loss_name in config.runs():
+        loss = losses[loss_name]
+        torch.manual_seed(config.seed)  # every run of a student starts from the same weights
+        model = create_model(student, num_classes=data.num_classes)
+        record = {"arch": student, "num_classes": data.num_classes, "loss": loss_name,
+                  "dataset": data.describe(), "config": _record_config(config), **source}
+        run = Run(f"{student}-{loss_name}", model, loss, scales if loss.uses_regions else (1,), config,
+                  out / f"{student}-{loss_name}", device, record)
+        if config.resume:
+            run.resume()
+        runs.append(run)
 
     batch_path = None
     if config.batch_path == "dataset":
