@@ -134,7 +134,8 @@ def dump_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> No
 @click.option("--cache", help="Teacher cache written by dump-teacher.")
 @click.option("--live-teacher", help="Teacher checkpoint run on every batch instead: the online baseline (fresh views "
               "each epoch, or the cache's views when --cache is given too).")
-@click.option("--teacher", help="Architecture of --live-teacher (read from its sidecar when omitted).")
+@click.option("--teacher", help="Architecture of --live-teacher (read from its sidecar when omitted); with --cache, "
+              "the cache must come from this architecture.")
 @click.option("--student", "students", multiple=True, help="Student architecture; repeat for several students.")
 @click.option("--loss", "losses", multiple=True, help="Loss from `kdcache losses` (default sdd-lskd); repeat for "
               "several. Every student is trained with every loss.")

@@ -125,8 +125,11 @@ class CacheSpec:
             num_views=get("views.count", int), exhaustive=get("views.exhaustive", bool),
             seed=get("views.seed", int), scales=scales, dtype=get("logits.dtype", str),
             block_size=get("logits.block_size", int), view_accuracy=metadata.get("view_accuracy"))
-        for name, kind in (("teacher.arch", str), ("teacher.num_classes", int), ("dataset.num_samples", int),
-                           ("dataset.fingerprint", str), ("augmentation.param_names", list)):
+        # every field a reader relies on later, so that a missing one is named here
+        for name, kind in (("teacher.arch", str), ("teacher.num_classes", int), ("dataset.name", str),
+                           ("dataset.split", str), ("dataset.num_samples", int), ("dataset.mean", list),
+                           ("dataset.std", list), ("dataset.fingerprint", str), ("augmentation.name", str),
+                           ("augmentation.param_names", list)):
             get(name, kind)
         if spec.num_views < 1 or spec.block_size < 1 or spec.dtype not in ("float16", "float32"):
             raise CorruptCacheError(f"{where}: metadata has views.count={spec.num_views}, logits.block_size="

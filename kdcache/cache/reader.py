@@ -89,6 +89,33 @@ class TeacherCache:
         """Refuse this cache if a metadata field differs from what the caller expects (see layout.require_match)."""
         require_match(self.spec, str(self.path), expected)
 
+    def require_fits(self, data: Any, policy: Any, scales: tuple[int, ...], teacher: str | None = None) -> None:
+        """Refuse to train on this cache unless it was made from this data, normalisation, policy and scales.
+
+        Checked from the most telling field to the most exact one, so a CIFAR-10 run on a CIFAR-100
+        cache hears about the class count rather than a fingerprint.
+        """
+        expected = {"teacher.num_classes": data.num_classes, "dataset.name": data.name, "dataset.split": data.split,
+                    "scales": scales, "augmentation": policy.describe(), "dataset.mean": list(data.mean),
+                    "dataset.std": list(data.std), "dataset.fingerprint": data.fingerprint}
+        if teacher is not None:
+            expected = {"teacher.arch": teacher, **expected}
+        self.require(expected)
+
+    def require_complete(self) -> None:
+        """Refuse an incomplete cache, or one with a chunk missing anywhere (a cheap scan; checksums are read per view)."""
+        missing = np.argwhere(self.progress() == PENDING)
+        if len(missing):
+            view, block = map(int, missing[0])
+            raise KdcacheError(f"cache {self.path} is incomplete: {len(missing)} of {self.progress().size} (view, block) "
+                               f"units are not written (first: view {view}, block {block}); rerun the same "
+                               f"`kdcache dump-teacher` command to finish it")
+        for name in ("labels", "aug", "logits"):
+            problem = next(self._missing_chunks(name, None), None)
+            if problem is not None:
+                raise CorruptCacheError(f"{self.path}: {problem}; the cache is damaged: rebuild it with "
+                                        f"`kdcache dump-teacher --overwrite` (`kdcache verify` lists every damaged block)")
+
     # -- reading -------------------------------------------------------------------------------
     def labels(self) -> np.ndarray:
         """[samples] int64 labels."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ class ZarrStore(Store):
         try:
             group = zarr.open_group(LocalStore(path, read_only=read_only), mode="r" if read_only else "r+",
                                     zarr_format=3)
-        except (ValueError, KeyError, TypeError, json.JSONDecodeError, FileNotFoundError) as error:
+        except Exception as error:  # zarr raises many kinds for a malformed zarr.json: all mean "unreadable"
             raise CorruptCacheError(f"{path} is not a readable Zarr v3 cache: its zarr.json is missing or malformed "
                                     f"({type(error).__name__}: {error}); rebuild it with `kdcache dump-teacher "
                                     f"--overwrite`") from error
@@ -50,7 +49,7 @@ class ZarrStore(Store):
         if name not in self._arrays:
             try:
                 self._arrays[name] = self._group[name]
-            except (KeyError, ValueError, TypeError, json.JSONDecodeError) as error:
+            except Exception as error:  # as in open(): a missing or malformed array zarr.json
                 raise CorruptCacheError(f"{self.path}: array {name!r} is missing or its zarr.json is malformed "
                                         f"({type(error).__name__}: {error})") from error
         return self._arrays[name]

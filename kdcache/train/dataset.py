@@ -19,6 +19,7 @@ class CachedViewDataset(Dataset):
 
     def __init__(self, cache: TeacherCache, data: ImageData, policy: object, scales: tuple[int, ...] | None = None,
                  view_order: str = "cycle", seed: int = 0) -> None:
+        cache.require_fits(data, policy, scales or cache.scales)
         self.cache, self.data, self.policy = cache, data, policy
         self.views = CachedViews(cache, view_order, seed)
         self.regions = None if scales is None else region_indices(cache.scales, scales)

@@ -76,16 +76,13 @@ def _distill(config: DistillConfig, cache: TeacherCache | None, device: torch.de
     scales = tuple(config.scales or (stored.scales if stored else (1, 2, 4)))
     losses = {name: scaled_loss(name, config.loss_overrides(), config.epochs) for _, name in config.runs()}
     if cache is not None:
-        cache.require({"dataset.fingerprint": data.fingerprint, "dataset.mean": list(data.mean),
-                       "dataset.std": list(data.std), "augmentation": policy.describe(), "scales": scales,
-                       "teacher.num_classes": data.num_classes})
-        incomplete = [k for k, accuracy in enumerate(cache.view_accuracy()) if accuracy is None]
-        if incomplete:
-            raise KdcacheError(f"cache {cache.path} is incomplete (views {incomplete[:5]}... not fully written); "
-                               f"rerun the same `kdcache dump-teacher` command to finish it")
+        cache.require_fits(data, policy, scales, teacher=config.teacher)
+        cache.require_complete()
 
     if config.live_teacher is not None:
         teacher, teacher_info = load_teacher(config.live_teacher, config.teacher, data)
+        if cache is not None:  # replaying the cache's views live is the equivalence baseline: same teacher only
+            cache.require({"teacher.checkpoint_sha256": teacher_info["checkpoint_sha256"]})
         targets = LiveTeacher(teacher, scales, device)
         source = {"live_teacher": teacher_info}
     else:
