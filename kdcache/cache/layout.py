@@ -126,11 +126,16 @@ class CacheSpec:
             seed=get("views.seed", int), scales=scales, dtype=get("logits.dtype", str),
             block_size=get("logits.block_size", int), view_accuracy=metadata.get("view_accuracy"))
         # every field a reader relies on later, so that a missing one is named here
-        for name, kind in (("teacher.arch", str), ("teacher.num_classes", int), ("dataset.name", str),
+        for name, kind in (("teacher.arch", str), ("teacher.num_classes", int), ("teacher.precision", str),
+                           ("teacher.feature_map", list), ("dataset.name", str),
                            ("dataset.split", str), ("dataset.num_samples", int), ("dataset.mean", list),
                            ("dataset.std", list), ("dataset.fingerprint", str), ("augmentation.name", str),
                            ("augmentation.param_names", list)):
             get(name, kind)
+        feature_map = spec.teacher["feature_map"]
+        if len(feature_map) != 2 or not all(isinstance(n, int) and n > 0 for n in feature_map):
+            raise CorruptCacheError(f"{where}: metadata field 'teacher.feature_map' should be [height, width] of the "
+                                    f"teacher's final feature map, found {_short(feature_map)}")
         if spec.num_views < 1 or spec.block_size < 1 or spec.dtype not in ("float16", "float32"):
             raise CorruptCacheError(f"{where}: metadata has views.count={spec.num_views}, logits.block_size="
                                     f"{spec.block_size}, logits.dtype={spec.dtype!r}; expected positive counts "

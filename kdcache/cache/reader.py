@@ -17,6 +17,9 @@ from kdcache.errors import CorruptCacheError, KdcacheError
 # |region 0 - mean of a scale's cells| allowed, relative to the sample's largest logit: fp16 storage
 # of fp32 logits, or logits computed under bf16 autocast (8 mantissa bits)
 SELF_CHECK_TOLERANCE = {"float32": 4e-3, "bfloat16": 4e-2}
+FINITE_CHECK_BLOCK = 2**18  # values tested at a time: the scratch stays in cache
+# float dtype -> (same-size unsigned int, its exponent bits): a value is NaN or Inf iff all of them are set
+_EXPONENT_BITS = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000)}
 
 
 def open_cache(path: str | Path) -> TeacherCache:
@@ -27,6 +30,22 @@ def open_cache(path: str | Path) -> TeacherCache:
     except BaseException:
         store.close()
         raise
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """np.isfinite(values).all(), ten times faster for float16 (numpy upcasts each half float): the exponent bits
+    tested block by block, which keeps a whole-view read of 200 MB from spending more time here than on the disk."""
+    if values.dtype not in _EXPONENT_BITS or not values.flags.c_contiguous:
+        return bool(np.isfinite(values).all())
+    unsigned, mask = _EXPONENT_BITS[values.dtype]
+    words, mask = values.reshape(-1).view(unsigned), unsigned(mask)
+    scratch = np.empty(min(words.size, FINITE_CHECK_BLOCK), unsigned)
+    for start in range(0, words.size, FINITE_CHECK_BLOCK):
+        part = words[start:start + FINITE_CHECK_BLOCK]
+        exponents = np.bitwise_and(part, mask, out=scratch[:part.size])
+        if exponents.max() == mask:
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -135,7 +154,7 @@ class TeacherCache:
                                f"{self.spec.num_blocks} blocks (first: block {missing[0]}); rerun the same "
                                f"`kdcache dump-teacher` command to finish it")
         logits = self._read_checked("logits", view)
-        if not np.isfinite(logits).all():
+        if not all_finite(logits):
             block = int(np.flatnonzero(~np.isfinite(logits).reshape(len(logits), -1).all(1))[0]) // self.spec.block_size
             raise CorruptCacheError(str(Problem("logits", view, block, self.spec.block_range(block),
                                                 "holds NaN or Inf values")) + f" in {self.path}; "
@@ -219,7 +238,7 @@ class TeacherCache:
         if any(p.array == "progress" for p in problems):
             return problems
         progress = self.progress()
-        tolerance = SELF_CHECK_TOLERANCE.get(self.spec.teacher.get("precision", "float32"), 4e-2)
+        tolerance = SELF_CHECK_TOLERANCE.get(self.spec.teacher["precision"], 4e-2)
         for k in range(self.num_views):
             for block in range(self.spec.num_blocks):
                 problems += self._verify_block(k, block, progress[k, block], tolerance)
@@ -266,7 +285,7 @@ class TeacherCache:
 
     def _self_checkable_scales(self) -> list[int]:
         """Scales whose cells tile the teacher's final map evenly, so their mean is the global logit."""
-        height, width = self.spec.teacher.get("feature_map", (0, 0))
+        height, width = self.spec.teacher["feature_map"]
         return [s for s in self.scales if s > 1 and height and width
                 and (height % s == 0 or s % height == 0) and (width % s == 0 or s % width == 0)]
 

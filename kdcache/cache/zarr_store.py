@@ -51,7 +51,8 @@ class ZarrStore(Store):
                 self._arrays[name] = self._group[name]
             except Exception as error:  # as in open(): a missing or malformed array zarr.json
                 raise CorruptCacheError(f"{self.path}: array {name!r} is missing or its zarr.json is malformed "
-                                        f"({type(error).__name__}: {error})") from error
+                                        f"({type(error).__name__}: {error}); the cache was altered: rebuild it with "
+                                        f"`kdcache dump-teacher --overwrite`") from error
         return self._arrays[name]
 
     def _create_array(self, name: str, shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, ...],
