@@ -13,6 +13,7 @@ from click.core import ParameterSource
 from kdcache import __version__
 from kdcache.config import DistillConfig, DumpConfig, TeacherConfig, field_default, load_config
 from kdcache.errors import KdcacheError
+from kdcache.recipe import recipe_command  # light: click, yaml and the configs; torch is imported when run
 
 
 def _overrides(ctx: click.Context) -> dict[str, Any]:
@@ -222,6 +223,9 @@ def losses_command() -> None:
     from kdcache.commands import loss_table
 
     click.echo(loss_table())
+
+
+cli.add_command(recipe_command, "recipe")
 
 
 def main(argv: list[str] | None = None) -> None:

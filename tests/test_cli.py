@@ -9,7 +9,7 @@ import pytest
 from kdcache.cli import main
 
 COMMANDS = ["quickstart", "train-teacher", "dump-teacher", "distill", "inspect", "verify", "models", "datasets",
-            "losses"]
+            "losses", "recipe"]
 
 
 def run(argv, capsys):

@@ -161,6 +161,10 @@ def test_resume_after_epoch_one_of_three_gives_the_weights_of_an_uninterrupted_r
     with pytest.raises(KdcacheError, match="--resume: .* other settings \\(config\\)"):
         distill(config(tmp_path, "resumed", cache=str(cache16), epochs=3, lr=0.1, resume=True), show_progress=False,
                 data=data)
+    # the same run inside another sweep (another student beside it) still resumes: it computes the same thing
+    again = distill(config(tmp_path, "resumed", cache=str(cache16), epochs=3, resume=True,
+                           students=(resumed[0].student, "resnet20")), show_progress=False, data=data)
+    assert again[0].test_acc == resumed[0].test_acc
 
 
 def test_many_students_from_one_cache_each_get_a_folder_and_the_sweep_a_summary(cache16, data, tmp_path):

@@ -57,6 +57,21 @@ def loader_batches(dataset: Any, batch_size: int, generator: torch.Generator, de
         yield (x.to(device, non_blocking=True), y.to(device, non_blocking=True), t.to(device, non_blocking=True))
 
 
+@torch.no_grad()
+def top1_accuracy(model: nn.Module, test: ImageData, device: torch.device, images: torch.Tensor | None = None,
+                  batch_size: int = 1000) -> float:
+    """Top-1 accuracy of a model's logits on the un-augmented test split (`images`: test.images already on device)."""
+    images = test.images.to(device) if images is None else images
+    model.eval()
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start:start + batch_size], test.mean, test.std)
+        with autocast(device):
+            logits = model(x)
+        correct += int((logits.argmax(-1).cpu() == test.labels[start:start + batch_size]).sum())
+    return correct / len(images)
+
+
 class Run:
     """One model being trained: its LogitMap, loss, optimiser, folder and history."""
 
@@ -108,17 +123,9 @@ class Run:
                        seconds=seconds)
         return metrics
 
-    @torch.no_grad()
-    def evaluate(self, test: ImageData, test_images: torch.Tensor, batch_size: int = 1000) -> float:
-        """Top-1 accuracy of the global logit on the un-augmented test split."""
-        self.model.eval()
-        correct = 0
-        for start in range(0, len(test_images), batch_size):
-            x = normalize(test_images[start:start + batch_size], test.mean, test.std)
-            with autocast(self.device):
-                logits = self.model.model(x)
-            correct += int((logits.argmax(-1).cpu() == test.labels[start:start + batch_size]).sum())
-        return correct / len(test_images)
+    def evaluate(self, test: ImageData, test_images: torch.Tensor) -> float:
+        """Top-1 accuracy of the global logit on the un-augmented test split (its images already on the device)."""
+        return top1_accuracy(self.model.model, test, self.device, test_images)
 
     def end_epoch(self, metrics: dict[str, float]) -> None:
         """Record the epoch: history, metrics.csv, TensorBoard when installed, and the resumable checkpoint."""

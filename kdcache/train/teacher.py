@@ -73,5 +73,7 @@ def load_teacher(checkpoint: str | Path, arch: str | None, data: ImageData) -> t
 
 
 def _record_config(config: Any) -> dict[str, Any]:
-    """The config as saved with a run; device and resume do not change what a run computes."""
-    return {k: v for k, v in config_dict(config).items() if k not in ("device", "resume")}
+    """The config as saved with a run, less what does not change what this run computes: the device, resuming,
+    and which other students and losses share the sweep (so a run resumes when the sweep around it changes)."""
+    return {k: v for k, v in config_dict(config).items()
+            if k not in ("device", "resume", "students", "losses", "pairs")}

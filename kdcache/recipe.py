@@ -1,0 +1,297 @@
+"""`kdcache recipe`: a row of the published CIFAR-100 tables, end to end: one teacher cache, every loss, one table.
+
+A recipe (configs/cifar100/*.yaml) names a teacher-student pair, a `dump:` section (DumpConfig), a
+`distill:` section (DistillConfig), the losses to run with the fields each one's released config
+changes, and the papers' numbers. DistillConfig holds one set of loss overrides, so each loss is one
+`distill` call on the same cache and output folder (its run folder and resume state do not depend on
+which other losses run).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.resources
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+import yaml
+
+from kdcache.config import DistillConfig, DumpConfig, load_config
+from kdcache.errors import KdcacheError, unknown_name
+
+if TYPE_CHECKING:  # both import torch, which `kdcache --help` should not wait for
+    from kdcache.data import ImageData
+    from kdcache.train.distill import RunSummary
+
+RECIPE_KEYS = ("teacher", "student", "dump", "distill", "losses", "published", "sources")
+# DistillConfig fields that come from the recipe's pair and the user's flags, never from a loss's overrides
+RUNNER_FIELDS = {"cache", "live_teacher", "teacher", "students", "losses", "pairs", "dataset", "data_root", "out",
+                 "resume", "device"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A teacher-student pair of the published tables: how to dump, how to distil each loss, what the papers got."""
+
+    path: Path
+    teacher: str
+    student: str
+    losses: dict[str, dict[str, Any]]  # loss name -> DistillConfig fields its released config changes
+    published: dict[str, float | None]  # "teacher", "student" (the ce baseline) and each other loss -> top-1 %
+    sources: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    def dump_config(self, **overrides: Any) -> DumpConfig:
+        """The `dump:` section with the pair's teacher, and `overrides` (None: keep the recipe's) on top."""
+        return load_config(DumpConfig, self.path, {"teacher": self.teacher, **overrides}, section="dump")
+
+    def distill_config(self, loss: str, **overrides: Any) -> DistillConfig:
+        """The `distill:` section with the loss and its overrides, and `overrides` (None: keep) on top."""
+        pair = {"teacher": self.teacher, "students": (self.student,), "losses": (loss,)}
+        return load_config(DistillConfig, self.path, {**self.losses.get(loss, {}), **pair, **overrides},
+                           section="distill")
+
+
+def packaged_recipes() -> dict[str, Path]:
+    """The recipes shipped in kdcache.configs (one folder per dataset), by name."""
+    root = importlib.resources.files("kdcache.configs")
+    return {Path(recipe.name).stem: Path(str(recipe)) for folder in root.iterdir() if folder.is_dir()
+            for recipe in folder.iterdir() if recipe.name.endswith(".yaml")}
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file: the path itself when it exists, else the packaged recipe of that name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    packaged = packaged_recipes()
+    if path.stem in packaged and path.suffix in ("", ".yaml"):
+        return packaged[path.stem]
+    raise KdcacheError(f"recipe: no file {name_or_path} and no packaged recipe of that name; packaged: "
+                       f"{', '.join(sorted(packaged))} (`kdcache recipe --list`)")
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """Read and check a recipe: known keys, registered models and losses, sane published numbers, valid configs."""
+    from kdcache.losses import list_losses
+    from kdcache.models import list_models
+    from kdcache.train.distill import scaled_loss
+
+    path = find_recipe(name_or_path)
+    try:
+        document = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise KdcacheError(f"recipe {path}: not valid YAML ({error})".replace("\n", " ")) from error
+    if not isinstance(document, dict) or sorted(document) != sorted(RECIPE_KEYS):
+        found = sorted(document) if isinstance(document, dict) else type(document).__name__
+        raise KdcacheError(f"recipe {path}: expected the keys {', '.join(RECIPE_KEYS)}; found {found}")
+    for role in ("teacher", "student"):
+        if document[role] not in list_models():
+            raise unknown_name(f"recipe {path}: {role}", str(document[role]), list_models())
+    losses = document["losses"]
+    if not isinstance(losses, dict) or not losses:
+        raise KdcacheError(f"recipe {path}: losses should map each loss to its overrides, e.g. `dkd: {{beta: 6.0}}`")
+    overridable = {f.name for f in fields(DistillConfig)} - RUNNER_FIELDS
+    for loss, overrides in losses.items():
+        if loss not in list_losses():
+            raise unknown_name(f"recipe {path}: losses", loss, list_losses())
+        if not isinstance(overrides or {}, dict) or set(overrides or {}) - overridable:
+            raise KdcacheError(f"recipe {path}: losses.{loss} should map DistillConfig fields to values; got "
+                               f"{overrides!r}; fields: {', '.join(sorted(overridable))}")
+    columns = {"teacher", "student"} | set(list_losses()) - {"ce"}
+    published = document["published"] or {}
+    if not isinstance(published, dict):
+        raise KdcacheError(f"recipe {path}: published should map columns ({', '.join(sorted(columns))}) to top-1 %")
+    for column, value in published.items():
+        if column not in columns:
+            raise KdcacheError(f"recipe {path}: published.{column} is no column of the table; columns: "
+                               f"{', '.join(sorted(columns))} (the student column is the ce run)")
+        if value is not None and not (isinstance(value, (int, float)) and 0 < value < 100):
+            raise KdcacheError(f"recipe {path}: published.{column} should be a top-1 % in (0, 100) or null; "
+                               f"got {value!r}")
+    if not isinstance(document["sources"], list):
+        raise KdcacheError(f"recipe {path}: sources should be a list of where the published numbers come from")
+    recipe = Recipe(path, document["teacher"], document["student"],
+                    {loss: dict(overrides or {}) for loss, overrides in losses.items()},
+                    {column: None if value is None else float(value) for column, value in published.items()},
+                    tuple(map(str, document["sources"])))
+    # every value is checked now rather than after an hour of dumping
+    recipe.dump_config()
+    for loss in losses:
+        config = recipe.distill_config(loss)
+        scaled_loss(loss, config.loss_overrides(), config.epochs)
+    return recipe
+
+
+def default_cache(dump: DumpConfig) -> Path:
+    """Where a recipe's cache goes unless told: one per dataset, teacher and views, shared by its recipes."""
+    from kdcache.commands import DEFAULT_VIEWS
+
+    views = "exhaustive" if dump.exhaustive else f"{dump.views or DEFAULT_VIEWS}views"
+    return Path("caches") / f"{dump.dataset}-{dump.teacher}-{views}.zarr"
+
+
+def ensure_cache(dump: DumpConfig, show_progress: bool = True) -> bool:
+    """Reuse a complete cache at dump.out that fits the dump, else dump it (resuming a partial one); True if reused."""
+    from kdcache.cache import open_cache
+    from kdcache.commands import DEFAULT_VIEWS, dump_teacher_from_config
+    from kdcache.models import file_sha256
+
+    path = Path(dump.out)
+    if path.exists():
+        with open_cache(path) as cache:
+            if cache.is_complete():
+                views = {"views.exhaustive": True} if dump.exhaustive else {"views.exhaustive": False,
+                                                                             "views.count": dump.views or DEFAULT_VIEWS}
+                cache.require({"teacher.arch": dump.teacher, "teacher.checkpoint_sha256": file_sha256(dump.checkpoint),
+                               "dataset.name": dump.dataset, "dataset.split": dump.split,
+                               "augmentation.name": dump.augmentation, **views, "scales": dump.scales})
+                if show_progress:
+                    print(f"reusing the complete cache {path} ({cache.num_views} views of {dump.dataset} {dump.split}, "
+                          f"teacher {dump.teacher}); nothing dumped")
+                return True
+    dump_teacher_from_config(dump, show_progress)
+    return False
+
+
+def teacher_test_accuracy(dump: DumpConfig, test: ImageData) -> float:
+    """Top-1 accuracy of the dump's teacher checkpoint on the un-augmented test split."""
+    from kdcache.runtime import pick_device, prepare_model
+    from kdcache.train.loop import top1_accuracy
+    from kdcache.train.teacher import load_teacher
+
+    device = pick_device(dump.device)
+    return top1_accuracy(prepare_model(load_teacher(dump.checkpoint, dump.teacher, test)[0], device), test, device)
+
+
+@dataclass(frozen=True)
+class ResultTable:
+    """The papers' layout: teacher, student, then each method; a published row and a measured row (top-1 %)."""
+
+    title: str
+    columns: list[tuple[str, str]]  # (key in table.csv, header in table.md)
+    rows: list[tuple[str, list[float | None]]]
+    notes: list[str]
+
+    def markdown(self) -> str:
+        """table.md: title, the table, then the notes."""
+        lines = [f"## {self.title}", "", "| | " + " | ".join(header for _, header in self.columns) + " |",
+                 "|---|" + "---:|" * len(self.columns)]
+        lines += [f"| {label} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in values) + " |"
+                  for label, values in self.rows]
+        return "\n".join(lines + [""] + [f"- {note}" for note in self.notes]) + "\n"
+
+    def write(self, out: Path) -> None:
+        """out/table.md and out/table.csv (empty cells where there is no number)."""
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.md").write_text(self.markdown())
+        with open(out / "table.csv", "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["row"] + [key for key, _ in self.columns])
+            writer.writerows([label] + ["" if v is None else f"{v:.2f}" for v in values] for label, values in self.rows)
+
+
+def result_table(recipe: Recipe, losses: tuple[str, ...], summaries: list[RunSummary], teacher_acc: float,
+                 dump: DumpConfig, epochs: int) -> ResultTable:
+    """The published numbers beside this run's: best test top-1 of each run, as mdistiller reports (best_acc)."""
+    from kdcache.train.distill import PAPER_EPOCHS
+
+    best = {s.loss: 100 * s.best_test_acc for s in summaries}
+    methods = [loss for loss in losses if loss != "ce"]
+    columns = ([("teacher", f"teacher ({recipe.teacher})"), ("student", f"student ({recipe.student})")]
+               + [(loss, loss.upper()) for loss in methods])
+    published = [recipe.published.get(key) for key, _ in columns]
+    measured = [100 * teacher_acc, best.get("ce")] + [best[loss] for loss in methods]
+    notes = ["published: the papers' numbers (– where none is published; sources below)",
+             f"kdcache: best test top-1 over the epochs of each run; teacher: the checkpoint on the test split; "
+             f"student: the ce run; all from the cache {dump.out}"]
+    trained = f"{epochs} epoch{'s' * (epochs != 1)}"
+    if epochs != PAPER_EPOCHS:
+        notes.append(f"this run trained {trained}, the papers {PAPER_EPOCHS}: its row is not comparable with the "
+                     f"published one")
+    return ResultTable(f"{dump.dataset}: {recipe.teacher} → {recipe.student}, test top-1 (%)", columns,
+                       [("published", published), (f"kdcache (this run, {trained})", measured)],
+                       notes + [f"source: {source}" for source in recipe.sources])
+
+
+def run_recipe(recipe_path: str | Path, checkpoint: str | Path, data_root: str | Path | None,
+               out: str | Path | None = None, cache: str | Path | None = None, epochs: int | None = None,
+               losses: tuple[str, ...] | None = None, device: str = "auto", views: int | None = None,
+               resume: bool = False, show_progress: bool = True) -> ResultTable:
+    """Dump the teacher cache unless a complete matching one exists, distil every loss from it, write the table."""
+    from kdcache.data import load_dataset
+    from kdcache.losses import get_loss
+    from kdcache.train.distill import distill, write_summary
+
+    recipe = load_recipe(recipe_path)
+    losses = tuple(losses or recipe.losses)
+    for loss in losses:  # before the dump, which can take a while
+        get_loss(loss)
+    if not Path(checkpoint).is_file():
+        raise KdcacheError(f"--checkpoint: no file at {checkpoint}; pass the teacher's weights ({recipe.teacher})")
+    root = None if data_root is None else str(data_root)
+    dump = recipe.dump_config(checkpoint=str(checkpoint), data_root=root, device=device, views=views,
+                              exhaustive=False if views else None)
+    dump = replace(dump, out=str(cache or default_cache(dump)))
+    out = Path(out or Path("runs") / recipe.name)
+
+    ensure_cache(dump, show_progress)
+    data = (load_dataset(dump.dataset, root, dump.split), load_dataset(dump.dataset, root, "test"))
+    teacher_acc = teacher_test_accuracy(dump, data[1])
+    summaries = []
+    for loss in losses:
+        config = recipe.distill_config(loss, cache=dump.out, data_root=root, out=str(out), epochs=epochs,
+                                       device=device, resume=resume)
+        summaries += distill(config, show_progress, data=data)
+    write_summary(summaries, out)  # each distill call wrote its own run's; this one covers them all
+    table = result_table(recipe, losses, summaries, teacher_acc, dump, config.epochs)
+    table.write(out)
+    if show_progress:
+        print(f"\n{table.markdown()}\nwritten: {out / 'table.md'}, {out / 'table.csv'}, {out / 'summary.csv'}")
+    return table
+
+
+@click.command("recipe")
+@click.argument("recipe", required=False)
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Teacher weights (an mdistiller .pth or kdcache's "
+              "model.pt) of the recipe's teacher architecture.")
+@click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset in torchvision's "
+              "on-disk format (CIFAR-100: DATA/cifar-100-python/).")
+@click.option("--out", help="Folder for one sub-folder per run, summary.csv, table.md and table.csv "
+              "(default runs/RECIPE).")
+@click.option("--cache", help="Teacher cache: reused when complete, resumed when partial, dumped when missing "
+              "(default caches/DATASET-TEACHER-VIEWS.zarr, shared by recipes with the same teacher).")
+@click.option("--epochs", type=click.IntRange(min=1), help="Epochs per run instead of the recipe's 240 (lr decay "
+              "and warm-ups scale with them); the table says how many were run.")
+@click.option("--loss", "losses", multiple=True, help="Run only this loss (repeatable); default: every loss the "
+              "recipe lists.")
+@click.option("--views", type=click.IntRange(min=1), help="Cache K sampled views per image instead of the recipe's "
+              "exhaustive 162 (16 views of CIFAR-100: 3.4 GB instead of 34 GB).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present, else CPU), cpu, cuda "
+              "or cuda:N.")
+@click.option("--resume", is_flag=True, help="Continue each run from its last checkpoint (a finished run is kept).")
+@click.option("--list", "list_only", is_flag=True, help="List the packaged recipes and exit.")
+def recipe_command(recipe: str | None, checkpoint: str | None, data_root: str | None, out: str | None,
+                   cache: str | None, epochs: int | None, losses: tuple[str, ...], views: int | None, device: str,
+                   resume: bool, list_only: bool) -> None:
+    """Reproduce a row of the published CIFAR-100 tables: dump the teacher once, distil every loss, write a table.
+
+    RECIPE is a YAML file or the name of a packaged one (`--list`), e.g. res32x4_res8x4.
+    """
+    if list_only:
+        for name, path in sorted(packaged_recipes().items()):
+            listed = load_recipe(path)
+            click.echo(f"{name:<18} {listed.teacher} → {listed.student}: {', '.join(listed.losses)}")
+        return
+    if recipe is None:
+        raise KdcacheError(f"recipe: name a recipe; packaged: {', '.join(sorted(packaged_recipes()))}")
+    find_recipe(recipe)
+    if checkpoint is None:
+        raise KdcacheError("recipe: --checkpoint is required (the teacher's weights, e.g. mdistiller's "
+                           "cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth)")
+    run_recipe(recipe, checkpoint, data_root, out, cache, epochs, losses or None, device, views, resume)
