@@ -40,7 +40,7 @@ def run_quickstart(out: Path, cache: Path, device: str = "auto") -> None:
         gain = "" if run.loss == "ce" else f" ({100 * (run.test_acc - ce):+.2f} vs ce)"
         rows.append((f"student {run.student}, {run.loss}", f"test accuracy {100 * run.test_acc:.2f}%{gain}",
                      run.seconds))
-    print(f"\nkdcache quickstart: digits (1438 train / 359 test images), one teacher pass, two students\n")
+    print("\nkdcache quickstart: digits (1438 train / 359 test images), one teacher pass, two students\n")
     print(f"{'':<28} {'result':<52} {'time':>6}")
     for name, result, seconds in rows:
         print(f"{name:<28} {result:<52} {seconds:>5.0f}s")

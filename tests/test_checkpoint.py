@@ -111,7 +111,7 @@ def test_wrong_class_count_names_the_parameter_and_both_shapes(tmp_path):
 def test_wrong_width_names_the_first_differing_parameter(tmp_path):
     path = tmp_path / "t.pt"
     save_checkpoint(path, create_model("resnet8"))
-    assert f"does not fit resnet8x4: conv1.weight has shape [16, 3, 3, 3] in the file but [32, 3, 3, 3]" in _refusal(
+    assert "does not fit resnet8x4: conv1.weight has shape [16, 3, 3, 3] in the file but [32, 3, 3, 3]" in _refusal(
         path, create_model("resnet8x4")
     )
 

@@ -5,22 +5,13 @@ import subprocess
 import sys
 
 import pytest
+from console import run_cli
 
-from kdcache.cli import main
 
 COMMANDS = ["quickstart", "train-teacher", "dump-teacher", "distill", "inspect", "verify", "models", "datasets",
             "losses", "recipe"]
 
 
-def run(argv, capsys):
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -29,7 +20,7 @@ def test_every_command_has_help_that_explains_each_option(command, capsys):
 
     from kdcache.cli import cli
 
-    code, out, _ = run([command, "--help"], capsys)
+    code, out, _ = run_cli([command, "--help"], capsys)
     assert code == 0 and "Usage: kdcache " + command in out and cli.commands[command].help
     for param in cli.commands[command].params:
         if isinstance(param, click.Option):
@@ -38,7 +29,7 @@ def test_every_command_has_help_that_explains_each_option(command, capsys):
 
 
 def test_top_level_help_lists_the_commands(capsys):
-    code, out, _ = run(["--help"], capsys)
+    code, out, _ = run_cli(["--help"], capsys)
     assert code == 0 and all(command in out for command in COMMANDS)
 
 
@@ -60,7 +51,7 @@ def test_top_level_help_lists_the_commands(capsys):
     (["distill", "--cache", "/nonexistent/c.zarr", "--student", "resnet9"], "create_model(): unknown name 'resnet9'"),
 ])
 def test_a_users_mistake_is_one_line_and_exit_code_2(argv, expected, capsys):
-    code, out, err = run(argv, capsys)
+    code, out, err = run_cli(argv, capsys)
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert err.startswith("kdcache: error: ") and expected in err
@@ -69,7 +60,7 @@ def test_a_users_mistake_is_one_line_and_exit_code_2(argv, expected, capsys):
 def test_recipe_keys_are_checked_and_flags_override_the_recipe(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("teacher:\n  model: resnet8\n  epochs: 3\n  bogus: 1\n")
-    code, _, err = run(["train-teacher", "--config", str(recipe)], capsys)
+    code, _, err = run_cli(["train-teacher", "--config", str(recipe)], capsys)
     assert code == 2 and "unknown key(s) bogus; known:" in err
     from kdcache.config import TeacherConfig, load_config
 
@@ -82,10 +73,10 @@ def test_recipe_keys_are_checked_and_flags_override_the_recipe(tmp_path, capsys)
 
 
 def test_listing_commands(capsys):
-    assert "resnet32x4" in run(["models"], capsys)[1]
-    assert "resnet8x4" in run(["models", "resnet8*"], capsys)[1]
-    assert "digits" in run(["datasets"], capsys)[1]
-    losses = run(["losses"], capsys)[1]
+    assert "resnet32x4" in run_cli(["models"], capsys)[1]
+    assert "resnet8x4" in run_cli(["models", "resnet8*"], capsys)[1]
+    assert "digits" in run_cli(["datasets"], capsys)[1]
+    losses = run_cli(["losses"], capsys)[1]
     assert all(name in losses for name in ["sdd-lskd", "dkd+ls", "sld"])
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from console import run_cli
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,7 +23,6 @@ from hypothesis import strategies as st
 from cache_faults import delete_chunk, flip_chunk_byte
 from kdcache.cache import Store, open_cache, open_store
 from kdcache.cache.lock import lock_path
-from kdcache.cli import main
 from kdcache.cache.dump import dump_teacher
 from kdcache.commands import dump_teacher_from_config
 from kdcache.config import DistillConfig, DumpConfig
@@ -68,13 +68,6 @@ def copy_of(pristine, fmt, tmp_path):
     return target
 
 
-def cli(argv, capsys):
-    """Run the console script in-process: (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as done:
-        main(argv)
-        sys.exit(0)
-    out, err = capsys.readouterr()
-    return done.value.code, out, err
 
 
 def read_arrays(path):
@@ -149,11 +142,11 @@ def test_a_damaged_chunk_is_named_by_verify_and_refused_by_distill_in_the_same_w
     DAMAGE[damage](cache, "logits", (0, 1, 0, 0))
     where = "array 'logits', view 0, block 1 (samples 256-511)"
 
-    code, _, err = cli(["verify", str(cache)], capsys)
+    code, _, err = run_cli(["verify", str(cache)], capsys)
     problems = [line for line in err.splitlines() if line.startswith(f"{cache}: ")]  # below verify's progress bar
     assert code == 1 and len(problems) == 1 and problems[0].startswith(f"{cache}: {where}: ")
 
-    code, _, err = cli(["distill", "--cache", str(cache), "--student", "resnet8", "--epochs", "1",
+    code, _, err = run_cli(["distill", "--cache", str(cache), "--student", "resnet8", "--epochs", "1",
                         "--out", str(tmp_path / "runs")], capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1 and where in err and "Traceback" not in err  # as verify
     assert "rebuild it with `kdcache dump-teacher --overwrite`" in err
@@ -285,7 +278,7 @@ def test_a_full_disk_stops_the_dump_naming_view_and_block_and_the_rerun_complete
 # -- bad checkpoints, through the command line ---------------------------------------------------
 
 def test_a_checkpoint_of_another_architecture_is_one_line_naming_file_and_parameter(checkpoint, tmp_path, capsys):
-    code, _, err = cli(["dump-teacher", "--checkpoint", str(checkpoint), "--teacher", "resnet20",
+    code, _, err = run_cli(["dump-teacher", "--checkpoint", str(checkpoint), "--teacher", "resnet20",
                         "--out", str(tmp_path / "c.zarr")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert str(checkpoint) in err and "layer1.1." in err  # resnet8 has one block per stage; resnet20 three
@@ -296,7 +289,7 @@ def test_a_truncated_checkpoint_is_one_line_naming_the_file(checkpoint, tmp_path
     truncated = tmp_path / "truncated.pt"
     data = checkpoint.read_bytes()
     truncated.write_bytes(data[:int(len(data) * keep)])
-    code, _, err = cli(["dump-teacher", "--checkpoint", str(truncated), "--teacher", "resnet8",
+    code, _, err = run_cli(["dump-teacher", "--checkpoint", str(truncated), "--teacher", "resnet8",
                         "--out", str(tmp_path / "c.zarr")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err and str(truncated) in err
     assert not (tmp_path / "c.zarr").exists()
@@ -308,10 +301,10 @@ def test_a_truncated_checkpoint_is_one_line_naming_the_file(checkpoint, tmp_path
 def test_reading_a_cache_for_training_changes_no_byte_of_it(pristine, tmp_path, capsys, fmt):
     cache = copy_of(pristine, fmt, tmp_path)
     before = file_digests(cache)
-    assert cli(["inspect", str(cache)], capsys)[0] == 0
-    assert cli(["verify", str(cache)], capsys)[0] == 0
+    assert run_cli(["inspect", str(cache)], capsys)[0] == 0
+    assert run_cli(["verify", str(cache)], capsys)[0] == 0
     for path in ("device", "dataset"):
-        code, _, err = cli(["distill", "--cache", str(cache), "--student", "resnet8", "--epochs", "1", "--batch-size",
+        code, _, err = run_cli(["distill", "--cache", str(cache), "--student", "resnet8", "--epochs", "1", "--batch-size",
                             "256", "--batch-path", path, "--out", str(tmp_path / path)], capsys)
         assert code == 0, err
     assert file_digests(cache) == before

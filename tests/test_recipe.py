@@ -4,11 +4,12 @@ import csv
 
 import click
 import pytest
+from console import run_cli
 import torch
 import yaml
 from fake_cifar import write_fake_cifar
 
-from kdcache.cli import cli, main
+from kdcache.cli import cli
 from kdcache.config import DistillConfig, DumpConfig
 from kdcache.losses import list_losses
 from kdcache.models import create_model, list_models, save_checkpoint
@@ -18,15 +19,6 @@ PAIRS = ["res32x4_res8x4", "wrn40_2_wrn16_2", "res32x4_shuv1", "res32x4_shuv2", 
 REQUIRED_LOSSES = {"ce", "kd", "dkd", "sdd-dkd", "sdd-lskd"}
 
 
-def run(argv, capsys):
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_the_five_pairs_ship_in_kdcache_configs():
@@ -76,18 +68,18 @@ def test_a_broken_recipe_is_one_line_naming_what_is_wrong(edit, expected, tmp_pa
     edit(document)
     path = tmp_path / "broken.yaml"
     path.write_text(yaml.safe_dump(document))
-    code, _, err = run(["recipe", str(path), "--checkpoint", str(path)], capsys)
+    code, _, err = run_cli(["recipe", str(path), "--checkpoint", str(path)], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
 
 
 def test_recipe_help_explains_each_option_and_list_names_the_pairs(capsys):
     command = cli.commands["recipe"]
-    code, out, _ = run(["recipe", "--help"], capsys)
+    code, out, _ = run_cli(["recipe", "--help"], capsys)
     assert code == 0 and command.help
     for param in command.params:
         if isinstance(param, click.Option):
             assert param.help and param.opts[0] in out, param.opts[0]
-    code, out, _ = run(["recipe", "--list"], capsys)
+    code, out, _ = run_cli(["recipe", "--list"], capsys)
     assert code == 0 and all(name in out for name in PAIRS) and "resnet32x4 → resnet8x4" in out
 
 
@@ -98,7 +90,7 @@ def test_recipe_help_explains_each_option_and_list_names_the_pairs(capsys):
     (["recipe", "res32x4_res8x4", "--checkpoint", "/nonexistent/t.pt"], "no file at /nonexistent/t.pt"),
 ])
 def test_a_users_mistake_is_one_line_and_exit_code_2(argv, expected, capsys):
-    code, _, err = run(argv, capsys)
+    code, _, err = run_cli(argv, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
 
 
@@ -121,7 +113,7 @@ def test_a_shrunk_recipe_runs_end_to_end_and_a_second_run_reuses_the_cache(tmp_p
     argv = ["recipe", str(recipe), "--checkpoint", str(checkpoint), "--data-root", str(fake.root), "--out", str(out),
             "--cache", str(cache), "--epochs", "2", "--views", "2", "--device", "cpu"]
 
-    code, printed, err = run(argv, capsys)
+    code, printed, err = run_cli(argv, capsys)
     assert code == 0, err
     assert "reusing" not in printed and (cache / "zarr.json").is_file()
     losses = list(document["losses"])
@@ -142,7 +134,7 @@ def test_a_shrunk_recipe_runs_end_to_end_and_a_second_run_reuses_the_cache(tmp_p
     assert rows[0]["dkd"] == "76.32" and rows[0]["sdd-kd"] == "" and all(rows[1][k] for k in rows[1] if k != "row")
 
     before = _cache_state(cache)
-    code, printed, err = run(argv + ["--resume", "--loss", "ce", "--loss", "sdd-lskd"], capsys)
+    code, printed, err = run_cli(argv + ["--resume", "--loss", "ce", "--loss", "sdd-lskd"], capsys)
     assert code == 0, err
     assert f"reusing the complete cache {cache}" in printed and _cache_state(cache) == before
     assert "| KD |" not in (out / "table.md").read_text() and "SDD-LSKD" in (out / "table.md").read_text()
@@ -161,6 +153,6 @@ def test_a_complete_cache_of_another_teacher_checkpoint_is_refused(tmp_path, cap
         save_checkpoint(tmp_path / f"t{seed}.pt", create_model("resnet8", num_classes=100))
     base = ["recipe", str(recipe), "--data-root", str(fake.root), "--cache", str(cache), "--views", "1",
             "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "runs")]
-    assert run(base + ["--checkpoint", str(tmp_path / "t0.pt")], capsys)[0] == 0
-    code, _, err = run(base + ["--checkpoint", str(tmp_path / "t1.pt")], capsys)
+    assert run_cli(base + ["--checkpoint", str(tmp_path / "t0.pt")], capsys)[0] == 0
+    code, _, err = run_cli(base + ["--checkpoint", str(tmp_path / "t1.pt")], capsys)
     assert code == 2 and "teacher.checkpoint_sha256" in err, err
