@@ -93,6 +93,21 @@ class TestZarrStore(StoreConformance):
         assert store.chunk_exists("a", (0, 0)) and not store.chunk_exists("a", (1, 0))
 
 
+    @pytest.mark.parametrize("dtype", ["float16", "float32", "int64"])
+    @pytest.mark.parametrize("view", [0, 2, -1])
+    def test_the_direct_view_read_equals_zarrs_own_read(self, store, path, dtype, view):
+        # 37 rows in chunks of 8: the last chunk is stored padded and must be cut
+        values = (np.random.default_rng(1).standard_normal((3, 37, 4, 5)) * 100).astype(dtype)
+        store.create_array("logits", values.shape, dtype, (1, 8, 4, 5))
+        store.write("logits", (), values)
+        direct = store.read("logits", (view,))
+        assert direct.dtype == values.dtype and direct.flags.c_contiguous
+        np.testing.assert_array_equal(direct, np.asarray(store._array("logits")[view]))
+        np.testing.assert_array_equal(direct, values[view])
+        with pytest.raises(IndexError):
+            store.read("logits", (3,))
+
+
 class TestHDF5Store(StoreConformance):
     backend = HDF5Store
 

@@ -34,16 +34,26 @@ def open_cache(path: str | Path) -> TeacherCache:
 
 def all_finite(values: np.ndarray) -> bool:
     """np.isfinite(values).all(), ten times faster for float16 (numpy upcasts each half float): the exponent bits
-    tested block by block, which keeps a whole-view read of 200 MB from spending more time here than on the disk."""
+    tested block by block, by two threads, which keeps a whole-view read of 200 MB from spending more time here
+    than on the disk."""
     if values.dtype not in _EXPONENT_BITS or not values.flags.c_contiguous:
         return bool(np.isfinite(values).all())
     unsigned, mask = _EXPONENT_BITS[values.dtype]
     words, mask = values.reshape(-1).view(unsigned), unsigned(mask)
-    scratch = np.empty(min(words.size, FINITE_CHECK_BLOCK), unsigned)
+    half = words.size // 2
+    if half < FINITE_CHECK_BLOCK:
+        return _exponents_below(words, mask)
+    with ThreadPoolExecutor(1) as helper:  # numpy releases the GIL: the halves run on two cores
+        other = helper.submit(_exponents_below, words[half:], mask)
+        return _exponents_below(words[:half], mask) and other.result()
+
+
+def _exponents_below(words: np.ndarray, mask: np.unsignedinteger) -> bool:
+    """Whether no word has every bit of mask set."""
+    scratch = np.empty(min(words.size, FINITE_CHECK_BLOCK), words.dtype)
     for start in range(0, words.size, FINITE_CHECK_BLOCK):
         part = words[start:start + FINITE_CHECK_BLOCK]
-        exponents = np.bitwise_and(part, mask, out=scratch[:part.size])
-        if exponents.max() == mask:
+        if np.bitwise_and(part, mask, out=scratch[:part.size]).max() == mask:
             return False
     return True
 

@@ -1,20 +1,35 @@
-"""Zarr v3 backend: a directory store, crc32c checksums on every chunk, metadata in the root's attributes."""
+"""Zarr v3 backend: a directory store, crc32c checksums on every chunk, metadata in the root's attributes.
+
+Whole views, what training reads, take a direct path: each chunk file is read straight into its
+rows of the result and its crc32c computed there, by two threads that each take every other chunk
+(one reads while the other checksums). zarr reads each chunk into a buffer of its own, checksums
+it, then copies it into the result, ten chunks at a time: a third of the speed of a raw numpy read
+of the same bytes, where this path matches it (benchmarks/RESULTS.md).
+"""
 
 from __future__ import annotations
 
+import math
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import google_crc32c  # zarr's own crc32c codec uses it
 import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
-from zarr.core.sync import sync
+from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.storage import LocalStore
 
 from kdcache.cache.store import ArrayInfo, Selection, Store
 from kdcache.errors import CorruptCacheError
 
 METADATA_KEY = "kdcache"
+CODECS = (BytesCodec(endian="little"), Crc32cCodec())  # what kdcache writes, and what the direct read decodes
+CHECKSUM_BYTES = 4
+READ_THREADS = 2  # one reads a chunk while the other checksums one: more only contend for the GIL
 
 
 class ZarrStore(Store):
@@ -27,6 +42,7 @@ class ZarrStore(Store):
         super().__init__(path, read_only)
         self._group = group
         self._arrays: dict[str, zarr.Array] = {}
+        self._readers: ThreadPoolExecutor | None = None
 
     @classmethod
     def create(cls, path: Path) -> ZarrStore:
@@ -68,7 +84,30 @@ class ZarrStore(Store):
         self._array(name)[selection] = values
 
     def _read(self, name: str, selection: Selection) -> np.ndarray:
-        return np.asarray(self._array(name)[selection])
+        array = self._array(name)
+        if _direct_readable(array, selection):
+            return self._read_slab(array, selection[0])
+        return np.asarray(array[selection])
+
+    def _read_slab(self, array: zarr.Array, index: int) -> np.ndarray:
+        """array[index] of an array chunked (1, rows, *rest): every chunk read straight into its rows."""
+        index = range(array.shape[0])[index]  # a negative index as numpy reads it; out of range raises
+        out = np.empty(array.shape[1:], array.dtype)
+        chunk_bytes = array.chunks[1] * math.prod(array.shape[2:]) * out.itemsize
+        data = out.reshape(-1).view(np.uint8)
+        folder = f"{self.path / array.path}/"
+        chunks = [(folder + array.metadata.encode_chunk_key((index, block) + (0,) * (out.ndim - 1)),
+                   data[block * chunk_bytes:(block + 1) * chunk_bytes])
+                  for block in range(math.ceil(array.shape[1] / array.chunks[1]))]
+        fill = np.asarray(array.metadata.fill_value, out.dtype).reshape(1).view(np.uint8)
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="kdcache-zarr-read")
+        # one task per thread: a task per chunk spends more time handing the GIL around than reading
+        reads = [self._readers.submit(_read_chunks, chunks[first::READ_THREADS], chunk_bytes, fill)
+                 for first in range(READ_THREADS)]
+        for read in reads:
+            read.result()
+        return out
 
     def _set_metadata(self, metadata: dict[str, Any]) -> None:
         self._group.attrs[METADATA_KEY] = metadata
@@ -89,9 +128,49 @@ class ZarrStore(Store):
     def chunk_exists(self, name: str, chunk_coords: tuple[int, ...]) -> bool:
         """Whether the chunk's object exists in the store."""
         array = self._array(name)
-        key = f"{name}/{array.metadata.encode_chunk_key(chunk_coords)}"
-        return sync(self._group.store.exists(key))
+        # the file itself: zarr's async exists() costs a round trip to its event loop, 0.1 ms a chunk
+        return (self.path / array.path / array.metadata.encode_chunk_key(chunk_coords)).is_file()
 
     def close(self) -> None:
-        """Zarr keeps no files open between calls."""
+        """Zarr keeps no files open between calls; stop the read threads."""
         self._arrays.clear()
+        if self._readers is not None:
+            self._readers.shutdown()
+            self._readers = None
+
+
+def _direct_readable(array: zarr.Array, selection: Selection) -> bool:
+    """Whether array[selection] is one index of an array chunked (1, rows, *rest) in kdcache's codecs."""
+    return (len(selection) == 1 and isinstance(selection[0], (int, np.integer)) and array.ndim >= 2
+            and array.chunks[0] == 1 and tuple(array.chunks[2:]) == tuple(array.shape[2:])
+            and array.size > 0 and tuple(array.metadata.codecs) == CODECS
+            and array.dtype.isnative and sys.byteorder == "little"
+            and isinstance(array.metadata.chunk_grid, RegularChunkGrid))
+
+
+def _read_chunks(chunks: list[tuple[str, np.ndarray]], chunk_bytes: int, fill: np.ndarray) -> None:
+    """Read each (chunk file, its rows as bytes) pair."""
+    for path, rows in chunks:
+        _read_chunk(path, rows, chunk_bytes, fill)
+
+
+def _read_chunk(path: str, rows: np.ndarray, chunk_bytes: int, fill: np.ndarray) -> None:
+    """Read one chunk file into `rows` (bytes) and check its crc32c; a missing file is fill, as zarr reads it."""
+    try:
+        file = open(path, "rb", buffering=0)
+    except FileNotFoundError:
+        rows.reshape(-1, fill.size)[:] = fill
+        return
+    with file:
+        size = os.fstat(file.fileno()).st_size
+        if size != chunk_bytes + CHECKSUM_BYTES:
+            raise ValueError(f"chunk {path} holds {size} bytes, expected {chunk_bytes + CHECKSUM_BYTES}")
+        # a last chunk is stored whole, padded past the array's end
+        target = rows if rows.size == chunk_bytes else np.empty(chunk_bytes, np.uint8)
+        if file.readinto(target) != chunk_bytes:
+            raise ValueError(f"chunk {path} was cut short while being read")
+        stored = file.read(CHECKSUM_BYTES)
+    if google_crc32c.value(target) != int.from_bytes(stored, "little"):
+        raise ValueError(f"Stored and computed checksum do not match in chunk {path}")
+    if target is not rows:
+        rows[:] = target[:rows.size]
