@@ -7,6 +7,8 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cache_faults import flip_chunk_byte
 from kdcache.cache import Store, open_cache
@@ -199,3 +201,18 @@ def test_inspect_reports_accuracy_and_completeness(teacher, data, tmp_path):
     assert report["complete"] and report["blocks_total"] == 9 and report["view_accuracy"] == result.view_accuracy
     assert "resnet8" in report["text"] and "[3, 40, 21, 5] float16" in report["text"]
     json.dumps(report)  # --json output
+
+
+@settings(max_examples=40, deadline=None)
+@given(dtype=st.sampled_from(["float16", "float32", "float64"]), size=st.sampled_from([1, 1000, 2**19 + 3]),
+       bad=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.sampled_from([np.nan, np.inf, -np.inf])),
+                    max_size=2))
+def test_all_finite_agrees_with_numpy_wherever_the_bad_values_sit(dtype, size, bad):
+    from kdcache.cache.reader import all_finite
+
+    values = np.random.default_rng(size).standard_normal(size).astype(dtype) * 1000
+    values[0] = np.finfo(dtype).max  # the largest finite value is finite
+    for where, value in bad:  # both halves of a large array, which are checked by two threads
+        values[int(where * size)] = value
+    assert all_finite(values) == bool(np.isfinite(values).all())
+    assert all_finite(values[::2]) == bool(np.isfinite(values[::2]).all())  # not contiguous: numpy's own check

@@ -24,7 +24,7 @@ from cache_faults import delete_chunk, flip_chunk_byte
 from kdcache.cache import Store, open_cache, open_store
 from kdcache.cache.lock import lock_path
 from kdcache.cache.dump import dump_teacher
-from kdcache.commands import dump_teacher_from_config
+from kdcache.commands import describe_cache, dump_teacher_from_config
 from kdcache.config import DistillConfig, DumpConfig
 from kdcache.data import get_policy, load_dataset
 from kdcache.errors import CorruptCacheError, KdcacheError
@@ -351,7 +351,7 @@ def pristine_metadata(pristine):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_edited_metadata_is_refused_naming_the_field_or_read_exactly_as_before(pristine, pristine_metadata, fmt, data):
     metadata, view0 = pristine_metadata
@@ -365,6 +365,7 @@ def test_edited_metadata_is_refused_naming_the_field_or_read_exactly_as_before(p
                 # accepted: then it must read and check exactly as the untouched cache does
                 np.testing.assert_array_equal(opened.view(0), view0)
                 assert opened.verify() == []
+            assert describe_cache(cache)["complete"]
         except KdcacheError as error:
             message = str(error)
             assert "\n" not in message and "Traceback" not in message

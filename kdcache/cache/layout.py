@@ -126,8 +126,8 @@ class CacheSpec:
             seed=get("views.seed", int), scales=scales, dtype=get("logits.dtype", str),
             block_size=get("logits.block_size", int), view_accuracy=metadata.get("view_accuracy"))
         # every field a reader relies on later, so that a missing one is named here
-        for name, kind in (("teacher.arch", str), ("teacher.num_classes", int), ("teacher.precision", str),
-                           ("teacher.feature_map", list), ("dataset.name", str),
+        for name, kind in (("teacher.arch", str), ("teacher.num_classes", int), ("teacher.checkpoint_sha256", str),
+                           ("teacher.precision", str), ("teacher.feature_map", list), ("dataset.name", str),
                            ("dataset.split", str), ("dataset.num_samples", int), ("dataset.mean", list),
                            ("dataset.std", list), ("dataset.fingerprint", str), ("augmentation.name", str),
                            ("augmentation.param_names", list)):
@@ -140,6 +140,11 @@ class CacheSpec:
             raise CorruptCacheError(f"{where}: metadata has views.count={spec.num_views}, logits.block_size="
                                     f"{spec.block_size}, logits.dtype={spec.dtype!r}; expected positive counts "
                                     f"and float16 or float32")
+        accuracy = spec.view_accuracy
+        if accuracy is not None and not (isinstance(accuracy, list) and len(accuracy) == spec.num_views and all(
+                a is None or (isinstance(a, (int, float)) and not isinstance(a, bool)) for a in accuracy)):
+            raise CorruptCacheError(f"{where}: metadata field 'view_accuracy' should be null or one number per view "
+                                    f"(views.count = {spec.num_views}), found {_short(accuracy)}")
         return spec
 
     def identity(self) -> dict[str, Any]:

@@ -142,8 +142,7 @@ class TeacherCache:
         for name in ("labels", "aug", "logits"):
             problem = next(self._missing_chunks(name, None), None)
             if problem is not None:
-                raise CorruptCacheError(f"{self.path}: {problem}; the cache is damaged: rebuild it with "
-                                        f"`kdcache dump-teacher --overwrite` (`kdcache verify` lists every damaged block)")
+                raise self._damaged(problem)
 
     # -- reading -------------------------------------------------------------------------------
     def labels(self) -> np.ndarray:
@@ -181,8 +180,7 @@ class TeacherCache:
         """Read an array (or one view of it), refusing missing chunks and naming the block that fails."""
         problem = next(self._missing_chunks(name, view), None)
         if problem is not None:
-            raise CorruptCacheError(f"{self.path}: {problem}; the cache is damaged: rebuild it with "
-                                    f"`kdcache dump-teacher --overwrite` (`kdcache verify` lists every damaged block)")
+            raise self._damaged(problem)
         selection = () if view is None else (view,)
         try:
             return self.store.read(name, selection)
@@ -190,20 +188,28 @@ class TeacherCache:
             problem = next(self._unreadable_chunks(name, view), None)
             if problem is None:
                 raise
-            raise CorruptCacheError(f"{self.path}: {problem}; the cache is damaged: rebuild it with "
-                                    f"`kdcache dump-teacher --overwrite` (`kdcache verify` lists every damaged "
-                                    f"block)") from None
+            raise self._damaged(problem) from None
+
+    def _damaged(self, problem: Problem) -> CorruptCacheError:
+        return CorruptCacheError(f"{self.path}: {problem}; the cache is damaged: rebuild it with "
+                                 f"`kdcache dump-teacher --overwrite` (`kdcache verify` lists every damaged block)")
 
     # -- checking ------------------------------------------------------------------------------
     def _check_shapes(self) -> None:
         spec = self.spec
-        expected = {"logits": spec.logits_shape, "aug": (spec.num_views, spec.num_samples, spec.num_params),
-                    "labels": (spec.num_samples,), "progress": (spec.num_views, spec.num_blocks)}
-        for name, shape in expected.items():
+        # each array's shape, and the metadata fields it follows from
+        expected = {
+            "logits": (spec.logits_shape, "views.count, dataset.num_samples, scales, teacher.num_classes"),
+            "aug": ((spec.num_views, spec.num_samples, spec.num_params),
+                    "views.count, dataset.num_samples, augmentation.param_names"),
+            "labels": ((spec.num_samples,), "dataset.num_samples"),
+            "progress": ((spec.num_views, spec.num_blocks), "views.count, dataset.num_samples, logits.block_size")}
+        for name, (shape, fields) in expected.items():
             info = self.store.array_info(name)
             if info.shape != shape:
-                raise CorruptCacheError(f"{self.path}: array {name!r} has shape {list(info.shape)} but its "
-                                        f"metadata implies {list(shape)}; the cache was altered, rebuild it")
+                raise CorruptCacheError(f"{self.path}: array {name!r} has shape {list(info.shape)} but the metadata "
+                                        f"fields {fields} imply {list(shape)}; the cache was altered: rebuild it "
+                                        f"with `kdcache dump-teacher --overwrite`")
 
     def _chunks(self, name: str, view: int | None) -> Iterator[tuple[tuple[int, ...], int | None, int | None]]:
         """(chunk coordinates, view, block) of every chunk of an array, or of one view of it."""
