@@ -133,10 +133,11 @@ class TeacherCache:
 
     def require_complete(self) -> None:
         """Refuse an incomplete cache, or one with a chunk missing anywhere (a cheap scan; checksums are read per view)."""
-        missing = np.argwhere(self.progress() == PENDING)
+        progress = self.progress()
+        missing = np.argwhere(progress == PENDING)
         if len(missing):
             view, block = map(int, missing[0])
-            raise KdcacheError(f"cache {self.path} is incomplete: {len(missing)} of {self.progress().size} (view, block) "
+            raise KdcacheError(f"cache {self.path} is incomplete: {len(missing)} of {progress.size} (view, block) "
                                f"units are not written (first: view {view}, block {block}); rerun the same "
                                f"`kdcache dump-teacher` command to finish it")
         for name in ("labels", "aug", "logits"):

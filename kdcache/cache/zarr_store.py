@@ -4,7 +4,7 @@ Whole views, what training reads, take a direct path: each chunk file is read st
 rows of the result and its crc32c computed there, by two threads that each take every other chunk
 (one reads while the other checksums). zarr reads each chunk into a buffer of its own, checksums
 it, then copies it into the result, ten chunks at a time: a third of the speed of a raw numpy read
-of the same bytes, where this path matches it (benchmarks/RESULTS.md).
+of the same bytes, where this path reaches about two thirds (0.63x in benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
