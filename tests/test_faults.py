@@ -335,7 +335,7 @@ def edited(metadata, field, value):
 
 
 REMOVE = object()
-WRONG_VALUES = st.one_of(st.just(REMOVE), st.none(), st.booleans(), st.integers(-3, 3), st.text(max_size=3),
+WRONG_VALUES = st.one_of(st.just(REMOVE), st.none(), st.booleans(), st.integers(-3, 3), st.text(max_size=3), st.just("line\nbreak"),
                          st.lists(st.integers(-1, 2), max_size=3), st.just({}))
 
 

@@ -230,6 +230,7 @@ def _normal(value: Any) -> Any:
 
 
 def _short(value: Any) -> str:
-    text = str(value)
+    # an edited value may hold a line break or other control character: repr keeps the message on one line
+    text = repr(value) if isinstance(value, str) and not value.isprintable() else str(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
