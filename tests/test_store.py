@@ -61,6 +61,17 @@ class StoreConformance:
         assert store.chunk_exists("a", (0, 0))
         assert not store.chunk_exists("a", (1, 1))
 
+    def test_a_reopened_writer_keeps_a_chunk_rewritten_to_the_fill_value(self, store, path):
+        # a resumed dump writes through a reopened store: its chunks must not vanish for equalling the fill value
+        store.create_array("a", (2, 6), "int64", (2, 1), fill_value=-1)
+        store.write("a", (), np.zeros((2, 6), np.int64))
+        store.close()
+        with open_store(path, read_only=False) as reopened:
+            reopened.write("a", (slice(None), slice(1, 2)), np.full((2, 1), -1))
+            assert reopened.chunk_exists("a", (0, 1))
+        with open_store(path) as reader:
+            np.testing.assert_array_equal(reader.read("a")[:, 1], [-1, -1])
+
     def test_fill_value_where_nothing_was_written(self, store):
         store.create_array("a", (2, 3), "int64", (1, 3), fill_value=-1)
         store.write("a", (0,), np.array([1, 2, 3]))

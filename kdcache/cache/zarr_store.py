@@ -29,6 +29,9 @@ from kdcache.errors import CorruptCacheError
 METADATA_KEY = "kdcache"
 CODECS = (BytesCodec(endian="little"), Crc32cCodec())  # what kdcache writes, and what the direct read decodes
 CHECKSUM_BYTES = 4
+# a chunk that happens to equal the fill value must still exist on disk, so that a missing chunk file always
+# means lost data
+WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 READ_THREADS = 2  # one reads a chunk while the other checksums one: more only contend for the GIL
 
 
@@ -64,7 +67,8 @@ class ZarrStore(Store):
     def _array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
             try:
-                self._arrays[name] = self._group[name]
+                # write_empty_chunks is a setting of the open array, not of the stored one: a resumed writer needs it too
+                self._arrays[name] = self._group[name].with_config(WRITE_EVERY_CHUNK)
             except Exception as error:  # as in open(): a missing or malformed array zarr.json
                 raise CorruptCacheError(f"{self.path}: array {name!r} is missing or its zarr.json is malformed "
                                         f"({type(error).__name__}: {error}); the cache was altered: rebuild it with "
@@ -75,10 +79,7 @@ class ZarrStore(Store):
                       fill_value: int | float) -> None:
         self._arrays[name] = self._group.create_array(
             name, shape=shape, chunks=chunks, dtype=dtype, serializer=BytesCodec(), compressors=[Crc32cCodec()],
-            fill_value=fill_value,
-            # a chunk that happens to equal the fill value must still exist on disk, so that a missing
-            # chunk file always means lost data
-            config={"write_empty_chunks": True})
+            fill_value=fill_value, config=WRITE_EVERY_CHUNK)
 
     def _write(self, name: str, selection: Selection, values: np.ndarray) -> None:
         self._array(name)[selection] = values
