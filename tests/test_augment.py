@@ -93,12 +93,13 @@ def test_none_is_identity():
 
 
 def test_registry_and_description():
-    assert list_policies() == ["cifar", "none"]
-    with pytest.raises(KdcacheError, match="get_policy\\(\\): unknown name 'autoaugment'; known: cifar, none"):
+    assert list_policies() == ["cifar", "imagenet", "none"]
+    with pytest.raises(KdcacheError, match="get_policy\\(\\): unknown name 'autoaugment'; known: cifar, imagenet, none"):
         get_policy("autoaugment")
     for name in list_policies():
-        described = json.loads(json.dumps(get_policy(name).describe()))
-        assert described["name"] == name and described["param_names"] == list(get_policy(name).param_names)
+        policy = get_policy(name, image_size=(32, 32))  # imagenet needs the image size; the others ignore it
+        described = json.loads(json.dumps(policy.describe()))
+        assert described["name"] == name and described["param_names"] == list(policy.param_names)
     assert CIFAR.describe() == {"name": "cifar", "param_names": ["dx", "dy", "flip"], "num_views": 162, "padding": 4, "fill": 0}
 
 

@@ -35,8 +35,8 @@ def test_top_level_help_lists_the_commands(capsys):
 
 @pytest.mark.parametrize(("argv", "expected"), [
     (["train-teacher", "--model", "resnet9", "--epochs", "1"],
-     "create_model(): unknown name 'resnet9'; known: mobilenetv2, resnet110"),
-    (["train-teacher", "--dataset", "mnist"], "load_dataset(): unknown name 'mnist'; known: cifar10, cifar100, digits"),
+     "create_model(): unknown name 'resnet9'; known: mobilenet_v2, mobilenetv2, resnet101"),
+    (["train-teacher", "--dataset", "mnist"], "load_dataset(): unknown name 'mnist'; known: cifar10, cifar100, digits, imagefolder"),
     (["train-teacher", "--dataset", "cifar100", "--data-root", "/nonexistent/data"], "/nonexistent/data"),
     (["dump-teacher", "--checkpoint", "/nonexistent/t.pt", "--teacher", "resnet8"], "/nonexistent/t.pt"),
     (["dump-teacher", "--checkpoint", "x.pt", "--views", "0"], "--views"),

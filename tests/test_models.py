@@ -5,10 +5,11 @@ import torch
 from torch import nn
 
 from kdcache.errors import KdcacheError
-from kdcache.models import create_model, list_models, register_model
+from kdcache.models import create_model, imagenet, list_models, register_model
 from model_fixtures import FIXTURES, load_fixture, reference_input, reference_state_dict
 
-MODELS = list_models()
+# the CIFAR family; torchvision's ImageNet models (kdcache.models.imagenet) are tested in test_imagenet_models.py
+MODELS = [name for name in list_models() if not hasattr(imagenet, name)]
 
 # Side of the final feature map at 32×32 input.
 MAP_SIDE = {
@@ -90,12 +91,13 @@ def test_create_model_sets_classes_and_arch():
 def test_create_model_unknown_name_lists_known_names():
     with pytest.raises(KdcacheError) as caught:
         create_model("resnet9")
-    assert str(caught.value) == f"create_model(): unknown name 'resnet9'; known: {', '.join(MODELS)}"
+    assert str(caught.value) == f"create_model(): unknown name 'resnet9'; known: {', '.join(list_models())}"
 
 
 def test_list_models_filters_by_pattern():
     assert list_models("resnet*") == [
-        "resnet110", "resnet20", "resnet32", "resnet32x4", "resnet56", "resnet8", "resnet8x4",
+        "resnet101", "resnet110", "resnet152", "resnet18", "resnet20", "resnet32", "resnet32x4", "resnet34",
+        "resnet50", "resnet56", "resnet8", "resnet8x4",
     ]
     assert list_models("shufflev?") == ["shufflev1", "shufflev2"]
     assert list_models("nothing*") == []

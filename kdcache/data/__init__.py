@@ -1,7 +1,22 @@
 """Data as whole uint8 tensors (sources) and replayable augmentation policies (augment)."""
 
-from kdcache.data.augment import AugmentPolicy, CropFlip, Identity, get_policy, list_policies
-from kdcache.data.sources import ImageData, data_fingerprint, list_datasets, load_dataset, normalize, register_dataset
+from kdcache.data import imagefolder  # noqa: F401  (importing it registers the `imagefolder` loader)
+from kdcache.data.augment import (
+                                  AugmentPolicy,
+                                  CropFlip,
+                                  Identity,
+                                  get_policy,
+                                  list_policies,
+)
+from kdcache.data.sources import (
+                                  ImageData,
+                                  data_fingerprint,
+                                  dataset_options,
+                                  list_datasets,
+                                  load_dataset,
+                                  normalize,
+                                  register_dataset,
+)
 
 __all__ = [
     "AugmentPolicy",
@@ -12,6 +27,7 @@ __all__ = [
     "get_policy",
     "list_datasets",
     "list_policies",
+    "dataset_options",
     "load_dataset",
     "normalize",
     "register_dataset",

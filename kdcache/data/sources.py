@@ -125,13 +125,21 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
         raise unknown_name("load_dataset()", name, list_datasets())
     if split not in SPLITS:
         raise KdcacheError(f"load_dataset({name!r}): unknown split {split!r}; known: {', '.join(SPLITS)}")
-    known = [p.name for p in inspect.signature(loader).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    known = dataset_options(name)
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise KdcacheError(
             f"load_dataset({name!r}): unknown option(s) {', '.join(unknown)}; known: {', '.join(known) or 'none'}"
         )
     return loader(root, split, **options)
+
+
+def dataset_options(name: str) -> list[str]:
+    """The keyword options a registered dataset's loader takes (such as image_size)."""
+    loader = _LOADERS.get(name)
+    if loader is None:
+        raise unknown_name("load_dataset()", name, list_datasets())
+    return [p.name for p in inspect.signature(loader).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
 @register_dataset
