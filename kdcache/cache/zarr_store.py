@@ -5,6 +5,9 @@ rows of the result and its crc32c computed there, by two threads that each take 
 (one reads while the other checksums). zarr reads each chunk into a buffer of its own, checksums
 it, then copies it into the result, ten chunks at a time: a third of the speed of a raw numpy read
 of the same bytes, where this path reaches about two thirds (0.63x in benchmarks/RESULTS.md).
+
+A store at a URL (s3://, gs://, memory://, file://...) is a zarr FsspecStore; there every read goes
+through zarr, and chunk_exists asks the store.
 """
 
 from __future__ import annotations
@@ -21,9 +24,18 @@ import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.core.chunk_grids import RegularChunkGrid
-from zarr.storage import LocalStore
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore
 
-from kdcache.cache.store import ArrayInfo, Selection, Store
+from kdcache.cache.store import (
+    ArrayInfo,
+    Location,
+    Selection,
+    Store,
+    as_location,
+    storage_options,
+    url_filesystem,
+)
 from kdcache.errors import CorruptCacheError
 
 METADATA_KEY = "kdcache"
@@ -36,28 +48,30 @@ READ_THREADS = 2  # one reads a chunk while the other checksums one: more only c
 
 
 class ZarrStore(Store):
-    """A cache as a Zarr v3 directory (`.zarr`)."""
+    """A cache as a Zarr v3 directory (`.zarr`), local or at a URL."""
 
     format_name = "zarr"
     suffix = ".zarr"
 
-    def __init__(self, path: Path, group: zarr.Group, read_only: bool) -> None:
+    def __init__(self, path: Location, group: zarr.Group, read_only: bool) -> None:
         super().__init__(path, read_only)
         self._group = group
+        self._local = isinstance(self.path, Path)  # the direct chunk-file paths are for local stores only
         self._arrays: dict[str, zarr.Array] = {}
         self._readers: ThreadPoolExecutor | None = None
 
     @classmethod
-    def create(cls, path: Path) -> ZarrStore:
-        """Create an empty Zarr v3 group at path."""
-        return cls(path, zarr.open_group(LocalStore(path), mode="w-", zarr_format=3), read_only=False)
+    def create(cls, path: Location) -> ZarrStore:
+        """Create an empty Zarr v3 group at a path or URL."""
+        return cls(path, zarr.open_group(_zarr_store(path, read_only=False), mode="w-", zarr_format=3),
+                   read_only=False)
 
     @classmethod
-    def open(cls, path: Path, read_only: bool = True) -> ZarrStore:
-        """Open an existing Zarr v3 group."""
+    def open(cls, path: Location, read_only: bool = True) -> ZarrStore:
+        """Open an existing Zarr v3 group at a path or URL."""
+        store = _zarr_store(path, read_only)
         try:
-            group = zarr.open_group(LocalStore(path, read_only=read_only), mode="r" if read_only else "r+",
-                                    zarr_format=3)
+            group = zarr.open_group(store, mode="r" if read_only else "r+", zarr_format=3)
         except Exception as error:  # zarr raises many kinds for a malformed zarr.json: all mean "unreadable"
             raise CorruptCacheError(f"{path} is not a readable Zarr v3 cache: its zarr.json is missing or malformed "
                                     f"({type(error).__name__}: {error}); rebuild it with `kdcache dump-teacher "
@@ -86,7 +100,7 @@ class ZarrStore(Store):
 
     def _read(self, name: str, selection: Selection) -> np.ndarray:
         array = self._array(name)
-        if _direct_readable(array, selection):
+        if self._local and _direct_readable(array, selection):
             return self._read_slab(array, selection[0])
         return np.asarray(array[selection])
 
@@ -129,8 +143,11 @@ class ZarrStore(Store):
     def chunk_exists(self, name: str, chunk_coords: tuple[int, ...]) -> bool:
         """Whether the chunk's object exists in the store."""
         array = self._array(name)
+        key = f"{array.path}/{array.metadata.encode_chunk_key(chunk_coords)}"
+        if not self._local:  # the object store's own answer, through the filesystem zarr writes with
+            return bool(sync(self._group.store.exists(key)))
         # the file itself: zarr's async exists() costs a round trip to its event loop, 0.1 ms a chunk
-        return (self.path / array.path / array.metadata.encode_chunk_key(chunk_coords)).is_file()
+        return (self.path / key).is_file()
 
     def close(self) -> None:
         """Zarr keeps no files open between calls; stop the read threads."""
@@ -138,6 +155,16 @@ class ZarrStore(Store):
         if self._readers is not None:
             self._readers.shutdown()
             self._readers = None
+
+
+def _zarr_store(path: Location, read_only: bool) -> LocalStore | FsspecStore:
+    """zarr's store for a location: a LocalStore for a path, an FsspecStore (async, as zarr needs) for a URL."""
+    location = as_location(path)
+    if isinstance(location, Path):
+        return LocalStore(location, read_only=read_only)
+    url_filesystem(location)  # a missing package or unknown scheme, as a KdcacheError
+    # from_url makes an async filesystem, wrapping a sync one (memory, file) in fsspec's AsyncFileSystemWrapper
+    return FsspecStore.from_url(location, storage_options=storage_options(location), read_only=read_only)
 
 
 def _direct_readable(array: zarr.Array, selection: Selection) -> bool:
