@@ -178,7 +178,7 @@ def write_student_cache(path: Path, data: ImageData, policy: Any, device: torch.
         for block in range(spec.num_blocks):
             rows = spec.block_range(block)
             logits = generator.standard_normal((len(rows), spec.num_regions, CLASSES), np.float32) * 3
-            writer.write_block(0, block, logits.astype(np.float16), 0)
+            writer.write_block(0, block, {"logits": logits.astype(np.float16)}, 0)
         writer.finish()
     return open_cache(path)
 
@@ -369,7 +369,7 @@ def bench_store(bench: Bench) -> Section:
     def write_view(writer: CacheWriter) -> None:
         for block in range(spec.num_blocks):  # as the dump writes: block by block, each marked done
             rows = spec.block_range(block)
-            writer.write_block(0, block, view[rows.start:rows.stop], 0)
+            writer.write_block(0, block, {"logits": view[rows.start:rows.stop]}, 0)
 
     try:
         reads = interleave({"zarr": rate(lambda: caches["zarr"].view(0)),

@@ -72,7 +72,9 @@ def quickstart(out: str, cache_path: str, device: str | None) -> None:
 @config_option
 @click.option("--model", help="Architecture from `kdcache models`.", **_default(TeacherConfig, "model"))
 @click.option("--dataset", help="Dataset from `kdcache datasets`.", **_default(TeacherConfig, "dataset"))
-@click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset (CIFAR).")
+@click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset (CIFAR, imagefolder).")
+@click.option("--image-size", type=click.IntRange(min=8), help="Side of the square images that imagefolder "
+              "(default 64; distill: the cache's) and synthetic (default 32) store.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs; the lr decays ×0.1 at 62.5/75/87.5 % of them.",
               **_default(TeacherConfig, "epochs"))
 @click.option("--batch-size", type=click.IntRange(min=2), help="Images per SGD step.",
@@ -88,11 +90,13 @@ def quickstart(out: str, cache_path: str, device: str | None) -> None:
 @click.pass_context
 def train_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> None:
     """Train a teacher (cross-entropy, the SGD recipe of the KD literature) and write a weights-only checkpoint."""
+    from kdcache.distributed import world
     from kdcache.train import train_teacher
 
     result = train_teacher(load_config(TeacherConfig, config, _overrides(ctx), section="teacher"))
-    click.echo(f"teacher test accuracy {result.test_acc:.4f} (best {result.best_test_acc:.4f}); "
-               f"checkpoint {result.checkpoint}, sidecar {result.sidecar}")
+    if world().is_main:
+        click.echo(f"teacher test accuracy {result.test_acc:.4f} (best {result.best_test_acc:.4f}); "
+                   f"checkpoint {result.checkpoint}, sidecar {result.sidecar}")
 
 
 @cli.command("dump-teacher")
@@ -100,7 +104,9 @@ def train_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> N
 @click.option("--checkpoint", help="Teacher weights (kdcache's model.pt or an mdistiller .pth).")
 @click.option("--teacher", help="Teacher architecture; read from the checkpoint's kdcache sidecar when omitted.")
 @click.option("--dataset", help="Dataset from `kdcache datasets`.", **_default(DumpConfig, "dataset"))
-@click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset (CIFAR).")
+@click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset (CIFAR, imagefolder).")
+@click.option("--image-size", type=click.IntRange(min=8), help="Side of the square images that imagefolder "
+              "(default 64; distill: the cache's) and synthetic (default 32) store.")
 @click.option("--split", type=click.Choice(["train", "test"]), help="Which split's images to cache.",
               **_default(DumpConfig, "split"))
 @click.option("--views", type=click.IntRange(min=1), help="Views per sample to cache (default 4).")
@@ -119,6 +125,9 @@ def train_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> N
 @click.option("--out", help="Cache path (.zarr directory or .h5 file).", **_default(DumpConfig, "out"))
 @click.option("--block-size", type=click.IntRange(min=0), help="Samples per chunk (0: about 2 MB per chunk).",
               **_default(DumpConfig, "block_size"))
+@click.option("--topk", type=click.IntRange(min=0), help="Store per region only the k largest logits, their classes "
+              "and one logit for the rest (format 2; e.g. 20 for 1000 classes, see benchmarks/TOPK.md); 0 stores "
+              "every logit.", **_default(DumpConfig, "topk"))
 @click.option("--overwrite", is_flag=True, help="Delete an existing cache at --out and start over.")
 @device_option
 @seed_option
@@ -145,7 +154,9 @@ def dump_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> No
 @click.option("--scales", callback=_scales, help="Region scales (default: the cache's; a subset such as 1,2 of a "
               "1,2,4 cache is taken from the stored regions).")
 @click.option("--dataset", help="Dataset (default: the cache's).")
-@click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset (CIFAR).")
+@click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset (CIFAR, imagefolder).")
+@click.option("--image-size", type=click.IntRange(min=8), help="Side of the square images that imagefolder "
+              "(default 64; distill: the cache's) and synthetic (default 32) store.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs; lr ×0.1 at 62.5/75/87.5 %, loss warm-ups scale "
               "with epochs/240.", **_default(DistillConfig, "epochs"))
 @click.option("--batch-size", type=click.IntRange(min=2), help="Images per SGD step.",

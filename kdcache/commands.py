@@ -9,8 +9,10 @@ from tqdm import tqdm
 
 from kdcache.cache import Problem, open_cache
 from kdcache.cache.dump import DumpResult, dump_teacher
-from kdcache.config import DumpConfig
+from kdcache.cache.store import location_name, store_bytes
+from kdcache.config import DumpConfig, loader_options
 from kdcache.data import get_policy, list_datasets, list_policies, load_dataset
+from kdcache.distributed import world
 from kdcache.errors import KdcacheError
 from kdcache.runtime import pick_device
 
@@ -28,14 +30,15 @@ def dump_teacher_from_config(config: DumpConfig, show_progress: bool = True) -> 
         raise KdcacheError("dump-teacher: --views and --exhaustive exclude each other (--exhaustive caches every view "
                            "of the policy)")
     device = pick_device(config.device)
-    data = load_dataset(config.dataset, config.data_root, config.split)
-    policy = get_policy(config.augmentation)
+    data = load_dataset(config.dataset, config.data_root, config.split, **loader_options(config))
+    policy = get_policy(config.augmentation, image_size=tuple(data.images.shape[-2:]))
     teacher, info = load_teacher(config.checkpoint, config.teacher or None, data)
     result = dump_teacher(teacher, info, data, policy, config.out, views=config.views or DEFAULT_VIEWS,
                           exhaustive=config.exhaustive, scales=config.scales, batch_size=config.batch_size,
                           device=device, dtype=config.dtype, format=config.format, seed=config.seed,
-                          block_size=config.block_size, overwrite=config.overwrite, show_progress=show_progress)
-    if show_progress:
+                          block_size=config.block_size, overwrite=config.overwrite, topk=config.topk,
+                          show_progress=show_progress)
+    if show_progress and world().is_main:
         print(dump_summary(result))
     return result
 
@@ -55,15 +58,14 @@ def describe_cache(path: str | Path) -> dict[str, Any]:
         spec, progress = cache.spec, cache.progress()
         written = int((progress >= 0).sum())
         accuracy = cache.view_accuracy()
-        size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).is_dir() \
-            else Path(path).stat().st_size
+        size = store_bytes(path)
         report = {"path": str(path), "format": cache.store.format_name, "metadata": cache.metadata,
                   "shape": {"logits": list(spec.logits_shape), "aug": [spec.num_views, spec.num_samples, spec.num_params]},
                   "bytes_on_disk": size, "blocks_written": written, "blocks_total": progress.size,
                   "complete": written == progress.size, "view_accuracy": accuracy}
     shown = [("-" if a is None else f"{a:.4f}") for a in accuracy[:16]]
     report["text"] = "\n".join([
-        f"{path} ({report['format']}, format version {spec.to_metadata()['format_version']})",
+        f"{path} ({report['format']}, format version {spec.format_version})",
         f"teacher   {spec.teacher['arch']} ({spec.num_classes} classes, sha256 {spec.teacher.get('checkpoint_sha256', '?')[:12]}, "
         f"{spec.teacher.get('precision')})",
         f"dataset   {spec.dataset['name']} {spec.dataset['split']}, {spec.num_samples} samples, fingerprint "
@@ -71,7 +73,8 @@ def describe_cache(path: str | Path) -> dict[str, Any]:
         f"views     {spec.num_views}{' (exhaustive)' if spec.exhaustive else ''} of policy "
         f"{spec.augmentation['name']} {spec.augmentation.get('param_names')}, seed {spec.seed}",
         f"logits    {list(spec.logits_shape)} {spec.dtype} (views, samples, regions, classes); scales "
-        f"{list(spec.scales)}; {spec.block_size} samples per chunk",
+        f"{list(spec.scales)}; {spec.block_size} samples per chunk"
+        + (f"; top {spec.topk} per region stored, the rest rebuilt" if spec.topk else ""),
         f"size      {_megabytes(size)} on disk",
         f"complete  {'yes' if report['complete'] else 'no'}: {written} of {progress.size} (view, block) units written",
         f"accuracy  teacher top-1 per view: {' '.join(shown)}{' ...' if len(accuracy) > 16 else ''}",
@@ -83,7 +86,7 @@ def verify_cache(path: str | Path, show_progress: bool = True) -> list[Problem]:
     """`kdcache verify`: read every chunk; the problems found, located by array, view and block."""
     with open_cache(path) as cache:
         total = cache.num_views * cache.spec.num_blocks
-        with tqdm(total=total, unit="block", desc=f"verify {Path(path).name}", disable=not show_progress) as bar:
+        with tqdm(total=total, unit="block", desc=f"verify {location_name(path)}", disable=not show_progress) as bar:
             problems = cache.verify(on_block=lambda: bar.update(1))
     if show_progress and not problems:
         print(f"{path}: ok, {total} blocks of logits and every other chunk read and checked")
@@ -97,10 +100,11 @@ def model_table(pattern: str = "*") -> str:
     names = list_models(pattern)
     if not names:
         raise KdcacheError(f"models: nothing matches {pattern!r}; known: {', '.join(list_models())}")
-    rows = [f"{'model':<14} {'params (100 classes)':>22}"]
+    width = max(len(name) for name in names)
+    rows = [f"{'model':<{width}} {'params (100 classes)':>22}"]
     for name in names:
         count = sum(p.numel() for p in create_model(name, num_classes=100).parameters())
-        rows.append(f"{name:<14} {count / 1e6:>20.2f} M")
+        rows.append(f"{name:<{width}} {count / 1e6:>20.2f} M")
     return "\n".join(rows)
 
 
@@ -110,7 +114,8 @@ def dataset_table() -> str:
         "datasets:  " + ", ".join(list_datasets()),
         "           digits needs nothing (scikit-learn's bundled digits); cifar10/cifar100 read --data-root in "
         "torchvision's on-disk format and never download; synthetic is generated",
-        "policies:  " + ", ".join(list_policies()),
+        "           imagefolder reads --data-root/train and val/ (or test/) in torchvision's ImageFolder layout, at 64×64",
+        "policies:  " + ", ".join(list_policies()) + " (imagenet: RandomResizedCrop + flip, sampled views only)",
     ])
 
 

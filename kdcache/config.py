@@ -43,6 +43,7 @@ class TeacherConfig(TrainConfig):
     model: str = "resnet20"
     dataset: str = "digits"
     data_root: str | None = None
+    image_size: int | None = None
     out: str = "runs/teacher"
 
 
@@ -54,6 +55,7 @@ class DumpConfig:
     checkpoint: str = ""
     dataset: str = "digits"
     data_root: str | None = None
+    image_size: int | None = None
     split: str = "train"
     views: int | None = None
     exhaustive: bool = False
@@ -66,6 +68,7 @@ class DumpConfig:
     out: str = "caches/teacher.zarr"
     seed: int = 0
     block_size: int = 0
+    topk: int = 0
     overwrite: bool = False
 
 
@@ -82,6 +85,7 @@ class DistillConfig(TrainConfig):
     scales: tuple[int, ...] | None = None
     dataset: str | None = None  # default: the cache's
     data_root: str | None = None
+    image_size: int | None = None  # default: the cache's, for datasets stored at a chosen size
     view_order: str = "cycle"
     batch_path: str = "device"
     out: str = "runs/distill"
@@ -107,6 +111,11 @@ class DistillConfig(TrainConfig):
         """The loss hyper-parameters given explicitly."""
         names = ("temperature", "ce_weight", "distill_weight", "alpha", "beta", "warmup_epochs")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+def loader_options(config: Any) -> dict[str, Any]:
+    """The loader options a config sets (image_size), for load_dataset."""
+    return {} if getattr(config, "image_size", None) is None else {"image_size": config.image_size}
 
 
 def field_default(cls: type, name: str) -> Any:

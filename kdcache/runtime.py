@@ -6,13 +6,21 @@ import contextlib
 
 import torch
 
+from kdcache.distributed import world
 from kdcache.errors import KdcacheError
 
 
 def pick_device(name: str | None = None) -> torch.device:
-    """`auto`/None: CUDA when present, else CPU; an explicit device that is absent is a clear error."""
+    """`auto`/None: CUDA when present, else CPU; an explicit device that is absent is a clear error.
+
+    Under torchrun, `auto` and `cuda` mean this process's own GPU, cuda:LOCAL_RANK.
+    """
+    if name in (None, "auto", "cuda") and torch.cuda.is_available():
+        device = torch.device("cuda", world().local_rank)
+        torch.cuda.set_device(device)
+        return device
     if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError as error:

@@ -6,7 +6,7 @@ from kdcache.cli import main
 def run_cli(argv, capsys):
     """Run `kdcache ARGV`; returns (exit code, stdout, stderr)."""
     try:
-        main(argv)
+        main([str(arg) for arg in argv])
         code = 0
     except SystemExit as exit_:
         code = exit_.code

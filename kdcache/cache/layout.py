@@ -1,4 +1,5 @@
-"""Cache format version 1: the arrays, the metadata schema, and the checks that a cache fits its use."""
+"""Cache format versions 1 (full logits) and 2 (top-k logits): the arrays, the metadata schema, and the checks
+that a cache fits its use."""
 
 from __future__ import annotations
 
@@ -6,16 +7,23 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from kdcache import __version__
+from kdcache.cache.topk import index_dtype_for
 from kdcache.errors import CorruptCacheError, KdcacheError
 
 FORMAT = "kdcache-teacher-logits"
-FORMAT_VERSION = 1
+FORMAT_VERSIONS = (1, 2)  # 1: every logit; 2: per region the top k logits, their classes and one value for the rest
 TARGET_CHUNK_BYTES = 2 * 2**20  # one view x one block of samples per chunk: 1-4 MB reads well from disk
 PENDING = -1  # progress value of a block not yet written
 
 ARRAYS = {
     "logits": "[views, samples, regions, classes] raw pre-softmax teacher logits of each region",
+    "topk_values": "[views, samples, regions, k] the k largest raw teacher logits of each region, descending",
+    "topk_indices": "[views, samples, regions, k] their classes",
+    "topk_rest": "[views, samples, regions] the logit that, given to each of the other classes, keeps their total "
+                 "softmax mass at temperature 1: logsumexp(other logits) - log(classes - k)",
     "aug": "[views, samples, params] augmentation parameters that replay each view (see augmentation)",
     "labels": "[samples] class labels",
     "progress": "[views, blocks] -1 while a block is not written; then how many of its samples the "
@@ -29,8 +37,10 @@ IDENTITY_FIELDS = (
     "dataset.name", "dataset.split", "dataset.num_samples", "dataset.image_shape", "dataset.num_classes",
     "dataset.mean", "dataset.std", "dataset.fingerprint",
     "augmentation", "views.count", "views.exhaustive", "views.seed", "scales", "logits.dtype",
-    "logits.block_size",
+    "logits.block_size", "logits.topk",
 )
+FULL_ARRAYS = ("logits",)
+TOPK_ARRAYS = ("topk_values", "topk_indices", "topk_rest")
 
 
 @dataclass(frozen=True)
@@ -46,12 +56,41 @@ class CacheSpec:
     scales: tuple[int, ...]
     dtype: str = "float16"
     block_size: int = 0  # 0: chosen from TARGET_CHUNK_BYTES
+    topk: int = 0  # 0: every logit (format 1); k: the top k per region (format 2)
     view_accuracy: list[float] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
-            object.__setattr__(self, "block_size", default_block_size(
-                self.num_regions, self.num_classes, self.dtype, self.num_samples))
+            object.__setattr__(self, "block_size", max(1, min(self.num_samples,
+                                                              TARGET_CHUNK_BYTES // self.bytes_per_sample)))
+
+    @property
+    def format_version(self) -> int:
+        return 2 if self.topk else 1
+
+    @property
+    def data_arrays(self) -> tuple[str, ...]:
+        """The arrays that hold the teacher's logits, chunked (1 view, 1 block, ...)."""
+        return TOPK_ARRAYS if self.topk else FULL_ARRAYS
+
+    @property
+    def index_dtype(self) -> str:
+        """Class indices of top-k storage: int16 up to 32768 classes."""
+        return index_dtype_for(self.num_classes)
+
+    def array_layout(self, name: str) -> tuple[tuple[int, ...], str]:
+        """Shape and dtype of one of the data arrays."""
+        views, samples, regions = self.num_views, self.num_samples, self.num_regions
+        return {"logits": ((views, samples, regions, self.num_classes), self.dtype),
+                "topk_values": ((views, samples, regions, self.topk), self.dtype),
+                "topk_indices": ((views, samples, regions, self.topk), self.index_dtype),
+                "topk_rest": ((views, samples, regions), self.dtype)}[name]
+
+    @property
+    def bytes_per_sample(self) -> int:
+        """Bytes one sample of one view takes in the data arrays."""
+        return sum(math.prod(shape[2:]) * np.dtype(dtype).itemsize
+                   for shape, dtype in map(self.array_layout, self.data_arrays))
 
     @property
     def num_samples(self) -> int:
@@ -85,7 +124,7 @@ class CacheSpec:
         """The JSON metadata document stored with the cache."""
         return {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,
             "kdcache_version": __version__,
             "description": "Teacher logits over replayable augmented views, written by `kdcache dump-teacher`; "
                            "train students from it with `kdcache distill --cache`.",
@@ -97,8 +136,11 @@ class CacheSpec:
             "regions": {"count": self.num_regions, "layout": REGION_LAYOUT},
             "logits": {"dtype": self.dtype, "block_size": self.block_size,
                        "values": "raw pre-softmax logits; temperature, standardisation and masks are "
-                                 "applied when training"},
-            "arrays": ARRAYS,
+                                 "applied when training",
+                       **({"topk": self.topk, "rebuilt": "each region's logits are rebuilt as topk_rest for every "
+                           "class, then topk_values at topk_indices (FKD/ReLabel: the other classes share the "
+                           "remaining mass evenly)"} if self.topk else {})},
+            "arrays": {name: ARRAYS[name] for name in (*self.data_arrays, "aug", "labels", "progress")},
             "view_accuracy": self.view_accuracy,
         }
 
@@ -111,10 +153,17 @@ class CacheSpec:
         if metadata.get("format") != FORMAT:
             raise CorruptCacheError(f"{where}: metadata field 'format' is {metadata.get('format')!r}, "
                                     f"expected {FORMAT!r}; this is not a kdcache teacher cache")
-        if metadata.get("format_version") != FORMAT_VERSION:
-            raise CorruptCacheError(f"{where}: cache format version {metadata.get('format_version')!r}, this "
-                                    f"kdcache ({__version__}) reads version {FORMAT_VERSION}; rebuild the cache "
-                                    f"or use the kdcache that wrote it")
+        version = metadata.get("format_version")
+        if version not in FORMAT_VERSIONS or isinstance(version, bool):
+            raise CorruptCacheError(f"{where}: cache format version {version!r}, this kdcache ({__version__}) reads "
+                                    f"versions {' and '.join(map(str, FORMAT_VERSIONS))}; rebuild the cache or use the "
+                                    f"kdcache that wrote it")
+        logits = metadata.get("logits")
+        if isinstance(logits, dict) and (version == 2) != ("topk" in logits):
+            raise CorruptCacheError(f"{where}: metadata field 'format_version' is {version} but 'logits.topk' is "
+                                    f"{'missing' if version == 2 else 'present'}; format 2, and only it, stores top-k "
+                                    f"logits: the metadata was edited — rebuild it with `kdcache dump-teacher "
+                                    f"--overwrite`")
         get = _FieldReader(metadata, where)
         scales = tuple(get("scales", list))
         if not scales or not all(isinstance(s, int) and s > 0 for s in scales):
@@ -124,7 +173,8 @@ class CacheSpec:
             teacher=get("teacher", dict), dataset=get("dataset", dict), augmentation=get("augmentation", dict),
             num_views=get("views.count", int), exhaustive=get("views.exhaustive", bool),
             seed=get("views.seed", int), scales=scales, dtype=get("logits.dtype", str),
-            block_size=get("logits.block_size", int), view_accuracy=metadata.get("view_accuracy"))
+            block_size=get("logits.block_size", int), topk=get("logits.topk", int) if version == 2 else 0,
+            view_accuracy=metadata.get("view_accuracy"))
         # every field a reader relies on later, so that a missing one is named here
         for name, kind in (("teacher.arch", str), ("teacher.num_classes", int), ("teacher.checkpoint_sha256", str),
                            ("teacher.precision", str), ("teacher.feature_map", list), ("dataset.name", str),
@@ -140,6 +190,9 @@ class CacheSpec:
             raise CorruptCacheError(f"{where}: metadata has views.count={spec.num_views}, logits.block_size="
                                     f"{spec.block_size}, logits.dtype={spec.dtype!r}; expected positive counts "
                                     f"and float16 or float32")
+        if version == 2 and not 1 <= spec.topk < spec.num_classes:
+            raise CorruptCacheError(f"{where}: metadata field 'logits.topk' should be in 1..{spec.num_classes - 1} "
+                                    f"(teacher.num_classes - 1), found {spec.topk}")
         accuracy = spec.view_accuracy
         if accuracy is not None and not (isinstance(accuracy, list) and len(accuracy) == spec.num_views and all(
                 a is None or (isinstance(a, (int, float)) and not isinstance(a, bool)) for a in accuracy)):
@@ -149,7 +202,7 @@ class CacheSpec:
 
     def identity(self) -> dict[str, Any]:
         """The fields that define the cache's contents, by dotted name."""
-        flat = _flatten(self.to_metadata())
+        flat = {**_flatten(self.to_metadata()), "logits.topk": self.topk}  # 0 for a full cache, which has no field
         return {name: value for name, value in flat.items()
                 if any(name == f or name.startswith(f + ".") for f in IDENTITY_FIELDS)}
 
@@ -159,12 +212,6 @@ def differences(stored: CacheSpec, wanted: CacheSpec) -> list[str]:
     ours, theirs = stored.identity(), wanted.identity()
     return [f"{name}: cache has {_short(ours.get(name))}, this run has {_short(theirs.get(name))}"
             for name in sorted(set(ours) | set(theirs)) if ours.get(name) != theirs.get(name)]
-
-
-def default_block_size(num_regions: int, num_classes: int, dtype: str, num_samples: int) -> int:
-    """Samples per chunk so that one chunk of logits holds about TARGET_CHUNK_BYTES."""
-    bytes_per_sample = num_regions * num_classes * (2 if dtype == "float16" else 4)
-    return max(1, min(num_samples, TARGET_CHUNK_BYTES // bytes_per_sample))
 
 
 def require_match(spec: CacheSpec, where: str, expected: dict[str, Any]) -> None:

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from kdcache.cache.layout import PENDING, CacheSpec, require_match
+from kdcache.cache.layout import PENDING, TOPK_ARRAYS, CacheSpec, require_match
 from kdcache.cache.store import ChunkReadError, Store, open_store
+from kdcache.cache.topk import decode_topk
 from kdcache.errors import CorruptCacheError, KdcacheError
 
 # |region 0 - mean of a scale's cells| allowed, relative to the sample's largest logit: fp16 storage
@@ -140,7 +142,7 @@ class TeacherCache:
             raise KdcacheError(f"cache {self.path} is incomplete: {len(missing)} of {progress.size} (view, block) "
                                f"units are not written (first: view {view}, block {block}); rerun the same "
                                f"`kdcache dump-teacher` command to finish it")
-        for name in ("labels", "aug", "logits"):
+        for name in ("labels", "aug", *self.spec.data_arrays):
             problem = next(self._missing_chunks(name, None), None)
             if problem is not None:
                 raise self._damaged(problem)
@@ -154,39 +156,71 @@ class TeacherCache:
         """[samples, params] int32 augmentation parameters of one view."""
         return self._read_checked("aug", view)
 
-    def view(self, view: int) -> np.ndarray:
-        """[samples, regions, classes] logits of one whole view, as stored; refuses an incomplete or damaged view."""
+    def view(self, view: int, samples: range | None = None) -> np.ndarray:
+        """[samples, regions, classes] logits of one whole view (as stored, or rebuilt from top-k storage in the
+        stored dtype); refuses an incomplete or damaged view.
+
+        samples: a contiguous, block-aligned part of the view to read instead (a DDP rank's shard).
+        """
+        arrays = self.view_arrays(view, samples)
+        if not self.spec.topk:
+            return arrays["logits"]
+        rebuilt = decode_topk(*(torch.from_numpy(arrays[name]) for name in TOPK_ARRAYS), self.spec.num_classes)
+        return rebuilt.numpy().astype(self.spec.dtype)  # exact: every rebuilt value is a stored one
+
+    def view_arrays(self, view: int, samples: range | None = None) -> dict[str, np.ndarray]:
+        """The data arrays of one view (or its `samples`) as stored: `logits`, or `topk_values`, `topk_indices` and
+        `topk_rest`; refuses an incomplete view, missing or damaged chunks and NaN or Inf values."""
         if not 0 <= view < self.num_views:
             raise KdcacheError(f"cache {self.path} has views 0-{self.num_views - 1}; view {view} was asked for")
-        missing = np.flatnonzero(self.progress()[view] == PENDING)
+        blocks = self._blocks_of(samples)
+        missing = np.flatnonzero(self.progress()[view, blocks.start:blocks.stop] == PENDING) + blocks.start
         if missing.size:
             raise KdcacheError(f"cache {self.path} is incomplete: view {view} lacks {missing.size} of "
                                f"{self.spec.num_blocks} blocks (first: block {missing[0]}); rerun the same "
                                f"`kdcache dump-teacher` command to finish it")
-        logits = self._read_checked("logits", view)
-        if not all_finite(logits):
-            block = int(np.flatnonzero(~np.isfinite(logits).reshape(len(logits), -1).all(1))[0]) // self.spec.block_size
-            raise CorruptCacheError(str(Problem("logits", view, block, self.spec.block_range(block),
-                                                "holds NaN or Inf values")) + f" in {self.path}; "
-                                    "rebuild the cache with `kdcache dump-teacher --overwrite`")
-        return logits
+        arrays = {name: self._read_checked(name, view, blocks) for name in self.spec.data_arrays}
+        for name, values in arrays.items():
+            if values.dtype.kind == "f" and not all_finite(values):
+                first = int(np.flatnonzero(~np.isfinite(values).reshape(len(values), -1).all(1))[0])
+                block = blocks.start + first // self.spec.block_size
+                raise CorruptCacheError(str(Problem(name, view, block, self.spec.block_range(block),
+                                                    "holds NaN or Inf values")) + f" in {self.path}; "
+                                        "rebuild the cache with `kdcache dump-teacher --overwrite`")
+        return arrays
 
-    def prefetch(self, view: int) -> Future:
-        """Start reading a whole view in a background thread; `.result()` gives `view(view)`."""
+    def prefetch(self, view: int, samples: range | None = None) -> Future:
+        """Start reading a whole view (or its `samples`) in a background thread; `.result()` gives `view_arrays(...)`."""
         if self._prefetcher is None:
             self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-prefetch")
-        return self._prefetcher.submit(self.view, view)
+        return self._prefetcher.submit(self.view_arrays, view, samples)
 
-    def _read_checked(self, name: str, view: int | None) -> np.ndarray:
-        """Read an array (or one view of it), refusing missing chunks and naming the block that fails."""
-        problem = next(self._missing_chunks(name, view), None)
+    def _blocks_of(self, samples: range | None) -> range:
+        """The blocks that hold exactly these samples; a range that does not start and end on block edges is refused."""
+        spec = self.spec
+        if samples is None:
+            return range(spec.num_blocks)
+        aligned = samples.step == 1 and samples.start % spec.block_size == 0 and 0 <= samples.start <= \
+            samples.stop <= spec.num_samples and (samples.stop % spec.block_size == 0 or samples.stop == spec.num_samples)
+        if not aligned:
+            raise KdcacheError(f"cache {self.path}: samples {samples.start}-{samples.stop - 1} do not start and end on "
+                               f"its blocks of {spec.block_size} samples ({spec.num_samples} in all)")
+        return range(samples.start // spec.block_size, -(-samples.stop // spec.block_size))
+
+    def _read_checked(self, name: str, view: int | None, blocks: range | None = None) -> np.ndarray:
+        """Read an array (or one view of it, or its blocks), refusing missing chunks and naming the block that fails."""
+        problem = next(self._missing_chunks(name, view, blocks), None)
         if problem is not None:
             raise self._damaged(problem)
         selection = () if view is None else (view,)
+        if blocks is not None and len(blocks) != self.spec.num_blocks:
+            rows = range(self.spec.block_range(blocks.start).start, self.spec.block_range(blocks.stop - 1).stop) \
+                if len(blocks) else range(0)
+            selection = (view, slice(rows.start, rows.stop))
         try:
             return self.store.read(name, selection)
         except ChunkReadError:
-            problem = next(self._unreadable_chunks(name, view), None)
+            problem = next(self._unreadable_chunks(name, view, blocks), None)
             if problem is None:
                 raise
             raise self._damaged(problem) from None
@@ -200,7 +234,8 @@ class TeacherCache:
         spec = self.spec
         # each array's shape, and the metadata fields it follows from
         expected = {
-            "logits": (spec.logits_shape, "views.count, dataset.num_samples, scales, teacher.num_classes"),
+            **{name: (spec.array_layout(name)[0], "views.count, dataset.num_samples, scales, teacher.num_classes"
+                      + (", logits.topk" if spec.topk else "")) for name in spec.data_arrays},
             "aug": ((spec.num_views, spec.num_samples, spec.num_params),
                     "views.count, dataset.num_samples, augmentation.param_names"),
             "labels": ((spec.num_samples,), "dataset.num_samples"),
@@ -212,38 +247,37 @@ class TeacherCache:
                                         f"fields {fields} imply {list(shape)}; the cache was altered: rebuild it "
                                         f"with `kdcache dump-teacher --overwrite`")
 
-    def _chunks(self, name: str, view: int | None) -> Iterator[tuple[tuple[int, ...], int | None, int | None]]:
-        """(chunk coordinates, view, block) of every chunk of an array, or of one view of it."""
+    def _chunks(self, name: str, view: int | None, blocks: range | None = None
+                ) -> Iterator[tuple[tuple[int, ...], int | None, int | None, tuple]]:
+        """(chunk coordinates, view, block, selection) of every chunk of an array, of one view of it, or of its blocks."""
         info = self.store.array_info(name)
         if 0 in info.shape:
             return
-        if name in ("logits", "aug"):
+        if name in (*self.spec.data_arrays, "aug"):
             views = range(self.num_views) if view is None else [view]
             for k in views:
-                for block in range(self.spec.num_blocks):
-                    yield (k, block) + (0,) * (len(info.shape) - 2), k, block
-        elif name == "progress":
+                for block in blocks or range(self.spec.num_blocks):
+                    rows = self.spec.block_range(block)
+                    yield (k, block) + (0,) * (len(info.shape) - 2), k, block, (k, slice(rows.start, rows.stop))
+        elif name == "progress" and info.chunks[0] == 1:  # one chunk per view: caches written before sharded dumps
             for k in range(self.num_views):
-                yield (k, 0), k, None
+                yield (k, 0), k, None, (k,)
+        elif name == "progress":  # one chunk per block, holding every view
+            for block in range(self.spec.num_blocks):
+                yield (0, block), None, block, (slice(None), slice(block, block + 1))
         else:
-            yield (0,) * len(info.shape), None, None
+            yield (0,) * len(info.shape), None, None, ()
 
-    def _selection(self, name: str, view: int | None, block: int | None) -> tuple:
-        if block is not None:
-            rows = self.spec.block_range(block)
-            return (view, slice(rows.start, rows.stop))
-        return () if view is None else (view,)
-
-    def _missing_chunks(self, name: str, view: int | None) -> Iterator[Problem]:
-        for coords, k, block in self._chunks(name, view):
+    def _missing_chunks(self, name: str, view: int | None, blocks: range | None = None) -> Iterator[Problem]:
+        for coords, k, block, _ in self._chunks(name, view, blocks):
             if not self.store.chunk_exists(name, coords):
                 yield Problem(name, k, block, None if block is None else self.spec.block_range(block),
                               "the chunk is missing (deleted or never written); it is never read as zeros")
 
-    def _unreadable_chunks(self, name: str, view: int | None) -> Iterator[Problem]:
-        for _, k, block in self._chunks(name, view):
+    def _unreadable_chunks(self, name: str, view: int | None, blocks: range | None = None) -> Iterator[Problem]:
+        for _, k, block, selection in self._chunks(name, view, blocks):
             try:
-                self.store.read(name, self._selection(name, k, block))
+                self.store.read(name, selection)
             except ChunkReadError as error:
                 yield Problem(name, k, block, None if block is None else self.spec.block_range(block),
                               f"fails its checksum ({error.__cause__})")
@@ -265,26 +299,29 @@ class TeacherCache:
 
     def _verify_block(self, view: int, block: int, progress: int, tolerance: float) -> list[Problem]:
         rows = self.spec.block_range(block)
+        names = self.spec.data_arrays
 
-        def problem(what: str) -> list[Problem]:
-            return [Problem("logits", view, block, rows, what)]
+        def problem(what: str, name: str = names[0]) -> list[Problem]:
+            return [Problem(name, view, block, rows, what)]
 
         if progress == PENDING:
             return problem("not written yet (the dump did not finish; rerun it to resume)")
-        if not self.store.chunk_exists("logits", (view, block, 0, 0)):
-            return problem("the chunk is missing (deleted); it is never read as zeros")
-        try:
-            logits = self.store.read("logits", (view, slice(rows.start, rows.stop))).astype(np.float32)
-        except ChunkReadError as error:
-            return problem(f"fails its checksum ({error.__cause__})")
-        finite = np.isfinite(logits).reshape(len(rows), -1).all(1)
-        if not finite.all():
-            return problem(f"NaN or Inf logits for samples {list(np.flatnonzero(~finite)[:10] + rows.start)}")
-        found = []
-        labels_correct = int((logits[:, 0].argmax(-1) == self._labels_cached()[rows.start:rows.stop]).sum())
-        if labels_correct != progress:
-            found += problem(f"progress records {progress} correct teacher predictions, the logits give "
-                             f"{labels_correct}")
+        arrays = {}
+        for name in names:
+            coords = (view, block) + (0,) * (len(self.spec.array_layout(name)[0]) - 2)
+            if not self.store.chunk_exists(name, coords):
+                return problem("the chunk is missing (deleted); it is never read as zeros", name)
+            try:
+                arrays[name] = self.store.read(name, (view, slice(rows.start, rows.stop)))
+            except ChunkReadError as error:
+                return problem(f"fails its checksum ({error.__cause__})", name)
+            finite = np.isfinite(arrays[name]).reshape(len(rows), -1).all(1)
+            if not finite.all():
+                return problem(f"NaN or Inf logits for samples {list(np.flatnonzero(~finite)[:10] + rows.start)}", name)
+        if self.spec.topk:
+            return self._verify_topk_block(arrays, rows, progress, problem)
+        logits = arrays["logits"].astype(np.float32)
+        found = self._recount(logits[:, 0].argmax(-1), rows, progress, problem)
         for scale in self._self_checkable_scales():
             start = sum(s * s for s in self.scales[: self.scales.index(scale)])
             cells = logits[:, start:start + scale * scale].mean(1)
@@ -294,6 +331,29 @@ class TeacherCache:
                                  f"{error.max():.3g} (relative; allowed {tolerance}): the logits do not fit the "
                                  f"region layout")
         return found
+
+    def _verify_topk_block(self, arrays: dict[str, np.ndarray], rows: range, progress: int,
+                           problem: Callable[..., list[Problem]]) -> list[Problem]:
+        """Top-k storage's own invariants: valid distinct classes, values descending, the rest below them."""
+        values, indices, rest = (arrays[name] for name in TOPK_ARRAYS)
+        if indices.min() < 0 or indices.max() >= self.spec.num_classes:
+            return problem(f"class indices outside 0-{self.spec.num_classes - 1}", "topk_indices")
+        ordered = np.sort(indices, axis=-1)
+        if (ordered[..., 1:] == ordered[..., :-1]).any():
+            return problem("a region lists the same class twice", "topk_indices")
+        if (np.diff(values.astype(np.float32), axis=-1) > 0).any():
+            return problem("values are not in descending order", "topk_values")
+        if (rest.astype(np.float32) > values[..., -1].astype(np.float32)).any():
+            return problem("the rest logit exceeds the k-th largest one, which no top-k encoding gives", "topk_rest")
+        return self._recount(indices[:, 0, 0], rows, progress, problem)
+
+    def _recount(self, predicted: np.ndarray, rows: range, progress: int,
+                 problem: Callable[..., list[Problem]]) -> list[Problem]:
+        labels_correct = int((predicted == self._labels_cached()[rows.start:rows.stop]).sum())
+        if labels_correct != progress:
+            return problem(f"progress records {progress} correct teacher predictions, the logits give "
+                           f"{labels_correct}")
+        return []
 
     def _labels_cached(self) -> np.ndarray:
         if not hasattr(self, "_labels"):

@@ -11,26 +11,48 @@ import numpy as np
 
 from kdcache.cache.layout import PENDING, CacheSpec, differences
 from kdcache.cache.lock import WriterLock
-from kdcache.cache.store import Store, open_store, remove_store, store_class
+from kdcache.cache.store import (Location, Store, as_location, create_store, open_store, remove_store, store_class,
+                                 store_exists)
+from kdcache.distributed import World, from_main
 from kdcache.errors import KdcacheError
 
 
 class CacheWriter:
     """Writes one cache; the unit of work is a (view, block) pair, marked in `progress` only once written."""
 
-    def __init__(self, store: Store, spec: CacheSpec, lock: WriterLock) -> None:
+    def __init__(self, store: Store, spec: CacheSpec, lock: WriterLock | None) -> None:
         self.store, self.spec, self._lock = store, spec, lock
 
     @classmethod
-    def open(cls, path: str | Path, spec: CacheSpec, labels: np.ndarray, aug_params: np.ndarray,
-             format: str | None = None, overwrite: bool = False) -> CacheWriter:
-        """Create the cache, or resume it when it exists and was made with the same spec."""
-        path = Path(path)
+    def open(cls, path: Location, spec: CacheSpec, labels: np.ndarray, aug_params: np.ndarray,
+             format: str | None = None, overwrite: bool = False, here: World = World()) -> CacheWriter:
+        """Create the cache, or resume it when it exists and was made with the same spec.
+
+        Under torchrun, rank 0 creates (or checks) the store and holds the lock; the other ranks then
+        open it to write their own chunks.
+        """
+        path = as_location(path)
+        store_class(path, format)  # an HDF5 cache at a URL is refused before any lock is taken
+        if not here.distributed:
+            return cls._open_alone(path, spec, labels, aug_params, format, overwrite)
+        if store_class(path, format).format_name != "zarr":
+            raise KdcacheError(f"a sharded dump ({here.size} processes) writes Zarr, where each rank writes only its "
+                               f"own chunk files; {path} is {store_class(path, format).format_name}, whose file takes "
+                               f"one writer: use a .zarr --out (or --format zarr), or run one process")
+        main = from_main(lambda: cls._open_alone(path, spec, labels, aug_params, format, overwrite).shareable())
+        if here.is_main:
+            return main
+        store = open_store(path, read_only=False)
+        return cls(store, CacheSpec.from_metadata(store.metadata(), str(path)), lock=None)
+
+    @classmethod
+    def _open_alone(cls, path: str | Path, spec: CacheSpec, labels: np.ndarray, aug_params: np.ndarray,
+                    format: str | None, overwrite: bool) -> CacheWriter:
         lock = WriterLock(path).acquire()
         try:
-            if path.exists() and overwrite:
+            if store_exists(path) and overwrite:
                 remove_store(path)
-            if path.exists():
+            if store_exists(path):
                 store = open_store(path, read_only=False)
                 stored = CacheSpec.from_metadata(store.metadata(), str(path))
                 differing = differences(stored, spec)
@@ -40,13 +62,22 @@ class CacheWriter:
                                        + "; ".join(differing)
                                        + "): rerun with the same arguments to resume, another --out, or --overwrite")
                 return cls(store, stored, lock)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            store = store_class(path, format).create(path)
+            store = create_store(path, format)
             cls._create_arrays(store, spec, labels, aug_params)
             return cls(store, spec, lock)
         except BaseException:
             lock.release()
             raise
+
+    def shareable(self) -> CacheWriter:
+        """This writer, after checking that ranks writing their own blocks never share a chunk of `progress`."""
+        chunks = self.store.array_info("progress").chunks
+        if chunks[1] != 1:
+            self.close()
+            raise KdcacheError(f"{self.store.path} was started by an older kdcache whose progress array keeps all "
+                               f"blocks of a view in one chunk, which ranks cannot share; finish it with one process "
+                               f"(rerun without torchrun), or start over with --overwrite")
+        return self
 
     @staticmethod
     def _create_arrays(store: Store, spec: CacheSpec, labels: np.ndarray, aug_params: np.ndarray) -> None:
@@ -54,8 +85,11 @@ class CacheWriter:
         store.create_array("labels", (spec.num_samples,), "int64", (spec.num_samples,))
         store.create_array("aug", (spec.num_views, spec.num_samples, spec.num_params), "int32",
                            (1, block, spec.num_params))
-        store.create_array("logits", spec.logits_shape, spec.dtype, (1, block, spec.num_regions, spec.num_classes))
-        store.create_array("progress", (spec.num_views, spec.num_blocks), "int64", (1, spec.num_blocks),
+        for name in spec.data_arrays:
+            shape, dtype = spec.array_layout(name)
+            store.create_array(name, shape, dtype, (1, block, *shape[2:]))
+        # one chunk per block (all views): a block belongs to one rank of a sharded dump, so does its chunk
+        store.create_array("progress", (spec.num_views, spec.num_blocks), "int64", (spec.num_views, 1),
                            fill_value=PENDING)
         store.write("labels", (), labels.astype(np.int64))
         store.write("aug", (), aug_params.astype(np.int32))
@@ -68,28 +102,35 @@ class CacheWriter:
         """[views, blocks]: PENDING or the block's count of correct teacher predictions."""
         return self.store.read("progress")
 
-    def pending(self) -> list[tuple[int, int]]:
-        """The (view, block) pairs still to write, in order."""
-        return [tuple(map(int, vb)) for vb in np.argwhere(self.progress() == PENDING)]
+    def pending(self, blocks: range | None = None) -> list[tuple[int, int]]:
+        """The (view, block) pairs still to write, in order; only those of `blocks` when given (a rank's share)."""
+        pairs = [tuple(map(int, vb)) for vb in np.argwhere(self.progress() == PENDING)]
+        return pairs if blocks is None else [(view, block) for view, block in pairs if block in blocks]
 
     def aug_params(self) -> np.ndarray:
         """[views, samples, params] as stored (a resumed run replays exactly these)."""
         return self.store.read("aug")
 
-    def write_block(self, view: int, block: int, logits: np.ndarray, correct: int) -> None:
-        """Write one block's logits, then mark it done; a failure leaves it pending."""
+    def write_block(self, view: int, block: int, arrays: dict[str, np.ndarray], correct: int) -> None:
+        """Write one block of the data arrays (`logits`, or the three top-k ones), then mark it done; a failure
+        leaves it pending."""
         rows = self.spec.block_range(block)
-        if logits.shape != (len(rows), self.spec.num_regions, self.spec.num_classes):
-            raise ValueError(f"block {block} of view {view} needs logits of shape "
-                             f"{(len(rows), self.spec.num_regions, self.spec.num_classes)}, got {logits.shape}")
-        values = logits.astype(self.spec.dtype, copy=False)  # checked after the cast: fp16 overflows to Inf
-        bad = ~np.isfinite(values).reshape(len(rows), -1).all(axis=1)
+        stored, bad = {}, np.zeros(len(rows), bool)
+        for name in self.spec.data_arrays:
+            shape, dtype = self.spec.array_layout(name)
+            if name not in arrays or arrays[name].shape != (len(rows), *shape[2:]):
+                raise ValueError(f"block {block} of view {view} needs {name} of shape {(len(rows), *shape[2:])}, got "
+                                 f"{getattr(arrays.get(name), 'shape', None)}")
+            stored[name] = arrays[name].astype(dtype, copy=False)  # checked after the cast: fp16 overflows to Inf
+            if stored[name].dtype.kind == "f":
+                bad |= ~np.isfinite(stored[name]).reshape(len(rows), -1).all(axis=1)
         if bad.any():
             raise KdcacheError(f"teacher logits are NaN or Inf for samples {_indices(np.flatnonzero(bad) + rows.start)} "
                                f"of view {view}; nothing of block {block} was marked done. Check the checkpoint "
                                f"and the data (run with --dtype float32 / without bf16 to rule out overflow)")
         try:
-            self.store.write("logits", (view, slice(rows.start, rows.stop)), values)
+            for name, values in stored.items():
+                self.store.write(name, (view, slice(rows.start, rows.stop)), values)
             self.store.flush()
             self.store.write("progress", (view, block), np.int64(correct))
             self.store.flush()
@@ -100,10 +141,14 @@ class CacheWriter:
                                f"of {self.store.path}: {error}; {hint}, then rerun the same command to resume "
                                f"(finished blocks are kept)") from error
 
+    def view_accuracy(self) -> list[float]:
+        """Teacher top-1 accuracy of region 0 per view, from the blocks written so far."""
+        return [float(row[row != PENDING].sum()) / self.spec.num_samples for row in self.progress()]
+
     def finish(self) -> list[float]:
         """Record per-view teacher accuracy in the metadata when every block is written; returns it."""
         progress = self.progress()
-        accuracy = [float(row.sum()) / self.spec.num_samples for row in progress]
+        accuracy = self.view_accuracy()
         if (progress != PENDING).all():
             metadata = self.store.metadata()
             metadata["view_accuracy"] = accuracy
@@ -116,7 +161,8 @@ class CacheWriter:
         try:
             self.store.close()
         finally:
-            self._lock.release()
+            if self._lock is not None:
+                self._lock.release()
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -143,10 +189,10 @@ class BackgroundWriter:
                 except BaseException as error:  # handed to the main thread at its next call
                     self._error = error
 
-    def submit(self, view: int, block: int, logits: np.ndarray, correct: int) -> None:
+    def submit(self, view: int, block: int, arrays: dict[str, np.ndarray], correct: int) -> None:
         """Queue one block (waits while the queue is full); re-raises an earlier write's error."""
         self._raise_pending()
-        self._queue.put((view, block, logits, correct))
+        self._queue.put((view, block, arrays, correct))
 
     def close(self, raise_errors: bool = True) -> None:
         """Wait for queued blocks to be written; re-raise a write error unless another error is on its way."""

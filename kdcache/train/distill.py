@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import csv
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from kdcache import distributed
 from kdcache.cache import TeacherCache, open_cache
-from kdcache.config import DistillConfig
-from kdcache.data import ImageData, get_policy, load_dataset
+from kdcache.config import DistillConfig, loader_options
+from kdcache.data import ImageData, dataset_options, get_policy, load_dataset
+from kdcache.distributed import Shard, World
 from kdcache.errors import KdcacheError
 from kdcache.losses import LossSpec, get_loss
 from kdcache.models import create_model
@@ -22,6 +25,7 @@ from kdcache.train.targets import CachedTargets, LiveTeacher
 from kdcache.train.teacher import _record_config, load_teacher
 from kdcache.train.views import CachedViews, FreshViews
 
+log = logging.getLogger(__name__)
 BATCH_PATHS = ("device", "dataset")
 PAPER_EPOCHS = 240  # the schedule the papers' epoch counts refer to
 
@@ -56,6 +60,7 @@ def distill(config: DistillConfig, show_progress: bool = True,
         create_model(student)
         get_loss(loss)
     device = pick_device(config.device)
+    distributed.init(device)
     cache = open_cache(config.cache) if config.cache else None
     try:
         return _distill(config, cache, device, show_progress, data)
@@ -69,15 +74,26 @@ def _distill(config: DistillConfig, cache: TeacherCache | None, device: torch.de
     stored = cache.spec if cache is not None else None
     if data_and_test is None:
         dataset = config.dataset or (stored.dataset["name"] if stored else "digits")
-        data_and_test = (load_dataset(dataset, config.data_root, stored.dataset["split"] if stored else "train"),
-                         load_dataset(dataset, config.data_root, "test"))
+        options = loader_options(config)
+        if not options and stored and "image_size" in dataset_options(dataset):  # the size the cache was made at
+            options = {"image_size": stored.dataset["image_shape"][-1]}
+        data_and_test = (load_dataset(dataset, config.data_root, stored.dataset["split"] if stored else "train",
+                                      **options), load_dataset(dataset, config.data_root, "test", **options))
     data, test = data_and_test
-    policy = get_policy(stored.augmentation["name"] if stored else config.augmentation)
+    policy = get_policy(stored.augmentation["name"] if stored else config.augmentation, image_size=tuple(data.images.shape[-2:]))
     scales = tuple(config.scales or (stored.scales if stored else (1, 2, 4)))
     losses = {name: scaled_loss(name, config.loss_overrides(), config.epochs) for _, name in config.runs()}
     if cache is not None:
         cache.require_fits(data, policy, scales, teacher=config.teacher)
         cache.require_complete()
+        standardising = sorted(name for name, loss in losses.items() if loss.standardize or loss.loss == "sdd_lskd")
+        if stored.topk and standardising:
+            log.warning("%s stores the top %d logits per region: rebuilt logits have a smaller spread than the "
+                        "teacher's, so logit standardisation (%s) sharpens the teacher; benchmarks/TOPK.md measures "
+                        "it. Prefer a full cache, or a loss without standardisation, for these runs",
+                        cache.path, stored.topk, ", ".join(standardising))
+    here, shard = _shard(cache, len(data.labels), config)
+    show_progress = show_progress and here.is_main
 
     if config.live_teacher is not None:
         teacher, teacher_info = load_teacher(config.live_teacher, config.teacher, data)
@@ -86,7 +102,7 @@ def _distill(config: DistillConfig, cache: TeacherCache | None, device: torch.de
         targets = LiveTeacher(teacher, scales, device)
         source = {"live_teacher": teacher_info}
     else:
-        targets = CachedTargets(cache, scales, device)
+        targets = CachedTargets(cache, scales, device, None if shard.is_whole else shard.samples)
         source = {"cache": str(cache.path), "teacher": stored.teacher, "cache_views": stored.num_views}
     # with a cache, its views are replayed (also by a live teacher: the online baseline on the same pixels)
     views = CachedViews(cache, config.view_order, config.seed) if cache is not None else \
@@ -101,7 +117,7 @@ def _distill(config: DistillConfig, cache: TeacherCache | None, device: torch.de
         record = {"arch": student, "num_classes": data.num_classes, "loss": loss_name,
                   "dataset": data.describe(), "config": _record_config(config), **source}
         run = Run(f"{student}-{loss_name}", model, loss, scales if loss.uses_regions else (1,), config,
-                  out / f"{student}-{loss_name}", device, record)
+                  out / f"{student}-{loss_name}", device, record, here)
         if config.resume:
             run.resume()
         runs.append(run)
@@ -118,14 +134,34 @@ def _distill(config: DistillConfig, cache: TeacherCache | None, device: torch.de
             return loader_batches(dataset_of_views, config.batch_size, generator, device)
 
     started = time.perf_counter()
-    fit(runs, data, test, views, policy, targets, config, device, batch_path, show_progress)
+    fit(runs, data, test, views, policy, targets, config, device, batch_path, show_progress, shard)
     summaries = [_summary(run) for run in runs]
-    write_summary(summaries, out)
+    if here.is_main:
+        write_summary(summaries, out)
     if show_progress:
         print(summary_table(summaries))
         print(f"{len(runs)} run(s) in {time.perf_counter() - started:.0f} s; written to {out}/ "
               f"(summary.csv, summary.png, and per run: metrics.csv, model.pt, last.pt)")
     return summaries
+
+
+def _shard(cache: TeacherCache | None, num_samples: int, config: DistillConfig) -> tuple[World, Shard]:
+    """This rank's samples: whole for one process; under torchrun a contiguous range of the cache's blocks
+    (so each rank reads only its slice of every view), or an even split without a cache."""
+    here = distributed.world()
+    if not here.distributed:
+        return here, Shard.whole(num_samples)
+    if config.batch_path != "device":
+        raise KdcacheError(f"--batch-path {config.batch_path} runs in one process; under torchrun use the default "
+                           f"--batch-path device")
+    if cache is None:
+        return here, distributed.shard(num_samples, 1, num_samples, here)[1]
+    blocks, shard = distributed.shard(cache.spec.num_blocks, cache.spec.block_size, num_samples, here)
+    if not len(blocks):
+        raise KdcacheError(f"cache {cache.path} has {cache.spec.num_blocks} blocks of {cache.spec.block_size} samples, "
+                           f"fewer than the {here.size} processes: each rank needs at least one; rebuild the cache "
+                           f"with a smaller --block-size or start fewer processes")
+    return here, shard
 
 
 def scaled_loss(name: str, overrides: dict[str, float], epochs: int) -> LossSpec:

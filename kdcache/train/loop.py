@@ -12,11 +12,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from kdcache.config import TrainConfig
 from kdcache.data import ImageData, normalize
+from kdcache.distributed import Shard, World, all_sum, synchronise_batchnorm
 from kdcache.errors import KdcacheError
 from kdcache.losses import LossSpec
 from kdcache.models import LogitMap, file_sha256, save_checkpoint
@@ -34,12 +36,23 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 def device_batches(images: torch.Tensor, labels: torch.Tensor, params: torch.Tensor, policy: Any,
                    mean: tuple[float, ...], std: tuple[float, ...], targets: Targets | None, batch_size: int,
-                   generator: torch.Generator) -> Iterator[Batch]:
+                   generator: torch.Generator, shard: Shard | None = None) -> Iterator[Batch]:
     """The fast path: uint8 images, labels and parameters already on the device; each batch is indexed,
-    augmented as one op and normalised there. The order comes from a CPU generator, so it is the same on any device."""
-    order = torch.randperm(len(labels), generator=generator).to(images.device)
-    for start in range(0, len(order) - batch_size + 1, batch_size):  # full batches only: BatchNorm needs > 1
-        index = order[start:start + batch_size]
+    augmented as one op and normalised there. The order comes from a CPU generator, so it is the same on any device.
+
+    With a shard (one rank of DDP), images, labels, params and targets hold only the shard's samples: the
+    order is still that of all samples, and each global batch gives this rank the members it holds (a
+    varying number), so that the ranks together take exactly the steps of one process.
+    """
+    shard = shard or Shard.whole(len(labels))
+    order = torch.randperm(shard.total, generator=generator)
+    batches = order[:shard.total // batch_size * batch_size].view(-1, batch_size)  # full batches: BatchNorm needs > 1
+    if shard.is_whole:
+        batches = batches.to(images.device)
+    for index in batches:
+        if not shard.is_whole:
+            held = (index >= shard.samples.start) & (index < shard.samples.stop)
+            index = (index[held] - shard.samples.start).to(images.device)
         x = normalize(policy.apply(images[index], params[index]), mean, std)
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -59,27 +72,36 @@ def loader_batches(dataset: Any, batch_size: int, generator: torch.Generator, de
 
 @torch.no_grad()
 def top1_accuracy(model: nn.Module, test: ImageData, device: torch.device, images: torch.Tensor | None = None,
-                  batch_size: int = 1000) -> float:
-    """Top-1 accuracy of a model's logits on the un-augmented test split (`images`: test.images already on device)."""
+                  batch_size: int = 1000, samples: range | None = None) -> float:
+    """Top-1 accuracy of a model's logits on the un-augmented test split (`images`: test.images already on device).
+
+    samples: the part of the test split this rank evaluates (DDP); the correct counts are summed over ranks.
+    """
     images = test.images.to(device) if images is None else images
+    samples = range(len(images)) if samples is None else samples
     model.eval()
-    correct = 0
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start:start + batch_size], test.mean, test.std)
+    correct = torch.zeros((), dtype=torch.long)
+    for start in range(samples.start, samples.stop, batch_size):
+        stop = min(start + batch_size, samples.stop)
+        x = normalize(images[start:stop], test.mean, test.std)
         with autocast(device):
             logits = model(x)
-        correct += int((logits.argmax(-1).cpu() == test.labels[start:start + batch_size]).sum())
-    return correct / len(images)
+        correct += (logits.argmax(-1).cpu() == test.labels[start:stop]).sum()
+    return int(all_sum(correct)) / len(images)
 
 
 class Run:
     """One model being trained: its LogitMap, loss, optimiser, folder and history."""
 
     def __init__(self, name: str, model: nn.Module, loss: LossSpec, scales: tuple[int, ...], config: TrainConfig,
-                 folder: Path, device: torch.device, record: dict[str, Any]) -> None:
+                 folder: Path, device: torch.device, record: dict[str, Any], here: World = World()) -> None:
         self.name, self.loss, self.config, self.folder, self.device = name, loss, config, Path(folder), device
         self.record = record  # what the run is (config, teacher, cache): saved with every checkpoint
+        self.here = here
         self.model = prepare_model(LogitMap(model, scales), device)
+        # under DDP: BatchNorm over the global batch and gradients averaged over ranks, as one process computes them
+        self.trained = self.model if not here.distributed else DistributedDataParallel(
+            synchronise_batchnorm(self.model, device), device_ids=[device.index] if device.type == "cuda" else None)
         # the run's regions are a prefix of the targets' (region 0 alone for a loss on the global logit)
         self.num_regions = self.model.num_regions
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
@@ -100,36 +122,49 @@ class Run:
         self.model.train()
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=self.device)
-        seen, started = 0, time.perf_counter()
+        seen, started = torch.zeros((), dtype=torch.long), time.perf_counter()
         for step, (x, y, t) in enumerate(tqdm(batches, total=steps, desc=f"{self.name} {epoch + 1}/{self.config.epochs}",
                                               unit="batch", leave=False, disable=not show_progress)):
             with autocast(self.device):
-                s = self.model(x)
+                s = self.trained(x)
             t = None if t is None else t[:, :self.num_regions]
-            terms = self.loss.compute(s.float(), t, y, epoch + 1)  # epochs count from 1, as in mdistiller
+            # this rank's share of the global batch: the ranks' weighted means add up to the global batch's mean
+            share = len(y) / self.config.batch_size
+            terms = self.loss.compute(s.float(), t, y, epoch + 1) if len(y) else self._no_terms(s)  # epochs from 1
             self.optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
+            (terms["total"] * (share * self.here.size)).backward()  # DDP divides the summed gradients by the size
             self.optimizer.step()
             for key, value in terms.items():
-                sums[key] = sums.get(key, 0) + value.detach()
+                sums[key] = sums.get(key, 0) + value.detach() * share
             correct += (s[:, 0].argmax(-1) == y).sum()
             seen += len(y)
+        seen = int(all_sum(seen))
         if seen == 0:
             raise KdcacheError(f"--batch-size {self.config.batch_size} is larger than the {self.name} training set; "
                                f"use a smaller batch")
+        sums = dict(zip(sums, all_sum(torch.stack(list(sums.values()))).unbind()))
         metrics = {f"loss_{k}": float(v) / (step + 1) for k, v in sums.items()}  # the float() syncs once per epoch
         seconds = time.perf_counter() - started
-        metrics.update(epoch=epoch + 1, lr=lr, train_acc=float(correct) / seen, img_per_s=seen / seconds,
+        metrics.update(epoch=epoch + 1, lr=lr, train_acc=float(all_sum(correct)) / seen, img_per_s=seen / seconds,
                        seconds=seconds)
         return metrics
 
+    def _no_terms(self, student: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Zero loss terms for a rank that holds none of a global batch (it still joins the step's collectives)."""
+        zero = student.sum() * 0
+        return dict.fromkeys(("ce", "total") if self.loss.loss == "ce" else ("ce", "kd", "total"), zero)
+
     def evaluate(self, test: ImageData, test_images: torch.Tensor) -> float:
         """Top-1 accuracy of the global logit on the un-augmented test split (its images already on the device)."""
-        return top1_accuracy(self.model.model, test, self.device, test_images)
+        here = self.here  # each rank evaluates its part of the test split
+        samples = range(len(test_images) * here.rank // here.size, len(test_images) * (here.rank + 1) // here.size)
+        return top1_accuracy(self.model.model, test, self.device, test_images, samples=samples)
 
     def end_epoch(self, metrics: dict[str, float]) -> None:
-        """Record the epoch: history, metrics.csv, TensorBoard when installed, and the resumable checkpoint."""
+        """Record the epoch: history, metrics.csv, TensorBoard when installed, and the resumable checkpoint (rank 0)."""
         self.history.append(metrics)
+        if not self.here.is_main:
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         columns = list(dict.fromkeys(k for row in self.history for k in row))
         with open(self.folder / "metrics.csv", "w", newline="") as file:
@@ -157,8 +192,10 @@ class Run:
         self.history = json.loads(state["history"])
 
     def finish(self) -> Path:
-        """Write the final weights (a checkpoint any kdcache command loads) and their JSON sidecar."""
+        """Write the final weights (a checkpoint any kdcache command loads) and their JSON sidecar (rank 0)."""
         path = self.folder / "model.pt"
+        if not self.here.is_main:
+            return path
         save_checkpoint(path, self.model.model)
         best = max(self.history, key=lambda row: row["test_acc"])
         sidecar = {**self.record, "test_acc": self.history[-1]["test_acc"], "best_test_acc": best["test_acc"],
@@ -170,18 +207,21 @@ class Run:
 def fit(runs: list[Run], data: ImageData, test: ImageData, views: Any, policy: Any, targets: Any | None,
         config: TrainConfig, device: torch.device,
         batch_path: Callable[[int, torch.Generator], Iterator[Batch]] | None = None,
-        show_progress: bool = True) -> None:
+        show_progress: bool = True, shard: Shard | None = None) -> None:
     """Train every run for config.epochs; each epoch's view is loaded once and shared by all runs.
 
     views gives each epoch's augmentation parameters (CachedViews or FreshViews); targets gives
     region logits per batch (CachedTargets, LiveTeacher, or None for plain cross-entropy);
-    batch_path, when given, replaces the device path with another source of batches (the Dataset path).
+    batch_path, when given, replaces the device path with another source of batches (the Dataset path);
+    shard, under DDP, the samples this rank holds (targets must hold the same ones).
     """
-    images, labels = data.images.to(device), data.labels.to(device)
+    shard = shard or Shard.whole(len(data.labels))
+    held = slice(shard.samples.start, shard.samples.stop)
+    images, labels = data.images[held].to(device), data.labels[held].to(device)
     test_images = test.images.to(device)
-    steps = len(labels) // config.batch_size
+    steps = shard.total // config.batch_size
     for epoch in range(min(run.start_epoch for run in runs), config.epochs):
-        params = views.params(epoch).to(device)
+        params = views.params(epoch)[held].to(device)
         if targets is not None:
             next_view = views.view_of(epoch + 1) if epoch + 1 < config.epochs else None
             targets.begin_epoch(views.view_of(epoch), next_view)
@@ -191,7 +231,7 @@ def fit(runs: list[Run], data: ImageData, test: ImageData, views: Any, policy: A
             generator = epoch_generator(config.seed, epoch)
             batches = (batch_path(epoch, generator) if batch_path is not None else
                        device_batches(images, labels, params, policy, data.mean, data.std, targets,
-                                      config.batch_size, generator))
+                                      config.batch_size, generator, shard))
             metrics = run.train_epoch(epoch, batches, steps, show_progress)
             metrics["test_acc"] = run.evaluate(test, test_images)
             run.end_epoch(metrics)

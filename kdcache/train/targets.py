@@ -8,40 +8,47 @@ import torch
 from torch import nn
 
 from kdcache.cache import TeacherCache
+from kdcache.cache.topk import decode_topk
 from kdcache.models import LogitMap, region_indices
 from kdcache.runtime import autocast, prepare_model
 
 
 class CachedTargets:
-    """Region logits from a cache: the epoch's whole view resident on the device, the next one read meanwhile."""
+    """Region logits from a cache: the epoch's whole view resident on the device, the next one read meanwhile.
+
+    A top-k cache stays compact on the device (values, classes, rest); each batch's logits are rebuilt there.
+    """
 
     def __init__(self, cache: TeacherCache, scales: tuple[int, ...] | None = None,
-                 device: torch.device = torch.device("cpu")) -> None:
+                 device: torch.device = torch.device("cpu"), samples: range | None = None) -> None:
         self.cache, self.device = cache, device
+        self.samples = samples  # a DDP rank's shard: only its blocks are read, and indices count from its start
         # a subset of the cache's scales is a subset of its regions, selected once per view
         self.regions = None if scales is None or tuple(scales) == cache.scales else region_indices(cache.scales, scales)
         self._view: int | None = None
-        self._logits: torch.Tensor | None = None
+        self._arrays: list[torch.Tensor] = []
         self._next: tuple[int, Future] | None = None
 
     def begin_epoch(self, view: int | None, next_view: int | None = None) -> None:
         """Make `view` resident; start reading `next_view` in the background."""
         if view != self._view:
             if self._next is not None and self._next[0] == view:
-                logits = self._next[1].result()
+                arrays = self._next[1].result()
             else:
-                logits = self.cache.view(view)
-            tensor = torch.from_numpy(logits)
+                arrays = self.cache.view_arrays(view, self.samples)
+            tensors = [torch.from_numpy(values) for values in arrays.values()]  # logits, or values, indices, rest
             if self.regions is not None:
-                tensor = tensor[:, self.regions]
-            self._logits, self._view = tensor.to(self.device), view
+                tensors = [tensor[:, self.regions] for tensor in tensors]
+            self._arrays, self._view = [tensor.to(self.device) for tensor in tensors], view
         self._next = None
         if next_view is not None and next_view != view:
-            self._next = (next_view, self.cache.prefetch(next_view))
+            self._next = (next_view, self.cache.prefetch(next_view, self.samples))
 
     def __call__(self, indices: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """[b, R, C] float32 targets of these samples under the current view."""
-        return self._logits[indices].float()
+        if len(self._arrays) == 1:
+            return self._arrays[0][indices].float()
+        return decode_topk(*(tensor[indices] for tensor in self._arrays), self.cache.spec.num_classes)
 
 
 class LiveTeacher:

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdcache.config import TeacherConfig, config_dict
+from kdcache import distributed
+from kdcache.config import TeacherConfig, config_dict, loader_options
 from kdcache.data import ImageData, get_policy, load_dataset
 from kdcache.errors import KdcacheError
 from kdcache.losses import get_loss
@@ -31,19 +32,25 @@ class TrainedModel:
 
 
 def train_teacher(config: TeacherConfig, show_progress: bool = True) -> TrainedModel:
-    """Train a registry model with cross-entropy on fresh augmented views every epoch; write model.pt + model.json."""
+    """Train a registry model with cross-entropy on fresh augmented views every epoch; write model.pt + model.json.
+
+    Under torchrun: DDP, each rank holding an even share of the samples (see `distill`).
+    """
     device = pick_device(config.device)
-    data = load_dataset(config.dataset, config.data_root, "train")
-    test = load_dataset(config.dataset, config.data_root, "test")
-    policy = get_policy(config.augmentation)
+    here = distributed.init(device)
+    data = load_dataset(config.dataset, config.data_root, "train", **loader_options(config))
+    test = load_dataset(config.dataset, config.data_root, "test", **loader_options(config))
+    policy = get_policy(config.augmentation, image_size=tuple(data.images.shape[-2:]))
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=data.num_classes)
     record = {"arch": config.model, "num_classes": data.num_classes, "loss": "ce", "dataset": data.describe(),
               "config": _record_config(config)}
-    run = Run(config.model, model, get_loss("ce"), (1,), config, Path(config.out), device, record)
+    run = Run(config.model, model, get_loss("ce"), (1,), config, Path(config.out), device, record, here)
+    shard = distributed.shard(len(data.labels), 1, len(data.labels), here)[1]
     fit([run], data, test, FreshViews(policy, len(data.labels), config.seed), policy, None, config, device,
-        show_progress=show_progress)
+        show_progress=show_progress and here.is_main, shard=shard)
     checkpoint = run.finish()
+    distributed.barrier()  # rank 0 has written the checkpoint and its sidecar
     sidecar = json.loads(checkpoint.with_suffix(".json").read_text())
     return TrainedModel(checkpoint, checkpoint.with_suffix(".json"), sidecar["test_acc"], sidecar["best_test_acc"])
 
