@@ -195,3 +195,44 @@ def test_cloud_scheme_without_its_package_names_it(scheme, package):
         pytest.skip(f"{package} is installed")
     with pytest.raises(KdcacheError, match=f"a cache at a {scheme}:// URL needs a package .*do: pip install {package}"):
         open_store(f"{scheme}://bucket/c.zarr")
+
+
+def test_a_dump_to_a_url_equals_a_local_one_and_students_train_from_it(url, tmp_path):
+    """End to end at a URL: dump (with its lock), resume refusal, inspect, verify and distill read the same
+    bytes a local cache holds."""
+    import torch
+
+    from kdcache.cache import open_cache
+    from kdcache.cache.dump import dump_teacher
+    from kdcache.commands import describe_cache
+    from kdcache.config import DistillConfig
+    from kdcache.data import get_policy, load_dataset
+    from kdcache.models import create_model
+    from kdcache.train import distill
+
+    data = load_dataset("synthetic", num_samples=48, num_classes=4, image_size=16, seed=2)
+    torch.manual_seed(0)
+    teacher = create_model("resnet8", num_classes=4).eval()
+    info = {"arch": "resnet8", "num_classes": 4, "checkpoint": "t.pt", "checkpoint_sha256": "ef" * 32}
+    settings = {"views": 2, "scales": (1, 2), "block_size": 16, "show_progress": False}
+    remote = dump_teacher(teacher, info, data, get_policy("cifar"), url, **settings)
+    dump_teacher(teacher, info, data, get_policy("cifar"), tmp_path / "local.zarr", **settings)
+    assert remote.path == url and remote.bytes_on_disk == store_bytes(url) > 0
+    assert not store_exists(url + ".lock")  # released
+    with pytest.raises(KdcacheError, match="made with other arguments"):
+        dump_teacher(teacher, info, data, get_policy("cifar"), url, **{**settings, "views": 3})
+    with open_cache(url) as cache, open_cache(tmp_path / "local.zarr") as local:
+        assert cache.verify() == [] and cache.metadata == local.metadata
+        for view in range(2):
+            np.testing.assert_array_equal(cache.view(view), local.view(view))
+    assert describe_cache(url)["complete"]
+
+    runs = {}
+    for name, cache in (("remote", url), ("local", str(tmp_path / "local.zarr"))):
+        config = DistillConfig(cache=cache, students=("resnet8",), losses=("kd",), epochs=1, batch_size=16,
+                               device="cpu", out=str(tmp_path / name))
+        runs[name] = distill(config, show_progress=False, data=(data, data))[0]
+    assert runs["remote"].test_acc == runs["local"].test_acc
+    trained = [torch.load(runs[name].folder / "model.pt", weights_only=True)["model"] for name in ("remote", "local")]
+    for name, value in trained[0].items():  # the same targets give the same student, bit for bit
+        assert torch.equal(value, trained[1][name]), name
