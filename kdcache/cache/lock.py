@@ -48,13 +48,7 @@ class WriterLock:
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            holder = self._holder()
-            if holder is not None and _alive(holder):
-                raise KdcacheError(
-                    f"{self.path.with_suffix('')} is being written by another kdcache process (pid "
-                    f"{holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}); wait for it to "
-                    f"finish, or if that process is gone, delete {self.path}") from None
-            log.warning("taking over the stale lock %s of a process that no longer runs (%s)", self.path, holder)
+            self._refuse_a_live_holder()
             partial = self.path.with_name(f"{self.path.name}.{os.getpid()}")
             partial.write_text(record)
             os.replace(partial, self.path)
@@ -69,15 +63,21 @@ class WriterLock:
         try:
             self._create_exclusively(record)
         except FileExistsError:
-            holder = self._holder()
-            if holder is not None and _alive(holder):
-                raise KdcacheError(
-                    f"{self.path.removesuffix('.lock')} is being written by another kdcache process (pid "
-                    f"{holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}); wait for it to "
-                    f"finish, or if that process is gone, delete the lock object {self.path}") from None
-            log.warning("taking over the stale lock %s of a process that no longer runs (%s)", self.path, holder)
+            self._refuse_a_live_holder()
             self._fs.pipe_file(self._fs_path, record)  # one object written whole: no partial-then-rename needed
         return self
+
+    def _refuse_a_live_holder(self) -> None:
+        """The lock exists: refuse while its holder runs; otherwise say that its stale lock is taken over."""
+        holder = self._holder()
+        if holder is not None and _alive(holder):
+            remote = isinstance(self.path, str)
+            cache = self.path.removesuffix(".lock") if remote else self.path.with_suffix("")
+            raise KdcacheError(
+                f"{cache} is being written by another kdcache process (pid {holder.get('pid')} on "
+                f"{holder.get('host')}, since {holder.get('started')}); wait for it to finish, or if that process is "
+                f"gone, delete {'the lock object ' if remote else ''}{self.path}") from None
+        log.warning("taking over the stale lock %s of a process that no longer runs (%s)", self.path, holder)
 
     def _create_exclusively(self, record: bytes) -> None:
         """Write the lock object, raising FileExistsError if it exists (atomically where the filesystem can)."""
