@@ -157,15 +157,16 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         total = sums[-1]
         mean = sums[:channels] / total
         variance = (sums[channels:2 * channels] / total - mean * mean).clamp_min(0)  # biased, as BatchNorm normalises
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            # momentum None is BatchNorm's cumulative average
-            factor = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
-            self.running_mean.lerp_(mean.detach(), factor)
-            self.running_var.lerp_(variance.detach() * total / (total - 1).clamp_min(1), factor)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                # momentum None is BatchNorm's cumulative average
+                factor = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), factor)
+                self.running_var.lerp_(variance.detach() * total / (total - 1).clamp_min(1), factor)
         shape = (1, channels, 1, 1)
         normalised = (x - mean.view(shape)) * torch.rsqrt(variance.view(shape) + self.eps)
-        return normalised * self.weight.view(shape) + self.bias.view(shape)
+        return normalised * self.weight.view(shape) + self.bias.view(shape) if self.affine else normalised
 
 
 def synchronise_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:

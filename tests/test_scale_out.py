@@ -206,3 +206,53 @@ def test_ddp_refuses_a_cache_with_fewer_blocks_than_processes(work, monkeypatch)
         monkeypatch.setenv("WORLD_SIZE", "2")
         here, shard = _shard(cache, 1438, DistillConfig())
         assert (here.rank, shard.samples, shard.total) == (1, range(768, 1438), 1438)
+
+
+def test_the_shards_of_every_global_batch_together_are_one_process_batch():
+    from kdcache.data import get_policy
+    from kdcache.distributed import Shard
+    from kdcache.train import device_batches
+    from kdcache.train.loop import epoch_generator
+
+    total, batch = 50, 8
+    images = torch.arange(total, dtype=torch.uint8).view(total, 1, 1, 1).expand(total, 1, 2, 2).contiguous()
+    labels = torch.arange(total)
+    params, policy = torch.zeros(total, 0, dtype=torch.long), get_policy("none")
+
+    def batches(shard):
+        held = slice(shard.samples.start, shard.samples.stop)
+        return [y for _, y, _ in device_batches(  # labels are the global sample indices
+            images[held], labels[held], params[held], policy, (0.0,), (1.0,), None, batch, epoch_generator(0, 3),
+            shard)]
+
+    whole = batches(Shard.whole(total))
+    parts = [batches(Shard(range(0, 16), total)), batches(Shard(range(16, 50), total))]
+    assert len(whole) == 6 and all(len(part) == 6 for part in parts)  # 50 // 8 steps on every rank
+    for step, expected in enumerate(whole):
+        together = torch.cat([part[step] for part in parts])
+        assert sorted(together.tolist()) == sorted(expected.tolist())
+    assert len({len(parts[0][step]) for step in range(6)}) > 1  # a rank's share of a batch varies by step
+
+
+def test_a_rank_holding_none_of_a_global_batch_steps_with_zero_loss(tmp_path):
+    from kdcache.config import TrainConfig
+    from kdcache.losses import get_loss
+    from kdcache.models import create_model
+    from kdcache.train.loop import Run
+
+    def run():
+        torch.manual_seed(0)
+        return Run("r", create_model("resnet8", num_classes=3), get_loss("kd"), (1,),
+                   TrainConfig(batch_size=4, lr=0.1), tmp_path, torch.device("cpu"), {})
+
+    generator = torch.Generator().manual_seed(0)
+    full = (torch.randn(4, 3, 8, 8, generator=generator), torch.tensor([0, 1, 2, 0]), torch.randn(4, 1, 3))
+    empty = (torch.zeros(0, 3, 8, 8), torch.zeros(0, dtype=torch.long), torch.zeros(0, 1, 3))
+    alone = run().train_epoch(0, iter([full]), 1, show_progress=False)
+    trained = run()
+    metrics = trained.train_epoch(0, iter([full, empty]), 2, show_progress=False)
+    assert all(np.isfinite(value) for value in metrics.values())
+    assert all(torch.isfinite(p).all() for p in trained.model.parameters())
+    # the empty step adds nothing to the loss terms: the one full step's, averaged over 2 steps
+    for term in ("loss_ce", "loss_kd", "loss_total"):
+        assert metrics[term] == pytest.approx(alone[term] / 2, rel=1e-6)
