@@ -35,6 +35,18 @@ class StoreConformance:
         assert (info.shape, info.dtype, info.chunks) == ((3, 10, 4, 5), np.float16, (1, 4, 4, 5))
         assert store.array_names() == ["logits"]
 
+    def test_a_read_into_a_buffer_equals_a_fresh_read_and_a_wrong_buffer_is_refused(self, store):
+        values = np.random.default_rng(1).standard_normal((2, 10, 4, 5)).astype(np.float16)
+        store.create_array("logits", values.shape, "float16", (1, 4, 4, 5))
+        store.write("logits", (), values)
+        buffer = np.full((10, 4, 5), 7, np.float16)
+        assert store.read("logits", (1,), out=buffer) is buffer
+        np.testing.assert_array_equal(buffer, values[1])
+        rows = np.empty((4, 4, 5), np.float16)
+        np.testing.assert_array_equal(store.read("logits", (0, slice(4, 8)), out=rows), values[0, 4:8])
+        with pytest.raises(ValueError, match="should be a contiguous float16 array, found float32"):
+            store.read("logits", (1,), out=np.empty((10, 4, 5), np.float32))
+
     def test_metadata_round_trip(self, store):
         assert store.metadata() == {}
         document = {"format": "x", "nested": {"list": [1, 2.5, "a"], "none": None}}

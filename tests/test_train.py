@@ -228,3 +228,18 @@ def test_train_teacher_on_digits_reaches_70_percent_in_a_few_cpu_epochs(tmp_path
     assert len(sidecar["sha256"]) == 64 and sidecar["test_acc"] == result.test_acc
     state = torch.load(result.checkpoint, weights_only=True)
     assert set(state) == {"model"} and np.isclose(sidecar["best_test_acc"], result.best_test_acc)
+
+
+@pytest.mark.parametrize("order", ["cycle", "shuffle"])
+def test_cached_targets_reuse_two_buffers_without_serving_a_stale_view(teacher, data, tmp_path, order):
+    path = make_cache(teacher, data, tmp_path / "c.zarr", views=3)
+    with open_cache(path) as cache:
+        views = CachedViews(cache, order, seed=2)
+        targets = CachedTargets(cache)
+        buffers = {id(array) for buffer in targets._buffers for array in buffer.values()}
+        everything = torch.arange(48)
+        for epoch in range(7):
+            targets.begin_epoch(views.view_of(epoch), views.view_of(epoch + 1))
+            expected = torch.from_numpy(cache.view(views.view_of(epoch)).astype(np.float32))
+            assert torch.equal(targets(everything, None), expected), epoch
+        assert {id(array) for buffer in targets._buffers for array in buffer.values()} == buffers  # reused

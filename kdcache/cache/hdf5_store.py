@@ -73,8 +73,11 @@ class HDF5Store(Store):
             self._file.swmr_mode = True
         self._dataset(name)[selection] = values
 
-    def _read(self, name: str, selection: Selection) -> np.ndarray:
-        return self._dataset(name)[selection or ()]
+    def _read(self, name: str, selection: Selection, out: np.ndarray | None) -> np.ndarray:
+        if out is None:
+            return self._dataset(name)[selection or ()]
+        self._dataset(name).read_direct(out, selection or None)
+        return out
 
     def _set_metadata(self, metadata: dict[str, Any]) -> None:
         self._leave_swmr()

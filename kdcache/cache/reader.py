@@ -85,6 +85,7 @@ class TeacherCache:
     def __init__(self, store: Store, spec: CacheSpec) -> None:
         self.store, self.spec, self.path = store, spec, store.path
         self._prefetcher: ThreadPoolExecutor | None = None
+        self._complete_progress: np.ndarray | None = None
         self._check_shapes()
 
     # -- what it holds -----------------------------------------------------------------------
@@ -105,8 +106,16 @@ class TeacherCache:
         return self.store.metadata()
 
     def progress(self) -> np.ndarray:
-        """[views, blocks]: PENDING or the block's count of correct teacher predictions."""
-        return self._read_checked("progress", None)
+        """[views, blocks]: PENDING or the block's count of correct teacher predictions (read-only)."""
+        if self._complete_progress is not None:
+            return self._complete_progress
+        progress = self._read_checked("progress", None)
+        progress.flags.writeable = False
+        if (progress != PENDING).all():
+            # a complete cache's progress never changes, and reading its chunk per block costs as much as a
+            # third of a view: every view read after the first skips it
+            self._complete_progress = progress
+        return progress
 
     def is_complete(self) -> bool:
         """Whether every (view, block) was written."""
@@ -168,9 +177,13 @@ class TeacherCache:
         rebuilt = decode_topk(*(torch.from_numpy(arrays[name]) for name in TOPK_ARRAYS), self.spec.num_classes)
         return rebuilt.numpy().astype(self.spec.dtype)  # exact: every rebuilt value is a stored one
 
-    def view_arrays(self, view: int, samples: range | None = None) -> dict[str, np.ndarray]:
+    def view_arrays(self, view: int, samples: range | None = None,
+                    out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """The data arrays of one view (or its `samples`) as stored: `logits`, or `topk_values`, `topk_indices` and
-        `topk_rest`; refuses an incomplete view, missing or damaged chunks and NaN or Inf values."""
+        `topk_rest`; refuses an incomplete view, missing or damaged chunks and NaN or Inf values.
+
+        out: buffers from `view_buffers` to read into: reused, they spare the kernel zeroing fresh pages.
+        """
         if not 0 <= view < self.num_views:
             raise KdcacheError(f"cache {self.path} has views 0-{self.num_views - 1}; view {view} was asked for")
         blocks = self._blocks_of(samples)
@@ -179,7 +192,8 @@ class TeacherCache:
             raise KdcacheError(f"cache {self.path} is incomplete: view {view} lacks {missing.size} of "
                                f"{self.spec.num_blocks} blocks (first: block {missing[0]}); rerun the same "
                                f"`kdcache dump-teacher` command to finish it")
-        arrays = {name: self._read_checked(name, view, blocks) for name in self.spec.data_arrays}
+        arrays = {name: self._read_checked(name, view, blocks, None if out is None else out[name])
+                  for name in self.spec.data_arrays}
         for name, values in arrays.items():
             if values.dtype.kind == "f" and not all_finite(values):
                 first = int(np.flatnonzero(~np.isfinite(values).reshape(len(values), -1).all(1))[0])
@@ -189,11 +203,17 @@ class TeacherCache:
                                         "rebuild the cache with `kdcache dump-teacher --overwrite`")
         return arrays
 
-    def prefetch(self, view: int, samples: range | None = None) -> Future:
+    def view_buffers(self, samples: range | None = None) -> dict[str, np.ndarray]:
+        """Empty arrays that `view_arrays(..., out=)` can read one view (or its `samples`) into."""
+        count = self.spec.num_samples if samples is None else len(samples)
+        return {name: np.empty((count, *shape[2:]), dtype)
+                for name, (shape, dtype) in zip(self.spec.data_arrays, map(self.spec.array_layout, self.spec.data_arrays))}
+
+    def prefetch(self, view: int, samples: range | None = None, out: dict[str, np.ndarray] | None = None) -> Future:
         """Start reading a whole view (or its `samples`) in a background thread; `.result()` gives `view_arrays(...)`."""
         if self._prefetcher is None:
             self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-prefetch")
-        return self._prefetcher.submit(self.view_arrays, view, samples)
+        return self._prefetcher.submit(self.view_arrays, view, samples, out)
 
     def _blocks_of(self, samples: range | None) -> range:
         """The blocks that hold exactly these samples; a range that does not start and end on block edges is refused."""
@@ -207,7 +227,8 @@ class TeacherCache:
                                f"its blocks of {spec.block_size} samples ({spec.num_samples} in all)")
         return range(samples.start // spec.block_size, -(-samples.stop // spec.block_size))
 
-    def _read_checked(self, name: str, view: int | None, blocks: range | None = None) -> np.ndarray:
+    def _read_checked(self, name: str, view: int | None, blocks: range | None = None,
+                      out: np.ndarray | None = None) -> np.ndarray:
         """Read an array (or one view of it, or its blocks), refusing missing chunks and naming the block that fails."""
         problem = next(self._missing_chunks(name, view, blocks), None)
         if problem is not None:
@@ -218,7 +239,7 @@ class TeacherCache:
                 if len(blocks) else range(0)
             selection = (view, slice(rows.start, rows.stop))
         try:
-            return self.store.read(name, selection)
+            return self.store.read(name, selection, out)
         except ChunkReadError:
             problem = next(self._unreadable_chunks(name, view, blocks), None)
             if problem is None:

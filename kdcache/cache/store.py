@@ -74,10 +74,14 @@ class Store(ABC):
         self._set_metadata(metadata)
 
     # -- reading ---------------------------------------------------------------------------
-    def read(self, name: str, selection: Selection = ()) -> np.ndarray:
-        """Read a region of an array; a checksum failure raises ChunkReadError."""
+    def read(self, name: str, selection: Selection = (), out: np.ndarray | None = None) -> np.ndarray:
+        """Read a region of an array (into `out` when given: a reused buffer spares fresh pages); a checksum
+        failure raises ChunkReadError."""
+        if out is not None and (out.dtype != self.array_info(name).dtype or not out.flags.c_contiguous):
+            raise ValueError(f"read({name!r}): the buffer should be a contiguous {self.array_info(name).dtype} array, "
+                             f"found {out.dtype}")  # HDF5 would convert silently
         try:
-            return self._read(name, selection)
+            return self._read(name, selection, out)
         except (ValueError, OSError, RuntimeError) as error:
             raise ChunkReadError(f"{self.path}: array {name!r} at {_describe(selection)} cannot be read "
                                  f"({error})") from error
@@ -130,7 +134,7 @@ class Store(ABC):
     def _write(self, name: str, selection: Selection, values: np.ndarray) -> None: ...
 
     @abstractmethod
-    def _read(self, name: str, selection: Selection) -> np.ndarray: ...
+    def _read(self, name: str, selection: Selection, out: np.ndarray | None) -> np.ndarray: ...
 
     @abstractmethod
     def _set_metadata(self, metadata: dict[str, Any]) -> None: ...

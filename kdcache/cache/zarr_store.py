@@ -98,16 +98,23 @@ class ZarrStore(Store):
     def _write(self, name: str, selection: Selection, values: np.ndarray) -> None:
         self._array(name)[selection] = values
 
-    def _read(self, name: str, selection: Selection) -> np.ndarray:
+    def _read(self, name: str, selection: Selection, out: np.ndarray | None) -> np.ndarray:
         array = self._array(name)
         if self._local and _direct_readable(array, selection):
-            return self._read_slab(array, selection[0])
-        return np.asarray(array[selection])
+            return self._read_slab(array, selection[0], out)
+        values = np.asarray(array[selection])
+        if out is None:
+            return values
+        out[...] = values
+        return out
 
-    def _read_slab(self, array: zarr.Array, index: int) -> np.ndarray:
-        """array[index] of an array chunked (1, rows, *rest): every chunk read straight into its rows."""
+    def _read_slab(self, array: zarr.Array, index: int, out: np.ndarray | None) -> np.ndarray:
+        """array[index] of an array chunked (1, rows, *rest): every chunk read straight into its rows (of `out`)."""
         index = range(array.shape[0])[index]  # a negative index as numpy reads it; out of range raises
-        out = np.empty(array.shape[1:], array.dtype)
+        if out is None:
+            out = np.empty(array.shape[1:], array.dtype)
+        elif out.shape != array.shape[1:]:
+            raise ValueError(f"a buffer of shape {list(array.shape[1:])} was expected, found {list(out.shape)}")
         chunk_bytes = array.chunks[1] * math.prod(array.shape[2:]) * out.itemsize
         data = out.reshape(-1).view(np.uint8)
         folder = f"{self.path / array.path}/"

@@ -28,21 +28,27 @@ class CachedTargets:
         self._view: int | None = None
         self._arrays: list[torch.Tensor] = []
         self._next: tuple[int, Future] | None = None
+        # two sets of host buffers, reused: the view in use reads from one while the next is read into the other
+        self._buffers = [cache.view_buffers(samples) for _ in range(2)]
+        self._in_use = 0
 
     def begin_epoch(self, view: int | None, next_view: int | None = None) -> None:
         """Make `view` resident; start reading `next_view` in the background."""
         if view != self._view:
             if self._next is not None and self._next[0] == view:
                 arrays = self._next[1].result()
+                self._in_use = 1 - self._in_use
             else:
-                arrays = self.cache.view_arrays(view, self.samples)
+                if self._next is not None:  # a read of another view may still be filling the other buffers
+                    self._next[1].exception()  # waits; its error, if any, is that view's, raised when it is read
+                arrays = self.cache.view_arrays(view, self.samples, self._buffers[self._in_use])
             tensors = [torch.from_numpy(values) for values in arrays.values()]  # logits, or values, indices, rest
             if self.regions is not None:
                 tensors = [tensor[:, self.regions] for tensor in tensors]
             self._arrays, self._view = [tensor.to(self.device) for tensor in tensors], view
         self._next = None
         if next_view is not None and next_view != view:
-            self._next = (next_view, self.cache.prefetch(next_view, self.samples))
+            self._next = (next_view, self.cache.prefetch(next_view, self.samples, self._buffers[1 - self._in_use]))
 
     def __call__(self, indices: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """[b, R, C] float32 targets of these samples under the current view."""
