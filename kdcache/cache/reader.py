@@ -206,8 +206,11 @@ class TeacherCache:
     def view_buffers(self, samples: range | None = None) -> dict[str, np.ndarray]:
         """Empty arrays that `view_arrays(..., out=)` can read one view (or its `samples`) into."""
         count = self.spec.num_samples if samples is None else len(samples)
-        return {name: np.empty((count, *shape[2:]), dtype)
-                for name, (shape, dtype) in zip(self.spec.data_arrays, map(self.spec.array_layout, self.spec.data_arrays))}
+        buffers = {}
+        for name in self.spec.data_arrays:
+            shape, dtype = self.spec.array_layout(name)
+            buffers[name] = np.empty((count, *shape[2:]), dtype)
+        return buffers
 
     def prefetch(self, view: int, samples: range | None = None, out: dict[str, np.ndarray] | None = None) -> Future:
         """Start reading a whole view (or its `samples`) in a background thread; `.result()` gives `view_arrays(...)`."""
