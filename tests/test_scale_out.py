@@ -80,6 +80,13 @@ def test_a_sharded_dump_equals_a_single_process_dump_and_resumes_per_rank(work):
     assert_same_cache(work / "sharded.zarr", work / "one.zarr")
 
 
+def test_a_sharded_dump_to_a_url_equals_a_single_process_dump(work):
+    url = (work / "remote" / "sharded.zarr").as_uri()  # file:// goes through fsspec, as s3:// and gs:// do
+    assert f"wrote {url}" in kdcache(work, *dump_args(url), processes=2)
+    assert_same_cache(url, work / "one.zarr")
+    assert not (work / "remote" / "sharded.zarr.lock").exists()
+
+
 def weights(path):
     return torch.load(path, weights_only=True)["model"]
 

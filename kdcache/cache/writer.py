@@ -11,6 +11,7 @@ import numpy as np
 
 from kdcache.cache.layout import PENDING, CacheSpec, differences
 from kdcache.cache.lock import WriterLock
+from kdcache.cache.reader import all_finite
 from kdcache.cache.store import (Location, Store, as_location, create_store, open_store, remove_store, store_class,
                                  store_exists)
 from kdcache.distributed import World, from_main
@@ -122,7 +123,9 @@ class CacheWriter:
                 raise ValueError(f"block {block} of view {view} needs {name} of shape {(len(rows), *shape[2:])}, got "
                                  f"{getattr(arrays.get(name), 'shape', None)}")
             stored[name] = arrays[name].astype(dtype, copy=False)  # checked after the cast: fp16 overflows to Inf
-            if stored[name].dtype.kind == "f":
+            # all_finite answers for the whole block ten times faster than isfinite (float16); which samples
+            # are bad is worked out only when some are
+            if stored[name].dtype.kind == "f" and not all_finite(stored[name]):
                 bad |= ~np.isfinite(stored[name]).reshape(len(rows), -1).all(axis=1)
         if bad.any():
             raise KdcacheError(f"teacher logits are NaN or Inf for samples {_indices(np.flatnonzero(bad) + rows.start)} "
