@@ -5,6 +5,7 @@ function name with `@register_dataset`; `load_dataset` checks the name, split an
 for all of them.
 """
 
+import functools
 import hashlib
 import inspect
 import math
@@ -99,9 +100,16 @@ def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
             f"normalize(): needs uint8 images [..., C, H, W] and C values of mean and std, found {images.dtype} "
             f"{list(images.shape)} with {len(mean)} means and {len(std)} stds"
         )
-    mean_tensor = torch.tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
-    std_tensor = torch.tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    mean_tensor, std_tensor = _channel_constants(tuple(mean), tuple(std), images.device)
     return (images.to(torch.float32) / 255 - mean_tensor) / std_tensor
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """mean and std as [C, 1, 1] float32 tensors on the device, made once: on CUDA each making is a blocking copy,
+    which every batch would otherwise pay twice."""
+    return (torch.tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1),
+            torch.tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1))
 
 
 _LOADERS: dict[str, Callable[..., ImageData]] = {}
