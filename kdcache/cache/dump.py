@@ -84,12 +84,13 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageDa
     writer = CacheWriter.open(out, spec, data.labels.numpy(), params.numpy(), format=format, overwrite=overwrite,
                               here=here)
     try:
-        blocks, _ = distributed.shard(spec.num_blocks, spec.block_size, spec.num_samples, here)
+        blocks, shard = distributed.shard(spec.num_blocks, spec.block_size, spec.num_samples, here)
         pending = writer.pending(blocks)
         resumed = len(pending) < spec.num_views * len(blocks)
         # a resumed run replays exactly the stored parameters
         stored_params = torch.from_numpy(writer.aug_params()).to(device)
-        images, labels = data.images.to(device), data.labels.to(device)
+        held = slice(shard.samples.start, shard.samples.stop)  # a rank moves only its own samples to its device
+        images, labels = data.images[held].to(device), data.labels[held].to(device)
         total = sum(len(spec.block_range(block)) for _, block in pending)
         started = time.perf_counter()
         background = BackgroundWriter(writer)
@@ -98,8 +99,8 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageDa
             with tqdm(total=total, unit="img", unit_scale=True, disable=not show_progress,
                       desc=f"dump {location_name(out)}{rank}", position=here.rank) as bar:
                 for view, block in pending:
-                    arrays, correct = _teacher_block(logit_map, images, labels, stored_params[view], data,
-                                                     policy, spec, block, batch_size, device)
+                    arrays, correct = _teacher_block(logit_map, images, labels, stored_params[view, held], data,
+                                                     policy, spec, block, batch_size, device, held.start)
                     background.submit(view, block, arrays, correct)
                     bar.update(len(spec.block_range(block)))
         except BaseException:
@@ -117,14 +118,17 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageDa
 
 def _teacher_block(logit_map: nn.Module, images: torch.Tensor, labels: torch.Tensor, params: torch.Tensor,
                    data: ImageData, policy: Any, spec: CacheSpec, block: int, batch_size: int,
-                   device: torch.device) -> tuple[dict[str, np.ndarray], int]:
+                   device: torch.device, first: int = 0) -> tuple[dict[str, np.ndarray], int]:
     """The data arrays of one block of samples under one view's parameters (region logits, or their top-k
-    encoding, made on the device), and how many region-0 predictions are right."""
+    encoding, made on the device), and how many region-0 predictions are right.
+
+    images, labels and params hold the samples from `first` on (a rank's share of a sharded dump).
+    """
     rows = spec.block_range(block)
     parts, correct = [], torch.zeros((), dtype=torch.long, device=device)
     # batches always start at the block's start, so a resumed block computes exactly what it would have
     for start in range(rows.start, rows.stop, batch_size):
-        batch = slice(start, min(start + batch_size, rows.stop))
+        batch = slice(start - first, min(start + batch_size, rows.stop) - first)
         x = normalize(policy.apply(images[batch], params[batch]), data.mean, data.std)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)

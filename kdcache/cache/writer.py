@@ -33,13 +33,13 @@ class CacheWriter:
         open it to write their own chunks.
         """
         path = as_location(path)
-        store_class(path, format)  # an HDF5 cache at a URL is refused before any lock is taken
+        backend = store_class(path, format)  # an HDF5 cache at a URL is refused before any lock is taken
         if not here.distributed:
             return cls._open_alone(path, spec, labels, aug_params, format, overwrite)
-        if store_class(path, format).format_name != "zarr":
+        if backend.format_name != "zarr":
             raise KdcacheError(f"a sharded dump ({here.size} processes) writes Zarr, where each rank writes only its "
-                               f"own chunk files; {path} is {store_class(path, format).format_name}, whose file takes "
-                               f"one writer: use a .zarr --out (or --format zarr), or run one process")
+                               f"own chunk files; {path} is {backend.format_name}, whose file takes one writer: use "
+                               f"a .zarr --out (or --format zarr), or run one process")
         main = from_main(lambda: cls._open_alone(path, spec, labels, aug_params, format, overwrite).shareable())
         if here.is_main:
             return main
