@@ -77,8 +77,8 @@ class Store(ABC):
     def read(self, name: str, selection: Selection = (), out: np.ndarray | None = None) -> np.ndarray:
         """Read a region of an array (into `out` when given: a reused buffer spares fresh pages); a checksum
         failure raises ChunkReadError."""
-        if out is not None and (out.dtype != self.array_info(name).dtype or not out.flags.c_contiguous):
-            raise ValueError(f"read({name!r}): the buffer should be a contiguous {self.array_info(name).dtype} array, "
+        if out is not None and (out.dtype != (dtype := self.array_info(name).dtype) or not out.flags.c_contiguous):
+            raise ValueError(f"read({name!r}): the buffer should be a contiguous {dtype} array, "
                              f"found {out.dtype}")  # HDF5 would convert silently
         try:
             return self._read(name, selection, out)
@@ -319,8 +319,7 @@ def open_store(path: Location, read_only: bool = True) -> Store:
     from kdcache.cache.zarr_store import ZarrStore
 
     if isinstance(location, str):
-        if _url_path(location).suffix in (HDF5Store.suffix, *HDF5Store.other_suffixes):
-            raise _refuse_hdf5_url(location)
+        store_class(location)  # an .h5 URL is refused by its suffix
         if not store_exists(location):
             raise KdcacheError(f"no cache at {location}: expected a Zarr (.zarr) store written by `kdcache "
                                f"dump-teacher`; check the URL or run dump-teacher first")

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from kdcache import distributed
 from kdcache.config import TrainConfig
 from kdcache.data import ImageData, normalize
 from kdcache.distributed import Shard, World, all_sum, synchronise_batchnorm
@@ -156,9 +157,8 @@ class Run:
 
     def evaluate(self, test: ImageData, test_images: torch.Tensor) -> float:
         """Top-1 accuracy of the global logit on the un-augmented test split (its images already on the device)."""
-        here = self.here  # each rank evaluates its part of the test split
-        samples = range(len(test_images) * here.rank // here.size, len(test_images) * (here.rank + 1) // here.size)
-        return top1_accuracy(self.model.model, test, self.device, test_images, samples=samples)
+        part = distributed.shard(len(test_images), 1, len(test_images), self.here)[1]  # each rank evaluates its share
+        return top1_accuracy(self.model.model, test, self.device, test_images, samples=part.samples)
 
     def end_epoch(self, metrics: dict[str, float]) -> None:
         """Record the epoch: history, metrics.csv, TensorBoard when installed, and the resumable checkpoint (rank 0)."""
