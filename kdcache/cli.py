@@ -50,6 +50,7 @@ def cli() -> None:
     Start here:   kdcache quickstart
     Stage 1:      kdcache dump-teacher --checkpoint T.pt --teacher resnet32x4 --dataset cifar100 --data-root DATA
     Stage 2:      kdcache distill --cache caches/teacher.zarr --student resnet8x4
+    Many GPUs:    torchrun --nproc-per-node 8 -m kdcache dump-teacher ... (or distill ...): see the README
     """
 
 
@@ -81,7 +82,8 @@ def quickstart(out: str, cache_path: str, device: str | None) -> None:
               **_default(TeacherConfig, "batch_size"))
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Initial SGD learning rate.",
               **_default(TeacherConfig, "lr"))
-@click.option("--augmentation", help="Augmentation policy (cifar: pad 4, crop, flip; none).",
+@click.option("--augmentation", help="Augmentation policy (cifar: pad 4, crop, flip; imagenet: RandomResizedCrop, "
+              "flip; none).",
               **_default(TeacherConfig, "augmentation"))
 @click.option("--out", help="Folder for model.pt (weights only), model.json, metrics.csv.",
               **_default(TeacherConfig, "out"))
@@ -114,7 +116,7 @@ def train_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> N
               "in a seeded random order.")
 @click.option("--scales", callback=_scales, help="Region scales; region count is the sum of their squares.",
               **_default(DumpConfig, "scales"))
-@click.option("--aug", "augmentation", help="Augmentation policy replayed for each view.",
+@click.option("--aug", "augmentation", help="Augmentation policy replayed for each view (cifar, imagenet, none).",
               **_default(DumpConfig, "augmentation"))
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per teacher forward pass.",
               **_default(DumpConfig, "batch_size"))
@@ -122,7 +124,8 @@ def train_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> N
               **_default(DumpConfig, "dtype"))
 @click.option("--format", type=click.Choice(["zarr", "hdf5"]), help="Store format (default: from --out's suffix, "
               "else zarr).")
-@click.option("--out", help="Cache path (.zarr directory or .h5 file).", **_default(DumpConfig, "out"))
+@click.option("--out", help="Cache path (.zarr directory or .h5 file), or a Zarr URL (s3://, gs://, file://).",
+              **_default(DumpConfig, "out"))
 @click.option("--block-size", type=click.IntRange(min=0), help="Samples per chunk (0: about 2 MB per chunk).",
               **_default(DumpConfig, "block_size"))
 @click.option("--topk", type=click.IntRange(min=0), help="Store per region only the k largest logits, their classes "
@@ -141,7 +144,7 @@ def dump_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> No
 
 @cli.command("distill")
 @config_option
-@click.option("--cache", help="Teacher cache written by dump-teacher.")
+@click.option("--cache", help="Teacher cache written by dump-teacher (a path, or a Zarr URL such as s3://...).")
 @click.option("--live-teacher", help="Teacher checkpoint run on every batch instead: the online baseline (fresh views "
               "each epoch, or the cache's views when --cache is given too).")
 @click.option("--teacher", help="Architecture of --live-teacher (read from its sidecar when omitted); with --cache, "
