@@ -7,7 +7,6 @@ saw. `apply` sums pixels in integers (weights come from single IEEE double ops),
 CUDA give bit-identical pixels.
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -15,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdcache.errors import KdcacheError, unknown_name
+from kdcache.errors import KdcacheError
+from kdcache.registry import Registry
 
 
 class AugmentPolicy(Protocol):
@@ -286,7 +286,26 @@ def _checked_params(policy: AugmentPolicy, images: Tensor, params: Tensor) -> Te
     return params.to(device=images.device, dtype=torch.int64)
 
 
-def _imagenet_policy(image_size: tuple[int, int] | None) -> AugmentPolicy:
+# each entry makes its policy for the stored images' (H, W), or None when that is not known
+POLICIES: Registry[AugmentPolicy] = Registry("get_policy()")
+list_policies = POLICIES.names
+_CIFAR, _IDENTITY = CropFlip(padding=4), Identity()  # the same instance whatever the size
+
+
+@POLICIES.register
+def cifar(image_size: tuple[int, int] | None = None) -> CropFlip:
+    """RandomCrop(padding 4) + flip, at any size."""
+    return _CIFAR
+
+
+@POLICIES.register
+def none(image_size: tuple[int, int] | None = None) -> Identity:
+    """No augmentation."""
+    return _IDENTITY
+
+
+@POLICIES.register
+def imagenet(image_size: tuple[int, int] | None = None) -> ResizedCropFlip:
     """ResizedCropFlip at the stored images' size, which its boxes and output are measured in."""
     if image_size is None:
         raise KdcacheError("get_policy('imagenet'): needs image_size=(H, W), the stored images' height and width "
@@ -294,23 +313,6 @@ def _imagenet_policy(image_size: tuple[int, int] | None) -> AugmentPolicy:
     return ResizedCropFlip(size=(int(image_size[0]), int(image_size[1])))
 
 
-# each entry makes its policy for the stored images' (H, W), or None when that is not known
-_CIFAR, _IDENTITY = CropFlip(padding=4), Identity()
-_POLICIES: dict[str, Callable[[tuple[int, int] | None], AugmentPolicy]] = {
-    CropFlip.name: lambda image_size: _CIFAR,
-    Identity.name: lambda image_size: _IDENTITY,
-    ResizedCropFlip.name: _imagenet_policy,
-}
-
-
-def list_policies() -> list[str]:
-    """The registered policy names, sorted."""
-    return sorted(_POLICIES)
-
-
 def get_policy(name: str, image_size: tuple[int, int] | None = None) -> AugmentPolicy:
     """The registered policy of that name for images of image_size (H, W); cifar and none ignore the size."""
-    make = _POLICIES.get(name)
-    if make is None:
-        raise unknown_name("get_policy()", name, list_policies())
-    return make(image_size)
+    return POLICIES.get(name, image_size=image_size)

@@ -9,7 +9,7 @@ import functools
 import hashlib
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdcache.data.cifar import read_cifar
-from kdcache.errors import KdcacheError, unknown_name
+from kdcache.errors import KdcacheError
+from kdcache.registry import Registry
 
 SPLITS = ("train", "test")
 
@@ -112,25 +113,15 @@ def _channel_constants(mean: tuple[float, ...], std: tuple[float, ...], device: 
             torch.tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1))
 
 
-_LOADERS: dict[str, Callable[..., ImageData]] = {}
+# loader(root, split, *, options...) -> ImageData, under its function name
+DATASETS: Registry[ImageData] = Registry("load_dataset()")
+register_dataset = DATASETS.register
+list_datasets = DATASETS.names
 
 
-def register_dataset(loader: Callable[..., ImageData]) -> Callable[..., ImageData]:
-    """Register `loader(root, split, *, options...) -> ImageData` under its function name."""
-    _LOADERS[loader.__name__] = loader
-    return loader
-
-
-def list_datasets() -> list[str]:
-    """The registered dataset names, sorted."""
-    return sorted(_LOADERS)
-
-
-def load_dataset(name: str, root: str | Path | None = None, split: str = "train", **options) -> ImageData:
+def load_dataset(name: str, root: str | Path | None = None, split: str = "train", **options: object) -> ImageData:
     """One split of a registered dataset; `options` are the loader's keyword options."""
-    loader = _LOADERS.get(name)
-    if loader is None:
-        raise unknown_name("load_dataset()", name, list_datasets())
+    loader = DATASETS.entry(name)
     if split not in SPLITS:
         raise KdcacheError(f"load_dataset({name!r}): unknown split {split!r}; known: {', '.join(SPLITS)}")
     known = dataset_options(name)
@@ -144,9 +135,7 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
 
 def dataset_options(name: str) -> list[str]:
     """The keyword options a registered dataset's loader takes (such as image_size)."""
-    loader = _LOADERS.get(name)
-    if loader is None:
-        raise unknown_name("load_dataset()", name, list_datasets())
+    loader = DATASETS.entry(name)
     return [p.name for p in inspect.signature(loader).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
