@@ -1,4 +1,4 @@
-"""Distillation losses as pure functions on tensors, and the registry behind `--loss NAME`.
+"""Distillation losses as pure functions on tensors.
 
 Shapes. Logits are `[..., C]`, classes last. Region logits are `[B, R, C]`: region 0 is the global
 logit, then each scale's cells row-major (R = sum of s² over the scales, e.g. 1 + 4 + 16 = 21 for
@@ -20,28 +20,23 @@ Sources (the numbers and the formulas were checked against these; no code was co
        StephenEkaputra/Swapped-Logit-Distillation@e2d0d1d `mdistiller/distillers/SLD.py`.
 
 Where kdcache computes the same quantity differently from the released code, it says so at the
-function. The defaults of each `--loss` name live in `configs/losses.yaml`.
+function. The defaults of each `--loss` name live in `configs/losses.yaml` (see `kdcache.losses.spec`).
 """
 
-import dataclasses
-import functools
-import importlib.resources
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor
 
-from kdcache.errors import KdcacheError, unknown_name
+from kdcache.errors import KdcacheError
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 
 
-def _upcast(x: Tensor) -> Tensor:
+def upcast(x: Tensor) -> Tensor:
     """fp16/bf16 → float32; other dtypes unchanged."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
@@ -68,7 +63,7 @@ def _split_target(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _prepare(student: Tensor, teacher: Tensor, standardize_logits: bool, call: str) -> tuple[Tensor, Tensor]:
-    student, teacher = _upcast(student), _upcast(teacher)
+    student, teacher = upcast(student), upcast(teacher)
     if student.shape != teacher.shape:
         raise KdcacheError(
             f"{call}: student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ in shape"
@@ -102,7 +97,7 @@ def standardize(logits: Tensor, eps: float = 1e-7) -> Tensor:
     The gradient at a constant row is of order 1/eps, by the formula: finite in float32/bfloat16,
     beyond float16's range, so logits that need gradients should not be float16 here.
     """
-    z = _upcast(logits)
+    z = upcast(logits)
     mean = z.mean(dim=-1, keepdim=True)
     var = z.var(dim=-1, keepdim=True, correction=1)
     std = var.clamp_min(torch.finfo(z.dtype).tiny).sqrt()
@@ -129,7 +124,7 @@ def tckd(student: Tensor, teacher: Tensor, labels: Tensor, temperature: float) -
     Computed in log space (log(1 − p_target) = logsumexp of the non-target logits − logsumexp of all),
     where the DKD code takes log of the summed probabilities; same value, and no log(0) for large logits.
     """
-    s, t = _upcast(student) / temperature, _upcast(teacher) / temperature
+    s, t = upcast(student) / temperature, upcast(teacher) / temperature
     log_b_s = _binary_log_probs(s, labels)
     log_b_t = _binary_log_probs(t, labels)
     return temperature**2 * _kl(log_b_t, log_b_s)
@@ -149,8 +144,8 @@ def nckd(student: Tensor, teacher: Tensor, labels: Tensor, temperature: float) -
     kdcache drops the target column instead: the same value for ordinary logits, and still exact for
     logits whose spread/T is beyond 1000 (±1e4 logits, where the DKD code's loss is NaN).
     """
-    _, s_others = _split_target(_upcast(student) / temperature, labels)
-    _, t_others = _split_target(_upcast(teacher) / temperature, labels)
+    _, s_others = _split_target(upcast(student) / temperature, labels)
+    _, t_others = _split_target(upcast(teacher) / temperature, labels)
     return temperature**2 * _kl(F.log_softmax(t_others, dim=-1), F.log_softmax(s_others, dim=-1))
 
 
@@ -185,9 +180,9 @@ def sdd_region_weights(teacher_regions: Tensor, labels: Tensor, complementary_we
     Predictions come from the raw teacher logits (standardising does not move the argmax).
     """
     with torch.no_grad():
-        right = _upcast(teacher_regions).argmax(dim=-1) == labels.long().unsqueeze(-1)  # [B, R]
+        right = upcast(teacher_regions).argmax(dim=-1) == labels.long().unsqueeze(-1)  # [B, R]
         consistent = right == right[:, :1]
-        ones = torch.ones(right.shape, dtype=_upcast(teacher_regions).dtype, device=right.device)
+        ones = torch.ones(right.shape, dtype=upcast(teacher_regions).dtype, device=right.device)
         return torch.where(consistent, ones, complementary_weight * ones)
 
 
@@ -251,6 +246,25 @@ def swap_target_max(logits: Tensor, labels: Tensor) -> Tensor:
     return logits.scatter(-1, labels, top_value).scatter(-1, top, target_value)
 
 
+def sld_teacher_term(student: Tensor, teacher: Tensor, labels: Tensor, temperatures: Sequence[float]) -> Tensor:
+    """SLD's first term: Σ_T KD_T(s, swap(t)), KD from the teacher with its label and top logits swapped."""
+    s, t = upcast(student), upcast(teacher)
+    swapped = swap_target_max(t, _check_labels(labels, s, "sld_teacher_term()"))
+    return sum(kd(s, swapped, temperature) for temperature in temperatures)
+
+
+def sld_student_term(student: Tensor, labels: Tensor, temperatures: Sequence[float], detach: bool = True) -> Tensor:
+    """SLD's second term: Σ_T KD_T(s, swap(s)), KD from the student's own swapped logits (a fixed target if detach)."""
+    s = upcast(student)
+    swapped = swap_target_max(s.detach() if detach else s, _check_labels(labels, s, "sld_student_term()"))
+    return sum(kd(s, swapped, temperature) for temperature in temperatures)
+
+
+def sld_switched(epoch: float, switch_epoch: float) -> bool:
+    """Whether SLD's second teacher (the swapped student) is on: from epoch ⌊epoch⌋ > γ, epochs counted from 1."""
+    return math.floor(epoch) > switch_epoch
+
+
 def sld(
     student: Tensor,
     teacher: Tensor,
@@ -274,167 +288,7 @@ def sld(
     i.e. a fixed target (the paper's full text was not available to check which it states);
     `detach_student_teacher=False` gives the official gradient. The loss value is the same either way.
     """
-    s, t = _upcast(student), _upcast(teacher)
-    labels = _check_labels(labels, s, "sld()")
-    teachers = [swap_target_max(t, labels)]
-    if math.floor(epoch) > switch_epoch:
-        teachers.append(swap_target_max(s.detach() if detach_student_teacher else s, labels))
-    return sum(kd(s, target, temperature) for target in teachers for temperature in temperatures)
-
-
-# ---------------------------------------------------------------------------------------------
-# registry: `--loss NAME` → function + the paper's defaults (configs/losses.yaml)
-
-_FUNCTIONS: dict[str, Callable[..., Tensor] | None] = {
-    "ce": None,
-    "kd": kd,
-    "dkd": dkd,
-    "sdd": sdd,
-    "sdd_lskd": sdd_lskd,
-    "sld": sld,
-}
-_BASES = {"kd": kd, "dkd": dkd}
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    """A loss and its defaults: what `--loss NAME` means. Plain values, so it can be saved with a checkpoint.
-
-    `loss` names the pure function (ce, kd, dkd, sdd, sdd_lskd, sld); `base` the per-region loss of the
-    SDD ones (kd or dkd); `standardize` z-scores the logits for kd, dkd and sdd (sdd_lskd always does).
-    Epochs count from 1 (the first epoch is 1), as in mdistiller's trainer.
-    """
-
-    name: str
-    loss: str
-    paper: str
-    code: str
-    ce_weight: float
-    distill_weight: float = 0.0
-    temperature: float | None = None
-    alpha: float | None = None
-    beta: float | None = None
-    warmup_epochs: float = 0.0
-    standardize: bool = False
-    base: str | None = None
-    complementary_weight: float | None = None
-    scales: tuple[int, ...] | None = None
-    temperatures: tuple[float, ...] | None = None
-    switch_epoch: float | None = None
-
-    def __post_init__(self):
-        call = f"LossSpec({self.name!r})"
-        if self.loss not in _FUNCTIONS:
-            raise unknown_name(f"{call}: loss", self.loss, _FUNCTIONS)
-        if self.loss in ("sdd", "sdd_lskd") and self.base not in _BASES:
-            raise KdcacheError(f"{call}: an SDD loss needs base 'kd' or 'dkd'; got {self.base!r}")
-        needed = {
-            "ce": [],
-            "kd": ["temperature"],
-            "dkd": ["temperature", "alpha", "beta"],
-            "sdd": ["temperature", "complementary_weight"],
-            "sdd_lskd": ["temperature", "complementary_weight"],
-            "sld": ["temperatures", "switch_epoch"],
-        }[self.loss]
-        if self.base == "dkd":
-            needed += ["alpha", "beta"]
-        missing = [field for field in needed if getattr(self, field) is None]
-        if missing:
-            raise KdcacheError(f"{call}: loss {self.loss!r} needs {', '.join(missing)}")
-
-    @property
-    def function(self) -> Callable[..., Tensor] | None:
-        """The pure loss function (None for plain cross-entropy)."""
-        return _FUNCTIONS[self.loss]
-
-    @property
-    def uses_regions(self) -> bool:
-        """Whether the loss reads every region (SDD) or only region 0, the global logit."""
-        return self.loss in ("sdd", "sdd_lskd")
-
-    def warmup_factor(self, epoch: float) -> float:
-        """min(epoch / warm-up epochs, 1), the DKD/SDD-DKD ramp of the distillation term; 1 without warm-up."""
-        return min(epoch / self.warmup_epochs, 1.0) if self.warmup_epochs > 0 else 1.0
-
-    def compute(
-        self, student_regions: Tensor, teacher_regions: Tensor | None, labels: Tensor, epoch: float
-    ) -> dict[str, Tensor]:
-        """The weighted terms of one training step: `ce`, `kd` (the distillation term; absent for `ce`), `total`.
-
-        student_regions/teacher_regions: `[B, R, C]`; labels: `[B]`; epoch: counted from 1 (pass the integer
-        epoch to reproduce the papers' code exactly). CE is on the student's region 0. Non-SDD losses read
-        region 0 only; SDD losses every region given. kd = distill_weight · warm-up factor · loss.
-        """
-        call = f"LossSpec({self.name!r}).compute()"
-        if student_regions.dim() != 3:
-            raise KdcacheError(f"{call}: student logits must be [B, R, C]; got {tuple(student_regions.shape)}")
-        student = _upcast(student_regions)
-        labels = labels.long()
-        terms = {"ce": self.ce_weight * F.cross_entropy(student[:, 0], labels)}
-        if self.loss != "ce":
-            if teacher_regions is None:
-                raise KdcacheError(f"{call}: loss {self.name!r} needs teacher logits; got None")
-            if teacher_regions.shape != student_regions.shape:
-                raise KdcacheError(
-                    f"{call}: teacher logits {tuple(teacher_regions.shape)} and student logits "
-                    f"{tuple(student_regions.shape)} differ in shape"
-                )
-            distill = self._distill(student, _upcast(teacher_regions), labels, epoch)
-            terms["kd"] = self.distill_weight * self.warmup_factor(epoch) * distill
-        terms["total"] = sum(terms.values())
-        return terms
-
-    def _distill(self, student: Tensor, teacher: Tensor, labels: Tensor, epoch: float) -> Tensor:
-        if self.loss == "kd":
-            return kd(student[:, 0], teacher[:, 0], self.temperature, standardize=self.standardize)
-        if self.loss == "dkd":
-            s, t = student[:, 0], teacher[:, 0]
-            return dkd(s, t, labels, self.alpha, self.beta, self.temperature, standardize=self.standardize)
-        if self.loss == "sld":
-            return sld(student[:, 0], teacher[:, 0], labels, self.temperatures, epoch, self.switch_epoch)
-        base_args = {"temperature": self.temperature}
-        if self.base == "dkd":
-            base_args |= {"alpha": self.alpha, "beta": self.beta}
-        if self.loss == "sdd":
-            base_args["standardize"] = self.standardize
-        return self.function(student, teacher, labels, _BASES[self.base], self.complementary_weight, **base_args)
-
-
-_TUPLE_FIELDS = {"scales", "temperatures"}
-
-
-@functools.cache
-def _registry() -> dict[str, LossSpec]:
-    text = (importlib.resources.files("kdcache.configs") / "losses.yaml").read_text()
-    fields = {field.name for field in dataclasses.fields(LossSpec)} - {"name"}
-    specs = {}
-    for name, entry in yaml.safe_load(text).items():
-        unknown = sorted(set(entry) - fields)
-        if unknown:
-            raise KdcacheError(
-                f"configs/losses.yaml: entry {name!r} has unknown keys {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(fields))}"
-            )
-        values = {key: tuple(value) if key in _TUPLE_FIELDS else value for key, value in entry.items()}
-        specs[name] = LossSpec(name=name, **values)
-    return specs
-
-
-def list_losses() -> list[str]:
-    """The `--loss` names, in the order of configs/losses.yaml."""
-    return list(_registry())
-
-
-def get_loss(name: str, **overrides) -> LossSpec:
-    """The `LossSpec` registered as `name`, with any field replaced by `overrides` (e.g. temperature=3.0)."""
-    try:
-        spec = _registry()[name]
-    except KeyError:
-        raise unknown_name("get_loss()", name, list_losses()) from None
-    fields = {field.name for field in dataclasses.fields(LossSpec)} - {"name", "loss"}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        known = ", ".join(sorted(fields))
-        raise KdcacheError(f"get_loss({name!r}): unknown field {', '.join(unknown)}; known: {known}")
-    overrides = {key: tuple(value) if key in _TUPLE_FIELDS else value for key, value in overrides.items()}
-    return dataclasses.replace(spec, **overrides)
+    loss = sld_teacher_term(student, teacher, labels, temperatures)
+    if sld_switched(epoch, switch_epoch):
+        loss = loss + sld_student_term(student, labels, temperatures, detach_student_teacher)
+    return loss

@@ -1,0 +1,28 @@
+"""Distillation losses: pure functions on tensors (`functions`) and the `--loss NAME` specs (`spec`)."""
+
+from kdcache.losses.functions import (
+                                      dkd,
+                                      kd,
+                                      nckd,
+                                      sdd,
+                                      sdd_lskd,
+                                      sdd_region_weights,
+                                      sld,
+                                      sld_student_term,
+                                      sld_switched,
+                                      sld_teacher_term,
+                                      standardize,
+                                      swap_target_max,
+                                      tckd,
+                                      upcast,
+)
+from kdcache.losses.spec import (
+                                      PAPER_EPOCHS,
+                                      LossSpec,
+                                      get_loss,
+                                      list_losses,
+                                      scaled_loss,
+)
+
+__all__ = ["PAPER_EPOCHS", "LossSpec", "dkd", "get_loss", "kd", "list_losses", "nckd", "scaled_loss", "sdd", "sdd_lskd", "sdd_region_weights", "sld",
+           "sld_student_term", "sld_switched", "sld_teacher_term", "standardize", "swap_target_max", "tckd", "upcast"]
