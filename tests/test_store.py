@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
-
 from cache_faults import delete_chunk, flip_chunk_byte
+
+from kdcache.cache.backends import open_store, store_class
 from kdcache.cache.hdf5_store import HDF5Store
-from kdcache.cache.store import ChunkReadError, open_store, store_class
+from kdcache.cache.store import ChunkReadError
 from kdcache.cache.zarr_store import ZarrStore
 from kdcache.errors import KdcacheError
 
@@ -17,7 +18,7 @@ class StoreConformance:
 
     @pytest.fixture
     def path(self, tmp_path):
-        return tmp_path / f"cache{self.backend.suffix}"
+        return tmp_path / f"cache{self.backend.suffixes[0]}"
 
     @pytest.fixture
     def store(self, path):
@@ -143,7 +144,7 @@ def test_backend_from_format_or_suffix(name, fmt, expected, tmp_path):
 
 
 def test_unknown_format_and_missing_path_are_clear(tmp_path):
-    with pytest.raises(KdcacheError, match="unknown format 'parquet'; known: zarr, hdf5"):
+    with pytest.raises(KdcacheError, match="--format: unknown name 'parquet'; known: hdf5, zarr"):
         store_class(tmp_path / "c", "parquet")
     with pytest.raises(KdcacheError, match="no cache at"):
         open_store(tmp_path / "absent.zarr")

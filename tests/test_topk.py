@@ -13,16 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kdcache import losses as L
-from kdcache.cache.topk import (
-    REST_SENTINEL,
-    decode_topk,
-    encode_topk,
-    index_dtype_for,
-    kl_rows,
-    rebuild_topk,
-    topk_bytes,
-    topk_kl,
-)
+from kdcache.cache.topk import REST_SENTINEL, decode_topk_array, index_dtype_for, topk_bytes
+from kdcache.stages.topk import decode_topk, encode_topk, kl_rows, rebuild_topk, topk_kl
 from kdcache.errors import KdcacheError
 
 SETTINGS = settings(max_examples=60, deadline=None)

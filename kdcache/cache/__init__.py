@@ -1,9 +1,12 @@
-"""Teacher caches: the store interface with Zarr and HDF5 backends, the writer, the reader and the dump."""
+"""Teacher caches, storage only: locations, the store interface and its Zarr and HDF5 backends, the format, the
+writer, the reader and verify. Nothing here knows torch or models."""
 
+from kdcache.cache.backends import create_store, open_store
 from kdcache.cache.layout import CacheSpec
 from kdcache.cache.reader import Problem, TeacherCache, open_cache
-from kdcache.cache.store import Store, open_store
+from kdcache.cache.store import Store
+from kdcache.cache.verify import verify
 from kdcache.cache.writer import BackgroundWriter, CacheWriter
 
-__all__ = ["BackgroundWriter", "CacheSpec", "CacheWriter", "Problem", "Store", "TeacherCache", "open_cache",
-           "open_store"]
+__all__ = ["BackgroundWriter", "CacheSpec", "CacheWriter", "Problem", "Store", "TeacherCache", "create_store",
+           "open_cache", "open_store", "verify"]

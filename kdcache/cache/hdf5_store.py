@@ -27,8 +27,7 @@ class HDF5Store(Store):
     """A cache as one HDF5 file (`.h5`)."""
 
     format_name = "hdf5"
-    suffix = ".h5"
-    other_suffixes = (".hdf5",)
+    suffixes = (".h5", ".hdf5")
 
     def __init__(self, path: Path, file: h5py.File, read_only: bool) -> None:
         super().__init__(path, read_only)

@@ -3,20 +3,32 @@ that a cache fits its use."""
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from kdcache import __version__
 from kdcache.cache.topk import index_dtype_for
 from kdcache.errors import CorruptCacheError, KdcacheError
 
 FORMAT = "kdcache-teacher-logits"
-FORMAT_VERSIONS = (1, 2)  # 1: every logit; 2: per region the top k logits, their classes and one value for the rest
+# every version ever written, and what it stores; a reader reads them all, a writer writes the last
+FORMAT_VERSIONS = {
+    1: "every logit; `progress` chunked one chunk per view (kdcache before 6a2eddd) or one per block (6a2eddd "
+       "to 6894b6c): the chunk shape tells which",
+    2: "per region the top k logits, their classes and one value for the rest; `progress` one chunk per block",
+    3: "every logit, or with `logits.topk` the top k as in 2; `progress` one chunk per block",
+}
+WRITTEN_VERSION = 3
 TARGET_CHUNK_BYTES = 2 * 2**20  # one view x one block of samples per chunk: 1-4 MB reads well from disk
 PENDING = -1  # progress value of a block not yet written
+FINITE_CHECK_BLOCK = 2**18  # values tested at a time: the scratch stays in cache
+# float dtype -> (same-size unsigned int, its exponent bits): a value is NaN or Inf iff all of them are set
+_EXPONENT_BITS = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000)}
 
 ARRAYS = {
     "logits": "[views, samples, regions, classes] raw pre-softmax teacher logits of each region",
@@ -56,17 +68,14 @@ class CacheSpec:
     scales: tuple[int, ...]
     dtype: str = "float16"
     block_size: int = 0  # 0: chosen from TARGET_CHUNK_BYTES
-    topk: int = 0  # 0: every logit (format 1); k: the top k per region (format 2)
+    topk: int = 0  # 0: every logit; k: the top k per region
     view_accuracy: list[float] | None = field(default=None, compare=False)
+    format_version: int = field(default=WRITTEN_VERSION, compare=False)  # of a stored cache: as it was written
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
             object.__setattr__(self, "block_size", max(1, min(self.num_samples,
                                                               TARGET_CHUNK_BYTES // self.bytes_per_sample)))
-
-    @property
-    def format_version(self) -> int:
-        return 2 if self.topk else 1
 
     @property
     def data_arrays(self) -> tuple[str, ...]:
@@ -125,7 +134,7 @@ class CacheSpec:
         return {
             "format": FORMAT,
             "format_version": self.format_version,
-            "kdcache_version": __version__,
+            "kdcache_version": tool_version(),
             "description": "Teacher logits over replayable augmented views, written by `kdcache dump-teacher`; "
                            "train students from it with `kdcache distill --cache`.",
             "teacher": self.teacher,
@@ -147,23 +156,7 @@ class CacheSpec:
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any], where: str) -> CacheSpec:
         """Parse and check a stored metadata document; a missing or malformed field names itself."""
-        if not metadata:
-            raise CorruptCacheError(f"{where} has no kdcache metadata: it was not written by `kdcache dump-teacher`, "
-                                    f"or its creation was interrupted before it started; rerun dump-teacher")
-        if metadata.get("format") != FORMAT:
-            raise CorruptCacheError(f"{where}: metadata field 'format' is {metadata.get('format')!r}, "
-                                    f"expected {FORMAT!r}; this is not a kdcache teacher cache")
-        version = metadata.get("format_version")
-        if version not in FORMAT_VERSIONS or isinstance(version, bool):
-            raise CorruptCacheError(f"{where}: cache format version {version!r}, this kdcache ({__version__}) reads "
-                                    f"versions {' and '.join(map(str, FORMAT_VERSIONS))}; rebuild the cache or use the "
-                                    f"kdcache that wrote it")
-        logits = metadata.get("logits")
-        if isinstance(logits, dict) and (version == 2) != ("topk" in logits):
-            raise CorruptCacheError(f"{where}: metadata field 'format_version' is {version} but 'logits.topk' is "
-                                    f"{'missing' if version == 2 else 'present'}; format 2, and only it, stores top-k "
-                                    f"logits: the metadata was edited — rebuild it with `kdcache dump-teacher "
-                                    f"--overwrite`")
+        version = _format_version(metadata, where)
         get = _FieldReader(metadata, where)
         scales = tuple(get("scales", list))
         if not scales or not all(isinstance(s, int) and s > 0 for s in scales):
@@ -173,8 +166,9 @@ class CacheSpec:
             teacher=get("teacher", dict), dataset=get("dataset", dict), augmentation=get("augmentation", dict),
             num_views=get("views.count", int), exhaustive=get("views.exhaustive", bool),
             seed=get("views.seed", int), scales=scales, dtype=get("logits.dtype", str),
-            block_size=get("logits.block_size", int), topk=get("logits.topk", int) if version == 2 else 0,
-            view_accuracy=metadata.get("view_accuracy"))
+            block_size=get("logits.block_size", int),
+            topk=get("logits.topk", int) if "topk" in metadata["logits"] else 0,
+            view_accuracy=metadata.get("view_accuracy"), format_version=version)
         # every field a reader relies on later, so that a missing one is named here
         for name, kind in (("teacher.arch", str), ("teacher.num_classes", int), ("teacher.checkpoint_sha256", str),
                            ("teacher.precision", str), ("teacher.feature_map", list), ("dataset.name", str),
@@ -182,23 +176,27 @@ class CacheSpec:
                            ("dataset.std", list), ("dataset.fingerprint", str), ("augmentation.name", str),
                            ("augmentation.param_names", list)):
             get(name, kind)
-        feature_map = spec.teacher["feature_map"]
+        spec._check_values(where)
+        return spec
+
+    def _check_values(self, where: str) -> None:
+        """Refuse fields whose type is right but whose value no dump writes."""
+        feature_map = self.teacher["feature_map"]
         if len(feature_map) != 2 or not all(isinstance(n, int) and n > 0 for n in feature_map):
             raise CorruptCacheError(f"{where}: metadata field 'teacher.feature_map' should be [height, width] of the "
                                     f"teacher's final feature map, found {_short(feature_map)}")
-        if spec.num_views < 1 or spec.block_size < 1 or spec.dtype not in ("float16", "float32"):
-            raise CorruptCacheError(f"{where}: metadata has views.count={spec.num_views}, logits.block_size="
-                                    f"{spec.block_size}, logits.dtype={spec.dtype!r}; expected positive counts "
+        if self.num_views < 1 or self.block_size < 1 or self.dtype not in ("float16", "float32"):
+            raise CorruptCacheError(f"{where}: metadata has views.count={self.num_views}, logits.block_size="
+                                    f"{self.block_size}, logits.dtype={self.dtype!r}; expected positive counts "
                                     f"and float16 or float32")
-        if version == 2 and not 1 <= spec.topk < spec.num_classes:
-            raise CorruptCacheError(f"{where}: metadata field 'logits.topk' should be in 1..{spec.num_classes - 1} "
-                                    f"(teacher.num_classes - 1), found {spec.topk}")
-        accuracy = spec.view_accuracy
-        if accuracy is not None and not (isinstance(accuracy, list) and len(accuracy) == spec.num_views and all(
+        if self.topk and not 1 <= self.topk < self.num_classes:
+            raise CorruptCacheError(f"{where}: metadata field 'logits.topk' should be in 1..{self.num_classes - 1} "
+                                    f"(teacher.num_classes - 1), found {self.topk}")
+        accuracy = self.view_accuracy
+        if accuracy is not None and not (isinstance(accuracy, list) and len(accuracy) == self.num_views and all(
                 a is None or (isinstance(a, (int, float)) and not isinstance(a, bool)) for a in accuracy)):
             raise CorruptCacheError(f"{where}: metadata field 'view_accuracy' should be null or one number per view "
-                                    f"(views.count = {spec.num_views}), found {_short(accuracy)}")
-        return spec
+                                    f"(views.count = {self.num_views}), found {_short(accuracy)}")
 
     def identity(self) -> dict[str, Any]:
         """The fields that define the cache's contents, by dotted name."""
@@ -231,6 +229,37 @@ def require_match(spec: CacheSpec, where: str, expected: dict[str, Any]) -> None
         if _normal(have) != _normal(value):
             raise KdcacheError(f"cache {where} was written for {name} {_short(have)} but this run has "
                                f"{_short(value)}: rebuild the cache or pass the {name.split('.')[0]} it was made from")
+
+
+@functools.cache
+def tool_version() -> str:
+    """The installed kdcache's version, recorded in every cache it writes."""
+    return importlib.metadata.version("kdcache")
+
+
+def _format_version(metadata: dict[str, Any], where: str) -> int:
+    """The document's format version, after checking that it is a kdcache cache of a version this kdcache reads."""
+    if not metadata:
+        raise CorruptCacheError(f"{where} has no kdcache metadata: it was not written by `kdcache dump-teacher`, "
+                                f"or its creation was interrupted before it started; rerun dump-teacher")
+    if metadata.get("format") != FORMAT:
+        raise CorruptCacheError(f"{where}: metadata field 'format' is {metadata.get('format')!r}, "
+                                f"expected {FORMAT!r}; this is not a kdcache teacher cache")
+    version = metadata.get("format_version")
+    if not (isinstance(version, int) and not isinstance(version, bool) and version in FORMAT_VERSIONS):
+        raise CorruptCacheError(f"{where}: cache format version {version!r}, this kdcache ({tool_version()}) reads "
+                                f"versions {', '.join(map(str, FORMAT_VERSIONS))}; rebuild the cache or use the "
+                                f"kdcache that wrote it")
+    logits = metadata.get("logits")
+    topk_allowed = {1: False, 2: True}.get(version)
+    if isinstance(logits, dict) and topk_allowed is not None and topk_allowed != ("topk" in logits):
+        raise CorruptCacheError(f"{where}: metadata field 'format_version' is {version} but 'logits.topk' is "
+                                f"{'missing' if version == 2 else 'present'}; format {version} stores "
+                                f"{'top-k' if version == 2 else 'full'} logits: the metadata was edited — rebuild "
+                                f"it with `kdcache dump-teacher --overwrite`")
+    if not isinstance(logits, dict):
+        _FieldReader(metadata, where)("logits", dict)
+    return version
 
 
 def _lookup(tree: dict[str, Any], name: str) -> Any:
@@ -281,3 +310,28 @@ def _short(value: Any) -> str:
     text = repr(value) if isinstance(value, str) and not value.isprintable() else str(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
+
+def all_finite(values: np.ndarray) -> bool:
+    """np.isfinite(values).all(), ten times faster for float16 (numpy upcasts each half float): the exponent bits
+    tested block by block, by two threads, which keeps a whole-view read of 200 MB from spending more time here
+    than on the disk."""
+    if values.dtype not in _EXPONENT_BITS or not values.flags.c_contiguous:
+        return bool(np.isfinite(values).all())
+    unsigned, mask = _EXPONENT_BITS[values.dtype]
+    words, mask = values.reshape(-1).view(unsigned), unsigned(mask)
+    half = words.size // 2
+    if half < FINITE_CHECK_BLOCK:
+        return _exponents_below(words, mask)
+    with ThreadPoolExecutor(1) as helper:  # numpy releases the GIL: the halves run on two cores
+        other = helper.submit(_exponents_below, words[half:], mask)
+        return _exponents_below(words[:half], mask) and other.result()
+
+
+def _exponents_below(words: np.ndarray, mask: np.unsignedinteger) -> bool:
+    """Whether no word has every bit of mask set."""
+    scratch = np.empty(min(words.size, FINITE_CHECK_BLOCK), words.dtype)
+    for start in range(0, words.size, FINITE_CHECK_BLOCK):
+        part = words[start:start + FINITE_CHECK_BLOCK]
+        if np.bitwise_and(part, mask, out=scratch[:part.size]).max() == mask:
+            return False
+    return True

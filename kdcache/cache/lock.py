@@ -15,7 +15,7 @@ import socket
 import time
 from pathlib import Path
 
-from kdcache.cache.store import Location, is_url, url_filesystem
+from kdcache.cache.location import Location, is_url, url_filesystem
 from kdcache.errors import KdcacheError
 
 log = logging.getLogger(__name__)

@@ -1,27 +1,26 @@
-"""The cache reader: read-only, validates what it opens, reads whole views, verifies every chunk."""
+"""The cache reader: read-only, validates what it opens, reads whole views (`verify.py` checks every chunk)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from kdcache.cache.layout import PENDING, TOPK_ARRAYS, CacheSpec, require_match
-from kdcache.cache.store import ChunkReadError, Store, open_store
-from kdcache.cache.topk import decode_topk
+from kdcache.cache.backends import open_store
+from kdcache.cache.layout import (
+    PENDING,
+    TOPK_ARRAYS,
+    CacheSpec,
+    all_finite,
+    require_match,
+)
+from kdcache.cache.store import ChunkReadError, Store
+from kdcache.cache.topk import decode_topk_array
 from kdcache.errors import CorruptCacheError, KdcacheError
-
-# |region 0 - mean of a scale's cells| allowed, relative to the sample's largest logit: fp16 storage
-# of fp32 logits, or logits computed under bf16 autocast (8 mantissa bits)
-SELF_CHECK_TOLERANCE = {"float32": 4e-3, "bfloat16": 4e-2}
-FINITE_CHECK_BLOCK = 2**18  # values tested at a time: the scratch stays in cache
-# float dtype -> (same-size unsigned int, its exponent bits): a value is NaN or Inf iff all of them are set
-_EXPONENT_BITS = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000)}
 
 
 def open_cache(path: str | Path) -> TeacherCache:
@@ -32,32 +31,6 @@ def open_cache(path: str | Path) -> TeacherCache:
     except BaseException:
         store.close()
         raise
-
-
-def all_finite(values: np.ndarray) -> bool:
-    """np.isfinite(values).all(), ten times faster for float16 (numpy upcasts each half float): the exponent bits
-    tested block by block, by two threads, which keeps a whole-view read of 200 MB from spending more time here
-    than on the disk."""
-    if values.dtype not in _EXPONENT_BITS or not values.flags.c_contiguous:
-        return bool(np.isfinite(values).all())
-    unsigned, mask = _EXPONENT_BITS[values.dtype]
-    words, mask = values.reshape(-1).view(unsigned), unsigned(mask)
-    half = words.size // 2
-    if half < FINITE_CHECK_BLOCK:
-        return _exponents_below(words, mask)
-    with ThreadPoolExecutor(1) as helper:  # numpy releases the GIL: the halves run on two cores
-        other = helper.submit(_exponents_below, words[half:], mask)
-        return _exponents_below(words[:half], mask) and other.result()
-
-
-def _exponents_below(words: np.ndarray, mask: np.unsignedinteger) -> bool:
-    """Whether no word has every bit of mask set."""
-    scratch = np.empty(min(words.size, FINITE_CHECK_BLOCK), words.dtype)
-    for start in range(0, words.size, FINITE_CHECK_BLOCK):
-        part = words[start:start + FINITE_CHECK_BLOCK]
-        if np.bitwise_and(part, mask, out=scratch[:part.size]).max() == mask:
-            return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -129,19 +102,6 @@ class TeacherCache:
         """Refuse this cache if a metadata field differs from what the caller expects (see layout.require_match)."""
         require_match(self.spec, str(self.path), expected)
 
-    def require_fits(self, data: Any, policy: Any, scales: tuple[int, ...], teacher: str | None = None) -> None:
-        """Refuse to train on this cache unless it was made from this data, normalisation, policy and scales.
-
-        Checked from the most telling field to the most exact one, so a CIFAR-10 run on a CIFAR-100
-        cache hears about the class count rather than a fingerprint.
-        """
-        expected = {"teacher.num_classes": data.num_classes, "dataset.name": data.name, "dataset.split": data.split,
-                    "scales": scales, "augmentation": policy.describe(), "dataset.mean": list(data.mean),
-                    "dataset.std": list(data.std), "dataset.fingerprint": data.fingerprint}
-        if teacher is not None:
-            expected = {"teacher.arch": teacher, **expected}
-        self.require(expected)
-
     def require_complete(self) -> None:
         """Refuse an incomplete cache, or one with a chunk missing anywhere (a cheap scan; checksums are read per view)."""
         progress = self.progress()
@@ -152,7 +112,7 @@ class TeacherCache:
                                f"units are not written (first: view {view}, block {block}); rerun the same "
                                f"`kdcache dump-teacher` command to finish it")
         for name in ("labels", "aug", *self.spec.data_arrays):
-            problem = next(self._missing_chunks(name, None), None)
+            problem = next(self.missing_chunks(name, None), None)
             if problem is not None:
                 raise self._damaged(problem)
 
@@ -174,8 +134,7 @@ class TeacherCache:
         arrays = self.view_arrays(view, samples)
         if not self.spec.topk:
             return arrays["logits"]
-        rebuilt = decode_topk(*(torch.from_numpy(arrays[name]) for name in TOPK_ARRAYS), self.spec.num_classes)
-        return rebuilt.numpy().astype(self.spec.dtype)  # exact: every rebuilt value is a stored one
+        return decode_topk_array(*(arrays[name] for name in TOPK_ARRAYS), self.spec.num_classes)
 
     def view_arrays(self, view: int, samples: range | None = None,
                     out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -233,7 +192,7 @@ class TeacherCache:
     def _read_checked(self, name: str, view: int | None, blocks: range | None = None,
                       out: np.ndarray | None = None) -> np.ndarray:
         """Read an array (or one view of it, or its blocks), refusing missing chunks and naming the block that fails."""
-        problem = next(self._missing_chunks(name, view, blocks), None)
+        problem = next(self.missing_chunks(name, view, blocks), None)
         if problem is not None:
             raise self._damaged(problem)
         selection = () if view is None else (view,)
@@ -244,7 +203,7 @@ class TeacherCache:
         try:
             return self.store.read(name, selection, out)
         except ChunkReadError:
-            problem = next(self._unreadable_chunks(name, view, blocks), None)
+            problem = next(self.unreadable_chunks(name, view, blocks), None)
             if problem is None:
                 raise
             raise self._damaged(problem) from None
@@ -283,7 +242,7 @@ class TeacherCache:
                 for block in blocks or range(self.spec.num_blocks):
                     rows = self.spec.block_range(block)
                     yield (k, block) + (0,) * (len(info.shape) - 2), k, block, (k, slice(rows.start, rows.stop))
-        elif name == "progress" and info.chunks[0] == 1:  # one chunk per view: caches written before sharded dumps
+        elif name == "progress" and self.spec.format_version == 1 and info.chunks[0] == 1:  # format 1, per view
             for k in range(self.num_views):
                 yield (k, 0), k, None, (k,)
         elif name == "progress":  # one chunk per block, holding every view
@@ -292,103 +251,21 @@ class TeacherCache:
         else:
             yield (0,) * len(info.shape), None, None, ()
 
-    def _missing_chunks(self, name: str, view: int | None, blocks: range | None = None) -> Iterator[Problem]:
+    def missing_chunks(self, name: str, view: int | None, blocks: range | None = None) -> Iterator[Problem]:
+        """A Problem for each chunk of the array (or one view of it, or its blocks) that does not exist."""
         for coords, k, block, _ in self._chunks(name, view, blocks):
             if not self.store.chunk_exists(name, coords):
                 yield Problem(name, k, block, None if block is None else self.spec.block_range(block),
                               "the chunk is missing (deleted or never written); it is never read as zeros")
 
-    def _unreadable_chunks(self, name: str, view: int | None, blocks: range | None = None) -> Iterator[Problem]:
+    def unreadable_chunks(self, name: str, view: int | None, blocks: range | None = None) -> Iterator[Problem]:
+        """A Problem for each chunk of the array (or one view of it, or its blocks) that fails its checksum."""
         for _, k, block, selection in self._chunks(name, view, blocks):
             try:
                 self.store.read(name, selection)
             except ChunkReadError as error:
                 yield Problem(name, k, block, None if block is None else self.spec.block_range(block),
                               f"fails its checksum ({error.__cause__})")
-
-    def verify(self, on_block: Callable[[], None] | None = None) -> list[Problem]:
-        """Read every chunk: checksums, missing chunks, completeness, finiteness, region-0 self-check."""
-        problems = [p for name in ("labels", "progress", "aug") for p in self._missing_chunks(name, None)]
-        problems += [p for name in ("labels", "progress", "aug") for p in self._unreadable_chunks(name, None)]
-        if any(p.array == "progress" for p in problems):
-            return problems
-        progress = self.progress()
-        tolerance = SELF_CHECK_TOLERANCE.get(self.spec.teacher["precision"], 4e-2)
-        for k in range(self.num_views):
-            for block in range(self.spec.num_blocks):
-                problems += self._verify_block(k, block, progress[k, block], tolerance)
-                if on_block is not None:
-                    on_block()
-        return problems
-
-    def _verify_block(self, view: int, block: int, progress: int, tolerance: float) -> list[Problem]:
-        rows = self.spec.block_range(block)
-        names = self.spec.data_arrays
-
-        def problem(what: str, name: str = names[0]) -> list[Problem]:
-            return [Problem(name, view, block, rows, what)]
-
-        if progress == PENDING:
-            return problem("not written yet (the dump did not finish; rerun it to resume)")
-        arrays = {}
-        for name in names:
-            coords = (view, block) + (0,) * (len(self.spec.array_layout(name)[0]) - 2)
-            if not self.store.chunk_exists(name, coords):
-                return problem("the chunk is missing (deleted); it is never read as zeros", name)
-            try:
-                arrays[name] = self.store.read(name, (view, slice(rows.start, rows.stop)))
-            except ChunkReadError as error:
-                return problem(f"fails its checksum ({error.__cause__})", name)
-            finite = np.isfinite(arrays[name]).reshape(len(rows), -1).all(1)
-            if not finite.all():
-                return problem(f"NaN or Inf logits for samples {list(np.flatnonzero(~finite)[:10] + rows.start)}", name)
-        if self.spec.topk:
-            return self._verify_topk_block(arrays, rows, progress, problem)
-        logits = arrays["logits"].astype(np.float32)
-        found = self._recount(logits[:, 0].argmax(-1), rows, progress, problem)
-        for scale in self._self_checkable_scales():
-            start = sum(s * s for s in self.scales[: self.scales.index(scale)])
-            cells = logits[:, start:start + scale * scale].mean(1)
-            error = np.abs(cells - logits[:, 0]).max(-1) / np.maximum(np.abs(logits[:, 0]).max(-1), 1.0)
-            if (error > tolerance).any():
-                found += problem(f"region 0 differs from the mean of the scale-{scale} cells by up to "
-                                 f"{error.max():.3g} (relative; allowed {tolerance}): the logits do not fit the "
-                                 f"region layout")
-        return found
-
-    def _verify_topk_block(self, arrays: dict[str, np.ndarray], rows: range, progress: int,
-                           problem: Callable[..., list[Problem]]) -> list[Problem]:
-        """Top-k storage's own invariants: valid distinct classes, values descending, the rest below them."""
-        values, indices, rest = (arrays[name] for name in TOPK_ARRAYS)
-        if indices.min() < 0 or indices.max() >= self.spec.num_classes:
-            return problem(f"class indices outside 0-{self.spec.num_classes - 1}", "topk_indices")
-        ordered = np.sort(indices, axis=-1)
-        if (ordered[..., 1:] == ordered[..., :-1]).any():
-            return problem("a region lists the same class twice", "topk_indices")
-        if (np.diff(values.astype(np.float32), axis=-1) > 0).any():
-            return problem("values are not in descending order", "topk_values")
-        if (rest.astype(np.float32) > values[..., -1].astype(np.float32)).any():
-            return problem("the rest logit exceeds the k-th largest one, which no top-k encoding gives", "topk_rest")
-        return self._recount(indices[:, 0, 0], rows, progress, problem)
-
-    def _recount(self, predicted: np.ndarray, rows: range, progress: int,
-                 problem: Callable[..., list[Problem]]) -> list[Problem]:
-        labels_correct = int((predicted == self._labels_cached()[rows.start:rows.stop]).sum())
-        if labels_correct != progress:
-            return problem(f"progress records {progress} correct teacher predictions, the logits give "
-                           f"{labels_correct}")
-        return []
-
-    def _labels_cached(self) -> np.ndarray:
-        if not hasattr(self, "_labels"):
-            self._labels = self.labels()
-        return self._labels
-
-    def _self_checkable_scales(self) -> list[int]:
-        """Scales whose cells tile the teacher's final map evenly, so their mean is the global logit."""
-        height, width = self.spec.teacher["feature_map"]
-        return [s for s in self.scales if s > 1 and height and width
-                and (height % s == 0 or s % height == 0) and (width % s == 0 or s % width == 0)]
 
     def close(self) -> None:
         """Stop the prefetch thread and close the store."""

@@ -9,12 +9,17 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.cache.layout import PENDING, CacheSpec, differences
+from kdcache.cache.backends import create_store, open_store, store_class
+from kdcache.cache.layout import (
+    PENDING,
+    WRITTEN_VERSION,
+    CacheSpec,
+    all_finite,
+    differences,
+)
+from kdcache.cache.location import Location, as_location, remove_store, store_exists
 from kdcache.cache.lock import WriterLock
-from kdcache.cache.reader import all_finite
-from kdcache.cache.store import (Location, Store, as_location, create_store, open_store, remove_store, store_class,
-                                 store_exists)
-from kdcache.distributed import World, from_main
+from kdcache.cache.store import Store
 from kdcache.errors import KdcacheError
 
 
@@ -26,43 +31,16 @@ class CacheWriter:
 
     @classmethod
     def open(cls, path: Location, spec: CacheSpec, labels: np.ndarray, aug_params: np.ndarray,
-             format: str | None = None, overwrite: bool = False, here: World = World()) -> CacheWriter:
-        """Create the cache, or resume it when it exists and was made with the same spec.
-
-        Under torchrun, rank 0 creates (or checks) the store and holds the lock; the other ranks then
-        open it to write their own chunks.
-        """
+             format: str | None = None, overwrite: bool = False) -> CacheWriter:
+        """Take the writer lock, then create the cache, or resume it when it exists and was made with the same spec."""
         path = as_location(path)
-        backend = store_class(path, format)  # an HDF5 cache at a URL is refused before any lock is taken
-        if not here.distributed:
-            return cls._open_alone(path, spec, labels, aug_params, format, overwrite)
-        if backend.format_name != "zarr":
-            raise KdcacheError(f"a sharded dump ({here.size} processes) writes Zarr, where each rank writes only its "
-                               f"own chunk files; {path} is {backend.format_name}, whose file takes one writer: use "
-                               f"a .zarr --out (or --format zarr), or run one process")
-        main = from_main(lambda: cls._open_alone(path, spec, labels, aug_params, format, overwrite).shareable())
-        if here.is_main:
-            return main
-        store = open_store(path, read_only=False)
-        return cls(store, CacheSpec.from_metadata(store.metadata(), str(path)), lock=None)
-
-    @classmethod
-    def _open_alone(cls, path: str | Path, spec: CacheSpec, labels: np.ndarray, aug_params: np.ndarray,
-                    format: str | None, overwrite: bool) -> CacheWriter:
+        store_class(path, format)  # an HDF5 cache at a URL is refused before any lock is taken
         lock = WriterLock(path).acquire()
         try:
             if store_exists(path) and overwrite:
                 remove_store(path)
             if store_exists(path):
-                store = open_store(path, read_only=False)
-                stored = CacheSpec.from_metadata(store.metadata(), str(path))
-                differing = differences(stored, spec)
-                if differing:
-                    store.close()
-                    raise KdcacheError(f"{path} exists and was made with other arguments ("
-                                       + "; ".join(differing)
-                                       + "): rerun with the same arguments to resume, another --out, or --overwrite")
-                return cls(store, stored, lock)
+                return cls(cls._resumable(path, spec), spec, lock)
             store = create_store(path, format)
             cls._create_arrays(store, spec, labels, aug_params)
             return cls(store, spec, lock)
@@ -70,15 +48,30 @@ class CacheWriter:
             lock.release()
             raise
 
-    def shareable(self) -> CacheWriter:
-        """This writer, after checking that ranks writing their own blocks never share a chunk of `progress`."""
-        chunks = self.store.array_info("progress").chunks
-        if chunks[1] != 1:
-            self.close()
-            raise KdcacheError(f"{self.store.path} was started by an older kdcache whose progress array keeps all "
-                               f"blocks of a view in one chunk, which ranks cannot share; finish it with one process "
-                               f"(rerun without torchrun), or start over with --overwrite")
-        return self
+    @classmethod
+    def join(cls, path: Location) -> CacheWriter:
+        """Open a cache another process created and locked, to write blocks of its own (a rank of a sharded dump)."""
+        store = open_store(path, read_only=False)
+        return cls(store, CacheSpec.from_metadata(store.metadata(), str(path)), lock=None)
+
+    @staticmethod
+    def _resumable(path: str | Path, spec: CacheSpec) -> Store:
+        """The existing store at path, open for writing, if it was made with `spec` in the format written now."""
+        store = open_store(path, read_only=False)
+        try:
+            stored = CacheSpec.from_metadata(store.metadata(), str(path))
+            if stored.format_version != WRITTEN_VERSION:
+                raise KdcacheError(f"{path} is a format-{stored.format_version} cache started by an older kdcache; this "
+                                   f"kdcache writes format {WRITTEN_VERSION}: finish it with the kdcache that started "
+                                   f"it, or start over with --overwrite")
+            differing = differences(stored, spec)
+            if differing:
+                raise KdcacheError(f"{path} exists and was made with other arguments (" + "; ".join(differing)
+                                   + "): rerun with the same arguments to resume, another --out, or --overwrite")
+        except BaseException:
+            store.close()
+            raise
+        return store
 
     @staticmethod
     def _create_arrays(store: Store, spec: CacheSpec, labels: np.ndarray, aug_params: np.ndarray) -> None:

@@ -27,15 +27,13 @@ from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
-from kdcache.cache.store import (
-    ArrayInfo,
+from kdcache.cache.location import (
     Location,
-    Selection,
-    Store,
     as_location,
     storage_options,
     url_filesystem,
 )
+from kdcache.cache.store import ArrayInfo, Selection, Store
 from kdcache.errors import CorruptCacheError
 
 METADATA_KEY = "kdcache"
@@ -51,7 +49,7 @@ class ZarrStore(Store):
     """A cache as a Zarr v3 directory (`.zarr`), local or at a URL."""
 
     format_name = "zarr"
-    suffix = ".zarr"
+    suffixes = (".zarr",)
 
     def __init__(self, path: Location, group: zarr.Group, read_only: bool) -> None:
         super().__init__(path, read_only)

@@ -1,0 +1,108 @@
+"""`kdcache verify`: read every chunk of a cache and check it, naming array, view and block of what is wrong."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from kdcache.cache.layout import PENDING, TOPK_ARRAYS
+from kdcache.cache.reader import Problem, TeacherCache
+from kdcache.cache.store import ChunkReadError
+
+# |region 0 - mean of a scale's cells| allowed, relative to the sample's largest logit: fp16 storage
+# of fp32 logits, or logits computed under bf16 autocast (8 mantissa bits)
+SELF_CHECK_TOLERANCE = {"float32": 4e-3, "bfloat16": 4e-2}
+SMALL_ARRAYS = ("labels", "progress", "aug")
+ProblemAt = Callable[..., list[Problem]]  # (what, array name) -> [the Problem at this view and block]
+
+
+def verify(cache: TeacherCache, on_block: Callable[[], None] | None = None) -> list[Problem]:
+    """Read every chunk: checksums, missing chunks, completeness, finiteness, region-0 self-check."""
+    problems = [p for name in SMALL_ARRAYS for p in cache.missing_chunks(name, None)]
+    problems += [p for name in SMALL_ARRAYS for p in cache.unreadable_chunks(name, None)]
+    if any(p.array == "progress" for p in problems):
+        return problems
+    progress, labels = cache.progress(), cache.labels()
+    tolerance = SELF_CHECK_TOLERANCE.get(cache.spec.teacher["precision"], 4e-2)
+    for view in range(cache.num_views):
+        for block in range(cache.spec.num_blocks):
+            problems += _verify_block(cache, view, block, int(progress[view, block]), labels, tolerance)
+            if on_block is not None:
+                on_block()
+    return problems
+
+
+def _verify_block(cache: TeacherCache, view: int, block: int, progress: int, labels: np.ndarray,
+                  tolerance: float) -> list[Problem]:
+    """The problems of one (view, block) unit of the data arrays."""
+    spec, rows = cache.spec, cache.spec.block_range(block)
+
+    def problem(what: str, name: str = spec.data_arrays[0]) -> list[Problem]:
+        return [Problem(name, view, block, rows, what)]
+
+    if progress == PENDING:
+        return problem("not written yet (the dump did not finish; rerun it to resume)")
+    arrays = {}
+    for name in spec.data_arrays:
+        coords = (view, block) + (0,) * (len(spec.array_layout(name)[0]) - 2)
+        if not cache.store.chunk_exists(name, coords):
+            return problem("the chunk is missing (deleted); it is never read as zeros", name)
+        try:
+            arrays[name] = cache.store.read(name, (view, slice(rows.start, rows.stop)))
+        except ChunkReadError as error:
+            return problem(f"fails its checksum ({error.__cause__})", name)
+        finite = np.isfinite(arrays[name]).reshape(len(rows), -1).all(1)
+        if not finite.all():
+            return problem(f"NaN or Inf logits for samples {list(np.flatnonzero(~finite)[:10] + rows.start)}", name)
+    block_labels = labels[rows.start:rows.stop]
+    if spec.topk:
+        return _verify_topk(cache, arrays, block_labels, progress, problem)
+    logits = arrays["logits"].astype(np.float32)
+    return _recount(logits[:, 0].argmax(-1), block_labels, progress, problem) + \
+        _self_check(cache, logits, tolerance, problem)
+
+
+def _self_check(cache: TeacherCache, logits: np.ndarray, tolerance: float, problem: ProblemAt) -> list[Problem]:
+    """Region 0 equals the mean of each evenly tiling scale's cells (a linear head after pooling)."""
+    scales, found = cache.scales, []
+    for scale in _self_checkable_scales(cache):
+        start = sum(s * s for s in scales[: scales.index(scale)])
+        cells = logits[:, start:start + scale * scale].mean(1)
+        error = np.abs(cells - logits[:, 0]).max(-1) / np.maximum(np.abs(logits[:, 0]).max(-1), 1.0)
+        if (error > tolerance).any():
+            found += problem(f"region 0 differs from the mean of the scale-{scale} cells by up to {error.max():.3g} "
+                             f"(relative; allowed {tolerance}): the logits do not fit the region layout")
+    return found
+
+
+def _verify_topk(cache: TeacherCache, arrays: dict[str, np.ndarray], labels: np.ndarray, progress: int,
+                 problem: ProblemAt) -> list[Problem]:
+    """Top-k storage's own invariants: valid distinct classes, values descending, the rest below them."""
+    values, indices, rest = (arrays[name] for name in TOPK_ARRAYS)
+    num_classes = cache.spec.num_classes
+    if indices.min() < 0 or indices.max() >= num_classes:
+        return problem(f"class indices outside 0-{num_classes - 1}", "topk_indices")
+    ordered = np.sort(indices, axis=-1)
+    if (ordered[..., 1:] == ordered[..., :-1]).any():
+        return problem("a region lists the same class twice", "topk_indices")
+    if (np.diff(values.astype(np.float32), axis=-1) > 0).any():
+        return problem("values are not in descending order", "topk_values")
+    if (rest.astype(np.float32) > values[..., -1].astype(np.float32)).any():
+        return problem("the rest logit exceeds the k-th largest one, which no top-k encoding gives", "topk_rest")
+    return _recount(indices[:, 0, 0], labels, progress, problem)
+
+
+def _recount(predicted: np.ndarray, labels: np.ndarray, progress: int, problem: ProblemAt) -> list[Problem]:
+    """The block's recorded count of correct teacher predictions equals the count from its stored logits."""
+    correct = int((predicted == labels).sum())
+    if correct != progress:
+        return problem(f"progress records {progress} correct teacher predictions, the logits give {correct}")
+    return []
+
+
+def _self_checkable_scales(cache: TeacherCache) -> list[int]:
+    """Scales whose cells tile the teacher's final map evenly, so their mean is the global logit."""
+    height, width = cache.spec.teacher["feature_map"]
+    return [s for s in cache.scales if s > 1 and height and width
+            and (height % s == 0 or s % height == 0) and (width % s == 0 or s % width == 0)]
