@@ -28,11 +28,12 @@ import torch
 import zarr
 
 import kdcache
-from kdcache.commands import dump_teacher_from_config
 from kdcache.config import DistillConfig, DumpConfig, TeacherConfig
 from kdcache.data import ImageData, load_dataset, normalize, register_dataset
+from kdcache.models import load_teacher
 from kdcache.runtime import pick_device
-from kdcache.train import distill, load_teacher, train_teacher
+from kdcache.stages import distill, train_teacher
+from kdcache.stages.dump import dump_from_config
 
 QUICK_TRAIN_SAMPLES = 128
 QUICK = {"teacher": "resnet8", "teacher_epochs": 1, "epochs": 2, "seeds": 2, "views": (1, 2)}
@@ -153,7 +154,7 @@ def prepare_teacher(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                                                  device=args.device), show_progress=False).checkpoint
         trained_seconds = time.perf_counter() - started
     test = load_dataset(args.dataset, args.data_root, "test")
-    model, info = load_teacher(checkpoint, args.teacher, test)
+    model, info = load_teacher(checkpoint, args.teacher, test.num_classes)
     accuracy = test_accuracy(model, test, pick_device(args.device))
     print(f"teacher {info['arch']}: test accuracy {accuracy:.4f}", flush=True)
     return {"arch": info["arch"], "checkpoint": str(checkpoint), "test_acc": accuracy, "seconds": trained_seconds}
@@ -180,7 +181,7 @@ def dump_caches(args: argparse.Namespace, teacher: dict[str, Any], out: Path) ->
     for name, views in wanted:
         path = out / "caches" / f"{name.removeprefix('cache_')}.zarr"
         print(f"dumping {name} to {path}", flush=True)
-        dumped = dump_teacher_from_config(DumpConfig(checkpoint=teacher["checkpoint"], teacher=args.teacher or "",
+        dumped = dump_from_config(DumpConfig(checkpoint=teacher["checkpoint"], teacher=args.teacher or "",
                                                      dataset=args.dataset, data_root=args.data_root, out=str(path),
                                                      overwrite=True, device=args.device, **views),
                                           show_progress=False)

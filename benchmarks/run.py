@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -40,18 +41,25 @@ import torch
 import zarr
 
 from kdcache.cache import CacheSpec, CacheWriter, TeacherCache, open_cache
-from kdcache.cache.dump import dump_teacher, view_params
-from kdcache.cache.store import remove_store
+from kdcache.cache.location import remove_store
 from kdcache.config import TrainConfig
 from kdcache.data import ImageData, get_policy, load_dataset, normalize
 from kdcache.losses import get_loss
 from kdcache.models import LogitMap, create_model
-from kdcache.runtime import autocast, pick_device, precision, prepare_model
-from kdcache.train import loop, targets as target_providers
-from kdcache.train.dataset import CachedViewDataset
-from kdcache.train.loop import Run, device_batches, epoch_generator, loader_batches
-from kdcache.train.targets import CachedTargets, LiveTeacher
-from kdcache.train.views import CachedViews
+from kdcache.runtime import (
+    autocast,
+    epoch_generator,
+    pick_device,
+    precision,
+    prepare_model,
+)
+from kdcache.stages import loop
+from kdcache.stages import targets as target_providers
+from kdcache.stages.dataset import CachedViewDataset
+from kdcache.stages.dump import dump_teacher, view_params
+from kdcache.stages.loop import Run, device_batches, loader_batches
+from kdcache.stages.targets import CachedTargets, LiveTeacher
+from kdcache.stages.views import CachedViews
 
 TEACHER, STUDENT, SCALES, CLASSES = "resnet32x4", "resnet8x4", (1, 2, 4), 100
 CIFAR100_SAMPLES = 50_000
@@ -340,18 +348,43 @@ def bench_dump(bench: Bench) -> Section:
 
 def bench_store(bench: Bench) -> Section:
     """MB/s reading and writing one whole view: kdcache's stores (checksums and checks included) against a raw .npy."""
-    plan, caches = bench.plan, bench.caches
-    if plan.store_samples != len(bench.data.labels):  # a view of its own size: only its logits are read
-        count = plan.store_samples
-        blank = ImageData(bench.data.name, bench.data.split, torch.zeros((count, 3, 32, 32), dtype=torch.uint8),
-                          torch.zeros(count, dtype=torch.int64), CLASSES, bench.data.mean, bench.data.std)
-        caches = {fmt: write_student_cache(bench.folder / f"store.{suffix}", blank, bench.policy, bench.device, fmt)
-                  for fmt, suffix in (("zarr", "zarr"), ("hdf5", "h5"))}
-    view = caches["zarr"].view(0)
-    megabytes = view.nbytes / 1e6
-    raw = bench.folder / "view.npy"
+    plan, caches = bench.plan, _store_caches(bench)
+    try:
+        view = caches["zarr"].view(0)
+        reads, writes = _time_reads(bench, caches, view), _time_writes(bench, caches, view)
+    finally:
+        if caches is not bench.caches:
+            for cache in caches.values():
+                cache.close()
+    note = (f"one whole view [{', '.join(map(str, view.shape))}] {view.dtype} = {view.nbytes / 1e6:.0f} MB (MB = 1e6 "
+            f"bytes), warm page cache, checksums verified; median of {plan.store_repeats} after one warm-up")
+    return Section("store", note, _store_rows(reads, writes))
+
+
+def _store_caches(bench: Bench) -> dict[str, TeacherCache]:
+    """The caches whose view is timed: the student caches, or caches of --store-samples blank images."""
+    if bench.plan.store_samples == len(bench.data.labels):
+        return bench.caches
+    count = bench.plan.store_samples  # a view of its own size: only its logits are read
+    blank = ImageData(bench.data.name, bench.data.split, torch.zeros((count, 3, 32, 32), dtype=torch.uint8),
+                      torch.zeros(count, dtype=torch.int64), CLASSES, bench.data.mean, bench.data.std)
+    return {fmt: write_student_cache(bench.folder / f"store.{suffix}", blank, bench.policy, bench.device, fmt)
+            for fmt, suffix in (("zarr", "zarr"), ("hdf5", "h5"))}
+
+
+def _rate(megabytes: float, action: Callable[[], Any]) -> Callable[[int], float]:
+    """A measurement of MB/s of one call of action."""
+    def measure(repeat: int) -> float:
+        started = time.perf_counter()
+        action()
+        return megabytes / (time.perf_counter() - started)
+    return measure
+
+
+def _time_reads(bench: Bench, caches: dict[str, TeacherCache], view: np.ndarray) -> dict[str, list[float]]:
+    """MB/s of reading the view every way, interleaved: through the caches, their stores, h5py and numpy."""
+    raw, raw_bytes = bench.folder / "view.npy", bench.folder / "view.bin"  # .bin: no header, for readinto
     np.save(raw, view)
-    raw_bytes = bench.folder / "view.bin"  # the same bytes without a header, for a read into a reused array
     view.tofile(raw_bytes)
     # what CachedTargets reads into: buffers reused from epoch to epoch, whose pages are already mapped
     buffers = {fmt: cache.view_buffers() for fmt, cache in caches.items()}
@@ -359,73 +392,77 @@ def bench_store(bench: Bench) -> Section:
     # the same chunks without HDF5's fletcher32 filter: how much of HDF5's time its checksum takes
     unchecked = h5py.File(bench.folder / "unchecked.h5", "w", libver="latest")
     unchecked.create_dataset("logits", data=view[None], chunks=caches["hdf5"].store.array_info("logits").chunks)
-    spec = caches["zarr"].spec
-    writers = {fmt: CacheWriter.open(bench.folder / f"write.{suffix}", spec, caches["zarr"].labels(),
-                                     caches["zarr"].aug_params(0)[None], format=fmt)
-               for fmt, suffix in (("zarr", "zarr"), ("hdf5", "h5"))}
-
-    def rate(action: Callable[[], Any]) -> Callable[[int], float]:
-        def measure(repeat: int) -> float:
-            started = time.perf_counter()
-            action()
-            return megabytes / (time.perf_counter() - started)
-        return measure
 
     def read_raw_into_buffer() -> None:
         with open(raw_bytes, "rb", buffering=0) as file:
             file.readinto(raw_buffer)
+
+    rate = functools.partial(_rate, view.nbytes / 1e6)
+    try:
+        return interleave({"zarr": rate(lambda: caches["zarr"].view(0)),
+                           "hdf5": rate(lambda: caches["hdf5"].view(0)),
+                           "zarr buffer": rate(lambda: caches["zarr"].view_arrays(0, out=buffers["zarr"])),
+                           "hdf5 buffer": rate(lambda: caches["hdf5"].view_arrays(0, out=buffers["hdf5"])),
+                           "raw buffer": rate(read_raw_into_buffer),
+                           "zarr store": rate(lambda: caches["zarr"].store.read("logits", (0,))),
+                           "hdf5 store": rate(lambda: caches["hdf5"].store.read("logits", (0,))),
+                           "hdf5 unchecked": rate(lambda: unchecked["logits"][0]),
+                           "raw": rate(lambda: np.load(raw))}, 1, bench.plan.store_repeats)
+    finally:
+        unchecked.close()
+
+
+def _time_writes(bench: Bench, caches: dict[str, TeacherCache], view: np.ndarray) -> dict[str, list[float]]:
+    """MB/s of writing the view block by block as the dump does, against np.save, interleaved."""
+    spec = caches["zarr"].spec
+    writers = {fmt: CacheWriter.open(bench.folder / f"write.{suffix}", spec, caches["zarr"].labels(),
+                                     caches["zarr"].aug_params(0)[None], format=fmt)
+               for fmt, suffix in (("zarr", "zarr"), ("hdf5", "h5"))}
 
     def write_view(writer: CacheWriter) -> None:
         for block in range(spec.num_blocks):  # as the dump writes: block by block, each marked done
             rows = spec.block_range(block)
             writer.write_block(0, block, {"logits": view[rows.start:rows.stop]}, 0)
 
+    rate = functools.partial(_rate, view.nbytes / 1e6)
     try:
-        reads = interleave({"zarr": rate(lambda: caches["zarr"].view(0)),
-                            "hdf5": rate(lambda: caches["hdf5"].view(0)),
-                            "zarr buffer": rate(lambda: caches["zarr"].view_arrays(0, out=buffers["zarr"])),
-                            "hdf5 buffer": rate(lambda: caches["hdf5"].view_arrays(0, out=buffers["hdf5"])),
-                            "raw buffer": rate(read_raw_into_buffer),
-                            "zarr store": rate(lambda: caches["zarr"].store.read("logits", (0,))),
-                            "hdf5 store": rate(lambda: caches["hdf5"].store.read("logits", (0,))),
-                            "hdf5 unchecked": rate(lambda: unchecked["logits"][0]),
-                            "raw": rate(lambda: np.load(raw))}, 1, plan.store_repeats)
-        writes = interleave({"zarr": rate(lambda: write_view(writers["zarr"])),
-                             "hdf5": rate(lambda: write_view(writers["hdf5"])),
-                             "raw": rate(lambda: np.save(raw, view))}, 1, plan.store_repeats)
+        return interleave({"zarr": rate(lambda: write_view(writers["zarr"])),
+                           "hdf5": rate(lambda: write_view(writers["hdf5"])),
+                           "raw": rate(lambda: np.save(bench.folder / "view.npy", view))}, 1, bench.plan.store_repeats)
     finally:
-        unchecked.close()
         for writer in writers.values():
             writer.close()
-        if caches is not bench.caches:
-            for cache in caches.values():
-                cache.close()
-    note = (f"one whole view [{', '.join(map(str, view.shape))}] {view.dtype} = {megabytes:.0f} MB (MB = 1e6 bytes), "
-            f"warm page cache, checksums verified; median of {plan.store_repeats} after one warm-up")
-    return Section("store", note, [
-        Row("read view zarr (TeacherCache.view)", statistics.median(reads["zarr"]), "MB/s"),
-        Row("read view hdf5 (TeacherCache.view)", statistics.median(reads["hdf5"]), "MB/s"),
-        Row("read view zarr (ZarrStore.read alone)", statistics.median(reads["zarr store"]), "MB/s"),
-        Row("read view hdf5 (HDF5Store.read alone)", statistics.median(reads["hdf5 store"]), "MB/s"),
-        Row("read view hdf5 without fletcher32 (h5py, reference)", statistics.median(reads["hdf5 unchecked"]), "MB/s"),
-        Row("read view raw numpy (np.load of a .npy)", statistics.median(reads["raw"]), "MB/s"),
-        Row("read zarr/raw", ratio=median_ratio(reads["zarr"], reads["raw"]), target=VIEW_READ_VS_RAW),
-        Row("read hdf5/raw", ratio=median_ratio(reads["hdf5"], reads["raw"]), target=VIEW_READ_VS_RAW),
-        Row("read view zarr into reused buffers (CachedTargets)", statistics.median(reads["zarr buffer"]), "MB/s"),
-        Row("read view hdf5 into reused buffers (CachedTargets)", statistics.median(reads["hdf5 buffer"]), "MB/s"),
-        Row("read view raw into a reused array (readinto)", statistics.median(reads["raw buffer"]), "MB/s"),
-        Row("read zarr buffered/raw", ratio=median_ratio(reads["zarr buffer"], reads["raw"]), target=VIEW_READ_VS_RAW),
-        Row("read hdf5 buffered/raw", ratio=median_ratio(reads["hdf5 buffer"], reads["raw"]), target=VIEW_READ_VS_RAW),
-        Row("read zarr buffered/raw buffered", ratio=median_ratio(reads["zarr buffer"], reads["raw buffer"])),
-        Row("read zarr store alone/raw", ratio=median_ratio(reads["zarr store"], reads["raw"])),
-        Row("read hdf5 store alone/raw", ratio=median_ratio(reads["hdf5 store"], reads["raw"])),
-        Row("read hdf5 without fletcher32/raw", ratio=median_ratio(reads["hdf5 unchecked"], reads["raw"])),
-        Row("write view zarr (CacheWriter.write_block per block)", statistics.median(writes["zarr"]), "MB/s"),
-        Row("write view hdf5 (CacheWriter.write_block per block)", statistics.median(writes["hdf5"]), "MB/s"),
-        Row("write view raw numpy (np.save)", statistics.median(writes["raw"]), "MB/s"),
-        Row("write zarr/raw", ratio=median_ratio(writes["zarr"], writes["raw"])),
-        Row("write hdf5/raw", ratio=median_ratio(writes["hdf5"], writes["raw"])),
-    ])
+
+
+def _store_rows(reads: dict[str, list[float]], writes: dict[str, list[float]]) -> list[Row]:
+    """The store section's table: rates, then ratios against the raw read or write."""
+    def median(name: str, key: str, results: dict[str, list[float]] = reads) -> Row:
+        return Row(name, statistics.median(results[key]), "MB/s")
+
+    def ratio(name: str, key: str, over: str = "raw", target: float | None = None,
+              results: dict[str, list[float]] = reads) -> Row:
+        return Row(name, ratio=median_ratio(results[key], results[over]), target=target)
+
+    return [
+        median("read view zarr (TeacherCache.view)", "zarr"), median("read view hdf5 (TeacherCache.view)", "hdf5"),
+        median("read view zarr (ZarrStore.read alone)", "zarr store"),
+        median("read view hdf5 (HDF5Store.read alone)", "hdf5 store"),
+        median("read view hdf5 without fletcher32 (h5py, reference)", "hdf5 unchecked"),
+        median("read view raw numpy (np.load of a .npy)", "raw"),
+        ratio("read zarr/raw", "zarr", target=VIEW_READ_VS_RAW), ratio("read hdf5/raw", "hdf5", target=VIEW_READ_VS_RAW),
+        median("read view zarr into reused buffers (CachedTargets)", "zarr buffer"),
+        median("read view hdf5 into reused buffers (CachedTargets)", "hdf5 buffer"),
+        median("read view raw into a reused array (readinto)", "raw buffer"),
+        ratio("read zarr buffered/raw", "zarr buffer", target=VIEW_READ_VS_RAW),
+        ratio("read hdf5 buffered/raw", "hdf5 buffer", target=VIEW_READ_VS_RAW),
+        ratio("read zarr buffered/raw buffered", "zarr buffer", "raw buffer"),
+        ratio("read zarr store alone/raw", "zarr store"), ratio("read hdf5 store alone/raw", "hdf5 store"),
+        ratio("read hdf5 without fletcher32/raw", "hdf5 unchecked"),
+        median("write view zarr (CacheWriter.write_block per block)", "zarr", writes),
+        median("write view hdf5 (CacheWriter.write_block per block)", "hdf5", writes),
+        median("write view raw numpy (np.save)", "raw", writes),
+        ratio("write zarr/raw", "zarr", results=writes), ratio("write hdf5/raw", "hdf5", results=writes),
+    ]
 
 
 # -- report --------------------------------------------------------------------------------------

@@ -48,10 +48,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdcache.cache import open_cache
-from kdcache.cache.topk import kl_rows, rebuild_topk, topk_bytes
+from kdcache.cache.topk import topk_bytes
 from kdcache.data import load_dataset, normalize
 from kdcache.losses import get_loss, standardize
 from kdcache.models import LogitMap, create_model
+from kdcache.stages.topk import kl_rows, rebuild_topk
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALES = (1, 2, 4)

@@ -1,3 +1,5 @@
 """kdcache: run the teacher once, cache its multi-scale logits, train many students from the cache."""
 
-__version__ = "0.1.0"
+import importlib.metadata
+
+__version__ = importlib.metadata.version("kdcache")  # one source: pyproject.toml

@@ -10,16 +10,37 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from kdcache import __version__
-from kdcache.config import DistillConfig, DumpConfig, TeacherConfig, field_default, load_config
+from kdcache.config import (
+    DistillConfig,
+    DumpConfig,
+    TeacherConfig,
+    field_default,
+    load_config,
+)
 from kdcache.errors import KdcacheError
-from kdcache.recipe import recipe_command  # light: click, yaml and the configs; torch is imported when run
+
+
+# a flag renamed so that one idea has one name in every command: old parameter -> the config field it sets
+RENAMED = {"augmentation_old_name": "augmentation"}
 
 
 def _overrides(ctx: click.Context) -> dict[str, Any]:
     """The flags given on the command line (they win over the recipe, which wins over the defaults)."""
-    return {name: value for name, value in ctx.params.items()
-            if name != "config" and ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
+    given = {name: value for name, value in ctx.params.items()
+             if name != "config" and ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
+    for old, new in RENAMED.items():
+        if old in given:
+            given[new] = given.pop(old)
+    return given
+
+
+def _deprecated(new_flag: str) -> Any:
+    """A callback for a flag kept for a release under its old name: it works, and says what to use instead."""
+    def warn(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is not None:
+            click.echo(f"kdcache: {param.opts[0]} is deprecated and goes in the next release; use {new_flag}", err=True)
+        return value
+    return warn
 
 
 def _scales(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
@@ -42,7 +63,7 @@ seed_option = click.option("--seed", type=int, help="Seed of every random draw (
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="kdcache")
+@click.version_option(package_name="kdcache", prog_name="kdcache")
 def cli() -> None:
     """Offline knowledge distillation: run the teacher once, cache its multi-scale logits, train many students.
 
@@ -82,9 +103,10 @@ def quickstart(out: str, cache_path: str, device: str | None) -> None:
               **_default(TeacherConfig, "batch_size"))
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Initial SGD learning rate.",
               **_default(TeacherConfig, "lr"))
-@click.option("--augmentation", help="Augmentation policy (cifar: pad 4, crop, flip; imagenet: RandomResizedCrop, "
-              "flip; none).",
-              **_default(TeacherConfig, "augmentation"))
+@click.option("--aug", "augmentation", help="Augmentation policy (cifar: pad 4, crop, flip; imagenet: "
+              "RandomResizedCrop, flip; none).", **_default(TeacherConfig, "augmentation"))
+@click.option("--augmentation", "augmentation_old_name", hidden=True, callback=_deprecated("--aug"),
+              help="The old name of --aug, kept for one release.")
 @click.option("--out", help="Folder for model.pt (weights only), model.json, metrics.csv.",
               **_default(TeacherConfig, "out"))
 @device_option
@@ -93,7 +115,7 @@ def quickstart(out: str, cache_path: str, device: str | None) -> None:
 def train_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> None:
     """Train a teacher (cross-entropy, the SGD recipe of the KD literature) and write a weights-only checkpoint."""
     from kdcache.distributed import world
-    from kdcache.train import train_teacher
+    from kdcache.stages import train_teacher
 
     result = train_teacher(load_config(TeacherConfig, config, _overrides(ctx), section="teacher"))
     if world().is_main:
@@ -137,9 +159,13 @@ def train_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> N
 @click.pass_context
 def dump_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> None:
     """Stage 1: run the teacher once over K replayable views and cache its region logits (resumes when rerun)."""
-    from kdcache.commands import dump_teacher_from_config
+    from kdcache.distributed import world
+    from kdcache.report import dump_summary
+    from kdcache.stages import dump_from_config
 
-    dump_teacher_from_config(load_config(DumpConfig, config, _overrides(ctx), section="dump"))
+    result = dump_from_config(load_config(DumpConfig, config, _overrides(ctx), section="dump"))
+    if world().is_main:
+        click.echo(dump_summary(result))
 
 
 @cli.command("distill")
@@ -185,9 +211,9 @@ def dump_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> No
 @click.pass_context
 def distill_command(ctx: click.Context, config: str | None, **_: Any) -> None:
     """Stage 2: train students from a teacher cache (SDD-LSKD by default) and compare them."""
-    from kdcache.train import distill
+    from kdcache.report import distill_sweep
 
-    distill(load_config(DistillConfig, config, _overrides(ctx), section="distill"))
+    distill_sweep(load_config(DistillConfig, config, _overrides(ctx), section="distill"))
 
 
 @cli.command("inspect")
@@ -195,7 +221,7 @@ def distill_command(ctx: click.Context, config: str | None, **_: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata and status as JSON.")
 def inspect_command(cache: str, as_json: bool) -> None:
     """What a cache holds: metadata, shape, size, completeness, teacher accuracy per view."""
-    from kdcache.commands import describe_cache
+    from kdcache.report import describe_cache
 
     report = describe_cache(cache)
     click.echo(json.dumps(report, indent=2) if as_json else report["text"])
@@ -205,7 +231,7 @@ def inspect_command(cache: str, as_json: bool) -> None:
 @click.argument("cache")
 def verify_command(cache: str) -> None:
     """Read every chunk of a cache and check it: checksums, missing chunks, NaN/Inf, region self-check."""
-    from kdcache.commands import verify_cache
+    from kdcache.report import verify_cache
 
     problems = verify_cache(cache)
     if problems:
@@ -218,7 +244,7 @@ def verify_command(cache: str) -> None:
 @click.argument("pattern", default="*")
 def models_command(pattern: str) -> None:
     """List registered architectures (optionally matching a pattern such as 'resnet*')."""
-    from kdcache.commands import model_table
+    from kdcache.report import model_table
 
     click.echo(model_table(pattern))
 
@@ -226,7 +252,7 @@ def models_command(pattern: str) -> None:
 @cli.command("datasets")
 def datasets_command() -> None:
     """List data sources and augmentation policies."""
-    from kdcache.commands import dataset_table
+    from kdcache.report import dataset_table
 
     click.echo(dataset_table())
 
@@ -234,12 +260,44 @@ def datasets_command() -> None:
 @cli.command("losses")
 def losses_command() -> None:
     """List losses with their papers' default weights."""
-    from kdcache.commands import loss_table
+    from kdcache.report import loss_table
 
     click.echo(loss_table())
 
 
-cli.add_command(recipe_command, "recipe")
+@cli.command("recipe")
+@click.argument("recipe", required=False)
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Teacher weights (an mdistiller .pth or kdcache's "
+              "model.pt) of the recipe's teacher architecture.")
+@click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset in torchvision's "
+              "on-disk format (CIFAR-100: DATA/cifar-100-python/).")
+@click.option("--out", help="Folder for one sub-folder per run, summary.csv, table.md and table.csv "
+              "(default runs/RECIPE).")
+@click.option("--cache", help="Teacher cache: reused when complete, resumed when partial, dumped when missing "
+              "(default caches/DATASET-TEACHER-VIEWS.zarr, shared by recipes with the same teacher).")
+@click.option("--epochs", type=click.IntRange(min=1), help="Epochs per run instead of the recipe's 240 (lr decay "
+              "and warm-ups scale with them); the table says how many were run.")
+@click.option("--loss", "losses", multiple=True, help="Run only this loss (repeatable); default: every loss the "
+              "recipe lists.")
+@click.option("--views", type=click.IntRange(min=1), help="Cache K sampled views per image instead of the recipe's "
+              "exhaustive 162 (16 views of CIFAR-100: 3.4 GB instead of 34 GB).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present, else CPU), cpu, cuda "
+              "or cuda:N.")
+@click.option("--resume", is_flag=True, help="Continue each run from its last checkpoint (a finished run is kept).")
+@click.option("--list", "list_only", is_flag=True, help="List the packaged recipes and exit.")
+def recipe_command(recipe: str | None, checkpoint: str | None, data_root: str | None, out: str | None,
+                   cache: str | None, epochs: int | None, losses: tuple[str, ...], views: int | None, device: str,
+                   resume: bool, list_only: bool) -> None:
+    """Reproduce a row of the published CIFAR-100 tables: dump the teacher once, distil every loss, write a table.
+
+    RECIPE is a YAML file or the name of a packaged one (`--list`), e.g. res32x4_res8x4.
+    """
+    from kdcache.recipe import recipe_listing, run_recipe
+
+    if list_only:
+        click.echo(recipe_listing())
+        return
+    run_recipe(recipe, checkpoint, data_root, out, cache, epochs, losses or None, device, views, resume)
 
 
 def main(argv: list[str] | None = None) -> None:

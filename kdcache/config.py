@@ -178,3 +178,10 @@ def _coerce(name: str, value: Any, hint: Any, where: Any) -> Any:
 
 def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def recorded_config(config: Any) -> dict[str, Any]:
+    """The config as saved with a run, less what does not change what this run computes: the device, resuming,
+    and which other students and losses share the sweep (so a run resumes when the sweep around it changes)."""
+    return {k: v for k, v in config_dict(config).items()
+            if k not in ("device", "resume", "students", "losses", "pairs")}

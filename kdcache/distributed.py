@@ -132,6 +132,11 @@ def shard(num_blocks: int, block_size: int, num_samples: int, here: World) -> tu
                                      num_samples)
 
 
+def even_share(num_samples: int, here: World) -> Shard:
+    """This rank's contiguous share of samples split as evenly as they go (blocks of one sample)."""
+    return shard(num_samples, 1, num_samples, here)[1]
+
+
 class _SumOverRanks(torch.autograd.Function):
     """The sum of a tensor over ranks, differentiable: each rank's gradient is the sum of every rank's."""
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from kdcache.commands import dump_teacher_from_config
 from kdcache.config import DistillConfig, DumpConfig, TeacherConfig
-from kdcache.train import distill, train_teacher
+from kdcache.report import distill_sweep, dump_summary
+from kdcache.stages import dump_from_config, train_teacher
 
 TEACHER, STUDENT = "resnet20", "resnet8"
 TEACHER_EPOCHS, STUDENT_EPOCHS, VIEWS = 8, 12, 4
@@ -22,13 +22,14 @@ def run_quickstart(out: Path, cache: Path, device: str = "auto") -> None:
     teacher_done = time.perf_counter()
 
     print(f"2/3 dumping the teacher's region logits over {VIEWS} views per image to {cache}")
-    dump = dump_teacher_from_config(DumpConfig(checkpoint=str(teacher.checkpoint), dataset="digits", views=VIEWS,
-                                               out=str(cache), overwrite=True, device=device))
+    dump = dump_from_config(DumpConfig(checkpoint=str(teacher.checkpoint), dataset="digits", views=VIEWS,
+                                       out=str(cache), overwrite=True, device=device))
+    print(dump_summary(dump))
     dump_done = time.perf_counter()
 
     print(f"3/3 distilling {STUDENT} from the cache: plain cross-entropy and SDD-LSKD ({STUDENT_EPOCHS} epochs)")
-    runs = distill(DistillConfig(cache=str(cache), students=(STUDENT,), losses=("ce", "sdd-lskd"),
-                                 epochs=STUDENT_EPOCHS, out=str(out / "students"), device=device))
+    runs = distill_sweep(DistillConfig(cache=str(cache), students=(STUDENT,), losses=("ce", "sdd-lskd"),
+                                       epochs=STUDENT_EPOCHS, out=str(out / "students"), device=device))
     finished = time.perf_counter()
 
     ce = next(r.test_acc for r in runs if r.loss == "ce")

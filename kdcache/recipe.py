@@ -13,17 +13,21 @@ import csv
 import importlib.resources
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import click
 import yaml
 
+from kdcache.cache import open_cache
 from kdcache.config import DistillConfig, DumpConfig, load_config
+from kdcache.data import ImageData, load_dataset
 from kdcache.errors import KdcacheError, unknown_name
-
-if TYPE_CHECKING:  # both import torch, which `kdcache --help` should not wait for
-    from kdcache.data import ImageData
-    from kdcache.train.distill import RunSummary
+from kdcache.losses import PAPER_EPOCHS, get_loss, list_losses, scaled_loss
+from kdcache.models import file_sha256, list_models, load_teacher
+from kdcache.report import dump_summary, write_summary
+from kdcache.runtime import pick_device, prepare_model
+from kdcache.stages.distill import RunSummary, distill
+from kdcache.stages.dump import DEFAULT_VIEWS, dump_from_config
+from kdcache.stages.loop import top1_accuracy
 
 RECIPE_KEYS = ("teacher", "student", "dump", "distill", "losses", "published", "sources")
 # DistillConfig fields that come from the recipe's pair and the user's flags, never from a loss's overrides
@@ -78,10 +82,6 @@ def find_recipe(name_or_path: str | Path) -> Path:
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
     """Read and check a recipe: known keys, registered models and losses, sane published numbers, valid configs."""
-    from kdcache.losses import list_losses
-    from kdcache.models import list_models
-    from kdcache.train.distill import scaled_loss
-
     path = find_recipe(name_or_path)
     try:
         document = yaml.safe_load(path.read_text())
@@ -130,18 +130,12 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
 
 def default_cache(dump: DumpConfig) -> Path:
     """Where a recipe's cache goes unless told: one per dataset, teacher and views, shared by its recipes."""
-    from kdcache.commands import DEFAULT_VIEWS
-
     views = "exhaustive" if dump.exhaustive else f"{dump.views or DEFAULT_VIEWS}views"
     return Path("caches") / f"{dump.dataset}-{dump.teacher}-{views}.zarr"
 
 
 def ensure_cache(dump: DumpConfig, show_progress: bool = True) -> bool:
     """Reuse a complete cache at dump.out that fits the dump, else dump it (resuming a partial one); True if reused."""
-    from kdcache.cache import open_cache
-    from kdcache.commands import DEFAULT_VIEWS, dump_teacher_from_config
-    from kdcache.models import file_sha256
-
     path = Path(dump.out)
     if path.exists():
         with open_cache(path) as cache:
@@ -155,18 +149,17 @@ def ensure_cache(dump: DumpConfig, show_progress: bool = True) -> bool:
                     print(f"reusing the complete cache {path} ({cache.num_views} views of {dump.dataset} {dump.split}, "
                           f"teacher {dump.teacher}); nothing dumped")
                 return True
-    dump_teacher_from_config(dump, show_progress)
+    result = dump_from_config(dump, show_progress)
+    if show_progress:
+        print(dump_summary(result))
     return False
 
 
 def teacher_test_accuracy(dump: DumpConfig, test: ImageData) -> float:
     """Top-1 accuracy of the dump's teacher checkpoint on the un-augmented test split."""
-    from kdcache.runtime import pick_device, prepare_model
-    from kdcache.train.loop import top1_accuracy
-    from kdcache.train.teacher import load_teacher
-
     device = pick_device(dump.device)
-    return top1_accuracy(prepare_model(load_teacher(dump.checkpoint, dump.teacher, test)[0], device), test, device)
+    teacher = load_teacher(dump.checkpoint, dump.teacher, test.num_classes)[0]
+    return top1_accuracy(prepare_model(teacher, device), test, device)
 
 
 @dataclass(frozen=True)
@@ -199,8 +192,6 @@ class ResultTable:
 def result_table(recipe: Recipe, losses: tuple[str, ...], summaries: list[RunSummary], teacher_acc: float,
                  dump: DumpConfig, epochs: int) -> ResultTable:
     """The published numbers beside this run's: best test top-1 of each run, as mdistiller reports (best_acc)."""
-    from kdcache.train.distill import PAPER_EPOCHS
-
     best = {s.loss: 100 * s.best_test_acc for s in summaries}
     methods = [loss for loss in losses if loss != "ce"]
     columns = ([("teacher", f"teacher ({recipe.teacher})"), ("student", f"student ({recipe.student})")]
@@ -219,15 +210,17 @@ def result_table(recipe: Recipe, losses: tuple[str, ...], summaries: list[RunSum
                        notes + [f"source: {source}" for source in recipe.sources])
 
 
-def run_recipe(recipe_path: str | Path, checkpoint: str | Path, data_root: str | Path | None,
+def run_recipe(recipe_path: str | Path | None, checkpoint: str | Path | None, data_root: str | Path | None,
                out: str | Path | None = None, cache: str | Path | None = None, epochs: int | None = None,
                losses: tuple[str, ...] | None = None, device: str = "auto", views: int | None = None,
                resume: bool = False, show_progress: bool = True) -> ResultTable:
     """Dump the teacher cache unless a complete matching one exists, distil every loss from it, write the table."""
-    from kdcache.data import load_dataset
-    from kdcache.losses import get_loss
-    from kdcache.train.distill import distill, write_summary
-
+    if recipe_path is None:
+        raise KdcacheError(f"recipe: name a recipe; packaged: {', '.join(sorted(packaged_recipes()))}")
+    find_recipe(recipe_path)  # an unknown recipe is named before a missing checkpoint
+    if checkpoint is None:
+        raise KdcacheError("recipe: --checkpoint is required (the teacher's weights, e.g. mdistiller's "
+                           "cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth)")
     recipe = load_recipe(recipe_path)
     losses = tuple(losses or recipe.losses)
     for loss in losses:  # before the dump, which can take a while
@@ -248,7 +241,7 @@ def run_recipe(recipe_path: str | Path, checkpoint: str | Path, data_root: str |
         config = recipe.distill_config(loss, cache=dump.out, data_root=root, out=str(out), epochs=epochs,
                                        device=device, resume=resume)
         summaries += distill(config, show_progress, data=data)
-    write_summary(summaries, out)  # each distill call wrote its own run's; this one covers them all
+    write_summary(summaries, out)
     table = result_table(recipe, losses, summaries, teacher_acc, dump, config.epochs)
     table.write(out)
     if show_progress:
@@ -256,42 +249,10 @@ def run_recipe(recipe_path: str | Path, checkpoint: str | Path, data_root: str |
     return table
 
 
-@click.command("recipe")
-@click.argument("recipe", required=False)
-@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Teacher weights (an mdistiller .pth or kdcache's "
-              "model.pt) of the recipe's teacher architecture.")
-@click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset in torchvision's "
-              "on-disk format (CIFAR-100: DATA/cifar-100-python/).")
-@click.option("--out", help="Folder for one sub-folder per run, summary.csv, table.md and table.csv "
-              "(default runs/RECIPE).")
-@click.option("--cache", help="Teacher cache: reused when complete, resumed when partial, dumped when missing "
-              "(default caches/DATASET-TEACHER-VIEWS.zarr, shared by recipes with the same teacher).")
-@click.option("--epochs", type=click.IntRange(min=1), help="Epochs per run instead of the recipe's 240 (lr decay "
-              "and warm-ups scale with them); the table says how many were run.")
-@click.option("--loss", "losses", multiple=True, help="Run only this loss (repeatable); default: every loss the "
-              "recipe lists.")
-@click.option("--views", type=click.IntRange(min=1), help="Cache K sampled views per image instead of the recipe's "
-              "exhaustive 162 (16 views of CIFAR-100: 3.4 GB instead of 34 GB).")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present, else CPU), cpu, cuda "
-              "or cuda:N.")
-@click.option("--resume", is_flag=True, help="Continue each run from its last checkpoint (a finished run is kept).")
-@click.option("--list", "list_only", is_flag=True, help="List the packaged recipes and exit.")
-def recipe_command(recipe: str | None, checkpoint: str | None, data_root: str | None, out: str | None,
-                   cache: str | None, epochs: int | None, losses: tuple[str, ...], views: int | None, device: str,
-                   resume: bool, list_only: bool) -> None:
-    """Reproduce a row of the published CIFAR-100 tables: dump the teacher once, distil every loss, write a table.
-
-    RECIPE is a YAML file or the name of a packaged one (`--list`), e.g. res32x4_res8x4.
-    """
-    if list_only:
-        for name, path in sorted(packaged_recipes().items()):
-            listed = load_recipe(path)
-            click.echo(f"{name:<18} {listed.teacher} → {listed.student}: {', '.join(listed.losses)}")
-        return
-    if recipe is None:
-        raise KdcacheError(f"recipe: name a recipe; packaged: {', '.join(sorted(packaged_recipes()))}")
-    find_recipe(recipe)
-    if checkpoint is None:
-        raise KdcacheError("recipe: --checkpoint is required (the teacher's weights, e.g. mdistiller's "
-                           "cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth)")
-    run_recipe(recipe, checkpoint, data_root, out, cache, epochs, losses or None, device, views, resume)
+def recipe_listing() -> str:
+    """`kdcache recipe --list`: each packaged recipe's pair and losses, one line each."""
+    lines = []
+    for name, path in sorted(packaged_recipes().items()):
+        listed = load_recipe(path)
+        lines.append(f"{name:<18} {listed.teacher} → {listed.student}: {', '.join(listed.losses)}")
+    return "\n".join(lines)

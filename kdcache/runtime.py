@@ -46,3 +46,9 @@ def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     """Move a model to the device, channels_last on CUDA."""
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The seeded CPU generator of one epoch (or round of epochs): batch orders, fresh views and view orders all
+    draw from it, so a resumed run replays them exactly and any device gets the same draws."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)

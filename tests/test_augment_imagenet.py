@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2.functional import _geometry
 
-from kdcache.cache.dump import view_params
 from kdcache.data import get_policy
 from kdcache.data.augment import ResizedCropFlip
 from kdcache.errors import KdcacheError
+from kdcache.stages.dump import view_params
 
 SIZES = [(1, 1), (1, 9), (9, 1), (2, 3), (5, 7), (13, 29), (32, 32), (64, 17), (40, 64), (64, 64)]
 

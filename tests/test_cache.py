@@ -7,16 +7,16 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from cache_faults import flip_chunk_byte
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cache_faults import flip_chunk_byte
-from kdcache.cache import Store, open_cache
-from kdcache.cache.dump import dump_teacher
+from kdcache.cache import Store, open_cache, verify
 from kdcache.cache.lock import lock_path
 from kdcache.data import get_policy, load_dataset, normalize
 from kdcache.errors import CorruptCacheError, KdcacheError
 from kdcache.models import LogitMap, create_model
+from kdcache.stages.dump import dump_teacher
 
 FORMATS = ["zarr", "hdf5"]
 SUFFIX = {"zarr": ".zarr", "hdf5": ".h5"}
@@ -62,7 +62,7 @@ def test_every_cached_view_equals_the_live_teacher_on_the_replayed_view(teacher,
             torch.testing.assert_close(stored, expected, **tolerance)
             assert result.view_accuracy[k] == pytest.approx(float((stored[:, 0].argmax(-1) == data.labels).float().mean()))
         assert cache.metadata["view_accuracy"] == result.view_accuracy
-        assert cache.verify() == []
+        assert verify(cache) == []
 
 
 def test_views_differ_and_are_replayable_parameters(teacher, data, tmp_path):
@@ -172,7 +172,7 @@ def test_verify_names_array_view_and_block_of_a_flipped_byte(teacher, data, tmp_
     dump(teacher, data, path)
     flip_chunk_byte(path, "logits", (2, 1, 0, 0))
     with open_cache(path) as cache:
-        problems = [str(p) for p in cache.verify()]
+        problems = [str(p) for p in verify(cache)]
         assert len(problems) == 1 and problems[0].startswith("array 'logits', view 2, block 1 (samples 16-31)")
         cache.view(1)  # other views read fine
         with pytest.raises(CorruptCacheError, match=r"array 'logits', view 2, block 1 \(samples 16-31\): fails its "
@@ -194,7 +194,7 @@ def test_a_second_writer_is_refused_by_the_lock_and_a_dead_ones_lock_is_taken_ov
 
 
 def test_inspect_reports_accuracy_and_completeness(teacher, data, tmp_path):
-    from kdcache.commands import describe_cache
+    from kdcache.report import describe_cache
 
     result = dump(teacher, data, tmp_path / "c.h5")
     report = describe_cache(tmp_path / "c.h5")
@@ -208,7 +208,7 @@ def test_inspect_reports_accuracy_and_completeness(teacher, data, tmp_path):
        bad=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.sampled_from([np.nan, np.inf, -np.inf])),
                     max_size=2))
 def test_all_finite_agrees_with_numpy_wherever_the_bad_values_sit(dtype, size, bad):
-    from kdcache.cache.reader import all_finite
+    from kdcache.cache.layout import all_finite
 
     values = np.random.default_rng(size).standard_normal(size).astype(dtype) * 1000
     values[0] = np.finfo(dtype).max  # the largest finite value is finite

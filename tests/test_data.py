@@ -9,11 +9,17 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from fake_cifar import write_fake_cifar, write_python2_pickle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fake_cifar import write_fake_cifar, write_python2_pickle
-from kdcache.data import ImageData, data_fingerprint, list_datasets, load_dataset, normalize
+from kdcache.data import (
+    ImageData,
+    data_fingerprint,
+    list_datasets,
+    load_dataset,
+    normalize,
+)
 from kdcache.errors import KdcacheError
 
 

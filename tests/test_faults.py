@@ -15,21 +15,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from console import run_cli
 import torch
+from cache_faults import delete_chunk, flip_chunk_byte
+from console import run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cache_faults import delete_chunk, flip_chunk_byte
-from kdcache.cache import Store, open_cache, open_store
+from kdcache.cache import Store, open_cache, open_store, verify
 from kdcache.cache.lock import lock_path
-from kdcache.cache.dump import dump_teacher
-from kdcache.commands import describe_cache, dump_teacher_from_config
 from kdcache.config import DistillConfig, DumpConfig
 from kdcache.data import get_policy, load_dataset
 from kdcache.errors import CorruptCacheError, KdcacheError
 from kdcache.models import create_model, save_checkpoint
-from kdcache.train import CachedViewDataset, distill
+from kdcache.report import describe_cache
+from kdcache.stages import CachedViewDataset, distill, require_fits
+from kdcache.stages.dump import dump_from_config, dump_teacher
 
 FORMATS = ["zarr", "hdf5"]
 SUFFIX = {"zarr": ".zarr", "hdf5": ".h5"}
@@ -57,7 +57,7 @@ def pristine(checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("pristine")
     paths = {fmt: folder / f"cache{SUFFIX[fmt]}" for fmt in FORMATS}
     for path in paths.values():
-        dump_teacher_from_config(DumpConfig(checkpoint=str(checkpoint), out=str(path), **DUMP_ARGS),
+        dump_from_config(DumpConfig(checkpoint=str(checkpoint), out=str(path), **DUMP_ARGS),
                                  show_progress=False)
     return paths
 
@@ -191,12 +191,12 @@ def test_a_cache_made_from_something_else_is_refused_naming_the_field_and_both_v
     train = digits[0]
     misfit = {"data": train, "policy": get_policy("cifar"), "teacher": None, **MISFITS[field](train)}
     with open_cache(pristine["zarr"]) as cache:
-        cache.require_fits(train, get_policy("cifar"), (1, 2, 4), teacher="resnet8")  # the fitting run passes
+        require_fits(cache, train, get_policy("cifar"), (1, 2, 4), teacher="resnet8")  # the fitting run passes
         have = cache.spec.to_metadata()
         for part in field.split("."):
             have = have[part]
         with pytest.raises(KdcacheError) as refused:
-            cache.require_fits(misfit["data"], misfit["policy"], (1, 2, 4), teacher=misfit["teacher"])
+            require_fits(cache, misfit["data"], misfit["policy"], (1, 2, 4), teacher=misfit["teacher"])
     message = str(refused.value)
     assert f"was written for {field} " in message and "but this run has" in message
     if isinstance(have, str):
@@ -265,13 +265,13 @@ def test_a_full_disk_stops_the_dump_naming_view_and_block_and_the_rerun_complete
     monkeypatch.setattr(Store, "write", full_disk(capacity=logits_bytes // 4))
     with pytest.raises(KdcacheError, match=r"could not write view 0, block [0-5] .*No space left on device.*"
                                            r"free space.*rerun the same command") as refused:
-        dump_teacher_from_config(config, show_progress=False)
+        dump_from_config(config, show_progress=False)
     assert "\n" not in str(refused.value)
     monkeypatch.undo()
     assert not lock_path(out).exists()
     done, total = blocks_done(out)
     assert 0 < done < total
-    dump_teacher_from_config(config, show_progress=False)
+    dump_from_config(config, show_progress=False)
     assert_same_cache(out, pristine[fmt])
 
 
@@ -364,7 +364,7 @@ def test_edited_metadata_is_refused_naming_the_field_or_read_exactly_as_before(p
             with open_cache(cache) as opened:
                 # accepted: then it must read and check exactly as the untouched cache does
                 np.testing.assert_array_equal(opened.view(0), view0)
-                assert opened.verify() == []
+                assert verify(opened) == []
             assert describe_cache(cache)["complete"]
         except KdcacheError as error:
             message = str(error)
@@ -393,8 +393,8 @@ def test_missing_attributes_and_another_format_version_are_named(pristine, prist
     rewrite_metadata(cache, {})
     with pytest.raises(CorruptCacheError, match="has no kdcache metadata"):
         open_cache(cache)
-    rewrite_metadata(cache, edited(metadata, "format_version", 3))
-    with pytest.raises(CorruptCacheError, match=r"cache format version 3, this kdcache .* reads versions 1 and 2"):
+    rewrite_metadata(cache, edited(metadata, "format_version", 4))
+    with pytest.raises(CorruptCacheError, match=r"cache format version 4, this kdcache .* reads versions 1, 2, 3"):
         open_cache(cache)
     rewrite_metadata(cache, edited(metadata, "format_version", 2))  # format 2 without its top-k field
     with pytest.raises(CorruptCacheError, match=r"'format_version' is 2 but 'logits.topk' is missing"):

@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image, encode_jpeg, write_file, write_png
+from torchvision.io import (
+    ImageReadMode,
+    decode_image,
+    encode_jpeg,
+    write_file,
+    write_png,
+)
 from torchvision.transforms import functional as TF
 
 from kdcache.data import imagefolder as imagefolder_module

@@ -3,13 +3,13 @@ through the CLI, and the cache equal to the live teacher on the replayed RandomR
 
 import numpy as np
 import torch
+from console import run_cli
 from torchvision.io import write_png
 
-from console import run_cli
-from kdcache.cache import open_cache
-from kdcache.cache.topk import rebuild_topk
+from kdcache.cache import open_cache, verify
 from kdcache.data import get_policy, load_dataset, normalize
 from kdcache.models import LogitMap, create_model, load_checkpoint, save_checkpoint
+from kdcache.stages.topk import rebuild_topk
 
 CLASSES = ("ant", "bee", "cow")
 SIZE = 32
@@ -33,7 +33,7 @@ def write_imagefolder(root):
 def test_imagefolder_teacher_topk_cache_and_student_through_the_cli(tmp_path, capsys):
     write_imagefolder(tmp_path / "data")
     common = ["--dataset", "imagefolder", "--data-root", tmp_path / "data", "--image-size", SIZE, "--device", "cpu"]
-    code, _, err = run_cli(["train-teacher", "--model", "resnet18", "--augmentation", "imagenet", "--epochs", 2,
+    code, _, err = run_cli(["train-teacher", "--model", "resnet18", "--aug", "imagenet", "--epochs", 2,
                             "--batch-size", 10, "--out", tmp_path / "teacher", *common], capsys)
     assert code == 0, err
     code, out, err = run_cli(["dump-teacher", "--checkpoint", tmp_path / "teacher" / "model.pt", "--aug", "imagenet",
@@ -47,7 +47,7 @@ def test_imagefolder_teacher_topk_cache_and_student_through_the_cli(tmp_path, ca
     live, policy = LogitMap(teacher.eval(), (1, 2)), get_policy("imagenet", image_size=(SIZE, SIZE))
     with open_cache(tmp_path / "c.zarr") as cache:
         assert cache.spec.augmentation["name"] == "imagenet" and cache.spec.topk == 2
-        assert cache.verify() == []
+        assert verify(cache) == []
         for view in range(2):
             params = torch.from_numpy(cache.aug_params(view)).long()
             assert not (params[:, 2:4] == SIZE).all()  # crops, not the whole image

@@ -8,12 +8,20 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from model_fixtures import load_fixture, reference_input, reference_state_dict
 from torch import nn
 
 from kdcache.errors import KdcacheError
-from kdcache.models import LogitMap, create_model, imagenet, list_models, num_regions, parse_scales, region_indices
+from kdcache.models import (
+    LogitMap,
+    create_model,
+    imagenet,
+    list_models,
+    num_regions,
+    parse_scales,
+    region_indices,
+)
 from kdcache.models.logit_map import FeatureMapClassifier
-from model_fixtures import load_fixture, reference_input, reference_state_dict
 
 # the CIFAR family, whose mdistiller fixtures these tests read; torchvision's are in test_imagenet_models.py
 MODELS = [name for name in list_models() if not hasattr(imagenet, name)]

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from model_fixtures import FIXTURES, load_fixture, reference_input, reference_state_dict
 from torch import nn
 
 from kdcache.errors import KdcacheError
 from kdcache.models import create_model, imagenet, list_models, register_model
-from model_fixtures import FIXTURES, load_fixture, reference_input, reference_state_dict
 
 # the CIFAR family; torchvision's ImageNet models (kdcache.models.imagenet) are tested in test_imagenet_models.py
 MODELS = [name for name in list_models() if not hasattr(imagenet, name)]

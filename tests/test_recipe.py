@@ -4,9 +4,9 @@ import csv
 
 import click
 import pytest
-from console import run_cli
 import torch
 import yaml
+from console import run_cli
 from fake_cifar import write_fake_cifar
 
 from kdcache.cli import cli

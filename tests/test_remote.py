@@ -9,9 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kdcache.cache import verify
+from kdcache.cache.backends import create_store, open_store, store_class
+from kdcache.cache.location import (
+    is_url,
+    location_name,
+    remove_store,
+    storage_options,
+    store_bytes,
+    store_exists,
+)
 from kdcache.cache.lock import WriterLock, lock_path
-from kdcache.cache.store import (create_store, is_url, location_name, open_store, remove_store, store_bytes,
-                                 store_class, store_exists, storage_options)
 from kdcache.cache.zarr_store import ZarrStore
 from kdcache.errors import KdcacheError
 
@@ -203,12 +211,12 @@ def test_a_dump_to_a_url_equals_a_local_one_and_students_train_from_it(url, tmp_
     import torch
 
     from kdcache.cache import open_cache
-    from kdcache.cache.dump import dump_teacher
-    from kdcache.commands import describe_cache
     from kdcache.config import DistillConfig
     from kdcache.data import get_policy, load_dataset
     from kdcache.models import create_model
-    from kdcache.train import distill
+    from kdcache.report import describe_cache
+    from kdcache.stages import distill
+    from kdcache.stages.dump import dump_teacher
 
     data = load_dataset("synthetic", num_samples=48, num_classes=4, image_size=16, seed=2)
     torch.manual_seed(0)
@@ -222,7 +230,7 @@ def test_a_dump_to_a_url_equals_a_local_one_and_students_train_from_it(url, tmp_
     with pytest.raises(KdcacheError, match="made with other arguments"):
         dump_teacher(teacher, info, data, get_policy("cifar"), url, **{**settings, "views": 3})
     with open_cache(url) as cache, open_cache(tmp_path / "local.zarr") as local:
-        assert cache.verify() == [] and cache.metadata == local.metadata
+        assert verify(cache) == [] and cache.metadata == local.metadata
         for view in range(2):
             np.testing.assert_array_equal(cache.view(view), local.view(view))
     assert describe_cache(url)["complete"]

@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.cache import open_cache
-from kdcache.cache.dump import dump_teacher
-from kdcache.cache.store import open_store, store_bytes
-from kdcache.cache.topk import rebuild_topk
-from kdcache.commands import describe_cache
+from kdcache.cache import open_cache, verify
+from kdcache.cache.backends import open_store
+from kdcache.cache.location import store_bytes
 from kdcache.data import get_policy, load_dataset
 from kdcache.errors import CorruptCacheError, KdcacheError
-from kdcache.train.targets import CachedTargets
+from kdcache.report import describe_cache
+from kdcache.stages.dump import dump_teacher
+from kdcache.stages.targets import CachedTargets
+from kdcache.stages.topk import rebuild_topk
 
 CLASSES = 20
 SUFFIX = {"zarr": ".zarr", "hdf5": ".h5"}
@@ -52,10 +53,10 @@ def test_a_topk_view_is_the_rebuilt_full_view(teacher, data, full, tmp_path, fmt
     path = tmp_path / f"k{SUFFIX[fmt]}"
     dump(teacher, data, path, topk=k)
     with open_cache(path) as cache, open_cache(full) as reference:
-        assert cache.spec.format_version == 2 and cache.metadata["logits"]["topk"] == k
+        assert cache.spec.format_version == 3 and cache.metadata["logits"]["topk"] == k
         assert sorted(cache.store.array_names()) == ["aug", "labels", "progress", "topk_indices", "topk_rest",
                                                      "topk_values"]
-        assert cache.verify() == []
+        assert verify(cache) == []
         assert cache.view_accuracy() == reference.view_accuracy()  # the same top-1 class, recounted by verify
         for view in range(2):
             stored = reference.view(view)
@@ -91,7 +92,7 @@ def test_cached_targets_rebuild_each_batch_on_the_device_from_the_compact_arrays
 def test_distill_trains_from_a_topk_cache_and_warns_for_standardising_losses(teacher, data, tmp_path, caplog):
     from kdcache.config import DistillConfig
     from kdcache.models import save_checkpoint
-    from kdcache.train import distill
+    from kdcache.stages import distill
 
     dump(teacher, data, tmp_path / "k.zarr", topk=4)
     test = load_dataset("synthetic", num_samples=50, num_classes=CLASSES, image_size=16, seed=5)
@@ -115,7 +116,7 @@ def test_verify_finds_what_no_topk_encoding_gives(teacher, data, tmp_path):
         values[0, 1] = values[0, 1, ::-1]  # a region's values ascending
         store.write("topk_values", (1, slice(16, 32)), values)
     with open_cache(path) as cache:
-        found = [str(problem) for problem in cache.verify()]
+        found = [str(problem) for problem in verify(cache)]
     assert len(found) == 2
     assert "array 'topk_indices', view 0, block 0 (samples 0-15): a region lists the same class twice" in found[0]
     assert "array 'topk_values', view 1, block 1 (samples 16-31): values are not in descending order" in found[1]
@@ -142,4 +143,4 @@ def test_topk_choices_that_cannot_work_are_refused(teacher, data, tmp_path):
 def test_inspect_says_what_a_topk_cache_stores(teacher, data, tmp_path):
     dump(teacher, data, tmp_path / "k.zarr", topk=3)
     text = describe_cache(tmp_path / "k.zarr")["text"]
-    assert "format version 2" in text and "top 3 per region stored, the rest rebuilt" in text
+    assert "format version 3" in text and "top 3 per region stored, the rest rebuilt" in text

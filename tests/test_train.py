@@ -8,15 +8,23 @@ import pytest
 import torch
 
 from kdcache.cache import open_cache
-from kdcache.cache.dump import dump_teacher
 from kdcache.config import DistillConfig, TeacherConfig
 from kdcache.data import get_policy, load_dataset
 from kdcache.errors import KdcacheError
 from kdcache.losses import get_loss
 from kdcache.models import LogitMap, create_model, file_sha256, save_checkpoint
-from kdcache.train import (CachedTargets, CachedViewDataset, CachedViews, LiveTeacher, device_batches, distill,
-                           train_teacher)
-from kdcache.train.loop import epoch_generator
+from kdcache.report import distill_sweep
+from kdcache.runtime import epoch_generator
+from kdcache.stages import (
+    CachedTargets,
+    CachedViewDataset,
+    CachedViews,
+    LiveTeacher,
+    device_batches,
+    distill,
+    train_teacher,
+)
+from kdcache.stages.dump import dump_teacher
 
 CLASSES = 4
 
@@ -137,7 +145,7 @@ def test_two_epochs_from_a_float32_cache_equal_two_epochs_with_the_live_teacher_
 
 def test_resume_after_epoch_one_of_three_gives_the_weights_of_an_uninterrupted_run(cache16, data, tmp_path,
                                                                                    monkeypatch):
-    from kdcache.train.loop import Run
+    from kdcache.stages.loop import Run
 
     whole = distill(config(tmp_path, "whole", cache=str(cache16), epochs=3), show_progress=False, data=data)
     end_epoch = Run.end_epoch
@@ -168,8 +176,8 @@ def test_resume_after_epoch_one_of_three_gives_the_weights_of_an_uninterrupted_r
 
 
 def test_many_students_from_one_cache_each_get_a_folder_and_the_sweep_a_summary(cache16, data, tmp_path):
-    runs = distill(config(tmp_path, "sweep", cache=str(cache16), students=("resnet8", "wrn_16_2"),
-                          losses=("ce", "kd", "sdd-lskd"), scales=(1, 2)), show_progress=False, data=data)
+    runs = distill_sweep(config(tmp_path, "sweep", cache=str(cache16), students=("resnet8", "wrn_16_2"),
+                                losses=("ce", "kd", "sdd-lskd"), scales=(1, 2)), show_progress=False, data=data)
     assert [r.name for r in runs] == ["resnet8-ce", "resnet8-kd", "resnet8-sdd-lskd", "wrn_16_2-ce", "wrn_16_2-kd",
                                       "wrn_16_2-sdd-lskd"]
     summary = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
@@ -178,7 +186,9 @@ def test_many_students_from_one_cache_each_get_a_folder_and_the_sweep_a_summary(
     for run in runs:
         rows = list(csv.DictReader(open(run.folder / "metrics.csv")))
         assert len(rows) == 2 and {"loss_ce", "train_acc", "test_acc", "img_per_s", "lr"} <= set(rows[0])
-        assert ("loss_kd" in rows[0]) == (run.loss != "ce")
+        # a column per term of the run's loss, named as the loss names it
+        assert {column for column in rows[0] if column.startswith("loss_")} == \
+            {f"loss_{term}" for term in get_loss(run.loss).term_names}
         sidecar = json.loads((run.folder / "model.json").read_text())
         assert sidecar["arch"] == run.student and sidecar["cache"] == str(cache16)
     # the two ce runs and the kd runs of one student started from the same weights and saw the same batches

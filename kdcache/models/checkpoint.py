@@ -6,17 +6,20 @@ tensors and plain values, so our own files pass that check.
 """
 
 import hashlib
+import json
 import os
 import pickle
 import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from kdcache.errors import KdcacheError
+from kdcache.models._registry import create_model
 
 _CHOOSE_MODEL = "pass the --model and class count the checkpoint was trained with"
 
@@ -149,3 +152,27 @@ def save_checkpoint(path: str | os.PathLike, model_or_state: nn.Module | Mapping
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def checkpoint_sidecar(checkpoint: str | Path) -> dict[str, Any]:
+    """The JSON written beside a kdcache checkpoint (arch, classes, dataset), or {} for a foreign checkpoint."""
+    sidecar = Path(checkpoint).with_suffix(".json")
+    try:
+        return json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    except json.JSONDecodeError as error:
+        raise KdcacheError(f"{sidecar} is not valid JSON ({error}); fix or delete it and pass --teacher") from error
+
+
+def load_teacher(checkpoint: str | Path, arch: str | None, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+    """A teacher in eval mode and the metadata that names it (arch, classes, checkpoint and its sha256)."""
+    checkpoint = Path(checkpoint)
+    sidecar = checkpoint_sidecar(checkpoint)
+    arch = arch or sidecar.get("arch")
+    if not arch:
+        raise KdcacheError(f"--teacher: which architecture is {checkpoint}? it has no kdcache sidecar "
+                           f"({checkpoint.with_suffix('.json').name}); pass --teacher NAME (see `kdcache models`)")
+    model = create_model(arch, num_classes=num_classes)
+    load_checkpoint(checkpoint, model)
+    info = {"arch": arch, "num_classes": num_classes, "checkpoint": str(checkpoint),
+            "checkpoint_sha256": file_sha256(checkpoint)}
+    return model.eval(), info

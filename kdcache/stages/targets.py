@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 from concurrent.futures import Future
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from kdcache.cache import TeacherCache
-from kdcache.cache.topk import decode_topk
 from kdcache.models import LogitMap, region_indices
 from kdcache.runtime import autocast, prepare_model
+from kdcache.stages.topk import decode_topk
+
+
+class Targets(Protocol):
+    """A target provider: what the loop asks of the cache, the live teacher, or any other source of targets."""
+
+    def begin_epoch(self, view: int | None, next_view: int | None = None) -> None:
+        """Get ready to give the targets of `view` (None: fresh views); `next_view` is the following epoch's."""
+        ...
+
+    def __call__(self, indices: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """[b, R, C] float32 region logits of these samples (their indices, and their augmented, normalised images)."""
+        ...
 
 
 class CachedTargets:

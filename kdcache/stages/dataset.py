@@ -6,9 +6,9 @@ import torch
 from torch.utils.data import Dataset
 
 from kdcache.cache import TeacherCache
-from kdcache.data import ImageData, normalize
+from kdcache.data import AugmentPolicy, ImageData, normalize
 from kdcache.models import region_indices
-from kdcache.train.views import CachedViews
+from kdcache.stages.views import CachedViews, require_fits
 
 
 class CachedViewDataset(Dataset):
@@ -17,9 +17,9 @@ class CachedViewDataset(Dataset):
     `set_epoch(e)` selects the view of epoch e, as a DistributedSampler's set_epoch selects its order.
     """
 
-    def __init__(self, cache: TeacherCache, data: ImageData, policy: object, scales: tuple[int, ...] | None = None,
+    def __init__(self, cache: TeacherCache, data: ImageData, policy: AugmentPolicy, scales: tuple[int, ...] | None = None,
                  view_order: str = "cycle", seed: int = 0) -> None:
-        cache.require_fits(data, policy, scales or cache.scales)
+        require_fits(cache, data, policy, scales or cache.scales)
         self.cache, self.data, self.policy = cache, data, policy
         self.views = CachedViews(cache, view_order, seed)
         self.regions = None if scales is None else region_indices(cache.scales, scales)

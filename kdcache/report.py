@@ -1,46 +1,25 @@
-"""What the CLI commands do beyond one library call: wiring a dump from its config, reports and tables."""
+"""What kdcache tells people: a dump's closing lines, inspect's text, verify's progress, a sweep's summary.csv,
+summary.png and table, and the listings of models, datasets and losses."""
 
 from __future__ import annotations
 
+import csv
+import time
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from kdcache.cache import Problem, open_cache
-from kdcache.cache.dump import DumpResult, dump_teacher
-from kdcache.cache.store import location_name, store_bytes
-from kdcache.config import DumpConfig, loader_options
-from kdcache.data import get_policy, list_datasets, list_policies, load_dataset
+from kdcache.cache import Problem, open_cache, verify
+from kdcache.cache.location import location_name, store_bytes
+from kdcache.config import DistillConfig
+from kdcache.data import ImageData, list_datasets, list_policies
 from kdcache.distributed import world
 from kdcache.errors import KdcacheError
-from kdcache.runtime import pick_device
-
-DEFAULT_VIEWS = 4
-
-
-def dump_teacher_from_config(config: DumpConfig, show_progress: bool = True) -> DumpResult:
-    """Load the teacher and data a DumpConfig names, dump, and print the closing summary."""
-    from kdcache.train.teacher import load_teacher
-
-    if not config.checkpoint:
-        raise KdcacheError("dump-teacher: --checkpoint is required (a teacher from `kdcache train-teacher` or an "
-                           "mdistiller CIFAR-100 teacher)")
-    if config.exhaustive and config.views is not None:
-        raise KdcacheError("dump-teacher: --views and --exhaustive exclude each other (--exhaustive caches every view "
-                           "of the policy)")
-    device = pick_device(config.device)
-    data = load_dataset(config.dataset, config.data_root, config.split, **loader_options(config))
-    policy = get_policy(config.augmentation, image_size=tuple(data.images.shape[-2:]))
-    teacher, info = load_teacher(config.checkpoint, config.teacher or None, data)
-    result = dump_teacher(teacher, info, data, policy, config.out, views=config.views or DEFAULT_VIEWS,
-                          exhaustive=config.exhaustive, scales=config.scales, batch_size=config.batch_size,
-                          device=device, dtype=config.dtype, format=config.format, seed=config.seed,
-                          block_size=config.block_size, overwrite=config.overwrite, topk=config.topk,
-                          show_progress=show_progress)
-    if show_progress and world().is_main:
-        print(dump_summary(result))
-    return result
+from kdcache.losses import get_loss, list_losses
+from kdcache.models import create_model, list_models
+from kdcache.stages.distill import RunSummary, distill
+from kdcache.stages.dump import DumpResult
 
 
 def dump_summary(result: DumpResult) -> str:
@@ -87,7 +66,7 @@ def verify_cache(path: str | Path, show_progress: bool = True) -> list[Problem]:
     with open_cache(path) as cache:
         total = cache.num_views * cache.spec.num_blocks
         with tqdm(total=total, unit="block", desc=f"verify {location_name(path)}", disable=not show_progress) as bar:
-            problems = cache.verify(on_block=lambda: bar.update(1))
+            problems = verify(cache, on_block=lambda: bar.update(1))
     if show_progress and not problems:
         print(f"{path}: ok, {total} blocks of logits and every other chunk read and checked")
     return problems
@@ -95,8 +74,6 @@ def verify_cache(path: str | Path, show_progress: bool = True) -> list[Problem]:
 
 def model_table(pattern: str = "*") -> str:
     """Registered architectures with their parameter counts at 100 classes."""
-    from kdcache.models import create_model, list_models
-
     names = list_models(pattern)
     if not names:
         raise KdcacheError(f"models: nothing matches {pattern!r}; known: {', '.join(list_models())}")
@@ -121,8 +98,6 @@ def dataset_table() -> str:
 
 def loss_table() -> str:
     """Losses with their default weights and papers."""
-    from kdcache.losses import get_loss, list_losses
-
     rows = []
     for name in list_losses():
         spec = get_loss(name)
@@ -132,3 +107,55 @@ def loss_table() -> str:
 
 def _megabytes(size: int) -> str:
     return f"{size / 2**20:.1f} MB" if size < 2**30 else f"{size / 2**30:.2f} GB"
+
+
+def distill_sweep(config: DistillConfig, show_progress: bool = True,
+                  data: tuple[ImageData, ImageData] | None = None) -> list[RunSummary]:
+    """`kdcache distill`: train the sweep, then (rank 0) write summary.csv and summary.png and print the table."""
+    started = time.perf_counter()
+    summaries = distill(config, show_progress, data)
+    if world().is_main:
+        write_summary(summaries, Path(config.out))
+        if show_progress:
+            print(summary_table(summaries))
+            print(f"{len(summaries)} run(s) in {time.perf_counter() - started:.0f} s; written to {config.out}/ "
+                  f"(summary.csv, summary.png, and per run: metrics.csv, model.pt, last.pt)")
+    return summaries
+
+
+def write_summary(summaries: list[RunSummary], out: Path) -> None:
+    """summary.csv (one row per run) and summary.png (test accuracy per epoch of every run)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "summary.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["run", "student", "loss", "test_acc", "best_test_acc", "best_epoch", "img_per_s", "folder"])
+        for s in summaries:
+            writer.writerow([s.name, s.student, s.loss, f"{s.test_acc:.4f}", f"{s.best_test_acc:.4f}", s.best_epoch,
+                             f"{s.img_per_s:.1f}", s.folder])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for s in summaries:
+        with open(s.folder / "metrics.csv") as file:
+            rows = list(csv.DictReader(file))
+        axes.plot([int(r["epoch"]) for r in rows], [float(r["test_acc"]) for r in rows], label=s.name)
+    axes.set(xlabel="epoch", ylabel="test accuracy", title="kdcache distill")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(out / "summary.png", dpi=120)
+    plt.close(figure)
+
+
+def summary_table(summaries: list[RunSummary]) -> str:
+    """A printed table: each run's accuracy, and its gain over the same student's cross-entropy run."""
+    ce = {s.student: s.test_acc for s in summaries if s.loss == "ce"}
+    lines = [f"{'run':<30} {'test acc':>9} {'best (epoch)':>14} {'vs ce':>7} {'img/s':>8}"]
+    for s in summaries:
+        gain = f"{100 * (s.test_acc - ce[s.student]):+.2f}" if s.student in ce and s.loss != "ce" else ""
+        lines.append(f"{s.name:<30} {100 * s.test_acc:>8.2f}% {100 * s.best_test_acc:>7.2f}% ({s.best_epoch:>3}) "
+                     f"{gain:>7} {s.img_per_s:>8.0f}")
+    return "\n".join(lines)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,29 +12,24 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from kdcache import distributed
 from kdcache.config import TrainConfig
-from kdcache.data import ImageData, normalize
+from kdcache.data import AugmentPolicy, ImageData, normalize
 from kdcache.distributed import Shard, World, all_sum, synchronise_batchnorm
 from kdcache.errors import KdcacheError
 from kdcache.losses import LossSpec
 from kdcache.models import LogitMap, file_sha256, save_checkpoint
-from kdcache.runtime import autocast, prepare_model
+from kdcache.runtime import autocast, epoch_generator, prepare_model
+from kdcache.stages.targets import Targets
+from kdcache.stages.views import Views
 
-log = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # images (normalised), labels, targets [b, R, C]
-Targets = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (sample indices, images) -> region logits
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The seeded generator of one epoch's batch order (a resumed run replays the same orders)."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-
-
-def device_batches(images: torch.Tensor, labels: torch.Tensor, params: torch.Tensor, policy: Any,
+def device_batches(images: torch.Tensor, labels: torch.Tensor, params: torch.Tensor, policy: AugmentPolicy,
                    mean: tuple[float, ...], std: tuple[float, ...], targets: Targets | None, batch_size: int,
                    generator: torch.Generator, shard: Shard | None = None) -> Iterator[Batch]:
     """The fast path: uint8 images, labels and parameters already on the device; each batch is indexed,
@@ -60,7 +54,7 @@ def device_batches(images: torch.Tensor, labels: torch.Tensor, params: torch.Ten
         yield x, labels[index], None if targets is None else targets(index, x)
 
 
-def loader_batches(dataset: Any, batch_size: int, generator: torch.Generator, device: torch.device,
+def loader_batches(dataset: Dataset, batch_size: int, generator: torch.Generator, device: torch.device,
                    num_workers: int = 0) -> Iterator[Batch]:
     """The general path: a Dataset of (image, label, targets) through a DataLoader, in the device path's order."""
     order = torch.randperm(len(dataset), generator=generator).tolist()
@@ -92,19 +86,24 @@ def top1_accuracy(model: nn.Module, test: ImageData, device: torch.device, image
 
 
 class Run:
-    """One model being trained: its LogitMap, loss, optimiser, folder and history."""
+    """One model being trained: the model, its loss, optimiser, folder and history.
+
+    Three views of the model: `model`, the network itself (what checkpoints hold); `logit_map`, its region logits
+    (LogitMap) on the device; `step_module`, what a training step calls (the LogitMap, DDP-wrapped under torchrun).
+    """
 
     def __init__(self, name: str, model: nn.Module, loss: LossSpec, scales: tuple[int, ...], config: TrainConfig,
                  folder: Path, device: torch.device, record: dict[str, Any], here: World = World()) -> None:
         self.name, self.loss, self.config, self.folder, self.device = name, loss, config, Path(folder), device
         self.record = record  # what the run is (config, teacher, cache): saved with every checkpoint
         self.here = here
-        self.model = prepare_model(LogitMap(model, scales), device)
+        self.logit_map = prepare_model(LogitMap(model, scales), device)
+        self.model = self.logit_map.model
         # under DDP: BatchNorm over the global batch and gradients averaged over ranks, as one process computes them
-        self.trained = self.model if not here.distributed else DistributedDataParallel(
-            synchronise_batchnorm(self.model, device), device_ids=[device.index] if device.type == "cuda" else None)
+        self.step_module = self.logit_map if not here.distributed else DistributedDataParallel(
+            synchronise_batchnorm(self.logit_map, device), device_ids=[device.index] if device.type == "cuda" else None)
         # the run's regions are a prefix of the targets' (region 0 alone for a loss on the global logit)
-        self.num_regions = self.model.num_regions
+        self.num_regions = self.logit_map.num_regions
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         self.start_epoch = 0
@@ -120,14 +119,14 @@ class Run:
         lr = self.learning_rate(epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.model.train()
+        self.logit_map.train()
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=self.device)
         seen, started = torch.zeros((), dtype=torch.long), time.perf_counter()
         for step, (x, y, t) in enumerate(tqdm(batches, total=steps, desc=f"{self.name} {epoch + 1}/{self.config.epochs}",
                                               unit="batch", leave=False, disable=not show_progress)):
             with autocast(self.device):
-                s = self.trained(x)
+                s = self.step_module(x)
             t = None if t is None else t[:, :self.num_regions]
             # this rank's share of the global batch: the ranks' weighted means add up to the global batch's mean
             share = len(y) / self.config.batch_size
@@ -152,13 +151,12 @@ class Run:
 
     def _no_terms(self, student: torch.Tensor) -> dict[str, torch.Tensor]:
         """Zero loss terms for a rank that holds none of a global batch (it still joins the step's collectives)."""
-        zero = student.sum() * 0
-        return dict.fromkeys(("ce", "total") if self.loss.loss == "ce" else ("ce", "kd", "total"), zero)
+        return dict.fromkeys(self.loss.term_names, student.sum() * 0)
 
     def evaluate(self, test: ImageData, test_images: torch.Tensor) -> float:
         """Top-1 accuracy of the global logit on the un-augmented test split (its images already on the device)."""
-        part = distributed.shard(len(test_images), 1, len(test_images), self.here)[1]  # each rank evaluates its share
-        return top1_accuracy(self.model.model, test, self.device, test_images, samples=part.samples)
+        part = distributed.even_share(len(test_images), self.here)  # each rank evaluates its share
+        return top1_accuracy(self.model, test, self.device, test_images, samples=part.samples)
 
     def end_epoch(self, metrics: dict[str, float]) -> None:
         """Record the epoch: history, metrics.csv, TensorBoard when installed, and the resumable checkpoint (rank 0)."""
@@ -172,7 +170,7 @@ class Run:
             writer.writeheader()
             writer.writerows(self.history)
         _tensorboard(self.folder, metrics)
-        save_checkpoint(self.folder / "last.pt", self.model.model, optimizer=self.optimizer.state_dict(),
+        save_checkpoint(self.folder / "last.pt", self.model, optimizer=self.optimizer.state_dict(),
                         epoch=int(metrics["epoch"]), record=json.dumps(self.record), history=json.dumps(self.history))
 
     def resume(self) -> None:
@@ -186,7 +184,7 @@ class Run:
             changed = sorted(k for k in set(stored) | set(self.record) if stored.get(k) != self.record.get(k))
             raise KdcacheError(f"--resume: {path} was written by a run with other settings ({', '.join(changed)}); "
                                f"resume with the same settings, or use another --out")
-        self.model.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch = int(state["epoch"])
         self.history = json.loads(state["history"])
@@ -196,7 +194,7 @@ class Run:
         path = self.folder / "model.pt"
         if not self.here.is_main:
             return path
-        save_checkpoint(path, self.model.model)
+        save_checkpoint(path, self.model)
         best = max(self.history, key=lambda row: row["test_acc"])
         sidecar = {**self.record, "test_acc": self.history[-1]["test_acc"], "best_test_acc": best["test_acc"],
                    "best_epoch": best["epoch"], "epochs": len(self.history), "sha256": file_sha256(path)}
@@ -204,7 +202,7 @@ class Run:
         return path
 
 
-def fit(runs: list[Run], data: ImageData, test: ImageData, views: Any, policy: Any, targets: Any | None,
+def fit(runs: list[Run], data: ImageData, test: ImageData, views: Views, policy: AugmentPolicy, targets: Targets | None,
         config: TrainConfig, device: torch.device,
         batch_path: Callable[[int, torch.Generator], Iterator[Batch]] | None = None,
         show_progress: bool = True, shard: Shard | None = None) -> None:

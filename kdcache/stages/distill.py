@@ -1,0 +1,188 @@
+"""Stage 2, orchestration only: train any number of students from one cache (or from the live teacher, the online
+baseline), through the loop of `loop.py`; `kdcache.report` writes and prints what they did."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kdcache import distributed
+from kdcache.cache import TeacherCache, open_cache
+from kdcache.config import DistillConfig, loader_options, recorded_config
+from kdcache.data import (
+    AugmentPolicy,
+    ImageData,
+    dataset_options,
+    get_policy,
+    load_dataset,
+)
+from kdcache.distributed import Shard, World
+from kdcache.errors import KdcacheError
+from kdcache.losses import LossSpec, get_loss, scaled_loss
+from kdcache.models import create_model, load_teacher
+from kdcache.runtime import pick_device
+from kdcache.stages.dataset import CachedViewDataset
+from kdcache.stages.loop import Batch, Run, fit, loader_batches
+from kdcache.stages.targets import CachedTargets, LiveTeacher, Targets
+from kdcache.stages.views import CachedViews, FreshViews, require_fits
+
+log = logging.getLogger(__name__)
+BATCH_PATHS = ("device", "dataset")
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """How one student did."""
+
+    name: str
+    student: str
+    loss: str
+    test_acc: float
+    best_test_acc: float
+    best_epoch: int
+    seconds: float
+    img_per_s: float
+    folder: Path
+
+
+def distill(config: DistillConfig, show_progress: bool = True,
+            data: tuple[ImageData, ImageData] | None = None) -> list[RunSummary]:
+    """Train every (student, loss) pair of the config from one target source; each run writes its own folder.
+
+    data: (train, test) already loaded, instead of the dataset the cache or config names.
+    """
+    if config.cache is None and config.live_teacher is None:
+        raise KdcacheError("distill: give --cache CACHE (train from a teacher cache) or --live-teacher CHECKPOINT "
+                           "(the online baseline)")
+    if config.batch_path not in BATCH_PATHS:
+        raise KdcacheError(f"--batch-path: unknown path {config.batch_path!r}; known: {', '.join(BATCH_PATHS)}")
+    for student, loss in config.runs():  # names are checked before any work
+        create_model(student)
+        get_loss(loss)
+    device = pick_device(config.device)
+    distributed.init(device)
+    cache = open_cache(config.cache) if config.cache else None
+    try:
+        data, test = data or _load_data(config, cache)
+        return _distill(config, cache, data, test, device, show_progress)
+    finally:
+        if cache is not None:
+            cache.close()
+
+
+def _distill(config: DistillConfig, cache: TeacherCache | None, data: ImageData, test: ImageData,
+             device: torch.device, show_progress: bool) -> list[RunSummary]:
+    """Check the cache against the run, make the target provider and the runs, train them all in one loop."""
+    stored = cache.spec if cache is not None else None
+    policy = get_policy(stored.augmentation["name"] if stored else config.augmentation,
+                        image_size=tuple(data.images.shape[-2:]))
+    scales = tuple(config.scales or (stored.scales if stored else (1, 2, 4)))
+    losses = {name: scaled_loss(name, config.loss_overrides(), config.epochs) for _, name in config.runs()}
+    if cache is not None:
+        _check_cache(cache, data, policy, scales, config.teacher, losses)
+    here, shard = _shard(cache, len(data.labels), config)
+    targets, source = _targets(config, cache, data, scales, device, shard)
+    # with a cache, its views are replayed (also by a live teacher: the online baseline on the same pixels)
+    views = CachedViews(cache, config.view_order, config.seed) if cache is not None else \
+        FreshViews(policy, len(data.labels), config.seed)
+    runs = []
+    for student, loss_name in config.runs():
+        torch.manual_seed(config.seed)  # every run of a student starts from the same weights
+        model = create_model(student, num_classes=data.num_classes)
+        record = {"arch": student, "num_classes": data.num_classes, "loss": loss_name,
+                  "dataset": data.describe(), "config": recorded_config(config), **source}
+        loss = losses[loss_name]
+        run = Run(f"{student}-{loss_name}", model, loss, scales if loss.uses_regions else (1,), config,
+                  Path(config.out) / f"{student}-{loss_name}", device, record, here)
+        if config.resume:
+            run.resume()
+        runs.append(run)
+    batch_path = _dataset_batches(config, cache, data, policy, scales, device)
+    fit(runs, data, test, views, policy, targets, config, device, batch_path, show_progress and here.is_main, shard)
+    return [_summary(run) for run in runs]
+
+
+def _load_data(config: DistillConfig, cache: TeacherCache | None) -> tuple[ImageData, ImageData]:
+    """The train split the cache was made from (or the config names) and its test split."""
+    stored = cache.spec if cache is not None else None
+    dataset = config.dataset or (stored.dataset["name"] if stored else "digits")
+    options = loader_options(config)
+    if not options and stored and "image_size" in dataset_options(dataset):  # the size the cache was made at
+        options = {"image_size": stored.dataset["image_shape"][-1]}
+    return (load_dataset(dataset, config.data_root, stored.dataset["split"] if stored else "train", **options),
+            load_dataset(dataset, config.data_root, "test", **options))
+
+
+def _check_cache(cache: TeacherCache, data: ImageData, policy: AugmentPolicy, scales: tuple[int, ...],
+                 teacher: str | None, losses: dict[str, LossSpec]) -> None:
+    """Refuse a cache that does not fit the run or is incomplete; warn when a top-k cache meets standardisation."""
+    require_fits(cache, data, policy, scales, teacher=teacher)
+    cache.require_complete()
+    standardising = sorted(name for name, loss in losses.items() if loss.standardizes)
+    if cache.spec.topk and standardising:
+        log.warning("%s stores the top %d logits per region: rebuilt logits have a smaller spread than the "
+                    "teacher's, so logit standardisation (%s) sharpens the teacher; benchmarks/TOPK.md measures "
+                    "it. Prefer a full cache, or a loss without standardisation, for these runs",
+                    cache.path, cache.spec.topk, ", ".join(standardising))
+
+
+def _targets(config: DistillConfig, cache: TeacherCache | None, data: ImageData, scales: tuple[int, ...],
+             device: torch.device, shard: Shard) -> tuple[Targets, dict]:
+    """The target provider (the cache, or the live teacher) and how the runs' records name it."""
+    if config.live_teacher is None:
+        stored = cache.spec
+        return (CachedTargets(cache, scales, device, None if shard.is_whole else shard.samples),
+                {"cache": str(cache.path), "teacher": stored.teacher, "cache_views": stored.num_views})
+    teacher, teacher_info = load_teacher(config.live_teacher, config.teacher, data.num_classes)
+    if cache is not None:  # replaying the cache's views live is the equivalence baseline: same teacher only
+        cache.require({"teacher.checkpoint_sha256": teacher_info["checkpoint_sha256"]})
+    return LiveTeacher(teacher, scales, device), {"live_teacher": teacher_info}
+
+
+def _dataset_batches(config: DistillConfig, cache: TeacherCache | None, data: ImageData, policy: AugmentPolicy,
+                     scales: tuple[int, ...], device: torch.device
+                     ) -> Callable[[int, torch.Generator], Iterator[Batch]] | None:
+    """With --batch-path dataset, each epoch's batches from CachedViewDataset through a DataLoader; else None."""
+    if config.batch_path != "dataset":
+        return None
+    if cache is None or config.live_teacher is not None:
+        raise KdcacheError("--batch-path dataset reads targets from a cache: use it with --cache and without "
+                           "--live-teacher")
+    dataset_of_views = CachedViewDataset(cache, data, policy, scales, config.view_order, config.seed)
+
+    def batches(epoch: int, generator: torch.Generator) -> Iterator[Batch]:
+        dataset_of_views.set_epoch(epoch)
+        return loader_batches(dataset_of_views, config.batch_size, generator, device)
+    return batches
+
+
+def _shard(cache: TeacherCache | None, num_samples: int, config: DistillConfig) -> tuple[World, Shard]:
+    """This rank's samples: whole for one process; under torchrun a contiguous range of the cache's blocks
+    (so each rank reads only its slice of every view), or an even split without a cache."""
+    here = distributed.world()
+    if not here.distributed:
+        return here, Shard.whole(num_samples)
+    if config.batch_path != "device":
+        raise KdcacheError(f"--batch-path {config.batch_path} runs in one process; under torchrun use the default "
+                           f"--batch-path device")
+    if cache is None:
+        return here, distributed.even_share(num_samples, here)
+    blocks, shard = distributed.shard(cache.spec.num_blocks, cache.spec.block_size, num_samples, here)
+    if not len(blocks):
+        raise KdcacheError(f"cache {cache.path} has {cache.spec.num_blocks} blocks of {cache.spec.block_size} samples, "
+                           f"fewer than the {here.size} processes: each rank needs at least one; rebuild the cache "
+                           f"with a smaller --block-size or start fewer processes")
+    return here, shard
+
+
+def _summary(run: Run) -> RunSummary:
+    """Write the run's final weights and say how it did."""
+    run.finish()
+    best = max(run.history, key=lambda row: row["test_acc"])
+    return RunSummary(run.name, run.record["arch"], run.record["loss"], run.history[-1]["test_acc"],
+                      best["test_acc"], int(best["epoch"]), sum(row["seconds"] for row in run.history),
+                      sum(row["img_per_s"] for row in run.history) / len(run.history), run.folder)

@@ -1,0 +1,202 @@
+"""Stage 1: the teacher runs once over K replayable views of a dataset, and its region logits go to a cache."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from kdcache import distributed
+from kdcache.cache.backends import store_class
+from kdcache.cache.layout import CacheSpec
+from kdcache.cache.location import Location, as_location, location_name, store_bytes
+from kdcache.cache.writer import BackgroundWriter, CacheWriter
+from kdcache.config import DumpConfig, loader_options
+from kdcache.data import AugmentPolicy, ImageData, get_policy, load_dataset, normalize
+from kdcache.distributed import World
+from kdcache.errors import KdcacheError
+from kdcache.models import LogitMap, load_teacher
+from kdcache.runtime import autocast, pick_device, precision, prepare_model
+from kdcache.stages.topk import encode_topk
+
+DEFAULT_VIEWS = 4
+
+
+@dataclass(frozen=True)
+class DumpResult:
+    """What a dump did: where, how big, how fast, and the teacher's accuracy per view."""
+
+    path: str | Path  # a URL for a remote cache
+    images: int
+    seconds: float
+    bytes_on_disk: int
+    view_accuracy: list[float]
+    resumed: bool
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+
+def view_params(policy: AugmentPolicy, num_samples: int, num_views: int | None, exhaustive: bool, seed: int) -> torch.Tensor:
+    """[K, N, P] augmentation parameters: K sampled views, or every view of a finite policy per sample."""
+    generator = torch.Generator().manual_seed(seed)
+    if exhaustive:
+        grid = policy.enumerate()  # [V, P]
+        # each sample sees every view once, in its own seeded random order
+        order = torch.rand(num_samples, len(grid), generator=generator).argsort(dim=1)
+        return grid[order].transpose(0, 1).contiguous()
+    if num_views is None or num_views < 1:
+        raise KdcacheError(f"--views: expected a positive number of views per sample, got {num_views}")
+    return torch.stack([policy.sample(generator, num_samples) for _ in range(num_views)])
+
+
+def dump_from_config(config: DumpConfig, show_progress: bool = True) -> DumpResult:
+    """`kdcache dump-teacher`: load the teacher and data a DumpConfig names, and dump."""
+    if not config.checkpoint:
+        raise KdcacheError("dump-teacher: --checkpoint is required (a teacher from `kdcache train-teacher` or an "
+                           "mdistiller CIFAR-100 teacher)")
+    if config.exhaustive and config.views is not None:
+        raise KdcacheError("dump-teacher: --views and --exhaustive exclude each other (--exhaustive caches every view "
+                           "of the policy)")
+    device = pick_device(config.device)
+    data = load_dataset(config.dataset, config.data_root, config.split, **loader_options(config))
+    policy = get_policy(config.augmentation, image_size=tuple(data.images.shape[-2:]))
+    teacher, info = load_teacher(config.checkpoint, config.teacher or None, data.num_classes)
+    return dump_teacher(teacher, info, data, policy, config.out, views=config.views or DEFAULT_VIEWS,
+                        exhaustive=config.exhaustive, scales=config.scales, batch_size=config.batch_size,
+                        device=device, dtype=config.dtype, format=config.format, seed=config.seed,
+                        block_size=config.block_size, overwrite=config.overwrite, topk=config.topk,
+                        show_progress=show_progress)
+
+
+def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageData, policy: AugmentPolicy,
+                 out: Location, *, views: int | None = 1, exhaustive: bool = False, scales: tuple[int, ...] = (1, 2, 4),
+                 batch_size: int = 256, device: torch.device = torch.device("cpu"), dtype: str = "float16",
+                 format: str | None = None, seed: int = 0, block_size: int = 0, overwrite: bool = False,
+                 topk: int = 0, show_progress: bool = True) -> DumpResult:
+    """Write the teacher's region logits for every (view, sample) to a cache; resumes an interrupted dump.
+
+    teacher_info names the teacher in the metadata: arch, num_classes, checkpoint, checkpoint_sha256.
+    topk > 0 stores per region only the k largest logits, their classes and one logit for the rest.
+    Under torchrun each rank computes and writes a contiguous, chunk-aligned range of blocks; rank 0
+    creates the cache and records the per-view accuracy once every rank is done.
+    """
+    out = as_location(out)
+    here = distributed.init(device)
+    params = view_params(policy, len(data.labels), views, exhaustive, seed)
+    logit_map = prepare_model(LogitMap(teacher, scales), device).eval()
+    spec = _cache_spec(teacher, teacher_info, data, policy, len(params), exhaustive, seed, scales, dtype, block_size,
+                       topk, device)
+    writer = open_writer(out, spec, data.labels.numpy(), params.numpy(), format, overwrite, here)
+    try:
+        blocks, shard = distributed.shard(spec.num_blocks, spec.block_size, spec.num_samples, here)
+        pending = writer.pending(blocks)
+        resumed = len(pending) < spec.num_views * len(blocks)
+        held = slice(shard.samples.start, shard.samples.stop)  # a rank moves only its own samples to its device
+        batches = _TeacherBatches(logit_map, data, policy, spec, batch_size, device, held,
+                                  torch.from_numpy(writer.aug_params()).to(device))  # a resumed run replays these
+        started = time.perf_counter()
+        total = _write_pending(writer, batches, pending, f"dump {location_name(out)}", here, show_progress)
+        seconds = time.perf_counter() - started
+        distributed.barrier()  # every rank's blocks are written before rank 0 reads the progress
+        accuracy = writer.finish() if here.is_main else writer.view_accuracy()
+        images = int(distributed.all_sum(torch.tensor(total)))
+    finally:
+        writer.close()
+    return DumpResult(out, images, seconds, store_bytes(out), accuracy, resumed)
+
+
+def _cache_spec(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageData, policy: AugmentPolicy,
+                num_views: int, exhaustive: bool, seed: int, scales: tuple[int, ...], dtype: str, block_size: int,
+                topk: int, device: torch.device) -> CacheSpec:
+    """What the cache will hold, after checking that the teacher fits the data and --topk fits its classes."""
+    with torch.no_grad():  # the teacher is on the device already, inside its LogitMap
+        feature_map = list(teacher.forward_features(normalize(data.images[:1], data.mean, data.std).to(device)).shape[2:])
+    spec = CacheSpec(
+        teacher={**teacher_info, "precision": precision(device), "feature_map": feature_map},
+        dataset=data.describe(), augmentation=policy.describe(), num_views=num_views, exhaustive=exhaustive,
+        seed=seed, scales=tuple(scales), dtype=dtype, block_size=block_size, topk=topk)
+    if spec.num_classes != data.num_classes:
+        raise KdcacheError(f"the teacher predicts {spec.num_classes} classes but dataset {data.name} has "
+                           f"{data.num_classes}; pass the checkpoint trained on this dataset")
+    if not 0 <= topk < spec.num_classes:
+        raise KdcacheError(f"--topk: expected a number of logits per region below the {spec.num_classes} classes "
+                           f"(0 or no --topk stores them all), got {topk}")
+    return spec
+
+
+def open_writer(out: str | Path, spec: CacheSpec, labels: np.ndarray, params: np.ndarray, format: str | None,
+                 overwrite: bool, here: World) -> CacheWriter:
+    """The cache's writer: one process creates or resumes it; under torchrun rank 0 does, and the others join."""
+    if not here.distributed:
+        return CacheWriter.open(out, spec, labels, params, format, overwrite)
+    backend = store_class(out, format)
+    if backend.format_name != "zarr":
+        raise KdcacheError(f"a sharded dump ({here.size} processes) writes Zarr, where each rank writes only its "
+                           f"own chunk files; {out} is {backend.format_name}, whose file takes one writer: use "
+                           f"a .zarr --out (or --format zarr), or run one process")
+    main = distributed.from_main(lambda: CacheWriter.open(out, spec, labels, params, format, overwrite))
+    return main if here.is_main else CacheWriter.join(out)
+
+
+def _write_pending(writer: CacheWriter, batches: _TeacherBatches, pending: list[tuple[int, int]], description: str,
+                   here: World, show_progress: bool) -> int:
+    """Compute and write every pending (view, block), the writes in the background; the number of images."""
+    total = sum(len(writer.spec.block_range(block)) for _, block in pending)
+    background = BackgroundWriter(writer)
+    try:
+        rank = f" rank {here.rank}/{here.size}" if here.distributed else ""
+        with tqdm(total=total, unit="img", unit_scale=True, disable=not show_progress, desc=description + rank,
+                  position=here.rank) as bar:
+            for view, block in pending:
+                arrays, correct = batches.block(view, block)
+                background.submit(view, block, arrays, correct)
+                bar.update(len(writer.spec.block_range(block)))
+    except BaseException:
+        background.close(raise_errors=False)  # blocks already queued are still written
+        raise
+    background.close()
+    return total
+
+
+class _TeacherBatches:
+    """The teacher over one block of samples under one view: region logits (or their top-k encoding), on the device.
+
+    Holds the samples of `held` (a rank's share of a sharded dump, or all) and every view's parameters.
+    """
+
+    def __init__(self, logit_map: nn.Module, data: ImageData, policy: AugmentPolicy, spec: CacheSpec,
+                 batch_size: int, device: torch.device, held: slice, params: torch.Tensor) -> None:
+        self.logit_map, self.data, self.policy, self.spec = logit_map, data, policy, spec
+        self.batch_size, self.device, self.first = batch_size, device, held.start
+        self.images, self.labels = data.images[held].to(device), data.labels[held].to(device)
+        self.params = params[:, held]
+
+    def block(self, view: int, block: int) -> tuple[dict[str, np.ndarray], int]:
+        """The data arrays of one (view, block) and how many of its region-0 predictions are right."""
+        rows, dtype = self.spec.block_range(block), getattr(torch, self.spec.dtype)
+        parts, correct = [], torch.zeros((), dtype=torch.long, device=self.device)
+        # batches always start at the block's start, so a resumed block computes exactly what it would have
+        for start in range(rows.start, rows.stop, self.batch_size):
+            batch = slice(start - self.first, min(start + self.batch_size, rows.stop) - self.first)
+            x = normalize(self.policy.apply(self.images[batch], self.params[view, batch]), self.data.mean,
+                          self.data.std)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad(), autocast(self.device):
+                regions = self.logit_map(x).float().to(dtype)
+            correct += (regions[:, 0].argmax(-1) == self.labels[batch]).sum()  # of what is stored: verify recounts it
+            parts.append(regions)
+        logits = torch.cat(parts)
+        if not self.spec.topk:
+            return {"logits": logits.cpu().numpy()}, int(correct)
+        values, indices, rest = encode_topk(logits, self.spec.topk)
+        return {"topk_values": values.to(dtype).cpu().numpy(), "topk_rest": rest.to(dtype).cpu().numpy(),
+                "topk_indices": indices.to(getattr(torch, self.spec.index_dtype)).cpu().numpy()}, int(correct)
