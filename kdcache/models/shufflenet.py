@@ -5,6 +5,8 @@ its checkpoints load as they are. Like mdistiller (and kuangliu's pytorch-cifar 
 stem is a 1×1 conv without pooling, and V1 applies ReLU after its depthwise conv.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,33 +44,49 @@ class ShuffleV1Block(nn.Module):
         return F.relu(out + x)
 
 
-class ShuffleNetV1(FeatureMapClassifier):
-    """A 1×1 stem to 24 channels, three stages each starting at stride 2; 4×4 map at 32×32."""
+class _ShuffleNet(FeatureMapClassifier):
+    """What both ShuffleNets share: a 1×1 stem to 24 channels, then three stages `layer1`-`layer3`; `linear` last."""
 
-    def __init__(
-        self, stage_channels: tuple[int, ...], stage_blocks: tuple[int, ...], groups: int, num_classes: int = 100
-    ) -> None:
-        super().__init__()
+    def _build_stages(self, stage_channels: tuple[int, ...], stage_blocks: tuple[int, ...],
+                      make_stage: Callable[[int, int, int, int], list[nn.Module]]) -> int:
+        """The stem and the stages, make_stage(index, in, out, blocks) giving each one's blocks; the last width."""
         self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)
         in_channels = 24
         for index, (channels, num_blocks) in enumerate(zip(stage_channels, stage_blocks), start=1):
-            # The first block's output is concatenated with its pooled input, so it adds the difference.
-            # The paper leaves the very first 1×1 conv ungrouped: its input is the narrow stem.
-            blocks = [ShuffleV1Block(in_channels, channels - in_channels, 2, groups, 1 if index == 1 else groups)]
-            blocks += [ShuffleV1Block(channels, channels, 1, groups, groups) for _ in range(num_blocks - 1)]
-            self.add_module(f"layer{index}", nn.Sequential(*blocks))
+            self.add_module(f"layer{index}", nn.Sequential(*make_stage(index, in_channels, channels, num_blocks)))
             in_channels = channels
-        self.linear = nn.Linear(in_channels, num_classes)
+        return in_channels
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """The 4×4 (at 32×32 input) map after the last block."""
+    def _stages(self, images: torch.Tensor) -> torch.Tensor:
+        """The map after the stem and the three stages."""
         x = F.relu(self.bn1(self.conv1(images)))
         return self.layer3(self.layer2(self.layer1(x)))
 
     def get_classifier(self) -> nn.Linear:
         """The final linear layer, `linear`."""
         return self.linear
+
+
+class ShuffleNetV1(_ShuffleNet):
+    """A 1×1 stem to 24 channels, three stages each starting at stride 2; 4×4 map at 32×32."""
+
+    def __init__(
+        self, stage_channels: tuple[int, ...], stage_blocks: tuple[int, ...], groups: int, num_classes: int = 100
+    ) -> None:
+        super().__init__()
+
+        def stage(index: int, in_channels: int, channels: int, num_blocks: int) -> list[nn.Module]:
+            # The first block's output is concatenated with its pooled input, so it adds the difference.
+            # The paper leaves the very first 1×1 conv ungrouped: its input is the narrow stem.
+            first = ShuffleV1Block(in_channels, channels - in_channels, 2, groups, 1 if index == 1 else groups)
+            return [first] + [ShuffleV1Block(channels, channels, 1, groups, groups) for _ in range(num_blocks - 1)]
+
+        self.linear = nn.Linear(self._build_stages(stage_channels, stage_blocks, stage), num_classes)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The 4×4 (at 32×32 input) map after the last block."""
+        return self._stages(images)
 
 
 class ShuffleV2Block(nn.Module):
@@ -116,33 +134,25 @@ class ShuffleV2DownBlock(nn.Module):
         return channel_shuffle(torch.cat([left, right], dim=1), 2)
 
 
-class ShuffleNetV2(FeatureMapClassifier):
+class ShuffleNetV2(_ShuffleNet):
     """A 1×1 stem to 24 channels, three stages (a stride-2 unit, then basic units), a 1×1 conv; 4×4 map."""
 
     def __init__(
         self, stage_channels: tuple[int, ...], stage_blocks: tuple[int, ...], last_channels: int, num_classes: int = 100
     ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(24)
-        in_channels = 24
-        for index, (channels, num_blocks) in enumerate(zip(stage_channels, stage_blocks), start=1):
-            blocks = [ShuffleV2DownBlock(in_channels, channels)] + [ShuffleV2Block(channels) for _ in range(num_blocks)]
-            self.add_module(f"layer{index}", nn.Sequential(*blocks))
-            in_channels = channels
+
+        def stage(index: int, in_channels: int, channels: int, num_blocks: int) -> list[nn.Module]:
+            return [ShuffleV2DownBlock(in_channels, channels)] + [ShuffleV2Block(channels) for _ in range(num_blocks)]
+
+        in_channels = self._build_stages(stage_channels, stage_blocks, stage)
         self.conv2 = nn.Conv2d(in_channels, last_channels, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(last_channels)
         self.linear = nn.Linear(last_channels, num_classes)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """The 4×4 (at 32×32 input) map after the final 1×1 conv-BN-ReLU."""
-        x = F.relu(self.bn1(self.conv1(images)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return F.relu(self.bn2(self.conv2(x)))
-
-    def get_classifier(self) -> nn.Linear:
-        """The final linear layer, `linear`."""
-        return self.linear
+        return F.relu(self.bn2(self.conv2(self._stages(images))))
 
 
 @register_model
