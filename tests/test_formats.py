@@ -1,0 +1,80 @@
+"""Formats last: every cache format version kdcache ever wrote is still read, verified and replayed exactly.
+
+Each fixture (tests/fixtures/caches/README.md) was written by the kdcache of its version; its logits must equal
+the teacher's on the views replayed from its stored parameters.
+"""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdcache.cache import open_cache, verify
+from kdcache.cache.layout import FORMAT_VERSIONS, WRITTEN_VERSION
+from kdcache.data import get_policy, load_dataset, normalize
+from kdcache.errors import KdcacheError
+from kdcache.models import LogitMap, load_teacher
+from kdcache.stages.dump import dump_teacher
+from kdcache.stages.targets import CachedTargets
+from kdcache.stages.topk import rebuild_topk
+
+FIXTURES_DIR = Path(__file__).parent / "fixtures" / "caches"
+# file -> (format version, top-k k, progress chunked per view)
+FIXTURES = {
+    "v1-progress-per-view.zarr": (1, 0, True),
+    "v1-progress-per-view.h5": (1, 0, True),
+    "v1-progress-per-block.zarr": (1, 0, False),
+    "v2-topk.zarr": (2, 2, False),
+    "v3.zarr": (3, 0, False),
+    "v3-topk.h5": (3, 2, False),
+}
+SCALES = (1, 2)
+
+
+@pytest.fixture(scope="module")
+def teacher_and_data():
+    model, info = load_teacher(FIXTURES_DIR / "teacher.pt", "resnet8", 4)
+    return model, info, load_dataset("synthetic", num_samples=24, num_classes=4, image_size=16)
+
+
+def test_every_format_version_has_a_fixture():
+    assert {version for version, _, _ in FIXTURES.values()} == set(FORMAT_VERSIONS)
+    assert max(FORMAT_VERSIONS) == WRITTEN_VERSION
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_a_cache_of_every_version_reads_verifies_and_equals_the_live_teacher(name, teacher_and_data):
+    version, topk, per_view = FIXTURES[name]
+    model, info, data = teacher_and_data
+    logit_map = LogitMap(model, SCALES).eval()
+    with open_cache(FIXTURES_DIR / name) as cache:
+        assert cache.spec.format_version == version and cache.spec.topk == topk
+        assert (cache.store.array_info("progress").chunks[0] == 1) == per_view
+        assert cache.is_complete() and verify(cache) == []
+        assert cache.spec.dataset["fingerprint"] == data.fingerprint
+        assert cache.spec.teacher["checkpoint_sha256"] == info["checkpoint_sha256"]
+        assert (cache.labels() == data.labels.numpy()).all()
+        targets = CachedTargets(cache, SCALES)
+        for view in range(cache.num_views):
+            params = torch.from_numpy(cache.aug_params(view)).long()
+            with torch.no_grad():
+                live = logit_map(normalize(get_policy("cifar").apply(data.images, params), data.mean, data.std))
+            expected = rebuild_topk(live, topk, torch.float16) if topk else live.half().float()
+            stored = torch.from_numpy(cache.view(view)).float()
+            torch.testing.assert_close(stored, expected, rtol=2e-3, atol=2e-3)
+            targets.begin_epoch(view)  # the training path reads the same values
+            assert torch.equal(targets(torch.arange(24), None), stored)
+
+
+@pytest.mark.parametrize("name", [name for name, (version, _, _) in FIXTURES.items() if version < WRITTEN_VERSION])
+def test_a_dump_does_not_resume_an_older_format_and_says_how_to_go_on(name, teacher_and_data, tmp_path):
+    model, info, data = teacher_and_data
+    copy = tmp_path / name
+    (shutil.copytree if (FIXTURES_DIR / name).is_dir() else shutil.copy)(FIXTURES_DIR / name, copy)
+    with pytest.raises(KdcacheError, match=rf"format-{FIXTURES[name][0]} cache started by an older kdcache; this "
+                                           rf"kdcache writes format {WRITTEN_VERSION}.*--overwrite"):
+        dump_teacher(model, info, data, get_policy("cifar"), copy, views=2, scales=SCALES, block_size=8,
+                     topk=FIXTURES[name][1], show_progress=False)
+    with open_cache(copy) as cache:  # left as it was
+        assert cache.spec.format_version == FIXTURES[name][0] and verify(cache) == []
