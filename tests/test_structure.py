@@ -1,0 +1,126 @@
+"""The house's rules, read from the source: storage knows no models, imports run one way, functions fit a screen,
+and the seams the loop calls are typed."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "kdcache"
+# what kdcache.cache may import besides the standard library and storage packages: itself, the errors, and the
+# registry (a dependency-free class that also serves the store backends)
+CACHE_MAY_IMPORT = ("kdcache.cache", "kdcache.errors", "kdcache.registry")
+NEVER_IN_CACHE = ("torch", "torchvision")
+MAX_FUNCTION_LINES = 60
+SEAMS = ("policy", "views", "targets")  # parameters of these names are the loop's seams (or counts, typed int)
+UNTYPED = ("Any", "object")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+PACKAGES = {name for name, path in MODULES.items() if path.name == "__init__.py"}
+
+
+def imports(name: str) -> list[tuple[int, str]]:
+    """(line, module) of every import in a module, anywhere in it (functions and TYPE_CHECKING blocks too).
+
+    `from kdcache import distributed` names the module kdcache.distributed; `from kdcache.models import X`, the
+    package kdcache.models (its __init__).
+    """
+    path = MODULES[name]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolved against this module's package
+                package = name if name in PACKAGES else name.rsplit(".", 1)[0]
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            found += [(node.lineno, f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
+                      for alias in node.names]
+    return found
+
+
+def kdcache_graph() -> dict[str, set[str]]:
+    """Module -> the kdcache modules it imports."""
+    return {name: {target for _, target in imports(name) if target in MODULES} for name in MODULES}
+
+
+@pytest.mark.parametrize("name", [name for name in MODULES if name.startswith("kdcache.cache")])
+def test_the_storage_layer_imports_no_models_and_no_torch(name):
+    for line, target in imports(name):
+        top = target.split(".")[0]
+        assert top not in NEVER_IN_CACHE, f"{MODULES[name]}:{line} imports {target}: kdcache.cache is storage only"
+        if top == "kdcache":
+            assert target.startswith(CACHE_MAY_IMPORT), \
+                f"{MODULES[name]}:{line} imports {target}: kdcache.cache may import only {', '.join(CACHE_MAY_IMPORT)}"
+
+
+def test_kdcache_has_no_import_circle():
+    graph, state, path = kdcache_graph(), {}, []
+
+    def visit(name: str) -> None:
+        state[name] = "open"
+        path.append(name)
+        for target in sorted(graph[name]):
+            if state.get(target) == "open":
+                circle = path[path.index(target):] + [target]
+                pytest.fail("import circle: " + " -> ".join(circle))
+            if target not in state:
+                visit(target)
+        path.pop()
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_no_module_imports_a_package_above_it(name):
+    for line, target in imports(name):
+        above = target in PACKAGES and name != target and name.startswith(target + ".")
+        assert not above, f"{MODULES[name]}:{line} imports {target}, a package above it: import the module itself"
+
+
+def test_the_graph_reader_sees_the_imports_it_judges():
+    """The checks above would pass vacuously if imports() found nothing: it finds what the source says."""
+    graph = kdcache_graph()
+    assert "kdcache.cache.store" in graph["kdcache.cache.backends"]
+    assert "kdcache.distributed" in graph["kdcache.stages.dump"]  # `from kdcache import distributed`
+    assert "kdcache.stages" in graph["kdcache.cli"]  # inside a function
+
+
+def functions() -> list[tuple[str, int, ast.FunctionDef]]:
+    return [(name, node.lineno, node) for name, path in MODULES.items() for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = [f"{MODULES[name]}:{line} {node.name} ({node.end_lineno - line + 1} lines)"
+            for name, line, node in functions() if node.end_lineno - line + 1 > MAX_FUNCTION_LINES]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: " + "; ".join(long)
+
+
+def test_the_seams_the_loop_calls_are_typed_by_their_protocols():
+    loose = []
+    for name, line, node in functions():
+        for arg in node.args.args + node.args.kwonlyargs:
+            if arg.arg in SEAMS and arg.annotation is not None:
+                written = ast.unparse(arg.annotation)
+                if any(part.strip() in UNTYPED for part in written.split("|")):
+                    loose.append(f"{MODULES[name]}:{line} {node.name}({arg.arg}: {written})")
+    assert not loose, "seams typed without their Protocol: " + "; ".join(loose)
+
+
+def test_every_package_is_installed():
+    """pyproject lists its packages by name: a package left out would be missing from a non-editable install."""
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    assert PACKAGES - listed == set()
