@@ -121,10 +121,10 @@ def test_kill_9_mid_dump_then_the_same_command_resumes_to_an_uninterrupted_runs_
         first.send_signal(signal.SIGKILL)
         first.wait()
 
-    assert lock_path(out).exists()  # a dead process leaves its lock behind
+    assert lock_path(out).exists()  # a dead process leaves its lock file, but the kernel dropped its lock
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr
-    assert "taking over the stale lock" in rerun.stderr and "resumed and finished" in rerun.stdout
+    assert "resumed and finished" in rerun.stdout
     assert not lock_path(out).exists()
     assert_same_cache(out, pristine[fmt])
 

@@ -1,13 +1,21 @@
-"""One writer at a time: a lock file beside the cache, taken over when its owner is dead.
+"""One writer at a time: a kernel lock on a file beside the cache, or an exclusively created object beside a URL.
+
+A local cache's lock is `fcntl.flock` on `<cache>.lock`, held for the writer's life: the kernel drops it
+when the process ends in any way (kill -9, a power cut's reboot), so a lock is never stale and nothing is
+ever taken over. The file also holds a JSON record of the holder (pid, host, start), read only to name
+it when refusing a second writer. The path is resolved first, so a cache reached through a symlink takes
+the same lock as its real path.
 
 For a cache at a URL the lock is the object `<url>.lock` beside it, created exclusively where the
 filesystem can (fsspec's "xb" mode: local files, memory://, and the object stores whose fsspec
 backend implements it); elsewhere it is checked, then written, which two writers starting in the
-same instant can both pass.
+same instant can both pass. There the record decides: a lock whose holder no longer runs on this host
+is taken over.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -19,13 +27,14 @@ from kdcache.cache.location import Location, is_url, url_filesystem
 from kdcache.errors import KdcacheError
 
 log = logging.getLogger(__name__)
+RECORD_WAIT_SECONDS = 2.0  # a holder writes its record right after taking the lock
 
 
 def lock_path(cache_path: Location) -> str | Path:
-    """The lock file of a cache: `<cache>.lock` beside it (for a URL, the URL of that object)."""
+    """The lock file of a cache: `<cache>.lock` beside its real path (for a URL, the URL of that object)."""
     if is_url(cache_path):
         return cache_path.rstrip("/") + ".lock"
-    cache_path = Path(cache_path)
+    cache_path = Path(cache_path).resolve()
     return cache_path.with_name(cache_path.name + ".lock")
 
 
@@ -34,32 +43,67 @@ class WriterLock:
 
     def __init__(self, cache_path: Location) -> None:
         # a Path, or for a cache at a URL the lock's URL (then _fs and _fs_path reach it)
-        self.path = lock_path(cache_path if is_url(cache_path) else Path(cache_path))
+        self.path = lock_path(cache_path)
         self.owner = {"pid": os.getpid(), "host": socket.gethostname()}
+        self._fd: int | None = None  # the locked file's descriptor, while held
         if isinstance(self.path, str):
             self._fs, self._fs_path = url_filesystem(self.path)
 
+    def _record(self) -> bytes:
+        return json.dumps({**self.owner, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode()
+
     def acquire(self) -> WriterLock:
-        """Take the lock, or take over a stale one; refuse while another live process holds it."""
+        """Take the lock; refuse, naming the holder, while another process holds it."""
         if isinstance(self.path, str):
             return self._acquire_url()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        record = json.dumps({**self.owner, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            self._refuse_a_live_holder()
-            partial = self.path.with_name(f"{self.path.name}.{os.getpid()}")
-            partial.write_text(record)
-            os.replace(partial, self.path)
-            return self
-        with os.fdopen(fd, "w") as file:
-            file.write(record)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # never truncated here: the record is the holder's
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self._refusal(self._holders_record()) from None
+            if _is_the_file_at(fd, self.path):
+                break
+            os.close(fd)  # its holder released and removed it after we opened it: lock the file now there
+        os.ftruncate(fd, 0)
+        os.write(fd, self._record())
+        self._fd = fd
         return self
+
+    def _holders_record(self) -> dict | None:
+        """The record of the process holding the lock, waiting briefly for a holder that has just taken it.
+
+        The file may still hold the record of an earlier holder that died: where the kernel's lock table names
+        the holder's pid (Linux's /proc/locks), only a record of that pid counts, and the pid alone is given if
+        its record does not come in time.
+        """
+        kernel_pid = _flock_holder(self.path)
+        deadline = time.monotonic() + RECORD_WAIT_SECONDS
+        while True:
+            holder = self._holder()
+            if holder is not None and (kernel_pid is None or holder.get("pid") == kernel_pid):
+                return holder
+            if time.monotonic() > deadline:
+                return None if kernel_pid is None else {"pid": kernel_pid, "host": socket.gethostname(),
+                                                        "started": "a moment ago"}
+            time.sleep(0.01)
+
+    def _refusal(self, holder: dict | None) -> KdcacheError:
+        """The error for a second writer, naming the holder when its record says who it is."""
+        remote = isinstance(self.path, str)
+        cache = self.path.removesuffix(".lock") if remote else self.path.with_suffix("")
+        who = (f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}" if holder
+               else "it is starting and has not written its record yet")
+        gone = (f"; if that process is gone, delete the lock object {self.path}" if remote else
+                " (the lock is the kernel's: it is released when that process ends, however it ends)")
+        return KdcacheError(f"{cache} is being written by another kdcache process ({who}); wait for it to "
+                            f"finish{gone}")
 
     def _acquire_url(self) -> WriterLock:
         """acquire() for a lock object at a URL: the same owner record and messages."""
-        record = json.dumps({**self.owner, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode()
+        record = self._record()
         try:
             self._create_exclusively(record)
         except FileExistsError:
@@ -68,15 +112,10 @@ class WriterLock:
         return self
 
     def _refuse_a_live_holder(self) -> None:
-        """The lock exists: refuse while its holder runs; otherwise say that its stale lock is taken over."""
+        """The lock object exists: refuse while its holder runs; otherwise say that its stale lock is taken over."""
         holder = self._holder()
         if holder is not None and _alive(holder):
-            remote = isinstance(self.path, str)
-            cache = self.path.removesuffix(".lock") if remote else self.path.with_suffix("")
-            raise KdcacheError(
-                f"{cache} is being written by another kdcache process (pid {holder.get('pid')} on "
-                f"{holder.get('host')}, since {holder.get('started')}); wait for it to finish, or if that process is "
-                f"gone, delete {'the lock object ' if remote else ''}{self.path}") from None
+            raise self._refusal(holder)
         log.warning("taking over the stale lock %s of a process that no longer runs (%s)", self.path, holder)
 
     def _create_exclusively(self, record: bytes) -> None:
@@ -95,7 +134,13 @@ class WriterLock:
         self._fs.pipe_file(self._fs_path, record)
 
     def release(self) -> None:
-        """Drop the lock if this process still holds it."""
+        """Drop the lock if this process holds it."""
+        if not isinstance(self.path, str):
+            if self._fd is not None:
+                self.path.unlink(missing_ok=True)  # still held: a contender that opened it sees it is gone, and retries
+                os.close(self._fd)
+                self._fd = None
+            return
         try:
             holder = self._holder()
         except OSError as error:  # a lock at a URL that cannot be read now (network, credentials)
@@ -103,16 +148,14 @@ class WriterLock:
                         self.path, error)
             return
         if holder is not None and holder.get("pid") == self.owner["pid"] and holder.get("host") == self.owner["host"]:
-            if isinstance(self.path, str):
-                try:
-                    self._fs.rm(self._fs_path)
-                except FileNotFoundError:
-                    pass
-                self._fs.invalidate_cache(self._fs_path)
-            else:
-                self.path.unlink(missing_ok=True)
+            try:
+                self._fs.rm(self._fs_path)
+            except FileNotFoundError:
+                pass
+            self._fs.invalidate_cache(self._fs_path)
 
     def _holder(self) -> dict | None:
+        """The holder's record, or None when there is none to read."""
         if isinstance(self.path, str):
             # only absence reads as "no holder" here: a lock that cannot be reached is not taken over
             self._fs.invalidate_cache(self._fs_path)
@@ -122,8 +165,8 @@ class WriterLock:
                 return None
         try:
             return json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None  # unreadable or half-written: its writer died while taking it
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return None  # not written yet: its holder has the kernel lock and is about to write it
 
     def __enter__(self) -> WriterLock:
         return self.acquire()
@@ -145,3 +188,26 @@ def _alive(holder: dict) -> bool:
     except (KeyError, TypeError, ValueError):
         return False
     return True
+
+
+def _is_the_file_at(fd: int, path: Path) -> bool:
+    """Whether the open file is still the one at path (a releasing holder removes it)."""
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _flock_holder(path: Path) -> int | None:
+    """The pid holding a flock on the file, from Linux's /proc/locks; None where that table cannot tell."""
+    try:
+        found = os.stat(path)
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    inode = f"{os.major(found.st_dev):02x}:{os.minor(found.st_dev):02x}:{found.st_ino}"
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode and fields[4].isdigit():
+            return int(fields[4])
+    return None

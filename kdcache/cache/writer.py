@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import queue
 import threading
 from pathlib import Path
@@ -10,17 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from kdcache.cache.backends import create_store, open_store, store_class
-from kdcache.cache.layout import (
-    PENDING,
-    WRITTEN_VERSION,
-    CacheSpec,
-    all_finite,
-    differences,
-)
+from kdcache.cache.layout import ARRAYS, FORMAT, PENDING, WRITTEN_VERSION, CacheSpec, all_finite, differences
 from kdcache.cache.location import Location, as_location, remove_store, store_exists
 from kdcache.cache.lock import WriterLock
 from kdcache.cache.store import Store
 from kdcache.errors import KdcacheError
+
+log = logging.getLogger(__name__)
 
 
 class CacheWriter:
@@ -34,10 +31,14 @@ class CacheWriter:
              format: str | None = None, overwrite: bool = False) -> CacheWriter:
         """Take the writer lock, then create the cache, or resume it when it exists and was made with the same spec."""
         path = as_location(path)
+        if isinstance(path, Path):
+            path = path.resolve()  # through a symlink: the real store, under the same lock
         store_class(path, format)  # an HDF5 cache at a URL is refused before any lock is taken
         lock = WriterLock(path).acquire()
         try:
-            if store_exists(path) and overwrite:
+            if store_exists(path) and (not _started_by_kdcache(path) or overwrite):  # a folder of the user's: refused
+                log.warning("%s: %s; starting it anew", path, "--overwrite" if overwrite else
+                            "its creation was interrupted before its metadata was written")
                 remove_store(path)
             if store_exists(path):
                 return cls(cls._resumable(path, spec), spec, lock)
@@ -205,3 +206,24 @@ class BackgroundWriter:
 def _indices(values: np.ndarray, limit: int = 10) -> str:
     shown = ", ".join(str(int(v)) for v in values[:limit])
     return shown + (f" and {len(values) - limit} more" if len(values) > limit else "")
+
+
+def _started_by_kdcache(path: str | Path) -> bool:
+    """Whether the store at path holds kdcache's metadata (True), or is one whose creation kdcache started and
+    that stopped before the metadata, written last, was (False); anything else is refused, never deleted."""
+    try:
+        store = open_store(path, read_only=True)
+    except KdcacheError as error:
+        raise _not_a_cache(path, str(error)) from error
+    with store:
+        metadata, arrays = store.metadata(), set(store.array_names())
+    if metadata.get("format") == FORMAT:
+        return True
+    if not metadata and arrays <= set(ARRAYS):
+        return False
+    raise _not_a_cache(path, f"its metadata names no kdcache format and it holds {sorted(arrays)}")
+
+
+def _not_a_cache(path: str | Path, why: str) -> KdcacheError:
+    return KdcacheError(f"{path} exists and is not a kdcache cache ({why}); kdcache neither resumes nor deletes "
+                        f"it, not even with --overwrite: choose another --out, or move it away yourself")
