@@ -1,11 +1,16 @@
-"""One conformance suite for every store backend (as zarr-python tests its stores)."""
+"""One conformance suite for every store backend (as zarr-python tests its stores): Zarr on disk, Zarr at a
+memory:// URL (through fsspec, as s3:// and gs:// are reached) and HDF5."""
 
+import uuid
+
+import fsspec
 import numpy as np
 import pytest
 from cache_faults import delete_chunk, flip_chunk_byte
 
 from kdcache.cache.backends import open_store, store_class
 from kdcache.cache.hdf5_store import HDF5Store
+from kdcache.cache.location import remove_store
 from kdcache.cache.store import ChunkReadError
 from kdcache.cache.zarr_store import ZarrStore
 from kdcache.errors import KdcacheError
@@ -25,6 +30,15 @@ class StoreConformance:
         store = self.backend.create(path)
         yield store
         store.close()
+
+    # -- damage done where the backend keeps its chunks: the tests below stay the same for every backend --
+    def flip_chunk_byte(self, path, array, coords):
+        """Invert one byte inside a stored chunk."""
+        flip_chunk_byte(path, array, coords)
+
+    def delete_chunk(self, path, array, coords):
+        """Remove one stored chunk."""
+        delete_chunk(path, array, coords)
 
     def test_array_round_trip_with_chunks(self, store):
         values = np.random.default_rng(0).standard_normal((3, 10, 4, 5)).astype(np.float16)
@@ -99,7 +113,7 @@ class StoreConformance:
         store.create_array("a", (2, 64), "float32", (1, 64))
         store.write("a", (), np.arange(128, dtype=np.float32).reshape(2, 64))
         store.close()
-        flip_chunk_byte(path, "a", (1, 0))
+        self.flip_chunk_byte(path, "a", (1, 0))
         reopened = open_store(path)
         np.testing.assert_array_equal(reopened.read("a", (0,)), np.arange(64))
         with pytest.raises(ChunkReadError, match="'a'"):
@@ -107,20 +121,22 @@ class StoreConformance:
         reopened.close()
 
 
-class TestZarrStore(StoreConformance):
+class ZarrConformance(StoreConformance):
+    """What Zarr adds, wherever the store lives: each chunk an object of its own, views read as zarr reads them."""
+
     backend = ZarrStore
 
     def test_deleted_chunk_file_is_detected(self, store, path):
         store.create_array("a", (2, 4), "float32", (1, 4))
         store.write("a", (), np.ones((2, 4), np.float32))
-        delete_chunk(path, "a", (1, 0))
+        self.delete_chunk(path, "a", (1, 0))
         assert store.chunk_exists("a", (0, 0)) and not store.chunk_exists("a", (1, 0))
-
 
     @pytest.mark.parametrize("dtype", ["float16", "float32", "int64"])
     @pytest.mark.parametrize("view", [0, 2, -1])
     def test_the_direct_view_read_equals_zarrs_own_read(self, store, path, dtype, view):
-        # 37 rows in chunks of 8: the last chunk is stored padded and must be cut
+        # 37 rows in chunks of 8: the last chunk is stored padded and must be cut. On disk a view takes the direct
+        # chunk-file path; at a URL it goes through zarr: both must give the same array
         values = (np.random.default_rng(1).standard_normal((3, 37, 4, 5)) * 100).astype(dtype)
         store.create_array("logits", values.shape, dtype, (1, 8, 4, 5))
         store.write("logits", (), values)
@@ -130,6 +146,40 @@ class TestZarrStore(StoreConformance):
         np.testing.assert_array_equal(direct, values[view])
         with pytest.raises(IndexError):
             store.read("logits", (3,))
+
+
+class TestZarrStore(ZarrConformance):
+    """A Zarr directory on disk: views take the direct chunk-file path."""
+
+
+class TestFsspecMemoryStore(ZarrConformance):
+    """A Zarr store at a memory:// URL: every byte goes through fsspec, as at s3:// or gs://."""
+
+    @pytest.fixture
+    def path(self):
+        # the memory filesystem is process-global: a root of the test's own, gone afterwards
+        root = f"memory://kdcache-test-{uuid.uuid4().hex}"
+        yield f"{root}/cache.zarr"
+        remove_store(root)
+        assert not fsspec.filesystem("memory").exists(root)
+
+    def flip_chunk_byte(self, path, array, coords, offset=7):
+        """Invert one byte inside a stored chunk object."""
+        fs, key = fsspec.filesystem("memory"), _chunk_key(path, array, coords)
+        data = bytearray(fs.cat_file(key))
+        data[offset] ^= 0xFF
+        fs.pipe_file(key, bytes(data))
+
+    def delete_chunk(self, path, array, coords):
+        """Remove one stored chunk object."""
+        fs, key = fsspec.filesystem("memory"), _chunk_key(path, array, coords)
+        assert fs.isfile(key)
+        fs.rm_file(key)
+
+
+def _chunk_key(url, array, coords):
+    """The object of one Zarr chunk at a URL (default v3 key encoding: <array>/c/i/j/...)."""
+    return f"{url}/{array}/c/" + "/".join(map(str, coords))
 
 
 class TestHDF5Store(StoreConformance):
