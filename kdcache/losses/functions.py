@@ -233,6 +233,9 @@ def sdd_lskd(
     loss runs at one base temperature for all scales, then SDD weights and normalises the regions
     (see `sdd`). The recipe (SDD-LSKD README) is DKD-based: α 1, β 8, T 4, warm-up 20 epochs, scales
     1, 2, 4, complementary weight 2, CE weight 1 (`configs/losses.yaml`, `sdd-lskd`).
+    Provenance: that README is Shardzzi/SDD-LSKD-Fusion@33f72c1; the normalisation is SDD's. The fusion's
+    own code differs by version (T applied twice, no T², or α 9, β 72, T 2 summed with no 1/(R·B)); the
+    comment above `sdd-lskd` in `configs/losses.yaml` lists each with its commits.
     """
     return sdd(student_regions, teacher_regions, labels, base, complementary_weight, standardize=True, **base_args)
 
