@@ -19,11 +19,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import google_crc32c  # zarr's own crc32c codec uses it
+import google_crc32c  # declared in pyproject: zarr 3.1.0-3.1.3 checksum with the crc32c package instead
 import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
-from zarr.core.chunk_grids import RegularChunkGrid
+
+# zarr.core is private ("should not be imported directly by 3rd-party code", says its __init__), but zarr 3.1 has
+# no public function that runs a store's coroutine (Store.exists is async) on zarr's own event loop, as zarr runs
+# them: chunk_exists needs one for a store at a URL. So this one private name stays, and pyproject pins zarr to the
+# 3.1 series it was tested with. The direct read also leans on members of zarr's private metadata class
+# (array.metadata.codecs, .encode_chunk_key): the same pin covers them, and tests/test_zarr_direct_read.py checks
+# the direct read against zarr's own.
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
@@ -119,7 +125,7 @@ class ZarrStore(Store):
         chunks = [(folder + array.metadata.encode_chunk_key((index, block) + (0,) * (out.ndim - 1)),
                    data[block * chunk_bytes:(block + 1) * chunk_bytes])
                   for block in range(math.ceil(array.shape[1] / array.chunks[1]))]
-        fill = np.asarray(array.metadata.fill_value, out.dtype).reshape(1).view(np.uint8)
+        fill = np.asarray(array.fill_value, out.dtype).reshape(1).view(np.uint8)
         if self._readers is None:
             self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="kdcache-zarr-read")
         # one task per thread: a task per chunk spends more time handing the GIL around than reading
@@ -174,11 +180,16 @@ def _zarr_store(path: Location, read_only: bool) -> LocalStore | FsspecStore:
 
 def _direct_readable(array: zarr.Array, selection: Selection) -> bool:
     """Whether array[selection] is one index of an array chunked (1, rows, *rest) in kdcache's codecs."""
-    return (len(selection) == 1 and isinstance(selection[0], (int, np.integer)) and array.ndim >= 2
-            and array.chunks[0] == 1 and tuple(array.chunks[2:]) == tuple(array.shape[2:])
-            and array.size > 0 and tuple(array.metadata.codecs) == CODECS
-            and array.dtype.isnative and sys.byteorder == "little"
-            and isinstance(array.metadata.chunk_grid, RegularChunkGrid))
+    # a bool is an int to Python, but zarr refuses it as an index: it goes to zarr, to be refused there too
+    if not (len(selection) == 1 and isinstance(selection[0], (int, np.integer)) and not isinstance(selection[0], bool)
+            and array.ndim >= 2 and array.size > 0 and tuple(array.metadata.codecs) == CODECS
+            and array.dtype.isnative and sys.byteorder == "little"):
+        return False
+    try:  # public API: zarr documents Array.chunks as raising NotImplementedError for a grid that is not regular
+        chunks = array.chunks
+    except NotImplementedError:
+        return False
+    return chunks[0] == 1 and tuple(chunks[2:]) == tuple(array.shape[2:])
 
 
 def _read_chunks(chunks: list[tuple[str, np.ndarray]], chunk_bytes: int, fill: np.ndarray) -> None:
