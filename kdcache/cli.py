@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -300,8 +301,28 @@ def recipe_command(recipe: str | None, checkpoint: str | None, data_root: str | 
     run_recipe(recipe, checkpoint, data_root, out, cache, epochs, losses or None, device, views, resume)
 
 
+# what to do after an interruption, per command: exactly what continues the work
+RESUME_ADVICE = {
+    "dump-teacher": "rerun the same command to resume: finished blocks are kept",
+    "distill": "rerun the same command with --resume to continue each run from its last finished epoch",
+    "recipe": "rerun the same command with --resume to continue (its cache resumes by itself)",
+    "train-teacher": "train-teacher does not resume: rerun it to train again",
+    "quickstart": "rerun it to start again",
+}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM, Kubernetes and `kill` send), handled as Ctrl-C is: writers stop cleanly, locks go."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: a user's mistake is one line on stderr and exit code 2, never a traceback."""
+    argv = sys.argv[1:] if argv is None else argv
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(args=argv, prog_name="kdcache", standalone_mode=False)
     except click.exceptions.Exit as done:
@@ -313,12 +334,14 @@ def main(argv: list[str] | None = None) -> None:
     except KdcacheError as error:
         click.echo(f"kdcache: error: {error}", err=True)
         sys.exit(error.exit_code)
-    except click.Abort:
-        click.echo("kdcache: interrupted; rerun the same command to resume where it stopped", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("kdcache: interrupted; rerun the same command to resume where it stopped", err=True)
-        sys.exit(130)
+    except (click.Abort, KeyboardInterrupt) as stop:
+        command = next((word for word in argv if not word.startswith("-")), "")
+        advice = RESUME_ADVICE.get(command, "nothing was left half-done")
+        terminated = isinstance(stop, Terminated) or isinstance(stop.__cause__, Terminated)  # click wraps it in Abort
+        click.echo(f"kdcache: {'terminated (SIGTERM)' if terminated else 'interrupted'}; {advice}", err=True)
+        sys.exit(143 if terminated else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

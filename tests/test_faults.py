@@ -1,6 +1,7 @@
 """Nothing lost, nothing wrong: every fault a cache meets on the way, each with the behaviour promised in the README."""
 
 import dataclasses
+import csv
 import errno
 import hashlib
 import json
@@ -399,3 +400,109 @@ def test_missing_attributes_and_another_format_version_are_named(pristine, prist
     rewrite_metadata(cache, edited(metadata, "format_version", 2))  # format 2 without its top-k field
     with pytest.raises(CorruptCacheError, match=r"'format_version' is 2 but 'logits.topk' is missing"):
         open_cache(cache)
+
+
+# -- SIGTERM, as SLURM and Kubernetes stop a job ---------------------------------------------------
+
+@pytest.mark.slow
+def test_sigterm_stops_a_dump_cleanly_with_the_right_advice_and_the_rerun_resumes(checkpoint, pristine, tmp_path):
+    out = tmp_path / "terminated.zarr"
+    command = [sys.executable, "-m", "kdcache", "dump-teacher", "--checkpoint", str(checkpoint), "--out", str(out),
+               "--teacher", "resnet8", "--dataset", "digits", "--views", "2", "--batch-size", "64",
+               "--block-size", "256", "--device", "cpu"]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while blocks_done(out)[0] == 0 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 143 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("kdcache: terminated (SIGTERM); rerun the same command to resume: "
+                                           "finished blocks are kept")
+    assert not lock_path(out).exists()  # released on the way out, not left for the kernel to drop
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0 and "resumed and finished" in rerun.stdout, rerun.stderr
+    assert_same_cache(out, pristine["zarr"])
+
+
+@pytest.mark.parametrize("command, advice", [
+    ("distill", "rerun the same command with --resume to continue each run from its last finished epoch"),
+    ("train-teacher", "train-teacher does not resume: rerun it to train again"),
+])
+def test_an_interrupted_command_says_exactly_what_continues_it(monkeypatch, capsys, command, advice):
+    from console import run_cli
+
+    import kdcache.cli
+
+    def interrupted(*args, **kwargs):
+        raise kdcache.cli.Terminated()
+
+    monkeypatch.setattr(kdcache.cli.cli, "main", interrupted)
+    code, _, err = run_cli([command], capsys)
+    assert code == 143 and err.strip() == f"kdcache: terminated (SIGTERM); {advice}"
+
+
+# -- a run's own files: last.pt, and where the run and its cache lie --------------------------------
+
+def one_epoch(cache, out, **options):
+    """A 1-epoch resnet8 KD run from a cache, as `kdcache distill` makes it (its folder is out/resnet8-kd)."""
+    config = DistillConfig(cache=str(cache), students=("resnet8",), losses=("kd",), epochs=options.pop("epochs", 1),
+                           batch_size=256, out=str(out), device="cpu", **options)
+    return distill(config, show_progress=False)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a run", "a pickled object"])
+def test_resume_from_a_damaged_last_pt_is_one_line(pristine, tmp_path, damage):
+    one_epoch(pristine["zarr"], tmp_path / "runs")
+    last = tmp_path / "runs" / "resnet8-kd" / "last.pt"
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[:1000])
+    elif damage == "not a run":
+        torch.save({"model": {"w": torch.zeros(1)}}, last)
+    else:
+        torch.save({"model": {}, "record": DistillConfig()}, last)  # a dataclass: weights-only loading refuses it
+    expected = {"truncated": "truncated or corrupt", "not a run": "is not a kdcache run checkpoint",
+                "a pickled object": "weights-only loading refuses"}[damage]
+    with pytest.raises(KdcacheError, match=expected):
+        one_epoch(pristine["zarr"], tmp_path / "runs", resume=True)
+
+
+def test_a_run_resumes_after_its_cache_and_its_folder_moved(pristine, pristine_metadata, tmp_path):
+    cache = tmp_path / "somewhere" / "cache.zarr"
+    shutil.copytree(pristine["zarr"], cache)
+    one_epoch(cache, tmp_path / "runs")
+    moved_cache, moved_runs = tmp_path / "elsewhere.zarr", tmp_path / "moved-runs"
+    cache.rename(moved_cache)
+    (tmp_path / "runs").rename(moved_runs)
+    before = (moved_runs / "resnet8-kd" / "model.pt").read_bytes()
+    [resumed] = one_epoch(moved_cache, moved_runs, resume=True)  # accepted: the finished run is kept as it was
+    assert len(list(csv.DictReader(open(resumed.folder / "metrics.csv")))) == 1
+    assert (moved_runs / "resnet8-kd" / "model.pt").read_bytes() == before
+    other = tmp_path / "other.zarr"
+    shutil.copytree(pristine["zarr"], other)
+    rewrite_metadata(other, edited(pristine_metadata[0], "views.seed", 7))  # another cache's content
+    with pytest.raises(KdcacheError, match=r"other settings \(cache_identity\)"):  # is still refused
+        one_epoch(other, moved_runs, resume=True)
+
+
+def test_distill_never_writes_into_its_cache(pristine, tmp_path):
+    cache = copy_of(pristine, "zarr", tmp_path)
+    before = file_digests(cache)
+    for out in (cache, cache / "runs"):
+        with pytest.raises(KdcacheError, match="a cache is never written to: choose another --out"):
+            one_epoch(cache, out)
+    assert file_digests(cache) == before
+
+
+def test_a_full_disk_when_last_pt_is_written_is_one_line_and_keeps_the_previous_file(pristine, tmp_path, monkeypatch):
+    one_epoch(pristine["zarr"], tmp_path / "runs")
+    last = tmp_path / "runs" / "resnet8-kd" / "last.pt"
+    before = last.read_bytes()
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(KdcacheError, match=r"could not write .*last.pt .*the previous last.pt is intact: free space"):
+        one_epoch(pristine["zarr"], tmp_path / "runs")  # the same run again: its epoch ends by writing last.pt
+    assert last.read_bytes() == before and not list(last.parent.glob(".last.pt.*.tmp"))

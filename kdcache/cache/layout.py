@@ -4,7 +4,9 @@ that a cache fits its use."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
+import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -197,6 +199,10 @@ class CacheSpec:
                 a is None or (isinstance(a, (int, float)) and not isinstance(a, bool)) for a in accuracy)):
             raise CorruptCacheError(f"{where}: metadata field 'view_accuracy' should be null or one number per view "
                                     f"(views.count = {self.num_views}), found {_short(accuracy)}")
+
+    def identity_digest(self) -> str:
+        """sha256 of the identity fields: names a cache by what it holds, wherever it lies."""
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
 
     def identity(self) -> dict[str, Any]:
         """The fields that define the cache's contents, by dotted name."""

@@ -3,12 +3,7 @@
 # Importing the architecture modules registers their constructors.
 from kdcache.models import imagenet, mobilenetv2, resnet, shufflenet, vgg, wrn  # noqa: F401
 from kdcache.models._registry import create_model, list_models, register_model
-from kdcache.models.checkpoint import (
-    file_sha256,
-    load_checkpoint,
-    load_teacher,
-    save_checkpoint,
-)
+from kdcache.models.checkpoint import file_sha256, load_checkpoint, load_teacher, read_checkpoint, save_checkpoint
 from kdcache.models.logit_map import LogitMap, num_regions, parse_scales, region_indices
 
 __all__ = [
@@ -18,6 +13,7 @@ __all__ = [
     "list_models",
     "load_checkpoint",
     "load_teacher",
+    "read_checkpoint",
     "num_regions",
     "parse_scales",
     "region_indices",

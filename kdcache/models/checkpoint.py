@@ -39,7 +39,7 @@ def _corrupt(path: Path, reason: str) -> KdcacheError:
     return KdcacheError(f"checkpoint {path} is truncated or corrupt ({reason}): copy or download it again")
 
 
-def _read(path: Path) -> object:
+def read_checkpoint(path: Path) -> object:
     """What `path` holds, loaded weights-only on the CPU; every way that fails is one KdcacheError line."""
     if not path.is_file():
         raise KdcacheError(f"checkpoint {path} does not exist: pass the path of a file saved with torch.save")
@@ -109,7 +109,7 @@ def _check_fits(state: Mapping[str, torch.Tensor], model: nn.Module, path: Path)
 def load_checkpoint(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     """Load a weights-only checkpoint into `model` (strictly) and return the model."""
     path = Path(path)
-    state = _state_dict_in(_read(path), path)
+    state = _state_dict_in(read_checkpoint(path), path)
     _check_fits(state, model, path)
     model.load_state_dict(state, strict=True)
     return model
@@ -149,8 +149,12 @@ def save_checkpoint(path: str | os.PathLike, model_or_state: nn.Module | Mapping
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         os.unlink(temporary)
+        if isinstance(error, (OSError, RuntimeError)):  # torch.save reports a failed write as a RuntimeError
+            kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+            raise KdcacheError(f"could not write {path} ({_first_sentence(str(error))}); {kept}: free space on "
+                               f"{path.parent} (or fix the cause), then rerun") from error
         raise
 
 

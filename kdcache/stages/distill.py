@@ -12,6 +12,7 @@ import torch
 
 from kdcache import distributed
 from kdcache.cache import TeacherCache, open_cache
+from kdcache.cache.location import is_url
 from kdcache.config import DistillConfig, loader_options, recorded_config
 from kdcache.data import (
     AugmentPolicy,
@@ -63,6 +64,9 @@ def distill(config: DistillConfig, show_progress: bool = True,
     for student, loss in config.runs():  # names are checked before any work
         create_model(student)
         get_loss(loss)
+    if config.cache is not None and _inside(Path(config.out), config.cache):
+        raise KdcacheError(f"distill: --out {config.out} is the cache {config.cache} or lies inside it; runs are "
+                           f"written to --out, and a cache is never written to: choose another --out")
     device = pick_device(config.device)
     distributed.init(device)
     cache = open_cache(config.cache) if config.cache else None
@@ -136,7 +140,8 @@ def _targets(config: DistillConfig, cache: TeacherCache | None, data: ImageData,
     if config.live_teacher is None:
         stored = cache.spec
         return (CachedTargets(cache, scales, device, None if shard.is_whole else shard.samples),
-                {"cache": str(cache.path), "teacher": stored.teacher, "cache_views": stored.num_views})
+                {"cache": str(cache.path), "cache_identity": stored.identity_digest(), "teacher": stored.teacher,
+                 "cache_views": stored.num_views})
     teacher, teacher_info = load_teacher(config.live_teacher, config.teacher, data.num_classes)
     if cache is not None:  # replaying the cache's views live is the equivalence baseline: same teacher only
         cache.require({"teacher.checkpoint_sha256": teacher_info["checkpoint_sha256"]})
@@ -186,3 +191,11 @@ def _summary(run: Run) -> RunSummary:
     return RunSummary(run.name, run.record["arch"], run.record["loss"], run.history[-1]["test_acc"],
                       best["test_acc"], int(best["epoch"]), sum(row["seconds"] for row in run.history),
                       sum(row["img_per_s"] for row in run.history) / len(run.history), run.folder)
+
+
+def _inside(folder: Path, cache: str) -> bool:
+    """Whether a local folder is the cache or lies inside it (a cache at a URL holds no local folder)."""
+    if is_url(cache):
+        return False
+    folder, cache_path = folder.resolve(), Path(cache).resolve()
+    return folder == cache_path or cache_path in folder.parents

@@ -21,12 +21,15 @@ from kdcache.data import AugmentPolicy, ImageData, normalize
 from kdcache.distributed import Shard, World, all_sum, synchronise_batchnorm
 from kdcache.errors import KdcacheError
 from kdcache.losses import LossSpec
-from kdcache.models import LogitMap, file_sha256, save_checkpoint
+from kdcache.models import LogitMap, file_sha256, read_checkpoint, save_checkpoint
 from kdcache.runtime import autocast, epoch_generator, prepare_model
 from kdcache.stages.targets import Targets
 from kdcache.stages.views import Views
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # images (normalised), labels, targets [b, R, C]
+RUN_STATE = {"model", "optimizer", "epoch", "record", "history"}  # what last.pt holds
+# where things are, not what they are: a run resumes after its cache, data or run folder moved
+LOCATIONS = {"cache": None, "config": ("cache", "out", "data_root", "live_teacher"), "live_teacher": ("checkpoint",)}
 
 
 def device_batches(images: torch.Tensor, labels: torch.Tensor, params: torch.Tensor, policy: AugmentPolicy,
@@ -178,10 +181,13 @@ class Run:
         path = self.folder / "last.pt"
         if not path.exists():
             return
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        stored = json.loads(state["record"])
-        if stored != self.record:
-            changed = sorted(k for k in set(stored) | set(self.record) if stored.get(k) != self.record.get(k))
+        state = read_checkpoint(path)  # weights only; a truncated or tampered file is one line, not a traceback
+        if not (isinstance(state, dict) and RUN_STATE <= set(state)):
+            raise KdcacheError(f"--resume: {path} is not a kdcache run checkpoint (expected {', '.join(sorted(RUN_STATE))})"
+                               f"; delete it to start the run over, or use another --out")
+        stored, wanted = _what_it_computes(json.loads(state["record"])), _what_it_computes(self.record)
+        if stored != wanted:
+            changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
             raise KdcacheError(f"--resume: {path} was written by a run with other settings ({', '.join(changed)}); "
                                f"resume with the same settings, or use another --out")
         self.model.load_state_dict(state["model"])
@@ -248,3 +254,13 @@ def _tensorboard(folder: Path, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
             if key != "epoch":
                 writer.add_scalar(key, value, int(metrics["epoch"]))
+
+
+def _what_it_computes(record: dict[str, Any]) -> dict[str, Any]:
+    """A run's record less the locations in it (LOCATIONS): what --resume compares."""
+    kept = {}
+    for key, value in record.items():
+        if key in LOCATIONS and (LOCATIONS[key] is None or not isinstance(value, dict)):
+            continue
+        kept[key] = {k: v for k, v in value.items() if k not in LOCATIONS[key]} if key in LOCATIONS else value
+    return kept
