@@ -133,3 +133,70 @@ def test_a_cache_whose_creation_was_interrupted_is_started_anew(tmp_path):
         assert writer.pending() == [(0, 0), (0, 1)]
     with open_cache(path) as cache:
         assert cache.spec == tiny_spec()
+
+
+# -- readers and a writer that rewrites -------------------------------------------------------------
+
+def finished_cache(path, **options) -> None:
+    with CacheWriter.open(path, tiny_spec(), np.zeros(8, np.int64), np.zeros((1, 8, 0), np.int32), **options) as w:
+        for block in range(2):
+            w.write_block(0, block, {"logits": np.ones((4, 1, 2), np.float16)}, 0)
+        w.finish()
+
+
+def read_and_hold(path, opened, done) -> None:
+    """A reader in another process (as distill is): open the cache, say so, hold it until told."""
+    with open_cache(path):
+        opened.set()
+        done.wait(30)
+
+
+@pytest.mark.parametrize("fmt", SUFFIX)
+def test_overwrite_is_refused_while_a_reader_has_the_cache_open_naming_it(tmp_path, fmt):
+    path = tmp_path / f"c{SUFFIX[fmt]}"
+    finished_cache(path)
+    opened, done = FORK.Event(), FORK.Event()
+    reader = FORK.Process(target=read_and_hold, args=(path, opened, done))
+    reader.start()
+    try:
+        assert opened.wait(30)
+        with pytest.raises(KdcacheError, match=rf"is being read by another kdcache process \(pid {reader.pid}\)"):
+            finished_cache(path, overwrite=True)
+        with open_cache(path) as cache:  # untouched, and other readers still read it
+            assert cache.is_complete() and cache.view(0).sum() == 8 * 2
+    finally:
+        done.set()
+        reader.join(30)
+    finished_cache(path, overwrite=True)  # free once the reader is done
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no lock file is left behind
+
+
+def test_a_reader_is_refused_while_a_writer_rewrites_the_cache(tmp_path):
+    path = tmp_path / "c.zarr"
+    finished_cache(path)
+    with CacheWriter.open(path, tiny_spec(), np.zeros(8, np.int64), np.zeros((1, 8, 0), np.int32), overwrite=True):
+        with pytest.raises(KdcacheError, match=rf"being rewritten from scratch by another kdcache process \(pid "
+                                               rf"{os.getpid()}\)"):
+            open_cache(path)
+
+
+def test_an_hdf5_reader_does_not_stop_a_resumed_dump_from_finishing(tmp_path):
+    """HDF5's own file lock made a writer fail at finish() while a reader in another process held the file open."""
+    path = tmp_path / "c.h5"
+    arguments = (tiny_spec(), np.zeros(8, np.int64), np.zeros((1, 8, 0), np.int32))
+    with CacheWriter.open(path, *arguments) as writer:
+        writer.write_block(0, 0, {"logits": np.ones((4, 1, 2), np.float16)}, 0)
+    opened, done = FORK.Event(), FORK.Event()
+    reader = FORK.Process(target=read_and_hold, args=(path, opened, done))  # inspect, say, while the dump resumes
+    reader.start()
+    try:
+        assert opened.wait(30)
+        with CacheWriter.open(path, *arguments) as writer:
+            writer.write_block(0, 1, {"logits": np.ones((4, 1, 2), np.float16)}, 0)
+            writer.finish()
+    finally:
+        done.set()
+        reader.join(30)
+    assert reader.exitcode == 0
+    with open_cache(path) as cache:
+        assert cache.is_complete() and cache.metadata["view_accuracy"] == [0.0]

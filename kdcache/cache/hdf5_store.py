@@ -43,8 +43,10 @@ class HDF5Store(Store):
         """Open an existing file; for writing, rebuild it first if a writer died with it open."""
         try:
             if read_only:
-                # SWMR reading also opens a file whose writer was killed, and never writes to it
-                return cls(path, h5py.File(path, "r", libver="latest", swmr=True), read_only=True)
+                # SWMR reading also opens a file whose writer was killed, and never writes to it; HDF5's own file
+                # lock is off for readers, whose exclusion kdcache's ReadersLock does (with it, a reader made a
+                # writer that reopens the file at finish() fail with "unable to lock file")
+                return cls(path, h5py.File(path, "r", libver="latest", swmr=True, locking=False), read_only=True)
             return cls(path, h5py.File(path, "r+", libver="latest"), read_only=False)
         except OSError as error:
             if not read_only and "already open for write" in str(error):

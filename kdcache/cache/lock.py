@@ -199,15 +199,80 @@ def _is_the_file_at(fd: int, path: Path) -> bool:
 
 
 def _flock_holder(path: Path) -> int | None:
-    """The pid holding a flock on the file, from Linux's /proc/locks; None where that table cannot tell."""
+    """The pid holding an exclusive flock on the file, from Linux's /proc/locks; None where that table cannot tell."""
+    holders = _flock_holders(path, "WRITE")
+    return holders[0] if holders else None
+
+
+def _flock_holders(path: Path, kind: str | None = None) -> list[int]:
+    """The pids holding flocks (of `kind`, READ or WRITE, when given) on the file, from Linux's /proc/locks."""
     try:
         found = os.stat(path)
         table = Path("/proc/locks").read_text()
     except OSError:
-        return None
+        return []
     inode = f"{os.major(found.st_dev):02x}:{os.minor(found.st_dev):02x}:{found.st_ino}"
-    for line in table.splitlines():
-        fields = line.split()
-        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode and fields[4].isdigit():
-            return int(fields[4])
-    return None
+    return [int(fields[4]) for fields in map(str.split, table.splitlines())
+            if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode and fields[4].isdigit()
+            and kind in (None, fields[3])]
+
+class ReadersLock:
+    """Readers of a local cache hold a shared kernel lock on `<cache>.readers`; a writer that deletes or rewrites
+    the store (--overwrite, a restart) takes it exclusively first, so it never pulls a cache from under a reader,
+    and a reader never opens a cache that is being rewritten. At a URL there is none (nothing to flock)."""
+
+    def __init__(self, cache_path: Location) -> None:
+        self.path = None if is_url(cache_path) else lock_path(cache_path).with_suffix(".readers")
+        self._fd: int | None = None
+
+    def share(self) -> ReadersLock:
+        """Take the shared lock as a reader; refuse while a writer rewrites the cache."""
+        if self._take(fcntl.LOCK_SH) is False:
+            raise KdcacheError(f"{self.path.with_suffix('')} is being rewritten from scratch by another kdcache process "
+                               f"({_pids(self.path)}); wait for that dump-teacher to finish, then read it")
+        return self
+
+    def exclude(self) -> ReadersLock:
+        """Take the lock exclusively as a writer about to delete or rewrite the store; refuse while anyone reads it."""
+        if self._take(fcntl.LOCK_EX) is False:
+            raise KdcacheError(f"{self.path.with_suffix('')} is being read by another kdcache process "
+                               f"({_pids(self.path)}): it cannot be deleted or rewritten under it; wait for that "
+                               f"process (distill, inspect, verify) to finish, or write elsewhere with another --out")
+        return self
+
+    def _take(self, kind: int) -> bool | None:
+        """True when taken, False when refused, None when there is nothing to lock (a URL, a read-only folder)."""
+        if self.path is None:
+            return None
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:  # a folder this process cannot write: a reader there locks nothing, and no writer runs
+                return None
+            try:
+                fcntl.flock(fd, kind | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            if _is_the_file_at(fd, self.path):
+                self._fd = fd
+                return True
+            os.close(fd)  # the last holder removed it after we opened it: lock the file now there
+
+    def release(self) -> None:
+        """Drop the lock; the last holder removes the file (others that opened it see it gone, and retry)."""
+        if self._fd is None:
+            return
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # only when no one else holds it
+            self.path.unlink(missing_ok=True)
+        except BlockingIOError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+
+def _pids(path: Path) -> str:
+    """'pid N, M' of the processes holding a flock on the file, from /proc/locks, or a plain word where unknown."""
+    pids = _flock_holders(path)
+    return ("pid " + ", ".join(map(str, pids))) if pids else "another process"

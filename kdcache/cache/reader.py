@@ -11,25 +11,27 @@ from typing import Any
 import numpy as np
 
 from kdcache.cache.backends import open_store
-from kdcache.cache.layout import (
-    PENDING,
-    TOPK_ARRAYS,
-    CacheSpec,
-    all_finite,
-    require_match,
-)
+from kdcache.cache.lock import ReadersLock
+from kdcache.cache.layout import (DIGEST_ARRAY, DIGEST_BYTES, DIGEST_SINCE, PENDING, TOPK_ARRAYS, CacheSpec,
+                                  all_finite, require_match, require_metadata_digest)
 from kdcache.cache.store import ChunkReadError, Store
 from kdcache.cache.topk import decode_topk_array
 from kdcache.errors import CorruptCacheError, KdcacheError
 
 
 def open_cache(path: str | Path) -> TeacherCache:
-    """Open a cache for reading; it is never written to."""
-    store = open_store(path, read_only=True)
+    """Open a cache for reading; it is never written to, nor deleted or rewritten while open (see ReadersLock)."""
+    readers = ReadersLock(path).share()
     try:
-        return TeacherCache(store, CacheSpec.from_metadata(store.metadata(), str(path)))
+        store = open_store(path, read_only=True)
+    except BaseException:
+        readers.release()
+        raise
+    try:
+        return TeacherCache(store, CacheSpec.from_metadata(store.metadata(), str(path)), readers)
     except BaseException:
         store.close()
+        readers.release()
         raise
 
 
@@ -55,11 +57,14 @@ class Problem:
 class TeacherCache:
     """A teacher cache opened read-only: metadata, labels, augmentation parameters and whole views."""
 
-    def __init__(self, store: Store, spec: CacheSpec) -> None:
+    def __init__(self, store: Store, spec: CacheSpec, readers: ReadersLock | None = None) -> None:
         self.store, self.spec, self.path = store, spec, store.path
+        self._readers = readers
         self._prefetcher: ThreadPoolExecutor | None = None
         self._complete_progress: np.ndarray | None = None
         self._check_shapes()
+        if spec.format_version >= DIGEST_SINCE:
+            require_metadata_digest(store.metadata(), self._read_checked(DIGEST_ARRAY, None), str(self.path))
 
     # -- what it holds -----------------------------------------------------------------------
     @property
@@ -214,21 +219,29 @@ class TeacherCache:
 
     # -- checking ------------------------------------------------------------------------------
     def _check_shapes(self) -> None:
+        """Refuse arrays whose shape, dtype or chunking differs from what the metadata implies, before any read."""
         spec = self.spec
-        # each array's shape, and the metadata fields it follows from
+        # each array's shape, dtype and first two chunk dimensions (None: any), and the metadata fields they follow from
+        data = "views.count, dataset.num_samples, scales, teacher.num_classes" + (", logits.topk" if spec.topk else "")
         expected = {
-            **{name: (spec.array_layout(name)[0], "views.count, dataset.num_samples, scales, teacher.num_classes"
-                      + (", logits.topk" if spec.topk else "")) for name in spec.data_arrays},
-            "aug": ((spec.num_views, spec.num_samples, spec.num_params),
-                    "views.count, dataset.num_samples, augmentation.param_names"),
-            "labels": ((spec.num_samples,), "dataset.num_samples"),
-            "progress": ((spec.num_views, spec.num_blocks), "views.count, dataset.num_samples, logits.block_size")}
-        for name, (shape, fields) in expected.items():
+            **{name: (*spec.array_layout(name), (1, spec.block_size), data) for name in spec.data_arrays},
+            "aug": ((spec.num_views, spec.num_samples, spec.num_params), "int32",
+                    (1, spec.block_size) if spec.num_params else None,
+                    "views.count, dataset.num_samples, augmentation.param_names, logits.block_size"),
+            "labels": ((spec.num_samples,), "int64", None, "dataset.num_samples"),
+            "progress": ((spec.num_views, spec.num_blocks), "int64", None,
+                         "views.count, dataset.num_samples, logits.block_size"),
+            **({DIGEST_ARRAY: ((DIGEST_BYTES,), "uint8", None, "format_version")}
+               if spec.format_version >= DIGEST_SINCE else {})}
+        for name, (shape, dtype, chunks, fields) in expected.items():
             info = self.store.array_info(name)
-            if info.shape != shape:
-                raise CorruptCacheError(f"{self.path}: array {name!r} has shape {list(info.shape)} but the metadata "
-                                        f"fields {fields} imply {list(shape)}; the cache was altered: rebuild it "
-                                        f"with `kdcache dump-teacher --overwrite`")
+            found = (list(info.shape), str(info.dtype), None if chunks is None else tuple(info.chunks[:2]))
+            if found != (list(shape), dtype, chunks):
+                raise CorruptCacheError(f"{self.path}: array {name!r} is {found[0]} {found[1]}"
+                                        + ("" if chunks is None else f" in chunks of {list(found[2])}")
+                                        + f" but the metadata fields {fields} imply {list(shape)} {dtype}"
+                                        + ("" if chunks is None else f" in chunks of {list(chunks)}")
+                                        + "; the cache was altered: rebuild it with `kdcache dump-teacher --overwrite`")
 
     def _chunks(self, name: str, view: int | None, blocks: range | None = None
                 ) -> Iterator[tuple[tuple[int, ...], int | None, int | None, tuple]]:
@@ -272,6 +285,8 @@ class TeacherCache:
         if self._prefetcher is not None:
             self._prefetcher.shutdown(wait=True)
         self.store.close()
+        if self._readers is not None:
+            self._readers.release()
 
     def __enter__(self) -> TeacherCache:
         return self

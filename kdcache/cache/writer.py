@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from kdcache.cache.backends import create_store, open_store, store_class
-from kdcache.cache.layout import ARRAYS, FORMAT, PENDING, WRITTEN_VERSION, CacheSpec, all_finite, differences
+from kdcache.cache.layout import (ARRAYS, DIGEST_ARRAY, DIGEST_BYTES, FORMAT, PENDING, WRITTEN_VERSION, CacheSpec,
+                                  all_finite, differences, metadata_digest, require_metadata_digest)
 from kdcache.cache.location import Location, as_location, remove_store, store_exists
-from kdcache.cache.lock import WriterLock
+from kdcache.cache.lock import ReadersLock, WriterLock
 from kdcache.cache.store import Store
 from kdcache.errors import KdcacheError
 
@@ -23,8 +24,8 @@ log = logging.getLogger(__name__)
 class CacheWriter:
     """Writes one cache; the unit of work is a (view, block) pair, marked in `progress` only once written."""
 
-    def __init__(self, store: Store, spec: CacheSpec, lock: WriterLock | None) -> None:
-        self.store, self.spec, self._lock = store, spec, lock
+    def __init__(self, store: Store, spec: CacheSpec, locks: list[WriterLock | ReadersLock]) -> None:
+        self.store, self.spec, self._locks = store, spec, locks
 
     @classmethod
     def open(cls, path: Location, spec: CacheSpec, labels: np.ndarray, aug_params: np.ndarray,
@@ -34,26 +35,28 @@ class CacheWriter:
         if isinstance(path, Path):
             path = path.resolve()  # through a symlink: the real store, under the same lock
         store_class(path, format)  # an HDF5 cache at a URL is refused before any lock is taken
-        lock = WriterLock(path).acquire()
+        locks = [WriterLock(path).acquire()]
         try:
             if store_exists(path) and (not _started_by_kdcache(path) or overwrite):  # a folder of the user's: refused
+                locks.append(ReadersLock(path).exclude())  # no reader has it open, and none opens it until done
                 log.warning("%s: %s; starting it anew", path, "--overwrite" if overwrite else
                             "its creation was interrupted before its metadata was written")
                 remove_store(path)
             if store_exists(path):
-                return cls(cls._resumable(path, spec), spec, lock)
+                return cls(cls._resumable(path, spec), spec, locks)
             store = create_store(path, format)
             cls._create_arrays(store, spec, labels, aug_params)
-            return cls(store, spec, lock)
+            return cls(store, spec, locks)
         except BaseException:
-            lock.release()
+            for lock in reversed(locks):
+                lock.release()
             raise
 
     @classmethod
     def join(cls, path: Location) -> CacheWriter:
         """Open a cache another process created and locked, to write blocks of its own (a rank of a sharded dump)."""
         store = open_store(path, read_only=False)
-        return cls(store, CacheSpec.from_metadata(store.metadata(), str(path)), lock=None)
+        return cls(store, CacheSpec.from_metadata(store.metadata(), str(path)), locks=[])
 
     @staticmethod
     def _resumable(path: str | Path, spec: CacheSpec) -> Store:
@@ -61,7 +64,9 @@ class CacheWriter:
         store = open_store(path, read_only=False)
         try:
             stored = CacheSpec.from_metadata(store.metadata(), str(path))
-            if stored.format_version != WRITTEN_VERSION:
+            if stored.format_version == WRITTEN_VERSION:
+                require_metadata_digest(store.metadata(), store.read(DIGEST_ARRAY), str(path))
+            else:
                 raise KdcacheError(f"{path} is a format-{stored.format_version} cache started by an older kdcache; this "
                                    f"kdcache writes format {WRITTEN_VERSION}: finish it with the kdcache that started "
                                    f"it, or start over with --overwrite")
@@ -89,8 +94,11 @@ class CacheWriter:
         store.write("labels", (), labels.astype(np.int64))
         store.write("aug", (), aug_params.astype(np.int32))
         store.write("progress", (), np.full((spec.num_views, spec.num_blocks), PENDING, np.int64))
+        metadata = spec.to_metadata()
+        store.create_array(DIGEST_ARRAY, (DIGEST_BYTES,), "uint8", (DIGEST_BYTES,))
+        store.write(DIGEST_ARRAY, (), metadata_digest(metadata))
         # the metadata goes last: a store without it is one whose creation never finished
-        store.set_metadata(spec.to_metadata())
+        store.set_metadata(metadata)
         store.flush()
 
     def progress(self) -> np.ndarray:
@@ -158,8 +166,8 @@ class CacheWriter:
         try:
             self.store.close()
         finally:
-            if self._lock is not None:
-                self._lock.release()
+            for lock in reversed(self._locks):
+                lock.release()
 
     def __enter__(self) -> CacheWriter:
         return self
