@@ -219,7 +219,7 @@ def student_step(bench: Bench, batch: int, precision_name: str) -> list[Row]:
     cache = bench.caches["zarr"]
     steps = plan.steps(batch)
     images, labels = data.images.to(device), data.labels.to(device)
-    params = CachedViews(cache).params(0).to(device)
+    params = CachedViews(cache, bench.policy).params(0).to(device)
     cached = CachedTargets(cache, SCALES, device)
     cached.begin_epoch(0)
     live = LiveTeacher(bench.teacher, SCALES, device)
@@ -260,7 +260,7 @@ def bench_epoch(bench: Bench) -> Section:
     device, plan, data, cache = bench.device, bench.plan, bench.data, bench.caches["zarr"]
     steps = plan.epoch_samples // EPOCH_BATCH
     images, labels = data.images.to(device), data.labels.to(device)
-    views = CachedViews(cache)
+    views = CachedViews(cache, bench.policy)
     dataset = CachedViewDataset(cache, data, bench.policy, SCALES)
     runs = {path: make_run(f"epoch-{path}", LIVE_LOSS, EPOCH_BATCH, bench) for path in ("device", "dataset")}
 

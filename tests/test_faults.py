@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kdcache.cache import Store, open_cache, open_store, verify
+from kdcache.cache.layout import DIGEST_ARRAY, metadata_digest
 from kdcache.cache.lock import lock_path
 from kdcache.config import DistillConfig, DumpConfig
 from kdcache.data import get_policy, load_dataset
@@ -340,9 +341,12 @@ WRONG_VALUES = st.one_of(st.just(REMOVE), st.none(), st.booleans(), st.integers(
                          st.lists(st.integers(-1, 2), max_size=3), st.just({}))
 
 
-def rewrite_metadata(path, metadata):
+def rewrite_metadata(path, metadata, sign=False):
+    """Replace a cache's metadata document; with sign, its digest too, as a cache written so would hold."""
     with open_store(path, read_only=False) as store:
         store.set_metadata(metadata)
+        if sign:
+            store.write(DIGEST_ARRAY, (), metadata_digest(metadata))
 
 
 @pytest.fixture(scope="module")
@@ -370,7 +374,8 @@ def test_edited_metadata_is_refused_naming_the_field_or_read_exactly_as_before(p
         except KdcacheError as error:
             message = str(error)
             assert "\n" not in message and "Traceback" not in message
-            named = {field, field.split(".")[-1], field.replace("_", " "), field.split(".")[0]}
+            named = {field, field.split(".")[-1], field.replace("_", " "), field.split(".")[0],
+                     f"its metadata document (zarr.json or the HDF5 'kdcache' attribute) was edited"}
             assert any(name in message for name in named), (field, message)
 
 
@@ -480,7 +485,7 @@ def test_a_run_resumes_after_its_cache_and_its_folder_moved(pristine, pristine_m
     assert (moved_runs / "resnet8-kd" / "model.pt").read_bytes() == before
     other = tmp_path / "other.zarr"
     shutil.copytree(pristine["zarr"], other)
-    rewrite_metadata(other, edited(pristine_metadata[0], "views.seed", 7))  # another cache's content
+    rewrite_metadata(other, edited(pristine_metadata[0], "views.seed", 7), sign=True)  # another cache's content
     with pytest.raises(KdcacheError, match=r"other settings \(cache_identity\)"):  # is still refused
         one_epoch(other, moved_runs, resume=True)
 
@@ -506,3 +511,70 @@ def test_a_full_disk_when_last_pt_is_written_is_one_line_and_keeps_the_previous_
     with pytest.raises(KdcacheError, match=r"could not write .*last.pt .*the previous last.pt is intact: free space"):
         one_epoch(pristine["zarr"], tmp_path / "runs")  # the same run again: its epoch ends by writing last.pt
     assert last.read_bytes() == before and not list(last.parent.glob(".last.pt.*.tmp"))
+
+
+# -- what the checksums cannot see: edits of the metadata and of the arrays' own descriptions ---------
+
+@pytest.mark.parametrize("scales", [[1, 4, 2], [2, 4], [1, 1, 2]])
+def test_scales_out_of_order_are_refused_not_read_as_other_cells(pristine, pristine_metadata, tmp_path, scales):
+    cache = copy_of(pristine, "zarr", tmp_path)
+    rewrite_metadata(cache, edited(pristine_metadata[0], "scales", scales))
+    with pytest.raises(CorruptCacheError, match=r"'scales' must be integers ascending from 1"):
+        open_cache(cache)
+
+
+@pytest.mark.parametrize("array, field, value, named", [
+    ("aug", "data_type", "float32", "'aug' is .* float32 .* imply .* int32"),
+    ("labels", "data_type", "int32", "'labels' is .* int32 .* imply .* int64"),
+    ("logits", "data_type", "float32", "'logits' is .* float32 .* imply .* float16"),
+    ("logits", "chunk_grid", {"name": "regular", "configuration": {"chunk_shape": [2, 256, 21, 10]}},
+     r"'logits' .* in chunks of \[2, 256\] .* imply .* in chunks of \[1, 256\]"),
+])
+def test_an_array_whose_dtype_or_chunking_was_edited_is_refused_before_any_read(pristine, tmp_path, array, field,
+                                                                               value, named):
+    cache = copy_of(pristine, "zarr", tmp_path)
+    description = cache / array / "zarr.json"
+    document = json.loads(description.read_text())
+    document[field] = value
+    description.write_text(json.dumps(document))
+    with pytest.raises(CorruptCacheError, match=named + ".*the cache was altered"):
+        open_cache(cache)
+
+
+@pytest.mark.parametrize("sample, value", [(5, [9, 0, 0]), (700, [0, -1, 0]), (1437, [3, 3, 2])])
+def test_view_parameters_the_policy_never_draws_are_refused_when_the_view_is_loaded(pristine, tmp_path, sample,
+                                                                                  value):
+    cache = copy_of(pristine, "zarr", tmp_path)
+    with open_store(cache, read_only=False) as store:  # rewritten through the store: its checksums stay valid
+        params = store.read("aug")
+        params[1, sample] = value
+        store.write("aug", (), params)
+    with pytest.raises(CorruptCacheError, match=rf"array 'aug', view 1: 1 samples hold parameters the cifar policy "
+                                                rf"never draws \(first: sample {sample}, .*rebuild it"):
+        one_epoch(cache, tmp_path / "runs", epochs=2)
+
+
+@pytest.mark.parametrize("name", ["cifar", "imagenet", "none"])
+def test_every_drawn_parameter_is_in_range(name):
+    policy = get_policy(name, image_size=(40, 24))
+    drawn = policy.sample(torch.Generator().manual_seed(0), 5000)
+    assert not policy.out_of_range(drawn).any()
+    if name != "none":
+        shifted = drawn.clone()
+        shifted[:, 1] += 100  # a column or offset far past the image
+        assert policy.out_of_range(shifted).all()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("field, value", [("views.seed", 7), ("dataset.split", "test"), ("description", "edited"),
+                                          ("teacher.checkpoint_sha256", "f" * 64)])
+def test_a_well_formed_edit_of_the_metadata_is_named_by_its_digest(checkpoint, pristine, pristine_metadata, tmp_path,
+                                                                   fmt, field, value):
+    """Every field still has the right type and range, so only the digest (in a checksummed chunk) can tell."""
+    cache = copy_of(pristine, fmt, tmp_path)
+    rewrite_metadata(cache, edited(pristine_metadata[0], field, value))
+    with pytest.raises(CorruptCacheError, match=r"its metadata document .* was edited or damaged: its sha256 differs "
+                                                r"from the one stored beside it in array 'metadata_sha256'"):
+        open_cache(cache)
+    with pytest.raises(CorruptCacheError, match="metadata_sha256"):  # nor does a dump resume it
+        dump_from_config(DumpConfig(checkpoint=str(checkpoint), out=str(cache), **DUMP_ARGS), show_progress=False)

@@ -69,7 +69,7 @@ def test_fast_path_batches_equal_the_datasets_items_for_the_same_indices(cache16
     with open_cache(cache16) as cache:
         dataset = CachedViewDataset(cache, train, policy, scales)
         dataset.set_epoch(epoch)
-        views = CachedViews(cache)
+        views = CachedViews(cache, policy)
         targets = CachedTargets(cache, scales)
         targets.begin_epoch(views.view_of(epoch))
         batches = device_batches(train.images, train.labels, views.params(epoch), policy, train.mean, train.std,
@@ -101,7 +101,7 @@ def test_a_step_on_cached_targets_equals_a_step_on_the_live_teacher(cache16, tea
     train, policy = data[0], get_policy("cifar")
     loss = get_loss(loss_name)
     with open_cache(cache16) as cache:
-        views = CachedViews(cache)
+        views = CachedViews(cache, policy)
         cached = CachedTargets(cache)
         cached.begin_epoch(views.view_of(1))
         live = LiveTeacher(teacher[0], cache.scales)
@@ -244,7 +244,7 @@ def test_train_teacher_on_digits_reaches_70_percent_in_a_few_cpu_epochs(tmp_path
 def test_cached_targets_reuse_two_buffers_without_serving_a_stale_view(teacher, data, tmp_path, order):
     path = make_cache(teacher, data, tmp_path / "c.zarr", views=3)
     with open_cache(path) as cache:
-        views = CachedViews(cache, order, seed=2)
+        views = CachedViews(cache, get_policy("cifar"), order, seed=2)
         targets = CachedTargets(cache)
         buffers = {id(array) for buffer in targets._buffers for array in buffer.values()}
         everything = torch.arange(48)

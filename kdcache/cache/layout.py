@@ -42,7 +42,11 @@ ARRAYS = {
     "labels": "[samples] class labels",
     "progress": "[views, blocks] -1 while a block is not written; then how many of its samples the "
                 "teacher's global logit (region 0) classifies correctly",
+    "metadata_sha256": "[32] sha256 of this metadata document less view_accuracy (JSON, keys sorted), in a "
+                       "checksummed chunk: an edit or bit rot of the document is found when the cache is opened",
 }
+DIGEST_ARRAY, DIGEST_BYTES = "metadata_sha256", 32
+DIGEST_SINCE = 3  # the first format version that stores the digest
 REGION_LAYOUT = "region 0 is the global logit; then, for each scale s in order, its s*s cells row-major"
 
 # fields that define what a cache holds: a rerun must match them all to resume
@@ -151,7 +155,7 @@ class CacheSpec:
                        **({"topk": self.topk, "rebuilt": "each region's logits are rebuilt as topk_rest for every "
                            "class, then topk_values at topk_indices (FKD/ReLabel: the other classes share the "
                            "remaining mass evenly)"} if self.topk else {})},
-            "arrays": {name: ARRAYS[name] for name in (*self.data_arrays, "aug", "labels", "progress")},
+            "arrays": {name: ARRAYS[name] for name in (*self.data_arrays, "aug", "labels", "progress", DIGEST_ARRAY)},
             "view_accuracy": self.view_accuracy,
         }
 
@@ -161,9 +165,11 @@ class CacheSpec:
         version = _format_version(metadata, where)
         get = _FieldReader(metadata, where)
         scales = tuple(get("scales", list))
-        if not scales or not all(isinstance(s, int) and s > 0 for s in scales):
-            raise CorruptCacheError(f"{where}: metadata field 'scales' must be a list of positive integers, "
-                                    f"found {scales!r}")
+        if not (scales and all(isinstance(s, int) and not isinstance(s, bool) for s in scales) and scales[0] == 1
+                and all(a < b for a, b in zip(scales, scales[1:]))):
+            # the stored regions follow the scales in order: any other order would name the wrong cells
+            raise CorruptCacheError(f"{where}: metadata field 'scales' must be integers ascending from 1, as dumps "
+                                    f"write them, found {list(scales)!r}")
         spec = cls(
             teacher=get("teacher", dict), dataset=get("dataset", dict), augmentation=get("augmentation", dict),
             num_views=get("views.count", int), exhaustive=get("views.exhaustive", bool),
@@ -235,6 +241,22 @@ def require_match(spec: CacheSpec, where: str, expected: dict[str, Any]) -> None
         if _normal(have) != _normal(value):
             raise KdcacheError(f"cache {where} was written for {name} {_short(have)} but this run has "
                                f"{_short(value)}: rebuild the cache or pass the {name.split('.')[0]} it was made from")
+
+
+def metadata_digest(metadata: dict[str, Any]) -> np.ndarray:
+    """sha256 of a metadata document less view_accuracy (which finish() adds), as 32 bytes."""
+    covered = {key: value for key, value in metadata.items() if key != "view_accuracy"}
+    text = json.dumps(covered, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8).copy()
+
+
+def require_metadata_digest(metadata: dict[str, Any], stored: np.ndarray, where: str) -> None:
+    """Refuse a metadata document whose digest is not the one stored when the cache was written."""
+    if not np.array_equal(metadata_digest(metadata), stored):
+        raise CorruptCacheError(f"{where}: its metadata document (zarr.json or the HDF5 'kdcache' attribute) was "
+                                f"edited or damaged: its sha256 differs from the one stored beside it in array "
+                                f"{DIGEST_ARRAY!r}; the cache was altered: rebuild it with `kdcache dump-teacher "
+                                f"--overwrite`")
 
 
 @functools.cache

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from kdcache.cache.layout import PENDING, TOPK_ARRAYS
+from kdcache.cache.layout import DIGEST_ARRAY, DIGEST_SINCE, PENDING, TOPK_ARRAYS
 from kdcache.cache.reader import Problem, TeacherCache
 from kdcache.cache.store import ChunkReadError
 
@@ -19,8 +19,9 @@ ProblemAt = Callable[..., list[Problem]]  # (what, array name) -> [the Problem a
 
 def verify(cache: TeacherCache, on_block: Callable[[], None] | None = None) -> list[Problem]:
     """Read every chunk: checksums, missing chunks, completeness, finiteness, region-0 self-check."""
-    problems = [p for name in SMALL_ARRAYS for p in cache.missing_chunks(name, None)]
-    problems += [p for name in SMALL_ARRAYS for p in cache.unreadable_chunks(name, None)]
+    small = SMALL_ARRAYS + ((DIGEST_ARRAY,) if cache.spec.format_version >= DIGEST_SINCE else ())
+    problems = [p for name in small for p in cache.missing_chunks(name, None)]
+    problems += [p for name in small for p in cache.unreadable_chunks(name, None)]
     if any(p.array == "progress" for p in problems):
         return problems
     progress, labels = cache.progress(), cache.labels()

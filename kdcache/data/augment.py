@@ -41,6 +41,10 @@ class AugmentPolicy(Protocol):
         """Name, parameter names and constants, for cache metadata (JSON-able)."""
         ...
 
+    def out_of_range(self, params: Tensor) -> Tensor:
+        """[n] bool: which rows of params [n, P] this policy could not have drawn (stored ones are checked)."""
+        ...
+
 
 @dataclass(frozen=True)
 class CropFlip:
@@ -85,6 +89,11 @@ class CropFlip:
         picked_rows = padded.gather(2, rows[:, None, :, None].expand(batch, channels, height, padded.shape[3]))
         return picked_rows.gather(3, cols[:, None, None, :].expand(batch, channels, height, width))
 
+    def out_of_range(self, params: Tensor) -> Tensor:
+        """Rows whose offsets leave [0, 2·padding] or whose flip is not 0 or 1."""
+        offsets, flips = params[:, :2], params[:, 2]
+        return ((offsets < 0) | (offsets > 2 * self.padding)).any(dim=1) | ((flips != 0) & (flips != 1))
+
     def describe(self) -> dict:
         """Name, parameter names, view count, padding and fill, for cache metadata."""
         return {
@@ -116,6 +125,10 @@ class Identity:
         """The images unchanged (the same tensor)."""
         _checked_params(self, images, params)
         return images
+
+    def out_of_range(self, params: Tensor) -> Tensor:
+        """No row: there are no parameters."""
+        return torch.zeros(len(params), dtype=torch.bool)
 
     def describe(self) -> dict:
         """Name, (no) parameter names and the view count, for cache metadata."""
@@ -204,6 +217,14 @@ class ResizedCropFlip:
         # horizontal pass first, rounded and clamped to uint8, then vertical: the order torch's kernel uses
         across = _resample(images, cols, col_weights, col_precision, dim=3)
         return _resample(across, rows, row_weights, row_precision, dim=2)
+
+    def out_of_range(self, params: Tensor) -> Tensor:
+        """Rows whose box is empty or leaves the image, or whose flip is not 0 or 1."""
+        top, left, box_h, box_w, flip = params.unbind(dim=1)
+        height, width = self.size
+        inside = (top >= 0) & (left >= 0) & (box_h >= 1) & (box_w >= 1) & (top + box_h <= height) & \
+            (left + box_w <= width)
+        return ~inside | ((flip != 0) & (flip != 1))
 
     def describe(self) -> dict:
         """Name, parameter names, (no) view count, output size, draw ranges and resampling, for cache metadata."""

@@ -21,7 +21,7 @@ class CachedViewDataset(Dataset):
                  view_order: str = "cycle", seed: int = 0) -> None:
         require_fits(cache, data, policy, scales or cache.scales)
         self.cache, self.data, self.policy = cache, data, policy
-        self.views = CachedViews(cache, view_order, seed)
+        self.views = CachedViews(cache, policy, view_order, seed)
         self.regions = None if scales is None else region_indices(cache.scales, scales)
         self.set_epoch(0)
 

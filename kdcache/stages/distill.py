@@ -91,7 +91,7 @@ def _distill(config: DistillConfig, cache: TeacherCache | None, data: ImageData,
     here, shard = _shard(cache, len(data.labels), config)
     targets, source = _targets(config, cache, data, scales, device, shard)
     # with a cache, its views are replayed (also by a live teacher: the online baseline on the same pixels)
-    views = CachedViews(cache, config.view_order, config.seed) if cache is not None else \
+    views = CachedViews(cache, policy, config.view_order, config.seed) if cache is not None else \
         FreshViews(policy, len(data.labels), config.seed)
     runs = []
     for student, loss_name in config.runs():

@@ -9,7 +9,7 @@ import torch
 
 from kdcache.cache import TeacherCache
 from kdcache.data import AugmentPolicy, ImageData
-from kdcache.errors import KdcacheError
+from kdcache.errors import CorruptCacheError, KdcacheError
 from kdcache.runtime import epoch_generator
 
 VIEW_ORDERS = ("cycle", "shuffle")
@@ -30,10 +30,10 @@ class Views(Protocol):
 class CachedViews:
     """Epoch e replays view e mod K of a cache (`cycle`), or a seeded permutation of the K views per round (`shuffle`)."""
 
-    def __init__(self, cache: TeacherCache, order: str = "cycle", seed: int = 0) -> None:
+    def __init__(self, cache: TeacherCache, policy: AugmentPolicy, order: str = "cycle", seed: int = 0) -> None:
         if order not in VIEW_ORDERS:
             raise KdcacheError(f"--view-order: unknown order {order!r}; known: {', '.join(VIEW_ORDERS)}")
-        self.cache, self.order, self.seed = cache, order, seed
+        self.cache, self.policy, self.order, self.seed = cache, policy, order, seed
 
     def view_of(self, epoch: int) -> int:
         """The cached view that epoch replays."""
@@ -43,8 +43,17 @@ class CachedViews:
         return int(torch.randperm(views, generator=epoch_generator(self.seed, epoch // views))[epoch % views])
 
     def params(self, epoch: int) -> torch.Tensor:
-        """[N, P] augmentation parameters of the epoch's view."""
-        return torch.from_numpy(self.cache.aug_params(self.view_of(epoch))).long()
+        """[N, P] augmentation parameters of the epoch's view, refused if the policy could not have drawn them."""
+        view = self.view_of(epoch)
+        params = torch.from_numpy(self.cache.aug_params(view)).long()
+        bad = torch.nonzero(self.policy.out_of_range(params)).flatten()
+        if len(bad):
+            first = int(bad[0])
+            raise CorruptCacheError(f"{self.cache.path}: array 'aug', view {view}: {len(bad)} samples hold parameters "
+                                    f"the {self.policy.describe()['name']} policy never draws (first: sample {first}, "
+                                    f"{dict(zip(self.policy.param_names, params[first].tolist()))}); the cache was "
+                                    f"altered: rebuild it with `kdcache dump-teacher --overwrite`")
+        return params
 
 
 class FreshViews:
