@@ -456,9 +456,22 @@ def one_epoch(cache, out, **options):
     return distill(config, show_progress=False)
 
 
+@pytest.fixture(scope="module")
+def trained_run(pristine, tmp_path_factory):
+    """One finished 1-epoch run from the pristine Zarr cache; tests copy its folder."""
+    runs = tmp_path_factory.mktemp("trained") / "runs"
+    one_epoch(pristine["zarr"], runs)
+    return runs
+
+
+def copy_of_run(trained_run, tmp_path):
+    shutil.copytree(trained_run, tmp_path / "runs")
+    return tmp_path / "runs"
+
+
 @pytest.mark.parametrize("damage", ["truncated", "not a run", "a pickled object"])
-def test_resume_from_a_damaged_last_pt_is_one_line(pristine, tmp_path, damage):
-    one_epoch(pristine["zarr"], tmp_path / "runs")
+def test_resume_from_a_damaged_last_pt_is_one_line(pristine, trained_run, tmp_path, damage):
+    copy_of_run(trained_run, tmp_path)
     last = tmp_path / "runs" / "resnet8-kd" / "last.pt"
     if damage == "truncated":
         last.write_bytes(last.read_bytes()[:1000])
@@ -472,13 +485,10 @@ def test_resume_from_a_damaged_last_pt_is_one_line(pristine, tmp_path, damage):
         one_epoch(pristine["zarr"], tmp_path / "runs", resume=True)
 
 
-def test_a_run_resumes_after_its_cache_and_its_folder_moved(pristine, pristine_metadata, tmp_path):
-    cache = tmp_path / "somewhere" / "cache.zarr"
-    shutil.copytree(pristine["zarr"], cache)
-    one_epoch(cache, tmp_path / "runs")
+def test_a_run_resumes_after_its_cache_and_its_folder_moved(pristine, pristine_metadata, trained_run, tmp_path):
     moved_cache, moved_runs = tmp_path / "elsewhere.zarr", tmp_path / "moved-runs"
-    cache.rename(moved_cache)
-    (tmp_path / "runs").rename(moved_runs)
+    shutil.copytree(pristine["zarr"], moved_cache)  # the run was trained from the pristine cache's own path
+    shutil.copytree(trained_run, moved_runs)
     before = (moved_runs / "resnet8-kd" / "model.pt").read_bytes()
     [resumed] = one_epoch(moved_cache, moved_runs, resume=True)  # accepted: the finished run is kept as it was
     assert len(list(csv.DictReader(open(resumed.folder / "metrics.csv")))) == 1
@@ -499,8 +509,9 @@ def test_distill_never_writes_into_its_cache(pristine, tmp_path):
     assert file_digests(cache) == before
 
 
-def test_a_full_disk_when_last_pt_is_written_is_one_line_and_keeps_the_previous_file(pristine, tmp_path, monkeypatch):
-    one_epoch(pristine["zarr"], tmp_path / "runs")
+def test_a_full_disk_when_last_pt_is_written_is_one_line_and_keeps_the_previous_file(pristine, trained_run, tmp_path,
+                                                                                     monkeypatch):
+    copy_of_run(trained_run, tmp_path)
     last = tmp_path / "runs" / "resnet8-kd" / "last.pt"
     before = last.read_bytes()
 
@@ -547,11 +558,11 @@ def test_view_parameters_the_policy_never_draws_are_refused_when_the_view_is_loa
     cache = copy_of(pristine, "zarr", tmp_path)
     with open_store(cache, read_only=False) as store:  # rewritten through the store: its checksums stay valid
         params = store.read("aug")
-        params[1, sample] = value
+        params[0, sample] = value
         store.write("aug", (), params)
-    with pytest.raises(CorruptCacheError, match=rf"array 'aug', view 1: 1 samples hold parameters the cifar policy "
+    with pytest.raises(CorruptCacheError, match=rf"array 'aug', view 0: 1 samples hold parameters the cifar policy "
                                                 rf"never draws \(first: sample {sample}, .*rebuild it"):
-        one_epoch(cache, tmp_path / "runs", epochs=2)
+        one_epoch(cache, tmp_path / "runs")  # refused as epoch 1 loads view 0, before a step
 
 
 @pytest.mark.parametrize("name", ["cifar", "imagenet", "none"])

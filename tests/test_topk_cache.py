@@ -54,8 +54,8 @@ def test_a_topk_view_is_the_rebuilt_full_view(teacher, data, full, tmp_path, fmt
     dump(teacher, data, path, topk=k)
     with open_cache(path) as cache, open_cache(full) as reference:
         assert cache.spec.format_version == 3 and cache.metadata["logits"]["topk"] == k
-        assert sorted(cache.store.array_names()) == ["aug", "labels", "progress", "topk_indices", "topk_rest",
-                                                     "topk_values"]
+        assert sorted(cache.store.array_names()) == ["aug", "labels", "metadata_sha256", "progress", "topk_indices",
+                                                     "topk_rest", "topk_values"]
         assert verify(cache) == []
         assert cache.view_accuracy() == reference.view_accuracy()  # the same top-1 class, recounted by verify
         for view in range(2):
