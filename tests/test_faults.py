@@ -375,7 +375,7 @@ def test_edited_metadata_is_refused_naming_the_field_or_read_exactly_as_before(p
             message = str(error)
             assert "\n" not in message and "Traceback" not in message
             named = {field, field.split(".")[-1], field.replace("_", " "), field.split(".")[0],
-                     f"its metadata document (zarr.json or the HDF5 'kdcache' attribute) was edited"}
+                     "its metadata document (zarr.json or the HDF5 'kdcache' attribute) was edited"}
             assert any(name in message for name in named), (field, message)
 
 
