@@ -540,6 +540,8 @@ def test_scales_out_of_order_are_refused_not_read_as_other_cells(pristine, prist
     ("logits", "data_type", "float32", "'logits' is .* float32 .* imply .* float16"),
     ("logits", "chunk_grid", {"name": "regular", "configuration": {"chunk_shape": [2, 256, 21, 10]}},
      r"'logits' .* in chunks of \[2, 256\] .* imply .* in chunks of \[1, 256\]"),
+    ("logits", "codecs", [{"name": "bytes", "configuration": {"endian": "little"}}],
+     r"'logits' is encoded \['bytes'\], but kdcache writes \['bytes', 'crc32c'\] \(with its checksum\)"),
 ])
 def test_an_array_whose_dtype_or_chunking_was_edited_is_refused_before_any_read(pristine, tmp_path, array, field,
                                                                                value, named):
@@ -589,3 +591,66 @@ def test_a_well_formed_edit_of_the_metadata_is_named_by_its_digest(checkpoint, p
         open_cache(cache)
     with pytest.raises(CorruptCacheError, match="metadata_sha256"):  # nor does a dump resume it
         dump_from_config(DumpConfig(checkpoint=str(checkpoint), out=str(cache), **DUMP_ARGS), show_progress=False)
+
+
+# -- full disks, at the start and in HDF5 ------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_disk_full_from_the_start_is_one_line_and_the_rerun_with_room_completes(checkpoint, pristine, tmp_path,
+                                                                                 monkeypatch, fmt):
+    out = tmp_path / f"c{SUFFIX[fmt]}"
+    config = DumpConfig(checkpoint=str(checkpoint), out=str(out), **DUMP_ARGS)
+    with monkeypatch.context() as full:
+        full.setattr(Store, "write", full_disk(capacity=0))
+        with pytest.raises(KdcacheError, match=r"could not create the cache .*the disk is full: free space, then "
+                                               r"rerun the same command: the unfinished store is recognised"):
+            dump_from_config(config, show_progress=False)
+    assert not lock_path(out).exists()
+    dump_from_config(config, show_progress=False)  # room again: the unfinished store is started anew
+    assert_same_cache(out, pristine[fmt])
+
+
+def test_hdf5_refuses_a_write_the_disk_has_no_room_for_instead_of_losing_it(checkpoint, pristine, tmp_path,
+                                                                           monkeypatch):
+    """h5py reports ENOSPC only when objects are freed: the write must be refused before, and its block kept pending."""
+    import kdcache.cache.hdf5_store as hdf5_store
+
+    out = tmp_path / "c.h5"
+    config = DumpConfig(checkpoint=str(checkpoint), out=str(out), **DUMP_ARGS)
+    real = shutil.disk_usage
+    calls = []
+
+    def filling(path):
+        calls.append(path)
+        usage = real(path)
+        return usage._replace(free=0) if len(calls) > 12 else usage  # the disk fills during the dump
+
+    monkeypatch.setattr(hdf5_store.shutil, "disk_usage", filling)
+    with pytest.raises(KdcacheError, match=r"could not write view \d+, block \d+ .*No space left on device.*the disk "
+                                           r"is full: free space, then rerun the same command to resume"):
+        dump_from_config(config, show_progress=False)
+    with open_cache(out) as cache:
+        done, problems = int((cache.progress() >= 0).sum()), verify(cache)
+        assert 0 < done < cache.progress().size
+        assert problems and all("not written yet" in p.what for p in problems)  # pending blocks, nothing damaged
+    monkeypatch.setattr(hdf5_store.shutil, "disk_usage", real)
+    dump_from_config(config, show_progress=False)
+    assert_same_cache(out, pristine["hdf5"])
+
+
+@pytest.mark.parametrize("target, edit", [("zarr.json", "num_samples"), ("labels/zarr.json", "shape"),
+                                          ("logits/zarr.json", "shape")])
+def test_a_description_claiming_a_trillion_samples_is_refused_at_once(pristine, pristine_metadata, tmp_path, target,
+                                                                      edit):
+    cache = copy_of(pristine, "zarr", tmp_path)
+    if edit == "num_samples":
+        rewrite_metadata(cache, edited(pristine_metadata[0], "dataset.num_samples", 10**12), sign=True)
+    else:
+        document = json.loads((cache / target).read_text())
+        document["shape"][1 if target.startswith("logits") else 0] = 10**12
+        (cache / target).write_text(json.dumps(document))
+    started = time.monotonic()
+    with pytest.raises(CorruptCacheError, match=r"the metadata fields .* imply .*the cache was altered"):
+        with open_cache(cache) as opened:
+            verify(opened)
+    assert time.monotonic() - started < 5  # no read, no allocation of the claimed size

@@ -113,14 +113,47 @@ def test_overwrite_through_a_symlink_rewrites_the_real_cache(tmp_path, how):
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_a_folder_that_is_no_cache_is_never_deleted(tmp_path, overwrite):
-    mine = tmp_path / "my_results"
-    mine.mkdir()
-    (mine / "notes.txt").write_text("months of work")
+@pytest.mark.parametrize("kind", ["folder", "file", "hdf5 file"])
+def test_a_folder_or_file_that_is_no_cache_is_never_deleted(tmp_path, overwrite, kind):
+    mine = tmp_path / {"folder": "my_results", "file": "notes.h5", "hdf5 file": "experiment.h5"}[kind]
+    if kind == "folder":
+        mine.mkdir()
+        (mine / "notes.txt").write_text("months of work")
+    elif kind == "file":
+        mine.write_text("months of work")
+    else:
+        import h5py
+
+        with h5py.File(mine, "w") as file:
+            file["results"] = np.arange(3)
+    before = sorted((p.name, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file())
     with pytest.raises(KdcacheError, match=r"is not a kdcache cache .*neither resumes nor deletes it, not even "
                                            r"with --overwrite"):
         CacheWriter.open(mine, tiny_spec(), np.zeros(8, np.int64), np.zeros((1, 8, 0), np.int32), overwrite=overwrite)
-    assert (mine / "notes.txt").read_text() == "months of work"
+    assert sorted((p.name, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()) == before
+
+
+def create_then_die(path) -> None:
+    """What kill -9 during a cache's creation leaves: the store and its arrays, no metadata (written last)."""
+    from kdcache.cache import create_store
+
+    store = create_store(path)
+    store.create_array("labels", (8,), "int64", (8,))
+    store.create_array("aug", (1, 8, 0), "int32", (1, 4, 0))
+    store.write("labels", (), np.zeros(8, np.int64))
+    os._exit(0)  # no close, no flush, no cleanup: as a killed process
+
+
+@pytest.mark.parametrize("fmt", SUFFIX)
+def test_a_cache_killed_while_being_created_is_started_anew_by_the_same_command(tmp_path, fmt):
+    path = tmp_path / f"c{SUFFIX[fmt]}"
+    dying = FORK.Process(target=create_then_die, args=(path,))
+    dying.start()
+    dying.join(30)
+    assert path.exists() and dying.exitcode == 0
+    finished_cache(path)
+    with open_cache(path) as cache:
+        assert cache.is_complete() and cache.spec == tiny_spec()
 
 
 def test_a_cache_whose_creation_was_interrupted_is_started_anew(tmp_path):

@@ -7,9 +7,11 @@ such a file by copying it, which keeps everything that was written.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from kdcache.cache.store import ArrayInfo, Selection, Store
 from kdcache.errors import CorruptCacheError
 
 METADATA_KEY = "kdcache"
+FREE_SPACE_MARGIN = 4 * 2**20  # bytes left free beyond a write's own: chunk index and metadata updates
 log = logging.getLogger(__name__)
 
 
@@ -27,6 +30,7 @@ class HDF5Store(Store):
     """A cache as one HDF5 file (`.h5`)."""
 
     format_name = "hdf5"
+    codecs = ("fletcher32",)
     suffixes = (".h5", ".hdf5")
 
     def __init__(self, path: Path, file: h5py.File, read_only: bool) -> None:
@@ -70,6 +74,12 @@ class HDF5Store(Store):
                                   fillvalue=fill_value)
 
     def _write(self, name: str, selection: Selection, values: np.ndarray) -> None:
+        # HDF5 reports a full disk only as an exception ignored when its objects are freed: the write would
+        # "succeed", its block be marked done, and the file be lost. So the room is checked before each write.
+        free = shutil.disk_usage(self.path.parent).free
+        if free < values.nbytes + FREE_SPACE_MARGIN:
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {free} bytes free on {self.path.parent}, "
+                                        f"{values.nbytes} to write and {FREE_SPACE_MARGIN} kept for HDF5's own records")
         if not self._file.swmr_mode:
             self._file.swmr_mode = True
         self._dataset(name)[selection] = values
@@ -107,7 +117,8 @@ class HDF5Store(Store):
     def array_info(self, name: str) -> ArrayInfo:
         """Shape, dtype and chunk shape of one dataset."""
         dataset = self._dataset(name)
-        return ArrayInfo(tuple(dataset.shape), np.dtype(dataset.dtype), tuple(dataset.chunks or dataset.shape))
+        codecs = (dataset.compression,) * bool(dataset.compression) + ("fletcher32",) * dataset.fletcher32
+        return ArrayInfo(tuple(dataset.shape), np.dtype(dataset.dtype), tuple(dataset.chunks or dataset.shape), codecs)
 
     def chunk_exists(self, name: str, chunk_coords: tuple[int, ...]) -> bool:
         """Whether HDF5 allocated storage for the chunk (it does so on first write)."""

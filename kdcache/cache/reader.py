@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -235,6 +236,10 @@ class TeacherCache:
                if spec.format_version >= DIGEST_SINCE else {})}
         for name, (shape, dtype, chunks, fields) in expected.items():
             info = self.store.array_info(name)
+            if info.codecs != type(self.store).codecs and math.prod(info.shape) > 0:  # HDF5 stores empty ones plain
+                raise CorruptCacheError(f"{self.path}: array {name!r} is encoded {list(info.codecs)}, but kdcache "
+                                        f"writes {list(type(self.store).codecs)} (with its checksum); the cache was "
+                                        f"altered: rebuild it with `kdcache dump-teacher --overwrite`")
             found = (list(info.shape), str(info.dtype), None if chunks is None else tuple(info.chunks[:2]))
             if found != (list(shape), dtype, chunks):
                 raise CorruptCacheError(f"{self.path}: array {name!r} is {found[0]} {found[1]}"

@@ -26,6 +26,7 @@ class ArrayInfo:
     shape: tuple[int, ...]
     dtype: np.dtype
     chunks: tuple[int, ...]
+    codecs: tuple[str, ...] = ()  # how each chunk is encoded, by name: a cache's must include its checksum
 
 
 class ChunkReadError(CorruptCacheError):
@@ -36,6 +37,7 @@ class Store(ABC):
     """A cache on disk: chunked, checksummed arrays and a JSON metadata document."""
 
     format_name: ClassVar[str]
+    codecs: ClassVar[tuple[str, ...]]  # the encoding kdcache writes every chunk with (ArrayInfo.codecs)
     suffixes: ClassVar[tuple[str, ...]]  # of a location that names this format; the first is the usual one
 
     def __init__(self, path: Location, read_only: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import queue
@@ -44,9 +45,7 @@ class CacheWriter:
                 remove_store(path)
             if store_exists(path):
                 return cls(cls._resumable(path, spec), spec, locks)
-            store = create_store(path, format)
-            cls._create_arrays(store, spec, labels, aug_params)
-            return cls(store, spec, locks)
+            return cls(cls._created(path, format, spec, labels, aug_params), spec, locks)
         except BaseException:
             for lock in reversed(locks):
                 lock.release()
@@ -77,6 +76,24 @@ class CacheWriter:
         except BaseException:
             store.close()
             raise
+        return store
+
+    @classmethod
+    def _created(cls, path: str | Path, format: str | None, spec: CacheSpec, labels: np.ndarray,
+                 aug_params: np.ndarray) -> Store:
+        """A new store with every array and the metadata; a disk that cannot hold even that is one line."""
+        store = None
+        try:
+            store = create_store(path, format)
+            cls._create_arrays(store, spec, labels, aug_params)
+        except BaseException as error:
+            if store is not None:
+                with contextlib.suppress(Exception):  # closing flushes, which a full disk refuses too
+                    store.close()
+            if not isinstance(error, (OSError, RuntimeError)):  # h5py and zarr report a failed write either way
+                raise
+            raise KdcacheError(f"could not create the cache {path} ({error}); {_hint(error)}, then rerun the same "
+                               f"command: the unfinished store is recognised and started anew") from error
         return store
 
     @staticmethod
@@ -140,10 +157,8 @@ class CacheWriter:
             self.store.write("progress", (view, block), np.int64(correct))
             self.store.flush()
         except OSError as error:
-            hint = ("the disk is full: free space" if error.errno in (errno.ENOSPC, errno.EDQUOT)
-                    else "fix the cause")
             raise KdcacheError(f"could not write view {view}, block {block} (samples {rows.start}-{rows.stop - 1}) "
-                               f"of {self.store.path}: {error}; {hint}, then rerun the same command to resume "
+                               f"of {self.store.path}: {error}; {_hint(error)}, then rerun the same command to resume "
                                f"(finished blocks are kept)") from error
 
     def view_accuracy(self) -> list[float]:
@@ -235,3 +250,9 @@ def _started_by_kdcache(path: str | Path) -> bool:
 def _not_a_cache(path: str | Path, why: str) -> KdcacheError:
     return KdcacheError(f"{path} exists and is not a kdcache cache ({why}); kdcache neither resumes nor deletes "
                         f"it, not even with --overwrite: choose another --out, or move it away yourself")
+
+
+def _hint(error: BaseException) -> str:
+    """What to do about a failed write: free space when the disk is full, else fix the cause."""
+    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) or "No space" in str(error)
+    return "the disk is full: free space" if full else "fix the cause"

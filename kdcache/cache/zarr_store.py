@@ -55,6 +55,7 @@ class ZarrStore(Store):
     """A cache as a Zarr v3 directory (`.zarr`), local or at a URL."""
 
     format_name = "zarr"
+    codecs = tuple(codec.to_dict()["name"] for codec in CODECS)
     suffixes = (".zarr",)
 
     def __init__(self, path: Location, group: zarr.Group, read_only: bool) -> None:
@@ -149,7 +150,8 @@ class ZarrStore(Store):
     def array_info(self, name: str) -> ArrayInfo:
         """Shape, dtype and chunk shape of one array."""
         array = self._array(name)
-        return ArrayInfo(tuple(array.shape), np.dtype(array.dtype), tuple(array.chunks))
+        codecs = tuple(codec.to_dict()["name"] for codec in array.metadata.codecs)
+        return ArrayInfo(tuple(array.shape), np.dtype(array.dtype), tuple(array.chunks), codecs)
 
     def chunk_exists(self, name: str, chunk_coords: tuple[int, ...]) -> bool:
         """Whether the chunk's object exists in the store."""
