@@ -1,6 +1,6 @@
 """Formats last: every cache format version kdcache ever wrote is still read, verified and replayed exactly.
 
-Each fixture (tests/fixtures/caches/README.md) was written by the kdcache of its version; its logits must equal
+Each fixture (tests/fixtures/formats/README.md) was written by the kdcache of its version; its logits must equal
 the teacher's on the views replayed from its stored parameters.
 """
 
@@ -19,7 +19,7 @@ from kdcache.stages.dump import dump_teacher
 from kdcache.stages.targets import CachedTargets
 from kdcache.stages.topk import rebuild_topk
 
-FIXTURES_DIR = Path(__file__).parent / "fixtures" / "caches"
+FIXTURES_DIR = Path(__file__).parent / "fixtures" / "formats"
 # file -> (format version, top-k k, progress chunked per view)
 FIXTURES = {
     "v1-progress-per-view.zarr": (1, 0, True),
