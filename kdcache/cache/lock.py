@@ -57,16 +57,9 @@ class WriterLock:
         if isinstance(self.path, str):
             return self._acquire_url()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # never truncated here: the record is the holder's
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise self._refusal(self._holders_record()) from None
-            if _is_the_file_at(fd, self.path):
-                break
-            os.close(fd)  # its holder released and removed it after we opened it: lock the file now there
+        fd = _flock(self.path, fcntl.LOCK_EX)
+        if fd is None:
+            raise self._refusal(self._holders_record())
         os.ftruncate(fd, 0)
         os.write(fd, self._record())
         self._fd = fd
@@ -190,6 +183,24 @@ def _alive(holder: dict) -> bool:
     return True
 
 
+def _flock(path: Path, kind: int) -> int | None:
+    """The descriptor of the file at path, flocked (kind: LOCK_EX or LOCK_SH) without waiting; None if refused.
+
+    Never truncates: a holder's record stays. A holder that releases removes the file, so a lock taken on a file
+    no longer at path is dropped and taken again on the one there now.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        if _is_the_file_at(fd, path):
+            return fd
+        os.close(fd)
+
+
 def _is_the_file_at(fd: int, path: Path) -> bool:
     """Whether the open file is still the one at path (a releasing holder removes it)."""
     try:
@@ -244,20 +255,11 @@ class ReadersLock:
         """True when taken, False when refused, None when there is nothing to lock (a URL, a read-only folder)."""
         if self.path is None:
             return None
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError:  # a folder this process cannot write: a reader there locks nothing, and no writer runs
-                return None
-            try:
-                fcntl.flock(fd, kind | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return False
-            if _is_the_file_at(fd, self.path):
-                self._fd = fd
-                return True
-            os.close(fd)  # the last holder removed it after we opened it: lock the file now there
+        try:
+            self._fd = _flock(self.path, kind)
+        except OSError:  # a folder this process cannot write: a reader there locks nothing, and no writer runs
+            return None
+        return self._fd is not None
 
     def release(self) -> None:
         """Drop the lock; the last holder removes the file (others that opened it see it gone, and retry)."""
