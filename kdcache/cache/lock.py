@@ -239,8 +239,8 @@ class ReadersLock:
     def share(self) -> ReadersLock:
         """Take the shared lock as a reader; refuse while a writer rewrites the cache."""
         if self._take(fcntl.LOCK_SH) is False:
-            raise KdcacheError(f"{self.path.with_suffix('')} is being rewritten from scratch by another kdcache process "
-                               f"({_pids(self.path)}); wait for that dump-teacher to finish, then read it")
+            raise KdcacheError(f"{self.path.with_suffix('')} is being rewritten from scratch by another kdcache "
+                               f"process ({_pids(self.path)}); wait for that dump-teacher to finish, then read it")
         return self
 
     def exclude(self) -> ReadersLock:

@@ -63,7 +63,7 @@ class TeacherCache:
         self._readers = readers
         self._prefetcher: ThreadPoolExecutor | None = None
         self._complete_progress: np.ndarray | None = None
-        self._check_shapes()
+        self._check_arrays()
         if spec.format_version >= DIGEST_SINCE:
             require_metadata_digest(store.metadata(), self._read_checked(DIGEST_ARRAY, None), str(self.path))
 
@@ -219,8 +219,8 @@ class TeacherCache:
                                  f"`kdcache dump-teacher --overwrite` (`kdcache verify` lists every damaged block)")
 
     # -- checking ------------------------------------------------------------------------------
-    def _check_shapes(self) -> None:
-        """Refuse arrays whose shape, dtype or chunking differs from what the metadata implies, before any read."""
+    def _check_arrays(self) -> None:
+        """Refuse arrays whose shape, dtype, chunking or codecs differ from what the metadata implies, before reads."""
         spec = self.spec
         # each array's shape, dtype and first two chunk dimensions (None: any), and the metadata fields they follow from
         data = "views.count, dataset.num_samples, scales, teacher.num_classes" + (", logits.topk" if spec.topk else "")
