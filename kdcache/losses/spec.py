@@ -41,10 +41,11 @@ SDD_BASES = {"kd": kd, "dkd": dkd}  # the per-region losses SDD is published wit
 PAPER_EPOCHS = 240  # the schedule the papers' epoch counts (warm-ups, SLD's switch) refer to
 
 
-def _terms(function: str, *names: str) -> Callable[[TermsFunction], TermsFunction]:
-    """Register a terms function for the pure function `function`, returning the terms `names`."""
+def _terms(function: str, *names: str, needs: tuple[str, ...] = ()) -> Callable[[TermsFunction], TermsFunction]:
+    """Register a terms function for the pure function `function`: it returns the terms `names` and reads the
+    spec fields `needs`."""
     def register(entry: TermsFunction) -> TermsFunction:
-        entry.term_names = names
+        entry.term_names, entry.needs = names, needs
         return TERMS.register(entry, function)
     return register
 
@@ -76,12 +77,9 @@ class LossSpec:
 
     def __post_init__(self) -> None:
         call = f"LossSpec({self.name!r})"
-        TERMS.entry(self.function)  # an unknown function lists the known ones
+        needed = list(TERMS.entry(self.function).needs)  # an unknown function lists the known ones
         if self.function in ("sdd", "sdd_lskd") and self.base not in SDD_BASES:
             raise KdcacheError(f"{call}: an SDD loss needs base 'kd' or 'dkd'; got {self.base!r}")
-        needed = {"ce": [], "kd": ["temperature"], "dkd": ["temperature", "alpha", "beta"],
-                  "sdd": ["temperature", "complementary_weight"], "sdd_lskd": ["temperature", "complementary_weight"],
-                  "sld": ["temperatures", "switch_epoch"]}[self.function]
         if self.base == "dkd":
             needed += ["alpha", "beta"]
         missing = [field for field in needed if getattr(self, field) is None]
@@ -142,13 +140,13 @@ def _ce_terms(spec: LossSpec, student: Tensor, teacher: Tensor, labels: Tensor, 
     return {}
 
 
-@_terms("kd", "kd")
+@_terms("kd", "kd", needs=("temperature",))
 def _kd_terms(spec: LossSpec, student: Tensor, teacher: Tensor, labels: Tensor, epoch: float) -> dict[str, Tensor]:
     """KD (or KD+LS) on the global logit."""
     return {"kd": kd(student[:, 0], teacher[:, 0], spec.temperature, standardize=spec.standardize)}
 
 
-@_terms("dkd", "tckd", "nckd")
+@_terms("dkd", "tckd", "nckd", needs=("temperature", "alpha", "beta"))
 def _dkd_terms(spec: LossSpec, student: Tensor, teacher: Tensor, labels: Tensor, epoch: float) -> dict[str, Tensor]:
     """DKD (or DKD+LS) on the global logit: α · TCKD and β · NCKD, each a mean over samples."""
     s, t = student[:, 0], teacher[:, 0]
@@ -163,14 +161,14 @@ def _base_args(spec: LossSpec) -> dict[str, float]:
     return {"temperature": spec.temperature} | ({"alpha": spec.alpha, "beta": spec.beta} if spec.base == "dkd" else {})
 
 
-@_terms("sdd", "sdd")
+@_terms("sdd", "sdd", needs=("temperature", "complementary_weight"))
 def _sdd_terms(spec: LossSpec, student: Tensor, teacher: Tensor, labels: Tensor, epoch: float) -> dict[str, Tensor]:
     """SDD: the base loss on every region, SDD-weighted."""
     return {"sdd": sdd(student, teacher, labels, SDD_BASES[spec.base], spec.complementary_weight,
                        standardize=spec.standardize, **_base_args(spec))}
 
 
-@_terms("sdd_lskd", "sdd")
+@_terms("sdd_lskd", "sdd", needs=("temperature", "complementary_weight"))
 def _sdd_lskd_terms(spec: LossSpec, student: Tensor, teacher: Tensor, labels: Tensor,
                     epoch: float) -> dict[str, Tensor]:
     """SDD-LSKD: SDD with every region standardised."""
@@ -178,7 +176,8 @@ def _sdd_lskd_terms(spec: LossSpec, student: Tensor, teacher: Tensor, labels: Te
                             **_base_args(spec))}
 
 
-@_terms("sld", "teacher_swap", "student_swap")
+@_terms("sld", "teacher_swap", "student_swap",
+        needs=("temperatures", "switch_epoch"))
 def _sld_terms(spec: LossSpec, student: Tensor, teacher: Tensor, labels: Tensor, epoch: float) -> dict[str, Tensor]:
     """SLD on the global logit: KD from the swapped teacher, and from the swapped student once switched on."""
     s = student[:, 0]
