@@ -20,7 +20,6 @@ from kdcache.config import (
 )
 from kdcache.errors import KdcacheError
 
-
 # a flag renamed so that one idea has one name in every command: old parameter -> the config field it sets
 RENAMED = {"augmentation_old_name": "augmentation"}
 
@@ -93,7 +92,8 @@ def quickstart(out: str, cache_path: str, device: str | None) -> None:
 
 @cli.command("train-teacher")
 @config_option
-@click.option("--model", help="Architecture from `kdcache models`.", **_default(TeacherConfig, "model"))
+@click.option("--model", help="Model spec: a kdcache name, timm:NAME, torchvision:NAME or python:module:callable (`kdcache models`).",
+              **_default(TeacherConfig, "model"))
 @click.option("--dataset", help="Dataset from `kdcache datasets`.", **_default(TeacherConfig, "dataset"))
 @click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset (CIFAR, imagefolder).")
 @click.option("--image-size", type=click.IntRange(min=8), help="Side of the square images that imagefolder "
@@ -126,8 +126,10 @@ def train_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> N
 
 @cli.command("dump-teacher")
 @config_option
-@click.option("--checkpoint", help="Teacher weights (kdcache's model.pt or an mdistiller .pth).")
-@click.option("--teacher", help="Teacher architecture; read from the checkpoint's kdcache sidecar when omitted.")
+@click.option("--checkpoint", help="Teacher weights: a .pt/.pth (mdistiller's, torchvision's, kdcache's model.pt), "
+              "a .safetensors (timm's, Hugging Face's), or a kdcache run folder. Never downloaded.")
+@click.option("--teacher", help="Teacher model spec: a kdcache name, timm:NAME, torchvision:NAME or python:module:callable; read from the checkpoint's kdcache "
+              "sidecar when omitted.")
 @click.option("--dataset", help="Dataset from `kdcache datasets`.", **_default(DumpConfig, "dataset"))
 @click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset (CIFAR, imagefolder).")
 @click.option("--image-size", type=click.IntRange(min=8), help="Side of the square images that imagefolder "
@@ -172,15 +174,16 @@ def dump_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> No
 @cli.command("distill")
 @config_option
 @click.option("--cache", help="Teacher cache written by dump-teacher (a path, or a Zarr URL such as s3://...).")
-@click.option("--live-teacher", help="Teacher checkpoint run on every batch instead: the online baseline (fresh views "
-              "each epoch, or the cache's views when --cache is given too).")
-@click.option("--teacher", help="Architecture of --live-teacher (read from its sidecar when omitted); with --cache, "
-              "the cache must come from this architecture.")
-@click.option("--student", "students", multiple=True, help="Student architecture; repeat for several students.")
+@click.option("--live-teacher", help="Teacher weights (a file or a kdcache run folder) run on every batch instead: the "
+              "online baseline (fresh views each epoch, or the cache's views when --cache is given too).")
+@click.option("--teacher", help="Model spec of --live-teacher (read from its sidecar when omitted); with --cache, "
+              "the cache must come from this spec.")
+@click.option("--student", "students", multiple=True, help="Student model spec: a kdcache name, timm:NAME, torchvision:NAME or python:module:callable; "
+              "repeat for several students.")
 @click.option("--loss", "losses", multiple=True, help="Loss from `kdcache losses` (default sdd-lskd); repeat for "
               "several. Every student is trained with every loss.")
 @click.option("--pair", "pairs", multiple=True, help="STUDENT:LOSS to train, repeatable; replaces the --student x "
-              "--loss grid (e.g. --pair resnet8x4:sdd-lskd --pair shufflev2:dkd).")
+              "--loss grid (e.g. --pair resnet8x4:sdd-lskd --pair timm:resnet18:dkd).")
 @click.option("--scales", callback=_scales, help="Region scales (default: the cache's; a subset such as 1,2 of a "
               "1,2,4 cache is taken from the stored regions).")
 @click.option("--dataset", help="Dataset (default: the cache's).")
@@ -243,11 +246,22 @@ def verify_command(cache: str) -> None:
 
 @cli.command("models")
 @click.argument("pattern", default="*")
-def models_command(pattern: str) -> None:
-    """List registered architectures (optionally matching a pattern such as 'resnet*')."""
+@click.option("--source", type=click.Choice(["kdcache", "timm", "torchvision"]), default="kdcache", show_default=True,
+              help="Whose models: kdcache's registry (with parameter counts), timm's or torchvision's.")
+def models_command(pattern: str, source: str) -> None:
+    """List the models a source offers, optionally matching a pattern such as 'convnext*'.
+
+    \b
+    Wherever a model is named (--teacher, --student, --model, recipes, the Python API):
+      NAME                          kdcache's registry (this list)
+      timm:NAME                     any timm model (pip install "kdcache[timm]"), e.g. timm:convnext_atto
+      torchvision:NAME              torchvision.models.get_model(NAME), e.g. torchvision:resnet50
+      python:module.path:callable   your own factory returning an nn.Module (num_classes= passed if accepted)
+    Weights always come from a local file (--checkpoint): kdcache never downloads any.
+    """
     from kdcache.report import model_table
 
-    click.echo(model_table(pattern))
+    click.echo(model_table(pattern, source))
 
 
 @cli.command("datasets")
@@ -268,8 +282,8 @@ def losses_command() -> None:
 
 @cli.command("recipe")
 @click.argument("recipe", required=False)
-@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Teacher weights (an mdistiller .pth or kdcache's "
-              "model.pt) of the recipe's teacher architecture.")
+@click.option("--checkpoint", type=click.Path(), help="Teacher weights (an mdistiller .pth, kdcache's model.pt or "
+              "run folder, a .safetensors) of the recipe's teacher.")
 @click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset in torchvision's "
               "on-disk format (CIFAR-100: DATA/cifar-100-python/).")
 @click.option("--out", help="Folder for one sub-folder per run, summary.csv, table.md and table.csv "

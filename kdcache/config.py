@@ -102,10 +102,13 @@ class DistillConfig(TrainConfig):
         """The (student, loss) pairs to train: the explicit pairs, else every student with every loss."""
         if not self.pairs:
             return [(student, loss) for student in self.students for loss in self.losses]
-        malformed = [pair for pair in self.pairs if pair.count(":") != 1]
+        # the loss follows the last colon: a student spec may hold colons of its own (timm:resnet18:kd)
+        pairs = [tuple(pair.rsplit(":", 1)) for pair in self.pairs]
+        malformed = [text for text, pair in zip(self.pairs, pairs) if len(pair) != 2 or not all(pair)]
         if malformed:
-            raise KdcacheError(f"--pair: expected STUDENT:LOSS such as resnet8x4:sdd-lskd, got {malformed[0]!r}")
-        return [tuple(pair.split(":")) for pair in self.pairs]
+            raise KdcacheError(f"--pair: expected STUDENT:LOSS such as resnet8x4:sdd-lskd or timm:resnet18:kd, got "
+                               f"{malformed[0]!r}")
+        return pairs
 
     def loss_overrides(self) -> dict[str, float]:
         """The loss hyper-parameters given explicitly."""

@@ -22,7 +22,12 @@ from kdcache.config import DistillConfig, DumpConfig, load_config
 from kdcache.data import ImageData, load_dataset
 from kdcache.errors import KdcacheError, unknown_name
 from kdcache.losses import PAPER_EPOCHS, get_loss, list_losses, scaled_loss
-from kdcache.models import file_sha256, list_models, load_teacher
+from kdcache.models import (
+    check_model_spec,
+    file_sha256,
+    load_teacher,
+    resolve_checkpoint,
+)
 from kdcache.report import dump_summary, write_summary
 from kdcache.runtime import pick_device, prepare_model
 from kdcache.stages.distill import RunSummary, distill
@@ -91,8 +96,10 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         found = sorted(document) if isinstance(document, dict) else type(document).__name__
         raise KdcacheError(f"recipe {path}: expected the keys {', '.join(RECIPE_KEYS)}; found {found}")
     for role in ("teacher", "student"):
-        if document[role] not in list_models():
-            raise unknown_name(f"recipe {path}: {role}", str(document[role]), list_models())
+        try:
+            check_model_spec(str(document[role]))
+        except KdcacheError as error:
+            raise KdcacheError(f"recipe {path}: {role}: {error}") from None
     losses = document["losses"]
     if not isinstance(losses, dict) or not losses:
         raise KdcacheError(f"recipe {path}: losses should map each loss to its overrides, e.g. `dkd: {{beta: 6.0}}`")
@@ -142,7 +149,7 @@ def ensure_cache(dump: DumpConfig, show_progress: bool = True) -> bool:
             if cache.is_complete():
                 views = {"views.exhaustive": True} if dump.exhaustive else {"views.exhaustive": False,
                                                                              "views.count": dump.views or DEFAULT_VIEWS}
-                cache.require({"teacher.arch": dump.teacher, "teacher.checkpoint_sha256": file_sha256(dump.checkpoint),
+                cache.require({"teacher.arch": dump.teacher, "teacher.checkpoint_sha256": file_sha256(resolve_checkpoint(dump.checkpoint)),
                                "dataset.name": dump.dataset, "dataset.split": dump.split,
                                "augmentation.name": dump.augmentation, **views, "scales": dump.scales})
                 if show_progress:

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from kdcache.cache import Problem, open_cache, verify
 from kdcache.cache.location import location_name, store_bytes
+from kdcache.cache.verify import self_check_scope
 from kdcache.config import DistillConfig
 from kdcache.data import ImageData, list_datasets, list_policies
 from kdcache.distributed import world
@@ -41,7 +42,8 @@ def describe_cache(path: str | Path) -> dict[str, Any]:
         report = {"path": str(path), "format": cache.store.format_name, "metadata": cache.metadata,
                   "shape": {"logits": list(spec.logits_shape), "aug": [spec.num_views, spec.num_samples, spec.num_params]},
                   "bytes_on_disk": size, "blocks_written": written, "blocks_total": progress.size,
-                  "complete": written == progress.size, "view_accuracy": accuracy}
+                  "complete": written == progress.size, "view_accuracy": accuracy,
+                  "self_check": self_check_scope(cache)[1]}
     shown = [("-" if a is None else f"{a:.4f}") for a in accuracy[:16]]
     report["text"] = "\n".join([
         f"{path} ({report['format']}, format version {spec.format_version})",
@@ -54,6 +56,7 @@ def describe_cache(path: str | Path) -> dict[str, Any]:
         f"logits    {list(spec.logits_shape)} {spec.dtype} (views, samples, regions, classes); scales "
         f"{list(spec.scales)}; {spec.block_size} samples per chunk"
         + (f"; top {spec.topk} per region stored, the rest rebuilt" if spec.topk else ""),
+        f"head      {spec.head}; verify's self-check: {report['self_check']}",
         f"size      {_megabytes(size)} on disk",
         f"complete  {'yes' if report['complete'] else 'no'}: {written} of {progress.size} (view, block) units written",
         f"accuracy  teacher top-1 per view: {' '.join(shown)}{' ...' if len(accuracy) > 16 else ''}",
@@ -72,11 +75,14 @@ def verify_cache(path: str | Path, show_progress: bool = True) -> list[Problem]:
     return problems
 
 
-def model_table(pattern: str = "*") -> str:
-    """Registered architectures with their parameter counts at 100 classes."""
-    names = list_models(pattern)
+def model_table(pattern: str = "*", source: str = "kdcache") -> str:
+    """The models a source offers that match a pattern: kdcache's with their parameter counts at 100 classes."""
+    names = list_models(pattern, source)
     if not names:
-        raise KdcacheError(f"models: nothing matches {pattern!r}; known: {', '.join(list_models())}")
+        raise KdcacheError(f"models: {source} has no model matching {pattern!r}; `kdcache models --source {source}` "
+                           f"lists every one")
+    if source != "kdcache":
+        return "\n".join([*names, f"({len(names)} {source} models; name one as shown, e.g. --teacher {names[0]})"])
     width = max(len(name) for name in names)
     rows = [f"{'model':<{width}} {'params (100 classes)':>22}"]
     for name in names:

@@ -138,11 +138,15 @@ def test_a_model_from_outside_the_registry_is_named_by_its_class(tmp_path):
     assert "does not fit Linear: weight has shape [2, 3] in the file but [4, 3]" in _refusal(path, nn.Linear(3, 4))
 
 
-def test_missing_file_and_directory(tmp_path):
+def test_missing_file_and_a_folder_that_is_no_run(tmp_path):
     assert _refusal(tmp_path / "nope.pt") == (
-        f"checkpoint {tmp_path / 'nope.pt'} does not exist: pass the path of a file saved with torch.save"
+        f"checkpoint {tmp_path / 'nope.pt'} does not exist: pass a weights file (.pt, .pth or .safetensors) or a "
+        "kdcache run folder"
     )
-    assert "does not exist" in _refusal(tmp_path)
+    assert _refusal(tmp_path) == (
+        f"checkpoint {tmp_path} is a folder without model.pt: pass a weights file (.pt, .pth or .safetensors) or a "
+        "run folder written by kdcache train-teacher or distill"
+    )
 
 
 @pytest.mark.parametrize("keep", [0, 10, 0.5, 0.98])

@@ -48,7 +48,7 @@ def test_top_level_help_lists_the_commands(capsys):
 
 @pytest.mark.parametrize(("argv", "expected"), [
     (["train-teacher", "--model", "resnet9", "--epochs", "1"],
-     "create_model(): unknown name 'resnet9'; known: mobilenet_v2, mobilenetv2, resnet101"),
+     "model spec 'resnet9': kdcache's registry has no model 'resnet9'; known: mobilenet_v2, mobilenetv2,"),
     (["train-teacher", "--dataset", "mnist"], "load_dataset(): unknown name 'mnist'; known: cifar10, cifar100, digits, imagefolder"),
     (["train-teacher", "--dataset", "cifar100", "--data-root", "/nonexistent/data"], "/nonexistent/data"),
     (["dump-teacher", "--checkpoint", "/nonexistent/t.pt", "--teacher", "resnet8"], "/nonexistent/t.pt"),
@@ -58,10 +58,21 @@ def test_top_level_help_lists_the_commands(capsys):
     (["distill", "--cache", "/nonexistent/c.zarr"], "no cache at /nonexistent/c.zarr"),
     (["distill"], "--cache CACHE"),
     (["inspect", "/nonexistent/c.zarr"], "no cache at /nonexistent/c.zarr"),
-    (["models", "nothing*"], "nothing matches"),
+    (["models", "nothing*"], "kdcache has no model matching 'nothing*'"),
+    (["models", "--source", "timm", "nothing*"], "timm has no model matching 'nothing*'"),
+    (["dump-teacher", "--teacher", "timm:resnet18"], "--checkpoint: the teacher's weights are required for "
+                                                     "timm:resnet18 (a .pt, .pth or .safetensors file, or a kdcache "
+                                                     "run folder); kdcache never downloads weights"),
+    (["dump-teacher", "--teacher", "hub:resnet18", "--checkpoint", "x.pt"], "unknown source 'hub'"),
     (["distill", "--no-such-flag"], "No such option '--no-such-flag'"),
     (["distill", "--cache", "/nonexistent/c.zarr", "--loss", "fitnet"], "get_loss(): unknown name 'fitnet'; known: ce,"),
-    (["distill", "--cache", "/nonexistent/c.zarr", "--student", "resnet9"], "create_model(): unknown name 'resnet9'"),
+    (["distill", "--cache", "/nonexistent/c.zarr", "--student", "resnet9"], "kdcache's registry has no model 'resnet9'"),
+    (["distill", "--cache", "/nonexistent/c.zarr", "--student", "timm:resnet_18"], "model spec 'timm:resnet_18': timm "
+                                                                                   "has no model 'resnet_18'; close names: "),
+    (["distill", "--cache", "/nonexistent/c.zarr", "--student", "hub:x"], "model spec 'hub:x': unknown source 'hub'; "
+                                                                          "a model is named as NAME (kdcache's registry)"),
+    (["distill", "--cache", "/nonexistent/c.zarr", "--student", "python:no_such_module:f"], "cannot import module "
+                                                                                          "'no_such_module'"),
 ])
 def test_a_users_mistake_is_one_line_and_exit_code_2(argv, expected, capsys):
     code, out, err = run_cli(argv, capsys)
@@ -88,6 +99,9 @@ def test_recipe_keys_are_checked_and_flags_override_the_recipe(tmp_path, capsys)
 def test_listing_commands(capsys):
     assert "resnet32x4" in run_cli(["models"], capsys)[1]
     assert "resnet8x4" in run_cli(["models", "resnet8*"], capsys)[1]
+    assert run_cli(["models", "--source", "timm", "convnext_at*"], capsys)[1].splitlines()[:3] == [
+        "timm:convnext_atto", "timm:convnext_atto_ols", "timm:convnext_atto_rms"]
+    assert "torchvision:mobilenet_v3_small" in run_cli(["models", "--source", "torchvision", "mobilenet*"], capsys)[1]
     assert "digits" in run_cli(["datasets"], capsys)[1]
     losses = run_cli(["losses"], capsys)[1]
     assert all(name in losses for name in ["sdd-lskd", "dkd+ls", "sld"])

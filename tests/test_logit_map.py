@@ -24,7 +24,7 @@ from kdcache.models import (
 from kdcache.models.logit_map import FeatureMapClassifier
 
 # the CIFAR family, whose mdistiller fixtures these tests read; torchvision's are in test_imagenet_models.py
-MODELS = [name for name in list_models() if not hasattr(imagenet, name)]
+MODELS = [name for name in list_models() if name not in imagenet.NAMES]
 SCALES = (1, 2, 4)
 
 
@@ -137,9 +137,13 @@ def test_logit_map_refuses_bad_scales(scales):
         LogitMap(create_model("resnet8"), scales)
 
 
-def test_logit_map_needs_the_feature_map_hooks():
-    with pytest.raises(TypeError, match="Linear has no forward_features"):
+def test_region_logits_need_the_feature_hooks_and_the_global_logit_does_not():
+    with pytest.raises(KdcacheError, match=r"^Linear has no forward_features\(\) and forward_head\(\), which region "
+                                           r"logits for scales 1,2,4 are made from: pass --scales 1"):
         LogitMap(nn.Linear(3, 3))
+    plain = nn.Linear(3, 5)
+    features = torch.randn(4, 3)
+    torch.testing.assert_close(LogitMap(plain, (1,))(features), plain(features)[:, None])
 
 
 def test_num_regions():
@@ -178,6 +182,7 @@ class _FixedFeatures(FeatureMapClassifier):
         return self.fc
 
 
+_NO_IMAGES = torch.empty(2, 3, 12, 12)  # _FixedFeatures ignores its input
 ascending_scales = st.sets(st.integers(2, 8), max_size=4).map(lambda rest: (1, *sorted(rest)))
 
 
@@ -187,7 +192,7 @@ def test_region_indices_pick_a_subsets_regions_out_of_a_layout(layout, data):
     subset = tuple(data.draw(st.lists(st.sampled_from(layout), min_size=1, max_size=3, unique=True)))
     model = _FixedFeatures()
     with torch.no_grad():
-        full = LogitMap(model, layout)(None)
+        full = LogitMap(model, layout)(_NO_IMAGES)
     assert full.shape[1] == num_regions(layout)
     expected = _slow_region_logits(model.features, model.fc, subset)
     torch.testing.assert_close(full[:, region_indices(layout, subset)], expected)
@@ -197,7 +202,7 @@ def test_logit_map_of_any_scales_equals_the_slow_loop():
     model = _FixedFeatures()
     scales = (1, 3, 5, 7, 12)  # 12×12 map: 5 and 7 make overlapping cells
     with torch.no_grad():
-        region_logits = LogitMap(model, scales)(None)
+        region_logits = LogitMap(model, scales)(_NO_IMAGES)
     torch.testing.assert_close(region_logits, _slow_region_logits(model.features, model.fc, scales))
 
 

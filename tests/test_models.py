@@ -9,7 +9,7 @@ from kdcache.errors import KdcacheError
 from kdcache.models import create_model, imagenet, list_models, register_model
 
 # the CIFAR family; torchvision's ImageNet models (kdcache.models.imagenet) are tested in test_imagenet_models.py
-MODELS = [name for name in list_models() if not hasattr(imagenet, name)]
+MODELS = [name for name in list_models() if name not in imagenet.NAMES]
 
 # Side of the final feature map at 32×32 input.
 MAP_SIDE = {
@@ -91,7 +91,9 @@ def test_create_model_sets_classes_and_arch():
 def test_create_model_unknown_name_lists_known_names():
     with pytest.raises(KdcacheError) as caught:
         create_model("resnet9")
-    assert str(caught.value) == f"create_model(): unknown name 'resnet9'; known: {', '.join(list_models())}"
+    assert str(caught.value) == (f"model spec 'resnet9': kdcache's registry has no model 'resnet9'; known: "
+                                 f"{', '.join(list_models())}; other models are named as NAME (kdcache's registry), "
+                                 f"timm:NAME, torchvision:NAME or python:module.path:callable")
 
 
 def test_list_models_filters_by_pattern():

@@ -43,7 +43,7 @@ def test_a_taken_name_is_refused_and_an_unknown_one_lists_the_known_in_one_line(
 
 
 @pytest.mark.parametrize("registry, call, known", [
-    (MODELS, "create_model()", "resnet8"), (DATASETS, "load_dataset()", "digits"),
+    (MODELS, "kdcache's model registry", "resnet8"), (DATASETS, "load_dataset()", "digits"),
     (POLICIES, "get_policy()", "cifar"), (_losses(), "get_loss()", "sdd-lskd"), (BACKENDS, "--format", "zarr"),
     (TERMS, "LossSpec(): function", "dkd"),
 ])

@@ -116,6 +116,11 @@ class CacheSpec:
         return int(self.teacher["num_classes"])
 
     @property
+    def head(self) -> str:
+        """The teacher's head kind (kdcache.models.HEAD_KINDS); caches written before it was recorded had linear heads."""
+        return str(self.teacher.get("head", "linear"))
+
+    @property
     def num_regions(self) -> int:
         return sum(s * s for s in self.scales)
 

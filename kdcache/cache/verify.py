@@ -67,7 +67,7 @@ def _verify_block(cache: TeacherCache, view: int, block: int, progress: int, lab
 def _self_check(cache: TeacherCache, logits: np.ndarray, tolerance: float, problem: ProblemAt) -> list[Problem]:
     """Region 0 equals the mean of each evenly tiling scale's cells (a linear head after pooling)."""
     scales, found = cache.scales, []
-    for scale in _self_checkable_scales(cache):
+    for scale in self_check_scope(cache)[0]:
         start = sum(s * s for s in scales[: scales.index(scale)])
         cells = logits[:, start:start + scale * scale].mean(1)
         error = np.abs(cells - logits[:, 0]).max(-1) / np.maximum(np.abs(logits[:, 0]).max(-1), 1.0)
@@ -102,8 +102,27 @@ def _recount(predicted: np.ndarray, labels: np.ndarray, progress: int, problem: 
     return []
 
 
-def _self_checkable_scales(cache: TeacherCache) -> list[int]:
-    """Scales whose cells tile the teacher's final map evenly, so their mean is the global logit."""
-    height, width = cache.spec.teacher["feature_map"]
-    return [s for s in cache.scales if s > 1 and height and width
-            and (height % s == 0 or s % height == 0) and (width % s == 0 or s % width == 0)]
+# why verify does not check region 0 against the mean of the cells, by the teacher's head kind
+SELF_CHECK_SKIPPED = {
+    "nonlinear": "the teacher's head is not affine after pooling (a norm, MLP or conv layer), so its cells' logits "
+                 "do not average to its global logit",
+    "token": "the teacher is a token model: region 0 is its own output (class token or pool), not the mean of the "
+             "cells' logits",
+    "plain": "the teacher gives its global logits only",
+}
+
+
+def self_check_scope(cache: TeacherCache) -> tuple[list[int], str]:
+    """The scales whose cells verify checks against region 0, and a line that says which and why."""
+    spec = cache.spec
+    if spec.head != "linear":
+        return [], "skipped: " + SELF_CHECK_SKIPPED.get(spec.head, f"the teacher's head kind {spec.head!r} is unknown")
+    if spec.topk:
+        return [], "skipped: top-k storage keeps part of each region's logits, so their mean is not stored"
+    height, width = spec.teacher["feature_map"]
+    scales = [s for s in cache.scales if s > 1 and height and width
+              and (height % s == 0 or s % height == 0) and (width % s == 0 or s % width == 0)]
+    if not scales:
+        return [], (f"skipped: no scale beyond 1 tiles the teacher's {height}×{width} feature map evenly, so the "
+                    f"cells overlap and their mean is not the global logit")
+    return scales, f"region 0 = the mean of the scale {', '.join(map(str, scales))} cells (a linear head)"

@@ -1,22 +1,41 @@
-"""Models: the registry, the CIFAR family of the KD literature, region logits and checkpoints."""
+"""Models: specs (kdcache's registry, timm, torchvision, your own), the CIFAR family, region logits, checkpoints."""
 
 # Importing the architecture modules registers their constructors.
 from kdcache.models import imagenet, mobilenetv2, resnet, shufflenet, vgg, wrn  # noqa: F401
-from kdcache.models._registry import create_model, list_models, register_model
-from kdcache.models.checkpoint import file_sha256, load_checkpoint, load_teacher, read_checkpoint, save_checkpoint
-from kdcache.models.logit_map import LogitMap, num_regions, parse_scales, region_indices
+from kdcache.models._registry import register_model
+from kdcache.models.checkpoint import (
+    file_sha256,
+    load_checkpoint,
+    load_teacher,
+    read_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from kdcache.models.logit_map import (
+    HEAD_KINDS,
+    LogitMap,
+    describe_outputs,
+    num_regions,
+    parse_scales,
+    region_indices,
+)
+from kdcache.models.specs import check_model_spec, create_model, list_models
 
 __all__ = [
+    "HEAD_KINDS",
     "LogitMap",
+    "check_model_spec",
     "create_model",
+    "describe_outputs",
     "file_sha256",
     "list_models",
     "load_checkpoint",
     "load_teacher",
-    "read_checkpoint",
     "num_regions",
     "parse_scales",
+    "read_checkpoint",
     "region_indices",
     "register_model",
+    "resolve_checkpoint",
     "save_checkpoint",
 ]

@@ -1,8 +1,9 @@
 """Weights-only checkpoints: load other people's state dicts safely, write ours atomically.
 
-Files are read with `torch.load(weights_only=True)`, which refuses any pickle that would build
-arbitrary Python objects, so a checkpoint from the internet cannot run code. We write only
-tensors and plain values, so our own files pass that check.
+A checkpoint is a `.pt`/`.pth` file, read with `torch.load(weights_only=True)`, which refuses any pickle
+that would build arbitrary Python objects, so a checkpoint from the internet cannot run code; a
+`.safetensors` file (the format timm and Hugging Face publish), which holds tensors only; or a kdcache
+run folder, meaning its `model.pt`. We write only tensors and plain values, so our own files pass that check.
 """
 
 import hashlib
@@ -19,9 +20,11 @@ import torch
 from torch import nn
 
 from kdcache.errors import KdcacheError
-from kdcache.models._registry import create_model
+from kdcache.models.logit_map import model_name
+from kdcache.models.specs import NO_DOWNLOADS, check_model_spec, create_model
 
 _CHOOSE_MODEL = "pass the --model and class count the checkpoint was trained with"
+RUN_CHECKPOINT = "model.pt"  # what a kdcache run folder holds its final weights in
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -39,10 +42,36 @@ def _corrupt(path: Path, reason: str) -> KdcacheError:
     return KdcacheError(f"checkpoint {path} is truncated or corrupt ({reason}): copy or download it again")
 
 
-def read_checkpoint(path: Path) -> object:
-    """What `path` holds, loaded weights-only on the CPU; every way that fails is one KdcacheError line."""
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The weights file a --checkpoint names: the file itself, or a kdcache run folder's model.pt."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / RUN_CHECKPOINT).is_file():
+            raise KdcacheError(f"checkpoint {path} is a folder without {RUN_CHECKPOINT}: pass a weights file (.pt, "
+                               f".pth or .safetensors) or a run folder written by kdcache train-teacher or distill")
+        return path / RUN_CHECKPOINT
     if not path.is_file():
-        raise KdcacheError(f"checkpoint {path} does not exist: pass the path of a file saved with torch.save")
+        raise KdcacheError(f"checkpoint {path} does not exist: pass a weights file (.pt, .pth or .safetensors) or a "
+                           f"kdcache run folder")
+    return path
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file, on the CPU."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise _corrupt(path, f"not a readable safetensors file: {_first_sentence(str(error))}") from None
+
+
+def read_checkpoint(path: str | os.PathLike) -> object:
+    """What a checkpoint holds, loaded weights-only on the CPU; every way that fails is one KdcacheError line."""
+    path = resolve_checkpoint(path)
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -83,7 +112,7 @@ def _shape(tensor: torch.Tensor) -> str:
 
 def _check_fits(state: Mapping[str, torch.Tensor], model: nn.Module, path: Path) -> None:
     """Raise one line naming the first parameter where `state` and `model` disagree, if any."""
-    arch = getattr(model, "arch", type(model).__name__)
+    arch = model_name(model)
     expected = model.state_dict()
     for name, tensor in expected.items():
         if name in state and state[name].shape != tensor.shape:
@@ -107,8 +136,8 @@ def _check_fits(state: Mapping[str, torch.Tensor], model: nn.Module, path: Path)
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module) -> nn.Module:
-    """Load a weights-only checkpoint into `model` (strictly) and return the model."""
-    path = Path(path)
+    """Load a weights-only checkpoint (a file or a run folder) into `model` (strictly) and return the model."""
+    path = resolve_checkpoint(path)
     state = _state_dict_in(read_checkpoint(path), path)
     _check_fits(state, model, path)
     model.load_state_dict(state, strict=True)
@@ -160,21 +189,27 @@ def save_checkpoint(path: str | os.PathLike, model_or_state: nn.Module | Mapping
 
 def checkpoint_sidecar(checkpoint: str | Path) -> dict[str, Any]:
     """The JSON written beside a kdcache checkpoint (arch, classes, dataset), or {} for a foreign checkpoint."""
-    sidecar = Path(checkpoint).with_suffix(".json")
+    sidecar = resolve_checkpoint(checkpoint).with_suffix(".json")
     try:
         return json.loads(sidecar.read_text()) if sidecar.is_file() else {}
     except json.JSONDecodeError as error:
         raise KdcacheError(f"{sidecar} is not valid JSON ({error}); fix or delete it and pass --teacher") from error
 
 
-def load_teacher(checkpoint: str | Path, arch: str | None, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
-    """A teacher in eval mode and the metadata that names it (arch, classes, checkpoint and its sha256)."""
-    checkpoint = Path(checkpoint)
-    sidecar = checkpoint_sidecar(checkpoint)
-    arch = arch or sidecar.get("arch")
+def load_teacher(checkpoint: str | Path | None, arch: str | None, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+    """A teacher in eval mode and the metadata that names it (arch: its spec, classes, checkpoint and its sha256)."""
+    if arch:
+        check_model_spec(arch)  # a misspelt spec is named before the weights are looked for
+    if not checkpoint:
+        where = f" for {arch}" if arch else ""
+        raise KdcacheError(f"--checkpoint: the teacher's weights are required{where} (a .pt, .pth or .safetensors "
+                           f"file, or a kdcache run folder); {NO_DOWNLOADS}")
+    checkpoint = resolve_checkpoint(checkpoint)
+    arch = arch or checkpoint_sidecar(checkpoint).get("arch")
     if not arch:
-        raise KdcacheError(f"--teacher: which architecture is {checkpoint}? it has no kdcache sidecar "
-                           f"({checkpoint.with_suffix('.json').name}); pass --teacher NAME (see `kdcache models`)")
+        raise KdcacheError(f"--teacher: which model is {checkpoint}? it has no kdcache sidecar "
+                           f"({checkpoint.with_suffix('.json').name}); pass --teacher SPEC (a kdcache name, "
+                           f"timm:NAME, torchvision:NAME or python:module:callable)")
     model = create_model(arch, num_classes=num_classes)
     load_checkpoint(checkpoint, model)
     info = {"arch": arch, "num_classes": num_classes, "checkpoint": str(checkpoint),

@@ -4,6 +4,7 @@ baseline), through the loop of `loop.py`; `kdcache.report` writes and prints wha
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from kdcache.data import (
 from kdcache.distributed import Shard, World
 from kdcache.errors import KdcacheError
 from kdcache.losses import LossSpec, get_loss, scaled_loss
-from kdcache.models import create_model, load_teacher
+from kdcache.models import check_model_spec, create_model, load_teacher
 from kdcache.runtime import pick_device
 from kdcache.stages.dataset import CachedViewDataset
 from kdcache.stages.loop import Batch, Run, fit, loader_batches
@@ -62,7 +63,7 @@ def distill(config: DistillConfig, show_progress: bool = True,
     if config.batch_path not in BATCH_PATHS:
         raise KdcacheError(f"--batch-path: unknown path {config.batch_path!r}; known: {', '.join(BATCH_PATHS)}")
     for student, loss in config.runs():  # names are checked before any work
-        create_model(student)
+        check_model_spec(student)
         get_loss(loss)
     if config.cache is not None and _inside(Path(config.out), config.cache):
         raise KdcacheError(f"distill: --out {config.out} is the cache {config.cache} or lies inside it; runs are "
@@ -100,14 +101,20 @@ def _distill(config: DistillConfig, cache: TeacherCache | None, data: ImageData,
         record = {"arch": student, "num_classes": data.num_classes, "loss": loss_name,
                   "dataset": data.describe(), "config": recorded_config(config), **source}
         loss = losses[loss_name]
-        run = Run(f"{student}-{loss_name}", model, loss, scales if loss.uses_regions else (1,), config,
-                  Path(config.out) / f"{student}-{loss_name}", device, record, here)
+        name = run_name(student, loss_name)
+        run = Run(name, model, loss, scales if loss.uses_regions else (1,), config, Path(config.out) / name, device,
+                  record, here)
         if config.resume:
             run.resume()
         runs.append(run)
     batch_path = _dataset_batches(config, cache, data, policy, scales, device)
     fit(runs, data, test, views, policy, targets, config, device, batch_path, show_progress and here.is_main, shard)
     return [_summary(run) for run in runs]
+
+
+def run_name(student: str, loss: str) -> str:
+    """A run's name and folder: STUDENT-LOSS, a spec's colons and slashes made underscores (timm_resnet18-kd)."""
+    return re.sub(r"[^\w.+-]", "_", f"{student}-{loss}")
 
 
 def _load_data(config: DistillConfig, cache: TeacherCache | None) -> tuple[ImageData, ImageData]:
@@ -144,7 +151,7 @@ def _targets(config: DistillConfig, cache: TeacherCache | None, data: ImageData,
                  "cache_views": stored.num_views})
     teacher, teacher_info = load_teacher(config.live_teacher, config.teacher, data.num_classes)
     if cache is not None:  # replaying the cache's views live is the equivalence baseline: same teacher only
-        cache.require({"teacher.checkpoint_sha256": teacher_info["checkpoint_sha256"]})
+        cache.require({"teacher.arch": teacher_info["arch"], "teacher.checkpoint_sha256": teacher_info["checkpoint_sha256"]})
     return LiveTeacher(teacher, scales, device), {"live_teacher": teacher_info}
 
 

@@ -21,7 +21,7 @@ from kdcache.config import DumpConfig, loader_options
 from kdcache.data import AugmentPolicy, ImageData, get_policy, load_dataset, normalize
 from kdcache.distributed import World
 from kdcache.errors import KdcacheError
-from kdcache.models import LogitMap, load_teacher
+from kdcache.models import LogitMap, describe_outputs, load_teacher
 from kdcache.runtime import autocast, pick_device, precision, prepare_model
 from kdcache.stages.topk import encode_topk
 
@@ -59,9 +59,6 @@ def view_params(policy: AugmentPolicy, num_samples: int, num_views: int | None, 
 
 def dump_from_config(config: DumpConfig, show_progress: bool = True) -> DumpResult:
     """`kdcache dump-teacher`: load the teacher and data a DumpConfig names, and dump."""
-    if not config.checkpoint:
-        raise KdcacheError("dump-teacher: --checkpoint is required (a teacher from `kdcache train-teacher` or an "
-                           "mdistiller CIFAR-100 teacher)")
     if config.exhaustive and config.views is not None:
         raise KdcacheError("dump-teacher: --views and --exhaustive exclude each other (--exhaustive caches every view "
                            "of the policy)")
@@ -83,7 +80,8 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageDa
                  topk: int = 0, show_progress: bool = True) -> DumpResult:
     """Write the teacher's region logits for every (view, sample) to a cache; resumes an interrupted dump.
 
-    teacher_info names the teacher in the metadata: arch, num_classes, checkpoint, checkpoint_sha256.
+    teacher_info names the teacher in the metadata: arch (its spec), checkpoint, checkpoint_sha256; the feature
+    grid, head kind and class count are found by running it.
     topk > 0 stores per region only the k largest logits, their classes and one logit for the rest.
     Under torchrun each rank computes and writes a contiguous, chunk-aligned range of blocks; rank 0
     creates the cache and records the per-view accuracy once every rank is done.
@@ -92,7 +90,7 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageDa
     here = distributed.init(device)
     params = view_params(policy, len(data.labels), views, exhaustive, seed)
     logit_map = prepare_model(LogitMap(teacher, scales), device).eval()
-    spec = _cache_spec(teacher, teacher_info, data, policy, len(params), exhaustive, seed, scales, dtype, block_size,
+    spec = _cache_spec(logit_map, teacher_info, data, policy, len(params), exhaustive, seed, scales, dtype, block_size,
                        topk, device)
     writer = open_writer(out, spec, data.labels.numpy(), params.numpy(), format, overwrite, here)
     try:
@@ -113,19 +111,19 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageDa
     return DumpResult(out, images, seconds, store_bytes(out), accuracy, resumed)
 
 
-def _cache_spec(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageData, policy: AugmentPolicy,
+def _cache_spec(logit_map: LogitMap, teacher_info: dict[str, Any], data: ImageData, policy: AugmentPolicy,
                 num_views: int, exhaustive: bool, seed: int, scales: tuple[int, ...], dtype: str, block_size: int,
                 topk: int, device: torch.device) -> CacheSpec:
     """What the cache will hold, after checking that the teacher fits the data and --topk fits its classes."""
-    with torch.no_grad():  # the teacher is on the device already, inside its LogitMap
-        feature_map = list(teacher.forward_features(normalize(data.images[:1], data.mean, data.std).to(device)).shape[2:])
+    # the teacher is on the device already, inside its LogitMap: its feature grid, head kind and class count
+    outputs = describe_outputs(logit_map, normalize(data.images[:2], data.mean, data.std).to(device))
     spec = CacheSpec(
-        teacher={**teacher_info, "precision": precision(device), "feature_map": feature_map},
+        teacher={**teacher_info, "precision": precision(device), **outputs},
         dataset=data.describe(), augmentation=policy.describe(), num_views=num_views, exhaustive=exhaustive,
         seed=seed, scales=tuple(scales), dtype=dtype, block_size=block_size, topk=topk)
     if spec.num_classes != data.num_classes:
-        raise KdcacheError(f"the teacher predicts {spec.num_classes} classes but dataset {data.name} has "
-                           f"{data.num_classes}; pass the checkpoint trained on this dataset")
+        raise KdcacheError(f"the teacher {teacher_info['arch']} predicts {spec.num_classes} classes but dataset "
+                           f"{data.name} has {data.num_classes}; pass a teacher made for this dataset's classes")
     if not 0 <= topk < spec.num_classes:
         raise KdcacheError(f"--topk: expected a number of logits per region below the {spec.num_classes} classes "
                            f"(0 or no --topk stores them all), got {topk}")

@@ -1,0 +1,179 @@
+"""Model specs: one string names a model wherever a model is named (CLI, recipes, the Python API, metadata).
+
+- `NAME`: kdcache's registry (`kdcache models`);
+- `timm:NAME`: any timm model (`pip install "kdcache[timm]"`), pretrained tags such as `resnet50.a1_in1k` too;
+- `torchvision:NAME`: `torchvision.models.get_model(NAME)`, given timm's interface by an adapter;
+- `python:module.path:callable`: your own importable factory returning an nn.Module (`num_classes=` passed
+  when it accepts it).
+
+Every model is built with fresh weights: kdcache never downloads any. Weights come from a local file
+(`load_checkpoint`), so a cache names exactly what its teacher was.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from kdcache.errors import KdcacheError
+from kdcache.models._registry import MODELS
+from kdcache.models.torchvision_adapter import adapt_torchvision
+from kdcache.registry import Registry
+
+SPEC_FORMS = "NAME (kdcache's registry), timm:NAME, torchvision:NAME or python:module.path:callable"
+NO_DOWNLOADS = ("kdcache never downloads weights: download the file once where there is internet (timm's and Hugging "
+                "Face's model.safetensors, or torchvision's .pth) and pass it with --checkpoint")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where models of one spec scheme come from: how to build one by name, and which names exist."""
+
+    build: Callable[[str, int], nn.Module]
+    names: Callable[[str], list[str]]
+    exists: Callable[[str], bool]
+    describe: str
+
+
+SOURCES: Registry[Source] = Registry("model spec")
+
+
+def _split(spec: str) -> tuple[str, str]:
+    """(scheme, name) of a spec; the scheme of a bare registry name is 'kdcache'."""
+    scheme, separator, name = str(spec).partition(":")
+    if not separator:
+        return "kdcache", scheme
+    if scheme not in SOURCES or scheme == "kdcache":
+        raise KdcacheError(f"model spec {spec!r}: unknown source {scheme!r}; a model is named as {SPEC_FORMS}")
+    return scheme, name
+
+
+def _unknown(spec: str, where: str, name: str, known: list[str]) -> KdcacheError:
+    """One line: what was looked up where, and what exists (all of a short list, else the closest names)."""
+    scheme = _split(spec)[0]
+    if scheme == "kdcache":
+        return KdcacheError(f"model spec {spec!r}: kdcache's registry has no model {name!r}; known: "
+                            f"{', '.join(sorted(known))}; other models are named as {SPEC_FORMS}")
+    close = difflib.get_close_matches(name, known, n=8, cutoff=0.6)
+    return KdcacheError(f"model spec {spec!r}: {where} has no model {name!r}; "
+                        f"{'close names: ' + ', '.join(close) if close else 'no name is close'} "
+                        f"(`kdcache models --source {scheme} PATTERN` lists them)")
+
+
+def check_model_spec(spec: str) -> None:
+    """Refuse a spec that names no model, in one line, without building the model."""
+    scheme, name = _split(spec)
+    source = SOURCES.entry(scheme)
+    if not source.exists(name):
+        raise _unknown(spec, source.describe, name, source.names("*"))
+
+
+def create_model(spec: str, num_classes: int = 100, pretrained: bool = False) -> nn.Module:
+    """A freshly initialised model for a spec (see the module docstring); `model.arch` is the spec."""
+    if pretrained:
+        raise KdcacheError(f"create_model({spec!r}, pretrained=True): {NO_DOWNLOADS}")
+    check_model_spec(spec)
+    scheme, name = _split(spec)
+    model = SOURCES.entry(scheme).build(name, num_classes)
+    if not isinstance(model, nn.Module):
+        raise KdcacheError(f"model spec {spec!r} made a {type(model).__name__}; expected a torch.nn.Module")
+    # error messages (a checkpoint that does not fit), checkpoints and cache metadata name the model by its spec
+    model.arch = str(spec)
+    return model
+
+
+def list_models(pattern: str = "*", source: str = "kdcache") -> list[str]:
+    """The names one source offers that match a shell-style pattern, as specs (prefixed, except kdcache's)."""
+    names = SOURCES.entry(source).names(pattern)
+    return names if source == "kdcache" else [f"{source}:{name}" for name in names]
+
+
+# -- kdcache's registry --------------------------------------------------------------------------------------------
+SOURCES.register(Source(lambda name, num_classes: MODELS.get(name, num_classes=num_classes), MODELS.names,
+                        lambda name: name in MODELS, "kdcache's registry"), "kdcache")
+
+
+# -- timm ----------------------------------------------------------------------------------------------------------
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise KdcacheError('timm: models named timm:NAME need timm; install it with pip install "kdcache[timm]" '
+                           '(or pip install timm)') from None
+    return timm
+
+
+def _timm_exists(name: str) -> bool:
+    timm = _timm()
+    return timm.is_model(name.split(".", 1)[0]) and (name.count(".") == 0 or name in timm.list_models(name, pretrained=True))
+
+
+def _timm_build(name: str, num_classes: int) -> nn.Module:
+    return _timm().create_model(name, pretrained=False, num_classes=num_classes)
+
+
+SOURCES.register(Source(_timm_build, lambda pattern: _timm().list_models(pattern), _timm_exists, "timm"), "timm")
+
+
+# -- torchvision ---------------------------------------------------------------------------------------------------
+def _torchvision_names(pattern: str) -> list[str]:
+    import torchvision.models
+
+    return [name for name in torchvision.models.list_models(module=torchvision.models)
+            if fnmatch.fnmatchcase(name, pattern)]
+
+
+def _torchvision_build(name: str, num_classes: int) -> nn.Module:
+    import torchvision.models
+
+    return adapt_torchvision(torchvision.models.get_model(name, weights=None, num_classes=num_classes))
+
+
+SOURCES.register(Source(_torchvision_build, _torchvision_names, lambda name: name in _torchvision_names("*"),
+                        "torchvision's classification models"), "torchvision")
+
+
+# -- your own factory ----------------------------------------------------------------------------------------------
+def _factory(name: str) -> Callable[..., nn.Module]:
+    """The callable a `module.path:callable` names; every way that fails is one line."""
+    module_path, separator, attribute = name.partition(":")
+    spec = f"python:{name}"
+    if not (separator and module_path and attribute):
+        raise KdcacheError(f"model spec {spec!r}: expected python:module.path:callable, such as "
+                           f"python:my_models:make_net (a function in my_models.py on the Python path)")
+    try:
+        module = importlib.import_module(module_path)
+    except ImportError as error:
+        raise KdcacheError(f"model spec {spec!r}: cannot import module {module_path!r} ({error}); it must be "
+                           f"importable from where kdcache runs (installed, or on PYTHONPATH)") from None
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        offered = sorted(key for key, value in vars(module).items() if callable(value) and not key.startswith("_"))
+        raise KdcacheError(f"model spec {spec!r}: module {module_path!r} has no callable {attribute!r}; "
+                           f"it has: {', '.join(offered) or 'no public callables'}")
+    return factory
+
+
+def _python_build(name: str, num_classes: int) -> nn.Module:
+    factory = _factory(name)
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: call it as it is
+        parameters = {}
+    accepts = "num_classes" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    return factory(num_classes=num_classes) if accepts else factory()
+
+
+def _python_names(pattern: str) -> list[str]:
+    raise KdcacheError("models --source python: a python:module.path:callable spec names your own factory; "
+                       "there is no list of them to show")
+
+
+SOURCES.register(Source(_python_build, _python_names, lambda name: _factory(name) is not None,
+                        "your own factory"), "python")
