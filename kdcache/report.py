@@ -159,9 +159,10 @@ def write_summary(summaries: list[RunSummary], out: Path) -> None:
 def summary_table(summaries: list[RunSummary]) -> str:
     """A printed table: each run's accuracy, and its gain over the same student's cross-entropy run."""
     ce = {s.student: s.test_acc for s in summaries if s.loss == "ce"}
-    lines = [f"{'run':<30} {'test acc':>9} {'best (epoch)':>14} {'vs ce':>7} {'img/s':>8}"]
+    width = max([30, *(len(s.name) for s in summaries)])  # a spec's run name (timm_resnet18-kd) can be long
+    lines = [f"{'run':<{width}} {'test acc':>9} {'best (epoch)':>14} {'vs ce':>7} {'img/s':>8}"]
     for s in summaries:
         gain = f"{100 * (s.test_acc - ce[s.student]):+.2f}" if s.student in ce and s.loss != "ce" else ""
-        lines.append(f"{s.name:<30} {100 * s.test_acc:>8.2f}% {100 * s.best_test_acc:>7.2f}% ({s.best_epoch:>3}) "
+        lines.append(f"{s.name:<{width}} {100 * s.test_acc:>8.2f}% {100 * s.best_test_acc:>7.2f}% ({s.best_epoch:>3}) "
                      f"{gain:>7} {s.img_per_s:>8.0f}")
     return "\n".join(lines)

@@ -48,7 +48,8 @@ def test_every_torchvision_name_is_registered_and_the_cifar_names_are_kept():
     assert set(NAMES) <= set(list_models())
     for name in NAMES:  # torchvision's own class, given forward_features and forward_head by the adapter
         model = create_model(name, num_classes=NUM_CLASSES)
-        assert isinstance(model, type(BUILDERS[name](weights=None))) and hasattr(model, "forward_head")
+        family = torchvision.models.MobileNetV2 if name == "mobilenet_v2" else torchvision.models.ResNet
+        assert isinstance(model, family) and hasattr(model, "forward_head")
     # the CIFAR MobileNetV2 of the KD literature keeps its name and its architecture
     assert type(create_model("mobilenetv2")).__module__ == "kdcache.models.mobilenetv2"
 

@@ -196,7 +196,7 @@ def test_a_timm_teacher_and_student_end_to_end_through_the_cli(tmp_path, capsys)
     assert code == 0 and "verify's self-check: skipped: the teacher's head is not affine after pooling" in out
 
     _cli(capsys, "distill", "--cache", tmp_path / "c.zarr", "--pair", f"{STUDENT}:sdd-lskd", "--epochs", 1,
-         "--out", tmp_path / "s")
+         "--batch-size", 256, "--out", tmp_path / "s")
     run = tmp_path / "s" / "timm_mobilenetv3_small_050-sdd-lskd"
     assert json.loads((run / "model.json").read_text())["arch"] == STUDENT
 
@@ -215,5 +215,5 @@ def test_a_timm_teacher_and_student_end_to_end_through_the_cli(tmp_path, capsys)
     with open_cache(tmp_path / "from-run.zarr") as cache:
         assert cache.spec.teacher["arch"] == STUDENT and cache.spec.head == "nonlinear"
     out = _cli(capsys, "distill", "--live-teacher", run, "--dataset", "digits", "--student", "resnet8", "--loss", "kd",
-               "--epochs", 1, "--out", tmp_path / "online")
+               "--epochs", 1, "--batch-size", 256, "--out", tmp_path / "online")
     assert "resnet8-kd" in out

@@ -204,10 +204,10 @@ def describe_outputs(logit_map: LogitMap, images: torch.Tensor) -> dict[str, Any
     """What a cache records of a model's outputs, found on a few images: feature_map [h, w], head, num_classes."""
     model = logit_map.model
     with torch.no_grad():
-        num_classes = logit_map(images).shape[-1]
         if not speaks_timm(model):
-            return {"feature_map": [1, 1], "head": "plain", "num_classes": num_classes}
+            return {"feature_map": [1, 1], "head": "plain", "num_classes": model(images).shape[-1]}
         features = model.forward_features(images)
+        num_classes = model.forward_head(features).shape[-1]
         grid = logit_map.feature_grid(features, images.shape[-2:])
         kind = "token" if features.dim() == 3 else _map_head_kind(model, grid)
     return {"feature_map": list(grid.shape[2:]), "head": kind, "num_classes": num_classes}
