@@ -7,7 +7,7 @@
 Synthetic data of CIFAR-100's shapes (N uint8 images 3x32x32, 100 classes), teacher resnet32x4 (random
 weights: speed does not depend on them), student resnet8x4, scales 1,2,4 (21 regions). Everything runs
 through kdcache's own code: `Run.train_epoch` over `device_batches` or `loader_batches`, `CachedTargets`,
-`LiveTeacher`, `CachedViewDataset`, `dump_teacher`, `CacheWriter`, `TeacherCache.view`. The cache the
+`LiveTeacher`, `CacheDataset`, `dump_teacher`, `CacheWriter`, `TeacherCache.view`. The cache the
 students read is written by `CacheWriter` with random logits, so that N = 50,000 needs no teacher pass.
 
 Within a section every variant runs once per repeat, the order rotating from repeat to repeat; warm-up
@@ -55,7 +55,7 @@ from kdcache.runtime import (
 )
 from kdcache.stages import loop
 from kdcache.stages import targets as target_providers
-from kdcache.stages.dataset import CachedViewDataset
+from kdcache.stages.dataset import CacheDataset
 from kdcache.stages.dump import dump_teacher, view_params
 from kdcache.stages.loop import Run, device_batches, loader_batches
 from kdcache.stages.targets import CachedTargets, LiveTeacher
@@ -261,7 +261,7 @@ def bench_epoch(bench: Bench) -> Section:
     steps = plan.epoch_samples // EPOCH_BATCH
     images, labels = data.images.to(device), data.labels.to(device)
     views = CachedViews(cache, bench.policy)
-    dataset = CachedViewDataset(cache, data, bench.policy, SCALES)
+    dataset = CacheDataset(cache, data=data, scales=SCALES)
     runs = {path: make_run(f"epoch-{path}", LIVE_LOSS, EPOCH_BATCH, bench) for path in ("device", "dataset")}
 
     def device_epoch(repeat: int, steps: int = steps) -> float:
@@ -291,7 +291,7 @@ def bench_epoch(bench: Bench) -> Section:
     return Section("epoch", note, [
         Row("device path (device_batches)", fast, "s"),
         Row("  the same in img/s", samples / fast, "img/s"),
-        Row("Dataset + DataLoader path (CachedViewDataset)", slow, "s"),
+        Row("Dataset + DataLoader path (CacheDataset)", slow, "s"),
         Row("  the same in img/s", samples / slow, "img/s"),
         Row("Dataset time / device time", ratio=median_ratio(results["dataset"], results["device"])),
     ])

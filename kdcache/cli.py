@@ -199,7 +199,7 @@ def dump_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> No
 @click.option("--view-order", type=click.Choice(["cycle", "shuffle"]), help="Epoch e uses view e mod K (cycle) or "
               "a seeded permutation of the views per round (shuffle).", **_default(DistillConfig, "view_order"))
 @click.option("--batch-path", type=click.Choice(["device", "dataset"]), help="device: whole view on the device, "
-              "batches as tensor ops (fast); dataset: CachedViewDataset + DataLoader (general).",
+              "batches as tensor ops (fast); dataset: CacheDataset + DataLoader (general).",
               **_default(DistillConfig, "batch_path"))
 @click.option("--temperature", type=float, help="Override the loss's temperature.")
 @click.option("--ce-weight", type=float, help="Override the cross-entropy weight.")

@@ -340,8 +340,8 @@ def test_bad_shapes_and_bases_are_named():
     s, t, y = torch.randn(2, 5, C), torch.randn(2, 5, C), torch.tensor([1, 2])
     with pytest.raises(KdcacheError, match="base must be"):
         L.sdd(s, t, y, L.sld, temperature=4.0)
-    with pytest.raises(KdcacheError, match=r"\[B, R, C\]"):
-        L.sdd(s[:, 0], t[:, 0], y, L.kd, temperature=4.0)
+    with pytest.raises(KdcacheError, match=r"logits must be \[B, C\] or region logits \[B, R, C\]"):
+        L.sdd(s[:, 0, 0], t[:, 0, 0], y, L.kd, temperature=4.0)
     with pytest.raises(KdcacheError, match="differ in shape"):
         L.kd(s, t[:, :3], 4.0)
     with pytest.raises(KdcacheError, match="at least 2 classes"):

@@ -16,8 +16,8 @@ from kdcache.models import LogitMap, create_model, file_sha256, save_checkpoint
 from kdcache.report import distill_sweep
 from kdcache.runtime import epoch_generator
 from kdcache.stages import (
+    CacheDataset,
     CachedTargets,
-    CachedViewDataset,
     CachedViews,
     LiveTeacher,
     device_batches,
@@ -67,7 +67,7 @@ def cache32(teacher, data, tmp_path_factory):
 def test_fast_path_batches_equal_the_datasets_items_for_the_same_indices(cache16, data, epoch, scales):
     train, policy = data[0], get_policy("cifar")
     with open_cache(cache16) as cache:
-        dataset = CachedViewDataset(cache, train, policy, scales)
+        dataset = CacheDataset(cache, data=train, scales=scales)
         dataset.set_epoch(epoch)
         views = CachedViews(cache, policy)
         targets = CachedTargets(cache, scales)
@@ -79,7 +79,7 @@ def test_fast_path_batches_equal_the_datasets_items_for_the_same_indices(cache16
             items = [dataset[int(i)] for i in order[number * 8:(number + 1) * 8]]
             torch.testing.assert_close(x, torch.stack([item[0] for item in items]), rtol=0, atol=0)
             torch.testing.assert_close(y, torch.stack([item[1] for item in items]), rtol=0, atol=0)
-            torch.testing.assert_close(t, torch.stack([item[2] for item in items]), rtol=0, atol=0)
+            torch.testing.assert_close(t, torch.stack([item[2]["regions"] for item in items]), rtol=0, atol=0)
         assert number == len(train.labels) // 8 - 1 and t.shape == (8, sum(s * s for s in scales), CLASSES)
 
 
@@ -87,13 +87,14 @@ def test_dataset_works_with_dataloader_and_distributed_sampler(cache16, data):
     from torch.utils.data import DataLoader, DistributedSampler
 
     with open_cache(cache16) as cache:
-        dataset = CachedViewDataset(cache, data[0], get_policy("cifar"))
+        dataset = CacheDataset(cache, data=data[0])
         halves = [list(DistributedSampler(dataset, num_replicas=2, rank=r, shuffle=True, seed=0)) for r in (0, 1)]
         assert sorted(halves[0] + halves[1]) == list(range(48))
         x, y, t = next(iter(DataLoader(dataset, batch_size=6, sampler=halves[0])))
-        assert x.shape == (6, 3, 16, 16) and x.dtype == torch.float32 and t.shape == (6, 21, CLASSES)
+        assert x.shape == (6, 3, 16, 16) and x.dtype == torch.float32 and t["regions"].shape == (6, 21, CLASSES)
         dataset.set_epoch(1)
-        assert dataset.view == 1 and not torch.equal(dataset[0][2], CachedViewDataset(cache, data[0], get_policy("cifar"))[0][2])
+        assert dataset.view == 1
+        assert not torch.equal(dataset[0][2]["regions"], CacheDataset(cache, data=data[0])[0][2]["regions"])
 
 
 @pytest.mark.parametrize("loss_name", ["kd", "dkd", "sdd-lskd", "sdd-kd", "sld"])

@@ -22,10 +22,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms import functional as TF
-from torchvision.transforms.v2.functional import to_dtype
 from tqdm import tqdm
 
 from kdcache.data.sources import ImageData, register_dataset
@@ -83,6 +79,10 @@ def _split_folder(root: str | Path | None, split: str, why: str = "") -> Path:
 
 def _classes(folder: Path) -> list[str]:
     """The class folder names, sorted, as torchvision's ImageFolder numbers them."""
+    from torchvision.datasets.folder import (
+        find_classes,  # torchvision is imported where needed: it takes seconds
+    )
+
     try:
         classes, _ = find_classes(folder)
     except FileNotFoundError:
@@ -93,6 +93,8 @@ def _classes(folder: Path) -> list[str]:
 
 def _files(folder: Path, classes: list[str]) -> tuple[list[str], list[int]]:
     """Every image file of every class, in torchvision's order, and its label; refuses a class without images."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
     samples = make_dataset(folder, {name: index for index, name in enumerate(classes)}, IMG_EXTENSIONS, allow_empty=True)
     empty = sorted(set(classes) - {classes[label] for _, label in samples})
     if empty:
@@ -130,6 +132,10 @@ def _decode_range(paths: Sequence[str], images: Tensor, start: int, image_size: 
 
 def _load(path: str, image_size: int) -> Tensor:
     """One file as uint8 [3, S, S]: RGB, shorter side resized to S (bilinear, antialiased), center-cropped."""
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms import functional as TF
+    from torchvision.transforms.v2.functional import to_dtype
+
     try:
         if path.lower().endswith(_PIL_ONLY_EXTENSIONS):
             with Image.open(path) as file:

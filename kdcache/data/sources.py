@@ -72,6 +72,10 @@ class ImageData:
         object.__setattr__(self, "std", tuple(float(value) for value in self.std))
         object.__setattr__(self, "fingerprint", data_fingerprint(images, labels))
 
+    def normalized(self) -> Tensor:
+        """The images as float32 `(images / 255 - mean) / std` [N, C, H, W], un-augmented: for evaluation."""
+        return normalize(self.images, self.mean, self.std)
+
     def describe(self) -> dict:
         """What identifies this data in cache metadata (JSON-able)."""
         return {

@@ -76,6 +76,9 @@ def _prepare(student: Tensor, teacher: Tensor, standardize_logits: bool, call: s
 
 
 def _check_labels(labels: Tensor, logits: Tensor, call: str) -> Tensor:
+    """Labels as long, one per row of logits: [B] labels serve every region of [B, R, C] logits."""
+    if logits.dim() == 3 and labels.shape == logits.shape[:1]:
+        labels = labels.unsqueeze(1).expand(logits.shape[:2])
     if labels.shape != logits.shape[:-1]:
         raise KdcacheError(
             f"{call}: labels {tuple(labels.shape)} must have the logits' shape without classes, "
@@ -203,16 +206,18 @@ def sdd(
     the base loss. The SDD code replaces NaN terms by 0; kdcache's terms are finite by construction.
     """
     call = "sdd()"
+    if student_regions.dim() == 2 and teacher_regions.dim() == 2:  # [B, C]: the global logit, one region
+        student_regions, teacher_regions = student_regions[:, None], teacher_regions[:, None]
     if student_regions.dim() != 3:
-        raise KdcacheError(f"{call}: region logits must be [B, R, C]; got shape {tuple(student_regions.shape)}")
+        raise KdcacheError(f"{call}: logits must be [B, C] or region logits [B, R, C]; got shape "
+                           f"{tuple(student_regions.shape)}")
     batch, regions, _ = student_regions.shape
     if labels.shape != (batch,):
         raise KdcacheError(f"{call}: labels must be [B] = ({batch},); got {tuple(labels.shape)}")
     if base is kd:
         per_region = kd(student_regions, teacher_regions, reduction="none", **base_args)
     elif base is dkd:
-        region_labels = labels.long().unsqueeze(1).expand(batch, regions)
-        per_region = dkd(student_regions, teacher_regions, region_labels, reduction="none", **base_args)
+        per_region = dkd(student_regions, teacher_regions, labels, reduction="none", **base_args)
     else:
         raise KdcacheError(f"{call}: base must be kdcache.losses.kd or kdcache.losses.dkd; got {base!r}")
     weights = sdd_region_weights(teacher_regions, labels, complementary_weight)

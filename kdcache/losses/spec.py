@@ -105,18 +105,24 @@ class LossSpec:
         """min(epoch / warm-up epochs, 1), the DKD/SDD-DKD ramp of the distillation term; 1 without warm-up."""
         return min(epoch / self.warmup_epochs, 1.0) if self.warmup_epochs > 0 else 1.0
 
+    def __call__(self, student: Tensor, teacher: Tensor | None, labels: Tensor, epoch: float) -> Tensor:
+        """The loss of one training step, to call .backward() on: `compute(...)["total"]`."""
+        return self.compute(student, teacher, labels, epoch)["total"]
+
     def compute(self, student_regions: Tensor, teacher_regions: Tensor | None, labels: Tensor,
                 epoch: float) -> dict[str, Tensor]:
         """The weighted terms of one training step: `ce`, the loss's own terms, and their `total`.
 
-        student_regions/teacher_regions: `[B, R, C]`; labels: `[B]`; epoch: counted from 1 (pass the integer
-        epoch to reproduce the papers' code exactly). CE is on the student's region 0. Non-SDD losses read
-        region 0 only; SDD losses every region given. Each distillation term is weighted by
+        student_regions/teacher_regions: region logits `[B, R, C]`, or logits `[B, C]` for the losses on the
+        global logit (every loss but the SDD ones, `uses_regions`); labels: `[B]`; epoch: counted from 1 (pass
+        the integer epoch to reproduce the papers' code exactly). CE is on the student's region 0. Non-SDD
+        losses read region 0 only; SDD losses every region given. Each distillation term is weighted by
         distill_weight · warm-up factor.
         """
         call = f"LossSpec({self.name!r}).compute()"
-        if student_regions.dim() != 3:
-            raise KdcacheError(f"{call}: student logits must be [B, R, C]; got {tuple(student_regions.shape)}")
+        student_regions = self._as_regions(student_regions, "student", call)
+        if teacher_regions is not None:
+            teacher_regions = self._as_regions(teacher_regions, "teacher", call)
         student = upcast(student_regions)
         labels = labels.long()
         terms = {"ce": self.ce_weight * F.cross_entropy(student[:, 0], labels)}
@@ -132,6 +138,21 @@ class LossSpec:
             terms |= {name: weight * value for name, value in own.items()}
         terms["total"] = sum(terms.values())
         return terms
+
+
+    def _as_regions(self, logits: Tensor, whose: str, call: str) -> Tensor:
+        """[B, R, C] region logits as they are; [B, C] logits as one region, for a loss on the global logit."""
+        if logits.dim() == 2 and not self.uses_regions:
+            return logits[:, None]
+        if logits.dim() == 2:
+            raise KdcacheError(f"{call}: loss {self.name!r} distils every region, so it needs region logits "
+                               f"[B, R, C], got {whose} logits {tuple(logits.shape)}: wrap the student in "
+                               f"kdcache.LogitMap(model, scales) and take the teacher's from the cache "
+                               f"(CacheDataset's targets['regions'])")
+        if logits.dim() != 3:
+            raise KdcacheError(f"{call}: {whose} logits must be [B, C] or region logits [B, R, C]; got "
+                               f"{tuple(logits.shape)}")
+        return logits
 
 
 @_terms("ce")

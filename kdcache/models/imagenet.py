@@ -8,7 +8,6 @@ The CIFAR models of the KD literature keep theirs (`resnet20`, `mobilenetv2`, ..
 
 from functools import partial
 
-import torchvision.models as tv
 from torch import nn
 
 from kdcache.models._registry import register_model
@@ -20,7 +19,9 @@ NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_res
 
 def _torchvision(name: str, num_classes: int = 1000) -> nn.Module:
     """torchvision's architecture `name`, fresh weights, with forward_features and forward_head."""
-    return adapt_torchvision(tv.get_model(name, weights=None, num_classes=num_classes))
+    import torchvision.models  # imported where needed: torchvision takes seconds to import
+
+    return adapt_torchvision(torchvision.models.get_model(name, weights=None, num_classes=num_classes))
 
 
 for _name in NAMES:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torchvision.models as tv
 from torch import nn
 
 
@@ -49,21 +48,30 @@ def _vit_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.encoder(torch.cat([model.class_token.expand(len(x), -1, -1), x], dim=1))
 
 
-_FAMILIES: dict[type, _Family] = {
-    tv.ResNet: _Family(_resnet_features, "fc"),
-    tv.RegNet: _Family(lambda model, x: model.trunk_output(model.stem(x)), "fc"),
-    tv.MobileNetV2: _Family(lambda model, x: model.features(x), "classifier"),
-    tv.MobileNetV3: _Family(lambda model, x: model.features(x), "classifier"),
-    tv.EfficientNet: _Family(lambda model, x: model.features(x), "classifier"),
-    tv.MNASNet: _Family(lambda model, x: model.layers(x), "classifier"),
-    tv.DenseNet: _Family(lambda model, x: F.relu(model.features(x)), "classifier"),
-    tv.ShuffleNetV2: _Family(_shufflenet_features, "fc"),
-    tv.ConvNeXt: _Family(lambda model, x: model.features(x), "classifier", keeps_map=True),
-    tv.MaxVit: _Family(_maxvit_features, "classifier", keeps_map=True),
-    tv.SwinTransformer: _Family(lambda model, x: model.permute(model.norm(model.features(x))), "head"),
-    tv.VisionTransformer: _Family(_vit_tokens, "heads", prefix_tokens=1),
-}
-SUPPORTED_FAMILIES = tuple(family.__name__ for family in _FAMILIES)
+@functools.cache
+def _families() -> dict[type, _Family]:
+    """Each torchvision family the adapter knows, by class (torchvision imported only once a model needs it)."""
+    import torchvision.models as tv
+
+    return {
+        tv.ResNet: _Family(_resnet_features, "fc"),
+        tv.RegNet: _Family(lambda model, x: model.trunk_output(model.stem(x)), "fc"),
+        tv.MobileNetV2: _Family(lambda model, x: model.features(x), "classifier"),
+        tv.MobileNetV3: _Family(lambda model, x: model.features(x), "classifier"),
+        tv.EfficientNet: _Family(lambda model, x: model.features(x), "classifier"),
+        tv.MNASNet: _Family(lambda model, x: model.layers(x), "classifier"),
+        tv.DenseNet: _Family(lambda model, x: F.relu(model.features(x)), "classifier"),
+        tv.ShuffleNetV2: _Family(_shufflenet_features, "fc"),
+        tv.ConvNeXt: _Family(lambda model, x: model.features(x), "classifier", keeps_map=True),
+        tv.MaxVit: _Family(_maxvit_features, "classifier", keeps_map=True),
+        tv.SwinTransformer: _Family(lambda model, x: model.permute(model.norm(model.features(x))), "head"),
+        tv.VisionTransformer: _Family(_vit_tokens, "heads", prefix_tokens=1),
+    }
+
+
+def supported_families() -> tuple[str, ...]:
+    """The class names of the torchvision families the adapter knows."""
+    return tuple(family.__name__ for family in _families())
 
 
 class _Adapter:
@@ -100,14 +108,10 @@ def _adapted_class(model_class: type, family: _Family) -> type:
     return type(model_class.__name__, (_Adapter, model_class), {"_family": family, "__module__": __name__})
 
 
-def torchvision_family(model: nn.Module) -> str | None:
-    """The name of the torchvision family the model belongs to, if the adapter knows it."""
-    return next((family.__name__ for family in _FAMILIES if isinstance(model, family)), None)
-
-
 def adapt_torchvision(model: nn.Module) -> nn.Module:
     """The model itself, given forward_features and forward_head where its family is known; else unchanged."""
-    family = next((family for family in _FAMILIES if isinstance(model, family)), None)
+    families = _families()
+    family = next((family for family in families if isinstance(model, family)), None)
     if family is not None and not isinstance(model, _Adapter):
-        model.__class__ = _adapted_class(type(model), _FAMILIES[family])
+        model.__class__ = _adapted_class(type(model), families[family])
     return model

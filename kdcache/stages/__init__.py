@@ -1,6 +1,6 @@
 """The two stages: dump-teacher (stage 1), distill (stage 2) through the shared loop, and train-teacher."""
 
-from kdcache.stages.dataset import CachedViewDataset
+from kdcache.stages.dataset import CacheDataset, load_cache_data
 from kdcache.stages.distill import RunSummary, distill
 from kdcache.stages.dump import DumpResult, dump_from_config, dump_teacher
 from kdcache.stages.loop import Run, device_batches, fit, loader_batches
@@ -8,6 +8,6 @@ from kdcache.stages.targets import CachedTargets, LiveTeacher, Targets
 from kdcache.stages.teacher import train_teacher
 from kdcache.stages.views import CachedViews, FreshViews, Views, require_fits
 
-__all__ = ["CachedTargets", "CachedViewDataset", "CachedViews", "DumpResult", "FreshViews", "LiveTeacher", "Run",
+__all__ = ["CacheDataset", "CachedTargets", "CachedViews", "DumpResult", "FreshViews", "LiveTeacher", "Run",
            "RunSummary", "Targets", "Views", "device_batches", "distill", "dump_from_config", "dump_teacher", "fit",
-           "loader_batches", "require_fits", "train_teacher"]
+           "load_cache_data", "loader_batches", "require_fits", "train_teacher"]

@@ -1,41 +1,106 @@
-"""The general path: a torch Dataset pairing each replayed view with its cached targets."""
+"""The general path, and the one for your own training loop: a torch Dataset of replayed views and cached targets.
+
+`CacheDataset` pickles by the cache's path and opens the cache lazily in each process that reads it, so it works
+under any DataLoader (fork, spawn, forkserver workers; DistributedSampler). The epoch that `set_epoch` selects
+lives in shared memory, so persistent workers follow it too.
+"""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from kdcache.cache import TeacherCache
-from kdcache.data import AugmentPolicy, ImageData, normalize
+from kdcache.cache import TeacherCache, open_cache
+from kdcache.cache.layout import CacheSpec
+from kdcache.data import ImageData, dataset_options, get_policy, load_dataset, normalize
 from kdcache.models import region_indices
 from kdcache.stages.views import CachedViews, require_fits
 
 
-class CachedViewDataset(Dataset):
-    """Item i: (sample i under the current view, normalised; its label; its region targets [R, C]).
+def load_cache_data(spec: CacheSpec, data_root: str | Path | None = None, split: str | None = None,
+                    **options: object) -> ImageData:
+    """The split a cache was made from (or `split` of the same dataset), loaded at the image size it was made at."""
+    name = spec.dataset["name"]
+    if not options and "image_size" in dataset_options(name):
+        options = {"image_size": spec.dataset["image_shape"][-1]}
+    return load_dataset(name, data_root, split or spec.dataset["split"], **options)
 
-    `set_epoch(e)` selects the view of epoch e, as a DistributedSampler's set_epoch selects its order.
+
+class CacheDataset(Dataset):
+    """Item i: (sample i under the current view, normalised, then `transform`; its label; its targets).
+
+    `targets` is a dict of the cache's named outputs: `"regions"`, the region logits `[R, C]` float32 (the
+    cache's regions, or those of `scales`). `set_epoch(e)` selects the view epoch e replays (`view_order`
+    cycle: e mod K), as a DistributedSampler's set_epoch selects its order. `data`: the dataset already
+    loaded, instead of loading the one the cache names (from `data_root` where it needs one).
     """
 
-    def __init__(self, cache: TeacherCache, data: ImageData, policy: AugmentPolicy, scales: tuple[int, ...] | None = None,
-                 view_order: str = "cycle", seed: int = 0) -> None:
-        require_fits(cache, data, policy, scales or cache.scales)
-        self.cache, self.data, self.policy = cache, data, policy
-        self.views = CachedViews(cache, policy, view_order, seed)
-        self.regions = None if scales is None else region_indices(cache.scales, scales)
-        self.set_epoch(0)
+    def __init__(self, cache: str | os.PathLike | TeacherCache, data_root: str | os.PathLike | None = None,
+                 transform: Callable[[torch.Tensor], Any] | None = None, *, data: ImageData | None = None,
+                 scales: tuple[int, ...] | None = None, view_order: str = "cycle", seed: int = 0) -> None:
+        self.path = cache.path if isinstance(cache, TeacherCache) else cache
+        self.transform, self.view_order, self.seed = transform, view_order, seed
+        opened = cache if isinstance(cache, TeacherCache) else open_cache(self.path)
+        try:
+            self.data = data if data is not None else load_cache_data(opened.spec, data_root)
+            self.policy = get_policy(opened.spec.augmentation["name"], image_size=tuple(self.data.images.shape[-2:]))
+            require_fits(opened, self.data, self.policy, scales or opened.spec.scales)
+            self.regions = None if scales is None else region_indices(opened.spec.scales, scales)
+            self.scales = tuple(scales or opened.spec.scales)  # the targets' regions: LogitMap(student, scales)
+            CachedViews(opened, self.policy, view_order, seed)  # an unknown order is refused here, not in a worker
+        finally:
+            if opened is not cache:
+                opened.close()
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()  # seen by every worker, persistent too
+        self._cache: TeacherCache | None = None
+        self._opened_by = os.getpid()
+        self._loaded: tuple[int, int, torch.Tensor, torch.Tensor] | None = None  # (epoch, view, params, targets)
+
+    @property
+    def num_classes(self) -> int:
+        """How many classes the cache's teacher and dataset have."""
+        return self.data.num_classes
 
     def set_epoch(self, epoch: int) -> None:
-        """Load the view (parameters and targets) that epoch replays."""
-        self.view = self.views.view_of(epoch)
-        self.params = self.views.params(epoch)
-        logits = torch.from_numpy(self.cache.view(self.view))
-        self.targets = logits if self.regions is None else logits[:, self.regions]
+        """Select the view that epoch replays, here and in every worker (read when the worker next needs an item)."""
+        self._epoch.fill_(epoch)
+
+    @property
+    def view(self) -> int:
+        """The cached view the current epoch replays."""
+        return self._current()[1]
+
+    def _current(self) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+        """The current epoch's (epoch, view, parameters [N, P], targets [N, R, C]), read once per epoch and process."""
+        epoch = int(self._epoch)
+        if self._opened_by != os.getpid():  # a forked worker: the parent's open store is not usable here
+            self._cache, self._loaded, self._opened_by = None, None, os.getpid()
+        if self._loaded is None or self._loaded[0] != epoch:
+            if self._cache is None:
+                self._cache = open_cache(self.path)
+            views = CachedViews(self._cache, self.policy, self.view_order, self.seed)
+            view = views.view_of(epoch)
+            logits = torch.from_numpy(self._cache.view(view))
+            targets = logits if self.regions is None else logits[:, self.regions]
+            self._loaded = (epoch, view, views.params(epoch), targets)
+        return self._loaded
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled by path: the open cache and the loaded view stay behind, each worker opens and reads its own."""
+        return {**self.__dict__, "_cache": None, "_loaded": None}
 
     def __len__(self) -> int:
         return len(self.data.labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        image = self.policy.apply(self.data.images[index:index + 1], self.params[index:index + 1])
+    def __getitem__(self, index: int) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
+        _, _, params, targets = self._current()
+        image = self.policy.apply(self.data.images[index:index + 1], params[index:index + 1])
         x = normalize(image, self.data.mean, self.data.std)[0]
-        return x, self.data.labels[index], self.targets[index].float()
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, self.data.labels[index], {"regions": targets[index].float()}

@@ -18,7 +18,6 @@ from kdcache.config import DistillConfig, loader_options, recorded_config
 from kdcache.data import (
     AugmentPolicy,
     ImageData,
-    dataset_options,
     get_policy,
     load_dataset,
 )
@@ -27,7 +26,7 @@ from kdcache.errors import KdcacheError
 from kdcache.losses import LossSpec, get_loss, scaled_loss
 from kdcache.models import check_model_spec, create_model, load_teacher
 from kdcache.runtime import pick_device
-from kdcache.stages.dataset import CachedViewDataset
+from kdcache.stages.dataset import CacheDataset, load_cache_data
 from kdcache.stages.loop import Batch, Run, fit, loader_batches
 from kdcache.stages.targets import CachedTargets, LiveTeacher, Targets
 from kdcache.stages.views import CachedViews, FreshViews, require_fits
@@ -119,12 +118,12 @@ def run_name(student: str, loss: str) -> str:
 
 def _load_data(config: DistillConfig, cache: TeacherCache | None) -> tuple[ImageData, ImageData]:
     """The train split the cache was made from (or the config names) and its test split."""
-    stored = cache.spec if cache is not None else None
-    dataset = config.dataset or (stored.dataset["name"] if stored else "digits")
     options = loader_options(config)
-    if not options and stored and "image_size" in dataset_options(dataset):  # the size the cache was made at
-        options = {"image_size": stored.dataset["image_shape"][-1]}
-    return (load_dataset(dataset, config.data_root, stored.dataset["split"] if stored else "train", **options),
+    if cache is not None and config.dataset in (None, cache.spec.dataset["name"]):  # at the size it was made at
+        return tuple(load_cache_data(cache.spec, config.data_root, split, **options)
+                     for split in (cache.spec.dataset["split"], "test"))
+    dataset = config.dataset or "digits"
+    return (load_dataset(dataset, config.data_root, "train", **options),
             load_dataset(dataset, config.data_root, "test", **options))
 
 
@@ -158,13 +157,13 @@ def _targets(config: DistillConfig, cache: TeacherCache | None, data: ImageData,
 def _dataset_batches(config: DistillConfig, cache: TeacherCache | None, data: ImageData, policy: AugmentPolicy,
                      scales: tuple[int, ...], device: torch.device
                      ) -> Callable[[int, torch.Generator], Iterator[Batch]] | None:
-    """With --batch-path dataset, each epoch's batches from CachedViewDataset through a DataLoader; else None."""
+    """With --batch-path dataset, each epoch's batches from CacheDataset through a DataLoader; else None."""
     if config.batch_path != "dataset":
         return None
     if cache is None or config.live_teacher is not None:
         raise KdcacheError("--batch-path dataset reads targets from a cache: use it with --cache and without "
                            "--live-teacher")
-    dataset_of_views = CachedViewDataset(cache, data, policy, scales, config.view_order, config.seed)
+    dataset_of_views = CacheDataset(cache, data=data, scales=scales, view_order=config.view_order, seed=config.seed)
 
     def batches(epoch: int, generator: torch.Generator) -> Iterator[Batch]:
         dataset_of_views.set_epoch(epoch)

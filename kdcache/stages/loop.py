@@ -59,13 +59,15 @@ def device_batches(images: torch.Tensor, labels: torch.Tensor, params: torch.Ten
 
 def loader_batches(dataset: Dataset, batch_size: int, generator: torch.Generator, device: torch.device,
                    num_workers: int = 0) -> Iterator[Batch]:
-    """The general path: a Dataset of (image, label, targets) through a DataLoader, in the device path's order."""
+    """The general path: a Dataset of (image, label, {"regions": targets}) through a DataLoader, in the device path's
+    order."""
     order = torch.randperm(len(dataset), generator=generator).tolist()
     # the loader draws its workers' base seed from `generator`: give it its own, so the order above stands
     loader = DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=True, num_workers=num_workers,
                         generator=torch.Generator().manual_seed(0), pin_memory=device.type == "cuda")
-    for x, y, t in loader:
-        yield (x.to(device, non_blocking=True), y.to(device, non_blocking=True), t.to(device, non_blocking=True))
+    for x, y, targets in loader:
+        yield (x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+               targets["regions"].to(device, non_blocking=True))
 
 
 @torch.no_grad()
