@@ -217,3 +217,36 @@ def test_a_timm_teacher_and_student_end_to_end_through_the_cli(tmp_path, capsys)
     out = _cli(capsys, "distill", "--live-teacher", run, "--dataset", "digits", "--student", "resnet8", "--loss", "kd",
                "--epochs", 1, "--batch-size", 256, "--out", tmp_path / "online")
     assert "resnet8-kd" in out
+
+
+def _cache_with_cells_that_do_not_average(path, head):
+    """A finished 8-sample cache, scales 1,2 on a 2×2 map, whose cells do not average to region 0."""
+    from kdcache.cache import CacheSpec, CacheWriter
+
+    dataset = {"name": "synthetic", "split": "train", "num_samples": 8, "image_shape": [3, 8, 8], "num_classes": 2,
+               "mean": [0.5] * 3, "std": [0.5] * 3, "fingerprint": "0" * 64}
+    teacher = {"arch": "timm:convnext_atto", "num_classes": 2, "checkpoint_sha256": "0" * 64, "precision": "float32",
+               "feature_map": [2, 2], **({"head": head} if head else {})}
+    spec = CacheSpec(teacher=teacher, dataset=dataset, augmentation={"name": "none", "param_names": []},
+                     num_views=1, exhaustive=False, seed=0, scales=(1, 2), block_size=8)
+    logits = np.zeros((8, 5, 2), np.float16)
+    logits[:, 0, 0] = 4.0  # region 0 says class 0 strongly; the cells average to 0
+    with CacheWriter.open(path, spec, np.zeros(8, np.int64), np.zeros((1, 8, 0), np.int32)) as writer:
+        writer.write_block(0, 0, {"logits": logits}, 8)
+        writer.finish()
+    return path
+
+
+@pytest.mark.parametrize(("head", "checked"), [("linear", True), (None, True), ("nonlinear", False), ("token", False)])
+def test_verify_checks_the_mean_of_the_cells_only_for_a_linear_head(tmp_path, head, checked):
+    from kdcache.cache.verify import self_check_scope
+
+    path = _cache_with_cells_that_do_not_average(tmp_path / "c.zarr", head)
+    with open_cache(path) as cache:
+        problems = [str(problem) for problem in verify(cache)]
+        scope = self_check_scope(cache)
+    if checked:  # a cache written before the head kind was recorded had a linear head
+        assert len(problems) == 1 and "region 0 differs from the mean of the scale-2 cells" in problems[0]
+        assert scope == ([2], "region 0 = the mean of the scale 2 cells (a linear head)")
+    else:
+        assert problems == [] and scope[0] == [] and scope[1].startswith("skipped: the teacher")
