@@ -152,3 +152,22 @@ def test_the_readmes_python_example_runs_as_written(digits_cache, monkeypatch, c
         link.symlink_to(digits_cache)
     exec(compile(code, "README.md", "exec"), {})
     assert "loss" in capsys.readouterr().out
+
+
+def test_distill_states_what_a_view_needs_and_refuses_what_the_machine_lacks(digits_cache, monkeypatch):
+    from kdcache.stages.targets import require_target_memory
+
+    with kdcache.open_cache(digits_cache) as cache:
+        view = len(cache.labels()) * 5 * 10 * 2  # samples x regions x classes x fp16
+        statement = require_target_memory(cache, None, torch.device("cpu"), host_available=3 * view)
+        assert statement == (f"each view of {digits_cache} takes {view / 1e6:.1f} MB ({len(cache.labels())} samples "
+                             f"of all 5 x 10 logits); training holds {3 * view / 1e6:.1f} MB of it in host memory")
+        with pytest.raises(KdcacheError) as refused:  # a DDP rank's 500 samples
+            require_target_memory(cache, range(0, 500), torch.device("cpu"), host_available=20_000)
+        assert "training holds 0.1 MB of it in host memory: it needs 0.1 MB of host memory but 0.0 MB is " \
+               "available. Dump a smaller cache (--topk, fewer --scales)" in str(refused.value)
+        monkeypatch.setattr("kdcache.stages.targets.SUGGESTED_TOPK", 4)  # below digits' 10 classes
+        with pytest.raises(KdcacheError, match=r"a cache dumped with --topk 4 takes 0\.1 MB per view$"):
+            require_target_memory(cache, None, torch.device("cpu"), host_available=1)  # 5 x (4 x 4 + 2) B/sample
+        with pytest.raises(KdcacheError, match="on cuda:0 but"):
+            require_target_memory(cache, None, torch.device("cuda:0"), host_available=10 * view, device_available=1)

@@ -28,7 +28,7 @@ from kdcache.models import check_model_spec, create_model, load_teacher
 from kdcache.runtime import pick_device
 from kdcache.stages.dataset import CacheDataset, load_cache_data
 from kdcache.stages.loop import Batch, Run, fit, loader_batches
-from kdcache.stages.targets import CachedTargets, LiveTeacher, Targets
+from kdcache.stages.targets import CachedTargets, LiveTeacher, Targets, require_target_memory
 from kdcache.stages.views import CachedViews, FreshViews, require_fits
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def _distill(config: DistillConfig, cache: TeacherCache | None, data: ImageData,
     if cache is not None:
         _check_cache(cache, data, policy, scales, config.teacher, losses)
     here, shard = _shard(cache, len(data.labels), config)
-    targets, source = _targets(config, cache, data, scales, device, shard)
+    targets, source = _targets(config, cache, data, scales, device, shard, show_progress)
     # with a cache, its views are replayed (also by a live teacher: the online baseline on the same pixels)
     views = CachedViews(cache, policy, config.view_order, config.seed) if cache is not None else \
         FreshViews(policy, len(data.labels), config.seed)
@@ -141,10 +141,13 @@ def _check_cache(cache: TeacherCache, data: ImageData, policy: AugmentPolicy, sc
 
 
 def _targets(config: DistillConfig, cache: TeacherCache | None, data: ImageData, scales: tuple[int, ...],
-             device: torch.device, shard: Shard) -> tuple[Targets, dict]:
+             device: torch.device, shard: Shard, show_progress: bool) -> tuple[Targets, dict]:
     """The target provider (the cache, or the live teacher) and how the runs' records name it."""
     if config.live_teacher is None:
         stored = cache.spec
+        statement = require_target_memory(cache, None if shard.is_whole else shard.samples, device)
+        if show_progress and distributed.world().is_main:
+            print(statement, flush=True)
         return (CachedTargets(cache, scales, device, None if shard.is_whole else shard.samples),
                 {"cache": str(cache.path), "cache_identity": stored.identity_digest(), "teacher": stored.teacher,
                  "cache_views": stored.num_views})

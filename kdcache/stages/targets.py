@@ -5,10 +5,13 @@ from __future__ import annotations
 from concurrent.futures import Future
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
 from kdcache.cache import TeacherCache
+from kdcache.cache.topk import topk_bytes
+from kdcache.errors import KdcacheError
 from kdcache.models import LogitMap, region_indices
 from kdcache.runtime import autocast, prepare_model
 from kdcache.stages.topk import decode_topk
@@ -68,6 +71,53 @@ class CachedTargets:
         if len(self._arrays) == 1:
             return self._arrays[0][indices].float()
         return decode_topk(*(tensor[indices] for tensor in self._arrays), self.cache.spec.num_classes)
+
+
+# CachedTargets holds a view three times: the view in use and the next one in host buffers, and one on the device
+HOST_COPIES, DEVICE_COPIES = 2, 1
+SUGGESTED_TOPK = 20
+
+
+def _size(size: float) -> str:
+    """Bytes as GB, or MB below a gigabyte."""
+    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+
+
+def available_host_memory() -> int | None:
+    """Bytes of memory the system can still give (Linux's MemAvailable), or None where it does not say."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def require_target_memory(cache: TeacherCache, samples: range | None, device: torch.device,
+                          host_available: int | None = None, device_available: int | None = None) -> str:
+    """What a view of targets needs; refuse, suggesting --topk, where the host or the device has less to give."""
+    spec = cache.spec
+    count = spec.num_samples if samples is None else len(samples)
+    view = count * sum(int(np.prod(spec.array_layout(name)[0][2:])) * np.dtype(spec.array_layout(name)[1]).itemsize
+                       for name in spec.data_arrays)
+    on_host = view * (HOST_COPIES + (DEVICE_COPIES if device.type == "cpu" else 0))
+    host_available = available_host_memory() if host_available is None else host_available
+    if device.type == "cuda" and device_available is None:
+        device_available = torch.cuda.mem_get_info(device)[0]
+    statement = (f"each view of {cache.path} takes {_size(view)} ({count} samples of "
+                 f"{'top-' + str(spec.topk) if spec.topk else 'all'} {spec.num_regions} x {spec.num_classes} logits); "
+                 f"training holds {_size(on_host)} of it in host memory"
+                 + (f" and {_size(view)} on {device}" if device.type == "cuda" else ""))
+    short = [f"{_size(need)} {where} but {_size(have)} is available" for need, have, where in
+             ((on_host, host_available, "of host memory"), (view if device.type == "cuda" else 0, device_available,
+                                                             f"on {device}")) if have is not None and need > have]
+    if short:
+        smaller = "" if spec.topk or SUGGESTED_TOPK >= spec.num_classes else (
+            f"; a cache dumped with --topk {SUGGESTED_TOPK} takes "
+            f"{_size(count * topk_bytes(spec.num_regions, spec.num_classes, SUGGESTED_TOPK).topk)} per view")
+        raise KdcacheError(f"{statement}: it needs {' and '.join(short)}. Dump a smaller cache (--topk, fewer "
+                           f"--scales) or train with fewer --scales, or on a machine with more memory{smaller}")
+    return statement
 
 
 class LiveTeacher:
