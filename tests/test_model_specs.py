@@ -91,7 +91,7 @@ def test_a_bad_spec_is_one_line_naming_scheme_lookup_and_what_exists(user_module
     assert message.endswith(" (`kdcache models --source timm PATTERN` lists them)")
     assert "timm has no model 'resnet10t.no_such_tag'" in _refusal(create_model, "timm:resnet10t.no_such_tag")
     assert _refusal(create_model, "torchvision:resnet_18").startswith(
-        "model spec 'torchvision:resnet_18': torchvision's classification models has no model 'resnet_18'; close "
+        "model spec 'torchvision:resnet_18': torchvision has no model 'resnet_18'; close "
         "names: resnet18")
     assert "cannot import module 'nowhere'" in _refusal(create_model, "python:nowhere:make")
     assert _refusal(create_model, f"python:{user_module}:make_it") == (

@@ -136,7 +136,7 @@ def _torchvision_build(name: str, num_classes: int) -> nn.Module:
 
 
 SOURCES.register(Source(_torchvision_build, _torchvision_names, lambda name: name in _torchvision_names("*"),
-                        "torchvision's classification models"), "torchvision")
+                        "torchvision"), "torchvision")
 
 
 # -- your own factory ----------------------------------------------------------------------------------------------
