@@ -75,7 +75,8 @@ def main() -> None:
     device = pick_device(args.device)
     scales = parse_scales(args.scales)
     print(f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}; "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"{platform.processor() or platform.machine()}; "
           f"batch {args.batch_size}, {args.image_size} px, scales {','.join(map(str, scales))}, "
           f"median of {args.repeats} repeats after 1 warm-up", flush=True)
     print(f"{'model':34} {'head':>9} {'map':>7} {'plain img/s':>12} {'regions img/s':>14} {'overhead':>9}")

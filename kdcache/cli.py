@@ -92,8 +92,8 @@ def quickstart(out: str, cache_path: str, device: str | None) -> None:
 
 @cli.command("train-teacher")
 @config_option
-@click.option("--model", help="Model spec: a kdcache name, timm:NAME, torchvision:NAME or python:module:callable (`kdcache models`).",
-              **_default(TeacherConfig, "model"))
+@click.option("--model", help="Model spec: a kdcache name, timm:NAME, torchvision:NAME or python:module:callable "
+              "(`kdcache models`).", **_default(TeacherConfig, "model"))
 @click.option("--dataset", help="Dataset from `kdcache datasets`.", **_default(TeacherConfig, "dataset"))
 @click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset (CIFAR, imagefolder).")
 @click.option("--image-size", type=click.IntRange(min=8), help="Side of the square images that imagefolder "
@@ -128,8 +128,8 @@ def train_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> N
 @config_option
 @click.option("--checkpoint", help="Teacher weights: a .pt/.pth (mdistiller's, torchvision's, kdcache's model.pt), "
               "a .safetensors (timm's, Hugging Face's), or a kdcache run folder. Never downloaded.")
-@click.option("--teacher", help="Teacher model spec: a kdcache name, timm:NAME, torchvision:NAME or python:module:callable; read from the checkpoint's kdcache "
-              "sidecar when omitted.")
+@click.option("--teacher", help="Teacher model spec: a kdcache name, timm:NAME, torchvision:NAME or "
+              "python:module:callable; read from the checkpoint's kdcache sidecar when omitted.")
 @click.option("--dataset", help="Dataset from `kdcache datasets`.", **_default(DumpConfig, "dataset"))
 @click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset (CIFAR, imagefolder).")
 @click.option("--image-size", type=click.IntRange(min=8), help="Side of the square images that imagefolder "
@@ -178,8 +178,8 @@ def dump_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> No
               "online baseline (fresh views each epoch, or the cache's views when --cache is given too).")
 @click.option("--teacher", help="Model spec of --live-teacher (read from its sidecar when omitted); with --cache, "
               "the cache must come from this spec.")
-@click.option("--student", "students", multiple=True, help="Student model spec: a kdcache name, timm:NAME, torchvision:NAME or python:module:callable; "
-              "repeat for several students.")
+@click.option("--student", "students", multiple=True, help="Student model spec: a kdcache name, timm:NAME, "
+              "torchvision:NAME or python:module:callable; repeat for several students.")
 @click.option("--loss", "losses", multiple=True, help="Loss from `kdcache losses` (default sdd-lskd); repeat for "
               "several. Every student is trained with every loss.")
 @click.option("--pair", "pairs", multiple=True, help="STUDENT:LOSS to train, repeatable; replaces the --student x "

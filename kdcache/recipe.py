@@ -149,7 +149,8 @@ def ensure_cache(dump: DumpConfig, show_progress: bool = True) -> bool:
             if cache.is_complete():
                 views = {"views.exhaustive": True} if dump.exhaustive else {"views.exhaustive": False,
                                                                              "views.count": dump.views or DEFAULT_VIEWS}
-                cache.require({"teacher.arch": dump.teacher, "teacher.checkpoint_sha256": file_sha256(resolve_checkpoint(dump.checkpoint)),
+                weights = file_sha256(resolve_checkpoint(dump.checkpoint))
+                cache.require({"teacher.arch": dump.teacher, "teacher.checkpoint_sha256": weights,
                                "dataset.name": dump.dataset, "dataset.split": dump.split,
                                "augmentation.name": dump.augmentation, **views, "scales": dump.scales})
                 if show_progress:

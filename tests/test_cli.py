@@ -67,12 +67,12 @@ def test_top_level_help_lists_the_commands(capsys):
     (["distill", "--no-such-flag"], "No such option '--no-such-flag'"),
     (["distill", "--cache", "/nonexistent/c.zarr", "--loss", "fitnet"], "get_loss(): unknown name 'fitnet'; known: ce,"),
     (["distill", "--cache", "/nonexistent/c.zarr", "--student", "resnet9"], "kdcache's registry has no model 'resnet9'"),
-    (["distill", "--cache", "/nonexistent/c.zarr", "--student", "timm:resnet_18"], "model spec 'timm:resnet_18': timm "
-                                                                                   "has no model 'resnet_18'; close names: "),
-    (["distill", "--cache", "/nonexistent/c.zarr", "--student", "hub:x"], "model spec 'hub:x': unknown source 'hub'; "
-                                                                          "a model is named as NAME (kdcache's registry)"),
-    (["distill", "--cache", "/nonexistent/c.zarr", "--student", "python:no_such_module:f"], "cannot import module "
-                                                                                          "'no_such_module'"),
+    (["distill", "--cache", "/nonexistent/c.zarr", "--student", "timm:resnet_18"],
+     "model spec 'timm:resnet_18': timm has no model 'resnet_18'; close names: "),
+    (["distill", "--cache", "/nonexistent/c.zarr", "--student", "hub:x"],
+     "model spec 'hub:x': unknown source 'hub'; a model is named as NAME (kdcache's registry)"),
+    (["distill", "--cache", "/nonexistent/c.zarr", "--student", "python:no_such_module:f"],
+     "cannot import module 'no_such_module'"),
 ])
 def test_a_users_mistake_is_one_line_and_exit_code_2(argv, expected, capsys):
     code, out, err = run_cli(argv, capsys)

@@ -117,7 +117,7 @@ class CacheSpec:
 
     @property
     def head(self) -> str:
-        """The teacher's head kind (kdcache.models.HEAD_KINDS); caches written before it was recorded had linear heads."""
+        """The teacher's head kind (kdcache.models.HEAD_KINDS); caches from before it was recorded had linear heads."""
         return str(self.teacher.get("head", "linear"))
 
     @property

@@ -110,8 +110,10 @@ def _timm():
 
 
 def _timm_exists(name: str) -> bool:
+    """Whether timm has the architecture, and the pretrained tag if the name carries one (resnet50.a1_in1k)."""
     timm = _timm()
-    return timm.is_model(name.split(".", 1)[0]) and (name.count(".") == 0 or name in timm.list_models(name, pretrained=True))
+    architecture, tagged, _ = name.partition(".")
+    return timm.is_model(architecture) and (not tagged or name in timm.list_models(name, pretrained=True))
 
 
 def _timm_build(name: str, num_classes: int) -> nn.Module:

@@ -153,7 +153,8 @@ def _targets(config: DistillConfig, cache: TeacherCache | None, data: ImageData,
                  "cache_views": stored.num_views})
     teacher, teacher_info = load_teacher(config.live_teacher, config.teacher, data.num_classes)
     if cache is not None:  # replaying the cache's views live is the equivalence baseline: same teacher only
-        cache.require({"teacher.arch": teacher_info["arch"], "teacher.checkpoint_sha256": teacher_info["checkpoint_sha256"]})
+        cache.require({"teacher.arch": teacher_info["arch"],
+                       "teacher.checkpoint_sha256": teacher_info["checkpoint_sha256"]})
     return LiveTeacher(teacher, scales, device), {"live_teacher": teacher_info}
 
 
