@@ -1,5 +1,6 @@
 """examples/ run as a user runs them (subprocesses, one epoch each, side by side) on a digits cache."""
 
+import os
 import re
 import subprocess
 import sys
@@ -22,7 +23,8 @@ def test_every_example_runs_and_reports_its_accuracy(digits_cache):
     options = {"timm_student.py": ["--student", "timm:test_efficientnet"]}  # timm's smallest: the loop is the test
     runs = {example: subprocess.Popen([sys.executable, str(ROOT / "examples" / example), "--cache",
                                        str(digits_cache), "--epochs", "1", *options.get(example, [])],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1"})  # three on two cores
             for example in EXAMPLES}
     for example, run in runs.items():
         out, err = run.communicate(timeout=300)

@@ -14,24 +14,24 @@ timm = pytest.importorskip("timm")
 
 SCALES = (1, 2, 4)
 CLASSES = 10
-# one architecture per family: the head kind the probe must find, and the input side (a 4×4 final map at stride 32
-# for the conv nets; the native size of models whose position embeddings or windows fix it)
+# one architecture per family: the head kind the probe must find, and the input side (a 3×3 final map at stride 32
+# for the conv nets, so the cells of scales 2 and 4 overlap; the native size of models whose position embeddings or windows fix it)
 ARCHITECTURES = {
-    "resnet10t": ("linear", 128),
-    "resnext26ts": ("linear", 128),
-    "regnetx_002": ("linear", 128),
-    "efficientnet_b0": ("linear", 128),
-    "mobilenetv2_050": ("linear", 128),
-    "mobilevit_xxs": ("linear", 128),
-    "dla34": ("linear", 128),  # a 1×1 conv as its classifier
+    "resnet10t": ("linear", 96),
+    "resnext26ts": ("linear", 96),
+    "regnetx_002": ("linear", 96),
+    "efficientnet_b0": ("linear", 96),
+    "mobilenetv2_050": ("linear", 96),
+    "mobilevit_xxs": ("linear", 96),
+    "dla34": ("linear", 96),  # a 1×1 conv as its classifier
     "swin_tiny_patch4_window7_224": ("linear", 224),  # an NHWC feature map
-    "mobilenetv3_small_050": ("nonlinear", 128),  # conv head after pooling
-    "ghostnet_050": ("nonlinear", 128),
-    "lcnet_050": ("nonlinear", 128),
-    "hgnetv2_b0": ("nonlinear", 128),
-    "convnext_atto": ("nonlinear", 128),  # LayerNorm in the head
-    "edgenext_xx_small": ("nonlinear", 128),
-    "efficientvit_b0": ("nonlinear", 128),
+    "mobilenetv3_small_050": ("nonlinear", 96),  # conv head after pooling
+    "ghostnet_050": ("nonlinear", 96),
+    "lcnet_050": ("nonlinear", 96),
+    "hgnetv2_b0": ("nonlinear", 96),
+    "convnext_atto": ("nonlinear", 96),  # LayerNorm in the head
+    "edgenext_xx_small": ("nonlinear", 96),
+    "efficientvit_b0": ("nonlinear", 96),
     "vit_tiny_patch16_224": ("token", 224),  # class token
     "deit_tiny_patch16_224": ("token", 224),
     "deit_tiny_distilled_patch16_224": ("token", 224),  # class and distillation tokens, two heads

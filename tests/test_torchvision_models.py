@@ -84,7 +84,7 @@ def _check_regions(model: nn.Module, images: torch.Tensor, kind: str) -> None:
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_region_logits_of_torchvision_registry_models(name):
     torch.manual_seed(0)
-    _check_regions(create_model(f"torchvision:{name}", num_classes=CLASSES), _images(128), REGISTRY[name])
+    _check_regions(create_model(f"torchvision:{name}", num_classes=CLASSES), _images(96), REGISTRY[name])
 
 
 @pytest.mark.parametrize("family", sorted(SMALL))
