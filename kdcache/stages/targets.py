@@ -108,9 +108,11 @@ def require_target_memory(cache: TeacherCache, samples: range | None, device: to
                  f"{'top-' + str(spec.topk) if spec.topk else 'all'} {spec.num_regions} x {spec.num_classes} logits); "
                  f"training holds {_size(on_host)} of it in host memory"
                  + (f" and {_size(view)} on {device}" if device.type == "cuda" else ""))
-    short = [f"{_size(need)} {where} but {_size(have)} is available" for need, have, where in
-             ((on_host, host_available, "of host memory"), (view if device.type == "cuda" else 0, device_available,
-                                                             f"on {device}")) if have is not None and need > have]
+    short = []
+    if host_available is not None and on_host > host_available:
+        short.append(f"{_size(on_host)} of host memory but {_size(host_available)} is available")
+    if device.type == "cuda" and device_available is not None and view > device_available:
+        short.append(f"{_size(view)} on {device} but {_size(device_available)} is available")
     if short:
         smaller = "" if spec.topk or SUGGESTED_TOPK >= spec.num_classes else (
             f"; a cache dumped with --topk {SUGGESTED_TOPK} takes "
