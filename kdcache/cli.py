@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,20 @@ config_option = click.option("--config", type=click.Path(dir_okay=False), defaul
                              help="YAML recipe; its keys are these options' names, and flags given here override it.")
 device_option = click.option("--device", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
 seed_option = click.option("--seed", type=int, help="Seed of every random draw (views, batch order, initial weights).")
+image_size_option = click.option("--image-size", type=click.IntRange(min=8), help="Side of the square views of "
+                                 "imagefolder (default 224; distill: the cache's) and of synthetic's images "
+                                 "(default 32).")
+
+
+def file_options(command: Callable) -> Callable:
+    """--workers and --preload: how an image folder is read."""
+    workers = click.option("--workers", type=click.IntRange(min=0), help="DataLoader worker processes that read, "
+                           "decode and crop streamed files (default: the CPUs less one, at most 16; 0 reads in the "
+                           "main process).")
+    preload = click.option("--preload", is_flag=True, default=None, help="Decode an imagefolder split once into "
+                           "memory (shorter side to --image-size, centre crop) instead of streaming its files: for "
+                           "small folders.")
+    return workers(preload(command))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -96,8 +111,8 @@ def quickstart(out: str, cache_path: str, device: str | None) -> None:
               "(`kdcache models`).", **_default(TeacherConfig, "model"))
 @click.option("--dataset", help="Dataset from `kdcache datasets`.", **_default(TeacherConfig, "dataset"))
 @click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset (CIFAR, imagefolder).")
-@click.option("--image-size", type=click.IntRange(min=8), help="Side of the square images that imagefolder "
-              "(default 64; distill: the cache's) and synthetic (default 32) store.")
+@image_size_option
+@file_options
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs; the lr decays ×0.1 at 62.5/75/87.5 % of them.",
               **_default(TeacherConfig, "epochs"))
 @click.option("--batch-size", type=click.IntRange(min=2), help="Images per SGD step.",
@@ -132,8 +147,8 @@ def train_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> N
               "python:module:callable; read from the checkpoint's kdcache sidecar when omitted.")
 @click.option("--dataset", help="Dataset from `kdcache datasets`.", **_default(DumpConfig, "dataset"))
 @click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset (CIFAR, imagefolder).")
-@click.option("--image-size", type=click.IntRange(min=8), help="Side of the square images that imagefolder "
-              "(default 64; distill: the cache's) and synthetic (default 32) store.")
+@image_size_option
+@file_options
 @click.option("--split", type=click.Choice(["train", "test"]), help="Which split's images to cache.",
               **_default(DumpConfig, "split"))
 @click.option("--views", type=click.IntRange(min=1), help="Views per sample to cache (default 4).")
@@ -188,8 +203,8 @@ def dump_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> No
               "1,2,4 cache is taken from the stored regions).")
 @click.option("--dataset", help="Dataset (default: the cache's).")
 @click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset (CIFAR, imagefolder).")
-@click.option("--image-size", type=click.IntRange(min=8), help="Side of the square images that imagefolder "
-              "(default 64; distill: the cache's) and synthetic (default 32) store.")
+@image_size_option
+@file_options
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs; lr ×0.1 at 62.5/75/87.5 %, loss warm-ups scale "
               "with epochs/240.", **_default(DistillConfig, "epochs"))
 @click.option("--batch-size", type=click.IntRange(min=2), help="Images per SGD step.",

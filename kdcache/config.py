@@ -44,6 +44,8 @@ class TeacherConfig(TrainConfig):
     dataset: str = "digits"
     data_root: str | None = None
     image_size: int | None = None
+    workers: int | None = None  # None: data.files.default_workers()
+    preload: bool = False
     out: str = "runs/teacher"
 
 
@@ -56,6 +58,8 @@ class DumpConfig:
     dataset: str = "digits"
     data_root: str | None = None
     image_size: int | None = None
+    workers: int | None = None
+    preload: bool = False
     split: str = "train"
     views: int | None = None
     exhaustive: bool = False
@@ -86,6 +90,8 @@ class DistillConfig(TrainConfig):
     dataset: str | None = None  # default: the cache's
     data_root: str | None = None
     image_size: int | None = None  # default: the cache's, for datasets stored at a chosen size
+    workers: int | None = None
+    preload: bool = False
     view_order: str = "cycle"
     batch_path: str = "device"
     out: str = "runs/distill"
@@ -117,8 +123,9 @@ class DistillConfig(TrainConfig):
 
 
 def loader_options(config: Any) -> dict[str, Any]:
-    """The loader options a config sets (image_size), for load_dataset."""
-    return {} if getattr(config, "image_size", None) is None else {"image_size": config.image_size}
+    """The loader options a config sets (image_size, preload), for load_dataset."""
+    options = {} if getattr(config, "image_size", None) is None else {"image_size": config.image_size}
+    return {**options, "preload": True} if getattr(config, "preload", False) else options
 
 
 def field_default(cls: type, name: str) -> Any:

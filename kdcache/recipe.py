@@ -32,7 +32,7 @@ from kdcache.report import dump_summary, write_summary
 from kdcache.runtime import pick_device, prepare_model
 from kdcache.stages.distill import RunSummary, distill
 from kdcache.stages.dump import DEFAULT_VIEWS, dump_from_config
-from kdcache.stages.loop import top1_accuracy
+from kdcache.stages.splits import tensor_test_batches, top1_accuracy
 
 RECIPE_KEYS = ("teacher", "student", "dump", "distill", "losses", "published", "sources")
 # DistillConfig fields that come from the recipe's pair and the user's flags, never from a loss's overrides
@@ -167,7 +167,9 @@ def teacher_test_accuracy(dump: DumpConfig, test: ImageData) -> float:
     """Top-1 accuracy of the dump's teacher checkpoint on the un-augmented test split."""
     device = pick_device(dump.device)
     teacher = load_teacher(dump.checkpoint, dump.teacher, test.num_classes)[0]
-    return top1_accuracy(prepare_model(teacher, device), test, device)
+    images = test.images.to(device)
+    return top1_accuracy(prepare_model(teacher, device), tensor_test_batches(test, images, range(len(images))),
+                         len(images))
 
 
 @dataclass(frozen=True)

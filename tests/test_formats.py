@@ -12,12 +12,13 @@ import torch
 
 from kdcache.cache import open_cache, verify
 from kdcache.cache.layout import FORMAT_VERSIONS, WRITTEN_VERSION
-from kdcache.data import get_policy, load_dataset, normalize
+from kdcache.data import get_policy, load_dataset, normalize, policy_for
 from kdcache.errors import KdcacheError
 from kdcache.models import LogitMap, load_teacher
 from kdcache.stages.dump import dump_teacher
 from kdcache.stages.targets import CachedTargets
 from kdcache.stages.topk import rebuild_topk
+from kdcache.stages.views import require_fits
 
 FIXTURES_DIR = Path(__file__).parent / "fixtures" / "formats"
 # file -> (format version, top-k k, progress chunked per view)
@@ -28,7 +29,9 @@ FIXTURES = {
     "v2-topk.zarr": (2, 2, False),
     "v3.zarr": (3, 0, False),
     "v3-topk.h5": (3, 2, False),
+    "v4.zarr": (4, 0, False),
 }
+STREAMED_FIXTURE = "v4-files.zarr"  # format 4 over the image folder images/, streamed
 SCALES = (1, 2)
 
 
@@ -65,6 +68,25 @@ def test_a_cache_of_every_version_reads_verifies_and_equals_the_live_teacher(nam
             torch.testing.assert_close(stored, expected, rtol=2e-3, atol=2e-3)
             targets.begin_epoch(view)  # the training path reads the same values
             assert torch.equal(targets(torch.arange(24), None), stored)
+
+
+def test_a_streamed_cache_of_format_4_reads_verifies_and_equals_the_live_teacher_on_the_files(teacher_and_data):
+    from kdcache.data.files import read_image
+
+    model, info, _ = teacher_and_data
+    logit_map = LogitMap(model, SCALES).eval()
+    files = load_dataset("imagefolder", FIXTURES_DIR / "images", "train", image_size=16)
+    policy = policy_for(files, "imagenet")
+    with open_cache(FIXTURES_DIR / STREAMED_FIXTURE) as cache:
+        assert cache.spec.format_version == 4 and cache.spec.streamed and verify(cache) == []
+        require_fits(cache, files, policy, SCALES, teacher="resnet8")
+        for view in range(cache.num_views):
+            params = torch.from_numpy(cache.aug_params(view))
+            images = torch.stack([policy.apply(read_image(files.path(i))[0], params[i]) for i in range(8)])
+            with torch.no_grad():
+                live = logit_map(normalize(images, files.mean, files.std))
+            torch.testing.assert_close(torch.from_numpy(cache.view(view)).float(), live.half().float(), rtol=2e-3,
+                                       atol=2e-3)
 
 
 @pytest.mark.parametrize("name", [name for name, (version, _, _) in FIXTURES.items() if version < WRITTEN_VERSION])

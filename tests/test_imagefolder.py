@@ -1,4 +1,5 @@
-"""The imagefolder source: torchvision's ImageFolder layout, labels and file order, decoded and resized once."""
+"""The imagefolder source preloaded (`preload=True`): torchvision's ImageFolder layout, labels and file order, decoded
+and resized once. tests/test_streamed_files.py covers the default, streamed from the files."""
 
 from pathlib import Path
 
@@ -26,7 +27,7 @@ SIZE = 24
 # class -> (relative file name, height, width, channels); grey and RGBA files, a sub-folder, an upper-case
 # extension, portrait and landscape shapes, and images smaller than SIZE (upsampled) and larger (downsampled)
 TRAIN_FILES = {
-    "dog": [("d0.jpeg", 40, 64, 3), ("d1.PNG", 30, 30, 3), ("notes.txt", 0, 0, 0)],
+    "dog": [("d0.jpeg", 40, 64, 3), ("d1.PNG", 30, 30, 3)],
     "bird": [("b1.png", 50, 31, 3), ("b0.jpg", 20, 36, 3)],
     "cat": [("c0.png", 48, 48, 1), ("sub/c1.png", 33, 70, 4)],
 }
@@ -51,11 +52,7 @@ def _write_tree(folder: Path, files: dict[str, list[tuple[str, int, int, int]]],
     for class_name, entries in files.items():
         for index, (name, height, width, channels) in enumerate(entries):
             path = folder / class_name / name
-            if name.endswith(".txt"):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text("not an image: ImageFolder skips it")
-            else:
-                _write_image(path, _pixels(seed + index + 100 * len(class_name), height, width, channels))
+            _write_image(path, _pixels(seed + index + 100 * len(class_name), height, width, channels))
 
 
 @pytest.fixture
@@ -87,7 +84,7 @@ def test_imagefolder_is_registered():
 
 
 def test_shape_labels_and_order_are_torchvision_imagefolders(root):
-    data = load_dataset("imagefolder", root, "train", image_size=SIZE)
+    data = load_dataset("imagefolder", root, "train", image_size=SIZE, preload=True)
     reference = torchvision.datasets.ImageFolder(str(root / "train"))
     assert reference.classes == ["bird", "cat", "dog"]
     assert data.images.shape == (6, 3, SIZE, SIZE) and data.images.dtype == torch.uint8
@@ -102,27 +99,27 @@ def test_shape_labels_and_order_are_torchvision_imagefolders(root):
     assert torch.equal(data.images[grey, 0], data.images[grey, 1]) and torch.equal(data.images[grey, 0], data.images[grey, 2])
 
 
-def test_default_size_is_64(root):
-    assert load_dataset("imagefolder", root, "test").images.shape == (3, 3, 64, 64)
+def test_default_size_is_224(root):
+    assert load_dataset("imagefolder", root, "test", preload=True).images.shape == (3, 3, 224, 224)
 
 
 def test_test_split_reads_val_or_else_test(root):
-    data = load_dataset("imagefolder", root, "test", image_size=SIZE)
+    data = load_dataset("imagefolder", root, "test", image_size=SIZE, preload=True)
     assert data.split == "test" and data.labels.tolist() == [0, 1, 2]
     assert torch.equal(data.images[0], _expected(str(root / "val" / "bird" / "v0.png")))
     (root / "val").rename(root / "test")
-    assert load_dataset("imagefolder", root, "test", image_size=SIZE).fingerprint == data.fingerprint
+    assert load_dataset("imagefolder", root, "test", image_size=SIZE, preload=True).fingerprint == data.fingerprint
 
 
 def test_fingerprint_is_deterministic_and_sees_one_pixel(root, monkeypatch):
-    first = load_dataset("imagefolder", root, image_size=SIZE)
+    first = load_dataset("imagefolder", root, image_size=SIZE, preload=True)
     monkeypatch.setattr(imagefolder_module, "_FILES_PER_TASK", 1)  # one file per thread task: another schedule
-    assert load_dataset("imagefolder", root, image_size=SIZE).fingerprint == first.fingerprint
+    assert load_dataset("imagefolder", root, image_size=SIZE, preload=True).fingerprint == first.fingerprint
     path = root / "train" / "dog" / "d1.PNG"  # 30×30, upsampled: every source pixel reaches the crop
     pixels = decode_image(str(path))
     pixels[:, 15, 15] += 128
     write_png(pixels, str(path))
-    assert load_dataset("imagefolder", root, image_size=SIZE).fingerprint != first.fingerprint
+    assert load_dataset("imagefolder", root, image_size=SIZE, preload=True).fingerprint != first.fingerprint
 
 
 def test_other_formats_become_three_channel_uint8(tmp_path):
@@ -131,7 +128,7 @@ def test_other_formats_become_three_channel_uint8(tmp_path):
     Image.new("CMYK", (30, 20), (10, 20, 30, 40)).save(folder / "cmyk.jpg")
     Image.new("RGB", (20, 30), (200, 100, 50)).save(folder / "plain.bmp")  # torchvision.io cannot decode BMP: PIL does
     Image.fromarray(np.full((20, 20), 40000, np.uint16)).save(folder / "deep.png")  # a 16-bit PNG
-    data = load_dataset("imagefolder", tmp_path, image_size=8)
+    data = load_dataset("imagefolder", tmp_path, image_size=8, preload=True)
     assert data.images.shape == (3, 3, 8, 8)
     cmyk, deep, bmp = data.images  # sorted file names
     assert cmyk[:, 0, 0].tolist() == list(Image.open(folder / "cmyk.jpg").convert("RGB").getpixel((0, 0)))
@@ -174,15 +171,22 @@ def test_no_class_folders_and_empty_class_folders(tmp_path):
     assert "has no class folders" in _error(tmp_path)
     (tmp_path / "train" / "empty").mkdir()
     (tmp_path / "train" / "texts").mkdir()
-    (tmp_path / "train" / "texts" / "a.txt").write_text("x")
     message = _error(tmp_path)
     assert "2 of 2 class folders hold no image files (empty, texts)" in message and ".png" in message
+
+
+def test_a_file_that_is_no_image_by_its_extension_is_named_not_skipped(root):
+    notes = root / "train" / "dog" / "notes.txt"
+    notes.write_text("not an image: torchvision's ImageFolder skips it silently")
+    message = _error(root)
+    assert f"1 files in its class folders are not images by their extension ({notes})" in message
+    assert "move the others out" in message
 
 
 def test_undecodable_file_is_named(root):
     bad = root / "train" / "cat" / "c2.png"
     bad.write_bytes(b"not a png")
-    message = _error(root, image_size=SIZE)
+    message = _error(root, image_size=SIZE, preload=True)
     assert str(bad) in message and "delete or replace the file" in message and ".cpp" not in message
 
 

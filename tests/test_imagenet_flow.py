@@ -32,7 +32,8 @@ def write_imagefolder(root):
 
 def test_imagefolder_teacher_topk_cache_and_student_through_the_cli(tmp_path, capsys):
     write_imagefolder(tmp_path / "data")
-    common = ["--dataset", "imagefolder", "--data-root", tmp_path / "data", "--image-size", SIZE, "--device", "cpu"]
+    common = ["--dataset", "imagefolder", "--data-root", tmp_path / "data", "--image-size", SIZE, "--preload",
+              "--device", "cpu"]  # held in memory: tests/test_streamed_files.py streams the files
     code, _, err = run_cli(["train-teacher", "--model", "resnet18", "--aug", "imagenet", "--epochs", 2,
                             "--batch-size", 10, "--out", tmp_path / "teacher", *common], capsys)
     assert code == 0, err
@@ -41,7 +42,7 @@ def test_imagefolder_teacher_topk_cache_and_student_through_the_cli(tmp_path, ca
                              capsys)
     assert code == 0, err
 
-    data = load_dataset("imagefolder", tmp_path / "data", "train", image_size=SIZE)
+    data = load_dataset("imagefolder", tmp_path / "data", "train", image_size=SIZE, preload=True)
     teacher = create_model("resnet18", num_classes=3)
     load_checkpoint(tmp_path / "teacher" / "model.pt", teacher)
     live, policy = LogitMap(teacher.eval(), (1, 2)), get_policy("imagenet", image_size=(SIZE, SIZE))

@@ -1,4 +1,4 @@
-"""Cache format versions 1 (full logits) and 2 (top-k logits): the arrays, the metadata schema, and the checks
+"""Cache format versions 1 to 4: the arrays, the metadata schema, and the checks
 that a cache fits its use."""
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ FORMAT_VERSIONS = {
        "to 6894b6c): the chunk shape tells which",
     2: "per region the top k logits, their classes and one value for the rest; `progress` one chunk per block",
     3: "every logit, or with `logits.topk` the top k as in 2; `progress` one chunk per block",
+    4: "as 3; a split streamed from files (`dataset.source` files) adds `files` and `file_crc32c`, and its `aug` "
+       "is float32 fractions of each original image, written with each block",
 }
-WRITTEN_VERSION = 3
+WRITTEN_VERSION = 4
 TARGET_CHUNK_BYTES = 2 * 2**20  # one view x one block of samples per chunk: 1-4 MB reads well from disk
 PENDING = -1  # progress value of a block not yet written
 FINITE_CHECK_BLOCK = 2**18  # values tested at a time: the scratch stays in cache
@@ -38,7 +40,10 @@ ARRAYS = {
     "topk_indices": "[views, samples, regions, k] their classes",
     "topk_rest": "[views, samples, regions] the logit that, given to each of the other classes, keeps their total "
                  "softmax mass at temperature 1: logsumexp(other logits) - log(classes - k)",
-    "aug": "[views, samples, params] augmentation parameters that replay each view (see augmentation)",
+    "aug": "[views, samples, params] augmentation parameters that replay each view (see augmentation): int32 "
+           "pixels of the stored images, or float32 fractions of each original file for a streamed split",
+    "files": "[bytes] the streamed split's files, relative to its folder, '\\n'-separated, in sample order (UTF-8)",
+    "file_crc32c": "[samples] crc32c of each file's bytes as the teacher read them",
     "labels": "[samples] class labels",
     "progress": "[views, blocks] -1 while a block is not written; then how many of its samples the "
                 "teacher's global logit (region 0) classifies correctly",
@@ -58,6 +63,7 @@ IDENTITY_FIELDS = (
     "logits.block_size", "logits.topk",
 )
 FULL_ARRAYS = ("logits",)
+FILE_ARRAYS = ("files", "file_crc32c")
 TOPK_ARRAYS = ("topk_values", "topk_indices", "topk_rest")
 
 
@@ -82,6 +88,21 @@ class CacheSpec:
         if self.block_size <= 0:
             object.__setattr__(self, "block_size", max(1, min(self.num_samples,
                                                               TARGET_CHUNK_BYTES // self.bytes_per_sample)))
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the dataset was read from files (format 4): the views are fractions of each original file."""
+        return self.dataset.get("source") == "files"
+
+    @property
+    def aug_dtype(self) -> str:
+        """int32 pixel parameters of in-memory images; float32 fractions of the original file for a streamed split."""
+        return "float32" if self.streamed else "int32"
+
+    @property
+    def file_arrays(self) -> tuple[str, ...]:
+        """The arrays that record a streamed split's files and their checksums."""
+        return FILE_ARRAYS if self.streamed else ()
 
     @property
     def data_arrays(self) -> tuple[str, ...]:
@@ -160,7 +181,8 @@ class CacheSpec:
                        **({"topk": self.topk, "rebuilt": "each region's logits are rebuilt as topk_rest for every "
                            "class, then topk_values at topk_indices (FKD/ReLabel: the other classes share the "
                            "remaining mass evenly)"} if self.topk else {})},
-            "arrays": {name: ARRAYS[name] for name in (*self.data_arrays, "aug", "labels", "progress", DIGEST_ARRAY)},
+            "arrays": {name: ARRAYS[name] for name in (*self.data_arrays, "aug", "labels", "progress", DIGEST_ARRAY,
+                                                       *self.file_arrays)},
             "view_accuracy": self.view_accuracy,
         }
 
@@ -189,11 +211,17 @@ class CacheSpec:
                            ("dataset.std", list), ("dataset.fingerprint", str), ("augmentation.name", str),
                            ("augmentation.param_names", list)):
             get(name, kind)
+        if spec.streamed:
+            get("dataset.listing_bytes", int)
         spec._check_values(where)
         return spec
 
     def _check_values(self, where: str) -> None:
         """Refuse fields whose type is right but whose value no dump writes."""
+        if self.streamed and self.format_version < 4:
+            raise CorruptCacheError(f"{where}: metadata says format {self.format_version} but 'dataset.source' files, "
+                                    f"which format 4 introduced: the metadata was edited — rebuild it with "
+                                    f"`kdcache dump-teacher --overwrite`")
         feature_map = self.teacher["feature_map"]
         if len(feature_map) != 2 or not all(isinstance(n, int) and n > 0 for n in feature_map):
             raise CorruptCacheError(f"{where}: metadata field 'teacher.feature_map' should be [height, width] of the "

@@ -117,7 +117,7 @@ class TeacherCache:
             raise KdcacheError(f"cache {self.path} is incomplete: {len(missing)} of {progress.size} (view, block) "
                                f"units are not written (first: view {view}, block {block}); rerun the same "
                                f"`kdcache dump-teacher` command to finish it")
-        for name in ("labels", "aug", *self.spec.data_arrays):
+        for name in ("labels", "aug", *self.spec.data_arrays, *self.spec.file_arrays):
             problem = next(self.missing_chunks(name, None), None)
             if problem is not None:
                 raise self._damaged(problem)
@@ -128,8 +128,17 @@ class TeacherCache:
         return self._read_checked("labels", None)
 
     def aug_params(self, view: int) -> np.ndarray:
-        """[samples, params] int32 augmentation parameters of one view."""
+        """[samples, params] augmentation parameters of one view: int32 pixels, or float32 fractions of each file
+        for a streamed split."""
         return self._read_checked("aug", view)
+
+    def file_listing(self) -> list[bytes]:
+        """A streamed split's files as the dump listed them, relative to the split's folder, in sample order."""
+        return self._read_checked("files", None).tobytes().split(b"\n")
+
+    def file_checksums(self) -> np.ndarray:
+        """[samples] int64 crc32c of each file of a streamed split, as the teacher read it."""
+        return self._read_checked("file_crc32c", None).astype(np.int64)
 
     def view(self, view: int, samples: range | None = None) -> np.ndarray:
         """[samples, regions, classes] logits of one whole view (as stored, or rebuilt from top-k storage in the
@@ -226,14 +235,17 @@ class TeacherCache:
         data = "views.count, dataset.num_samples, scales, teacher.num_classes" + (", logits.topk" if spec.topk else "")
         expected = {
             **{name: (*spec.array_layout(name), (1, spec.block_size), data) for name in spec.data_arrays},
-            "aug": ((spec.num_views, spec.num_samples, spec.num_params), "int32",
+            "aug": ((spec.num_views, spec.num_samples, spec.num_params), spec.aug_dtype,
                     (1, spec.block_size) if spec.num_params else None,
                     "views.count, dataset.num_samples, augmentation.param_names, logits.block_size"),
             "labels": ((spec.num_samples,), "int64", None, "dataset.num_samples"),
             "progress": ((spec.num_views, spec.num_blocks), "int64", None,
                          "views.count, dataset.num_samples, logits.block_size"),
             **({DIGEST_ARRAY: ((DIGEST_BYTES,), "uint8", None, "format_version")}
-               if spec.format_version >= DIGEST_SINCE else {})}
+               if spec.format_version >= DIGEST_SINCE else {}),
+            **({"files": ((spec.dataset["listing_bytes"],), "uint8", None, "dataset.listing_bytes"),
+                "file_crc32c": ((spec.num_samples,), "uint32", (spec.block_size,),
+                                "dataset.num_samples, logits.block_size")} if spec.streamed else {})}
         for name, (shape, dtype, chunks, fields) in expected.items():
             info = self.store.array_info(name)
             if info.codecs != type(self.store).codecs and math.prod(info.shape) > 0:  # HDF5 stores empty ones plain
@@ -260,6 +272,10 @@ class TeacherCache:
                 for block in blocks or range(self.spec.num_blocks):
                     rows = self.spec.block_range(block)
                     yield (k, block) + (0,) * (len(info.shape) - 2), k, block, (k, slice(rows.start, rows.stop))
+        elif name == "file_crc32c":  # one chunk per block, written with view 0's
+            for block in blocks or range(self.spec.num_blocks):
+                rows = self.spec.block_range(block)
+                yield (block,), None, block, (slice(rows.start, rows.stop),)
         elif name == "progress" and self.spec.format_version == 1 and info.chunks[0] == 1:  # format 1, per view
             for k in range(self.num_views):
                 yield (k, 0), k, None, (k,)

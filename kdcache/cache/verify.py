@@ -19,7 +19,8 @@ ProblemAt = Callable[..., list[Problem]]  # (what, array name) -> [the Problem a
 
 def verify(cache: TeacherCache, on_block: Callable[[], None] | None = None) -> list[Problem]:
     """Read every chunk: checksums, missing chunks, completeness, finiteness, region-0 self-check."""
-    small = SMALL_ARRAYS + ((DIGEST_ARRAY,) if cache.spec.format_version >= DIGEST_SINCE else ())
+    small = SMALL_ARRAYS + ((DIGEST_ARRAY,) if cache.spec.format_version >= DIGEST_SINCE else ()) + \
+        cache.spec.file_arrays
     problems = [p for name in small for p in cache.missing_chunks(name, None)]
     problems += [p for name in small for p in cache.unreadable_chunks(name, None)]
     if any(p.array == "progress" for p in problems):

@@ -29,9 +29,13 @@ class CacheWriter:
         self.store, self.spec, self._locks = store, spec, locks
 
     @classmethod
-    def open(cls, path: Location, spec: CacheSpec, labels: np.ndarray, aug_params: np.ndarray,
-             format: str | None = None, overwrite: bool = False) -> CacheWriter:
-        """Take the writer lock, then create the cache, or resume it when it exists and was made with the same spec."""
+    def open(cls, path: Location, spec: CacheSpec, labels: np.ndarray, aug_params: np.ndarray | None,
+             format: str | None = None, overwrite: bool = False, listing: bytes = b"") -> CacheWriter:
+        """Take the writer lock, then create the cache, or resume it when it exists and was made with the same spec.
+
+        aug_params: every view's parameters, written now; None for a streamed split, whose blocks bring their own
+        (with `listing`, its files).
+        """
         path = as_location(path)
         if isinstance(path, Path):
             path = path.resolve()  # through a symlink: the real store, under the same lock
@@ -45,7 +49,7 @@ class CacheWriter:
                 remove_store(path)
             if store_exists(path):
                 return cls(cls._resumable(path, spec), spec, locks)
-            return cls(cls._created(path, format, spec, labels, aug_params), spec, locks)
+            return cls(cls._created(path, format, spec, labels, aug_params, listing), spec, locks)
         except BaseException:
             for lock in reversed(locks):
                 lock.release()
@@ -80,12 +84,12 @@ class CacheWriter:
 
     @classmethod
     def _created(cls, path: str | Path, format: str | None, spec: CacheSpec, labels: np.ndarray,
-                 aug_params: np.ndarray) -> Store:
+                 aug_params: np.ndarray | None, listing: bytes) -> Store:
         """A new store with every array and the metadata; a disk that cannot hold even that is one line."""
         store = None
         try:
             store = create_store(path, format)
-            cls._create_arrays(store, spec, labels, aug_params)
+            cls._create_arrays(store, spec, labels, aug_params, listing)
         except BaseException as error:
             if store is not None:
                 with contextlib.suppress(Exception):  # closing flushes, which a full disk refuses too
@@ -97,11 +101,16 @@ class CacheWriter:
         return store
 
     @staticmethod
-    def _create_arrays(store: Store, spec: CacheSpec, labels: np.ndarray, aug_params: np.ndarray) -> None:
+    def _create_arrays(store: Store, spec: CacheSpec, labels: np.ndarray, aug_params: np.ndarray | None,
+                       listing: bytes) -> None:
         block = spec.block_size
         store.create_array("labels", (spec.num_samples,), "int64", (spec.num_samples,))
-        store.create_array("aug", (spec.num_views, spec.num_samples, spec.num_params), "int32",
+        store.create_array("aug", (spec.num_views, spec.num_samples, spec.num_params), spec.aug_dtype,
                            (1, block, spec.num_params))
+        if spec.streamed:
+            store.create_array("files", (len(listing),), "uint8", (len(listing),))
+            store.write("files", (), np.frombuffer(listing, np.uint8))
+            store.create_array("file_crc32c", (spec.num_samples,), "uint32", (block,))
         for name in spec.data_arrays:
             shape, dtype = spec.array_layout(name)
             store.create_array(name, shape, dtype, (1, block, *shape[2:]))
@@ -109,7 +118,8 @@ class CacheWriter:
         store.create_array("progress", (spec.num_views, spec.num_blocks), "int64", (spec.num_views, 1),
                            fill_value=PENDING)
         store.write("labels", (), labels.astype(np.int64))
-        store.write("aug", (), aug_params.astype(np.int32))
+        if not spec.streamed:
+            store.write("aug", (), aug_params.astype(np.int32))
         store.write("progress", (), np.full((spec.num_views, spec.num_blocks), PENDING, np.int64))
         metadata = spec.to_metadata()
         store.create_array(DIGEST_ARRAY, (DIGEST_BYTES,), "uint8", (DIGEST_BYTES,))
@@ -133,9 +143,13 @@ class CacheWriter:
 
     def write_block(self, view: int, block: int, arrays: dict[str, np.ndarray], correct: int) -> None:
         """Write one block of the data arrays (`logits`, or the three top-k ones), then mark it done; a failure
-        leaves it pending."""
+        leaves it pending. A streamed split's block also brings its `aug` rows, and `file_crc32c` with view 0."""
         rows = self.spec.block_range(block)
         stored, bad = {}, np.zeros(len(rows), bool)
+        extra = {name: arrays[name] for name in ("aug", "file_crc32c") if self.spec.streamed and name in arrays}
+        if self.spec.streamed and ("aug" not in extra or ("file_crc32c" in extra) != (view == 0)):
+            raise ValueError(f"block {block} of view {view} of a streamed split needs its aug rows, and "
+                             f"file_crc32c with view 0 only; got {sorted(arrays)}")
         for name in self.spec.data_arrays:
             shape, dtype = self.spec.array_layout(name)
             if name not in arrays or arrays[name].shape != (len(rows), *shape[2:]):
@@ -153,6 +167,10 @@ class CacheWriter:
         try:
             for name, values in stored.items():
                 self.store.write(name, (view, slice(rows.start, rows.stop)), values)
+            if "aug" in extra:
+                self.store.write("aug", (view, slice(rows.start, rows.stop)), extra["aug"].astype(np.float32))
+            if "file_crc32c" in extra:
+                self.store.write("file_crc32c", (slice(rows.start, rows.stop),), extra["file_crc32c"].astype(np.uint32))
             self.store.flush()
             self.store.write("progress", (view, block), np.int64(correct))
             self.store.flush()

@@ -8,6 +8,7 @@ from kdcache.data.augment import (
                                   get_policy,
                                   list_policies,
 )
+from kdcache.data.files import FileBatches, FilePolicy, ImageFiles, first_images, policy_for
 from kdcache.data.sources import (
                                   ImageData,
                                   data_fingerprint,
@@ -21,6 +22,11 @@ from kdcache.data.sources import (
 __all__ = [
     "AugmentPolicy",
     "CropFlip",
+    "FileBatches",
+    "FilePolicy",
+    "ImageFiles",
+    "first_images",
+    "policy_for",
     "Identity",
     "ImageData",
     "data_fingerprint",

@@ -1,47 +1,50 @@
-"""`imagefolder`: torchvision's ImageFolder layout (ImageNet's, for one), decoded once into a uint8 tensor.
+"""`imagefolder`: torchvision's ImageFolder layout (ImageNet's, for one), streamed from its files or preloaded.
 
 `root/train/<class>/<images>` is the train split; `root/val/...` (ImageNet's name) or `root/test/...`
 the test split. Classes and files are listed by torchvision's own `find_classes` and `make_dataset`
 (sorted class folder names, sorted files with an extension in IMG_EXTENSIONS, sub-folders walked),
 so labels are the indices a teacher trained with torchvision's ImageFolder on the same folder
-predicts, and the order (hence the fingerprint) is deterministic.
+predicts, and the order (hence the fingerprint) is deterministic. A file of another extension, or a
+class folder without images, is refused by name: nothing is skipped silently.
 
-Every image is resized once, shorter side to `image_size` (bilinear, antialiased), then
-center-cropped to image_size × image_size, and the whole split is held in memory as uint8
-[N, 3, S, S]. That is why the default size is small: ImageNet's 1.28 M training images take
-1.28 M × 3 × 64 × 64 bytes = 15.7 GB at 64 px, and 193 GB at 224 px. The pixels, hence the
-fingerprint, depend on the decoders and resize kernels of the installed torchvision.
+By default a split is streamed (`ImageFiles`): opening it costs its file list only, and each sample is
+decoded from its file whenever a view of it is made (at image_size x image_size, in DataLoader workers).
+With `preload=True` every image is decoded once, shorter side resized to image_size (bilinear,
+antialiased), centre-cropped, and the split is held in memory as uint8 [N, 3, S, S] (ImageData): fast for
+small folders, but ImageNet's 1.28 M training images would take 15.7 GB at 64 px and 193 GB at 224 px.
+The preloaded pixels, hence the fingerprint, depend on the decoders and resize kernels of the installed
+torchvision.
 """
 
 import os
-import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from kdcache.data.files import ImageFiles, read_image
 from kdcache.data.sources import ImageData, register_dataset
 from kdcache.errors import KdcacheError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_IMAGE_SIZE = 64
+DEFAULT_IMAGE_SIZE = 224  # the field's ImageNet setting
 
 # The folders each split may live in, in order of preference.
 SPLIT_FOLDERS = {"train": ("train",), "test": ("val", "test")}
-# IMG_EXTENSIONS lists formats torchvision.io cannot decode; those go through PIL, as ImageFolder's loader does.
-_PIL_ONLY_EXTENSIONS = (".bmp", ".pgm", ".ppm", ".tif", ".tiff")
 _FILES_PER_TASK = 64  # a thread pool task decodes this many files: few futures even for 1.28 M images
 _NAMES_SHOWN = 5
 
 
 @register_dataset
-def imagefolder(root: str | Path | None, split: str, *, image_size: int = DEFAULT_IMAGE_SIZE) -> ImageData:
-    """An ImageFolder tree (`root/train`, `root/val` or `root/test`) as uint8 [N, 3, image_size, image_size]."""
+def imagefolder(root: str | Path | None, split: str, *, image_size: int = DEFAULT_IMAGE_SIZE,
+                preload: bool = False) -> ImageFiles | ImageData:
+    """An ImageFolder tree (`root/train`, `root/val` or `root/test`): its files, streamed at image_size x image_size
+    (or, with preload, decoded into uint8 [N, 3, image_size, image_size])."""
     if not isinstance(image_size, int) or image_size < 8:
         raise KdcacheError(f"load_dataset('imagefolder'): image_size should be an integer >= 8, found {image_size!r}")
     folder = _split_folder(root, split)
@@ -53,6 +56,10 @@ def imagefolder(root: str | Path | None, split: str, *, image_size: int = DEFAUL
             raise KdcacheError(f"{folder}: its class folders differ from train's ({_difference(classes, train_classes)}), "
                                "so the same label would name different classes; give both splits the same class folders")
     paths, labels = _files(folder, classes)
+    if not preload:
+        relative = np.array([os.fsencode(Path(path).relative_to(folder).as_posix()) for path in paths])
+        return ImageFiles("imagefolder", split, str(folder), relative, torch.tensor(labels, dtype=torch.int64),
+                          len(classes), IMAGENET_MEAN, IMAGENET_STD, image_size)
     images = _decode_all(paths, image_size, f"decode {folder.name}")
     return ImageData("imagefolder", split, images, torch.tensor(labels, dtype=torch.int64), len(classes),
                      IMAGENET_MEAN, IMAGENET_STD)
@@ -95,7 +102,22 @@ def _files(folder: Path, classes: list[str]) -> tuple[list[str], list[int]]:
     """Every image file of every class, in torchvision's order, and its label; refuses a class without images."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-    samples = make_dataset(folder, {name: index for index, name in enumerate(classes)}, IMG_EXTENSIONS, allow_empty=True)
+    from torchvision.datasets.folder import has_file_allowed_extension
+
+    others = []
+
+    def is_image(path: str) -> bool:  # make_dataset's own test, noting what it leaves out
+        allowed = has_file_allowed_extension(path, IMG_EXTENSIONS)
+        if not allowed:
+            others.append(path)
+        return allowed
+
+    samples = make_dataset(folder, {name: index for index, name in enumerate(classes)}, is_valid_file=is_image,
+                           allow_empty=True)
+    if others:
+        raise KdcacheError(f"{folder}: {len(others)} files in its class folders are not images by their extension "
+                           f"({_names(others)}); expected files ending in {', '.join(IMG_EXTENSIONS)}: move the "
+                           f"others out of the class folders")
     empty = sorted(set(classes) - {classes[label] for _, label in samples})
     if empty:
         raise KdcacheError(
@@ -132,24 +154,9 @@ def _decode_range(paths: Sequence[str], images: Tensor, start: int, image_size: 
 
 def _load(path: str, image_size: int) -> Tensor:
     """One file as uint8 [3, S, S]: RGB, shorter side resized to S (bilinear, antialiased), center-cropped."""
-    from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms import functional as TF
-    from torchvision.transforms.v2.functional import to_dtype
 
-    try:
-        if path.lower().endswith(_PIL_ONLY_EXTENSIONS):
-            with Image.open(path) as file:
-                image = TF.pil_to_tensor(file.convert("RGB"))
-        else:
-            # RGB mode: grey, grey+alpha, RGBA and CMYK files all become 3 channels
-            image = decode_image(path, ImageReadMode.RGB)
-            if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16
-                image = to_dtype(image, torch.uint8, scale=True)
-    except Exception as error:  # a damaged or mislabelled file fails in decoder-specific ways
-        # torchvision's C++ errors start "function, source.cpp:line, ": only the rest means anything to a user
-        detail = re.sub(r"^\w+, \S+:\d+, ", "", str(error).strip().split("\n")[0])
-        raise KdcacheError(f"{path}: not a decodable image ({type(error).__name__}: {detail}); "
-                           "delete or replace the file") from None
+    image, _ = read_image(path)
     # torchvision.transforms' resize (not v2's): it always interpolates in float32 and rounds, whereas v2
     # takes a native uint8 path on AVX2 and ARM CPUs only, whose pixels differ by ±1, so the fingerprint
     # would depend on the CPU.

@@ -12,22 +12,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from kdcache.cache import TeacherCache, open_cache
 from kdcache.cache.layout import CacheSpec
-from kdcache.data import ImageData, dataset_options, get_policy, load_dataset, normalize
+from kdcache.data import ImageData, ImageFiles, dataset_options, load_dataset, normalize, policy_for
+from kdcache.data.files import check_checksums, read_image
 from kdcache.models import region_indices
 from kdcache.stages.views import CachedViews, require_fits
 
 
 def load_cache_data(spec: CacheSpec, data_root: str | Path | None = None, split: str | None = None,
-                    **options: object) -> ImageData:
+                    **options: object) -> ImageData | ImageFiles:
     """The split a cache was made from (or `split` of the same dataset), loaded at the image size it was made at."""
     name = spec.dataset["name"]
-    if not options and "image_size" in dataset_options(name):
-        options = {"image_size": spec.dataset["image_shape"][-1]}
+    if "image_size" in dataset_options(name):
+        options = {"image_size": spec.dataset["image_shape"][-1], **options}
+    if "preload" in dataset_options(name):  # a cache of files streams them; an older one held the split in memory
+        options = {"preload": not spec.streamed, **options}
     return load_dataset(name, data_root, split or spec.dataset["split"], **options)
 
 
@@ -37,18 +41,20 @@ class CacheDataset(Dataset):
     `targets` is a dict of the cache's named outputs: `"regions"`, the region logits `[R, C]` float32 (the
     cache's regions, or those of `scales`). `set_epoch(e)` selects the view epoch e replays (`view_order`
     cycle: e mod K), as a DistributedSampler's set_epoch selects its order. `data`: the dataset already
-    loaded, instead of loading the one the cache names (from `data_root` where it needs one).
+    loaded, instead of loading the one the cache names (from `data_root` where it needs one). A streamed
+    split's files are read in `__getitem__` (in the loader's workers), each checked against the crc32c the
+    teacher's dump recorded.
     """
 
     def __init__(self, cache: str | os.PathLike | TeacherCache, data_root: str | os.PathLike | None = None,
-                 transform: Callable[[torch.Tensor], Any] | None = None, *, data: ImageData | None = None,
+                 transform: Callable[[torch.Tensor], Any] | None = None, *, data: ImageData | ImageFiles | None = None,
                  scales: tuple[int, ...] | None = None, view_order: str = "cycle", seed: int = 0) -> None:
         self.path = cache.path if isinstance(cache, TeacherCache) else cache
         self.transform, self.view_order, self.seed = transform, view_order, seed
         opened = cache if isinstance(cache, TeacherCache) else open_cache(self.path)
         try:
             self.data = data if data is not None else load_cache_data(opened.spec, data_root)
-            self.policy = get_policy(opened.spec.augmentation["name"], image_size=tuple(self.data.images.shape[-2:]))
+            self.policy = policy_for(self.data, opened.spec.augmentation["name"])
             require_fits(opened, self.data, self.policy, scales or opened.spec.scales)
             self.regions = None if scales is None else region_indices(opened.spec.scales, scales)
             self.scales = tuple(scales or opened.spec.scales)  # the targets' regions: LogitMap(student, scales)
@@ -60,6 +66,7 @@ class CacheDataset(Dataset):
         self._cache: TeacherCache | None = None
         self._opened_by = os.getpid()
         self._loaded: tuple[int, int, torch.Tensor, torch.Tensor] | None = None  # (epoch, view, params, targets)
+        self._checksums: np.ndarray | None = None  # a streamed split's crc32c per file, read once per process
 
     @property
     def num_classes(self) -> int:
@@ -88,19 +95,29 @@ class CacheDataset(Dataset):
             logits = torch.from_numpy(self._cache.view(view))
             targets = logits if self.regions is None else logits[:, self.regions]
             self._loaded = (epoch, view, views.params(epoch), targets)
+            if isinstance(self.data, ImageFiles) and self._checksums is None:
+                self._checksums = self._cache.file_checksums()
         return self._loaded
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled by path: the open cache and the loaded view stay behind, each worker opens and reads its own."""
-        return {**self.__dict__, "_cache": None, "_loaded": None}
+        return {**self.__dict__, "_cache": None, "_loaded": None, "_checksums": None}
 
     def __len__(self) -> int:
         return len(self.data.labels)
 
     def __getitem__(self, index: int) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
         _, _, params, targets = self._current()
-        image = self.policy.apply(self.data.images[index:index + 1], params[index:index + 1])
-        x = normalize(image, self.data.mean, self.data.std)[0]
+        x = normalize(self._view_of(index, params), self.data.mean, self.data.std)[0]
         if self.transform is not None:
             x = self.transform(x)
         return x, self.data.labels[index], {"regions": targets[index].float()}
+
+    def _view_of(self, index: int, params: torch.Tensor) -> torch.Tensor:
+        """Sample index under its view, uint8 [1, C, H, W]: replayed from memory, or from its file (checked)."""
+        if isinstance(self.data, ImageData):
+            return self.policy.apply(self.data.images[index:index + 1], params[index:index + 1])
+        image, checksum = read_image(self.data.path(index))
+        check_checksums(self.data, torch.tensor([index]), torch.tensor([checksum]), self._checksums[index:index + 1],
+                        "the teacher's dump")
+        return self.policy.apply(image, params[index])[None]

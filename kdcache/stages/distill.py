@@ -15,19 +15,16 @@ from kdcache import distributed
 from kdcache.cache import TeacherCache, open_cache
 from kdcache.cache.location import is_url
 from kdcache.config import DistillConfig, loader_options, recorded_config
-from kdcache.data import (
-    AugmentPolicy,
-    ImageData,
-    get_policy,
-    load_dataset,
-)
+from kdcache.data import AugmentPolicy, FilePolicy, ImageData, ImageFiles, load_dataset, policy_for
+from kdcache.data.files import default_workers
 from kdcache.distributed import Shard, World
 from kdcache.errors import KdcacheError
 from kdcache.losses import LossSpec, get_loss, scaled_loss
 from kdcache.models import check_model_spec, create_model, load_teacher
 from kdcache.runtime import pick_device
 from kdcache.stages.dataset import CacheDataset, load_cache_data
-from kdcache.stages.loop import Batch, Run, fit, loader_batches
+from kdcache.stages.loop import Run, fit, loader_batches
+from kdcache.stages.splits import Batch, make_split
 from kdcache.stages.targets import CachedTargets, LiveTeacher, Targets, require_target_memory
 from kdcache.stages.views import CachedViews, FreshViews, require_fits
 
@@ -51,7 +48,7 @@ class RunSummary:
 
 
 def distill(config: DistillConfig, show_progress: bool = True,
-            data: tuple[ImageData, ImageData] | None = None) -> list[RunSummary]:
+            data: tuple[ImageData | ImageFiles, ImageData | ImageFiles] | None = None) -> list[RunSummary]:
     """Train every (student, loss) pair of the config from one target source; each run writes its own folder.
 
     data: (train, test) already loaded, instead of the dataset the cache or config names.
@@ -78,12 +75,11 @@ def distill(config: DistillConfig, show_progress: bool = True,
             cache.close()
 
 
-def _distill(config: DistillConfig, cache: TeacherCache | None, data: ImageData, test: ImageData,
-             device: torch.device, show_progress: bool) -> list[RunSummary]:
+def _distill(config: DistillConfig, cache: TeacherCache | None, data: ImageData | ImageFiles,
+             test: ImageData | ImageFiles, device: torch.device, show_progress: bool) -> list[RunSummary]:
     """Check the cache against the run, make the target provider and the runs, train them all in one loop."""
     stored = cache.spec if cache is not None else None
-    policy = get_policy(stored.augmentation["name"] if stored else config.augmentation,
-                        image_size=tuple(data.images.shape[-2:]))
+    policy = policy_for(data, stored.augmentation["name"] if stored else config.augmentation)
     scales = tuple(config.scales or (stored.scales if stored else (1, 2, 4)))
     losses = {name: scaled_loss(name, config.loss_overrides(), config.epochs) for _, name in config.runs()}
     if cache is not None:
@@ -106,8 +102,11 @@ def _distill(config: DistillConfig, cache: TeacherCache | None, data: ImageData,
         if config.resume:
             run.resume()
         runs.append(run)
-    batch_path = _dataset_batches(config, cache, data, policy, scales, device)
-    fit(runs, data, test, views, policy, targets, config, device, batch_path, show_progress and here.is_main, shard)
+    workers = default_workers() if config.workers is None else config.workers
+    checksums = cache.file_checksums() if cache is not None and stored.streamed else None
+    split = make_split(data, test, policy, device, shard, workers, config.seed, checksums)
+    batch_path = _dataset_batches(config, cache, data, scales, device, workers)
+    fit(runs, split, views, targets, config, device, batch_path, show_progress and here.is_main)
     return [_summary(run) for run in runs]
 
 
@@ -116,7 +115,8 @@ def run_name(student: str, loss: str) -> str:
     return re.sub(r"[^\w.+-]", "_", f"{student}-{loss}")
 
 
-def _load_data(config: DistillConfig, cache: TeacherCache | None) -> tuple[ImageData, ImageData]:
+def _load_data(config: DistillConfig, cache: TeacherCache | None
+               ) -> tuple[ImageData | ImageFiles, ImageData | ImageFiles]:
     """The train split the cache was made from (or the config names) and its test split."""
     options = loader_options(config)
     if cache is not None and config.dataset in (None, cache.spec.dataset["name"]):  # at the size it was made at
@@ -127,7 +127,8 @@ def _load_data(config: DistillConfig, cache: TeacherCache | None) -> tuple[Image
             load_dataset(dataset, config.data_root, "test", **options))
 
 
-def _check_cache(cache: TeacherCache, data: ImageData, policy: AugmentPolicy, scales: tuple[int, ...],
+def _check_cache(cache: TeacherCache, data: ImageData | ImageFiles, policy: AugmentPolicy | FilePolicy,
+                 scales: tuple[int, ...],
                  teacher: str | None, losses: dict[str, LossSpec]) -> None:
     """Refuse a cache that does not fit the run or is incomplete; warn when a top-k cache meets standardisation."""
     require_fits(cache, data, policy, scales, teacher=teacher)
@@ -140,15 +141,18 @@ def _check_cache(cache: TeacherCache, data: ImageData, policy: AugmentPolicy, sc
                     cache.path, cache.spec.topk, ", ".join(standardising))
 
 
-def _targets(config: DistillConfig, cache: TeacherCache | None, data: ImageData, scales: tuple[int, ...],
-             device: torch.device, shard: Shard, show_progress: bool) -> tuple[Targets, dict]:
-    """The target provider (the cache, or the live teacher) and how the runs' records name it."""
+def _targets(config: DistillConfig, cache: TeacherCache | None, data: ImageData | ImageFiles,
+             scales: tuple[int, ...], device: torch.device, shard: Shard, show_progress: bool) -> tuple[Targets, dict]:
+    """The target provider (the cache, or the live teacher) and how the runs' records name it.
+
+    A streamed split's targets stay in host memory, each batch's gathered there: an ImageNet view is gigabytes.
+    """
     if config.live_teacher is None:
-        stored = cache.spec
-        statement = require_target_memory(cache, None if shard.is_whole else shard.samples, device)
+        stored, samples = cache.spec, None if shard.is_whole else shard.samples
+        statement = require_target_memory(cache, samples, device, on_host=stored.streamed)
         if show_progress and distributed.world().is_main:
             print(statement, flush=True)
-        return (CachedTargets(cache, scales, device, None if shard.is_whole else shard.samples),
+        return (CachedTargets(cache, scales, device, samples, on_host=stored.streamed),
                 {"cache": str(cache.path), "cache_identity": stored.identity_digest(), "teacher": stored.teacher,
                  "cache_views": stored.num_views})
     teacher, teacher_info = load_teacher(config.live_teacher, config.teacher, data.num_classes)
@@ -158,8 +162,8 @@ def _targets(config: DistillConfig, cache: TeacherCache | None, data: ImageData,
     return LiveTeacher(teacher, scales, device), {"live_teacher": teacher_info}
 
 
-def _dataset_batches(config: DistillConfig, cache: TeacherCache | None, data: ImageData, policy: AugmentPolicy,
-                     scales: tuple[int, ...], device: torch.device
+def _dataset_batches(config: DistillConfig, cache: TeacherCache | None, data: ImageData | ImageFiles,
+                     scales: tuple[int, ...], device: torch.device, workers: int
                      ) -> Callable[[int, torch.Generator], Iterator[Batch]] | None:
     """With --batch-path dataset, each epoch's batches from CacheDataset through a DataLoader; else None."""
     if config.batch_path != "dataset":
@@ -171,7 +175,9 @@ def _dataset_batches(config: DistillConfig, cache: TeacherCache | None, data: Im
 
     def batches(epoch: int, generator: torch.Generator) -> Iterator[Batch]:
         dataset_of_views.set_epoch(epoch)
-        return loader_batches(dataset_of_views, config.batch_size, generator, device)
+        # files are read by worker processes; a split in memory is cropped faster in this one
+        return loader_batches(dataset_of_views, config.batch_size, generator, device,
+                              workers if isinstance(data, ImageFiles) else 0)
     return batches
 
 

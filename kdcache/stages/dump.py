@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ from kdcache.cache.layout import CacheSpec
 from kdcache.cache.location import Location, as_location, location_name, store_bytes
 from kdcache.cache.writer import BackgroundWriter, CacheWriter
 from kdcache.config import DumpConfig, loader_options
-from kdcache.data import AugmentPolicy, ImageData, get_policy, load_dataset, normalize
+from kdcache.data import AugmentPolicy, FileBatches, FilePolicy, ImageData, ImageFiles, first_images, load_dataset, \
+    normalize, policy_for
+from kdcache.data.files import check_checksums, default_workers, stream
 from kdcache.distributed import World
 from kdcache.errors import KdcacheError
 from kdcache.models import LogitMap, describe_outputs, load_teacher
@@ -64,20 +67,21 @@ def dump_from_config(config: DumpConfig, show_progress: bool = True) -> DumpResu
                            "of the policy)")
     device = pick_device(config.device)
     data = load_dataset(config.dataset, config.data_root, config.split, **loader_options(config))
-    policy = get_policy(config.augmentation, image_size=tuple(data.images.shape[-2:]))
+    policy = policy_for(data, config.augmentation)
     teacher, info = load_teacher(config.checkpoint, config.teacher or None, data.num_classes)
     return dump_teacher(teacher, info, data, policy, config.out, views=config.views or DEFAULT_VIEWS,
                         exhaustive=config.exhaustive, scales=config.scales, batch_size=config.batch_size,
                         device=device, dtype=config.dtype, format=config.format, seed=config.seed,
                         block_size=config.block_size, overwrite=config.overwrite, topk=config.topk,
-                        show_progress=show_progress)
+                        workers=config.workers, show_progress=show_progress)
 
 
-def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageData, policy: AugmentPolicy,
-                 out: Location, *, views: int | None = 1, exhaustive: bool = False, scales: tuple[int, ...] = (1, 2, 4),
-                 batch_size: int = 256, device: torch.device = torch.device("cpu"), dtype: str = "float16",
-                 format: str | None = None, seed: int = 0, block_size: int = 0, overwrite: bool = False,
-                 topk: int = 0, show_progress: bool = True) -> DumpResult:
+def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageData | ImageFiles,
+                 policy: AugmentPolicy | FilePolicy, out: Location, *, views: int | None = 1, exhaustive: bool = False,
+                 scales: tuple[int, ...] = (1, 2, 4), batch_size: int = 256, device: torch.device = torch.device("cpu"),
+                 dtype: str = "float16", format: str | None = None, seed: int = 0, block_size: int = 0,
+                 overwrite: bool = False, topk: int = 0, workers: int | None = None,
+                 show_progress: bool = True) -> DumpResult:
     """Write the teacher's region logits for every (view, sample) to a cache; resumes an interrupted dump.
 
     teacher_info names the teacher in the metadata: arch (its spec), checkpoint, checkpoint_sha256; the feature
@@ -85,23 +89,33 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageDa
     topk > 0 stores per region only the k largest logits, their classes and one logit for the rest.
     Under torchrun each rank computes and writes a contiguous, chunk-aligned range of blocks; rank 0
     creates the cache and records the per-view accuracy once every rank is done.
+    A streamed split (ImageFiles) is read by `workers` DataLoader processes, each view drawn for each file's own
+    size; a rank reads only the files of its blocks.
     """
     out = as_location(out)
     here = distributed.init(device)
-    params = view_params(policy, len(data.labels), views, exhaustive, seed)
+    streamed = isinstance(data, ImageFiles)
+    params = None if streamed else view_params(policy, len(data.labels), views, exhaustive, seed)
+    num_views = _streamed_views(policy, views, exhaustive) if streamed else len(params)
     logit_map = prepare_model(LogitMap(teacher, scales), device).eval()
-    spec = _cache_spec(logit_map, teacher_info, data, policy, len(params), exhaustive, seed, scales, dtype, block_size,
+    spec = _cache_spec(logit_map, teacher_info, data, policy, num_views, exhaustive, seed, scales, dtype, block_size,
                        topk, device)
-    writer = open_writer(out, spec, data.labels.numpy(), params.numpy(), format, overwrite, here)
+    writer = open_writer(out, spec, data.labels.numpy(), None if streamed else params.numpy(), format, overwrite,
+                         here, data.listing() if streamed else b"")
     try:
         blocks, shard = distributed.shard(spec.num_blocks, spec.block_size, spec.num_samples, here)
         pending = writer.pending(blocks)
         resumed = len(pending) < spec.num_views * len(blocks)
-        held = slice(shard.samples.start, shard.samples.stop)  # a rank moves only its own samples to its device
-        batches = _TeacherBatches(logit_map, data, policy, spec, batch_size, device, held,
-                                  torch.from_numpy(writer.aug_params()).to(device))  # a resumed run replays these
+        if streamed:
+            batches = _StreamedTeacherBatches(logit_map, data, policy, spec, batch_size, device, writer,
+                                              default_workers() if workers is None else workers)
+        else:
+            held = slice(shard.samples.start, shard.samples.stop)  # a rank moves only its own samples to its device
+            batches = _TeacherBatches(logit_map, data, policy, spec, batch_size, device, held,
+                                      torch.from_numpy(writer.aug_params()).to(device))  # a resumed run replays these
         started = time.perf_counter()
-        total = _write_pending(writer, batches, pending, f"dump {location_name(out)}", here, show_progress)
+        total = _write_pending(writer, batches.blocks(pending), pending, f"dump {location_name(out)}", here,
+                               show_progress)
         seconds = time.perf_counter() - started
         distributed.barrier()  # every rank's blocks are written before rank 0 reads the progress
         accuracy = writer.finish() if here.is_main else writer.view_accuracy()
@@ -111,12 +125,13 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageDa
     return DumpResult(out, images, seconds, store_bytes(out), accuracy, resumed)
 
 
-def _cache_spec(logit_map: LogitMap, teacher_info: dict[str, Any], data: ImageData, policy: AugmentPolicy,
+def _cache_spec(logit_map: LogitMap, teacher_info: dict[str, Any], data: ImageData | ImageFiles,
+                policy: AugmentPolicy | FilePolicy,
                 num_views: int, exhaustive: bool, seed: int, scales: tuple[int, ...], dtype: str, block_size: int,
                 topk: int, device: torch.device) -> CacheSpec:
     """What the cache will hold, after checking that the teacher fits the data and --topk fits its classes."""
     # the teacher is on the device already, inside its LogitMap: its feature grid, head kind and class count
-    outputs = describe_outputs(logit_map, normalize(data.images[:2], data.mean, data.std).to(device))
+    outputs = describe_outputs(logit_map, normalize(first_images(data), data.mean, data.std).to(device))
     spec = CacheSpec(
         teacher={**teacher_info, "precision": precision(device), **outputs},
         dataset=data.describe(), augmentation=policy.describe(), num_views=num_views, exhaustive=exhaustive,
@@ -130,31 +145,42 @@ def _cache_spec(logit_map: LogitMap, teacher_info: dict[str, Any], data: ImageDa
     return spec
 
 
-def open_writer(out: str | Path, spec: CacheSpec, labels: np.ndarray, params: np.ndarray, format: str | None,
-                 overwrite: bool, here: World) -> CacheWriter:
+def _streamed_views(policy: FilePolicy, views: int | None, exhaustive: bool) -> int:
+    """How many views of each file to cache: --views, or every view of a finite policy."""
+    if exhaustive and policy.num_views is None:
+        raise KdcacheError(f"--exhaustive: the {policy.name} policy has no finite list of views (RandomResizedCrop "
+                           "draws boxes from a continuous range); sample views with --views instead")
+    if exhaustive:
+        return policy.num_views
+    if views is None or views < 1:
+        raise KdcacheError(f"--views: expected a positive number of views per sample, got {views}")
+    return views
+
+
+def open_writer(out: str | Path, spec: CacheSpec, labels: np.ndarray, params: np.ndarray | None, format: str | None,
+                overwrite: bool, here: World, listing: bytes = b"") -> CacheWriter:
     """The cache's writer: one process creates or resumes it; under torchrun rank 0 does, and the others join."""
     if not here.distributed:
-        return CacheWriter.open(out, spec, labels, params, format, overwrite)
+        return CacheWriter.open(out, spec, labels, params, format, overwrite, listing)
     backend = store_class(out, format)
     if backend.format_name != "zarr":
         raise KdcacheError(f"a sharded dump ({here.size} processes) writes Zarr, where each rank writes only its "
                            f"own chunk files; {out} is {backend.format_name}, whose file takes one writer: use "
                            f"a .zarr --out (or --format zarr), or run one process")
-    main = distributed.from_main(lambda: CacheWriter.open(out, spec, labels, params, format, overwrite))
+    main = distributed.from_main(lambda: CacheWriter.open(out, spec, labels, params, format, overwrite, listing))
     return main if here.is_main else CacheWriter.join(out)
 
 
-def _write_pending(writer: CacheWriter, batches: _TeacherBatches, pending: list[tuple[int, int]], description: str,
+def _write_pending(writer: CacheWriter, computed: Iterator[Block], pending: list[tuple[int, int]], description: str,
                    here: World, show_progress: bool) -> int:
-    """Compute and write every pending (view, block), the writes in the background; the number of images."""
+    """Write every pending (view, block) as `computed` gives it, the writes in the background; the number of images."""
     total = sum(len(writer.spec.block_range(block)) for _, block in pending)
     background = BackgroundWriter(writer)
     try:
         rank = f" rank {here.rank}/{here.size}" if here.distributed else ""
         with tqdm(total=total, unit="img", unit_scale=True, disable=not show_progress, desc=description + rank,
                   position=here.rank) as bar:
-            for view, block in pending:
-                arrays, correct = batches.block(view, block)
+            for view, block, arrays, correct in computed:
                 background.submit(view, block, arrays, correct)
                 bar.update(len(writer.spec.block_range(block)))
     except BaseException:
@@ -162,6 +188,26 @@ def _write_pending(writer: CacheWriter, batches: _TeacherBatches, pending: list[
         raise
     background.close()
     return total
+
+
+Block = tuple[int, int, dict[str, np.ndarray], int]  # view, block, its arrays, its count of right predictions
+
+
+def _teacher_regions(logit_map: nn.Module, x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The teacher's region logits of normalised images, in the stored dtype."""
+    if x.is_cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), autocast(x.device):
+        return logit_map(x).float().to(getattr(torch, dtype))
+
+
+def _stored_arrays(logits: torch.Tensor, spec: CacheSpec) -> dict[str, np.ndarray]:
+    """A block's region logits as the cache stores them: whole, or their top-k encoding."""
+    if not spec.topk:
+        return {"logits": logits.cpu().numpy()}
+    values, indices, rest = encode_topk(logits, spec.topk)
+    return {"topk_values": values.to(logits.dtype).cpu().numpy(), "topk_rest": rest.to(logits.dtype).cpu().numpy(),
+            "topk_indices": indices.to(getattr(torch, spec.index_dtype)).cpu().numpy()}
 
 
 class _TeacherBatches:
@@ -177,24 +223,69 @@ class _TeacherBatches:
         self.images, self.labels = data.images[held].to(device), data.labels[held].to(device)
         self.params = params[:, held]
 
+    def blocks(self, pending: list[tuple[int, int]]) -> Iterator[Block]:
+        """Each pending (view, block) computed in turn."""
+        for view, block in pending:
+            yield view, block, *self.block(view, block)
+
     def block(self, view: int, block: int) -> tuple[dict[str, np.ndarray], int]:
         """The data arrays of one (view, block) and how many of its region-0 predictions are right."""
-        rows, dtype = self.spec.block_range(block), getattr(torch, self.spec.dtype)
+        rows = self.spec.block_range(block)
         parts, correct = [], torch.zeros((), dtype=torch.long, device=self.device)
         # batches always start at the block's start, so a resumed block computes exactly what it would have
         for start in range(rows.start, rows.stop, self.batch_size):
             batch = slice(start - self.first, min(start + self.batch_size, rows.stop) - self.first)
             x = normalize(self.policy.apply(self.images[batch], self.params[view, batch]), self.data.mean,
                           self.data.std)
-            if self.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.no_grad(), autocast(self.device):
-                regions = self.logit_map(x).float().to(dtype)
+            regions = _teacher_regions(self.logit_map, x, self.spec.dtype)
             correct += (regions[:, 0].argmax(-1) == self.labels[batch]).sum()  # of what is stored: verify recounts it
             parts.append(regions)
-        logits = torch.cat(parts)
-        if not self.spec.topk:
-            return {"logits": logits.cpu().numpy()}, int(correct)
-        values, indices, rest = encode_topk(logits, self.spec.topk)
-        return {"topk_values": values.to(dtype).cpu().numpy(), "topk_rest": rest.to(dtype).cpu().numpy(),
-                "topk_indices": indices.to(getattr(torch, self.spec.index_dtype)).cpu().numpy()}, int(correct)
+        return _stored_arrays(torch.cat(parts), self.spec), int(correct)
+
+
+class _StreamedTeacherBatches:
+    """The teacher over blocks of a streamed split: files read, decoded and cropped by DataLoader workers, each
+    view drawn from (seed, view, sample) for the file's own size; the block's boxes and the files' crc32c go to
+    the cache with its logits."""
+
+    def __init__(self, logit_map: nn.Module, files: ImageFiles, policy: FilePolicy, spec: CacheSpec,
+                 batch_size: int, device: torch.device, writer: CacheWriter, workers: int) -> None:
+        self.logit_map, self.files, self.spec, self.writer = logit_map, files, spec, writer
+        self.batch_size, self.device, self.workers = batch_size, device, workers
+        self.dataset = FileBatches(files, policy, spec.seed, "views")
+        self.checksums: dict[int, np.ndarray] = {}  # block -> crc32c of its files, as view 0 read them
+
+    def blocks(self, pending: list[tuple[int, int]]) -> Iterator[Block]:
+        """Each pending (view, block) computed in turn, its files read ahead by the workers."""
+        # batches always start at the block's start, so a resumed block computes exactly what it would have
+        keys = [(view, range(start, min(start + self.batch_size, rows.stop)))
+                for view, rows in ((view, self.spec.block_range(block)) for view, block in pending)
+                for start in range(rows.start, rows.stop, self.batch_size)]
+        batches = stream(self.dataset, keys, self.workers, self.device)
+        for view, block in pending:
+            rows = self.spec.block_range(block)
+            parts, boxes, checksums = [], [], []
+            correct = torch.zeros((), dtype=torch.long, device=self.device)
+            for _ in range(rows.start, rows.stop, self.batch_size):
+                images, labels, params, sums, _ = next(batches)
+                x = normalize(images.to(self.device, non_blocking=True), self.files.mean, self.files.std)
+                regions = _teacher_regions(self.logit_map, x, self.spec.dtype)
+                correct += (regions[:, 0].argmax(-1) == labels.to(self.device)).sum()
+                parts.append(regions)
+                boxes.append(params)
+                checksums.append(sums)
+            arrays = {**_stored_arrays(torch.cat(parts), self.spec), "aug": torch.cat(boxes).numpy(),
+                      **self._checked(view, block, torch.cat(checksums))}
+            yield view, block, arrays, int(correct)
+
+    def _checked(self, view: int, block: int, checksums: torch.Tensor) -> dict[str, np.ndarray]:
+        """View 0 records its files' crc32c; a later view refuses a file whose bytes changed since."""
+        rows = self.spec.block_range(block)
+        if view == 0:
+            self.checksums[block] = checksums.numpy()
+            return {"file_crc32c": checksums.numpy()}
+        recorded = self.checksums.get(block)
+        if recorded is None:  # view 0 of this block was written by an earlier run
+            recorded = self.writer.store.read("file_crc32c", (slice(rows.start, rows.stop),)).astype(np.int64)
+        check_checksums(self.files, torch.arange(rows.start, rows.stop), checksums, recorded, "view 0 of this dump")
+        return {}

@@ -17,44 +17,18 @@ from tqdm import tqdm
 
 from kdcache import distributed
 from kdcache.config import TrainConfig
-from kdcache.data import AugmentPolicy, ImageData, normalize
-from kdcache.distributed import Shard, World, all_sum, synchronise_batchnorm
+from kdcache.distributed import World, all_sum, synchronise_batchnorm
 from kdcache.errors import KdcacheError
 from kdcache.losses import LossSpec
 from kdcache.models import LogitMap, file_sha256, read_checkpoint, save_checkpoint
 from kdcache.runtime import autocast, epoch_generator, prepare_model
+from kdcache.stages.splits import Batch, Split, top1_accuracy
 from kdcache.stages.targets import Targets
 from kdcache.stages.views import Views
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # images (normalised), labels, targets [b, R, C]
 RUN_STATE = {"model", "optimizer", "epoch", "record", "history"}  # what last.pt holds
 # where things are, not what they are: a run resumes after its cache, data or run folder moved
 LOCATIONS = {"cache": None, "config": ("cache", "out", "data_root", "live_teacher"), "live_teacher": ("checkpoint",)}
-
-
-def device_batches(images: torch.Tensor, labels: torch.Tensor, params: torch.Tensor, policy: AugmentPolicy,
-                   mean: tuple[float, ...], std: tuple[float, ...], targets: Targets | None, batch_size: int,
-                   generator: torch.Generator, shard: Shard | None = None) -> Iterator[Batch]:
-    """The fast path: uint8 images, labels and parameters already on the device; each batch is indexed,
-    augmented as one op and normalised there. The order comes from a CPU generator, so it is the same on any device.
-
-    With a shard (one rank of DDP), images, labels, params and targets hold only the shard's samples: the
-    order is still that of all samples, and each global batch gives this rank the members it holds (a
-    varying number), so that the ranks together take exactly the steps of one process.
-    """
-    shard = shard or Shard.whole(len(labels))
-    order = torch.randperm(shard.total, generator=generator)
-    batches = order[:shard.total // batch_size * batch_size].view(-1, batch_size)  # full batches: BatchNorm needs > 1
-    if shard.is_whole:
-        batches = batches.to(images.device)
-    for index in batches:
-        if not shard.is_whole:
-            held = (index >= shard.samples.start) & (index < shard.samples.stop)
-            index = (index[held] - shard.samples.start).to(images.device)
-        x = normalize(policy.apply(images[index], params[index]), mean, std)
-        if x.is_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        yield x, labels[index], None if targets is None else targets(index, x)
 
 
 def loader_batches(dataset: Dataset, batch_size: int, generator: torch.Generator, device: torch.device,
@@ -68,26 +42,6 @@ def loader_batches(dataset: Dataset, batch_size: int, generator: torch.Generator
     for x, y, targets in loader:
         yield (x.to(device, non_blocking=True), y.to(device, non_blocking=True),
                targets["regions"].to(device, non_blocking=True))
-
-
-@torch.no_grad()
-def top1_accuracy(model: nn.Module, test: ImageData, device: torch.device, images: torch.Tensor | None = None,
-                  batch_size: int = 1000, samples: range | None = None) -> float:
-    """Top-1 accuracy of a model's logits on the un-augmented test split (`images`: test.images already on device).
-
-    samples: the part of the test split this rank evaluates (DDP); the correct counts are summed over ranks.
-    """
-    images = test.images.to(device) if images is None else images
-    samples = range(len(images)) if samples is None else samples
-    model.eval()
-    correct = torch.zeros((), dtype=torch.long)
-    for start in range(samples.start, samples.stop, batch_size):
-        stop = min(start + batch_size, samples.stop)
-        x = normalize(images[start:stop], test.mean, test.std)
-        with autocast(device):
-            logits = model(x)
-        correct += (logits.argmax(-1).cpu() == test.labels[start:stop]).sum()
-    return int(all_sum(correct)) / len(images)
 
 
 class Run:
@@ -158,10 +112,10 @@ class Run:
         """Zero loss terms for a rank that holds none of a global batch (it still joins the step's collectives)."""
         return dict.fromkeys(self.loss.term_names, student.sum() * 0)
 
-    def evaluate(self, test: ImageData, test_images: torch.Tensor) -> float:
-        """Top-1 accuracy of the global logit on the un-augmented test split (its images already on the device)."""
-        part = distributed.even_share(len(test_images), self.here)  # each rank evaluates its share
-        return top1_accuracy(self.model, test, self.device, test_images, samples=part.samples)
+    def evaluate(self, split: Split) -> float:
+        """Top-1 accuracy of the global logit on the un-augmented test split."""
+        part = distributed.even_share(split.test_size, self.here)  # each rank evaluates its share
+        return top1_accuracy(self.model, split.test_batches(part.samples), split.test_size)
 
     def end_epoch(self, metrics: dict[str, float]) -> None:
         """Record the epoch: history, metrics.csv, TensorBoard when installed, and the resumable checkpoint (rank 0)."""
@@ -210,24 +164,19 @@ class Run:
         return path
 
 
-def fit(runs: list[Run], data: ImageData, test: ImageData, views: Views, policy: AugmentPolicy, targets: Targets | None,
-        config: TrainConfig, device: torch.device,
-        batch_path: Callable[[int, torch.Generator], Iterator[Batch]] | None = None,
-        show_progress: bool = True, shard: Shard | None = None) -> None:
+def fit(runs: list[Run], split: Split, views: Views, targets: Targets | None, config: TrainConfig,
+        device: torch.device, batch_path: Callable[[int, torch.Generator], Iterator[Batch]] | None = None,
+        show_progress: bool = True) -> None:
     """Train every run for config.epochs; each epoch's view is loaded once and shared by all runs.
 
-    views gives each epoch's augmentation parameters (CachedViews or FreshViews); targets gives
-    region logits per batch (CachedTargets, LiveTeacher, or None for plain cross-entropy);
-    batch_path, when given, replaces the device path with another source of batches (the Dataset path);
-    shard, under DDP, the samples this rank holds (targets must hold the same ones).
+    split gives the batches (DeviceSplit, StreamedSplit) and the test batches; views gives each epoch's
+    augmentation parameters (CachedViews or FreshViews); targets gives region logits per batch
+    (CachedTargets, LiveTeacher, or None for plain cross-entropy); batch_path, when given, replaces the
+    split's batches with another source (the Dataset path). Under DDP split and targets hold one rank's share.
     """
-    shard = shard or Shard.whole(len(data.labels))
-    held = slice(shard.samples.start, shard.samples.stop)
-    images, labels = data.images[held].to(device), data.labels[held].to(device)
-    test_images = test.images.to(device)
-    steps = shard.total // config.batch_size
+    steps = split.shard.total // config.batch_size
     for epoch in range(min(run.start_epoch for run in runs), config.epochs):
-        params = views.params(epoch)[held].to(device)
+        params = views.params(epoch)
         if targets is not None:
             next_view = views.view_of(epoch + 1) if epoch + 1 < config.epochs else None
             targets.begin_epoch(views.view_of(epoch), next_view)
@@ -236,10 +185,9 @@ def fit(runs: list[Run], data: ImageData, test: ImageData, views: Views, policy:
                 continue
             generator = epoch_generator(config.seed, epoch)
             batches = (batch_path(epoch, generator) if batch_path is not None else
-                       device_batches(images, labels, params, policy, data.mean, data.std, targets,
-                                      config.batch_size, generator, shard))
+                       split.batches(epoch, params, targets, config.batch_size, generator))
             metrics = run.train_epoch(epoch, batches, steps, show_progress)
-            metrics["test_acc"] = run.evaluate(test, test_images)
+            metrics["test_acc"] = run.evaluate(split)
             run.end_epoch(metrics)
             if show_progress:
                 tqdm.write(f"{run.name:>28} epoch {epoch + 1:>3}/{config.epochs}  loss {metrics['loss_total']:.4f}  "

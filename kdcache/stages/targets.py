@@ -30,14 +30,16 @@ class Targets(Protocol):
 
 
 class CachedTargets:
-    """Region logits from a cache: the epoch's whole view resident on the device, the next one read meanwhile.
+    """Region logits from a cache: the epoch's whole view resident on the device (or, `on_host`, in host memory,
+    each batch's rows gathered and moved), the next one read meanwhile.
 
-    A top-k cache stays compact on the device (values, classes, rest); each batch's logits are rebuilt there.
+    A top-k cache stays compact (values, classes, rest); each batch's logits are rebuilt on the device.
     """
 
     def __init__(self, cache: TeacherCache, scales: tuple[int, ...] | None = None,
-                 device: torch.device = torch.device("cpu"), samples: range | None = None) -> None:
-        self.cache, self.device = cache, device
+                 device: torch.device = torch.device("cpu"), samples: range | None = None,
+                 on_host: bool = False) -> None:
+        self.cache, self.device, self.on_host = cache, device, on_host
         self.samples = samples  # a DDP rank's shard: only its blocks are read, and indices count from its start
         # a subset of the cache's scales is a subset of its regions, selected once per view
         self.regions = None if scales is None or tuple(scales) == cache.scales else region_indices(cache.scales, scales)
@@ -61,16 +63,17 @@ class CachedTargets:
             tensors = [torch.from_numpy(values) for values in arrays.values()]  # logits, or values, indices, rest
             if self.regions is not None:
                 tensors = [tensor[:, self.regions] for tensor in tensors]
-            self._arrays, self._view = [tensor.to(self.device) for tensor in tensors], view
+            self._arrays, self._view = [tensor if self.on_host else tensor.to(self.device) for tensor in tensors], view
         self._next = None
         if next_view is not None and next_view != view:
             self._next = (next_view, self.cache.prefetch(next_view, self.samples, self._buffers[1 - self._in_use]))
 
     def __call__(self, indices: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """[b, R, C] float32 targets of these samples under the current view."""
-        if len(self._arrays) == 1:
-            return self._arrays[0][indices].float()
-        return decode_topk(*(tensor[indices] for tensor in self._arrays), self.cache.spec.num_classes)
+        rows = [tensor[indices.to(tensor.device)].to(self.device, non_blocking=True) for tensor in self._arrays]
+        if len(rows) == 1:
+            return rows[0].float()
+        return decode_topk(*rows, self.cache.spec.num_classes)
 
 
 # CachedTargets holds a view three times: the view in use and the next one in host buffers, and one on the device
@@ -94,24 +97,28 @@ def available_host_memory() -> int | None:
 
 
 def require_target_memory(cache: TeacherCache, samples: range | None, device: torch.device,
-                          host_available: int | None = None, device_available: int | None = None) -> str:
-    """What a view of targets needs; refuse, suggesting --topk, where the host or the device has less to give."""
+                          host_available: int | None = None, device_available: int | None = None,
+                          on_host: bool = False) -> str:
+    """What a view of targets needs; refuse, suggesting --topk, where the host or the device has less to give.
+
+    on_host: the view in use stays in host memory (CachedTargets(on_host=True)), none of it on the device."""
     spec = cache.spec
     count = spec.num_samples if samples is None else len(samples)
     view = count * sum(int(np.prod(spec.array_layout(name)[0][2:])) * np.dtype(spec.array_layout(name)[1]).itemsize
                        for name in spec.data_arrays)
-    on_host = view * (HOST_COPIES + (DEVICE_COPIES if device.type == "cpu" else 0))
+    on_device = view if device.type == "cuda" and not on_host else 0
+    on_host = view * (HOST_COPIES + (DEVICE_COPIES if device.type == "cpu" and not on_host else 0))
     host_available = available_host_memory() if host_available is None else host_available
-    if device.type == "cuda" and device_available is None:
+    if on_device and device_available is None:
         device_available = torch.cuda.mem_get_info(device)[0]
     statement = (f"each view of {cache.path} takes {_size(view)} ({count} samples of "
                  f"{'top-' + str(spec.topk) if spec.topk else 'all'} {spec.num_regions} x {spec.num_classes} logits); "
                  f"training holds {_size(on_host)} of it in host memory"
-                 + (f" and {_size(view)} on {device}" if device.type == "cuda" else ""))
+                 + (f" and {_size(view)} on {device}" if on_device else ""))
     short = []
     if host_available is not None and on_host > host_available:
         short.append(f"{_size(on_host)} of host memory but {_size(host_available)} is available")
-    if device.type == "cuda" and device_available is not None and view > device_available:
+    if on_device and device_available is not None and view > device_available:
         short.append(f"{_size(view)} on {device} but {_size(device_available)} is available")
     if short:
         smaller = "" if spec.topk or SUGGESTED_TOPK >= spec.num_classes else (

@@ -10,11 +10,13 @@ import torch
 
 from kdcache import distributed
 from kdcache.config import TeacherConfig, loader_options, recorded_config
-from kdcache.data import get_policy, load_dataset
+from kdcache.data import load_dataset, policy_for
+from kdcache.data.files import default_workers
 from kdcache.losses import get_loss
 from kdcache.models import create_model
 from kdcache.runtime import pick_device
 from kdcache.stages.loop import Run, fit
+from kdcache.stages.splits import make_split
 from kdcache.stages.views import FreshViews
 
 
@@ -37,15 +39,17 @@ def train_teacher(config: TeacherConfig, show_progress: bool = True) -> TrainedM
     here = distributed.init(device)
     data = load_dataset(config.dataset, config.data_root, "train", **loader_options(config))
     test = load_dataset(config.dataset, config.data_root, "test", **loader_options(config))
-    policy = get_policy(config.augmentation, image_size=tuple(data.images.shape[-2:]))
+    policy = policy_for(data, config.augmentation)
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=data.num_classes)
     record = {"arch": config.model, "num_classes": data.num_classes, "loss": "ce", "dataset": data.describe(),
               "config": recorded_config(config)}
     run = Run(config.model, model, get_loss("ce"), (1,), config, Path(config.out), device, record, here)
     shard = distributed.even_share(len(data.labels), here)
-    fit([run], data, test, FreshViews(policy, len(data.labels), config.seed), policy, None, config, device,
-        show_progress=show_progress and here.is_main, shard=shard)
+    split = make_split(data, test, policy, device, shard, default_workers() if config.workers is None else config.workers,
+                       config.seed)
+    fit([run], split, FreshViews(policy, len(data.labels), config.seed), None, config, device,
+        show_progress=show_progress and here.is_main)
     checkpoint = run.finish()
     distributed.barrier()  # rank 0 has written the checkpoint and its sidecar
     sidecar = json.loads(checkpoint.with_suffix(".json").read_text())

@@ -8,7 +8,8 @@ from typing import Protocol
 import torch
 
 from kdcache.cache import TeacherCache
-from kdcache.data import AugmentPolicy, ImageData
+from kdcache.data import AugmentPolicy, FilePolicy, ImageData, ImageFiles
+from kdcache.data.files import FILE_POLICIES
 from kdcache.errors import CorruptCacheError, KdcacheError
 from kdcache.runtime import epoch_generator
 
@@ -22,15 +23,16 @@ class Views(Protocol):
         """The cached view that epoch replays (None for fresh views)."""
         ...
 
-    def params(self, epoch: int) -> torch.Tensor:
-        """[N, P] augmentation parameters of the epoch."""
+    def params(self, epoch: int) -> torch.Tensor | None:
+        """[N, P] augmentation parameters of the epoch; None: each file's view drawn fresh where it is read."""
         ...
 
 
 class CachedViews:
     """Epoch e replays view e mod K of a cache (`cycle`), or a seeded permutation of the K views per round (`shuffle`)."""
 
-    def __init__(self, cache: TeacherCache, policy: AugmentPolicy, order: str = "cycle", seed: int = 0) -> None:
+    def __init__(self, cache: TeacherCache, policy: AugmentPolicy | FilePolicy, order: str = "cycle",
+                 seed: int = 0) -> None:
         if order not in VIEW_ORDERS:
             raise KdcacheError(f"--view-order: unknown order {order!r}; known: {', '.join(VIEW_ORDERS)}")
         self.cache, self.policy, self.order, self.seed = cache, policy, order, seed
@@ -45,7 +47,8 @@ class CachedViews:
     def params(self, epoch: int) -> torch.Tensor:
         """[N, P] augmentation parameters of the epoch's view, refused if the policy could not have drawn them."""
         view = self.view_of(epoch)
-        params = torch.from_numpy(self.cache.aug_params(view)).long()
+        stored = torch.from_numpy(self.cache.aug_params(view))
+        params = stored if self.cache.spec.streamed else stored.long()
         bad = torch.nonzero(self.policy.out_of_range(params)).flatten()
         if len(bad):
             first = int(bad[0])
@@ -59,28 +62,53 @@ class CachedViews:
 class FreshViews:
     """New random parameters every epoch (online distillation and teacher training), seeded per epoch."""
 
-    def __init__(self, policy: AugmentPolicy, num_samples: int, seed: int = 0) -> None:
+    def __init__(self, policy: AugmentPolicy | FilePolicy, num_samples: int, seed: int = 0) -> None:
         self.policy, self.num_samples, self.seed = policy, num_samples, seed
 
     def view_of(self, epoch: int) -> None:
         """Fresh views belong to no cached view."""
         return None
 
-    def params(self, epoch: int) -> torch.Tensor:
-        """[N, P] parameters drawn for this epoch."""
+    def params(self, epoch: int) -> torch.Tensor | None:
+        """[N, P] parameters drawn for this epoch; None for files, whose views are drawn for each image's own size
+        where it is decoded (from the seed, the epoch and the sample)."""
+        if isinstance(self.policy, tuple(FILE_POLICIES.values())):
+            return None
         return self.policy.sample(epoch_generator(self.seed, epoch), self.num_samples)
 
 
-def require_fits(cache: TeacherCache, data: ImageData, policy: AugmentPolicy, scales: tuple[int, ...],
-                 teacher: str | None = None) -> None:
+def require_fits(cache: TeacherCache, data: ImageData | ImageFiles, policy: AugmentPolicy | FilePolicy,
+                 scales: tuple[int, ...], teacher: str | None = None) -> None:
     """Refuse to train on a cache unless it was made from this data, normalisation, policy and scales.
 
     Checked from the most telling field to the most exact one, so a CIFAR-10 run on a CIFAR-100
-    cache hears about the class count rather than a fingerprint.
+    cache hears about the class count rather than a fingerprint, and a folder whose files changed hears
+    which file.
     """
     expected = {"teacher.num_classes": data.num_classes, "dataset.name": data.name, "dataset.split": data.split,
-                "scales": scales, "augmentation": policy.describe(), "dataset.mean": list(data.mean),
-                "dataset.std": list(data.std), "dataset.fingerprint": data.fingerprint}
+                "dataset.source": data.describe().get("source"), "scales": scales, "augmentation": policy.describe(),
+                "dataset.mean": list(data.mean), "dataset.std": list(data.std)}
     if teacher is not None:
         expected = {"teacher.arch": teacher, **expected}
     cache.require(expected)
+    if isinstance(data, ImageFiles):
+        require_same_files(cache, data)
+    cache.require({"dataset.fingerprint": data.fingerprint})
+
+
+def require_same_files(cache: TeacherCache, files: ImageFiles) -> None:
+    """Refuse a folder whose listing differs from the one the teacher's dump read, naming the first difference."""
+    recorded, listed = cache.file_listing(), files.paths.tolist()
+    if recorded == listed:
+        return
+    first = next((i for i, (a, b) in enumerate(zip(recorded, listed)) if a != b), min(len(recorded), len(listed)))
+    then, now = _listed(recorded, first), _listed(listed, first)
+    raise KdcacheError(f"{files.root} lists other files than the teacher's dump of {cache.path} read "
+                       f"({len(recorded)} files then, {len(listed)} now): sample {first} is {then} in the "
+                       f"cache but {now} in the folder (a file added, removed or renamed); restore the "
+                       f"folder as it was, or dump the teacher again over it as it is now")
+
+
+def _listed(paths: list[bytes], index: int) -> str:
+    """The relative path at index of a listing, or what stands there when the listing is shorter."""
+    return repr(paths[index].decode(errors="replace")) if index < len(paths) else "nothing (the listing ends)"

@@ -1,0 +1,356 @@
+"""Image files streamed from disk: the listing, per-file reading and decoding, and views drawn relative to each
+original image, read in DataLoader workers.
+
+`ImageFiles` holds a split's file list and labels only; nothing is decoded up front. A view of a file is
+drawn for that image's own size (`FileResizedCropFlip`, torchvision's RandomResizedCrop + flip) and stored as
+fractions of it, so it is replayed from the original file at any time; `FileCenterCrop` is the evaluation
+transform. `FileBatches` reads whole batches in DataLoader workers and returns the crc32c of every file it read,
+which the caller records (dump) or compares with the recorded one (distill).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+import google_crc32c
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from kdcache.data.augment import AugmentPolicy, get_policy
+from kdcache.data.sources import ImageData
+from kdcache.errors import KdcacheError
+
+# IMG_EXTENSIONS lists formats torchvision.io cannot decode; those go through PIL, as ImageFolder's loader does.
+PIL_ONLY_EXTENSIONS = (".bmp", ".pgm", ".ppm", ".tif", ".tiff")
+EVAL_RESIZE_RATIO = 8 / 7  # the field's evaluation: shorter side to 256 for a 224 crop, then the centre crop
+DRAW_STREAMS = {"views": 0, "fresh": 1}  # the dump's cached views and training's fresh epochs draw apart
+
+
+@dataclass(frozen=True, eq=False)
+class ImageFiles:
+    """One split as a list of image files (relative to `root`, torchvision's order) and int64 labels; decoded
+    only when read, each sample's view made at `image_size` × `image_size`."""
+
+    name: str
+    split: str
+    root: str
+    paths: np.ndarray  # bytes: the files' paths relative to root, '/'-separated
+    labels: Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int
+    fingerprint: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.paths.dtype.kind != "S" or self.paths.shape != tuple(self.labels.shape):
+            raise KdcacheError(f"ImageFiles({self.name!r}): paths should be a bytes array with one path per label, "
+                               f"found {self.paths.dtype} {list(self.paths.shape)} for {len(self.labels)} labels")
+        object.__setattr__(self, "mean", tuple(float(value) for value in self.mean))
+        object.__setattr__(self, "std", tuple(float(value) for value in self.std))
+        digest = hashlib.sha256(f"kdcache-files-v1 {len(self.paths)} files\n".encode())
+        digest.update(self.listing())
+        digest.update(self.labels.numpy().astype("<i8").tobytes())
+        object.__setattr__(self, "fingerprint", digest.hexdigest())
+
+    def path(self, index: int) -> str:
+        """The file of sample `index`, a path on this machine."""
+        return os.path.join(self.root, os.fsdecode(self.paths[index]))
+
+    def listing(self) -> bytes:
+        """The relative paths, newline-separated: what a cache records to name the first file that differs."""
+        return b"\n".join(self.paths.tolist())
+
+    def describe(self) -> dict:
+        """What identifies this data in cache metadata (JSON-able); `source: files` says it is read from files."""
+        return {"name": self.name, "split": self.split, "source": "files", "num_samples": len(self.labels),
+                "image_shape": [3, self.image_size, self.image_size], "num_classes": self.num_classes,
+                "mean": list(self.mean), "std": list(self.std), "fingerprint": self.fingerprint,
+                "listing_bytes": len(self.listing())}
+
+
+def read_image(path: str) -> tuple[Tensor, int]:
+    """A file as a uint8 RGB image [3, H, W] and the crc32c of its bytes (computed from the bytes read anyway)."""
+    try:
+        with open(path, "rb") as file:
+            raw = file.read()
+    except OSError as error:
+        raise KdcacheError(f"{path}: cannot be read ({error.strerror or error}); restore the file or check the "
+                           f"folder's permissions") from None
+    # the decoders want a writable buffer, google_crc32c a bytes object: one copy of the (small, encoded) bytes
+    return decode_image_bytes(np.frombuffer(raw, np.uint8).copy(), path), google_crc32c.value(raw)
+
+
+def decode_image_bytes(data: np.ndarray, path: str) -> Tensor:
+    """Encoded image bytes as uint8 RGB [3, H, W]: torchvision.io, or PIL for the formats torchvision cannot decode."""
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms import functional as TF
+    from torchvision.transforms.v2.functional import to_dtype
+
+    try:
+        if path.lower().endswith(PIL_ONLY_EXTENSIONS):
+            with Image.open(io.BytesIO(data.tobytes())) as file:
+                return TF.pil_to_tensor(file.convert("RGB"))
+        # RGB mode: grey, grey+alpha, RGBA and CMYK files all become 3 channels
+        image = decode_image(torch.from_numpy(data), ImageReadMode.RGB)
+        return to_dtype(image, torch.uint8, scale=True) if image.dtype != torch.uint8 else image  # 16-bit PNGs
+    except Exception as error:  # a damaged or mislabelled file fails in decoder-specific ways
+        # torchvision's C++ errors start "function, source.cpp:line, ": only the rest means anything to a user
+        detail = re.sub(r"^\w+, \S+:\d+, ", "", str(error).strip().split("\n")[0])
+        raise KdcacheError(f"{path}: not a decodable image ({type(error).__name__}: {detail}); delete or replace "
+                           "the file, then rerun the same command") from None
+
+
+class FilePolicy(Protocol):
+    """A view of one decoded file: parameters drawn for the image's own size, and their replay at a fixed size."""
+
+    name: str
+    param_names: tuple[str, ...]
+    num_views: int | None
+    size: int
+
+    def draw(self, generator: torch.Generator, height: int, width: int) -> Tensor:
+        """float32 [P] parameters of one view of an image of that size."""
+        ...
+
+    def apply(self, image: Tensor, params: Tensor) -> Tensor:
+        """The uint8 view [C, size, size] of a uint8 image [C, H, W] that params [P] name."""
+        ...
+
+    def out_of_range(self, params: Tensor) -> Tensor:
+        """[n] bool: which rows of params [n, P] this policy could not have drawn."""
+        ...
+
+    def describe(self) -> dict:
+        """Name, parameter names and constants, for cache metadata (JSON-able)."""
+        ...
+
+
+def crop_box(generator: torch.Generator, height: int, width: int, scale: tuple[float, float],
+             ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """(top, left, h, w) drawn as torchvision's `RandomResizedCrop.get_params` draws it, from `generator`."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator).item())
+        w, h = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
+            return top, left, h, w
+    in_ratio = width / height  # ten misses: the whole image, cut to the nearest allowed aspect ratio
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _resize(image: Tensor, size: list[int]) -> Tensor:
+    """Bilinear antialiased resize of uint8 [C, H, W] with torchvision.transforms' resize (not v2's): it
+    interpolates in float32 and rounds on every CPU, where v2's native uint8 path differs by ±1 on some."""
+    from torchvision.transforms import functional as TF
+
+    return TF.resize(image, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+
+
+@dataclass(frozen=True)
+class FileResizedCropFlip:
+    """RandomResizedCrop(size, scale, ratio) then RandomHorizontalFlip, on the original file.
+
+    Params (top, left, height, width, flip): the box as fractions of the image's height and width (float32),
+    so the same row names the same box of that file at any time; flip is 0 or 1. Replay rounds each
+    fraction × the image's side back to the integer that was drawn, exactly (float32 keeps 24 bits).
+    """
+
+    name: ClassVar[str] = "imagenet"
+    param_names: ClassVar[tuple[str, ...]] = ("top", "left", "height", "width", "flip")
+    num_views: ClassVar[None] = None
+    size: int
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def draw(self, generator: torch.Generator, height: int, width: int) -> Tensor:
+        """One box for an image of that size and a fair flip, as fractions: float32 [5]."""
+        top, left, h, w = crop_box(generator, height, width, self.scale, self.ratio)
+        flip = float(torch.rand(1, generator=generator).item() < 0.5)  # RandomHorizontalFlip's draw
+        return torch.tensor([top / height, left / width, h / height, w / width, flip], dtype=torch.float32)
+
+    def box(self, params: Tensor, height: int, width: int) -> tuple[int, int, int, int, bool]:
+        """(top, left, h, w, flip) in pixels of an image of that size."""
+        top, left, h, w, flip = params.tolist()
+        return round(top * height), round(left * width), round(h * height), round(w * width), flip != 0
+
+    def apply(self, image: Tensor, params: Tensor) -> Tensor:
+        """torchvision's `resized_crop` of the box to size × size (bilinear, antialias), then the flip."""
+        top, left, h, w, flip = self.box(params, *image.shape[-2:])
+        view = _resize(image[..., top:top + h, left:left + w], [self.size, self.size])
+        return view.flip(-1) if flip else view
+
+    def out_of_range(self, params: Tensor) -> Tensor:
+        """Rows whose box is empty or leaves the image, or whose flip is not 0 or 1."""
+        top, left, h, w, flip = params.double().unbind(dim=1)
+        slack = 1e-6  # float32 fractions of a box that ends on the image's edge may exceed 1 by an ulp
+        inside = (top >= 0) & (left >= 0) & (h > 0) & (w > 0) & (top + h <= 1 + slack) & (left + w <= 1 + slack)
+        return ~inside | ((flip != 0) & (flip != 1))
+
+    def describe(self) -> dict:
+        """Name, parameter names, output size, draw ranges, resampling and what the fractions are relative to."""
+        return {"name": self.name, "param_names": list(self.param_names), "num_views": None,
+                "size": [self.size, self.size], "scale": list(self.scale), "ratio": list(self.ratio),
+                "interpolation": "bilinear", "antialias": True,
+                "relative_to": "the original image: top, left, height and width are float32 fractions of its "
+                               "height and width; pixels = round(fraction x side)"}
+
+
+@dataclass(frozen=True)
+class FileCenterCrop:
+    """Evaluation as the field does it: shorter side resized to round(size × 8/7) (256 for 224), centre crop."""
+
+    name: ClassVar[str] = "none"
+    param_names: ClassVar[tuple[str, ...]] = ()
+    num_views: ClassVar[int] = 1
+    size: int
+
+    @property
+    def resize_size(self) -> int:
+        """The shorter side before the crop."""
+        return round(self.size * EVAL_RESIZE_RATIO)
+
+    def draw(self, generator: torch.Generator, height: int, width: int) -> Tensor:
+        """No parameters: float32 [0]."""
+        return torch.zeros(0, dtype=torch.float32)
+
+    def apply(self, image: Tensor, params: Tensor) -> Tensor:
+        """Resize the shorter side, then crop the centre size × size."""
+        from torchvision.transforms import functional as TF
+
+        return TF.center_crop(_resize(image, [self.resize_size]), [self.size, self.size])
+
+    def out_of_range(self, params: Tensor) -> Tensor:
+        """No row: there are no parameters."""
+        return torch.zeros(len(params), dtype=torch.bool)
+
+    def describe(self) -> dict:
+        """Name, (no) parameters, the view count, resize and crop sizes."""
+        return {"name": self.name, "param_names": [], "num_views": 1, "size": [self.size, self.size],
+                "resize": self.resize_size, "crop": "center"}
+
+
+FILE_POLICIES = {"imagenet": FileResizedCropFlip, "none": FileCenterCrop}
+
+
+def file_policy(name: str, image_size: int) -> FilePolicy:
+    """The policy of that name for files viewed at image_size; a clear error for those that need images in memory."""
+    if name not in FILE_POLICIES:
+        raise KdcacheError(f"--aug {name}: works on images held in memory, and this split is streamed from files; "
+                           f"use {' or '.join(FILE_POLICIES)} (RandomResizedCrop + flip, or the evaluation crop), or "
+                           f"load the folder into memory with --preload")
+    return FILE_POLICIES[name](image_size)
+
+
+def draw_generator(seed: int, stream: str, view: int, index: int) -> torch.Generator:
+    """The generator of one sample's draw under one view: the same whichever worker, batch or rank reads it."""
+    state = np.random.SeedSequence([seed, DRAW_STREAMS[stream], view, index]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+FileBatch = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]  # images uint8, labels, params, crc32c, indices
+
+
+class FileBatches(Dataset):
+    """Whole batches of files under their views, for a DataLoader with batch_size=None.
+
+    Key `(view, indices)`: the samples' views are drawn from (seed, stream, view, index), or, after
+    `replay(params)`, taken from params [N, P]. Item: (uint8 views [b, 3, S, S], labels [b], params [b, P]
+    float32, crc32c of each file's bytes [b] int64, indices [b]). Pickles by path, as workers need.
+    """
+
+    def __init__(self, files: ImageFiles, policy: FilePolicy, seed: int = 0, stream: str = "views") -> None:
+        self.files, self.policy, self.seed, self.stream = files, policy, seed, stream
+        self.params: Tensor | None = None
+
+    def replay(self, params: Tensor | None) -> None:
+        """Replay these [N, P] parameters from now on (None: draw); set before a loader's iteration starts."""
+        self.params = params
+
+    def __len__(self) -> int:
+        return len(self.files.labels)
+
+    def __getitem__(self, key: tuple[int, Sequence[int]]) -> FileBatch:
+        view, indices = key
+        size, count = self.policy.size, len(self.policy.param_names)
+        images = torch.empty(len(indices), 3, size, size, dtype=torch.uint8)
+        params = torch.empty(len(indices), count, dtype=torch.float32)
+        checksums = torch.empty(len(indices), dtype=torch.int64)
+        for row, index in enumerate(indices):
+            image, checksums[row] = read_image(self.files.path(index))
+            params[row] = (self.params[index] if self.params is not None else
+                           self.policy.draw(draw_generator(self.seed, self.stream, view, index), *image.shape[-2:]))
+            images[row] = self.policy.apply(image, params[row])
+        index_tensor = torch.as_tensor(list(indices), dtype=torch.int64)
+        return images, self.files.labels[index_tensor], params, checksums, index_tensor
+
+
+def default_workers() -> int:
+    """DataLoader workers by default: one per CPU this process may use, less one for the main process, at most 16."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(16, cpus - 1))
+
+
+def stream(dataset: FileBatches, keys: Sequence[tuple[int, Sequence[int]]], workers: int,
+           device: torch.device) -> Iterator[FileBatch]:
+    """The batches of `keys`, in order, read by `workers` processes (0: in this one); a worker's KdcacheError is
+    raised here as the one line it was, not wrapped in the worker's traceback."""
+    loader = DataLoader(dataset, batch_size=None, sampler=keys, num_workers=workers,
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+    try:
+        yield from loader
+    except KdcacheError as error:
+        raise type(error)(worker_message(str(error))) from None
+
+
+def worker_message(text: str) -> str:
+    """The original message of an error a DataLoader worker raised (the loader prefixes the worker's traceback)."""
+    if not text.startswith("Caught "):
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return re.sub(r"^[\w.]*Error: ", "", last)
+
+
+def check_checksums(files: ImageFiles, indices: Tensor, found: Tensor, expected: np.ndarray, what: str) -> None:
+    """Refuse files whose bytes (crc32c `found`) are not the ones `what` read (`expected`), naming the first."""
+    changed = np.flatnonzero(found.numpy() != expected)
+    if changed.size:
+        first = int(changed[0])
+        raise KdcacheError(f"{files.path(int(indices[first]))} changed since {what} read it (crc32c "
+                           f"{int(found[first]):08x}, recorded {int(expected[first]):08x}): the cached targets are "
+                           f"of other pixels; restore the file, or dump the teacher again over the folder as it is now")
+
+
+def policy_for(data: ImageFiles | ImageData, name: str) -> FilePolicy | AugmentPolicy:
+    """The augmentation policy `name` for this data: per file for a streamed split, else at the stored images' size."""
+    if isinstance(data, ImageFiles):
+        return file_policy(name, data.image_size)
+    return get_policy(name, image_size=tuple(data.images.shape[-2:]))
+
+
+def first_images(data: ImageFiles | ImageData, count: int = 2) -> Tensor:
+    """The first `count` samples as uint8 [count, 3, S, S], un-augmented (evaluation's crop for files)."""
+    if isinstance(data, ImageData):
+        return data.images[:count]
+    policy = FileCenterCrop(data.image_size)
+    return torch.stack([policy.apply(read_image(data.path(index))[0], torch.zeros(0)) for index in range(count)])

@@ -1,0 +1,171 @@
+"""Where a training loop's batches come from: a split held whole on the device (the fast path), or image files
+streamed through DataLoader workers. Both give the loop the same batches, in the order of one CPU generator."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from kdcache.data import AugmentPolicy, FileBatches, FilePolicy, ImageData, ImageFiles, normalize
+from kdcache.data.files import FileCenterCrop, check_checksums, stream
+from kdcache.distributed import Shard
+from kdcache.stages.targets import Targets
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # images (normalised), labels, targets [b, R, C]
+TestBatch = tuple[torch.Tensor, torch.Tensor]  # images (normalised), labels
+EVAL_BATCH = 250  # test images per forward pass
+
+
+class Split(Protocol):
+    """What the loop asks of its data: each epoch's training batches and the test split's batches."""
+
+    shard: Shard  # the samples this rank trains on (all of them in one process)
+
+    def batches(self, epoch: int, params: torch.Tensor | None, targets: Targets | None, batch_size: int,
+                generator: torch.Generator) -> Iterator[Batch]:
+        """One epoch's full batches in the generator's order, under views `params` [N, P] (None: fresh draws)."""
+        ...
+
+    def test_batches(self, samples: range) -> Iterator[TestBatch]:
+        """The un-augmented test samples of `samples` (a rank's share), in order."""
+        ...
+
+    @property
+    def test_size(self) -> int:
+        """How many samples the test split has."""
+        ...
+
+
+def global_batches(shard: Shard, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Each full batch of the epoch's order over all samples, as this rank's members (global indices, any number).
+
+    Under DDP the ranks together take exactly the steps of one process: the order is that of all samples and
+    each rank keeps the members it holds.
+    """
+    order = torch.randperm(shard.total, generator=generator)
+    for index in order[:shard.total // batch_size * batch_size].view(-1, batch_size):  # full: BatchNorm needs > 1
+        yield index if shard.is_whole else index[(index >= shard.samples.start) & (index < shard.samples.stop)]
+
+
+def device_batches(images: torch.Tensor, labels: torch.Tensor, params: torch.Tensor, policy: AugmentPolicy,
+                   mean: tuple[float, ...], std: tuple[float, ...], targets: Targets | None, batch_size: int,
+                   generator: torch.Generator, shard: Shard | None = None) -> Iterator[Batch]:
+    """The fast path: uint8 images, labels and parameters already on the device; each batch is indexed,
+    augmented as one op and normalised there. The order comes from a CPU generator, so it is the same on any device.
+
+    With a shard (one rank of DDP), images, labels, params and targets hold only the shard's samples.
+    """
+    shard = shard or Shard.whole(len(labels))
+    for index in global_batches(shard, batch_size, generator):
+        index = (index - shard.samples.start).to(images.device)
+        x = normalize(policy.apply(images[index], params[index]), mean, std)
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield x, labels[index], None if targets is None else targets(index, x)
+
+
+def tensor_test_batches(test: ImageData, images: torch.Tensor, samples: range) -> Iterator[TestBatch]:
+    """The test images (already on their device) of `samples`, normalised, with their labels."""
+    for start in range(samples.start, samples.stop, EVAL_BATCH):
+        stop = min(start + EVAL_BATCH, samples.stop)
+        yield normalize(images[start:stop], test.mean, test.std), test.labels[start:stop].to(images.device)
+
+
+class DeviceSplit:
+    """The split (a rank's share of it) and the test split on the device, augmented and normalised there."""
+
+    def __init__(self, data: ImageData, test: ImageData, policy: AugmentPolicy, device: torch.device,
+                 shard: Shard | None = None) -> None:
+        self.data, self.test, self.policy, self.device = data, test, policy, device
+        self.shard = shard or Shard.whole(len(data.labels))
+        self.held = slice(self.shard.samples.start, self.shard.samples.stop)
+        self.images, self.labels = data.images[self.held].to(device), data.labels[self.held].to(device)
+        self.test_images = test.images.to(device)
+
+    def batches(self, epoch: int, params: torch.Tensor | None, targets: Targets | None, batch_size: int,
+                generator: torch.Generator) -> Iterator[Batch]:
+        """One epoch's batches, the held samples' views made on the device."""
+        return device_batches(self.images, self.labels, params[self.held].to(self.device), self.policy,
+                              self.data.mean, self.data.std, targets, batch_size, generator, self.shard)
+
+    def test_batches(self, samples: range) -> Iterator[TestBatch]:
+        """The test samples of `samples`, normalised on the device."""
+        return tensor_test_batches(self.test, self.test_images, samples)
+
+    @property
+    def test_size(self) -> int:
+        return len(self.test.labels)
+
+
+class StreamedSplit:
+    """Image files read, decoded, cropped and flipped by DataLoader workers; normalised on the device.
+
+    checksums: the crc32c the teacher's dump recorded for each file [N]: every file read is checked against
+    it. A rank reads only the files of its shard.
+    """
+
+    def __init__(self, data: ImageFiles, test: ImageFiles | ImageData, policy: FilePolicy, device: torch.device,
+                 workers: int, seed: int = 0, shard: Shard | None = None, checksums: np.ndarray | None = None) -> None:
+        self.data, self.test, self.device, self.workers = data, test, device, workers
+        self.shard = shard or Shard.whole(len(data.labels))
+        self.checksums = checksums
+        self.train_files = FileBatches(data, policy, seed, "fresh")
+        self.test_split = test if isinstance(test, ImageData) else None
+        self.test_files = FileBatches(test, FileCenterCrop(data.image_size)) if isinstance(test, ImageFiles) else None
+
+    def batches(self, epoch: int, params: torch.Tensor | None, targets: Targets | None, batch_size: int,
+                generator: torch.Generator) -> Iterator[Batch]:
+        """One epoch's batches: the cache's views of the files (params), or views drawn fresh for this epoch."""
+        self.train_files.replay(params)  # before the loader starts its workers, which take the dataset as it is
+        keys = [(epoch, index.tolist()) for index in global_batches(self.shard, batch_size, generator)]
+        for images, labels, _, checksums, indices in stream(self.train_files, keys, self.workers, self.device):
+            if self.checksums is not None:
+                check_checksums(self.data, indices, checksums, self.checksums[indices.numpy()], "the teacher's dump")
+            x = normalize(images.to(self.device, non_blocking=True), self.data.mean, self.data.std)
+            if x.is_cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            local = indices - self.shard.samples.start
+            yield x, labels.to(self.device, non_blocking=True), None if targets is None else targets(local, x)
+
+    def test_batches(self, samples: range) -> Iterator[TestBatch]:
+        """The test samples of `samples`: files through the evaluation crop, or a split held in memory."""
+        if self.test_split is not None:
+            return tensor_test_batches(self.test_split, self.test_split.images.to(self.device), samples)
+        return self._streamed_test(samples)
+
+    def _streamed_test(self, samples: range) -> Iterator[TestBatch]:
+        keys = [(0, range(start, min(start + EVAL_BATCH, samples.stop)))
+                for start in range(samples.start, samples.stop, EVAL_BATCH)]
+        for images, labels, _, _, _ in stream(self.test_files, keys, self.workers, self.device):
+            yield normalize(images.to(self.device), self.test.mean, self.test.std), labels.to(self.device)
+
+    @property
+    def test_size(self) -> int:
+        return len(self.test.labels)
+
+
+def make_split(data: ImageData | ImageFiles, test: ImageData | ImageFiles, policy: AugmentPolicy | FilePolicy,
+               device: torch.device, shard: Shard | None = None, workers: int = 0, seed: int = 0,
+               checksums: np.ndarray | None = None) -> Split:
+    """The device path for a split held in memory, the streamed path for files."""
+    if isinstance(data, ImageFiles):
+        return StreamedSplit(data, test, policy, device, workers, seed, shard, checksums)
+    return DeviceSplit(data, test, policy, device, shard)
+
+
+@torch.no_grad()
+def top1_accuracy(model: torch.nn.Module, batches: Iterator[TestBatch], total: int) -> float:
+    """Top-1 accuracy of a model's logits over test batches, out of `total` samples (the correct counts of every
+    rank are summed: under DDP each rank gives its share's batches)."""
+    from kdcache.distributed import all_sum
+    from kdcache.runtime import autocast
+
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long)
+    for x, y in batches:
+        with autocast(x.device):
+            correct += (model(x).argmax(-1) == y).sum().cpu()
+    return int(all_sum(correct)) / total

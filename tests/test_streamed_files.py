@@ -1,0 +1,268 @@
+"""Image folders streamed from their files: the listing, views drawn and replayed relative to each original image,
+evaluation's crop, the files' checksums, both stages through the same loader, workers, and bad files.
+
+The folder is made here: JPEG and PNG, grey and RGB, sizes and aspect ratios from tall to wide.
+"""
+
+import pickle
+import shutil
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms import functional as TF
+
+from kdcache import CacheDataset, open_cache
+from kdcache.cache import verify
+from kdcache.config import DistillConfig
+from kdcache.data import ImageFiles, load_dataset, normalize
+from kdcache.data import files as files_module
+from kdcache.data.files import FileBatches, FileCenterCrop, FileResizedCropFlip, crop_box, default_workers, stream
+from kdcache.errors import KdcacheError
+from kdcache.models import LogitMap, create_model, load_teacher, save_checkpoint
+from kdcache.stages import distill
+from kdcache.stages.dump import dump_teacher
+
+SIZE, SCALES, VIEWS = 32, (1, 2), 2
+CLASSES = ("cat", "dog", "owl")
+# per class: (name, height, width, grey); tall, wide, square, smaller and larger than SIZE
+SHAPES = [("a.jpg", 40, 90, False), ("b.png", 120, 50, True), ("c.jpeg", 64, 64, False), ("d.PNG", 30, 200, False),
+          ("e.jpg", 77, 41, True)]
+
+
+def write_folder(root: Path, seed: int = 0) -> Path:
+    """root/train/<class>/<5 images> and root/val/<class>/<2 images>: smooth random images, JPEG and PNG."""
+    generator = np.random.default_rng(seed)
+    for split, shapes in (("train", SHAPES), ("val", SHAPES[:2])):
+        for class_index, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for file_name, height, width, grey in shapes:
+                cells = generator.integers(0, 256, (4, 4, 3)).astype(np.uint8)  # smooth: JPEG keeps it
+                image = Image.fromarray(cells).resize((width, height), Image.BILINEAR)
+                (image.convert("L") if grey else image).save(folder / file_name, quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("streamed") / "images")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    torch.manual_seed(0)
+    model = create_model("resnet8", num_classes=len(CLASSES)).eval()
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    save_checkpoint(path, model)
+    model, info = load_teacher(path, "resnet8", len(CLASSES))
+    return model.eval(), info, path
+
+
+def dump(files, teacher, out, workers=0, **options):
+    model, info, _ = teacher
+    policy = FileResizedCropFlip(SIZE)
+    return dump_teacher(model, info, files, policy, out, views=VIEWS, scales=SCALES, block_size=4, batch_size=3,
+                        workers=workers, show_progress=False, **options)
+
+
+@pytest.fixture(scope="module")
+def cache_path(folder, teacher, tmp_path_factory):
+    files = load_dataset("imagefolder", folder, "train", image_size=SIZE)
+    out = tmp_path_factory.mktemp("cache") / "files.zarr"
+    dump(files, teacher, out, workers=2)
+    return out
+
+
+def test_opening_a_folder_lists_its_files_in_imagefolders_order_and_decodes_none(folder, monkeypatch):
+    monkeypatch.setattr(files_module, "decode_image_bytes", None)  # any decode would fail
+    files = load_dataset("imagefolder", folder, "train", image_size=SIZE)
+    reference = torchvision.datasets.ImageFolder(str(folder / "train"))
+    assert isinstance(files, ImageFiles) and files.labels.tolist() == reference.targets
+    assert [files.path(i) for i in range(len(files.labels))] == [path for path, _ in reference.samples]
+    assert files.describe()["image_shape"] == [3, SIZE, SIZE] and files.describe()["source"] == "files"
+    assert 1 <= default_workers() <= 16
+
+
+def test_pickled_files_are_a_list_not_pixels(folder):
+    files = load_dataset("imagefolder", folder, "train", image_size=224)
+    assert len(pickle.dumps(FileBatches(files, FileResizedCropFlip(224)))) < 4000
+
+
+@pytest.mark.parametrize("height, width", [(375, 500), (500, 375), (64, 64), (20, 300), (300, 20), (1, 1)])
+def test_boxes_are_drawn_as_random_resized_crop_draws_them(height, width):
+    for seed in range(40):
+        torch.manual_seed(seed)
+        expected = RandomResizedCrop.get_params(torch.empty(3, height, width), (0.08, 1.0), (3 / 4, 4 / 3))
+        assert crop_box(torch.Generator().manual_seed(seed), height, width, (0.08, 1.0), (3 / 4, 4 / 3)) == expected
+
+
+def test_fractions_in_float32_give_back_every_pixel_index():
+    for side in (1, 7, 224, 500, 4000, 65535):
+        pixels = np.arange(side + 1)
+        fractions = (pixels / side).astype(np.float32)
+        assert (np.round(fractions.astype(np.float64) * side) == pixels).all()
+
+
+def test_a_view_replays_as_torchvisions_resized_crop_of_the_original_file(folder):
+    files = load_dataset("imagefolder", folder, "train", image_size=SIZE)
+    policy = FileResizedCropFlip(SIZE)
+    flips = set()
+    for index in range(len(files.labels)):
+        original = decode_image(files.path(index), ImageReadMode.RGB)
+        for seed in range(3):
+            params = policy.draw(torch.Generator().manual_seed(seed), *original.shape[-2:])
+            top, left, height, width, flip = policy.box(params, *original.shape[-2:])
+            expected = TF.resized_crop(original, top, left, height, width, [SIZE, SIZE], antialias=True)
+            expected = TF.hflip(expected) if flip else expected
+            assert torch.equal(policy.apply(files_module.read_image(files.path(index))[0], params), expected)
+            flips.add(flip)
+    assert flips == {True, False}
+
+
+def test_evaluation_resizes_the_shorter_side_to_eight_sevenths_then_crops_the_centre(folder):
+    path = str(folder / "val" / "cat" / "a.jpg")
+    original = decode_image(path, ImageReadMode.RGB)
+    assert FileCenterCrop(224).resize_size == 256
+    expected = TF.center_crop(TF.resize(original, [256], antialias=True), [224, 224])
+    assert torch.equal(FileCenterCrop(224).apply(original, torch.zeros(0)), expected)
+
+
+def test_the_dump_stores_fractions_checksums_and_the_listing_and_the_cache_is_the_live_teacher(cache_path, folder,
+                                                                                               teacher):
+    files = load_dataset("imagefolder", folder, "train", image_size=SIZE)
+    policy = FileResizedCropFlip(SIZE)
+    live = LogitMap(teacher[0], SCALES).eval()
+    with open_cache(cache_path) as cache:
+        assert cache.spec.format_version == 4 and cache.spec.streamed and verify(cache) == []
+        assert cache.spec.augmentation["param_names"] == ["top", "left", "height", "width", "flip"]
+        assert cache.file_listing() == files.paths.tolist()
+        crcs = [google_crc32c.value(Path(files.path(i)).read_bytes()) for i in range(len(files.labels))]
+        assert cache.file_checksums().tolist() == crcs
+        for view in range(VIEWS):
+            params = torch.from_numpy(cache.aug_params(view))
+            assert params.dtype == torch.float32 and not policy.out_of_range(params).any()
+            images = torch.stack([policy.apply(files_module.read_image(files.path(i))[0], params[i])
+                                  for i in range(len(files.labels))])
+            with torch.no_grad():
+                expected = live(normalize(images, files.mean, files.std)).half().float()
+            torch.testing.assert_close(torch.from_numpy(cache.view(view)).float(), expected, rtol=2e-3, atol=2e-3)
+        assert not torch.equal(torch.from_numpy(cache.aug_params(0)), torch.from_numpy(cache.aug_params(1)))
+
+
+def test_the_draws_do_not_depend_on_workers_or_batches(cache_path, folder, teacher, tmp_path):
+    files = load_dataset("imagefolder", folder, "train", image_size=SIZE)
+    dump(files, teacher, tmp_path / "one.zarr", workers=0)
+    with open_cache(cache_path) as two_workers, open_cache(tmp_path / "one.zarr") as in_process:
+        for name in ("aug", "logits", "file_crc32c", "files", "progress"):
+            np.testing.assert_array_equal(two_workers.store.read(name), in_process.store.read(name), err_msg=name)
+
+
+def run_distill(cache_path, folder, out, **options):
+    config = DistillConfig(cache=str(cache_path), data_root=str(folder), students=("resnet8",), losses=("kd",),
+                           epochs=2, batch_size=5, out=str(out), device="cpu", **options)
+    return distill(config, show_progress=False)
+
+
+def _losses(run):
+    return [float(line.split(",")[1]) for line in (run.folder / "metrics.csv").read_text().splitlines()[1:]]
+
+
+def test_distill_trains_from_the_cache_and_the_live_teacher_on_the_same_pixels(cache_path, folder, teacher, tmp_path):
+    cached = run_distill(cache_path, folder, tmp_path / "cached", workers=2)[0]
+    dataset_path = run_distill(cache_path, folder, tmp_path / "dataset", workers=0, batch_path="dataset")[0]
+    live = run_distill(cache_path, folder, tmp_path / "live", workers=1, live_teacher=str(teacher[2]),
+                       teacher="resnet8")[0]
+    np.testing.assert_allclose(_losses(dataset_path), _losses(cached), rtol=1e-5)
+    np.testing.assert_allclose(_losses(live), _losses(cached), rtol=2e-3)  # the cache holds fp16 logits
+    assert 0 <= cached.test_acc <= 1
+
+
+def test_a_changed_file_is_refused_naming_it(cache_path, folder, tmp_path):
+    copy = tmp_path / "images"
+    shutil.copytree(folder, copy)
+    changed = copy / "train" / "dog" / "c.jpeg"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(changed)
+    with pytest.raises(KdcacheError, match=rf"{changed} changed since the teacher's dump read it"):
+        run_distill(cache_path, copy, tmp_path / "runs", workers=1)
+
+
+@pytest.mark.parametrize("change", ["added", "removed", "renamed"])
+def test_a_listing_that_differs_is_refused_before_training_naming_the_first_difference(cache_path, folder, tmp_path,
+                                                                                       change):
+    copy = tmp_path / "images"
+    shutil.copytree(folder, copy)
+    dog = copy / "train" / "dog"
+    if change == "added":
+        shutil.copy(dog / "a.jpg", dog / "aa.jpg")
+        first = "'dog/b.png' in the cache but 'dog/aa.jpg' in the folder"
+    elif change == "removed":
+        (dog / "b.png").unlink()
+        first = "'dog/b.png' in the cache but 'dog/c.jpeg' in the folder"
+    else:
+        (dog / "e.jpg").rename(dog / "z.jpg")
+        first = "'dog/e.jpg' in the cache but 'dog/z.jpg' in the folder"
+    with pytest.raises(KdcacheError, match="lists other files than the teacher's dump") as caught:
+        run_distill(cache_path, copy, tmp_path / "runs")
+    assert first in str(caught.value) and not (tmp_path / "runs").exists()
+
+
+def test_a_truncated_file_stops_the_dump_with_one_line_naming_it(folder, teacher, tmp_path):
+    copy = tmp_path / "images"
+    shutil.copytree(folder, copy)
+    bad = copy / "train" / "owl" / "a.jpg"
+    bad.write_bytes(bad.read_bytes()[:300])
+    files = load_dataset("imagefolder", copy, "train", image_size=SIZE)
+    with pytest.raises(KdcacheError) as caught:
+        dump(files, teacher, tmp_path / "bad.zarr", workers=1)
+    message = str(caught.value)
+    assert message.startswith(f"{bad}: not a decodable image") and "\n" not in message
+    assert "delete or replace the file" in message and "Traceback" not in message
+
+
+@pytest.mark.parametrize("context", ["spawn", "forkserver"])
+def test_cache_dataset_reads_files_in_spawned_workers_and_persistent_ones_follow_the_epoch(cache_path, folder,
+                                                                                          context):
+    dataset = CacheDataset(cache_path, folder)
+    loader = DataLoader(dataset, batch_size=15, num_workers=1, multiprocessing_context=context,
+                        persistent_workers=True)
+    with open_cache(cache_path) as cache:
+        for epoch in range(3):
+            dataset.set_epoch(epoch)
+            x, y, targets = next(iter(loader))
+            view = epoch % VIEWS
+            assert torch.equal(targets["regions"], torch.from_numpy(cache.view(view)).float())
+            policy = FileResizedCropFlip(SIZE)
+            params = torch.from_numpy(cache.aug_params(view))
+            files = dataset.data
+            expected = torch.stack([policy.apply(files_module.read_image(files.path(i))[0], params[i])
+                                    for i in range(len(y))])
+            assert torch.equal(x, normalize(expected, files.mean, files.std))
+
+
+def test_the_stream_names_a_workers_error_in_one_line(folder):
+    files = load_dataset("imagefolder", folder, "train", image_size=SIZE)
+    broken = ImageFiles(files.name, files.split, files.root, np.array([b"cat/missing.jpg"]), files.labels[:1],
+                        files.num_classes, files.mean, files.std, SIZE)
+    with pytest.raises(KdcacheError) as caught:
+        list(stream(FileBatches(broken, FileCenterCrop(SIZE)), [(0, [0])], 1, torch.device("cpu")))
+    assert str(caught.value).startswith(f"{broken.path(0)}: cannot be read") and "\n" not in str(caught.value)
+
+
+def test_train_teacher_and_policies_that_need_memory(folder, tmp_path):
+    from kdcache.config import TeacherConfig
+    from kdcache.stages import train_teacher
+
+    config = TeacherConfig(model="resnet8", dataset="imagefolder", data_root=str(folder), image_size=SIZE,
+                           augmentation="imagenet", epochs=1, batch_size=5, workers=0, out=str(tmp_path / "t"),
+                           device="cpu")
+    assert 0 <= train_teacher(config, show_progress=False).test_acc <= 1
+    with pytest.raises(KdcacheError, match="--aug cifar: works on images held in memory.*--preload"):
+        train_teacher(TeacherConfig(**{**config.__dict__, "augmentation": "cifar"}), show_progress=False)
