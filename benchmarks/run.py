@@ -57,7 +57,8 @@ from kdcache.stages import loop
 from kdcache.stages import targets as target_providers
 from kdcache.stages.dataset import CacheDataset
 from kdcache.stages.dump import dump_teacher, view_params
-from kdcache.stages.loop import Run, device_batches, loader_batches
+from kdcache.stages.loop import Run, loader_batches
+from kdcache.stages.splits import device_batches
 from kdcache.stages.targets import CachedTargets, LiveTeacher
 from kdcache.stages.views import CachedViews
 

@@ -50,7 +50,9 @@ def describe_cache(path: str | Path) -> dict[str, Any]:
         f"teacher   {spec.teacher['arch']} ({spec.num_classes} classes, sha256 {spec.teacher.get('checkpoint_sha256', '?')[:12]}, "
         f"{spec.teacher.get('precision')})",
         f"dataset   {spec.dataset['name']} {spec.dataset['split']}, {spec.num_samples} samples, fingerprint "
-        f"{spec.dataset['fingerprint'][:12]}, mean {spec.dataset['mean']} std {spec.dataset['std']}",
+        f"{spec.dataset['fingerprint'][:12]}, mean {spec.dataset['mean']} std {spec.dataset['std']}"
+        + (f"; streamed from its files at {spec.dataset['image_shape'][-1]} px, each file's crc32c recorded"
+           if spec.streamed else ""),
         f"views     {spec.num_views}{' (exhaustive)' if spec.exhaustive else ''} of policy "
         f"{spec.augmentation['name']} {spec.augmentation.get('param_names')}, seed {spec.seed}",
         f"logits    {list(spec.logits_shape)} {spec.dtype} (views, samples, regions, classes); scales "

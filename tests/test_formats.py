@@ -15,6 +15,7 @@ from kdcache.cache.layout import FORMAT_VERSIONS, WRITTEN_VERSION
 from kdcache.data import get_policy, load_dataset, normalize, policy_for
 from kdcache.errors import KdcacheError
 from kdcache.models import LogitMap, load_teacher
+from kdcache.report import describe_cache
 from kdcache.stages.dump import dump_teacher
 from kdcache.stages.targets import CachedTargets
 from kdcache.stages.topk import rebuild_topk
@@ -80,6 +81,7 @@ def test_a_streamed_cache_of_format_4_reads_verifies_and_equals_the_live_teacher
     with open_cache(FIXTURES_DIR / STREAMED_FIXTURE) as cache:
         assert cache.spec.format_version == 4 and cache.spec.streamed and verify(cache) == []
         require_fits(cache, files, policy, SCALES, teacher="resnet8")
+        assert "streamed from its files at 16 px" in describe_cache(FIXTURES_DIR / STREAMED_FIXTURE)["text"]
         for view in range(cache.num_views):
             params = torch.from_numpy(cache.aug_params(view))
             images = torch.stack([policy.apply(read_image(files.path(i))[0], params[i]) for i in range(8)])

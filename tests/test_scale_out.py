@@ -264,3 +264,27 @@ def test_a_rank_holding_none_of_a_global_batch_steps_with_zero_loss(tmp_path):
     # the empty step adds nothing to the loss terms: the one full step's, averaged over 2 steps
     for term in ("loss_ce", "loss_kd", "loss_total"):
         assert metrics[term] == pytest.approx(alone[term] / 2, rel=1e-6)
+
+
+def test_a_sharded_dump_of_streamed_files_equals_a_single_process_dump(tmp_path, monkeypatch):
+    from image_folders import CLASSES, write_folder
+
+    from kdcache.config import DumpConfig
+    from kdcache.models import create_model, save_checkpoint
+    from kdcache.stages.dump import dump_from_config
+
+    write_folder(tmp_path / "images")
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "teacher.pt", create_model("resnet8", num_classes=len(CLASSES)))
+    args = ["dump-teacher", "--teacher", "resnet8", "--checkpoint", "teacher.pt", "--dataset", "imagefolder",
+            "--data-root", "images", "--image-size", 32, "--aug", "imagenet", "--views", 2, "--block-size", 4,
+            "--workers", 0, "--device", "cpu"]
+    kdcache(tmp_path, *args, "--out", "sharded.zarr", processes=2)  # each rank reads the files of its 2 blocks
+    monkeypatch.chdir(tmp_path)  # the same dump in this process (a torch import spared), with the same paths
+    dump_from_config(DumpConfig(teacher="resnet8", checkpoint="teacher.pt", dataset="imagefolder", data_root="images",
+                                image_size=32, augmentation="imagenet", views=2, block_size=4, workers=0, device="cpu",
+                                out="one.zarr"), show_progress=False)
+    assert_same_cache(tmp_path / "sharded.zarr", tmp_path / "one.zarr")
+    with open_cache(tmp_path / "sharded.zarr") as cache, open_cache(tmp_path / "one.zarr") as expected:
+        for name in ("files", "file_crc32c"):
+            np.testing.assert_array_equal(cache.store.read(name), expected.store.read(name), err_msg=name)

@@ -1,7 +1,8 @@
 """Image folders streamed from their files: the listing, views drawn and replayed relative to each original image,
-evaluation's crop, the files' checksums, both stages through the same loader, workers, and bad files.
+evaluation's crop, the files' checksums, both stages through the same loader, shards, workers, and bad files.
 
-The folder is made here: JPEG and PNG, grey and RGB, sizes and aspect ratios from tall to wide.
+The folder is made on the fly (image_folders.py): JPEG and PNG, grey and RGB, sizes and aspect ratios from tall
+to wide.
 """
 
 import pickle
@@ -30,25 +31,9 @@ from kdcache.models import LogitMap, create_model, load_teacher, save_checkpoint
 from kdcache.stages import distill
 from kdcache.stages.dump import dump_teacher
 
+from image_folders import CLASSES, write_folder
+
 SIZE, SCALES, VIEWS = 32, (1, 2), 2
-CLASSES = ("cat", "dog", "owl")
-# per class: (name, height, width, grey); tall, wide, square, smaller and larger than SIZE
-SHAPES = [("a.jpg", 40, 90, False), ("b.png", 120, 50, True), ("c.jpeg", 64, 64, False), ("d.PNG", 30, 200, False),
-          ("e.jpg", 77, 41, True)]
-
-
-def write_folder(root: Path, seed: int = 0) -> Path:
-    """root/train/<class>/<5 images> and root/val/<class>/<2 images>: smooth random images, JPEG and PNG."""
-    generator = np.random.default_rng(seed)
-    for split, shapes in (("train", SHAPES), ("val", SHAPES[:2])):
-        for class_index, name in enumerate(CLASSES):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for file_name, height, width, grey in shapes:
-                cells = generator.integers(0, 256, (4, 4, 3)).astype(np.uint8)  # smooth: JPEG keeps it
-                image = Image.fromarray(cells).resize((width, height), Image.BILINEAR)
-                (image.convert("L") if grey else image).save(folder / file_name, quality=90)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -266,3 +251,47 @@ def test_train_teacher_and_policies_that_need_memory(folder, tmp_path):
     assert 0 <= train_teacher(config, show_progress=False).test_acc <= 1
     with pytest.raises(KdcacheError, match="--aug cifar: works on images held in memory.*--preload"):
         train_teacher(TeacherConfig(**{**config.__dict__, "augmentation": "cifar"}), show_progress=False)
+
+
+def test_a_rank_reads_only_its_shards_files_and_the_ranks_together_take_one_process_batches(folder, monkeypatch):
+    from kdcache.distributed import Shard
+    from kdcache.runtime import epoch_generator
+    from kdcache.stages.splits import StreamedSplit
+
+    files = load_dataset("imagefolder", folder, "train", image_size=SIZE)
+    test = load_dataset("imagefolder", folder, "test", image_size=SIZE)
+    read, original = [], files_module.read_image
+    monkeypatch.setattr(files_module, "read_image", lambda path: (read.append(path), original(path))[1])
+
+    def samples_per_step(shard):  # the targets' indices count from the shard's start: they name the samples
+        split = StreamedSplit(files, test, FileResizedCropFlip(SIZE), torch.device("cpu"), 0, shard=shard)
+        return [held + shard.samples.start for _, _, held in
+                split.batches(0, None, lambda held, images: held, 4, epoch_generator(0, 0))]
+
+    whole = samples_per_step(Shard.whole(15))
+    read.clear()
+    first = samples_per_step(Shard(range(0, 8), 15))
+    assert sorted(set(read)) == sorted({files.path(int(i)) for step in first for i in step})
+    assert all(int(i) < 8 for step in first for i in step)
+    second = samples_per_step(Shard(range(8, 15), 15))
+    assert len(whole) == len(first) == len(second) == 3  # 15 // 4 steps on every rank, some of them empty
+    for step, expected in enumerate(whole):
+        assert sorted(torch.cat([first[step], second[step]]).tolist()) == sorted(expected.tolist())
+
+
+def test_a_streamed_splits_targets_stay_on_the_host_and_each_batch_is_gathered(cache_path):
+    from kdcache.stages.targets import CachedTargets, require_target_memory
+
+    with open_cache(cache_path) as cache:
+        resident, on_host = CachedTargets(cache, SCALES), CachedTargets(cache, (1,), on_host=True)
+        resident.begin_epoch(1)
+        on_host.begin_epoch(1)
+        indices = torch.tensor([14, 0, 7])
+        assert torch.equal(on_host(indices, None), resident(indices, None)[:, :1])
+        assert all(tensor.device.type == "cpu" for tensor in on_host._arrays)
+        view = 15 * 5 * 3 * 2  # samples x regions x classes x fp16
+        statement = require_target_memory(cache, None, torch.device("cuda:0"), host_available=2 * view,
+                                          device_available=0, on_host=True)
+        assert statement.endswith(f"training holds {2 * view / 1e6:.1f} MB of it in host memory")  # none on the GPU
+        with pytest.raises(KdcacheError, match="needs 0.0 MB of host memory but 0.0 MB is available"):
+            require_target_memory(cache, None, torch.device("cuda:0"), host_available=view, on_host=True)

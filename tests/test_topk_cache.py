@@ -10,6 +10,7 @@ import torch
 from kdcache.cache import open_cache, verify
 from kdcache.cache.backends import open_store
 from kdcache.cache.location import store_bytes
+from kdcache.cache.layout import WRITTEN_VERSION
 from kdcache.data import get_policy, load_dataset
 from kdcache.errors import CorruptCacheError, KdcacheError
 from kdcache.report import describe_cache
@@ -53,7 +54,7 @@ def test_a_topk_view_is_the_rebuilt_full_view(teacher, data, full, tmp_path, fmt
     path = tmp_path / f"k{SUFFIX[fmt]}"
     dump(teacher, data, path, topk=k)
     with open_cache(path) as cache, open_cache(full) as reference:
-        assert cache.spec.format_version == 3 and cache.metadata["logits"]["topk"] == k
+        assert cache.spec.format_version == WRITTEN_VERSION and cache.metadata["logits"]["topk"] == k
         assert sorted(cache.store.array_names()) == ["aug", "labels", "metadata_sha256", "progress", "topk_indices",
                                                      "topk_rest", "topk_values"]
         assert verify(cache) == []
@@ -143,4 +144,4 @@ def test_topk_choices_that_cannot_work_are_refused(teacher, data, tmp_path):
 def test_inspect_says_what_a_topk_cache_stores(teacher, data, tmp_path):
     dump(teacher, data, tmp_path / "k.zarr", topk=3)
     text = describe_cache(tmp_path / "k.zarr")["text"]
-    assert "format version 3" in text and "top 3 per region stored, the rest rebuilt" in text
+    assert f"format version {WRITTEN_VERSION}" in text and "top 3 per region stored, the rest rebuilt" in text
