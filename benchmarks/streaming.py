@@ -1,15 +1,16 @@
 """Image folders streamed from their files (issue 16), on a generated folder of JPEGs of ImageNet-like sizes.
 
-- loader: img/s of kdcache's file loader (read, crc32c, decode, crop, resize, flip in DataLoader workers; the
-  batch normalised in the main process), drawing views as the dump does and replaying them as distill does,
+- loader: img/s of kdcache's file loader as it runs on the CPU (read, crc32c, decode, crop, resize, flip and
+  normalise in DataLoader workers), drawing views as the dump does and replaying them as distill does,
   against torchvision's `ImageFolder` + `RandomResizedCrop(224)` + `RandomHorizontalFlip` + `ToTensor` +
   `Normalize` at the same worker count and batch size; side by side, the order rotating per repeat; a figure
   is the median img/s, a ratio the median of per-repeat ratios. Goal: kdcache / torchvision >= 1.0.
 - dump: img/s of `dump_teacher` (one view, scales 1,2,4, written to Zarr) against pure inference (`model(x)`)
   fed by the same loader, side by side. Goal: >= 0.85.
 - memory: peak RSS (the largest process) of `kdcache dump-teacher` and `kdcache distill` at N and 10 N files
-  (10 N: hard links to the N files under other names), each in a fresh process; and `dump-teacher --preload`
-  at N for comparison. Goal: streaming flat within 100 MB.
+  (10 N: hard links to the N files under other names), each in a fresh process, at 64 px with a resnet8
+  teacher and student (the memory a split costs, not a big model's activations); and `dump-teacher --preload`
+  at N and 10 N for comparison. Goal: streaming flat within 100 MB.
 
     python benchmarks/streaming.py                         # 2000 files, 2 workers, CPU: about N minutes here
     python benchmarks/streaming.py --files 500 --repeats 1 --rss-files 200 --json out.json   # quick
@@ -32,8 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kdcache.data import FileBatches, load_dataset, normalize
-from kdcache.data.files import FileResizedCropFlip, draw_generator, read_image, stream
+from kdcache.data import FileBatches, ImageFiles, load_dataset
+from kdcache.data.files import FileResizedCropFlip, batch_on_device, draw_generator, read_image, stream
 from kdcache.models import create_model, load_teacher, save_checkpoint
 from kdcache.stages.dump import dump_teacher
 
@@ -41,12 +42,14 @@ CLASSES = 10
 SIZE = 224
 
 
-def make_folder(root: Path, count: int, seed: int = 0) -> Path:
+def make_folder(root: Path, count: int, seed: int = 0, test: int = 0) -> Path:
     """root/train/class_k/*.jpg: `count` JPEGs (quality 90) of ImageNet-like sizes (sides 250-500 px, landscape
-    and portrait), smooth colour fields plus noise so that they compress as photos do (tens of kB)."""
+    and portrait), smooth colour fields plus noise so that they compress as photos do (tens of kB); `test` more
+    in root/val/."""
     generator = np.random.default_rng(seed)
-    for index in range(count):
-        folder = root / "train" / f"class_{index % CLASSES}"
+    for index in range(count + test):
+        split = "train" if index < count else "val"
+        folder = root / split / f"class_{index % CLASSES}"
         folder.mkdir(parents=True, exist_ok=True)
         long, short = int(generator.integers(330, 501)), int(generator.integers(250, 376))
         height, width = (short, long) if generator.random() < 0.75 else (long, short)
@@ -59,37 +62,39 @@ def make_folder(root: Path, count: int, seed: int = 0) -> Path:
 
 
 def linked_copies(source: Path, target: Path, copies: int) -> Path:
-    """target/train/...: `copies` hard links of every file of source under other names (10 N files, N on disk)."""
-    for path in sorted((source / "train").rglob("*.jpg")):
-        folder = target / "train" / path.parent.name
+    """target/train/...: `copies` hard links of every training file of source under other names (10 N files, N on
+    disk); target/val/ links source's once."""
+    for path in sorted(source.rglob("*.jpg")):
+        split = path.parent.parent.name
+        folder = target / split / path.parent.name
         folder.mkdir(parents=True, exist_ok=True)
-        for copy in range(copies):
+        for copy in range(copies if split == "train" else 1):
             os.link(path, folder / f"{copy}_{path.name}")
     return target
 
 
-def kdcache_batches(root: Path, workers: int, batch: int, replay: bool) -> int:
-    """One pass of kdcache's loader over the folder in a random order; the number of images."""
+def kdcache_loader(root: Path, replay: bool) -> tuple[ImageFiles, FileBatches]:
+    """kdcache's loader as StreamedSplit makes it on the CPU (the workers normalise); `replay`: with every file's
+    view-0 parameters as the dump draws them (drawn here, outside the timed pass), as distill replays them."""
     files = load_dataset("imagefolder", root, "train", image_size=SIZE)
-    dataset = FileBatches(files, FileResizedCropFlip(SIZE))
-    if replay:  # distill's path: the stored fractions of each file, drawn here as the dump would have
-        dataset.replay(_drawn(files, dataset.policy))
+    dataset = FileBatches(files, FileResizedCropFlip(SIZE), normalized=True)
+    if replay:
+        rows = []
+        for index in range(len(files.labels)):
+            width, height = Image.open(files.path(index)).size
+            rows.append(dataset.policy.draw(draw_generator(0, "views", 0, index), height, width))
+        dataset.replay(torch.stack(rows))
+    return files, dataset
+
+
+def kdcache_batches(files: ImageFiles, dataset: FileBatches, workers: int, batch: int) -> int:
+    """One pass of kdcache's loader over the folder in a random order; the number of images."""
     order = torch.randperm(len(files.labels), generator=torch.Generator().manual_seed(0))
     keys = [(0, part.tolist()) for part in order.split(batch)]
     seen = 0
-    for images, labels, _, _, _ in stream(dataset, keys, workers, torch.device("cpu")):
-        x = normalize(images, files.mean, files.std)
-        seen += len(x)
+    for images, _, _, _, _ in stream(dataset, keys, workers, torch.device("cpu")):
+        seen += len(batch_on_device(images, files, torch.device("cpu")))
     return seen
-
-
-def _drawn(files, policy) -> torch.Tensor:
-    """Every file's view-0 parameters as the dump draws them (read outside the timed pass)."""
-    rows = []
-    for index in range(len(files.labels)):
-        height, width = Image.open(files.path(index)).size[::-1]
-        rows.append(policy.draw(draw_generator(0, "views", 0, index), height, width))
-    return torch.stack(rows)
 
 
 def torchvision_batches(root: Path, workers: int, batch: int) -> int:
@@ -144,8 +149,9 @@ def dump_against_inference(root: Path, work: Path, workers: int, batch: int, rep
                 for start in range(0, len(files.labels), batch)]
         seen = 0
         with torch.no_grad():
-            for images, _, _, _, _ in stream(FileBatches(files, policy), keys, workers, torch.device("cpu")):
-                teacher(normalize(images, files.mean, files.std))
+            dataset = FileBatches(files, policy, normalized=True)  # as the dump makes it on the CPU
+            for images, _, _, _, _ in stream(dataset, keys, workers, torch.device("cpu")):
+                teacher(batch_on_device(images, files, torch.device("cpu")))
                 seen += len(images)
         return seen
 
@@ -164,26 +170,24 @@ def peak_rss_mb(command: list[str], cwd: Path) -> float:
     return kilobytes / 1024
 
 
-def memory(small: Path, large: Path, work: Path, workers: int) -> dict:
+def memory(small: Path, large: Path, work: Path, workers: int, batch: int) -> dict:
     """Peak RSS of dump-teacher and distill at N and 10 N files, and of a preloaded dump at N."""
     torch.manual_seed(0)
     save_checkpoint(work / "resnet8.pt", create_model("resnet8", num_classes=CLASSES))
     kdcache = [sys.executable, "-m", "kdcache"]
     common = ["--image-size", "64", "--workers", str(workers), "--device", "cpu"]
     results = {}
+    dump = ["dump-teacher", "--teacher", "resnet8", "--checkpoint", str(work / "resnet8.pt"), "--dataset",
+            "imagefolder", "--aug", "imagenet", "--views", "1", "--scales", "1", "--overwrite"]
     for name, root in (("N", small), ("10N", large)):
         cache = work / f"rss-{name}.zarr"
-        results[f"dump {name}"] = peak_rss_mb(kdcache + [
-            "dump-teacher", "--teacher", "resnet8", "--checkpoint", str(work / "resnet8.pt"), "--dataset",
-            "imagefolder", "--data-root", str(root), "--aug", "imagenet", "--views", "1", "--scales", "1",
-            "--out", str(cache), "--overwrite", *common], work)
+        results[f"dump {name}"] = peak_rss_mb(kdcache + dump + ["--data-root", str(root), "--out", str(cache),
+                                                                *common], work)
         results[f"distill {name}"] = peak_rss_mb(kdcache + [
             "distill", "--cache", str(cache), "--data-root", str(root), "--student", "resnet8", "--loss", "kd",
-            "--epochs", "1", "--batch-size", "64", "--out", str(work / f"runs-{name}"), *common], work)
-    results["dump N --preload (224 px)"] = peak_rss_mb(kdcache + [
-        "dump-teacher", "--teacher", "resnet8", "--checkpoint", str(work / "resnet8.pt"), "--dataset", "imagefolder",
-        "--data-root", str(small), "--aug", "imagenet", "--views", "1", "--scales", "1", "--preload",
-        "--image-size", "224", "--out", str(work / "rss-preload.zarr"), "--overwrite", "--device", "cpu"], work)
+            "--epochs", "1", "--batch-size", str(batch), "--out", str(work / f"runs-{name}"), *common], work)
+        results[f"dump {name} --preload"] = peak_rss_mb(kdcache + dump + [
+            "--data-root", str(root), "--preload", "--out", str(work / f"rss-preload-{name}.zarr"), *common], work)
     return results
 
 
@@ -202,22 +206,23 @@ def main() -> None:
         work = Path(temporary)
         started = time.perf_counter()
         folder = make_folder(work / "images", args.files)
-        sizes = [p.stat().st_size for p in (folder / "train").rglob("*.jpg")]
+        sizes = [path.stat().st_size for path in (folder / "train").rglob("*.jpg")]
         print(f"{args.files} JPEGs, mean {np.mean(sizes) / 1e3:.0f} kB, made in {time.perf_counter() - started:.0f} s")
         read_image(str(next((folder / "train").rglob("*.jpg"))))  # imports torchvision's decoders once
         print("loader")
+        drawn, replayed = kdcache_loader(folder, replay=False), kdcache_loader(folder, replay=True)
         loader = summary(side_by_side({
             "torchvision": lambda: torchvision_batches(folder, args.workers, args.batch),
-            "kdcache draw (dump)": lambda: kdcache_batches(folder, args.workers, args.batch, replay=False),
-            "kdcache replay (distill)": lambda: kdcache_batches(folder, args.workers, args.batch, replay=True),
+            "kdcache draw (dump)": lambda: kdcache_batches(*drawn, args.workers, args.batch),
+            "kdcache replay (distill)": lambda: kdcache_batches(*replayed, args.workers, args.batch),
         }, args.repeats), "torchvision")
         print("dump")
         dump_folder = make_folder(work / "dump-images", args.dump_files, seed=1)
         dump = dump_against_inference(dump_folder, work, args.workers, args.batch, args.repeats)
         print("memory")
-        small = make_folder(work / "rss-N", args.rss_files, seed=2)
+        small = make_folder(work / "rss-N", args.rss_files, seed=2, test=CLASSES * 5)
         large = linked_copies(small, work / "rss-10N", 10)
-        rss = memory(small, large, work, args.workers)
+        rss = memory(small, large, work, args.workers, args.batch)
     results = {"device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
                "torch": torch.__version__, "files": args.files, "workers": args.workers, "batch": args.batch,
                "repeats": args.repeats, "loader": loader, "dump": dump, "peak_rss_mb": rss}

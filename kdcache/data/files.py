@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from kdcache.data.augment import AugmentPolicy, get_policy
-from kdcache.data.sources import ImageData
+from kdcache.data.sources import ImageData, normalize
 from kdcache.errors import KdcacheError
 
 # IMG_EXTENSIONS lists formats torchvision.io cannot decode; those go through PIL, as ImageFolder's loader does.
@@ -268,19 +268,23 @@ def draw_generator(seed: int, stream: str, view: int, index: int) -> torch.Gener
     return torch.Generator().manual_seed(int(state))
 
 
-FileBatch = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]  # images uint8, labels, params, crc32c, indices
+FileBatch = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]  # images, labels, params, crc32c, indices
 
 
 class FileBatches(Dataset):
     """Whole batches of files under their views, for a DataLoader with batch_size=None.
 
     Key `(view, indices)`: the samples' views are drawn from (seed, stream, view, index), or, after
-    `replay(params)`, taken from params [N, P]. Item: (uint8 views [b, 3, S, S], labels [b], params [b, P]
-    float32, crc32c of each file's bytes [b] int64, indices [b]). Pickles by path, as workers need.
+    `replay(params)`, taken from params [N, P]. Item: (views [b, 3, S, S], labels [b], params [b, P]
+    float32, crc32c of each file's bytes [b] int64, indices [b]). The views are uint8, for a GPU to normalise
+    (a quarter of the bytes to move), or with `normalized` float32 normalised here, each image while it is in
+    the cache: on the CPU the workers' time is what is free. Pickles by path, as workers need.
     """
 
-    def __init__(self, files: ImageFiles, policy: FilePolicy, seed: int = 0, stream: str = "views") -> None:
+    def __init__(self, files: ImageFiles, policy: FilePolicy, seed: int = 0, stream: str = "views",
+                 normalized: bool = False) -> None:
         self.files, self.policy, self.seed, self.stream = files, policy, seed, stream
+        self.normalized = normalized
         self.params: Tensor | None = None
 
     def replay(self, params: Tensor | None) -> None:
@@ -293,16 +297,30 @@ class FileBatches(Dataset):
     def __getitem__(self, key: tuple[int, Sequence[int]]) -> FileBatch:
         view, indices = key
         size, count = self.policy.size, len(self.policy.param_names)
-        images = torch.empty(len(indices), 3, size, size, dtype=torch.uint8)
+        images = _batch_tensor((len(indices), 3, size, size), torch.float32 if self.normalized else torch.uint8)
         params = torch.empty(len(indices), count, dtype=torch.float32)
         checksums = torch.empty(len(indices), dtype=torch.int64)
         for row, index in enumerate(indices):
             image, checksums[row] = read_image(self.files.path(index))
             params[row] = (self.params[index] if self.params is not None else
                            self.policy.draw(draw_generator(self.seed, self.stream, view, index), *image.shape[-2:]))
-            images[row] = self.policy.apply(image, params[row])
+            pixels = self.policy.apply(image, params[row])
+            if self.normalized:
+                normalize(pixels, self.files.mean, self.files.std, out=images[row])
+            else:
+                images[row] = pixels
         index_tensor = torch.as_tensor(list(indices), dtype=torch.int64)
         return images, self.files.labels[index_tensor], params, checksums, index_tensor
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """An empty tensor; inside a DataLoader worker, in shared memory, as default_collate makes its batches: the
+    loader then hands it to the main process without copying it (tens of MB per batch at 224 px)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    strides = torch.empty(shape, device="meta").stride()
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides)
 
 
 def default_workers() -> int:
@@ -354,3 +372,10 @@ def first_images(data: ImageFiles | ImageData, count: int = 2) -> Tensor:
         return data.images[:count]
     policy = FileCenterCrop(data.image_size)
     return torch.stack([policy.apply(read_image(data.path(index))[0], torch.zeros(0)) for index in range(count)])
+
+
+def batch_on_device(images: Tensor, files: ImageFiles, device: torch.device) -> Tensor:
+    """A FileBatches batch as normalised float32 on the device (normalised there when it came as uint8)."""
+    if images.dtype == torch.uint8:
+        return normalize(images.to(device, non_blocking=True), files.mean, files.std)
+    return images.to(device, non_blocking=True)

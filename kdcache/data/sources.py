@@ -98,15 +98,16 @@ def data_fingerprint(images: Tensor, labels: Tensor) -> str:
     return digest.hexdigest()
 
 
-def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """float32 `(images / 255 - mean) / std` per channel of uint8 images [..., C, H, W], on their device."""
+def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float], out: Tensor | None = None) -> Tensor:
+    """float32 `(images / 255 - mean) / std` per channel of uint8 images [..., C, H, W], on their device (into `out`
+    when given: the same values, one copy fewer)."""
     if images.dtype != torch.uint8 or images.ndim < 3 or images.shape[-3] != len(mean) or len(mean) != len(std):
         raise KdcacheError(
             f"normalize(): needs uint8 images [..., C, H, W] and C values of mean and std, found {images.dtype} "
             f"{list(images.shape)} with {len(mean)} means and {len(std)} stds"
         )
     mean_tensor, std_tensor = _channel_constants(tuple(mean), tuple(std), images.device)
-    return (images.to(torch.float32) / 255 - mean_tensor) / std_tensor
+    return torch.div(images.to(torch.float32) / 255 - mean_tensor, std_tensor, out=out)
 
 
 @functools.lru_cache(maxsize=32)

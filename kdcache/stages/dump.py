@@ -21,7 +21,7 @@ from kdcache.cache.writer import BackgroundWriter, CacheWriter
 from kdcache.config import DumpConfig, loader_options
 from kdcache.data import AugmentPolicy, FileBatches, FilePolicy, ImageData, ImageFiles, first_images, load_dataset, \
     normalize, policy_for
-from kdcache.data.files import check_checksums, default_workers, stream
+from kdcache.data.files import batch_on_device, check_checksums, default_workers, stream
 from kdcache.distributed import World
 from kdcache.errors import KdcacheError
 from kdcache.models import LogitMap, describe_outputs, load_teacher
@@ -252,7 +252,7 @@ class _StreamedTeacherBatches:
                  batch_size: int, device: torch.device, writer: CacheWriter, workers: int) -> None:
         self.logit_map, self.files, self.spec, self.writer = logit_map, files, spec, writer
         self.batch_size, self.device, self.workers = batch_size, device, workers
-        self.dataset = FileBatches(files, policy, spec.seed, "views")
+        self.dataset = FileBatches(files, policy, spec.seed, "views", normalized=device.type == "cpu")
         self.checksums: dict[int, np.ndarray] = {}  # block -> crc32c of its files, as view 0 read them
 
     def blocks(self, pending: list[tuple[int, int]]) -> Iterator[Block]:
@@ -268,7 +268,7 @@ class _StreamedTeacherBatches:
             correct = torch.zeros((), dtype=torch.long, device=self.device)
             for _ in range(rows.start, rows.stop, self.batch_size):
                 images, labels, params, sums, _ = next(batches)
-                x = normalize(images.to(self.device, non_blocking=True), self.files.mean, self.files.std)
+                x = batch_on_device(images, self.files, self.device)
                 regions = _teacher_regions(self.logit_map, x, self.spec.dtype)
                 correct += (regions[:, 0].argmax(-1) == labels.to(self.device)).sum()
                 parts.append(regions)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from kdcache.data import AugmentPolicy, FileBatches, FilePolicy, ImageData, ImageFiles, normalize
-from kdcache.data.files import FileCenterCrop, check_checksums, stream
+from kdcache.data.files import FileCenterCrop, batch_on_device, check_checksums, stream
 from kdcache.distributed import Shard
 from kdcache.stages.targets import Targets
 
@@ -112,9 +112,11 @@ class StreamedSplit:
         self.data, self.test, self.device, self.workers = data, test, device, workers
         self.shard = shard or Shard.whole(len(data.labels))
         self.checksums = checksums
-        self.train_files = FileBatches(data, policy, seed, "fresh")
+        on_cpu = device.type == "cpu"  # then the workers normalise: the main process has the model to run
+        self.train_files = FileBatches(data, policy, seed, "fresh", normalized=on_cpu)
         self.test_split = test if isinstance(test, ImageData) else None
-        self.test_files = FileBatches(test, FileCenterCrop(data.image_size)) if isinstance(test, ImageFiles) else None
+        self.test_files = FileBatches(test, FileCenterCrop(data.image_size), normalized=on_cpu) \
+            if isinstance(test, ImageFiles) else None
 
     def batches(self, epoch: int, params: torch.Tensor | None, targets: Targets | None, batch_size: int,
                 generator: torch.Generator) -> Iterator[Batch]:
@@ -124,7 +126,7 @@ class StreamedSplit:
         for images, labels, _, checksums, indices in stream(self.train_files, keys, self.workers, self.device):
             if self.checksums is not None:
                 check_checksums(self.data, indices, checksums, self.checksums[indices.numpy()], "the teacher's dump")
-            x = normalize(images.to(self.device, non_blocking=True), self.data.mean, self.data.std)
+            x = batch_on_device(images, self.data, self.device)
             if x.is_cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             local = indices - self.shard.samples.start
@@ -140,7 +142,7 @@ class StreamedSplit:
         keys = [(0, range(start, min(start + EVAL_BATCH, samples.stop)))
                 for start in range(samples.start, samples.stop, EVAL_BATCH)]
         for images, labels, _, _, _ in stream(self.test_files, keys, self.workers, self.device):
-            yield normalize(images.to(self.device), self.test.mean, self.test.std), labels.to(self.device)
+            yield batch_on_device(images, self.test, self.device), labels.to(self.device)
 
     @property
     def test_size(self) -> int:
