@@ -5,6 +5,7 @@ The folder is made on the fly (image_folders.py): JPEG and PNG, grey and RGB, si
 to wide.
 """
 
+import csv
 import pickle
 import shutil
 from pathlib import Path
@@ -150,9 +151,9 @@ def test_the_draws_do_not_depend_on_workers_or_batches(cache_path, folder, teach
             np.testing.assert_array_equal(two_workers.store.read(name), in_process.store.read(name), err_msg=name)
 
 
-def run_distill(cache_path, folder, out, **options):
+def run_distill(cache_path, folder, out, epochs=2, **options):
     config = DistillConfig(cache=str(cache_path), data_root=str(folder), students=("resnet8",), losses=("kd",),
-                           epochs=2, batch_size=5, out=str(out), device="cpu", **options)
+                           epochs=epochs, batch_size=5, out=str(out), device="cpu", **options)
     return distill(config, show_progress=False)
 
 
@@ -295,3 +296,12 @@ def test_a_streamed_splits_targets_stay_on_the_host_and_each_batch_is_gathered(c
         assert statement.endswith(f"training holds {2 * view / 1e6:.1f} MB of it in host memory")  # none on the GPU
         with pytest.raises(KdcacheError, match="needs 0.0 MB of host memory but 0.0 MB is available"):
             require_target_memory(cache, None, torch.device("cuda:0"), host_available=view, on_host=True)
+
+
+def test_a_run_resumes_with_another_number_of_workers(cache_path, folder, tmp_path):
+    first = run_distill(cache_path, folder, tmp_path / "runs", workers=0)[0]
+    (first.folder / "model.pt").unlink()
+    resumed = run_distill(cache_path, folder, tmp_path / "runs", workers=1, resume=True)[0]  # not "other settings"
+    with open(resumed.folder / "metrics.csv") as file:
+        assert [row["epoch"] for row in csv.DictReader(file)] == ["1", "2"]  # both epochs kept, none trained again
+    assert (resumed.folder / "model.pt").exists() and resumed.test_acc == first.test_acc

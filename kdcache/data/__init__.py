@@ -1,4 +1,5 @@
-"""Data as whole uint8 tensors (sources) and replayable augmentation policies (augment)."""
+"""Data as whole uint8 tensors (sources) or as image files streamed from disk (files), and replayable augmentation
+policies (augment, and files' per-file policies)."""
 
 from kdcache.data import imagefolder  # noqa: F401  (importing it registers the `imagefolder` loader)
 from kdcache.data.augment import (

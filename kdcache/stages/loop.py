@@ -27,8 +27,10 @@ from kdcache.stages.targets import Targets
 from kdcache.stages.views import Views
 
 RUN_STATE = {"model", "optimizer", "epoch", "record", "history"}  # what last.pt holds
-# where things are, not what they are: a run resumes after its cache, data or run folder moved
-LOCATIONS = {"cache": None, "config": ("cache", "out", "data_root", "live_teacher"), "live_teacher": ("checkpoint",)}
+# where things are and how they are read, not what they are: a run resumes after its cache, data or run folder
+# moved, or with another number of loader workers
+LOCATIONS = {"cache": None, "config": ("cache", "out", "data_root", "live_teacher", "workers"),
+             "live_teacher": ("checkpoint",)}
 
 
 def loader_batches(dataset: Dataset, batch_size: int, generator: torch.Generator, device: torch.device,
