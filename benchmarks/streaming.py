@@ -12,7 +12,7 @@
   teacher and student (the memory a split costs, not a big model's activations); and `dump-teacher --preload`
   at N and 10 N for comparison. Goal: streaming flat within 100 MB.
 
-    python benchmarks/streaming.py                         # 2000 files, 2 workers, CPU: about N minutes here
+    python benchmarks/streaming.py                         # 2000 files, 2 workers, CPU: 7 minutes here
     python benchmarks/streaming.py --files 500 --repeats 1 --rss-files 200 --json out.json   # quick
 """
 
@@ -191,6 +191,19 @@ def memory(small: Path, large: Path, work: Path, workers: int, batch: int) -> di
     return results
 
 
+def _commit() -> str:
+    """The checkout's commit (with "+changes" when its tracked files differ from it), or "unknown" outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                 capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+changes" if changed else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=2000, help="JPEGs in the loader folder")
@@ -223,7 +236,8 @@ def main() -> None:
         small = make_folder(work / "rss-N", args.rss_files, seed=2, test=CLASSES * 5)
         large = linked_copies(small, work / "rss-10N", 10)
         rss = memory(small, large, work, args.workers, args.batch)
-    results = {"device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+    results = {"commit": _commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
                "torch": torch.__version__, "files": args.files, "workers": args.workers, "batch": args.batch,
                "repeats": args.repeats, "loader": loader, "dump": dump, "peak_rss_mb": rss}
     print(json.dumps(results, indent=2))

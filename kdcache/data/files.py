@@ -323,8 +323,11 @@ def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides)
 
 
-def default_workers() -> int:
-    """DataLoader workers by default: one per CPU this process may use, less one for the main process, at most 16."""
+def default_workers(requested: int | None = None) -> int:
+    """`requested` DataLoader workers; by default (None) one per CPU this process may use, less one for the main
+    process, at most 16."""
+    if requested is not None:
+        return requested
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(16, cpus - 1))
 

@@ -102,7 +102,7 @@ def _distill(config: DistillConfig, cache: TeacherCache | None, data: ImageData 
         if config.resume:
             run.resume()
         runs.append(run)
-    workers = default_workers() if config.workers is None else config.workers
+    workers = default_workers(config.workers)
     checksums = cache.file_checksums() if cache is not None and stored.streamed else None
     split = make_split(data, test, policy, device, shard, workers, config.seed, checksums)
     batch_path = _dataset_batches(config, cache, data, scales, device, workers)

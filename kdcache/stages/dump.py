@@ -108,7 +108,7 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageDa
         resumed = len(pending) < spec.num_views * len(blocks)
         if streamed:
             batches = _StreamedTeacherBatches(logit_map, data, policy, spec, batch_size, device, writer,
-                                              default_workers() if workers is None else workers)
+                                              default_workers(workers))
         else:
             held = slice(shard.samples.start, shard.samples.stop)  # a rank moves only its own samples to its device
             batches = _TeacherBatches(logit_map, data, policy, spec, batch_size, device, held,

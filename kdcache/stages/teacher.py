@@ -46,8 +46,7 @@ def train_teacher(config: TeacherConfig, show_progress: bool = True) -> TrainedM
               "config": recorded_config(config)}
     run = Run(config.model, model, get_loss("ce"), (1,), config, Path(config.out), device, record, here)
     shard = distributed.even_share(len(data.labels), here)
-    workers = default_workers() if config.workers is None else config.workers
-    split = make_split(data, test, policy, device, shard, workers, config.seed)
+    split = make_split(data, test, policy, device, shard, default_workers(config.workers), config.seed)
     fit([run], split, FreshViews(policy, len(data.labels), config.seed), None, config, device,
         show_progress=show_progress and here.is_main)
     checkpoint = run.finish()
