@@ -34,6 +34,7 @@ from kdcache.models import load_teacher
 from kdcache.runtime import pick_device
 from kdcache.stages import distill, train_teacher
 from kdcache.stages.dump import dump_from_config
+from provenance import checkout_commit, cpu_model
 
 QUICK_TRAIN_SAMPLES = 128
 QUICK = {"teacher": "resnet8", "teacher_epochs": 1, "epochs": 2, "seeds": 2, "views": (1, 2)}
@@ -129,14 +130,9 @@ def main() -> None:
 
 def environment(device: torch.device) -> dict[str, Any]:
     """Where the numbers come from: date, device, CPU, threads, versions."""
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    return {"commit": checkout_commit(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__, "zarr": zarr.__version__,
             "kdcache": kdcache.__version__, "platform": platform.platform()}
 

@@ -61,6 +61,7 @@ from kdcache.stages.loop import Run, loader_batches
 from kdcache.stages.splits import device_batches
 from kdcache.stages.targets import CachedTargets, LiveTeacher
 from kdcache.stages.views import CachedViews
+from provenance import checkout_commit, cpu_model
 
 TEACHER, STUDENT, SCALES, CLASSES = "resnet32x4", "resnet8x4", (1, 2, 4), 100
 CIFAR100_SAMPLES = 50_000
@@ -470,13 +471,11 @@ def _store_rows(reads: dict[str, list[float]], writes: dict[str, list[float]]) -
 
 def environment(device: torch.device) -> dict[str, Any]:
     """Where the figures come from: machine, threads, load and versions."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
     return {
+        "commit": checkout_commit(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "zarr": zarr.__version__,
                      "h5py": h5py.__version__, "numpy": np.__version__},
@@ -486,7 +485,8 @@ def environment(device: torch.device) -> dict[str, Any]:
 def format_table(sections: list[Section], header: dict[str, Any]) -> str:
     """The printed report: one block per section; each row what, value, ratio, target, met?"""
     lines = [f"kdcache benchmarks  {header['command']}",
-             f"{header['date']}  device {header['device']}  cpu {header['cpu']} x{header['cores']}  "
+             f"{header['date']}  commit {header['commit']}  device {header['device']}  "
+             f"cpu {header['cpu']} x{header['cores']}  "
              f"torch threads {header['torch_threads']}  load {header['load_average']}",
              "  ".join(f"{k} {v}" for k, v in header["versions"].items())]
     width = max(len(row.what) for section in sections for row in section.rows) + 2

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from kdcache.data import FileBatches, ImageFiles, load_dataset
 from kdcache.data.files import FileResizedCropFlip, batch_on_device, draw_generator, read_image, stream
 from kdcache.models import create_model, load_teacher, save_checkpoint
 from kdcache.stages.dump import dump_teacher
+from provenance import checkout_commit, cpu_model
 
 CLASSES = 10
 SIZE = 224
@@ -191,19 +191,6 @@ def memory(small: Path, large: Path, work: Path, workers: int, batch: int) -> di
     return results
 
 
-def _commit() -> str:
-    """The checkout's commit (with "+changes" when its tracked files differ from it), or "unknown" outside git."""
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                                 capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+changes" if changed else "")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=2000, help="JPEGs in the loader folder")
@@ -236,8 +223,8 @@ def main() -> None:
         small = make_folder(work / "rss-N", args.rss_files, seed=2, test=CLASSES * 5)
         large = linked_copies(small, work / "rss-10N", 10)
         rss = memory(small, large, work, args.workers, args.batch)
-    results = {"commit": _commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+    results = {"commit": checkout_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "device": f"cpu ({cpu_model()}, {os.cpu_count()} cores)",
                "torch": torch.__version__, "files": args.files, "workers": args.workers, "batch": args.batch,
                "repeats": args.repeats, "loader": loader, "dump": dump, "peak_rss_mb": rss}
     print(json.dumps(results, indent=2))

@@ -53,6 +53,7 @@ from kdcache.data import load_dataset, normalize
 from kdcache.losses import get_loss, standardize
 from kdcache.models import LogitMap, create_model
 from kdcache.stages.topk import kl_rows, rebuild_topk
+from provenance import checkout_commit, cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALES = (1, 2, 4)
@@ -225,14 +226,9 @@ def describe_source(logits: torch.Tensor, labels: torch.Tensor) -> str:
 
 
 def device_line() -> str:
-    """CPU model, cores, torch threads, versions."""
-    model = platform.processor() or "unknown CPU"
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"CPU `{model}`, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; python "
+    """The commit, CPU model, cores, torch threads, versions."""
+    return (f"commit {checkout_commit()}; CPU `{cpu_model()}`, {os.cpu_count()} cores, "
+            f"torch threads {torch.get_num_threads()}; python "
             f"{platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}")
 
 
