@@ -110,3 +110,75 @@ def sld(student, teacher, labels, temperatures, epoch, switch_epoch):
         if epoch > switch_epoch:
             total += kd(student, [swap(s, y) for s, y in zip(student, labels)], temperature)
     return total
+
+
+# --- feature and relation losses: vectors are lists of floats, maps [C][H][W] lists per sample ------------------
+
+
+def l2_normalize(vector, eps=1e-12):
+    """v / max(‖v‖, eps), as F.normalize."""
+    norm = math.sqrt(sum(x * x for x in vector))
+    return [x / max(norm, eps) for x in vector]
+
+
+def attention_map(feature, p=2):
+    """Zagoruyko & Komodakis 2017, one sample [C][H][W]: Q = mean_c |F_c|^p per position, flattened, Q / ‖Q‖."""
+    channels, height, width = len(feature), len(feature[0]), len(feature[0][0])
+    energy = [sum(abs(feature[c][i][j]) ** p for c in range(channels)) / channels
+              for i in range(height) for j in range(width)]
+    return l2_normalize(energy)
+
+
+def at(student_maps, teacher_maps):
+    """Σ over stage pairs of mean over samples and positions of (Q_s − Q_t)²; maps [B][H*W] per stage."""
+    total = 0.0
+    for student, teacher in zip(student_maps, teacher_maps):
+        squares = [(a - b) ** 2 for s_row, t_row in zip(student, teacher) for a, b in zip(s_row, t_row)]
+        total += sum(squares) / len(squares)
+    return total
+
+
+def sp(student, teacher):
+    """Tung & Mori 2019: G = F Fᵀ over the batch, rows L2-normalised; ‖G_s − G_t‖_F² / b²."""
+    def gram(rows):
+        return [l2_normalize([sum(a * b for a, b in zip(x, y)) for y in rows]) for x in rows]
+    g_s, g_t = gram(student), gram(teacher)
+    b = len(student)
+    return sum((g_s[i][j] - g_t[i][j]) ** 2 for i in range(b) for j in range(b)) / (b * b)
+
+
+def huber(x, y):
+    """smooth L1 with beta 1: 0.5 d² if |d| < 1, else |d| − 0.5."""
+    d = abs(x - y)
+    return 0.5 * d * d if d < 1 else d - 0.5
+
+
+def rkd_distances(rows, eps=1e-12):
+    """Park et al. 2019: ψ_D(t_i, t_j) = ‖t_i − t_j‖ / μ, μ the mean distance over pairs i ≠ j; 0 for i = j.
+    The squared distance is clamped at eps before the root, as the reference code does."""
+    b = len(rows)
+    d = [[0.0 if i == j else math.sqrt(max(sum((x - y) ** 2 for x, y in zip(rows[i], rows[j])), eps))
+          for j in range(b)] for i in range(b)]
+    mean = sum(d[i][j] for i in range(b) for j in range(b) if i != j) / (b * (b - 1))
+    return [[value / mean for value in row] for row in d]
+
+
+def rkd_angles(rows):
+    """ψ_A(t_i, t_j, t_k) = cos ∠ t_j t_i t_k = ⟨(t_j − t_i)/‖·‖, (t_k − t_i)/‖·‖⟩, every ordered triplet."""
+    b = len(rows)
+    sides = [[l2_normalize([y - x for x, y in zip(rows[i], rows[j])]) for j in range(b)] for i in range(b)]
+    return [[[sum(u * v for u, v in zip(sides[i][j], sides[i][k])) for k in range(b)] for j in range(b)]
+            for i in range(b)]
+
+
+def rkd(student, teacher, distance_weight=25.0, angle_weight=50.0):
+    """w_D · mean Huber(ψ_D^s, ψ_D^t) over b² pairs + w_A · mean Huber(ψ_A^s, ψ_A^t) over b³ triplets."""
+    def mean_huber(a, b):
+        flat_a, flat_b = _flatten(a), _flatten(b)
+        return sum(huber(x, y) for x, y in zip(flat_a, flat_b)) / len(flat_a)
+    return (distance_weight * mean_huber(rkd_distances(student), rkd_distances(teacher))
+            + angle_weight * mean_huber(rkd_angles(student), rkd_angles(teacher)))
+
+
+def _flatten(nested):
+    return [x for item in nested for x in (_flatten(item) if isinstance(item, list) else [item])]

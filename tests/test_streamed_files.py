@@ -305,3 +305,29 @@ def test_a_run_resumes_with_another_number_of_workers(cache_path, folder, tmp_pa
     with open(resumed.folder / "metrics.csv") as file:
         assert [row["epoch"] for row in csv.DictReader(file)] == ["1", "2"]  # both epochs kept, none trained again
     assert (resumed.folder / "model.pt").exists() and resumed.test_acc == first.test_acc
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_workers_send_uint8_and_the_batches_equal_the_cpu_paths(cache_path, folder):
+    from kdcache.runtime import epoch_generator
+    from kdcache.stages.splits import StreamedSplit
+    from kdcache.stages.targets import CachedTargets
+
+    files = load_dataset("imagefolder", folder, "train", image_size=SIZE)
+    test = load_dataset("imagefolder", folder, "test", image_size=SIZE)
+    with open_cache(cache_path) as cache:
+        params = torch.from_numpy(cache.aug_params(1))
+        batches = {}
+        for device in (torch.device("cpu"), torch.device("cuda")):
+            split = StreamedSplit(files, test, FileResizedCropFlip(SIZE), device, 1, checksums=cache.file_checksums())
+            assert split.train_files.normalized == (device.type == "cpu")  # CUDA: uint8 across, normalised there
+            targets = CachedTargets(cache, SCALES, device, on_host=True)
+            targets.begin_epoch(1)
+            batches[device.type] = [(x.cpu(), y.cpu(), t.cpu()) for x, y, t in
+                                    split.batches(1, params, targets, 4, epoch_generator(0, 1))]
+            batches[device.type + " test"] = [(x.cpu(), y.cpu()) for x, y in split.test_batches(range(6))]
+    for key in ("cpu", "cpu test"):
+        for expected, found in zip(batches[key], batches[key.replace("cpu", "cuda")]):
+            for a, b in zip(expected, found):
+                torch.testing.assert_close(b, a, rtol=0, atol=1e-6)  # normalize's division on another device

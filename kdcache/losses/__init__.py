@@ -1,4 +1,7 @@
-"""Distillation losses: pure functions on tensors (`functions`) and the `--loss NAME` specs (`spec`)."""
+"""Distillation losses: pure functions on tensors (`functions` on logits, `features` on features and embeddings)
+and the `--loss NAME` specs (`spec`)."""
+
+from kdcache.losses.features import at, attention_map, fitnet, rkd, rkd_angle, rkd_distance, sp
 
 from kdcache.losses.functions import (
                                       dkd,
@@ -24,5 +27,7 @@ from kdcache.losses.spec import (
                                       scaled_loss,
 )
 
-__all__ = ["PAPER_EPOCHS", "LossSpec", "dkd", "get_loss", "kd", "list_losses", "nckd", "scaled_loss", "sdd", "sdd_lskd", "sdd_region_weights", "sld",
-           "sld_student_term", "sld_switched", "sld_teacher_term", "standardize", "swap_target_max", "tckd", "upcast"]
+__all__ = ["PAPER_EPOCHS", "LossSpec", "at", "attention_map", "dkd", "fitnet", "get_loss", "kd", "list_losses", "nckd",
+           "rkd", "rkd_angle", "rkd_distance", "scaled_loss", "sdd", "sdd_lskd", "sdd_region_weights", "sld",
+           "sld_student_term", "sld_switched", "sld_teacher_term", "sp", "standardize", "swap_target_max", "tckd",
+           "upcast"]
