@@ -11,7 +11,8 @@ import torch
 
 from kdcache.data import AugmentPolicy, FileBatches, FilePolicy, ImageData, ImageFiles, normalize
 from kdcache.data.files import FileCenterCrop, batch_on_device, check_checksums, stream
-from kdcache.distributed import Shard
+from kdcache.distributed import Shard, all_sum
+from kdcache.runtime import autocast
 from kdcache.stages.targets import Targets
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # images (normalised), labels, targets [b, R, C]
@@ -101,7 +102,8 @@ class DeviceSplit:
 
 
 class StreamedSplit:
-    """Image files read, decoded, cropped and flipped by DataLoader workers; normalised on the device.
+    """Image files read, decoded, cropped and flipped by DataLoader workers; normalised on the GPU (uint8 crosses
+    to it), or on the CPU by the workers themselves.
 
     checksums: the crc32c the teacher's dump recorded for each file [N]: every file read is checked against
     it. A rank reads only the files of its shard.
@@ -162,9 +164,6 @@ def make_split(data: ImageData | ImageFiles, test: ImageData | ImageFiles, polic
 def top1_accuracy(model: torch.nn.Module, batches: Iterator[TestBatch], total: int) -> float:
     """Top-1 accuracy of a model's logits over test batches, out of `total` samples (the correct counts of every
     rank are summed: under DDP each rank gives its share's batches)."""
-    from kdcache.distributed import all_sum
-    from kdcache.runtime import autocast
-
     model.eval()
     correct = torch.zeros((), dtype=torch.long)
     for x, y in batches:
