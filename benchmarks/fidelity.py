@@ -34,7 +34,7 @@ from kdcache.models import load_teacher
 from kdcache.runtime import pick_device
 from kdcache.stages import distill, train_teacher
 from kdcache.stages.dump import dump_from_config
-from provenance import checkout_commit, cpu_model
+from kdcache.report import cpu_model, source_commit
 
 QUICK_TRAIN_SAMPLES = 128
 QUICK = {"teacher": "resnet8", "teacher_epochs": 1, "epochs": 2, "seeds": 2, "views": (1, 2)}
@@ -130,7 +130,7 @@ def main() -> None:
 
 def environment(device: torch.device) -> dict[str, Any]:
     """Where the numbers come from: date, device, CPU, threads, versions."""
-    return {"commit": checkout_commit(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    return {"commit": source_commit(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__, "zarr": zarr.__version__,

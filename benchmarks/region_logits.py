@@ -21,7 +21,7 @@ import torch
 
 from kdcache.models import LogitMap, create_model, describe_outputs, parse_scales
 from kdcache.runtime import autocast, pick_device, prepare_model
-from provenance import checkout_commit, cpu_model
+from kdcache.report import cpu_model, source_commit
 
 MODELS = ("timm:resnet50", "timm:vit_small_patch16_224")
 
@@ -76,7 +76,7 @@ def main() -> None:
     scales = parse_scales(args.scales)
     print(f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"{cpu_model()}, commit {checkout_commit()}; "
+          f"{cpu_model()}, commit {source_commit()}; "
           f"batch {args.batch_size}, {args.image_size} px, scales {','.join(map(str, scales))}, "
           f"median of {args.repeats} repeats after 1 warm-up", flush=True)
     print(f"{'model':34} {'head':>9} {'map':>7} {'plain img/s':>12} {'regions img/s':>14} {'overhead':>9}")
@@ -89,7 +89,7 @@ def main() -> None:
               f"{100 * row['overhead']:>8.1f}%", flush=True)
     if args.json:
         with open(args.json, "w") as file:
-            json.dump({"commit": checkout_commit(), "device": str(device), "cpu": cpu_model(),
+            json.dump({"commit": source_commit(), "device": str(device), "cpu": cpu_model(),
                        "torch": torch.__version__, "batch": args.batch_size, "image_size": args.image_size,
                        "scales": scales, "results": results}, file, indent=2)
 

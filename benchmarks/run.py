@@ -61,7 +61,7 @@ from kdcache.stages.loop import Run, loader_batches
 from kdcache.stages.splits import device_batches
 from kdcache.stages.targets import CachedTargets, LiveTeacher
 from kdcache.stages.views import CachedViews
-from provenance import checkout_commit, cpu_model
+from kdcache.report import cpu_model, source_commit
 
 TEACHER, STUDENT, SCALES, CLASSES = "resnet32x4", "resnet8x4", (1, 2, 4), 100
 CIFAR100_SAMPLES = 50_000
@@ -472,7 +472,7 @@ def _store_rows(reads: dict[str, list[float]], writes: dict[str, list[float]]) -
 def environment(device: torch.device) -> dict[str, Any]:
     """Where the figures come from: machine, threads, load and versions."""
     return {
-        "commit": checkout_commit(),
+        "commit": source_commit(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),

@@ -36,7 +36,7 @@ from kdcache.data import FileBatches, ImageFiles, load_dataset
 from kdcache.data.files import FileResizedCropFlip, batch_on_device, draw_generator, read_image, stream
 from kdcache.models import create_model, load_teacher, save_checkpoint
 from kdcache.stages.dump import dump_teacher
-from provenance import checkout_commit, cpu_model
+from kdcache.report import cpu_model, source_commit
 
 CLASSES = 10
 SIZE = 224
@@ -223,7 +223,7 @@ def main() -> None:
         small = make_folder(work / "rss-N", args.rss_files, seed=2, test=CLASSES * 5)
         large = linked_copies(small, work / "rss-10N", 10)
         rss = memory(small, large, work, args.workers, args.batch)
-    results = {"commit": checkout_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    results = {"commit": source_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "device": f"cpu ({cpu_model()}, {os.cpu_count()} cores)",
                "torch": torch.__version__, "files": args.files, "workers": args.workers, "batch": args.batch,
                "repeats": args.repeats, "loader": loader, "dump": dump, "peak_rss_mb": rss}

@@ -53,7 +53,7 @@ from kdcache.data import load_dataset, normalize
 from kdcache.losses import get_loss, standardize
 from kdcache.models import LogitMap, create_model
 from kdcache.stages.topk import kl_rows, rebuild_topk
-from provenance import checkout_commit, cpu_model
+from kdcache.report import cpu_model, source_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALES = (1, 2, 4)
@@ -227,7 +227,7 @@ def describe_source(logits: torch.Tensor, labels: torch.Tensor) -> str:
 
 def device_line() -> str:
     """The commit, CPU model, cores, torch threads, versions."""
-    return (f"commit {checkout_commit()}; CPU `{cpu_model()}`, {os.cpu_count()} cores, "
+    return (f"commit {source_commit()}; CPU `{cpu_model()}`, {os.cpu_count()} cores, "
             f"torch threads {torch.get_num_threads()}; python "
             f"{platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}")
 

@@ -4,6 +4,8 @@ summary.png and table, and the listings of models, datasets and losses."""
 from __future__ import annotations
 
 import csv
+import platform
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -168,3 +170,26 @@ def summary_table(summaries: list[RunSummary]) -> str:
         lines.append(f"{s.name:<{width}} {100 * s.test_acc:>8.2f}% {100 * s.best_test_acc:>7.2f}% ({s.best_epoch:>3}) "
                      f"{gain:>7} {s.img_per_s:>8.0f}")
     return "\n".join(lines)
+
+
+def source_commit() -> str:
+    """The short commit of the git checkout kdcache runs from, with "+changes" when its tracked files differ from
+    it; "unknown" for an installed copy: benchmarks stamp their results with it."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+changes" if changed else "")
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what platform knows."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()

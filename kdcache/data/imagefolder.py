@@ -57,7 +57,8 @@ def imagefolder(root: str | Path | None, split: str, *, image_size: int = DEFAUL
                                "so the same label would name different classes; give both splits the same class folders")
     paths, labels = _files(folder, classes)
     if not preload:
-        relative = np.array([os.fsencode(Path(path).relative_to(folder).as_posix()) for path in paths])
+        start = len(os.path.join(str(folder), ""))  # make_dataset joins folder, class and name: cut the folder off
+        relative = np.array([os.fsencode(path[start:].replace(os.sep, "/")) for path in paths])
         return ImageFiles("imagefolder", split, str(folder), relative, torch.tensor(labels, dtype=torch.int64),
                           len(classes), IMAGENET_MEAN, IMAGENET_STD, image_size)
     images = _decode_all(paths, image_size, f"decode {folder.name}")
@@ -99,10 +100,9 @@ def _classes(folder: Path) -> list[str]:
 
 
 def _files(folder: Path, classes: list[str]) -> tuple[list[str], list[int]]:
-    """Every image file of every class, in torchvision's order, and its label; refuses a class without images."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
-
-    from torchvision.datasets.folder import has_file_allowed_extension
+    """Every image file of every class, in torchvision's order, and its label; refuses a class without images and a
+    file that is no image by its extension (torchvision would skip it silently)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 
     others = []
 
