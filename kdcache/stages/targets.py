@@ -107,17 +107,17 @@ def require_target_memory(cache: TeacherCache, samples: range | None, device: to
     view = count * sum(int(np.prod(spec.array_layout(name)[0][2:])) * np.dtype(spec.array_layout(name)[1]).itemsize
                        for name in spec.data_arrays)
     on_device = view if device.type == "cuda" and not on_host else 0
-    on_host = view * (HOST_COPIES + (DEVICE_COPIES if device.type == "cpu" and not on_host else 0))
+    host_bytes = view * (HOST_COPIES + (DEVICE_COPIES if device.type == "cpu" and not on_host else 0))
     host_available = available_host_memory() if host_available is None else host_available
     if on_device and device_available is None:
         device_available = torch.cuda.mem_get_info(device)[0]
     statement = (f"each view of {cache.path} takes {_size(view)} ({count} samples of "
                  f"{'top-' + str(spec.topk) if spec.topk else 'all'} {spec.num_regions} x {spec.num_classes} logits); "
-                 f"training holds {_size(on_host)} of it in host memory"
+                 f"training holds {_size(host_bytes)} of it in host memory"
                  + (f" and {_size(view)} on {device}" if on_device else ""))
     short = []
-    if host_available is not None and on_host > host_available:
-        short.append(f"{_size(on_host)} of host memory but {_size(host_available)} is available")
+    if host_available is not None and host_bytes > host_available:
+        short.append(f"{_size(host_bytes)} of host memory but {_size(host_available)} is available")
     if on_device and device_available is not None and view > device_available:
         short.append(f"{_size(view)} on {device} but {_size(device_available)} is available")
     if short:
