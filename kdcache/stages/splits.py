@@ -40,15 +40,21 @@ class Split(Protocol):
         ...
 
 
-def global_batches(shard: Shard, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+def global_batches(shard: Shard, batch_size: int, generator: torch.Generator,
+                   device: torch.device = torch.device("cpu")) -> Iterator[torch.Tensor]:
     """Each full batch of the epoch's order over all samples, as this rank's members (global indices, any number).
 
     Under DDP the ranks together take exactly the steps of one process: the order is that of all samples and
-    each rank keeps the members it holds.
+    each rank keeps the members it holds. A whole shard's batches come on `device`, the epoch's order copied
+    there once (a copy per step would wait for the GPU each time); a rank's members stay on the CPU.
     """
     order = torch.randperm(shard.total, generator=generator)
-    for index in order[:shard.total // batch_size * batch_size].view(-1, batch_size):  # full: BatchNorm needs > 1
-        yield index if shard.is_whole else index[(index >= shard.samples.start) & (index < shard.samples.stop)]
+    batches = order[:shard.total // batch_size * batch_size].view(-1, batch_size)  # full: BatchNorm needs > 1
+    if shard.is_whole:
+        yield from batches.to(device)
+        return
+    for index in batches:
+        yield index[(index >= shard.samples.start) & (index < shard.samples.stop)]
 
 
 def device_batches(images: torch.Tensor, labels: torch.Tensor, params: torch.Tensor, policy: AugmentPolicy,
@@ -60,8 +66,9 @@ def device_batches(images: torch.Tensor, labels: torch.Tensor, params: torch.Ten
     With a shard (one rank of DDP), images, labels, params and targets hold only the shard's samples.
     """
     shard = shard or Shard.whole(len(labels))
-    for index in global_batches(shard, batch_size, generator):
-        index = (index - shard.samples.start).to(images.device)
+    for index in global_batches(shard, batch_size, generator, images.device):
+        if not shard.is_whole:
+            index = (index - shard.samples.start).to(images.device)
         x = normalize(policy.apply(images[index], params[index]), mean, std)
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
