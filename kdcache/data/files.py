@@ -51,6 +51,7 @@ class ImageFiles:
     std: tuple[float, ...]
     image_size: int
     fingerprint: str = field(init=False)
+    listing_bytes: int = field(init=False)  # the size of listing(), which describe() names
 
     def __post_init__(self) -> None:
         if self.paths.dtype.kind != "S" or self.paths.shape != tuple(self.labels.shape):
@@ -58,8 +59,10 @@ class ImageFiles:
                                f"found {self.paths.dtype} {list(self.paths.shape)} for {len(self.labels)} labels")
         object.__setattr__(self, "mean", tuple(float(value) for value in self.mean))
         object.__setattr__(self, "std", tuple(float(value) for value in self.std))
+        listing = self.listing()
         digest = hashlib.sha256(f"kdcache-files-v1 {len(self.paths)} files\n".encode())
-        digest.update(self.listing())
+        digest.update(listing)
+        object.__setattr__(self, "listing_bytes", len(listing))
         digest.update(self.labels.numpy().astype("<i8").tobytes())
         object.__setattr__(self, "fingerprint", digest.hexdigest())
 
@@ -76,7 +79,7 @@ class ImageFiles:
         return {"name": self.name, "split": self.split, "source": "files", "num_samples": len(self.labels),
                 "image_shape": [3, self.image_size, self.image_size], "num_classes": self.num_classes,
                 "mean": list(self.mean), "std": list(self.std), "fingerprint": self.fingerprint,
-                "listing_bytes": len(self.listing())}
+                "listing_bytes": self.listing_bytes}
 
 
 def read_image(path: str) -> tuple[Tensor, int]:
