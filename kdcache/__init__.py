@@ -7,7 +7,8 @@ The public API, for your own training loop (docs/api.md):
     student = kdcache.LogitMap(kdcache.create_model("timm:resnet18", 10), scales=(1, 2, 4))
     loss = kdcache.get_loss("sdd-lskd")(student(images), targets["regions"], labels, epoch)
 
-`kdcache.losses` holds the pure loss functions (kd, dkd, sdd, sdd_lskd, sld, standardize, ...).
+`kdcache.losses` holds the pure loss functions (kd, dkd, sdd, sdd_lskd, sld, standardize, fitnet, at, sp, rkd,
+...); `ModelOutputs` gives a student's embedding, attention maps and hints as a cache holds the teacher's.
 """
 
 import importlib.metadata
@@ -17,6 +18,7 @@ from kdcache.cache import TeacherCache, open_cache
 from kdcache.data import get_policy, load_dataset
 from kdcache.losses import get_loss
 from kdcache.models import LogitMap, create_model, load_checkpoint
+from kdcache.models.outputs import ModelOutputs
 from kdcache.stages.dataset import CacheDataset
 
 __version__ = importlib.metadata.version("kdcache")  # one source: pyproject.toml
@@ -24,6 +26,7 @@ __version__ = importlib.metadata.version("kdcache")  # one source: pyproject.tom
 __all__ = [
     "CacheDataset",
     "LogitMap",
+    "ModelOutputs",
     "TeacherCache",
     "__version__",
     "create_model",

@@ -50,6 +50,15 @@ def _scales(ctx: click.Context, param: click.Parameter, value: str | None) -> tu
     return None if value is None else parse_scales(value)
 
 
+def _floats(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(float(item) for item in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers such as 0.5,0.5, got {value!r}") from None
+
+
 def _default(cls: type, name: str) -> dict[str, Any]:
     value = field_default(cls, name)
     if isinstance(value, tuple):
@@ -171,6 +180,13 @@ def train_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> N
 @click.option("--topk", type=click.IntRange(min=0), help="Store per region only the k largest logits, their classes "
               "and one logit for the rest (format 2; e.g. 20 for 1000 classes, see benchmarks/TOPK.md); 0 stores "
               "every logit.", **_default(DumpConfig, "topk"))
+@click.option("--outputs", help="What to cache besides the region logits, comma-separated: embedding (the pooled "
+              "features), attention (every stage's attention map) or attention:STAGE, hint (the middle stage's "
+              "feature map, FitNet's) or hint:STAGE. Default: what --loss needs, else regions only.")
+@click.option("--loss", "losses", multiple=True, help="Cache what these losses read (fitnet: a hint; at: attention "
+              "maps; sp, rkd: the embedding); repeatable.")
+@click.option("--views-from", type=click.Path(exists=True), help="Run this teacher on exactly the views of another "
+              "cache (its dataset, split, policy, views and seed), for several teachers: distill --cache A --cache B.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing cache at --out and start over.")
 @device_option
 @seed_option
@@ -188,7 +204,11 @@ def dump_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> No
 
 @cli.command("distill")
 @config_option
-@click.option("--cache", help="Teacher cache written by dump-teacher (a path, or a Zarr URL such as s3://...).")
+@click.option("--cache", "caches", multiple=True, help="Teacher cache written by dump-teacher (a path, or a Zarr URL "
+              "such as s3://...); repeat for several teachers on the same views (dump-teacher --views-from): their "
+              "ensemble teaches.")
+@click.option("--teacher-weights", callback=_floats, help="With several --cache, each teacher's weight in the "
+              "ensemble, comma-separated (default equal).")
 @click.option("--live-teacher", help="Teacher weights (a file or a kdcache run folder) run on every batch instead: the "
               "online baseline (fresh views each epoch, or the cache's views when --cache is given too).")
 @click.option("--teacher", help="Model spec of --live-teacher (read from its sidecar when omitted); with --cache, "
@@ -196,7 +216,8 @@ def dump_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> No
 @click.option("--student", "students", multiple=True, help="Student model spec: a kdcache name, timm:NAME, "
               "torchvision:NAME or python:module:callable; repeat for several students.")
 @click.option("--loss", "losses", multiple=True, help="Loss from `kdcache losses` (default sdd-lskd); repeat for "
-              "several. Every student is trained with every loss.")
+              "several. Every student is trained with every loss. LOSS,LOSS[=WEIGHT] sums losses in one run "
+              "(e.g. sdd-lskd,rkd; cross-entropy once, WEIGHT the distill weight of that loss).")
 @click.option("--pair", "pairs", multiple=True, help="STUDENT:LOSS to train, repeatable; replaces the --student x "
               "--loss grid (e.g. --pair resnet8x4:sdd-lskd --pair timm:resnet18:dkd).")
 @click.option("--scales", callback=_scales, help="Region scales (default: the cache's; a subset such as 1,2 of a "
@@ -232,7 +253,11 @@ def distill_command(ctx: click.Context, config: str | None, **_: Any) -> None:
     """Stage 2: train students from a teacher cache (SDD-LSKD by default) and compare them."""
     from kdcache.report import distill_sweep
 
-    distill_sweep(load_config(DistillConfig, config, _overrides(ctx), section="distill"))
+    overrides = _overrides(ctx)
+    if "caches" in overrides:  # the first teacher's cache, then the others'
+        overrides["cache"], *extra = overrides.pop("caches")
+        overrides["extra_caches"] = tuple(extra)
+    distill_sweep(load_config(DistillConfig, config, overrides, section="distill"))
 
 
 @cli.command("inspect")

@@ -73,6 +73,9 @@ class DumpConfig:
     seed: int = 0
     block_size: int = 0
     topk: int = 0
+    outputs: str = ""  # models.outputs names, comma-separated; "": what `losses` need, else regions
+    losses: tuple[str, ...] = ()
+    views_from: str | None = None  # a cache whose views (dataset, policy, parameters) this dump replays
     overwrite: bool = False
 
 
@@ -81,6 +84,8 @@ class DistillConfig(TrainConfig):
     """`kdcache distill`."""
 
     cache: str | None = None
+    extra_caches: tuple[str, ...] = ()  # further teachers' caches over the same views: an ensemble
+    teacher_weights: tuple[float, ...] = ()  # one per cache; default equal
     live_teacher: str | None = None
     teacher: str | None = None
     students: tuple[str, ...] = ("resnet8x4",)

@@ -2,7 +2,8 @@
 
 A recipe (configs/cifar100/*.yaml) names a teacher-student pair, a `dump:` section (DumpConfig), a
 `distill:` section (DistillConfig), the losses to run with the fields each one's released config
-changes, and the papers' numbers. DistillConfig holds one set of loss overrides, so each loss is one
+changes, and the papers' numbers. An optional `feature_dump:` section (DumpConfig fields on top of `dump:`)
+makes a second cache, of the teacher's features, that the feature and relation losses train from. DistillConfig holds one set of loss overrides, so each loss is one
 `distill` call on the same cache and output folder (its run folder and resume state do not depend on
 which other losses run).
 """
@@ -35,6 +36,7 @@ from kdcache.stages.dump import DEFAULT_VIEWS, dump_from_config
 from kdcache.stages.splits import tensor_test_batches, top1_accuracy
 
 RECIPE_KEYS = ("teacher", "student", "dump", "distill", "losses", "published", "sources")
+OPTIONAL_KEYS = ("feature_dump",)
 # DistillConfig fields that come from the recipe's pair and the user's flags, never from a loss's overrides
 RUNNER_FIELDS = {"cache", "live_teacher", "teacher", "students", "losses", "pairs", "dataset", "data_root", "out",
                  "resume", "device"}
@@ -50,6 +52,7 @@ class Recipe:
     losses: dict[str, dict[str, Any]]  # loss name -> DistillConfig fields its released config changes
     published: dict[str, float | None]  # "teacher", "student" (the ce baseline) and each other loss -> top-1 %
     sources: tuple[str, ...]
+    feature_dump: dict[str, Any] | None = None  # DumpConfig fields of the features' cache, on top of `dump:`
 
     @property
     def name(self) -> str:
@@ -58,6 +61,12 @@ class Recipe:
     def dump_config(self, **overrides: Any) -> DumpConfig:
         """The `dump:` section with the pair's teacher, and `overrides` (None: keep the recipe's) on top."""
         return load_config(DumpConfig, self.path, {"teacher": self.teacher, **overrides}, section="dump")
+
+    def feature_dump_config(self, dump: DumpConfig) -> DumpConfig:
+        """The features' cache: `dump` with the `feature_dump:` fields, beside its cache (NAME-features.zarr)."""
+        out = Path(dump.out)
+        return replace(dump, exhaustive=False, out=str(out.with_name(f"{out.stem}-features{out.suffix}")),
+                       **(self.feature_dump or {}))
 
     def distill_config(self, loss: str, **overrides: Any) -> DistillConfig:
         """The `distill:` section with the loss and its overrides, and `overrides` (None: keep) on top."""
@@ -92,9 +101,15 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         document = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise KdcacheError(f"recipe {path}: not valid YAML ({error})".replace("\n", " ")) from error
-    if not isinstance(document, dict) or sorted(document) != sorted(RECIPE_KEYS):
+    if not isinstance(document, dict) or not set(RECIPE_KEYS) <= set(document) <= {*RECIPE_KEYS, *OPTIONAL_KEYS}:
         found = sorted(document) if isinstance(document, dict) else type(document).__name__
-        raise KdcacheError(f"recipe {path}: expected the keys {', '.join(RECIPE_KEYS)}; found {found}")
+        raise KdcacheError(f"recipe {path}: expected the keys {', '.join(RECIPE_KEYS)} (and optionally "
+                           f"{', '.join(OPTIONAL_KEYS)}); found {found}")
+    feature_dump = document.get("feature_dump")
+    if feature_dump is not None and not (isinstance(feature_dump, dict)
+                                         and set(feature_dump) <= {f.name for f in fields(DumpConfig)}):
+        raise KdcacheError(f"recipe {path}: feature_dump should map DumpConfig fields (views, outputs, ...) to "
+                           f"values; got {feature_dump!r}")
     for role in ("teacher", "student"):
         try:
             check_model_spec(str(document[role]))
@@ -126,9 +141,9 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     recipe = Recipe(path, document["teacher"], document["student"],
                     {loss: dict(overrides or {}) for loss, overrides in losses.items()},
                     {column: None if value is None else float(value) for column, value in published.items()},
-                    tuple(map(str, document["sources"])))
+                    tuple(map(str, document["sources"])), feature_dump)
     # every value is checked now rather than after an hour of dumping
-    recipe.dump_config()
+    recipe.feature_dump_config(recipe.dump_config())
     for loss in losses:
         config = recipe.distill_config(loss)
         scaled_loss(loss, config.loss_overrides(), config.epochs)
@@ -200,7 +215,7 @@ class ResultTable:
 
 
 def result_table(recipe: Recipe, losses: tuple[str, ...], summaries: list[RunSummary], teacher_acc: float,
-                 dump: DumpConfig, epochs: int) -> ResultTable:
+                 caches: dict[str, DumpConfig], epochs: int) -> ResultTable:
     """The published numbers beside this run's: best test top-1 of each run, as mdistiller reports (best_acc)."""
     best = {s.loss: 100 * s.best_test_acc for s in summaries}
     methods = [loss for loss in losses if loss != "ce"]
@@ -208,9 +223,12 @@ def result_table(recipe: Recipe, losses: tuple[str, ...], summaries: list[RunSum
                + [(loss, loss.upper()) for loss in methods])
     published = [recipe.published.get(key) for key, _ in columns]
     measured = [100 * teacher_acc, best.get("ce")] + [best[loss] for loss in methods]
+    dump = next(iter(caches.values()))
+    used = {config.out: sorted(loss for loss in losses if caches[loss].out == config.out) for config in caches.values()}
     notes = ["published: the papers' numbers (– where none is published; sources below)",
-             f"kdcache: best test top-1 over the epochs of each run; teacher: the checkpoint on the test split; "
-             f"student: the ce run; all from the cache {dump.out}"]
+             "kdcache: best test top-1 over the epochs of each run; teacher: the checkpoint on the test split; "
+             "student: the ce run; from the cache " + "; ".join(f"{path} ({', '.join(names)})"
+                                                                for path, names in used.items())]
     trained = f"{epochs} epoch{'s' * (epochs != 1)}"
     if epochs != PAPER_EPOCHS:
         notes.append(f"this run trained {trained}, the papers {PAPER_EPOCHS}: its row is not comparable with the "
@@ -243,16 +261,19 @@ def run_recipe(recipe_path: str | Path | None, checkpoint: str | Path | None, da
     dump = replace(dump, out=str(cache or default_cache(dump)))
     out = Path(out or Path("runs") / recipe.name)
 
-    ensure_cache(dump, show_progress)
+    # the feature and relation losses train from the features' cache, the others from the logits'
+    caches = {loss: recipe.feature_dump_config(dump) if get_loss(loss).needs else dump for loss in losses}
+    for cache_dump in {config.out: config for config in caches.values()}.values():
+        ensure_cache(cache_dump, show_progress)
     data = (load_dataset(dump.dataset, root, dump.split), load_dataset(dump.dataset, root, "test"))
     teacher_acc = teacher_test_accuracy(dump, data[1])
     summaries = []
     for loss in losses:
-        config = recipe.distill_config(loss, cache=dump.out, data_root=root, out=str(out), epochs=epochs,
+        config = recipe.distill_config(loss, cache=caches[loss].out, data_root=root, out=str(out), epochs=epochs,
                                        device=device, resume=resume)
         summaries += distill(config, show_progress, data=data)
     write_summary(summaries, out)
-    table = result_table(recipe, losses, summaries, teacher_acc, dump, config.epochs)
+    table = result_table(recipe, losses, summaries, teacher_acc, caches, config.epochs)
     table.write(out)
     if show_progress:
         print(f"\n{table.markdown()}\nwritten: {out / 'table.md'}, {out / 'table.csv'}, {out / 'summary.csv'}")

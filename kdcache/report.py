@@ -42,7 +42,8 @@ def describe_cache(path: str | Path) -> dict[str, Any]:
         accuracy = cache.view_accuracy()
         size = store_bytes(path)
         report = {"path": str(path), "format": cache.store.format_name, "metadata": cache.metadata,
-                  "shape": {"logits": list(spec.logits_shape), "aug": [spec.num_views, spec.num_samples, spec.num_params]},
+                  "shape": {"logits": list(spec.logits_shape), "aug": [spec.num_views, spec.num_samples, spec.num_params],
+                            **{name: [spec.num_views, spec.num_samples, *shape] for name, shape in spec.outputs.items()}},
                   "bytes_on_disk": size, "blocks_written": written, "blocks_total": progress.size,
                   "complete": written == progress.size, "view_accuracy": accuracy,
                   "self_check": self_check_scope(cache)[1]}
@@ -61,6 +62,8 @@ def describe_cache(path: str | Path) -> dict[str, Any]:
         f"{list(spec.scales)}; {spec.block_size} samples per chunk"
         + (f"; top {spec.topk} per region stored, the rest rebuilt" if spec.topk else ""),
         f"head      {spec.head}; verify's self-check: {report['self_check']}",
+        "outputs   " + ("; ".join(f"{name} {[spec.num_views, spec.num_samples, *shape]}"
+                                  for name, shape in spec.outputs.items()) or "region logits only"),
         f"size      {_megabytes(size)} on disk",
         f"complete  {'yes' if report['complete'] else 'no'}: {written} of {progress.size} (view, block) units written",
         f"accuracy  teacher top-1 per view: {' '.join(shown)}{' ...' if len(accuracy) > 16 else ''}",

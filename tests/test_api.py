@@ -18,7 +18,7 @@ from kdcache.errors import KdcacheError
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLIC = {"open_cache", "TeacherCache", "CacheDataset", "LogitMap", "create_model", "load_dataset", "get_policy",
-          "get_loss", "load_checkpoint", "losses", "__version__"}
+          "get_loss", "load_checkpoint", "losses", "ModelOutputs", "__version__"}
 from conftest import SCALES, VIEWS  # the digits cache's
 
 

@@ -147,21 +147,21 @@ def test_nan_teacher_logits_stop_the_dump_naming_samples_and_mark_nothing_of_the
                                                                                         fmt, monkeypatch):
     path = tmp_path / f"c{SUFFIX[fmt]}"
     bad = 21  # in block 1 (samples 16-31) of view 0
-    real_call = LogitMap.forward
+    real_call = LogitMap.regions
 
-    def poisoned(self, images):
-        regions = real_call(self, images)
+    def poisoned(self, features, image_size):
+        regions = real_call(self, features, image_size)
         first_sample = int(poisoned.offset)
-        poisoned.offset += len(images)
-        rows = torch.arange(first_sample, first_sample + len(images))
+        poisoned.offset += len(features)
+        rows = torch.arange(first_sample, first_sample + len(features))
         return torch.where((rows == bad)[:, None, None], torch.nan, regions)
 
     poisoned.offset = 0
-    monkeypatch.setattr(LogitMap, "forward", poisoned)
+    monkeypatch.setattr(LogitMap, "regions", poisoned)
     # one batch per block so that the running offset is the sample index
     with pytest.raises(KdcacheError, match=r"NaN or Inf for samples 21 of view 0; nothing of block 1"):
         dump(teacher, data, path, batch_size=16)
-    monkeypatch.setattr(LogitMap, "forward", real_call)
+    monkeypatch.setattr(LogitMap, "regions", real_call)
     with open_cache(path) as cache:
         assert cache.progress()[0, 1] == -1
 

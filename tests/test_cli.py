@@ -65,7 +65,7 @@ def test_top_level_help_lists_the_commands(capsys):
                                                      "run folder); kdcache never downloads weights"),
     (["dump-teacher", "--teacher", "hub:resnet18", "--checkpoint", "x.pt"], "unknown source 'hub'"),
     (["distill", "--no-such-flag"], "No such option '--no-such-flag'"),
-    (["distill", "--cache", "/nonexistent/c.zarr", "--loss", "fitnet"], "get_loss(): unknown name 'fitnet'; known: ce,"),
+    (["distill", "--cache", "/nonexistent/c.zarr", "--loss", "crd"], "get_loss(): unknown name 'crd'; known: at, ce,"),
     (["distill", "--cache", "/nonexistent/c.zarr", "--student", "resnet9"], "kdcache's registry has no model 'resnet9'"),
     (["distill", "--cache", "/nonexistent/c.zarr", "--student", "timm:resnet_18"],
      "model spec 'timm:resnet_18': timm has no model 'resnet_18'; close names: "),

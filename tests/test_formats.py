@@ -15,6 +15,7 @@ from kdcache.cache.layout import FORMAT_VERSIONS, WRITTEN_VERSION
 from kdcache.data import get_policy, load_dataset, normalize, policy_for
 from kdcache.errors import KdcacheError
 from kdcache.models import LogitMap, load_teacher
+from kdcache.models.outputs import ModelOutputs
 from kdcache.report import describe_cache
 from kdcache.stages.dump import dump_teacher
 from kdcache.stages.targets import CachedTargets
@@ -31,6 +32,8 @@ FIXTURES = {
     "v3.zarr": (3, 0, False),
     "v3-topk.h5": (3, 2, False),
     "v4.zarr": (4, 0, False),
+    "v5-outputs.zarr": (5, 0, False),
+    "v5-topk-outputs.h5": (5, 2, False),
 }
 STREAMED_FIXTURE = "v4-files.zarr"  # format 4 over the image folder images/, streamed
 SCALES = (1, 2)
@@ -51,24 +54,29 @@ def test_every_format_version_has_a_fixture():
 def test_a_cache_of_every_version_reads_verifies_and_equals_the_live_teacher(name, teacher_and_data):
     version, topk, per_view = FIXTURES[name]
     model, info, data = teacher_and_data
-    logit_map = LogitMap(model, SCALES).eval()
     with open_cache(FIXTURES_DIR / name) as cache:
+        outputs = tuple(cache.spec.outputs)
+        logit_map = ModelOutputs(model, SCALES, outputs).eval()
         assert cache.spec.format_version == version and cache.spec.topk == topk
         assert (cache.store.array_info("progress").chunks[0] == 1) == per_view
         assert cache.is_complete() and verify(cache) == []
         assert cache.spec.dataset["fingerprint"] == data.fingerprint
         assert cache.spec.teacher["checkpoint_sha256"] == info["checkpoint_sha256"]
         assert (cache.labels() == data.labels.numpy()).all()
-        targets = CachedTargets(cache, SCALES)
+        targets = CachedTargets(cache, SCALES, outputs=outputs)
         for view in range(cache.num_views):
             params = torch.from_numpy(cache.aug_params(view)).long()
             with torch.no_grad():
                 live = logit_map(normalize(get_policy("cifar").apply(data.images, params), data.mean, data.std))
-            expected = rebuild_topk(live, topk, torch.float16) if topk else live.half().float()
+            regions = live.pop("regions")
+            expected = rebuild_topk(regions, topk, torch.float16) if topk else regions.half().float()
             stored = torch.from_numpy(cache.view(view)).float()
             torch.testing.assert_close(stored, expected, rtol=2e-3, atol=2e-3)
             targets.begin_epoch(view)  # the training path reads the same values
-            assert torch.equal(targets(torch.arange(24), None), stored)
+            given = targets(torch.arange(24), None)
+            assert torch.equal(given.pop("regions"), stored) and set(given) == set(live) == set(outputs)
+            for output, value in live.items():  # the embedding, attention maps and hints (format 5)
+                torch.testing.assert_close(given[output], value.half().float(), rtol=2e-3, atol=2e-3)
 
 
 def test_a_streamed_cache_of_format_4_reads_verifies_and_equals_the_live_teacher_on_the_files(teacher_and_data):

@@ -186,9 +186,12 @@ def extreme_case(case):
     return 1e4 * signs(), 1e4 * signs()  # ±1e4
 
 
+LOGIT_LOSSES = [name for name in L.list_losses() if not L.get_loss(name).needs]  # the others read features
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", ["constant", "constant student", "±1e4"])
-@pytest.mark.parametrize("name", L.list_losses())
+@pytest.mark.parametrize("name", LOGIT_LOSSES)
 def test_extreme_logits_give_finite_values_and_gradients(name, case, dtype):
     spec = L.get_loss(name)
     student, teacher = extreme_case(case)
@@ -206,7 +209,7 @@ def test_extreme_logits_give_finite_values_and_gradients(name, case, dtype):
         assert student.grad.isfinite().all()
 
 
-@pytest.mark.parametrize("name", L.list_losses())
+@pytest.mark.parametrize("name", LOGIT_LOSSES)
 def test_half_inputs_are_computed_in_float32(name):
     torch.manual_seed(0)
     student, teacher = torch.randn(B, R, C).half(), (3 * torch.randn(B, R, C)).half()
@@ -221,11 +224,15 @@ def test_half_inputs_are_computed_in_float32(name):
 
 # --- the registry ------------------------------------------------------------------------------
 
-NAMES = ["ce", "kd", "dkd", "kd+ls", "dkd+ls", "sdd-kd", "sdd-dkd", "sdd-lskd", "sdd-lskd-kd", "sld"]
+NAMES = ["ce", "kd", "dkd", "kd+ls", "dkd+ls", "sdd-kd", "sdd-dkd", "sdd-lskd", "sdd-lskd-kd", "sld",
+         "fitnet", "at", "sp", "rkd"]
 # each loss's own terms, besides ce and total: what metrics.csv has a column for
 OWN_TERMS = {"ce": set(), "kd": {"kd"}, "kd+ls": {"kd"}, "dkd": {"tckd", "nckd"}, "dkd+ls": {"tckd", "nckd"},
              "sdd-kd": {"sdd"}, "sdd-dkd": {"sdd"}, "sdd-lskd": {"sdd"}, "sdd-lskd-kd": {"sdd"},
-             "sld": {"teacher_swap", "student_swap"}}
+             "sld": {"teacher_swap", "student_swap"}, "fitnet": {"fitnet"}, "at": {"at"}, "sp": {"sp"},
+             "rkd": {"rkd_distance", "rkd_angle"}}
+# what the feature and relation losses read besides the region logits, for the registry's test
+FEATURES = {"hint/layer2": (B, 8, 4, 4), "attention/layer1": (B, 4, 4), "embedding": (B, 16)}
 
 
 def distillation(terms: dict) -> torch.Tensor:
@@ -236,11 +243,13 @@ def distillation(terms: dict) -> torch.Tensor:
 def test_every_name_resolves_and_totals_its_terms():
     assert L.list_losses() == NAMES
     torch.manual_seed(0)
-    student, teacher, labels = torch.randn(B, R, C), torch.randn(B, R, C), torch.randint(0, C, (B,))
+    student, teacher = ({"regions": torch.randn(B, R, C), **{k: torch.randn(s) for k, s in FEATURES.items()}}
+                        for _ in range(2))
+    labels = torch.randint(0, C, (B,))
     for name in NAMES:
         spec = L.get_loss(name)
         assert spec.name == name and spec.paper and spec.code
-        assert spec.function in ("ce", "kd", "dkd", "sdd", "sdd_lskd", "sld")
+        assert spec.function in ("ce", "kd", "dkd", "sdd", "sdd_lskd", "sld", "fitnet", "at", "sp", "rkd")
         terms = spec.compute(student, teacher, labels, epoch=200)
         assert set(terms) == {"ce", "total"} | OWN_TERMS[name] and list(terms) == list(spec.term_names)
         torch.testing.assert_close(terms["total"], sum(v for k, v in terms.items() if k != "total"))
@@ -308,7 +317,7 @@ def test_compute_applies_warmup_weights_and_region_0_as_the_papers():
     # non-SDD losses read region 0 only; SDD losses every region
     other = teacher.clone()
     other[:, 1:] += torch.randn(B, R - 1, C)
-    for name in NAMES[1:]:
+    for name in LOGIT_LOSSES[1:]:
         spec = L.get_loss(name)
         with_other = distillation(spec.compute(student, other, labels, 30))
         same = torch.equal(distillation(spec.compute(student, teacher, labels, 30)), with_other)
@@ -332,7 +341,7 @@ def test_sld_second_teacher_joins_after_the_switch_epoch():
 def test_teacher_is_needed_except_for_cross_entropy():
     student, labels = torch.randn(2, 1, C), torch.tensor([1, 2])
     assert set(L.get_loss("ce").compute(student, None, labels, epoch=1)) == {"ce", "total"}
-    with pytest.raises(KdcacheError, match="needs teacher logits"):
+    with pytest.raises(KdcacheError, match="needs the teacher's outputs; got None"):
         L.get_loss("sdd-lskd").compute(student, None, labels, epoch=1)
 
 

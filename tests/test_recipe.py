@@ -9,6 +9,7 @@ import yaml
 from console import run_cli
 from fake_cifar import write_fake_cifar
 
+from kdcache.cache import open_cache
 from kdcache.cli import cli
 from kdcache.config import DistillConfig, DumpConfig
 from kdcache.losses import list_losses
@@ -54,7 +55,7 @@ def test_per_pair_overrides_of_the_released_configs_reach_the_distill_config():
 
 @pytest.mark.parametrize(("edit", "expected"), [
     (lambda r: r.update(student="resnet9"), "student: model spec 'resnet9': kdcache's registry has no model 'resnet9'"),
-    (lambda r: r["losses"].update(fitnet={}), "losses: unknown name 'fitnet'"),
+    (lambda r: r["losses"].update(crd={}), "losses: unknown name 'crd'"),
     (lambda r: r["losses"].update(kd={"cache": "x"}), "losses.kd should map DistillConfig fields"),
     (lambda r: r["losses"].update(kd={"beta": 6.0}), "--beta does not apply to loss 'kd'"),
     (lambda r: r["published"].update(kd=7333), "published.kd should be a top-1 % in (0, 100)"),
@@ -126,7 +127,13 @@ def test_a_shrunk_recipe_runs_end_to_end_and_a_second_run_reuses_the_cache(tmp_p
     published_row = next(line for line in table.splitlines() if line.startswith("| published |"))
     measured_row = next(line for line in table.splitlines() if line.startswith("| kdcache (this run, 2 epochs) |"))
     assert published_row.split("|")[2:5] == [" 79.42 ", " 72.50 ", " 73.33 "]  # teacher, student, KD
-    assert published_row.split("|")[-2] == " 78.12 " and "–" in published_row  # SDD-LSKD; SDD-KD has none
+    assert published_row.split("|")[-6:-1] == [" 78.12 ", " 73.50 ", " 73.44 ", " 72.94 ", " 71.90 "]  # SDD-LSKD, CRD's
+    assert "–" in published_row  # SDD-KD has none
+    # the feature and relation losses trained from a second cache beside the first, of 4 views with their outputs
+    features = tmp_path / "cache-features.zarr"
+    with open_cache(features) as opened:
+        assert opened.spec.num_views == 4 and {"embedding", "hint/layer2"} <= set(opened.spec.outputs)
+    assert f"{features} (at, fitnet, rkd, sp)" in table
     assert "–" not in measured_row and "not comparable" in table and "RepDistiller" in table
     with open(out / "table.csv") as file:
         rows = list(csv.DictReader(file))

@@ -253,8 +253,8 @@ def test_a_rank_holding_none_of_a_global_batch_steps_with_zero_loss(tmp_path):
                    TrainConfig(batch_size=4, lr=0.1), tmp_path, torch.device("cpu"), {})
 
     generator = torch.Generator().manual_seed(0)
-    full = (torch.randn(4, 3, 8, 8, generator=generator), torch.tensor([0, 1, 2, 0]), torch.randn(4, 1, 3))
-    empty = (torch.zeros(0, 3, 8, 8), torch.zeros(0, dtype=torch.long), torch.zeros(0, 1, 3))
+    full = (torch.randn(4, 3, 8, 8, generator=generator), torch.tensor([0, 1, 2, 0]), {"regions": torch.randn(4, 1, 3)})
+    empty = (torch.zeros(0, 3, 8, 8), torch.zeros(0, dtype=torch.long), {"regions": torch.zeros(0, 1, 3)})
     alone = run().train_epoch(0, iter([full]), 1, show_progress=False)
     trained = run()
     metrics = trained.train_epoch(0, iter([full, empty]), 2, show_progress=False)

@@ -23,6 +23,7 @@ from torchvision.transforms import functional as TF
 
 from kdcache import CacheDataset, open_cache
 from kdcache.cache import verify
+from kdcache.cache.layout import WRITTEN_VERSION
 from kdcache.config import DistillConfig
 from kdcache.data import ImageFiles, load_dataset, normalize
 from kdcache.data import files as files_module
@@ -127,7 +128,7 @@ def test_the_dump_stores_fractions_checksums_and_the_listing_and_the_cache_is_th
     policy = FileResizedCropFlip(SIZE)
     live = LogitMap(teacher[0], SCALES).eval()
     with open_cache(cache_path) as cache:
-        assert cache.spec.format_version == 4 and cache.spec.streamed and verify(cache) == []
+        assert cache.spec.format_version == WRITTEN_VERSION and cache.spec.streamed and verify(cache) == []
         assert cache.spec.augmentation["param_names"] == ["top", "left", "height", "width", "flip"]
         assert cache.file_listing() == files.paths.tolist()
         crcs = [google_crc32c.value(Path(files.path(i)).read_bytes()) for i in range(len(files.labels))]
@@ -288,8 +289,8 @@ def test_a_streamed_splits_targets_stay_on_the_host_and_each_batch_is_gathered(c
         resident.begin_epoch(1)
         on_host.begin_epoch(1)
         indices = torch.tensor([14, 0, 7])
-        assert torch.equal(on_host(indices, None), resident(indices, None)[:, :1])
-        assert all(tensor.device.type == "cpu" for tensor in on_host._arrays)
+        assert torch.equal(on_host(indices, None)["regions"], resident(indices, None)["regions"][:, :1])
+        assert all(tensor.device.type == "cpu" for tensor in on_host._arrays.values())
         view = 15 * 5 * 3 * 2  # samples x regions x classes x fp16
         statement = require_target_memory(cache, None, torch.device("cuda:0"), host_available=2 * view,
                                           device_available=0, on_host=True)

@@ -84,10 +84,10 @@ def test_cached_targets_rebuild_each_batch_on_the_device_from_the_compact_arrays
     with open_cache(tmp_path / "k.zarr") as cache:
         targets = CachedTargets(cache, scales=(1,))
         targets.begin_epoch(1)
-        assert [tuple(t.shape) for t in targets._arrays] == [(50, 1, 3), (50, 1, 3), (50, 1)]  # compact, region 0
+        assert [tuple(t.shape) for t in targets._arrays.values()] == [(50, 1, 3), (50, 1, 3), (50, 1)]  # compact
         indices = torch.tensor([7, 0, 49, 7])
         expected = torch.from_numpy(cache.view(1)[:, :1].astype(np.float32))[indices]
-        torch.testing.assert_close(targets(indices, None), expected, rtol=0, atol=0)
+        torch.testing.assert_close(targets(indices, None)["regions"], expected, rtol=0, atol=0)
 
 
 def test_distill_trains_from_a_topk_cache_and_warns_for_standardising_losses(teacher, data, tmp_path, caplog):

@@ -79,8 +79,9 @@ def test_fast_path_batches_equal_the_datasets_items_for_the_same_indices(cache16
             items = [dataset[int(i)] for i in order[number * 8:(number + 1) * 8]]
             torch.testing.assert_close(x, torch.stack([item[0] for item in items]), rtol=0, atol=0)
             torch.testing.assert_close(y, torch.stack([item[1] for item in items]), rtol=0, atol=0)
-            torch.testing.assert_close(t, torch.stack([item[2]["regions"] for item in items]), rtol=0, atol=0)
-        assert number == len(train.labels) // 8 - 1 and t.shape == (8, sum(s * s for s in scales), CLASSES)
+            torch.testing.assert_close(t["regions"], torch.stack([item[2]["regions"] for item in items]), rtol=0,
+                                       atol=0)
+        assert number == len(train.labels) // 8 - 1 and t["regions"].shape == (8, sum(s * s for s in scales), CLASSES)
 
 
 def test_dataset_works_with_dataloader_and_distributed_sampler(cache16, data):
@@ -252,5 +253,5 @@ def test_cached_targets_reuse_two_buffers_without_serving_a_stale_view(teacher, 
         for epoch in range(7):
             targets.begin_epoch(views.view_of(epoch), views.view_of(epoch + 1))
             expected = torch.from_numpy(cache.view(views.view_of(epoch)).astype(np.float32))
-            assert torch.equal(targets(everything, None), expected), epoch
+            assert torch.equal(targets(everything, None)["regions"], expected), epoch
         assert {id(array) for buffer in targets._buffers for array in buffer.values()} == buffers  # reused

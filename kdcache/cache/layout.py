@@ -1,4 +1,4 @@
-"""Cache format versions 1 to 4: the arrays, the metadata schema, and the checks
+"""Cache format versions 1 to 5: the arrays, the metadata schema, and the checks
 that a cache fits its use."""
 
 from __future__ import annotations
@@ -26,8 +26,11 @@ FORMAT_VERSIONS = {
     3: "every logit, or with `logits.topk` the top k as in 2; `progress` one chunk per block",
     4: "as 3; a split streamed from files (`dataset.source` files) adds `files` and `file_crc32c`, and its `aug` "
        "is float32 fractions of each original image, written with each block",
+    5: "as 4, plus the metadata's `outputs`: the teacher's further outputs per view besides its region logits "
+       "(`embedding`, `attention.<stage>`, `hint.<stage>`), each an array chunked as the logits are",
 }
-WRITTEN_VERSION = 4
+WRITTEN_VERSION = 5
+OUTPUTS_SINCE = 5  # the first format version that may hold outputs besides the region logits
 TARGET_CHUNK_BYTES = 2 * 2**20  # one view x one block of samples per chunk: 1-4 MB reads well from disk
 PENDING = -1  # progress value of a block not yet written
 FINITE_CHECK_BLOCK = 2**18  # values tested at a time: the scratch stays in cache
@@ -44,6 +47,11 @@ ARRAYS = {
            "pixels of the stored images, or float32 fractions of each original file for a streamed split",
     "files": "[bytes] the streamed split's files, relative to its folder, '\\n'-separated, in sample order (UTF-8)",
     "file_crc32c": "[samples] crc32c of each file's bytes as the teacher read them",
+    "embedding": "[views, samples, D] the teacher's pooled features, the classifier's input "
+                 "(forward_head(..., pre_logits=True))",
+    "attention.<stage>": "[views, samples, H, W] the attention-transfer map of the stage's output: the channel mean "
+                         "of its squares, L2-normalised over the H*W positions (Zagoruyko & Komodakis 2017, p = 2)",
+    "hint.<stage>": "[views, samples, C, H, W] the stage's output feature map, FitNet's hint (Romero et al. 2015)",
     "labels": "[samples] class labels",
     "progress": "[views, blocks] -1 while a block is not written; then how many of its samples the "
                 "teacher's global logit (region 0) classifies correctly",
@@ -60,7 +68,7 @@ IDENTITY_FIELDS = (
     "dataset.name", "dataset.split", "dataset.num_samples", "dataset.image_shape", "dataset.num_classes",
     "dataset.mean", "dataset.std", "dataset.fingerprint",
     "augmentation", "views.count", "views.exhaustive", "views.seed", "scales", "logits.dtype",
-    "logits.block_size", "logits.topk",
+    "logits.block_size", "logits.topk", "outputs",
 )
 FULL_ARRAYS = ("logits",)
 FILE_ARRAYS = ("files", "file_crc32c")
@@ -83,6 +91,9 @@ class CacheSpec:
     topk: int = 0  # 0: every logit; k: the top k per region
     view_accuracy: list[float] | None = field(default=None, compare=False)
     format_version: int = field(default=WRITTEN_VERSION, compare=False)  # of a stored cache: as it was written
+    # further outputs than the region logits (models.outputs): name -> the shape of one sample's, e.g.
+    # {"embedding": [256], "attention/layer1": [32, 32]}
+    outputs: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -105,9 +116,19 @@ class CacheSpec:
         return FILE_ARRAYS if self.streamed else ()
 
     @property
-    def data_arrays(self) -> tuple[str, ...]:
-        """The arrays that hold the teacher's logits, chunked (1 view, 1 block, ...)."""
+    def logit_arrays(self) -> tuple[str, ...]:
+        """The arrays that hold the teacher's region logits: whole, or their top-k encoding."""
         return TOPK_ARRAYS if self.topk else FULL_ARRAYS
+
+    @property
+    def output_arrays(self) -> dict[str, str]:
+        """The arrays of the further outputs, by output name (`attention/layer1` is stored as `attention.layer1`)."""
+        return {name: output_array(name) for name in self.outputs}
+
+    @property
+    def data_arrays(self) -> tuple[str, ...]:
+        """The arrays written per (view, block), chunked (1 view, 1 block, ...): the logits', then the outputs'."""
+        return (*self.logit_arrays, *self.output_arrays.values())
 
     @property
     def index_dtype(self) -> str:
@@ -117,7 +138,9 @@ class CacheSpec:
     def array_layout(self, name: str) -> tuple[tuple[int, ...], str]:
         """Shape and dtype of one of the data arrays."""
         views, samples, regions = self.num_views, self.num_samples, self.num_regions
-        return {"logits": ((views, samples, regions, self.num_classes), self.dtype),
+        outputs = {array: ((views, samples, *self.outputs[name]), self.dtype)
+                   for name, array in self.output_arrays.items()}
+        return outputs.get(name) or {"logits": ((views, samples, regions, self.num_classes), self.dtype),
                 "topk_values": ((views, samples, regions, self.topk), self.dtype),
                 "topk_indices": ((views, samples, regions, self.topk), self.index_dtype),
                 "topk_rest": ((views, samples, regions), self.dtype)}[name]
@@ -181,8 +204,9 @@ class CacheSpec:
                        **({"topk": self.topk, "rebuilt": "each region's logits are rebuilt as topk_rest for every "
                            "class, then topk_values at topk_indices (FKD/ReLabel: the other classes share the "
                            "remaining mass evenly)"} if self.topk else {})},
-            "arrays": {name: ARRAYS[name] for name in (*self.data_arrays, "aug", "labels", "progress", DIGEST_ARRAY,
-                                                       *self.file_arrays)},
+            **({"outputs": self.outputs} if self.format_version >= OUTPUTS_SINCE else {}),
+            "arrays": {name: ARRAYS[generic_array(name)] for name in (*self.data_arrays, "aug", "labels", "progress",
+                                                                     DIGEST_ARRAY, *self.file_arrays)},
             "view_accuracy": self.view_accuracy,
         }
 
@@ -203,7 +227,8 @@ class CacheSpec:
             seed=get("views.seed", int), scales=scales, dtype=get("logits.dtype", str),
             block_size=get("logits.block_size", int),
             topk=get("logits.topk", int) if "topk" in metadata["logits"] else 0,
-            view_accuracy=metadata.get("view_accuracy"), format_version=version)
+            view_accuracy=metadata.get("view_accuracy"), format_version=version,
+            outputs=get("outputs", dict) if version >= OUTPUTS_SINCE else {})
         # every field a reader relies on later, so that a missing one is named here
         for name, kind in (("teacher.arch", str), ("teacher.num_classes", int), ("teacher.checkpoint_sha256", str),
                            ("teacher.precision", str), ("teacher.feature_map", list), ("dataset.name", str),
@@ -218,6 +243,12 @@ class CacheSpec:
 
     def _check_values(self, where: str) -> None:
         """Refuse fields whose type is right but whose value no dump writes."""
+        for name, shape in self.outputs.items():
+            if not (_is_output_name(name) and isinstance(shape, list) and shape
+                    and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+                raise CorruptCacheError(f"{where}: metadata field 'outputs' should map output names (embedding, "
+                                        f"attention/<stage>, hint/<stage>) to positive sizes, found {name!r}: "
+                                        f"{_short(shape)}")
         if self.streamed and self.format_version < 4:
             raise CorruptCacheError(f"{where}: metadata says format {self.format_version} but 'dataset.source' files, "
                                     f"which format 4 introduced: the metadata was edited — rebuild it with "
@@ -248,6 +279,25 @@ class CacheSpec:
         flat = {**_flatten(self.to_metadata()), "logits.topk": self.topk}  # 0 for a full cache, which has no field
         return {name: value for name, value in flat.items()
                 if any(name == f or name.startswith(f + ".") for f in IDENTITY_FIELDS)}
+
+
+def output_array(name: str) -> str:
+    """The array an output is stored in: its name with the first '/' made '.' (arrays are not nested)."""
+    return name.replace("/", ".", 1)
+
+
+def generic_array(array: str) -> str:
+    """The ARRAYS entry that describes an array: `attention.<stage>` for `attention.layer1`."""
+    kind = array.split(".", 1)[0]
+    return f"{kind}.<stage>" if kind in ("attention", "hint") else array
+
+
+def _is_output_name(name: object) -> bool:
+    """Whether a metadata `outputs` key names an output kdcache writes."""
+    if not isinstance(name, str):
+        return False
+    kind, _, stage = name.partition("/")
+    return name == "embedding" or (kind in ("attention", "hint") and bool(stage) and stage.isprintable())
 
 
 def differences(stored: CacheSpec, wanted: CacheSpec) -> list[str]:

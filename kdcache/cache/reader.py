@@ -146,17 +146,18 @@ class TeacherCache:
 
         samples: a contiguous, block-aligned part of the view to read instead (a DDP rank's shard).
         """
-        arrays = self.view_arrays(view, samples)
+        arrays = self.view_arrays(view, samples, names=self.spec.logit_arrays)
         if not self.spec.topk:
             return arrays["logits"]
         return decode_topk_array(*(arrays[name] for name in TOPK_ARRAYS), self.spec.num_classes)
 
-    def view_arrays(self, view: int, samples: range | None = None,
-                    out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    def view_arrays(self, view: int, samples: range | None = None, out: dict[str, np.ndarray] | None = None,
+                    names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         """The data arrays of one view (or its `samples`) as stored: `logits`, or `topk_values`, `topk_indices` and
         `topk_rest`; refuses an incomplete view, missing or damaged chunks and NaN or Inf values.
 
         out: buffers from `view_buffers` to read into: reused, they spare the kernel zeroing fresh pages.
+        names: the data arrays to read (default: all of them, the outputs' too).
         """
         if not 0 <= view < self.num_views:
             raise KdcacheError(f"cache {self.path} has views 0-{self.num_views - 1}; view {view} was asked for")
@@ -167,7 +168,7 @@ class TeacherCache:
                                f"{self.spec.num_blocks} blocks (first: block {missing[0]}); rerun the same "
                                f"`kdcache dump-teacher` command to finish it")
         arrays = {name: self._read_checked(name, view, blocks, None if out is None else out[name])
-                  for name in self.spec.data_arrays}
+                  for name in (self.spec.data_arrays if names is None else names)}
         for name, values in arrays.items():
             if values.dtype.kind == "f" and not all_finite(values):
                 first = int(np.flatnonzero(~np.isfinite(values).reshape(len(values), -1).all(1))[0])
@@ -177,20 +178,22 @@ class TeacherCache:
                                         "rebuild the cache with `kdcache dump-teacher --overwrite`")
         return arrays
 
-    def view_buffers(self, samples: range | None = None) -> dict[str, np.ndarray]:
+    def view_buffers(self, samples: range | None = None, names: tuple[str, ...] | None = None
+                     ) -> dict[str, np.ndarray]:
         """Empty arrays that `view_arrays(..., out=)` can read one view (or its `samples`) into."""
         count = self.spec.num_samples if samples is None else len(samples)
         buffers = {}
-        for name in self.spec.data_arrays:
+        for name in self.spec.data_arrays if names is None else names:
             shape, dtype = self.spec.array_layout(name)
             buffers[name] = np.empty((count, *shape[2:]), dtype)
         return buffers
 
-    def prefetch(self, view: int, samples: range | None = None, out: dict[str, np.ndarray] | None = None) -> Future:
+    def prefetch(self, view: int, samples: range | None = None, out: dict[str, np.ndarray] | None = None,
+                 names: tuple[str, ...] | None = None) -> Future:
         """Start reading a whole view (or its `samples`) in a background thread; `.result()` gives `view_arrays(...)`."""
         if self._prefetcher is None:
             self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-prefetch")
-        return self._prefetcher.submit(self.view_arrays, view, samples, out)
+        return self._prefetcher.submit(self.view_arrays, view, samples, out, names)
 
     def _blocks_of(self, samples: range | None) -> range:
         """The blocks that hold exactly these samples; a range that does not start and end on block edges is refused."""

@@ -56,7 +56,8 @@ def _verify_block(cache: TeacherCache, view: int, block: int, progress: int, lab
             return problem(f"fails its checksum ({error.__cause__})", name)
         finite = np.isfinite(arrays[name]).reshape(len(rows), -1).all(1)
         if not finite.all():
-            return problem(f"NaN or Inf logits for samples {list(np.flatnonzero(~finite)[:10] + rows.start)}", name)
+            what = "logits" if name in spec.logit_arrays else "values"
+            return problem(f"NaN or Inf {what} for samples {list(np.flatnonzero(~finite)[:10] + rows.start)}", name)
     block_labels = labels[rows.start:rows.stop]
     if spec.topk:
         return _verify_topk(cache, arrays, block_labels, progress, problem)

@@ -13,7 +13,8 @@ import numpy as np
 
 from kdcache.cache.backends import create_store, open_store, store_class
 from kdcache.cache.layout import (ARRAYS, DIGEST_ARRAY, DIGEST_BYTES, FORMAT, PENDING, WRITTEN_VERSION, CacheSpec,
-                                  all_finite, differences, metadata_digest, require_metadata_digest)
+                                  all_finite, differences, generic_array, metadata_digest,
+                                  require_metadata_digest)
 from kdcache.cache.location import Location, as_location, remove_store, store_exists
 from kdcache.cache.lock import ReadersLock, WriterLock
 from kdcache.cache.store import Store
@@ -145,7 +146,7 @@ class CacheWriter:
         """Write one block of the data arrays (`logits`, or the three top-k ones), then mark it done; a failure
         leaves it pending. A streamed split's block also brings its `aug` rows, and `file_crc32c` with view 0."""
         rows = self.spec.block_range(block)
-        stored, bad = {}, np.zeros(len(rows), bool)
+        stored, bad, bad_arrays = {}, np.zeros(len(rows), bool), []
         extra = {name: arrays[name] for name in ("aug", "file_crc32c") if self.spec.streamed and name in arrays}
         if self.spec.streamed and ("aug" not in extra or ("file_crc32c" in extra) != (view == 0)):
             raise ValueError(f"block {block} of view {view} of a streamed split needs its aug rows, and "
@@ -160,8 +161,10 @@ class CacheWriter:
             # are bad is worked out only when some are
             if stored[name].dtype.kind == "f" and not all_finite(stored[name]):
                 bad |= ~np.isfinite(stored[name]).reshape(len(rows), -1).all(axis=1)
+                bad_arrays.append(name)
         if bad.any():
-            raise KdcacheError(f"teacher logits are NaN or Inf for samples {_indices(np.flatnonzero(bad) + rows.start)} "
+            what = "logits" if set(bad_arrays) <= set(self.spec.logit_arrays) else f"outputs ({', '.join(bad_arrays)})"
+            raise KdcacheError(f"teacher {what} are NaN or Inf for samples {_indices(np.flatnonzero(bad) + rows.start)} "
                                f"of view {view}; nothing of block {block} was marked done. Check the checkpoint "
                                f"and the data (run with --dtype float32 / without bf16 to rule out overflow)")
         try:
@@ -260,7 +263,7 @@ def _started_by_kdcache(path: str | Path) -> bool:
         metadata, arrays = store.metadata(), set(store.array_names())
     if metadata.get("format") == FORMAT:
         return True
-    if not metadata and arrays <= set(ARRAYS):
+    if not metadata and {generic_array(name) for name in arrays} <= set(ARRAYS):
         return False
     raise _not_a_cache(path, f"its metadata names no kdcache format and it holds {sorted(arrays)}")
 

@@ -22,12 +22,14 @@ from kdcache.losses.functions import (
 from kdcache.losses.spec import (
                                       PAPER_EPOCHS,
                                       LossSpec,
+                                      LossSum,
                                       get_loss,
                                       list_losses,
+                                      loss_parts,
                                       scaled_loss,
 )
 
-__all__ = ["PAPER_EPOCHS", "LossSpec", "at", "attention_map", "dkd", "fitnet", "get_loss", "kd", "list_losses", "nckd",
-           "rkd", "rkd_angle", "rkd_distance", "scaled_loss", "sdd", "sdd_lskd", "sdd_region_weights", "sld",
-           "sld_student_term", "sld_switched", "sld_teacher_term", "sp", "standardize", "swap_target_max", "tckd",
-           "upcast"]
+__all__ = ["PAPER_EPOCHS", "at", "attention_map", "dkd", "fitnet", "get_loss", "kd", "list_losses", "loss_parts",
+           "LossSpec", "LossSum", "nckd", "rkd", "rkd_angle", "rkd_distance", "scaled_loss", "sdd", "sdd_lskd",
+           "sdd_region_weights", "sld", "sld_student_term", "sld_switched", "sld_teacher_term", "sp", "standardize",
+           "swap_target_max", "tckd", "upcast"]

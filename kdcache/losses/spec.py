@@ -1,9 +1,15 @@
 """`--loss NAME`: a loss's defaults (configs/losses.yaml) and the weighted, named terms of one training step.
 
-Each pure function of `kdcache.losses.functions` that a spec can name has a terms function here,
-registered under the pure function's name: it returns the loss's own terms (`kd`; DKD's `tckd` and
-`nckd`; SDD's `sdd`; SLD's `teacher_swap` and `student_swap`) before weighting, and `LossSpec.compute`
-weights them and adds cross-entropy (`ce`) and the `total`. metrics.csv has a column per term.
+Each pure function of `kdcache.losses.functions` and `kdcache.losses.features` that a spec can name has a
+terms function here, registered under the pure function's name: it returns the loss's own terms (`kd`; DKD's
+`tckd` and `nckd`; SDD's `sdd`; SLD's `teacher_swap` and `student_swap`; `fitnet`, `at`, `sp`, RKD's
+`rkd_distance` and `rkd_angle`) before weighting, and `LossSpec.compute` weights them and adds cross-entropy
+(`ce`) and the `total`. metrics.csv has a column per term.
+
+A terms function reads the model outputs it needs (kdcache.models.outputs) from two dicts, the student's and
+the teacher's: `regions` for the logit losses; `embedding`, `attention/<stage>`, `hint/<stage>` for the feature
+and relation ones, which sum their term over every teacher output of their kind (`embedding`, `embedding#1`:
+two teachers). `--loss a,b` is a `LossSum`: the terms of both, cross-entropy once.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import yaml
 from torch import Tensor
 
 from kdcache.errors import KdcacheError
+from kdcache.losses.features import at, fitnet, rkd_angle, rkd_distance, sp
 from kdcache.losses.functions import (
     dkd,
     kd,
@@ -34,18 +41,20 @@ from kdcache.losses.functions import (
 )
 from kdcache.registry import Registry
 
-TermsFunction = Callable[["LossSpec", Tensor, Tensor, Tensor, float], dict[str, Tensor]]
+Outputs = dict[str, Tensor]  # a model's outputs by name: regions [B, R, C], embedding [B, D], ...
+TermsFunction = Callable[["LossSpec", Outputs, Outputs, Tensor, float], dict[str, Tensor]]
 # the pure function a spec names -> its terms of one step, unweighted
 TERMS: Registry[dict[str, Tensor]] = Registry("LossSpec(): function")
 SDD_BASES = {"kd": kd, "dkd": dkd}  # the per-region losses SDD is published with
 PAPER_EPOCHS = 240  # the schedule the papers' epoch counts (warm-ups, SLD's switch) refer to
 
 
-def _terms(function: str, *names: str, needs: tuple[str, ...] = ()) -> Callable[[TermsFunction], TermsFunction]:
-    """Register a terms function for the pure function `function`: it returns the terms `names` and reads the
-    spec fields `needs`."""
+def _terms(function: str, *names: str, needs: tuple[str, ...] = (), reads: str = "regions"
+           ) -> Callable[[TermsFunction], TermsFunction]:
+    """Register a terms function for the pure function `function`: it returns the terms `names`, reads the
+    spec fields `needs`, and the teacher's outputs of kind `reads` (regions, embedding, attention, hint)."""
     def register(entry: TermsFunction) -> TermsFunction:
-        entry.term_names, entry.needs = names, needs
+        entry.term_names, entry.needs, entry.reads = names, needs, reads
         return TERMS.register(entry, function)
     return register
 
@@ -74,6 +83,8 @@ class LossSpec:
     complementary_weight: float | None = None
     temperatures: tuple[float, ...] | None = None
     switch_epoch: float | None = None
+    distance_weight: float | None = None
+    angle_weight: float | None = None
 
     def __post_init__(self) -> None:
         call = f"LossSpec({self.name!r})"
@@ -85,6 +96,13 @@ class LossSpec:
         missing = [field for field in needed if getattr(self, field) is None]
         if missing:
             raise KdcacheError(f"{call}: loss {self.function!r} needs {', '.join(missing)}")
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The teacher outputs besides region logits the loss reads (embedding, attention, hint): none for logit
+        losses."""
+        reads = TERMS.entry(self.function).reads
+        return () if reads == "regions" else (reads,)
 
     @property
     def uses_regions(self) -> bool:
@@ -105,39 +123,49 @@ class LossSpec:
         """min(epoch / warm-up epochs, 1), the DKD/SDD-DKD ramp of the distillation term; 1 without warm-up."""
         return min(epoch / self.warmup_epochs, 1.0) if self.warmup_epochs > 0 else 1.0
 
-    def __call__(self, student: Tensor, teacher: Tensor | None, labels: Tensor, epoch: float) -> Tensor:
+    def __call__(self, student: Tensor | Outputs, teacher: Tensor | Outputs | None, labels: Tensor,
+                 epoch: float) -> Tensor:
         """The loss of one training step, to call .backward() on: `compute(...)["total"]`."""
         return self.compute(student, teacher, labels, epoch)["total"]
 
-    def compute(self, student_regions: Tensor, teacher_regions: Tensor | None, labels: Tensor,
+    def compute(self, student: Tensor | Outputs, teacher: Tensor | Outputs | None, labels: Tensor,
                 epoch: float) -> dict[str, Tensor]:
         """The weighted terms of one training step: `ce`, the loss's own terms, and their `total`.
 
-        student_regions/teacher_regions: region logits `[B, R, C]`, or logits `[B, C]` for the losses on the
-        global logit (every loss but the SDD ones, `uses_regions`); labels: `[B]`; epoch: counted from 1 (pass
-        the integer epoch to reproduce the papers' code exactly). CE is on the student's region 0. Non-SDD
+        student/teacher: region logits `[B, R, C]`, or logits `[B, C]` for the losses on the global logit
+        (every loss but the SDD ones, `uses_regions`), or a dict of outputs holding them as `regions` (and, for
+        the feature and relation losses, the outputs they read); labels: `[B]`; epoch: counted from 1 (pass the
+        integer epoch to reproduce the papers' code exactly). CE is on the student's region 0. Non-SDD logit
         losses read region 0 only; SDD losses every region given. Each distillation term is weighted by
         distill_weight · warm-up factor.
         """
-        call = f"LossSpec({self.name!r}).compute()"
-        student_regions = self._as_regions(student_regions, "student", call)
-        if teacher_regions is not None:
-            teacher_regions = self._as_regions(teacher_regions, "teacher", call)
-        student = upcast(student_regions)
-        labels = labels.long()
-        terms = {"ce": self.ce_weight * F.cross_entropy(student[:, 0], labels)}
+        terms = {"ce": self.ce_term(student, labels)}
         if self.function != "ce":
-            if teacher_regions is None:
-                raise KdcacheError(f"{call}: loss {self.name!r} needs teacher logits; got None")
-            if teacher_regions.shape != student_regions.shape:
-                raise KdcacheError(f"{call}: teacher logits {tuple(teacher_regions.shape)} and student logits "
-                                   f"{tuple(student_regions.shape)} differ in shape")
-            teacher = upcast(teacher_regions)
-            weight = self.distill_weight * self.warmup_factor(epoch)
-            own = TERMS.entry(self.function)(self, student, teacher, labels, epoch)
-            terms |= {name: weight * value for name, value in own.items()}
+            terms |= self.distillation_terms(student, teacher, labels, epoch)
         terms["total"] = sum(terms.values())
         return terms
+
+    def ce_term(self, student: Tensor | Outputs, labels: Tensor) -> Tensor:
+        """ce_weight · cross-entropy of the student's global logit."""
+        regions = self._as_regions(_outputs(student)["regions"], "student", f"LossSpec({self.name!r}).compute()")
+        return self.ce_weight * F.cross_entropy(upcast(regions)[:, 0], labels.long())
+
+    def distillation_terms(self, student: Tensor | Outputs, teacher: Tensor | Outputs | None, labels: Tensor,
+                           epoch: float) -> dict[str, Tensor]:
+        """The loss's own terms, each weighted by distill_weight · warm-up factor."""
+        call = f"LossSpec({self.name!r}).compute()"
+        if teacher is None:
+            raise KdcacheError(f"{call}: loss {self.name!r} needs the teacher's outputs; got None")
+        student, teacher = dict(_outputs(student)), dict(_outputs(teacher))
+        if not self.needs:
+            student["regions"] = upcast(self._as_regions(student["regions"], "student", call))
+            teacher["regions"] = upcast(self._as_regions(teacher["regions"], "teacher", call))
+            if teacher["regions"].shape != student["regions"].shape:
+                raise KdcacheError(f"{call}: teacher logits {tuple(teacher['regions'].shape)} and student logits "
+                                   f"{tuple(student['regions'].shape)} differ in shape")
+        weight = self.distill_weight * self.warmup_factor(epoch)
+        own = TERMS.entry(self.function)(self, student, teacher, labels.long(), epoch)
+        return {name: weight * value for name, value in own.items()}
 
 
     def _as_regions(self, logits: Tensor, whose: str, call: str) -> Tensor:
@@ -164,13 +192,14 @@ def _ce_terms(spec: LossSpec, student: Tensor, teacher: Tensor, labels: Tensor, 
 @_terms("kd", "kd", needs=("temperature",))
 def _kd_terms(spec: LossSpec, student: Tensor, teacher: Tensor, labels: Tensor, epoch: float) -> dict[str, Tensor]:
     """KD (or KD+LS) on the global logit."""
-    return {"kd": kd(student[:, 0], teacher[:, 0], spec.temperature, standardize=spec.standardize)}
+    return {"kd": kd(student["regions"][:, 0], teacher["regions"][:, 0], spec.temperature,
+                     standardize=spec.standardize)}
 
 
 @_terms("dkd", "tckd", "nckd", needs=("temperature", "alpha", "beta"))
 def _dkd_terms(spec: LossSpec, student: Tensor, teacher: Tensor, labels: Tensor, epoch: float) -> dict[str, Tensor]:
     """DKD (or DKD+LS) on the global logit: α · TCKD and β · NCKD, each a mean over samples."""
-    s, t = student[:, 0], teacher[:, 0]
+    s, t = student["regions"][:, 0], teacher["regions"][:, 0]
     if spec.standardize:
         s, t = standardize(s), standardize(t)
     return {"tckd": spec.alpha * tckd(s, t, labels, spec.temperature).mean(),
@@ -185,7 +214,7 @@ def _base_args(spec: LossSpec) -> dict[str, float]:
 @_terms("sdd", "sdd", needs=("temperature", "complementary_weight"))
 def _sdd_terms(spec: LossSpec, student: Tensor, teacher: Tensor, labels: Tensor, epoch: float) -> dict[str, Tensor]:
     """SDD: the base loss on every region, SDD-weighted."""
-    return {"sdd": sdd(student, teacher, labels, SDD_BASES[spec.base], spec.complementary_weight,
+    return {"sdd": sdd(student["regions"], teacher["regions"], labels, SDD_BASES[spec.base], spec.complementary_weight,
                        standardize=spec.standardize, **_base_args(spec))}
 
 
@@ -193,7 +222,8 @@ def _sdd_terms(spec: LossSpec, student: Tensor, teacher: Tensor, labels: Tensor,
 def _sdd_lskd_terms(spec: LossSpec, student: Tensor, teacher: Tensor, labels: Tensor,
                     epoch: float) -> dict[str, Tensor]:
     """SDD-LSKD: SDD with every region standardised."""
-    return {"sdd": sdd_lskd(student, teacher, labels, SDD_BASES[spec.base], spec.complementary_weight,
+    return {"sdd": sdd_lskd(student["regions"], teacher["regions"], labels, SDD_BASES[spec.base],
+                            spec.complementary_weight,
                             **_base_args(spec))}
 
 
@@ -201,11 +231,52 @@ def _sdd_lskd_terms(spec: LossSpec, student: Tensor, teacher: Tensor, labels: Te
         needs=("temperatures", "switch_epoch"))
 def _sld_terms(spec: LossSpec, student: Tensor, teacher: Tensor, labels: Tensor, epoch: float) -> dict[str, Tensor]:
     """SLD on the global logit: KD from the swapped teacher, and from the swapped student once switched on."""
-    s = student[:, 0]
+    s = student["regions"][:, 0]
     swapped_student = sld_student_term(s, labels, spec.temperatures) if sld_switched(epoch, spec.switch_epoch) \
         else s.sum() * 0
-    return {"teacher_swap": sld_teacher_term(s, teacher[:, 0], labels, spec.temperatures),
+    return {"teacher_swap": sld_teacher_term(s, teacher["regions"][:, 0], labels, spec.temperatures),
             "student_swap": swapped_student}
+
+
+def teacher_outputs(teacher: Outputs, kind: str, call: str) -> list[str]:
+    """The names of the teacher's outputs of a kind (one per teacher and stage), refusing none."""
+    names = [name for name in teacher if name.split("#", 1)[0].split("/", 1)[0] == kind]
+    if not names:
+        raise KdcacheError(f"{call}: needs the teacher's {kind} outputs, found only {', '.join(teacher)}: dump the "
+                           f"teacher with `kdcache dump-teacher --outputs regions,{kind}`")
+    return names
+
+
+@_terms("fitnet", "fitnet", reads="hint")
+def _fitnet_terms(spec: LossSpec, student: Outputs, teacher: Outputs, labels: Tensor, epoch: float) -> dict[str, Tensor]:
+    """FitNet: the hint loss of each teacher's hint and the student's regressed stage, summed."""
+    return {"fitnet": sum(fitnet(student[name], teacher[name]) for name in teacher_outputs(teacher, "hint", "fitnet"))}
+
+
+@_terms("at", "at", reads="attention")
+def _at_terms(spec: LossSpec, student: Outputs, teacher: Outputs, labels: Tensor, epoch: float) -> dict[str, Tensor]:
+    """Attention transfer over every cached stage of every teacher, each paired with a student stage."""
+    names = teacher_outputs(teacher, "attention", "at")
+    return {"at": at([student[name] for name in names], [teacher[name] for name in names])}
+
+
+@_terms("sp", "sp", reads="embedding")
+def _sp_terms(spec: LossSpec, student: Outputs, teacher: Outputs, labels: Tensor, epoch: float) -> dict[str, Tensor]:
+    """Similarity preservation of each teacher's embedding batch, summed."""
+    return {"sp": sum(sp(student[name], teacher[name]) for name in teacher_outputs(teacher, "embedding", "sp"))}
+
+
+@_terms("rkd", "rkd_distance", "rkd_angle", needs=("distance_weight", "angle_weight"), reads="embedding")
+def _rkd_terms(spec: LossSpec, student: Outputs, teacher: Outputs, labels: Tensor, epoch: float) -> dict[str, Tensor]:
+    """RKD's weighted distance and angle terms of each teacher's embedding, summed over teachers."""
+    names = teacher_outputs(teacher, "embedding", "rkd")
+    return {"rkd_distance": spec.distance_weight * sum(rkd_distance(student[n], teacher[n]) for n in names),
+            "rkd_angle": spec.angle_weight * sum(rkd_angle(student[n], teacher[n]) for n in names)}
+
+
+def _outputs(value: Tensor | Outputs) -> Outputs:
+    """Region logits alone as the outputs dict they stand for."""
+    return value if isinstance(value, dict) else {"regions": value}
 
 
 @functools.cache
@@ -239,8 +310,86 @@ def _with_overrides(spec: LossSpec, **overrides: object) -> LossSpec:
     return dataclasses.replace(spec, **_tuples(overrides))
 
 
-def scaled_loss(name: str, overrides: dict[str, float], epochs: int) -> LossSpec:
-    """A loss with the flags' overrides; epoch-based defaults (warm-up, SLD's switch) scaled from 240 epochs to `epochs`."""
+@dataclass(frozen=True)
+class LossSum:
+    """`--loss a,b`: the distillation terms of every listed loss in one run, and cross-entropy once, with the
+    first loss's ce_weight. Speaks LossSpec's interface (compute, term_names, needs, ...)."""
+
+    name: str
+    parts: tuple[LossSpec, ...]
+
+    def __post_init__(self) -> None:
+        names = [term for part in self.parts for term in TERMS.entry(part.function).term_names]
+        repeated = sorted({term for term in names if names.count(term) > 1})
+        if repeated or len(self.parts) < 2:
+            raise KdcacheError(f"--loss {self.name}: a sum needs two or more losses with distinct terms; "
+                               f"{', '.join(repeated) or 'one loss'} would be counted twice")
+
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        """ce, every part's own terms, total."""
+        return ("ce", *(term for part in self.parts for term in TERMS.entry(part.function).term_names), "total")
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(kind for part in self.parts for kind in part.needs))
+
+    @property
+    def uses_regions(self) -> bool:
+        return any(part.uses_regions for part in self.parts)
+
+    @property
+    def standardizes(self) -> bool:
+        return any(part.standardizes for part in self.parts)
+
+    def __call__(self, student: Tensor | Outputs, teacher: Tensor | Outputs | None, labels: Tensor,
+                 epoch: float) -> Tensor:
+        """The loss of one training step: `compute(...)["total"]`."""
+        return self.compute(student, teacher, labels, epoch)["total"]
+
+    def compute(self, student: Tensor | Outputs, teacher: Tensor | Outputs | None, labels: Tensor,
+                epoch: float) -> dict[str, Tensor]:
+        """ce once, each part's weighted terms, and their total."""
+        terms = {"ce": self.parts[0].ce_term(student, labels)}
+        for part in self.parts:
+            if part.function != "ce":
+                terms |= part.distillation_terms(student, teacher, labels, epoch)
+        terms["total"] = sum(terms.values())
+        return terms
+
+
+def loss_parts(name: str) -> list[tuple[str, float | None]]:
+    """`sdd-lskd,rkd=2` as [(sdd-lskd, None), (rkd, 2.0)]: each loss and the distill_weight given to it."""
+    parts = []
+    for item in name.split(","):
+        loss, _, weight = item.strip().partition("=")
+        try:
+            parts.append((loss, float(weight) if weight else None))
+        except ValueError:
+            raise KdcacheError(f"--loss {name}: expected LOSS[=WEIGHT],LOSS[=WEIGHT] such as sdd-lskd,rkd=2; "
+                               f"{item!r} has no number after '='") from None
+    for loss, _ in parts:
+        get_loss(loss)  # an unknown name lists the known ones
+    return parts
+
+
+def scaled_loss(name: str, overrides: dict[str, float], epochs: int) -> LossSpec | LossSum:
+    """A loss (`a,b=W` sums several) with the flags' overrides; epoch-based defaults (warm-up, SLD's switch)
+    scaled from 240 epochs to `epochs`. In a sum, each flag applies to the losses that have its field."""
+    parts = loss_parts(name)
+    if len(parts) == 1 and parts[0][1] is None:
+        return _scaled(parts[0][0], overrides, epochs)
+    unused = [key for key in overrides if all(getattr(get_loss(loss), key, None) is None for loss, _ in parts)]
+    if unused:
+        raise KdcacheError(f"--{unused[0].replace('_', '-')} applies to none of the losses of {name!r} (they have "
+                           f"no {unused[0]}); see `kdcache losses`")
+    return LossSum(name, tuple(
+        _scaled(loss, {key: value for key, value in overrides.items() if getattr(get_loss(loss), key, None) is not None}
+                | ({} if weight is None else {"distill_weight": weight}), epochs) for loss, weight in parts))
+
+
+def _scaled(name: str, overrides: dict[str, float], epochs: int) -> LossSpec:
+    """One loss with overrides, its epoch-based defaults scaled to `epochs`."""
     default = get_loss(name)
     unused = [key for key in overrides if getattr(default, key, None) is None]
     if unused:

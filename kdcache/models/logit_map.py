@@ -42,7 +42,15 @@ class FeatureMapClassifier(nn.Module):
 
     Subclasses define `forward_features` (the final map [B, F, h, w], after the last activation, before global
     pooling) and `get_classifier` (the final nn.Linear); `forward_head` and `forward` follow, as in timm.
+    `stage_modules` names the modules whose outputs are its stages (feature and attention distillation).
     """
+
+    stage_modules: tuple[str, ...] = ()
+
+    @property
+    def feature_info(self) -> list[dict[str, str]]:
+        """The stages as timm lists them: one dict per stage, its module's name under "module"."""
+        return [{"module": name} for name in self.stage_modules]
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """The final feature map [B, F, h, w]."""
@@ -138,11 +146,14 @@ class LogitMap(nn.Module):
         """Region logits [B, R, C]: one feature pass, the head once on the whole features and once on all cells."""
         if not speaks_timm(self.model):
             return self.model(images)[:, None]
-        features = self.model.forward_features(images)
+        return self.regions(self.model.forward_features(images), images.shape[-2:])
+
+    def regions(self, features: torch.Tensor, image_size: Sequence[int]) -> torch.Tensor:
+        """Region logits [B, R, C] of the model's final features (of images of image_size)."""
         logits = self.model.forward_head(features)[:, None]
         if len(self.scales) == 1:
             return logits
-        cells = self.cells(features, images.shape[-2:])  # [B, R-1, *one head input]
+        cells = self.cells(features, image_size)  # [B, R-1, *one head input]
         cell_logits = self.model.forward_head(cells.flatten(0, 1)).unflatten(0, cells.shape[:2])
         return torch.cat([logits, cell_logits], dim=1)
 

@@ -50,6 +50,8 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(FeatureMapClassifier):
     """A stride-2 stem, seven stages of inverted residuals, a 1×1 conv to 1280 channels; 2×2 map at 32×32."""
 
+    stage_modules = tuple(f"blocks.{index}" for index in range(len(_STAGES)))
+
     def __init__(self, expansion: int = 6, width: float = 0.5, num_classes: int = 100) -> None:
         super().__init__()
         in_channels = int(32 * width)

@@ -37,6 +37,8 @@ class BasicBlock(nn.Module):
 class ResNet(FeatureMapClassifier):
     """A 3×3 stem then three stages of (depth - 2) / 6 basic blocks at strides 1, 2, 2; 8×8 map at 32×32."""
 
+    stage_modules = ("layer1", "layer2", "layer3")
+
     def __init__(self, depth: int, widths: tuple[int, int, int, int], num_classes: int = 100) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0:

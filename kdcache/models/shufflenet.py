@@ -47,6 +47,8 @@ class ShuffleV1Block(nn.Module):
 class _ShuffleNet(FeatureMapClassifier):
     """What both ShuffleNets share: a 1×1 stem to 24 channels, then three stages `layer1`-`layer3`; `linear` last."""
 
+    stage_modules = ("layer1", "layer2", "layer3")
+
     def _build_stages(self, stage_channels: tuple[int, ...], stage_blocks: tuple[int, ...],
                       make_stage: Callable[[int, int, int, int], list[nn.Module]]) -> int:
         """The stem and the stages, make_stage(index, in, out, blocks) giving each one's blocks; the last width."""

@@ -25,6 +25,7 @@ class _Family:
     classifier: str
     keeps_map: bool = False  # the classifier takes the pooled map [B, F, 1, 1] (it starts with a 2-d norm or pool)
     prefix_tokens: int = 0  # a token model: its class token precedes the patch tokens
+    stages: tuple[str, ...] = ()  # the modules whose outputs are its stages, where the family has named ones
 
 
 def _resnet_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -54,15 +55,17 @@ def _families() -> dict[type, _Family]:
     import torchvision.models as tv
 
     return {
-        tv.ResNet: _Family(_resnet_features, "fc"),
-        tv.RegNet: _Family(lambda model, x: model.trunk_output(model.stem(x)), "fc"),
+        tv.ResNet: _Family(_resnet_features, "fc", stages=("layer1", "layer2", "layer3", "layer4")),
+        tv.RegNet: _Family(lambda model, x: model.trunk_output(model.stem(x)), "fc",
+                           stages=tuple(f"trunk_output.block{index}" for index in range(1, 5))),
         tv.MobileNetV2: _Family(lambda model, x: model.features(x), "classifier"),
         tv.MobileNetV3: _Family(lambda model, x: model.features(x), "classifier"),
         tv.EfficientNet: _Family(lambda model, x: model.features(x), "classifier"),
         tv.MNASNet: _Family(lambda model, x: model.layers(x), "classifier"),
         tv.DenseNet: _Family(lambda model, x: F.relu(model.features(x)), "classifier"),
-        tv.ShuffleNetV2: _Family(_shufflenet_features, "fc"),
-        tv.ConvNeXt: _Family(lambda model, x: model.features(x), "classifier", keeps_map=True),
+        tv.ShuffleNetV2: _Family(_shufflenet_features, "fc", stages=("stage2", "stage3", "stage4")),
+        tv.ConvNeXt: _Family(lambda model, x: model.features(x), "classifier", keeps_map=True,
+                             stages=("features.1", "features.3", "features.5", "features.7")),
         tv.MaxVit: _Family(_maxvit_features, "classifier", keeps_map=True),
         tv.SwinTransformer: _Family(lambda model, x: model.permute(model.norm(model.features(x))), "head"),
         tv.VisionTransformer: _Family(_vit_tokens, "heads", prefix_tokens=1),
@@ -95,6 +98,11 @@ class _Adapter:
         if not pre_logits:
             return head(pooled)
         return head[:-1](pooled) if isinstance(head, nn.Sequential) else pooled.flatten(1)
+
+    @property
+    def feature_info(self) -> list[dict[str, str]]:
+        """The family's stages as timm lists them (empty where kdcache names none)."""
+        return [{"module": name} for name in self._family.stages]
 
     @property
     def num_prefix_tokens(self) -> int:

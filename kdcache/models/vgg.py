@@ -24,6 +24,8 @@ def _conv_block(in_channels: int, widths: tuple[int, ...]) -> nn.Sequential:
 class VGG(FeatureMapClassifier):
     """Five conv blocks with 2×2 max pools after the first three; 4×4 map at 32×32 input."""
 
+    stage_modules = ("block0", "block1", "block2", "block3", "block4")
+
     def __init__(self, block_widths: tuple[tuple[int, ...], ...], num_classes: int = 100) -> None:
         super().__init__()
         in_channels = 3

@@ -51,6 +51,8 @@ class WideStage(nn.Module):
 class WideResNet(FeatureMapClassifier):
     """A 3×3 stem, three stages of (depth - 4) / 6 wide blocks at strides 1, 2, 2, then BN-ReLU; 8×8 map."""
 
+    stage_modules = ("block1", "block2", "block3")
+
     def __init__(self, depth: int, widen_factor: int, num_classes: int = 100) -> None:
         super().__init__()
         if (depth - 4) % 6 != 0:

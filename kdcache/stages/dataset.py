@@ -21,7 +21,8 @@ from kdcache.cache.layout import CacheSpec
 from kdcache.data import ImageData, ImageFiles, dataset_options, load_dataset, normalize, policy_for
 from kdcache.data.files import check_checksums, read_image
 from kdcache.models import region_indices
-from kdcache.stages.views import CachedViews, require_fits
+from kdcache.models.outputs import REGIONS
+from kdcache.stages.views import CachedViews, require_fits, require_outputs
 
 
 def load_cache_data(spec: CacheSpec, data_root: str | Path | None = None, split: str | None = None,
@@ -39,7 +40,8 @@ class CacheDataset(Dataset):
     """Item i: (sample i under the current view, normalised, then `transform`; its label; its targets).
 
     `targets` is a dict of the cache's named outputs: `"regions"`, the region logits `[R, C]` float32 (the
-    cache's regions, or those of `scales`). `set_epoch(e)` selects the view epoch e replays (`view_order`
+    cache's regions, or those of `scales`), and the further outputs the cache holds (`embedding` `[D]`,
+    `attention/<stage>` `[H, W]`, `hint/<stage>` `[C, H, W]`), or those of `outputs`. `set_epoch(e)` selects the view epoch e replays (`view_order`
     cycle: e mod K), as a DistributedSampler's set_epoch selects its order. `data`: the dataset already
     loaded, instead of loading the one the cache names (from `data_root` where it needs one). A streamed
     split's files are read in `__getitem__` (in the loader's workers), each checked against the crc32c the
@@ -48,7 +50,8 @@ class CacheDataset(Dataset):
 
     def __init__(self, cache: str | os.PathLike | TeacherCache, data_root: str | os.PathLike | None = None,
                  transform: Callable[[torch.Tensor], Any] | None = None, *, data: ImageData | ImageFiles | None = None,
-                 scales: tuple[int, ...] | None = None, view_order: str = "cycle", seed: int = 0) -> None:
+                 scales: tuple[int, ...] | None = None, view_order: str = "cycle", seed: int = 0,
+                 outputs: tuple[str, ...] | None = None) -> None:
         self.path = cache.path if isinstance(cache, TeacherCache) else cache
         self.transform, self.view_order, self.seed = transform, view_order, seed
         opened = cache if isinstance(cache, TeacherCache) else open_cache(self.path)
@@ -58,6 +61,7 @@ class CacheDataset(Dataset):
             require_fits(opened, self.data, self.policy, scales or opened.spec.scales)
             self.regions = None if scales is None else region_indices(opened.spec.scales, scales)
             self.scales = tuple(scales or opened.spec.scales)  # the targets' regions: LogitMap(student, scales)
+            self.outputs = require_outputs(opened, tuple(opened.spec.outputs) if outputs is None else outputs)
             CachedViews(opened, self.policy, view_order, seed)  # an unknown order is refused here, not in a worker
         finally:
             if opened is not cache:
@@ -65,7 +69,7 @@ class CacheDataset(Dataset):
         self._epoch = torch.zeros((), dtype=torch.long).share_memory_()  # seen by every worker, persistent too
         self._cache: TeacherCache | None = None
         self._opened_by = os.getpid()
-        self._loaded: tuple[int, int, torch.Tensor, torch.Tensor] | None = None  # (epoch, view, params, targets)
+        self._loaded: tuple[int, int, torch.Tensor, dict[str, torch.Tensor]] | None = None  # epoch, view, params, targets
         self._checksums: np.ndarray | None = None  # a streamed split's crc32c per file, read once per process
 
     @property
@@ -82,8 +86,9 @@ class CacheDataset(Dataset):
         """The cached view the current epoch replays."""
         return self._current()[1]
 
-    def _current(self) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-        """The current epoch's (epoch, view, parameters [N, P], targets [N, R, C]), read once per epoch and process."""
+    def _current(self) -> tuple[int, int, torch.Tensor, dict[str, torch.Tensor]]:
+        """The current epoch's (epoch, view, parameters [N, P], targets by name: regions [N, R, C], ...), read once
+        per epoch and process."""
         epoch = int(self._epoch)
         if self._opened_by != os.getpid():  # a forked worker: the parent's open store is not usable here
             self._cache, self._loaded, self._opened_by = None, None, os.getpid()
@@ -93,7 +98,9 @@ class CacheDataset(Dataset):
             views = CachedViews(self._cache, self.policy, self.view_order, self.seed)
             view = views.view_of(epoch)
             logits = torch.from_numpy(self._cache.view(view))
-            targets = logits if self.regions is None else logits[:, self.regions]
+            arrays = self._cache.view_arrays(view, names=tuple(self._cache.spec.output_arrays[n] for n in self.outputs))
+            targets = {REGIONS: logits if self.regions is None else logits[:, self.regions],
+                       **{name: torch.from_numpy(arrays[self._cache.spec.output_arrays[name]]) for name in self.outputs}}
             self._loaded = (epoch, view, views.params(epoch), targets)
             if isinstance(self.data, ImageFiles) and self._checksums is None:
                 self._checksums = self._cache.file_checksums()
@@ -111,7 +118,7 @@ class CacheDataset(Dataset):
         x = normalize(self._view_of(index, params), self.data.mean, self.data.std)[0]
         if self.transform is not None:
             x = self.transform(x)
-        return x, self.data.labels[index], {"regions": targets[index].float()}
+        return x, self.data.labels[index], {name: values[index].float() for name, values in targets.items()}
 
     def _view_of(self, index: int, params: torch.Tensor) -> torch.Tensor:
         """Sample index under its view, uint8 [1, C, H, W]: replayed from memory, or from its file (checked)."""

@@ -15,18 +15,21 @@ from kdcache import distributed
 from kdcache.cache import TeacherCache, open_cache
 from kdcache.cache.location import is_url
 from kdcache.config import DistillConfig, loader_options, recorded_config
-from kdcache.data import AugmentPolicy, FilePolicy, ImageData, ImageFiles, load_dataset, policy_for
+from kdcache.data import AugmentPolicy, FilePolicy, ImageData, ImageFiles, first_images, load_dataset, normalize, \
+    policy_for
 from kdcache.data.files import default_workers
 from kdcache.distributed import Shard, World
 from kdcache.errors import KdcacheError
-from kdcache.losses import LossSpec, get_loss, scaled_loss
+from kdcache.losses import LossSpec, LossSum, loss_parts, scaled_loss
 from kdcache.models import check_model_spec, create_model, load_teacher
+from kdcache.models.outputs import ModelOutputs, TeacherOutputs, feature_stages, output_shapes, parse_outputs, \
+    student_outputs
 from kdcache.runtime import pick_device
 from kdcache.stages.dataset import CacheDataset, load_cache_data
 from kdcache.stages.loop import Run, fit, loader_batches
 from kdcache.stages.splits import Batch, make_split
-from kdcache.stages.targets import CachedTargets, LiveTeacher, Targets, require_target_memory
-from kdcache.stages.views import CachedViews, FreshViews, require_fits
+from kdcache.stages.targets import CachedTargets, EnsembleTargets, LiveTeacher, Targets, require_target_memory
+from kdcache.stages.views import CachedViews, FreshViews, outputs_of_kinds, require_fits, require_same_views
 
 log = logging.getLogger(__name__)
 BATCH_PATHS = ("device", "dataset")
@@ -60,32 +63,50 @@ def distill(config: DistillConfig, show_progress: bool = True,
         raise KdcacheError(f"--batch-path: unknown path {config.batch_path!r}; known: {', '.join(BATCH_PATHS)}")
     for student, loss in config.runs():  # names are checked before any work
         check_model_spec(student)
-        get_loss(loss)
-    if config.cache is not None and _inside(Path(config.out), config.cache):
-        raise KdcacheError(f"distill: --out {config.out} is the cache {config.cache} or lies inside it; runs are "
-                           f"written to --out, and a cache is never written to: choose another --out")
+        loss_parts(loss)
+    _check_teachers(config)
     device = pick_device(config.device)
     distributed.init(device)
-    cache = open_cache(config.cache) if config.cache else None
+    caches: list[TeacherCache] = []
     try:
-        data, test = data or _load_data(config, cache)
-        return _distill(config, cache, data, test, device, show_progress)
+        caches += [open_cache(path) for path in (config.cache, *config.extra_caches) if path]
+        data, test = data or _load_data(config, caches[0] if caches else None)
+        return _distill(config, caches, data, test, device, show_progress)
     finally:
-        if cache is not None:
+        for cache in caches:
             cache.close()
 
 
-def _distill(config: DistillConfig, cache: TeacherCache | None, data: ImageData | ImageFiles,
+def _check_teachers(config: DistillConfig) -> None:
+    """Refuse a run folder inside a cache, and teacher weights that do not fit the caches."""
+    for path in (config.cache, *config.extra_caches):
+        if path is not None and _inside(Path(config.out), path):
+            raise KdcacheError(f"distill: --out {config.out} is the cache {path} or lies inside it; runs are written "
+                               f"to --out, and a cache is never written to: choose another --out")
+    count = len(config.extra_caches) + 1
+    if config.extra_caches and (config.cache is None or config.live_teacher is not None):
+        raise KdcacheError("distill: several teachers are several --cache; --live-teacher runs one teacher")
+    if config.teacher_weights and (len(config.teacher_weights) != count or min(config.teacher_weights) < 0
+                                   or sum(config.teacher_weights) <= 0):
+        raise KdcacheError(f"--teacher-weights: expected {count} non-negative weights, one per --cache, not all 0; "
+                           f"got {','.join(map(str, config.teacher_weights))}")
+
+
+def _distill(config: DistillConfig, caches: list[TeacherCache], data: ImageData | ImageFiles,
              test: ImageData | ImageFiles, device: torch.device, show_progress: bool) -> list[RunSummary]:
-    """Check the cache against the run, make the target provider and the runs, train them all in one loop."""
+    """Check the caches against the run, make the target provider and the runs, train them all in one loop."""
+    cache = caches[0] if caches else None
     stored = cache.spec if cache is not None else None
     policy = policy_for(data, stored.augmentation["name"] if stored else config.augmentation)
     scales = tuple(config.scales or (stored.scales if stored else (1, 2, 4)))
     losses = {name: scaled_loss(name, config.loss_overrides(), config.epochs) for _, name in config.runs()}
-    if cache is not None:
-        _check_cache(cache, data, policy, scales, config.teacher, losses)
+    kinds = tuple(dict.fromkeys(kind for loss in losses.values() for kind in loss.needs))
+    for other in caches:
+        _check_cache(other, data, policy, scales, config.teacher if other is cache else None, losses)
+        require_same_views(cache, other)
     here, shard = _shard(cache, len(data.labels), config)
-    targets, source = _targets(config, cache, data, scales, device, shard, show_progress)
+    images = normalize(first_images(data), data.mean, data.std)  # a student's stage shapes are found on these
+    targets, source, teachers = _targets(config, caches, data, scales, device, shard, kinds, images, show_progress)
     # with a cache, its views are replayed (also by a live teacher: the online baseline on the same pixels)
     views = CachedViews(cache, policy, config.view_order, config.seed) if cache is not None else \
         FreshViews(policy, len(data.labels), config.seed)
@@ -97,22 +118,25 @@ def _distill(config: DistillConfig, cache: TeacherCache | None, data: ImageData 
                   "dataset": data.describe(), "config": recorded_config(config), **source}
         loss = losses[loss_name]
         name = run_name(student, loss_name)
+        outputs = student_outputs(model, loss.needs, teachers, images, student) if loss.needs else ((), {}, {})
         run = Run(name, model, loss, scales if loss.uses_regions else (1,), config, Path(config.out) / name, device,
-                  record, here)
+                  record, here, *outputs)
         if config.resume:
             run.resume()
         runs.append(run)
     workers = default_workers(config.workers)
     checksums = cache.file_checksums() if cache is not None and stored.streamed else None
     split = make_split(data, test, policy, device, shard, workers, config.seed, checksums)
-    batch_path = _dataset_batches(config, cache, data, scales, device, workers)
+    batch_path = _dataset_batches(config, caches, data, scales, device, workers,
+                                  tuple(name for teacher in teachers for name in teacher.outputs))
     fit(runs, split, views, targets, config, device, batch_path, show_progress and here.is_main)
     return [_summary(run) for run in runs]
 
 
 def run_name(student: str, loss: str) -> str:
-    """A run's name and folder: STUDENT-LOSS, a spec's colons and slashes made underscores (timm_resnet18-kd)."""
-    return re.sub(r"[^\w.+-]", "_", f"{student}-{loss}")
+    """A run's name and folder: STUDENT-LOSS, a spec's colons and slashes made underscores (timm_resnet18-kd), a
+    sum's commas '+' (resnet8x4-sdd-lskd+rkd)."""
+    return re.sub(r"[^\w.+=-]", "_", f"{student}-{loss.replace(',', '+')}")
 
 
 def _load_data(config: DistillConfig, cache: TeacherCache | None
@@ -128,10 +152,11 @@ def _load_data(config: DistillConfig, cache: TeacherCache | None
 
 
 def _check_cache(cache: TeacherCache, data: ImageData | ImageFiles, policy: AugmentPolicy | FilePolicy,
-                 scales: tuple[int, ...],
-                 teacher: str | None, losses: dict[str, LossSpec]) -> None:
+                 scales: tuple[int, ...], teacher: str | None, losses: dict[str, LossSpec | LossSum]) -> None:
     """Refuse a cache that does not fit the run or is incomplete; warn when a top-k cache meets standardisation."""
     require_fits(cache, data, policy, scales, teacher=teacher)
+    for name, loss in losses.items():
+        outputs_of_kinds(cache, loss.needs, name)
     cache.require_complete()
     standardising = sorted(name for name, loss in losses.items() if loss.standardizes)
     if cache.spec.topk and standardising:
@@ -141,37 +166,58 @@ def _check_cache(cache: TeacherCache, data: ImageData | ImageFiles, policy: Augm
                     cache.path, cache.spec.topk, ", ".join(standardising))
 
 
-def _targets(config: DistillConfig, cache: TeacherCache | None, data: ImageData | ImageFiles,
-             scales: tuple[int, ...], device: torch.device, shard: Shard, show_progress: bool) -> tuple[Targets, dict]:
-    """The target provider (the cache, or the live teacher) and how the runs' records name it.
+def _targets(config: DistillConfig, caches: list[TeacherCache], data: ImageData | ImageFiles,
+             scales: tuple[int, ...], device: torch.device, shard: Shard, kinds: tuple[str, ...], images: torch.Tensor,
+             show_progress: bool) -> tuple[Targets, dict, list[TeacherOutputs]]:
+    """The target provider (the cache, the caches' ensemble, or the live teacher), how the runs' records name it,
+    and what each teacher gives besides region logits (of the kinds the losses read).
 
     A streamed split's targets stay in host memory, each batch's gathered there: an ImageNet view is gigabytes.
     """
     if config.live_teacher is None:
-        stored, samples = cache.spec, None if shard.is_whole else shard.samples
-        statement = require_target_memory(cache, samples, device, on_host=stored.streamed)
-        if show_progress and distributed.world().is_main:
-            print(statement, flush=True)
-        return (CachedTargets(cache, scales, device, samples, on_host=stored.streamed),
-                {"cache": str(cache.path), "cache_identity": stored.identity_digest(), "teacher": stored.teacher,
-                 "cache_views": stored.num_views})
+        providers, teachers = [], []
+        for cache in caches:
+            stored, samples = cache.spec, None if shard.is_whole else shard.samples
+            outputs = outputs_of_kinds(cache, kinds, ",".join(config.losses))
+            statement = require_target_memory(cache, samples, device, on_host=stored.streamed, outputs=outputs)
+            if show_progress and distributed.world().is_main:
+                print(statement, flush=True)
+            providers.append(CachedTargets(cache, scales, device, samples, on_host=stored.streamed, outputs=outputs))
+            teachers.append(TeacherOutputs({name: stored.outputs[name] for name in outputs},
+                                           stored.teacher.get("stages", [])))
+        first = caches[0].spec
+        source = {"cache": str(caches[0].path), "cache_identity": first.identity_digest(), "teacher": first.teacher,
+                  "cache_views": first.num_views}
+        if len(caches) == 1:
+            return providers[0], source, teachers
+        weights = list(config.teacher_weights or [1.0] * len(caches))
+        source |= {"extra_caches": [str(cache.path) for cache in caches[1:]], "teacher_weights": weights,
+                   "ensemble": [{"cache_identity": c.spec.identity_digest(), "teacher": c.spec.teacher} for c in caches]}
+        return EnsembleTargets(providers, weights), source, teachers
     teacher, teacher_info = load_teacher(config.live_teacher, config.teacher, data.num_classes)
-    if cache is not None:  # replaying the cache's views live is the equivalence baseline: same teacher only
-        cache.require({"teacher.arch": teacher_info["arch"],
-                       "teacher.checkpoint_sha256": teacher_info["checkpoint_sha256"]})
-    return LiveTeacher(teacher, scales, device), {"live_teacher": teacher_info}
+    if caches:  # replaying the cache's views live is the equivalence baseline: same teacher only
+        caches[0].require({"teacher.arch": teacher_info["arch"],
+                           "teacher.checkpoint_sha256": teacher_info["checkpoint_sha256"]})
+    outputs = parse_outputs(",".join(kinds), teacher)[1:]
+    probe = ModelOutputs(teacher, (1,), outputs)
+    shapes = output_shapes(probe.eval(), images)
+    probe.remove_hooks()
+    return (LiveTeacher(teacher, scales, device, outputs), {"live_teacher": teacher_info},
+            [TeacherOutputs(shapes, feature_stages(teacher))])
 
 
-def _dataset_batches(config: DistillConfig, cache: TeacherCache | None, data: ImageData | ImageFiles,
-                     scales: tuple[int, ...], device: torch.device, workers: int
+def _dataset_batches(config: DistillConfig, caches: list[TeacherCache], data: ImageData | ImageFiles,
+                     scales: tuple[int, ...], device: torch.device, workers: int, outputs: tuple[str, ...]
                      ) -> Callable[[int, torch.Generator], Iterator[Batch]] | None:
-    """With --batch-path dataset, each epoch's batches from CacheDataset through a DataLoader; else None."""
+    """With --batch-path dataset, each epoch's batches from CacheDataset through a DataLoader (the teacher's
+    `outputs` besides its logits among the targets); else None."""
     if config.batch_path != "dataset":
         return None
-    if cache is None or config.live_teacher is not None:
-        raise KdcacheError("--batch-path dataset reads targets from a cache: use it with --cache and without "
+    if len(caches) != 1 or config.live_teacher is not None:
+        raise KdcacheError("--batch-path dataset reads targets from one cache: use it with one --cache and without "
                            "--live-teacher")
-    dataset_of_views = CacheDataset(cache, data=data, scales=scales, view_order=config.view_order, seed=config.seed)
+    dataset_of_views = CacheDataset(caches[0], data=data, scales=scales, view_order=config.view_order,
+                                    seed=config.seed, outputs=outputs)
 
     def batches(epoch: int, generator: torch.Generator) -> Iterator[Batch]:
         dataset_of_views.set_epoch(epoch)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,19 +16,22 @@ from torch import nn
 from tqdm import tqdm
 
 from kdcache import distributed
+from kdcache.cache import open_cache
 from kdcache.cache.backends import store_class
 from kdcache.cache.layout import CacheSpec
 from kdcache.cache.location import Location, as_location, location_name, store_bytes
 from kdcache.cache.writer import BackgroundWriter, CacheWriter
 from kdcache.config import DumpConfig, loader_options
-from kdcache.data import AugmentPolicy, FileBatches, FilePolicy, ImageData, ImageFiles, first_images, load_dataset, \
-    normalize, policy_for
+from kdcache.data import AugmentPolicy, FileBatches, FilePolicy, ImageData, ImageFiles, dataset_options, first_images, \
+    load_dataset, normalize, policy_for
 from kdcache.data.files import batch_on_device, check_checksums, default_workers, stream
 from kdcache.distributed import World
 from kdcache.errors import KdcacheError
-from kdcache.models import LogitMap, describe_outputs, load_teacher
+from kdcache.models import describe_outputs, load_teacher
+from kdcache.models.outputs import REGIONS, ModelOutputs, feature_stages, output_shapes, parse_outputs
 from kdcache.runtime import autocast, pick_device, precision, prepare_model
 from kdcache.stages.topk import encode_topk
+from kdcache.stages.views import require_same_views
 
 DEFAULT_VIEWS = 4
 
@@ -66,14 +71,44 @@ def dump_from_config(config: DumpConfig, show_progress: bool = True) -> DumpResu
         raise KdcacheError("dump-teacher: --views and --exhaustive exclude each other (--exhaustive caches every view "
                            "of the policy)")
     device = pick_device(config.device)
+    if config.views_from:
+        config = _with_views_of(config)
     data = load_dataset(config.dataset, config.data_root, config.split, **loader_options(config))
     policy = policy_for(data, config.augmentation)
     teacher, info = load_teacher(config.checkpoint, config.teacher or None, data.num_classes)
-    return dump_teacher(teacher, info, data, policy, config.out, views=config.views or DEFAULT_VIEWS,
+    outputs = parse_outputs(config.outputs or dumped_outputs(config.losses), teacher)
+    result = dump_teacher(teacher, info, data, policy, config.out, views=config.views or DEFAULT_VIEWS,
                         exhaustive=config.exhaustive, scales=config.scales, batch_size=config.batch_size,
                         device=device, dtype=config.dtype, format=config.format, seed=config.seed,
                         block_size=config.block_size, overwrite=config.overwrite, topk=config.topk,
-                        workers=config.workers, show_progress=show_progress)
+                        workers=config.workers, outputs=outputs, show_progress=show_progress)
+    if config.views_from:
+        with open_cache(config.views_from) as source, open_cache(config.out) as written:
+            require_same_views(source, written)
+    return result
+
+
+def _with_views_of(config: DumpConfig) -> DumpConfig:
+    """The config with the dataset, split, policy, views and seed of the --views-from cache."""
+    if config.views is not None or config.exhaustive:
+        raise KdcacheError("dump-teacher: --views-from takes the views (their number, policy and seed) from its "
+                           "cache; drop --views and --exhaustive")
+    with open_cache(config.views_from) as source:
+        spec = source.spec
+    options = dataset_options(spec.dataset["name"])  # the split as the cache read it: its size, streamed or not
+    sized = {"image_size": spec.dataset["image_shape"][-1]} if "image_size" in options else {}
+    loaded = {"preload": not spec.streamed} if "preload" in options else {}
+    return dataclasses.replace(config, dataset=spec.dataset["name"], split=spec.dataset["split"],
+                               augmentation=spec.augmentation["name"], views=None if spec.exhaustive else spec.num_views,
+                               exhaustive=spec.exhaustive, seed=spec.seed, **sized, **loaded)
+
+
+def dumped_outputs(losses: tuple[str, ...]) -> str:
+    """The --outputs that the losses of `--loss` need (regions alone without any)."""
+    from kdcache.losses import get_loss  # the loss registry reads its YAML only when asked
+
+    needed = [kind for name in losses for part in name.split(",") for kind in get_loss(part.split("=")[0]).needs]
+    return ",".join(dict.fromkeys([REGIONS, *needed]))
 
 
 def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageData | ImageFiles,
@@ -81,12 +116,13 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageDa
                  scales: tuple[int, ...] = (1, 2, 4), batch_size: int = 256, device: torch.device = torch.device("cpu"),
                  dtype: str = "float16", format: str | None = None, seed: int = 0, block_size: int = 0,
                  overwrite: bool = False, topk: int = 0, workers: int | None = None,
-                 show_progress: bool = True) -> DumpResult:
+                 outputs: tuple[str, ...] = (REGIONS,), show_progress: bool = True) -> DumpResult:
     """Write the teacher's region logits for every (view, sample) to a cache; resumes an interrupted dump.
 
     teacher_info names the teacher in the metadata: arch (its spec), checkpoint, checkpoint_sha256; the feature
     grid, head kind and class count are found by running it.
     topk > 0 stores per region only the k largest logits, their classes and one logit for the rest.
+    outputs: what to cache (models.outputs names, regions always): embedding, attention/<stage>, hint/<stage>.
     Under torchrun each rank computes and writes a contiguous, chunk-aligned range of blocks; rank 0
     creates the cache and records the per-view accuracy once every rank is done.
     A streamed split (ImageFiles) is read by `workers` DataLoader processes, each view drawn for each file's own
@@ -97,9 +133,11 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageDa
     streamed = isinstance(data, ImageFiles)
     params = None if streamed else view_params(policy, len(data.labels), views, exhaustive, seed)
     num_views = _streamed_views(policy, views, exhaustive) if streamed else len(params)
-    logit_map = prepare_model(LogitMap(teacher, scales), device).eval()
+    logit_map = prepare_model(ModelOutputs(teacher, scales, outputs), device).eval()
     spec = _cache_spec(logit_map, teacher_info, data, policy, num_views, exhaustive, seed, scales, dtype, block_size,
                        topk, device)
+    if show_progress and here.is_main:
+        print(_view_size(spec), flush=True)
     writer = open_writer(out, spec, data.labels.numpy(), None if streamed else params.numpy(), format, overwrite,
                          here, data.listing() if streamed else b"")
     try:
@@ -125,17 +163,34 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageDa
     return DumpResult(out, images, seconds, store_bytes(out), accuracy, resumed)
 
 
-def _cache_spec(logit_map: LogitMap, teacher_info: dict[str, Any], data: ImageData | ImageFiles,
+def _view_size(spec: CacheSpec) -> str:
+    """What one view takes on disk before compression, and of it each output's share."""
+    parts = {name: math.prod(spec.array_layout(name)[0][2:]) * np.dtype(spec.array_layout(name)[1]).itemsize
+             for name in spec.data_arrays}
+    logits = sum(size for name, size in parts.items() if name in spec.logit_arrays)
+    shares = [f"region logits {_megabytes(logits * spec.num_samples)}"] + [
+        f"{name} {_megabytes(parts[array] * spec.num_samples)}" for name, array in spec.output_arrays.items()]
+    return (f"each view holds {_megabytes(spec.bytes_per_sample * spec.num_samples)} before compression "
+            f"({spec.num_samples} samples: {', '.join(shares)}); {spec.num_views} views")
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+
+
+def _cache_spec(logit_map: ModelOutputs, teacher_info: dict[str, Any], data: ImageData | ImageFiles,
                 policy: AugmentPolicy | FilePolicy,
                 num_views: int, exhaustive: bool, seed: int, scales: tuple[int, ...], dtype: str, block_size: int,
                 topk: int, device: torch.device) -> CacheSpec:
     """What the cache will hold, after checking that the teacher fits the data and --topk fits its classes."""
     # the teacher is on the device already, inside its LogitMap: its feature grid, head kind and class count
-    outputs = describe_outputs(logit_map, normalize(first_images(data), data.mean, data.std).to(device))
+    images = normalize(first_images(data), data.mean, data.std).to(device)
     spec = CacheSpec(
-        teacher={**teacher_info, "precision": precision(device), **outputs},
+        teacher={**teacher_info, "precision": precision(device), **describe_outputs(logit_map, images),
+                 "stages": feature_stages(logit_map.model)},
         dataset=data.describe(), augmentation=policy.describe(), num_views=num_views, exhaustive=exhaustive,
-        seed=seed, scales=tuple(scales), dtype=dtype, block_size=block_size, topk=topk)
+        seed=seed, scales=tuple(scales), dtype=dtype, block_size=block_size, topk=topk,
+        outputs=output_shapes(logit_map, images) if len(logit_map.outputs) > 1 else {})
     if spec.num_classes != data.num_classes:
         raise KdcacheError(f"the teacher {teacher_info['arch']} predicts {spec.num_classes} classes but dataset "
                            f"{data.name} has {data.num_classes}; pass a teacher made for this dataset's classes")
@@ -193,21 +248,29 @@ def _write_pending(writer: CacheWriter, computed: Iterator[Block], pending: list
 Block = tuple[int, int, dict[str, np.ndarray], int]  # view, block, its arrays, its count of right predictions
 
 
-def _teacher_regions(logit_map: nn.Module, x: torch.Tensor, dtype: str) -> torch.Tensor:
-    """The teacher's region logits of normalised images, in the stored dtype."""
+def _teacher_outputs(outputs: nn.Module, x: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
+    """The teacher's outputs (models.outputs) of normalised images, in the stored dtype."""
     if x.is_cuda:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), autocast(x.device):
-        return logit_map(x).float().to(getattr(torch, dtype))
+        return {name: value.float().to(getattr(torch, dtype)) for name, value in outputs(x).items()}
 
 
-def _stored_arrays(logits: torch.Tensor, spec: CacheSpec) -> dict[str, np.ndarray]:
-    """A block's region logits as the cache stores them: whole, or their top-k encoding."""
+def _stored_arrays(outputs: dict[str, torch.Tensor], spec: CacheSpec) -> dict[str, np.ndarray]:
+    """A block's outputs as the cache stores them: the region logits whole or as their top-k encoding, and
+    each further output in its array."""
+    logits = outputs[REGIONS]
+    further = {array: outputs[name].cpu().numpy() for name, array in spec.output_arrays.items()}
     if not spec.topk:
-        return {"logits": logits.cpu().numpy()}
+        return {"logits": logits.cpu().numpy(), **further}
     values, indices, rest = encode_topk(logits, spec.topk)
     return {"topk_values": values.to(logits.dtype).cpu().numpy(), "topk_rest": rest.to(logits.dtype).cpu().numpy(),
-            "topk_indices": indices.to(getattr(torch, spec.index_dtype)).cpu().numpy()}
+            "topk_indices": indices.to(getattr(torch, spec.index_dtype)).cpu().numpy(), **further}
+
+
+def _concatenated(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Batches' outputs joined into the block's."""
+    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
 
 class _TeacherBatches:
@@ -237,10 +300,11 @@ class _TeacherBatches:
             batch = slice(start - self.first, min(start + self.batch_size, rows.stop) - self.first)
             x = normalize(self.policy.apply(self.images[batch], self.params[view, batch]), self.data.mean,
                           self.data.std)
-            regions = _teacher_regions(self.logit_map, x, self.spec.dtype)
-            correct += (regions[:, 0].argmax(-1) == self.labels[batch]).sum()  # of what is stored: verify recounts it
-            parts.append(regions)
-        return _stored_arrays(torch.cat(parts), self.spec), int(correct)
+            outputs = _teacher_outputs(self.logit_map, x, self.spec.dtype)
+            # of what is stored: verify recounts it
+            correct += (outputs[REGIONS][:, 0].argmax(-1) == self.labels[batch]).sum()
+            parts.append(outputs)
+        return _stored_arrays(_concatenated(parts), self.spec), int(correct)
 
 
 class _StreamedTeacherBatches:
@@ -269,12 +333,12 @@ class _StreamedTeacherBatches:
             for _ in range(rows.start, rows.stop, self.batch_size):
                 images, labels, params, sums, _ = next(batches)
                 x = batch_on_device(images, self.files, self.device)
-                regions = _teacher_regions(self.logit_map, x, self.spec.dtype)
-                correct += (regions[:, 0].argmax(-1) == labels.to(self.device)).sum()
-                parts.append(regions)
+                outputs = _teacher_outputs(self.logit_map, x, self.spec.dtype)
+                correct += (outputs[REGIONS][:, 0].argmax(-1) == labels.to(self.device)).sum()
+                parts.append(outputs)
                 boxes.append(params)
                 checksums.append(sums)
-            arrays = {**_stored_arrays(torch.cat(parts), self.spec), "aug": torch.cat(boxes).numpy(),
+            arrays = {**_stored_arrays(_concatenated(parts), self.spec), "aug": torch.cat(boxes).numpy(),
                       **self._checked(view, block, torch.cat(checksums))}
             yield view, block, arrays, int(correct)
 

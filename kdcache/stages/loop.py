@@ -19,8 +19,9 @@ from kdcache import distributed
 from kdcache.config import TrainConfig
 from kdcache.distributed import World, all_sum, synchronise_batchnorm
 from kdcache.errors import KdcacheError
-from kdcache.losses import LossSpec
-from kdcache.models import LogitMap, file_sha256, read_checkpoint, save_checkpoint
+from kdcache.losses import LossSpec, LossSum
+from kdcache.models import file_sha256, read_checkpoint, save_checkpoint
+from kdcache.models.outputs import REGIONS, ModelOutputs
 from kdcache.runtime import autocast, epoch_generator, prepare_model
 from kdcache.stages.splits import Batch, Split, top1_accuracy
 from kdcache.stages.targets import Targets
@@ -29,7 +30,8 @@ from kdcache.stages.views import Views
 RUN_STATE = {"model", "optimizer", "epoch", "record", "history"}  # what last.pt holds
 # where things are and how they are read, not what they are: a run resumes after its cache, data or run folder
 # moved, or with another number of loader workers
-LOCATIONS = {"cache": None, "config": ("cache", "out", "data_root", "live_teacher", "workers"),
+LOCATIONS = {"cache": None, "extra_caches": None,
+             "config": ("cache", "extra_caches", "out", "data_root", "live_teacher", "workers"),
              "live_teacher": ("checkpoint",)}
 
 
@@ -43,29 +45,33 @@ def loader_batches(dataset: Dataset, batch_size: int, generator: torch.Generator
                         generator=torch.Generator().manual_seed(0), pin_memory=device.type == "cuda")
     for x, y, targets in loader:
         yield (x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-               targets["regions"].to(device, non_blocking=True))
+               {name: values.to(device, non_blocking=True) for name, values in targets.items()})
 
 
 class Run:
     """One model being trained: the model, its loss, optimiser, folder and history.
 
-    Three views of the model: `model`, the network itself (what checkpoints hold); `logit_map`, its region logits
-    (LogitMap) on the device; `step_module`, what a training step calls (the LogitMap, DDP-wrapped under torchrun).
+    Three views of the model: `model`, the network itself (what checkpoints hold); `logit_map`, its outputs
+    (ModelOutputs: region logits, and those `outputs` a feature or relation loss reads, FitNet's `regressors`
+    included) on the device; `step_module`, what a training step calls (the ModelOutputs, DDP-wrapped under
+    torchrun). The regressors train with the model and are saved beside it (regressors.pt).
     """
 
-    def __init__(self, name: str, model: nn.Module, loss: LossSpec, scales: tuple[int, ...], config: TrainConfig,
-                 folder: Path, device: torch.device, record: dict[str, Any], here: World = World()) -> None:
+    def __init__(self, name: str, model: nn.Module, loss: LossSpec | LossSum, scales: tuple[int, ...],
+                 config: TrainConfig, folder: Path, device: torch.device, record: dict[str, Any],
+                 here: World = World(), outputs: tuple[str, ...] = (), sources: dict[str, str] | None = None,
+                 regressors: dict[str, nn.Module] | None = None) -> None:
         self.name, self.loss, self.config, self.folder, self.device = name, loss, config, Path(folder), device
         self.record = record  # what the run is (config, teacher, cache): saved with every checkpoint
         self.here = here
-        self.logit_map = prepare_model(LogitMap(model, scales), device)
+        self.logit_map = prepare_model(ModelOutputs(model, scales, outputs, sources, regressors), device)
         self.model = self.logit_map.model
         # under DDP: BatchNorm over the global batch and gradients averaged over ranks, as one process computes them
         self.step_module = self.logit_map if not here.distributed else DistributedDataParallel(
             synchronise_batchnorm(self.logit_map, device), device_ids=[device.index] if device.type == "cuda" else None)
         # the run's regions are a prefix of the targets' (region 0 alone for a loss on the global logit)
         self.num_regions = self.logit_map.num_regions
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
+        self.optimizer = torch.optim.SGD(self.logit_map.parameters(), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         self.start_epoch = 0
         self.history: list[dict[str, float]] = []
@@ -87,17 +93,17 @@ class Run:
         for step, (x, y, t) in enumerate(tqdm(batches, total=steps, desc=f"{self.name} {epoch + 1}/{self.config.epochs}",
                                               unit="batch", leave=False, disable=not show_progress)):
             with autocast(self.device):
-                s = self.step_module(x)
-            t = None if t is None else t[:, :self.num_regions]
+                s = {name: value.float() for name, value in self.step_module(x).items()}
+            t = None if t is None else {**t, REGIONS: t[REGIONS][:, :self.num_regions]}
             # this rank's share of the global batch: the ranks' weighted means add up to the global batch's mean
             share = len(y) / self.config.batch_size
-            terms = self.loss.compute(s.float(), t, y, epoch + 1) if len(y) else self._no_terms(s)  # epochs from 1
+            terms = self.loss.compute(s, t, y, epoch + 1) if len(y) else self._no_terms(s)  # epochs from 1
             self.optimizer.zero_grad(set_to_none=True)
             (terms["total"] * (share * self.here.size)).backward()  # DDP divides the summed gradients by the size
             self.optimizer.step()
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0) + value.detach() * share
-            correct += (s[:, 0].argmax(-1) == y).sum()
+            correct += (s[REGIONS][:, 0].argmax(-1) == y).sum()
             seen += len(y)
         seen = int(all_sum(seen))
         if seen == 0:
@@ -110,9 +116,9 @@ class Run:
                        seconds=seconds)
         return metrics
 
-    def _no_terms(self, student: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _no_terms(self, student: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Zero loss terms for a rank that holds none of a global batch (it still joins the step's collectives)."""
-        return dict.fromkeys(self.loss.term_names, student.sum() * 0)
+        return dict.fromkeys(self.loss.term_names, sum(value.sum() for value in student.values()) * 0)
 
     def evaluate(self, split: Split) -> float:
         """Top-1 accuracy of the global logit on the un-augmented test split."""
@@ -132,7 +138,8 @@ class Run:
             writer.writerows(self.history)
         _tensorboard(self.folder, metrics)
         save_checkpoint(self.folder / "last.pt", self.model, optimizer=self.optimizer.state_dict(),
-                        epoch=int(metrics["epoch"]), record=json.dumps(self.record), history=json.dumps(self.history))
+                        epoch=int(metrics["epoch"]), record=json.dumps(self.record), history=json.dumps(self.history),
+                        **({"regressors": self.logit_map.regressors.state_dict()} if self.logit_map.regressors else {}))
 
     def resume(self) -> None:
         """Continue from the folder's last checkpoint, which must come from the same configuration."""
@@ -149,6 +156,8 @@ class Run:
             raise KdcacheError(f"--resume: {path} was written by a run with other settings ({', '.join(changed)}); "
                                f"resume with the same settings, or use another --out")
         self.model.load_state_dict(state["model"])
+        if self.logit_map.regressors:
+            self.logit_map.regressors.load_state_dict(state["regressors"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch = int(state["epoch"])
         self.history = json.loads(state["history"])
@@ -159,6 +168,9 @@ class Run:
         if not self.here.is_main:
             return path
         save_checkpoint(path, self.model)
+        if self.logit_map.regressors:  # FitNet's: a further run can start from them, as the paper's stage 2 does
+            save_checkpoint(self.folder / "regressors.pt", self.logit_map.regressors,
+                            outputs=list(self.logit_map.output_names))
         best = max(self.history, key=lambda row: row["test_acc"])
         sidecar = {**self.record, "test_acc": self.history[-1]["test_acc"], "best_test_acc": best["test_acc"],
                    "best_epoch": best["epoch"], "epochs": len(self.history), "sha256": file_sha256(path)}

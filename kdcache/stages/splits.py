@@ -15,7 +15,8 @@ from kdcache.distributed import Shard, all_sum
 from kdcache.runtime import autocast
 from kdcache.stages.targets import Targets
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # images (normalised), labels, targets [b, R, C]
+# images (normalised), labels, targets by name (regions [b, R, C], ...; Targets)
+Batch = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]
 TestBatch = tuple[torch.Tensor, torch.Tensor]  # images (normalised), labels
 EVAL_BATCH = 250  # test images per forward pass
 

@@ -1,4 +1,6 @@
-"""Target providers, the seam between the stages: the cache and the live teacher give the same region logits."""
+"""Target providers, the seam between the stages: the cache and the live teacher give the same outputs (region
+logits, and the embedding, attention maps and hints a feature or relation loss reads), several caches their
+ensemble."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from torch import nn
 from kdcache.cache import TeacherCache
 from kdcache.cache.topk import topk_bytes
 from kdcache.errors import KdcacheError
-from kdcache.models import LogitMap, region_indices
+from kdcache.models import region_indices
+from kdcache.models.outputs import REGIONS, ModelOutputs, with_teacher
 from kdcache.runtime import autocast, prepare_model
 from kdcache.stages.topk import decode_topk
 
@@ -24,30 +27,34 @@ class Targets(Protocol):
         """Get ready to give the targets of `view` (None: fresh views); `next_view` is the following epoch's."""
         ...
 
-    def __call__(self, indices: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """[b, R, C] float32 region logits of these samples (their indices, and their augmented, normalised images)."""
+    def __call__(self, indices: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The outputs of these samples (their indices, and their augmented, normalised images): `regions`
+        [b, R, C] float32 region logits, and any further output by name."""
         ...
 
 
 class CachedTargets:
-    """Region logits from a cache: the epoch's whole view resident on the device (or, `on_host`, in host memory,
+    """Outputs from a cache: the epoch's whole view resident on the device (or, `on_host`, in host memory,
     each batch's rows gathered and moved), the next one read meanwhile.
 
     A top-k cache stays compact (values, classes, rest); each batch's logits are rebuilt on the device.
+    outputs: the further outputs to give besides the region logits (their arrays alone are read).
     """
 
     def __init__(self, cache: TeacherCache, scales: tuple[int, ...] | None = None,
                  device: torch.device = torch.device("cpu"), samples: range | None = None,
-                 on_host: bool = False) -> None:
+                 on_host: bool = False, outputs: tuple[str, ...] = ()) -> None:
         self.cache, self.device, self.on_host = cache, device, on_host
+        self.outputs = {cache.spec.output_arrays[name]: name for name in outputs}  # array -> output name
+        self.names = (*cache.spec.logit_arrays, *self.outputs)
         self.samples = samples  # a DDP rank's shard: only its blocks are read, and indices count from its start
         # a subset of the cache's scales is a subset of its regions, selected once per view
         self.regions = None if scales is None or tuple(scales) == cache.scales else region_indices(cache.scales, scales)
         self._view: int | None = None
-        self._arrays: list[torch.Tensor] = []
+        self._arrays: dict[str, torch.Tensor] = {}
         self._next: tuple[int, Future] | None = None
         # two sets of host buffers, reused: the view in use reads from one while the next is read into the other
-        self._buffers = [cache.view_buffers(samples) for _ in range(2)]
+        self._buffers = [cache.view_buffers(samples, self.names) for _ in range(2)]
         self._in_use = 0
 
     def begin_epoch(self, view: int | None, next_view: int | None = None) -> None:
@@ -59,21 +66,25 @@ class CachedTargets:
             else:
                 if self._next is not None:  # a read of another view may still be filling the other buffers
                     self._next[1].exception()  # waits; its error, if any, is that view's, raised when it is read
-                arrays = self.cache.view_arrays(view, self.samples, self._buffers[self._in_use])
-            tensors = [torch.from_numpy(values) for values in arrays.values()]  # logits, or values, indices, rest
+                arrays = self.cache.view_arrays(view, self.samples, self._buffers[self._in_use], self.names)
+            # logits, or values, indices, rest; then the outputs
+            tensors = {name: torch.from_numpy(values) for name, values in arrays.items()}
             if self.regions is not None:
-                tensors = [tensor[:, self.regions] for tensor in tensors]
-            self._arrays, self._view = [tensor if self.on_host else tensor.to(self.device) for tensor in tensors], view
+                tensors |= {name: tensors[name][:, self.regions] for name in self.cache.spec.logit_arrays}
+            self._arrays = {name: tensor if self.on_host else tensor.to(self.device) for name, tensor in tensors.items()}
+            self._view = view
         self._next = None
         if next_view is not None and next_view != view:
-            self._next = (next_view, self.cache.prefetch(next_view, self.samples, self._buffers[1 - self._in_use]))
+            self._next = (next_view, self.cache.prefetch(next_view, self.samples, self._buffers[1 - self._in_use],
+                                                         self.names))
 
-    def __call__(self, indices: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """[b, R, C] float32 targets of these samples under the current view."""
-        rows = [tensor[indices.to(tensor.device)].to(self.device, non_blocking=True) for tensor in self._arrays]
-        if len(rows) == 1:
-            return rows[0].float()
-        return decode_topk(*rows, self.cache.spec.num_classes)
+    def __call__(self, indices: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The float32 outputs of these samples under the current view: regions [b, R, C], and the others'."""
+        rows = {name: tensor[indices.to(tensor.device)].to(self.device, non_blocking=True)
+                for name, tensor in self._arrays.items()}
+        logits = [rows[name] for name in self.cache.spec.logit_arrays]
+        regions = logits[0].float() if len(logits) == 1 else decode_topk(*logits, self.cache.spec.num_classes)
+        return {REGIONS: regions, **{self.outputs[array]: rows[array].float() for array in self.outputs}}
 
 
 # CachedTargets holds a view three times: the view in use and the next one in host buffers, and one on the device
@@ -98,21 +109,24 @@ def available_host_memory() -> int | None:
 
 def require_target_memory(cache: TeacherCache, samples: range | None, device: torch.device,
                           host_available: int | None = None, device_available: int | None = None,
-                          on_host: bool = False) -> str:
+                          on_host: bool = False, outputs: tuple[str, ...] = ()) -> str:
     """What a view of targets needs; refuse, suggesting --topk, where the host or the device has less to give.
 
-    on_host: the view in use stays in host memory (CachedTargets(on_host=True)), none of it on the device."""
+    on_host: the view in use stays in host memory (CachedTargets(on_host=True)), none of it on the device.
+    outputs: the further outputs read besides the logits (CachedTargets(outputs=))."""
     spec = cache.spec
     count = spec.num_samples if samples is None else len(samples)
+    names = (*spec.logit_arrays, *(spec.output_arrays[name] for name in outputs))
     view = count * sum(int(np.prod(spec.array_layout(name)[0][2:])) * np.dtype(spec.array_layout(name)[1]).itemsize
-                       for name in spec.data_arrays)
+                       for name in names)
     on_device = view if device.type == "cuda" and not on_host else 0
     host_bytes = view * (HOST_COPIES + (DEVICE_COPIES if device.type == "cpu" and not on_host else 0))
     host_available = available_host_memory() if host_available is None else host_available
     if on_device and device_available is None:
         device_available = torch.cuda.mem_get_info(device)[0]
     statement = (f"each view of {cache.path} takes {_size(view)} ({count} samples of "
-                 f"{'top-' + str(spec.topk) if spec.topk else 'all'} {spec.num_regions} x {spec.num_classes} logits); "
+                 f"{'top-' + str(spec.topk) if spec.topk else 'all'} {spec.num_regions} x {spec.num_classes} logits"
+                 + "".join(f", {name}" for name in outputs) + "); "
                  f"training holds {_size(host_bytes)} of it in host memory"
                  + (f" and {_size(view)} on {device}" if on_device else ""))
     short = []
@@ -130,16 +144,46 @@ def require_target_memory(cache: TeacherCache, samples: range | None, device: to
 
 
 class LiveTeacher:
-    """Region logits from running the teacher on the batch: the online baseline."""
+    """Outputs from running the teacher on the batch: the online baseline."""
 
-    def __init__(self, teacher: nn.Module, scales: tuple[int, ...], device: torch.device = torch.device("cpu")) -> None:
+    def __init__(self, teacher: nn.Module, scales: tuple[int, ...], device: torch.device = torch.device("cpu"),
+                 outputs: tuple[str, ...] = ()) -> None:
         self.device = device
-        self.logit_map = prepare_model(LogitMap(teacher, scales), device).eval()
+        self.outputs = prepare_model(ModelOutputs(teacher, scales, outputs), device).eval()
 
     def begin_epoch(self, view: int | None, next_view: int | None = None) -> None:
         """Nothing to load: the teacher computes every batch."""
 
-    def __call__(self, indices: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """[b, R, C] float32 teacher region logits of these (augmented, normalised) images."""
+    def __call__(self, indices: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The teacher's float32 outputs of these (augmented, normalised) images."""
         with torch.no_grad(), autocast(self.device):
-            return self.logit_map(images).float()
+            return {name: value.float() for name, value in self.outputs(images).items()}
+
+
+class EnsembleTargets:
+    """Several teachers' targets on the same views: the region logits of their ensemble, the log of the
+    weighted mean of their probabilities (so every logit loss applies unchanged), and each teacher's further
+    outputs, teacher k's named with the suffix #k (`embedding#1`), for the feature and relation terms to sum."""
+
+    def __init__(self, teachers: list[Targets], weights: list[float]) -> None:
+        self.teachers = teachers
+        self.log_weights = torch.tensor(weights, dtype=torch.float64).div(sum(weights)).log().tolist()
+
+    def begin_epoch(self, view: int | None, next_view: int | None = None) -> None:
+        """Every teacher gets ready for the view."""
+        for teacher in self.teachers:
+            teacher.begin_epoch(view, next_view)
+
+    def __call__(self, indices: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The ensemble's region logits and every teacher's further outputs."""
+        outputs = [teacher(indices, images) for teacher in self.teachers]
+        result = {REGIONS: ensemble_logits([found[REGIONS] for found in outputs], self.log_weights)}
+        for k, found in enumerate(outputs):
+            result |= {with_teacher(name, k): value for name, value in found.items() if name != REGIONS}
+        return result
+
+
+def ensemble_logits(logits: list[torch.Tensor], log_weights: list[float]) -> torch.Tensor:
+    """log Σ_k w_k softmax(z_k): the log-probabilities of the teachers' weighted mean prediction."""
+    weighted = [torch.log_softmax(z.float(), dim=-1) + log_w for z, log_w in zip(logits, log_weights)]
+    return torch.logsumexp(torch.stack(weighted), dim=0)

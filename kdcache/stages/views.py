@@ -112,3 +112,57 @@ def require_same_files(cache: TeacherCache, files: ImageFiles) -> None:
 def _listed(paths: list[bytes], index: int) -> str:
     """The relative path at index of a listing, or what stands there when the listing is shorter."""
     return repr(paths[index].decode(errors="replace")) if index < len(paths) else "nothing (the listing ends)"
+
+
+def require_outputs(cache: TeacherCache, outputs: tuple[str, ...]) -> tuple[str, ...]:
+    """The outputs, after refusing one the cache lacks, naming the command that caches it."""
+    missing = [name for name in outputs if name not in cache.spec.outputs]
+    if missing:
+        raise KdcacheError(f"cache {cache.path} holds {', '.join(['regions', *cache.spec.outputs])}, not {missing[0]}: "
+                           f"{_how_to_add(cache, missing[0].replace('/', ':'))}")
+    return outputs
+
+
+def outputs_of_kinds(cache: TeacherCache, kinds: tuple[str, ...], losses: str) -> tuple[str, ...]:
+    """Every output of the cache of the kinds a loss reads (embedding, attention, hint); a kind it lacks refused."""
+    found = {kind: [name for name in cache.spec.outputs if name.split("/", 1)[0] == kind] for kind in kinds}
+    missing = [kind for kind, names in found.items() if not names]
+    if missing:
+        raise KdcacheError(f"loss {losses} reads the teacher's {missing[0]} outputs, but cache {cache.path} holds "
+                           f"{', '.join(['regions', *cache.spec.outputs])}: {_how_to_add(cache, missing[0])}")
+    return tuple(name for names in found.values() for name in names)
+
+
+def _how_to_add(cache: TeacherCache, output: str) -> str:
+    """The dump-teacher command that writes a cache with this output over the same views."""
+    return (f"cache it with `kdcache dump-teacher --views-from {cache.path} --teacher {cache.spec.teacher['arch']} "
+            f"--checkpoint CHECKPOINT --outputs regions,{output} --out NEW_CACHE` (the same views, the same teacher "
+            f"or another), then train from NEW_CACHE")
+
+
+# what two caches must share for one to hold another teacher's outputs on exactly the other's views
+SAME_VIEWS = ("dataset.name", "dataset.split", "dataset.num_samples", "dataset.fingerprint", "augmentation",
+              "views.count", "views.exhaustive", "views.seed")
+
+
+def require_same_views(cache: TeacherCache, other: TeacherCache) -> None:
+    """Refuse a cache whose views are not exactly those of `cache`, naming the first field (or view) that differs."""
+    if other is cache:
+        return
+    mine, theirs = cache.spec.to_metadata(), other.spec.to_metadata()
+    for name in SAME_VIEWS:
+        if _field(mine, name) != _field(theirs, name):
+            raise KdcacheError(f"caches {cache.path} and {other.path} differ in {name} ({_field(mine, name)!r} and "
+                               f"{_field(theirs, name)!r}): several teachers train together only on the same views; "
+                               f"dump the second with `kdcache dump-teacher --views-from {cache.path} ...`")
+    for view in range(cache.num_views):
+        if not torch.equal(torch.from_numpy(cache.aug_params(view)), torch.from_numpy(other.aug_params(view))):
+            raise KdcacheError(f"caches {cache.path} and {other.path} store other augmentation parameters for view "
+                               f"{view}, though their fields agree: dump the second with `kdcache dump-teacher "
+                               f"--views-from {cache.path} ...`")
+
+
+def _field(metadata: dict, name: str) -> object:
+    for part in name.split("."):
+        metadata = metadata.get(part) if isinstance(metadata, dict) else None
+    return metadata

@@ -1,0 +1,162 @@
+"""Every family from one cache (issue 18): feature- and relation-based students, and a two-teacher ensemble, trained
+from caches against cross-entropy and SDD-LSKD, on the same student, schedule and seeds.
+
+Teacher A (fidelity.py's: resnet20 trained here, or --checkpoint) is dumped with K views as fidelity.py dumps it
+(region logits only: the SDD-LSKD rows equal fidelity.py's K = 16 rows), then again on exactly those views
+(`--views-from`) with every output the feature and relation losses read (embedding, every stage's attention map,
+the middle stage's hint); teacher B (a second resnet20, seed 1, or --second-checkpoint) is dumped on the same
+views too. Every method trains the same student for every seed. Writes families.json and a table.
+
+    python benchmarks/families.py                 # digits on the CPU: both teachers trained here
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fidelity import _pm, aggregate, environment, prepare_teacher  # fidelity's teacher, environment and statistics
+from kdcache.config import DistillConfig, DumpConfig, TeacherConfig
+from kdcache.runtime import pick_device
+from kdcache.stages import distill, train_teacher
+from kdcache.stages.dump import dump_from_config
+
+# method -> (label, losses, caches): "a" teacher A's logits, "features" its outputs, "b" teacher B's logits
+METHODS = {
+    "ce": ("cross-entropy (fresh views)", None, ()),
+    "sdd-lskd": ("SDD-LSKD, teacher A", "sdd-lskd", ("a",)),
+    "fitnet": ("FitNet (hint: middle stage), teacher A", "fitnet", ("features",)),
+    "at": ("AT (every stage), teacher A", "at", ("features",)),
+    "sp": ("SP (embedding), teacher A", "sp", ("features",)),
+    "rkd": ("RKD (embedding), teacher A", "rkd", ("features",)),
+    "sdd-lskd-b": ("SDD-LSKD, teacher B", "sdd-lskd", ("b",)),
+    "ensemble": ("SDD-LSKD, ensemble of A and B (equal weights)", "sdd-lskd", ("a", "b")),
+}
+QUICK = {"teacher_epochs": 1, "epochs": 1, "seeds": 2, "views": 1, "dataset": "digits_quick"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", help="teacher A's weights (default: a resnet20 trained here)")
+    parser.add_argument("--second-checkpoint", help="teacher B's weights (default: a resnet20 trained here, seed 1)")
+    parser.add_argument("--teacher-epochs", type=int, default=30)
+    parser.add_argument("--student", default="resnet8")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--views", type=int, default=16, help="views per sample of both caches")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of " + ", ".join(METHODS))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default="runs/families")
+    parser.add_argument("--quick", action="store_true", help="a tiny run that checks the pipeline: " + str(QUICK))
+    args = parser.parse_args(argv)
+    args.dataset, args.data_root, args.teacher = "digits", None, None  # what fidelity.prepare_teacher reads
+    if args.quick:  # digits_quick: registered by importing fidelity
+        vars(args).update(QUICK)
+    args.methods = args.methods.split(",")
+    return args
+
+
+def main() -> None:
+    """Both teachers and their caches, then every method for every seed; results to --out."""
+    args = parse_args()
+    started, out = time.perf_counter(), Path(args.out)
+    device = pick_device(args.device)
+    result: dict[str, Any] = {"command": shlex.join(["python", *sys.argv]), "environment": environment(device),
+                              "config": {k: v for k, v in vars(args).items() if k != "out"}}
+    teachers = {"a": prepare_teacher(args, out)}
+    teachers["b"] = second_teacher(args, out)
+    result["teachers"] = teachers
+    result["caches"] = caches = dump_caches(args, teachers, out)
+    methods = {name: {"label": METHODS[name][0], "runs": []} for name in args.methods}
+    for seed in range(args.seeds):  # seeds outermost, so a busy machine slows every method alike
+        for name, method in methods.items():
+            run = train(args, name, seed, caches, out / "runs" / f"seed{seed}" / name)
+            method["runs"].append(run)
+            print(f"seed {seed} {name:<12} last {run['last']:.4f}  best {run['best']:.4f}  {run['seconds']:.0f} s",
+                  flush=True)
+    for method in methods.values():
+        method.update(aggregate(method["runs"]))
+        method["correct_last"] = [round(run["last"] * run["test_size"]) for run in method["runs"]]
+    result["methods"], result["seconds"] = methods, time.perf_counter() - started
+    (out / "families.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+
+
+def second_teacher(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Teacher B: --second-checkpoint, or fidelity's teacher recipe trained from seed 1."""
+    if args.second_checkpoint:
+        return prepare_teacher(argparse.Namespace(**{**vars(args), "checkpoint": args.second_checkpoint}), out)
+    started = time.perf_counter()
+    checkpoint = train_teacher(TeacherConfig(model="resnet20", dataset=args.dataset, epochs=args.teacher_epochs,
+                                             seed=1, out=str(out / "teacher_b"), device=args.device),
+                               show_progress=False).checkpoint
+    teacher = prepare_teacher(argparse.Namespace(**{**vars(args), "checkpoint": str(checkpoint)}), out)
+    return {**teacher, "seconds": time.perf_counter() - started}
+
+
+def dump_caches(args: argparse.Namespace, teachers: dict[str, Any], out: Path) -> dict[str, dict[str, Any]]:
+    """Teacher A's logits of K views, then its outputs on those views; teacher B's logits on them."""
+    caches, first = {}, str(out / "caches" / "a.zarr")
+    for name, teacher, extra in (("a", "a", {"views": args.views}),
+                                 ("features", "a", {"views_from": first, "outputs": "embedding,attention,hint"}),
+                                 ("b", "b", {"views_from": first})):
+        path = out / "caches" / f"{name}.zarr"
+        dumped = dump_from_config(DumpConfig(checkpoint=teachers[teacher]["checkpoint"], dataset=args.dataset,
+                                             out=str(path), overwrite=True, device=args.device, **extra),
+                                  show_progress=False)
+        caches[name] = {"path": str(path), "seconds": dumped.seconds, "bytes": dumped.bytes_on_disk,
+                        "teacher_view_acc": statistics.fmean(dumped.view_accuracy)}
+        print(f"cache {name}: {dumped.bytes_on_disk / 2**20:.1f} MB in {dumped.seconds:.1f} s", flush=True)
+    return caches
+
+
+def train(args: argparse.Namespace, method: str, seed: int, caches: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """One student of one method and seed: its last and best test accuracy and wall time."""
+    schedule = {"epochs": args.epochs, "seed": seed, "device": args.device}
+    _, loss, sources = METHODS[method]
+    started = time.perf_counter()
+    if loss is None:  # teacher training is exactly plain cross-entropy on fresh views
+        run_folder = train_teacher(TeacherConfig(model=args.student, dataset=args.dataset, out=str(folder),
+                                                 **schedule), show_progress=False).checkpoint.parent
+    else:
+        paths = [caches[source]["path"] for source in sources]
+        [summary] = distill(DistillConfig(students=(args.student,), losses=(loss,), cache=paths[0],
+                                          extra_caches=tuple(paths[1:]), out=str(folder), **schedule),
+                            show_progress=False)
+        run_folder = summary.folder
+    seconds = time.perf_counter() - started
+    with open(run_folder / "metrics.csv") as file:
+        curve = [float(row["test_acc"]) for row in csv.DictReader(file)]
+    from kdcache.data import load_dataset
+
+    return {"seed": seed, "last": curve[-1], "best": max(curve), "best_epoch": curve.index(max(curve)) + 1,
+            "seconds": seconds, "test_size": len(load_dataset(args.dataset, None, "test").labels)}
+
+
+def table(result: dict[str, Any]) -> str:
+    """The printed results: teachers, caches, then one row per method."""
+    config = result["config"]
+    lines = [f"families: {config['dataset']}, student {config['student']}, {config['epochs']} epochs, seeds "
+             f"0..{config['seeds'] - 1}, {config['views']} cached views, device {result['environment']['device']}"]
+    for name, teacher in result["teachers"].items():
+        lines.append(f"teacher {name.upper()} {teacher['arch']}: test {100 * teacher['test_acc']:.2f}%")
+    for name, cache in result["caches"].items():
+        lines.append(f"cache {name}: {cache['bytes'] / 2**20:.1f} MB, dumped in {cache['seconds']:.1f} s, teacher "
+                     f"{100 * cache['teacher_view_acc']:.2f}% on its views")
+    lines += ["", f"{'method':<48} {'last (%)':>15} {'best (%)':>15}  correct (last)  {'wall s/run':>10}"]
+    for method in result["methods"].values():
+        lines.append(f"{method['label']:<48} {_pm(method, 'last', 100, 2):>15} {_pm(method, 'best', 100, 2):>15}  "
+                     f"{', '.join(map(str, method['correct_last'])):>14}  {method['seconds_mean']:>10.1f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
