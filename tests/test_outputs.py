@@ -167,6 +167,8 @@ def test_a_loss_needing_an_output_the_cache_lacks_is_refused_before_training(tea
     assert not (tmp_path / "runs").exists()
     with pytest.raises(KdcacheError, match="holds regions, not embedding"):
         CacheDataset(plain, data=data[0], outputs=("embedding",))
+    with open_cache(plain) as opened, pytest.raises(KdcacheError, match="holds no embedding .*--outputs"):
+        CachedTargets(opened, outputs=("embedding",))
 
 
 def test_the_dump_prints_each_outputs_bytes_per_view_first(teacher, data, tmp_path, capsys):

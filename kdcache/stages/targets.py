@@ -45,6 +45,11 @@ class CachedTargets:
                  device: torch.device = torch.device("cpu"), samples: range | None = None,
                  on_host: bool = False, outputs: tuple[str, ...] = ()) -> None:
         self.cache, self.device, self.on_host = cache, device, on_host
+        missing = [name for name in outputs if name not in cache.spec.outputs]
+        if missing:
+            raise KdcacheError(f"cache {cache.path} holds no {missing[0]} (it holds regions"
+                               f"{''.join(', ' + name for name in cache.spec.outputs)}): dump the teacher with "
+                               f"`kdcache dump-teacher --outputs` to cache it")
         self.outputs = {cache.spec.output_arrays[name]: name for name in outputs}  # array -> output name
         self.names = (*cache.spec.logit_arrays, *self.outputs)
         self.samples = samples  # a DDP rank's shard: only its blocks are read, and indices count from its start
