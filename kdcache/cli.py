@@ -16,6 +16,7 @@ from kdcache.config import (
     DistillConfig,
     DumpConfig,
     TeacherConfig,
+    TrainConfig,
     field_default,
     load_config,
 )
@@ -86,6 +87,35 @@ def file_options(command: Callable) -> Callable:
     return workers(preload(command))
 
 
+def recipe_options(command: Callable) -> Callable:
+    """The training recipe: optimiser, schedule, warm-up, label smoothing, weight EMA, precision, clipping."""
+    options = [
+        click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), help="sgd (momentum 0.9, the papers') or "
+                     "adamw (timm's and FKD's; give it --weight-decay 0.05).", **_default(TrainConfig, "optimizer")),
+        click.option("--weight-decay", type=click.FloatRange(min=0), help="Weight decay (decoupled for adamw).",
+                     **_default(TrainConfig, "weight_decay")),
+        click.option("--schedule", type=click.Choice(["step", "cosine"]), help="step: lr x0.1 at 62.5/75/87.5 % "
+                     "of the epochs (the papers'); cosine: to 0 at the last step. The lr is set per step.",
+                     **_default(TrainConfig, "schedule")),
+        click.option("--lr-warmup-epochs", type=click.FloatRange(min=0), help="Linear warm-up of the learning "
+                     "rate over these epochs (per step); not the loss warm-up of --warmup-epochs.",
+                     **_default(TrainConfig, "lr_warmup_epochs")),
+        click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), help="Label smoothing of "
+                     "the cross-entropy term.", **_default(TrainConfig, "label_smoothing")),
+        click.option("--ema-decay", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Keep a "
+                     "weight EMA of the model (e.g. 0.9998), evaluated each epoch (test_acc_ema) and saved as "
+                     "model_ema.pt."),
+        click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), help="Training "
+                     "precision: auto is bf16 autocast on CUDA and fp32 on the CPU; fp16 (CUDA) trains with a "
+                     "gradient scaler, for GPUs without bf16 (V100, 2080 Ti).", **_default(TrainConfig, "precision")),
+        click.option("--clip-grad", type=click.FloatRange(min=0, min_open=True), help="Clip the gradients' "
+                     "global norm to this."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="kdcache", prog_name="kdcache")
 def cli() -> None:
@@ -122,6 +152,7 @@ def quickstart(out: str, cache_path: str, device: str | None) -> None:
 @click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset (CIFAR, imagefolder).")
 @image_size_option
 @file_options
+@recipe_options
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs; the lr decays ×0.1 at 62.5/75/87.5 % of them.",
               **_default(TeacherConfig, "epochs"))
 @click.option("--batch-size", type=click.IntRange(min=2), help="Images per SGD step.",
@@ -226,6 +257,7 @@ def dump_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> No
 @click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset (CIFAR, imagefolder).")
 @image_size_option
 @file_options
+@recipe_options
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs; lr ×0.1 at 62.5/75/87.5 %, loss warm-ups scale "
               "with epochs/240.", **_default(DistillConfig, "epochs"))
 @click.option("--batch-size", type=click.IntRange(min=2), help="Images per SGD step.",

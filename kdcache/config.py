@@ -18,7 +18,8 @@ C = TypeVar("C")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The SGD recipe of the CIFAR KD literature, shared by teachers and students."""
+    """The SGD recipe of the CIFAR KD literature, shared by teachers and students; optimizer, schedule, warm-up,
+    label smoothing, weight EMA, precision and clipping give the recipes of timm and FKD (stages/recipe_options)."""
 
     epochs: int = 240
     batch_size: int = 64
@@ -30,6 +31,13 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     augmentation: str = "cifar"
+    optimizer: str = "sgd"  # sgd | adamw
+    schedule: str = "step"  # step (decay at lr_decay_at) | cosine (to 0 at the last step)
+    lr_warmup_epochs: float = 0.0  # linear warm-up of the learning rate, per step
+    label_smoothing: float = 0.0  # of the cross-entropy term
+    ema_decay: float | None = None  # a weight EMA of the model, evaluated and saved beside it
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp16 | fp32
+    clip_grad: float | None = None  # the gradients' global norm is clipped to this
 
     def lr_milestones(self) -> list[int]:
         """Epochs at which the learning rate is multiplied by lr_decay_rate."""
@@ -124,7 +132,8 @@ class DistillConfig(TrainConfig):
     def loss_overrides(self) -> dict[str, float]:
         """The loss hyper-parameters given explicitly."""
         names = ("temperature", "ce_weight", "distill_weight", "alpha", "beta", "warmup_epochs")
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        smoothing = {"label_smoothing": self.label_smoothing} if self.label_smoothing else {}
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None} | smoothing
 
 
 def loader_options(config: Any) -> dict[str, Any]:

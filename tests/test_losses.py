@@ -158,7 +158,7 @@ def test_swap_exchanges_target_and_max_only_when_they_differ():
     assert swapped.tolist() == [[9.0, 1.0, 3.0], [7.0, 2.0, 3.0]]
 
 
-def test_sld_student_teacher_is_detached_unless_asked():
+def test_sld_lets_gradient_through_the_swapped_student_as_the_official_code_unless_asked_to_detach():
     torch.manual_seed(0)
     s = torch.randn(4, 5, requires_grad=True)
     t, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
@@ -169,6 +169,14 @@ def test_sld_student_teacher_is_detached_unless_asked():
         grads.append((value.detach(), grad))
     torch.testing.assert_close(grads[0][0], grads[1][0])  # same value
     assert not torch.allclose(grads[0][1], grads[1][1])  # different gradient (the official code's is the second)
+    # the default of the function and of `--loss sld` is the official gradient; detaching is an option
+    official = torch.autograd.grad(L.sld(s, t, y, (1.0, 4.0), epoch=200, switch_epoch=150), s)[0]
+    torch.testing.assert_close(official, grads[1][1])
+    for detach, (_, expected) in ((True, grads[0]), (False, grads[1])):
+        spec = L.get_loss("sld", temperatures=(1.0, 4.0), detach_swapped_student=detach, ce_weight=0.0,
+                          distill_weight=1.0)
+        (grad,) = torch.autograd.grad(spec(s, t, y, epoch=200), s)
+        torch.testing.assert_close(grad, expected)
 
 
 # --- finite values and gradients --------------------------------------------------------------

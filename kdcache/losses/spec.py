@@ -85,6 +85,8 @@ class LossSpec:
     switch_epoch: float | None = None
     distance_weight: float | None = None
     angle_weight: float | None = None
+    label_smoothing: float = 0.0  # of the cross-entropy term (a training recipe's option, --label-smoothing)
+    detach_swapped_student: bool = False  # SLD: the official code lets gradient through the swapped student
 
     def __post_init__(self) -> None:
         call = f"LossSpec({self.name!r})"
@@ -146,9 +148,10 @@ class LossSpec:
         return terms
 
     def ce_term(self, student: Tensor | Outputs, labels: Tensor) -> Tensor:
-        """ce_weight · cross-entropy of the student's global logit."""
+        """ce_weight · cross-entropy of the student's global logit (with label_smoothing)."""
         regions = self._as_regions(_outputs(student)["regions"], "student", f"LossSpec({self.name!r}).compute()")
-        return self.ce_weight * F.cross_entropy(upcast(regions)[:, 0], labels.long())
+        return self.ce_weight * F.cross_entropy(upcast(regions)[:, 0], labels.long(),
+                                                label_smoothing=self.label_smoothing)
 
     def distillation_terms(self, student: Tensor | Outputs, teacher: Tensor | Outputs | None, labels: Tensor,
                            epoch: float) -> dict[str, Tensor]:
@@ -232,8 +235,8 @@ def _sdd_lskd_terms(spec: LossSpec, student: Tensor, teacher: Tensor, labels: Te
 def _sld_terms(spec: LossSpec, student: Tensor, teacher: Tensor, labels: Tensor, epoch: float) -> dict[str, Tensor]:
     """SLD on the global logit: KD from the swapped teacher, and from the swapped student once switched on."""
     s = student["regions"][:, 0]
-    swapped_student = sld_student_term(s, labels, spec.temperatures) if sld_switched(epoch, spec.switch_epoch) \
-        else s.sum() * 0
+    swapped_student = sld_student_term(s, labels, spec.temperatures, spec.detach_swapped_student) \
+        if sld_switched(epoch, spec.switch_epoch) else s.sum() * 0
     return {"teacher_swap": sld_teacher_term(s, teacher["regions"][:, 0], labels, spec.temperatures),
             "student_swap": swapped_student}
 

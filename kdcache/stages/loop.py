@@ -22,12 +22,16 @@ from kdcache.errors import KdcacheError
 from kdcache.losses import LossSpec, LossSum
 from kdcache.models import file_sha256, read_checkpoint, save_checkpoint
 from kdcache.models.outputs import REGIONS, ModelOutputs
-from kdcache.runtime import autocast, epoch_generator, prepare_model
+from kdcache.runtime import epoch_generator, prepare_model
+from kdcache.stages.recipe_options import WeightEMA, learning_rate, make_optimizer, step_autocast, training_dtype
 from kdcache.stages.splits import Batch, Split, top1_accuracy
 from kdcache.stages.targets import Targets
 from kdcache.stages.views import Views
 
 RUN_STATE = {"model", "optimizer", "epoch", "record", "history"}  # what last.pt holds
+# config options that runs of earlier versions did not record, with the value that computes what those runs did
+NEWER_OPTIONS = {"optimizer": "sgd", "schedule": "step", "lr_warmup_epochs": 0.0, "label_smoothing": 0.0,
+                 "ema_decay": None, "precision": "auto", "clip_grad": None, "teacher_weights": []}
 # where things are and how they are read, not what they are: a run resumes after its cache, data or run folder
 # moved, or with another number of loader workers
 LOCATIONS = {"cache": None, "extra_caches": None,
@@ -71,36 +75,28 @@ class Run:
             synchronise_batchnorm(self.logit_map, device), device_ids=[device.index] if device.type == "cuda" else None)
         # the run's regions are a prefix of the targets' (region 0 alone for a loss on the global logit)
         self.num_regions = self.logit_map.num_regions
-        self.optimizer = torch.optim.SGD(self.logit_map.parameters(), lr=config.lr, momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
+        self.optimizer = make_optimizer(self.logit_map.parameters(), config)
+        self.dtype = training_dtype(config.precision, device)  # refused here when the device cannot run it
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.ema = None if config.ema_decay is None else WeightEMA(self.model, config.ema_decay)
         self.start_epoch = 0
         self.history: list[dict[str, float]] = []
 
-    def learning_rate(self, epoch: int) -> float:
-        """Step decay of the papers: ×lr_decay_rate at each milestone epoch."""
-        passed = sum(epoch >= m for m in self.config.lr_milestones())
-        return self.config.lr * self.config.lr_decay_rate ** passed
-
     def train_epoch(self, epoch: int, batches: Iterator[Batch], steps: int, show_progress: bool) -> dict[str, float]:
-        """One pass of SGD over the epoch's batches; returns the epoch's mean loss terms and train accuracy."""
-        lr = self.learning_rate(epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        """One pass over the epoch's batches; returns the epoch's mean loss terms, train accuracy and the last
+        step's learning rate."""
         self.logit_map.train()
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=self.device)
         seen, started = torch.zeros((), dtype=torch.long), time.perf_counter()
         for step, (x, y, t) in enumerate(tqdm(batches, total=steps, desc=f"{self.name} {epoch + 1}/{self.config.epochs}",
                                               unit="batch", leave=False, disable=not show_progress)):
-            with autocast(self.device):
-                s = {name: value.float() for name, value in self.step_module(x).items()}
-            t = None if t is None else {**t, REGIONS: t[REGIONS][:, :self.num_regions]}
+            lr = learning_rate(self.config, epoch, step, steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             # this rank's share of the global batch: the ranks' weighted means add up to the global batch's mean
             share = len(y) / self.config.batch_size
-            terms = self.loss.compute(s, t, y, epoch + 1) if len(y) else self._no_terms(s)  # epochs from 1
-            self.optimizer.zero_grad(set_to_none=True)
-            (terms["total"] * (share * self.here.size)).backward()  # DDP divides the summed gradients by the size
-            self.optimizer.step()
+            s, terms = self._step(x, y, t, epoch, share)
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0) + value.detach() * share
             correct += (s[REGIONS][:, 0].argmax(-1) == y).sum()
@@ -116,14 +112,48 @@ class Run:
                        seconds=seconds)
         return metrics
 
+    def _step(self, x: torch.Tensor, y: torch.Tensor, t: dict[str, torch.Tensor] | None, epoch: int,
+              share: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One update: the forward pass in the run's precision, the loss, backward (scaled under fp16), clipping,
+        the optimiser's step, the EMA; the student's outputs and the loss terms."""
+        with step_autocast(self.device, self.dtype):
+            s = {name: value.float() for name, value in self.step_module(x).items()}
+        t = None if t is None else {**t, REGIONS: t[REGIONS][:, :self.num_regions]}
+        terms = self.loss.compute(s, t, y, epoch + 1) if len(y) else self._no_terms(s)  # epochs from 1
+        self.optimizer.zero_grad(set_to_none=True)
+        # DDP divides the summed gradients by the size
+        self.scaler.scale(terms["total"] * (share * self.here.size)).backward()
+        if self.config.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.logit_map.parameters(), self.config.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return s, terms
+
+    def _extra_parts(self) -> dict[str, Any]:
+        """What last.pt keeps besides the model and optimiser: FitNet's regressors, the EMA, fp16's scaler."""
+        parts = {"regressors": self.logit_map.regressors if self.logit_map.regressors else None,
+                 "ema": None if self.ema is None else self.ema.model,
+                 "scaler": self.scaler if self.scaler.is_enabled() else None}
+        return {name: part for name, part in parts.items() if part is not None}
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {name: part.state_dict() for name, part in self._extra_parts().items()}
+
     def _no_terms(self, student: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Zero loss terms for a rank that holds none of a global batch (it still joins the step's collectives)."""
         return dict.fromkeys(self.loss.term_names, sum(value.sum() for value in student.values()) * 0)
 
-    def evaluate(self, split: Split) -> float:
-        """Top-1 accuracy of the global logit on the un-augmented test split."""
+    def evaluate(self, split: Split) -> dict[str, float]:
+        """Top-1 accuracy of the global logit on the un-augmented test split: test_acc, and test_acc_ema of the
+        weight EMA when the run keeps one."""
         part = distributed.even_share(split.test_size, self.here)  # each rank evaluates its share
-        return top1_accuracy(self.model, split.test_batches(part.samples), split.test_size)
+        found = {"test_acc": top1_accuracy(self.model, split.test_batches(part.samples), split.test_size)}
+        if self.ema is not None:
+            found["test_acc_ema"] = top1_accuracy(self.ema.model, split.test_batches(part.samples), split.test_size)
+        return found
 
     def end_epoch(self, metrics: dict[str, float]) -> None:
         """Record the epoch: history, metrics.csv, TensorBoard when installed, and the resumable checkpoint (rank 0)."""
@@ -139,7 +169,7 @@ class Run:
         _tensorboard(self.folder, metrics)
         save_checkpoint(self.folder / "last.pt", self.model, optimizer=self.optimizer.state_dict(),
                         epoch=int(metrics["epoch"]), record=json.dumps(self.record), history=json.dumps(self.history),
-                        **({"regressors": self.logit_map.regressors.state_dict()} if self.logit_map.regressors else {}))
+                        **self._extra_state())
 
     def resume(self) -> None:
         """Continue from the folder's last checkpoint, which must come from the same configuration."""
@@ -156,8 +186,11 @@ class Run:
             raise KdcacheError(f"--resume: {path} was written by a run with other settings ({', '.join(changed)}); "
                                f"resume with the same settings, or use another --out")
         self.model.load_state_dict(state["model"])
-        if self.logit_map.regressors:
-            self.logit_map.regressors.load_state_dict(state["regressors"])
+        for name, part in self._extra_parts().items():
+            if name not in state:
+                raise KdcacheError(f"--resume: {path} holds no {name} state but this run keeps one; resume with the "
+                                   f"settings it was started with, or use another --out")
+            part.load_state_dict(state[name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch = int(state["epoch"])
         self.history = json.loads(state["history"])
@@ -168,11 +201,14 @@ class Run:
         if not self.here.is_main:
             return path
         save_checkpoint(path, self.model)
+        if self.ema is not None:  # the averaged weights, a checkpoint any kdcache command loads too
+            save_checkpoint(self.folder / "model_ema.pt", self.ema.model)
         if self.logit_map.regressors:  # FitNet's: a further run can start from them, as the paper's stage 2 does
             save_checkpoint(self.folder / "regressors.pt", self.logit_map.regressors,
                             outputs=list(self.logit_map.output_names))
         best = max(self.history, key=lambda row: row["test_acc"])
         sidecar = {**self.record, "test_acc": self.history[-1]["test_acc"], "best_test_acc": best["test_acc"],
+                   **({"test_acc_ema": self.history[-1]["test_acc_ema"]} if self.ema is not None else {}),
                    "best_epoch": best["epoch"], "epochs": len(self.history), "sha256": file_sha256(path)}
         (self.folder / "model.json").write_text(json.dumps(sidecar, indent=2) + "\n")
         return path
@@ -201,12 +237,13 @@ def fit(runs: list[Run], split: Split, views: Views, targets: Targets | None, co
             batches = (batch_path(epoch, generator) if batch_path is not None else
                        split.batches(epoch, params, targets, config.batch_size, generator))
             metrics = run.train_epoch(epoch, batches, steps, show_progress)
-            metrics["test_acc"] = run.evaluate(split)
+            metrics.update(run.evaluate(split))
             run.end_epoch(metrics)
             if show_progress:
                 tqdm.write(f"{run.name:>28} epoch {epoch + 1:>3}/{config.epochs}  loss {metrics['loss_total']:.4f}  "
                            f"train {metrics['train_acc']:.4f}  test {metrics['test_acc']:.4f}  "
-                           f"{metrics['img_per_s']:.0f} img/s")
+                           + (f"ema {metrics['test_acc_ema']:.4f}  " if "test_acc_ema" in metrics else "")
+                           + f"{metrics['img_per_s']:.0f} img/s")
 
 
 def _tensorboard(folder: Path, metrics: dict[str, float]) -> None:
@@ -221,7 +258,11 @@ def _tensorboard(folder: Path, metrics: dict[str, float]) -> None:
 
 
 def _what_it_computes(record: dict[str, Any]) -> dict[str, Any]:
-    """A run's record less the locations in it (LOCATIONS): what --resume compares."""
+    """A run's record less the locations in it (LOCATIONS) and the options added since runs were first recorded,
+    where they keep their default (a run started before them computes what they compute then): what --resume
+    compares."""
+    record = {**record, "config": {key: value for key, value in record.get("config", {}).items()
+                                   if NEWER_OPTIONS.get(key, object()) != value}}
     kept = {}
     for key, value in record.items():
         if key in LOCATIONS and (LOCATIONS[key] is None or not isinstance(value, dict)):

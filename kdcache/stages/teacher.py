@@ -44,7 +44,8 @@ def train_teacher(config: TeacherConfig, show_progress: bool = True) -> TrainedM
     model = create_model(config.model, num_classes=data.num_classes)
     record = {"arch": config.model, "num_classes": data.num_classes, "loss": "ce", "dataset": data.describe(),
               "config": recorded_config(config)}
-    run = Run(config.model, model, get_loss("ce"), (1,), config, Path(config.out), device, record, here)
+    loss = get_loss("ce", label_smoothing=config.label_smoothing)
+    run = Run(config.model, model, loss, (1,), config, Path(config.out), device, record, here)
     shard = distributed.even_share(len(data.labels), here)
     split = make_split(data, test, policy, device, shard, default_workers(config.workers), config.seed)
     fit([run], split, FreshViews(policy, len(data.labels), config.seed), None, config, device,
