@@ -36,13 +36,13 @@ from kdcache.stages import distill, train_teacher
 from kdcache.stages.dump import dump_from_config
 from kdcache.report import cpu_model, source_commit
 
-QUICK_TRAIN_SAMPLES = 128
+QUICK_TRAIN_SAMPLES = 64
 QUICK = {"teacher": "resnet8", "teacher_epochs": 1, "epochs": 2, "seeds": 2, "views": (1, 2)}
 
 
 @register_dataset
 def digits_quick(root: str | Path | None, split: str) -> ImageData:
-    """digits with only its first 128 training images: --quick's data, on which an exhaustive dump takes seconds."""
+    """digits with only its first 64 training images: --quick's data, on which an exhaustive dump takes seconds."""
     data = load_dataset("digits", root, split)
     keep = QUICK_TRAIN_SAMPLES if split == "train" else len(data.labels)
     return ImageData("digits_quick", split, data.images[:keep].contiguous(), data.labels[:keep], data.num_classes,
