@@ -1,6 +1,7 @@
 """Scale-out under torchrun, on the CPU with gloo and 2 processes: a sharded dump equals a single-process dump
 (also when resumed), DDP distillation equals one process with the same global batch, and what is refused."""
 
+import contextlib
 import csv
 import os
 import subprocess
@@ -38,9 +39,17 @@ def kdcache(folder, *args, processes=1):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A folder with a briefly trained resnet8 teacher on digits and its single-process cache (2 views)."""
+    from kdcache.config import DumpConfig, TeacherConfig
+    from kdcache.stages import train_teacher
+    from kdcache.stages.dump import dump_from_config
+
     folder = tmp_path_factory.mktemp("scale_out")
-    kdcache(folder, "train-teacher", "--model", "resnet8", "--epochs", 1, "--out", "teacher", "--device", "cpu")
-    kdcache(folder, *dump_args("one.zarr"))
+    # in this process, at the subprocesses' one thread and from their folder (the metadata records the
+    # checkpoint's path as given): the reference their dumps must equal
+    with one_thread(), contextlib.chdir(folder):
+        train_teacher(TeacherConfig(model="resnet8", epochs=1, out="teacher", device="cpu"), show_progress=False)
+        dump_from_config(DumpConfig(checkpoint="teacher/model.pt", views=2, block_size=BLOCK, out="one.zarr",
+                                    device="cpu"), show_progress=False)
     return folder
 
 
@@ -87,6 +96,17 @@ def test_a_sharded_dump_to_a_url_equals_a_single_process_dump(work):
     assert not (work / "remote" / "sharded.zarr.lock").exists()
 
 
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread in this process, as ENV gives the subprocesses."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def weights(path):
     return torch.load(path, weights_only=True)["model"]
 
@@ -109,13 +129,14 @@ def test_ddp_distillation_equals_one_process_with_the_same_global_batch(work):
     args = ["distill", "--cache", "one.zarr", "--student", "resnet8", "--epochs", 1, "--lr", 0.002, "--device", "cpu"]
     printed = kdcache(work, *args, "--out", "ddp", processes=2)
     assert printed.count("run(s) in") == 1  # one summary, from rank 0
-    kdcache(work, *args, "--out", "single")
-    # another global batch, in this process (a process start saved: its difference is far above any rounding)
+    # one process, and another global batch: in this process, at the ranks' one thread (a process start saved each)
     from kdcache.config import DistillConfig
     from kdcache.stages import distill
 
-    distill(DistillConfig(cache=str(work / "one.zarr"), students=("resnet8",), epochs=1, lr=0.002, batch_size=32,
-                          out=str(work / "half_batch"), device="cpu"), show_progress=False)
+    with one_thread():
+        for out, batch in (("single", 64), ("half_batch", 32)):
+            distill(DistillConfig(cache=str(work / "one.zarr"), students=("resnet8",), epochs=1, lr=0.002,
+                                  batch_size=batch, out=str(work / out), device="cpu"), show_progress=False)
 
     ddp, single, half = (weights(work / run / "resnet8-sdd-lskd" / "model.pt") for run in ("ddp", "single", "half_batch"))
     # float rounding alone moves a tensor by about 1 % here (measured: one process with 2 threads instead of
@@ -130,9 +151,14 @@ def test_ddp_distillation_equals_one_process_with_the_same_global_batch(work):
 
 
 def test_ddp_teacher_training_equals_one_process(work):
+    from kdcache.config import TeacherConfig
+    from kdcache.stages import train_teacher
+
     args = ["train-teacher", "--model", "resnet8", "--epochs", 1, "--lr", 0.002, "--device", "cpu"]
     assert kdcache(work, *args, "--out", "teacher_ddp", processes=2).count("teacher test accuracy") == 1
-    kdcache(work, *args, "--out", "teacher_single")
+    with one_thread():  # the ranks' thread count: it sets the order of float reductions
+        train_teacher(TeacherConfig(model="resnet8", epochs=1, lr=0.002, device="cpu",
+                                    out=str(work / "teacher_single")), show_progress=False)
     assert largest_difference(weights(work / "teacher_ddp" / "model.pt"), weights(work / "teacher_single" / "model.pt")) < 0.05
     assert metrics(work / "teacher_ddp")[-1]["test_acc"] == metrics(work / "teacher_single")[-1]["test_acc"]
 
