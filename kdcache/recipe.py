@@ -3,7 +3,8 @@
 A recipe (configs/cifar100/*.yaml) names a teacher-student pair, a `dump:` section (DumpConfig), a
 `distill:` section (DistillConfig), the losses to run with the fields each one's released config
 changes, and the papers' numbers. An optional `feature_dump:` section (DumpConfig fields on top of `dump:`)
-makes a second cache, of the teacher's features, that the feature and relation losses train from. DistillConfig holds one set of loss overrides, so each loss is one
+makes a second cache, of the teacher's features, that the feature and relation losses train from.
+DistillConfig holds one set of loss overrides, so each loss is one
 `distill` call on the same cache and output folder (its run folder and resume state do not depend on
 which other losses run).
 """

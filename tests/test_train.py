@@ -147,20 +147,11 @@ def test_two_epochs_from_a_float32_cache_equal_two_epochs_with_the_live_teacher_
 
 def test_resume_after_epoch_one_of_three_gives_the_weights_of_an_uninterrupted_run(cache16, data, tmp_path,
                                                                                    monkeypatch):
-    from kdcache.stages.loop import Run
+    from interrupt import interrupted_after_first_epoch
 
     whole = distill(config(tmp_path, "whole", cache=str(cache16), epochs=3), show_progress=False, data=data)
-    end_epoch = Run.end_epoch
-
-    def crash_after_first_epoch(self, metrics):
-        end_epoch(self, metrics)
-        if metrics["epoch"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Run, "end_epoch", crash_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        distill(config(tmp_path, "resumed", cache=str(cache16), epochs=3), show_progress=False, data=data)
-    monkeypatch.setattr(Run, "end_epoch", end_epoch)
+    interrupted_after_first_epoch(monkeypatch, lambda: distill(config(tmp_path, "resumed", cache=str(cache16),
+                                                                      epochs=3), show_progress=False, data=data))
     resumed = distill(config(tmp_path, "resumed", cache=str(cache16), epochs=3, resume=True), show_progress=False,
                       data=data)
     a, b = student_weights(whole[0].folder), student_weights(resumed[0].folder)

@@ -145,11 +145,15 @@ class CacheSpec:
                 "topk_indices": ((views, samples, regions, self.topk), self.index_dtype),
                 "topk_rest": ((views, samples, regions), self.dtype)}[name]
 
+    def sample_bytes(self, name: str) -> int:
+        """Bytes one sample of one view takes in one of the data arrays."""
+        shape, dtype = self.array_layout(name)
+        return math.prod(shape[2:]) * np.dtype(dtype).itemsize
+
     @property
     def bytes_per_sample(self) -> int:
         """Bytes one sample of one view takes in the data arrays."""
-        return sum(math.prod(shape[2:]) * np.dtype(dtype).itemsize
-                   for shape, dtype in map(self.array_layout, self.data_arrays))
+        return sum(map(self.sample_bytes, self.data_arrays))
 
     @property
     def num_samples(self) -> int:
@@ -320,7 +324,7 @@ def require_match(spec: CacheSpec, where: str, expected: dict[str, Any]) -> None
                 raise KdcacheError(f"cache {where} holds scales {list(spec.scales)} but this run asks for "
                                    f"{list(value)}: choose --scales among the cache's or rebuild it with them")
             continue
-        have = _lookup(metadata, name)
+        have = metadata_field(metadata, name)
         if _normal(have) != _normal(value):
             raise KdcacheError(f"cache {where} was written for {name} {_short(have)} but this run has "
                                f"{_short(value)}: rebuild the cache or pass the {name.split('.')[0]} it was made from")
@@ -373,7 +377,8 @@ def _format_version(metadata: dict[str, Any], where: str) -> int:
     return version
 
 
-def _lookup(tree: dict[str, Any], name: str) -> Any:
+def metadata_field(tree: dict[str, Any], name: str) -> Any:
+    """The value of a dotted field (`views.seed`) of a metadata document; None where it is missing."""
     for part in name.split("."):
         tree = tree.get(part) if isinstance(tree, dict) else None
     return tree

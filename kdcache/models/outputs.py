@@ -205,16 +205,22 @@ def output_shapes(outputs: ModelOutputs, images: torch.Tensor) -> dict[str, list
     return {name: list(value.shape[1:]) for name, value in found.items() if name != REGIONS}
 
 
-def stage_channels(model: nn.Module, stages: Sequence[str], images: torch.Tensor) -> dict[str, int]:
-    """How many channels each named stage's output has, found on a few images."""
-    probe = ModelOutputs(model, (1,), [f"hint/{stage}" for stage in stages])
+def probe_output_shapes(model: nn.Module, outputs: Sequence[str], images: torch.Tensor) -> dict[str, list[int]]:
+    """The shape of one sample of each of a model's `outputs`, found on a few images in eval mode; the model is
+    left as it was (its mode, and no hook)."""
+    probe = ModelOutputs(model, (1,), outputs)
     was_training = model.training
     model.eval()
     try:
-        shapes = output_shapes(probe, images)
+        return output_shapes(probe, images)
     finally:
         model.train(was_training)
         probe.remove_hooks()
+
+
+def stage_channels(model: nn.Module, stages: Sequence[str], images: torch.Tensor) -> dict[str, int]:
+    """How many channels each named stage's output has, found on a few images."""
+    shapes = probe_output_shapes(model, [f"hint/{stage}" for stage in stages], images)
     return {stage: shapes[f"hint/{stage}"][0] for stage in stages}
 
 

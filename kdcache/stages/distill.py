@@ -22,7 +22,7 @@ from kdcache.distributed import Shard, World
 from kdcache.errors import KdcacheError
 from kdcache.losses import LossSpec, LossSum, loss_parts, scaled_loss
 from kdcache.models import check_model_spec, create_model, load_teacher
-from kdcache.models.outputs import ModelOutputs, TeacherOutputs, feature_stages, output_shapes, parse_outputs, \
+from kdcache.models.outputs import TeacherOutputs, feature_stages, parse_outputs, probe_output_shapes, \
     student_outputs
 from kdcache.runtime import pick_device
 from kdcache.stages.dataset import CacheDataset, load_cache_data
@@ -199,9 +199,7 @@ def _targets(config: DistillConfig, caches: list[TeacherCache], data: ImageData 
         caches[0].require({"teacher.arch": teacher_info["arch"],
                            "teacher.checkpoint_sha256": teacher_info["checkpoint_sha256"]})
     outputs = parse_outputs(",".join(kinds), teacher)[1:]
-    probe = ModelOutputs(teacher, (1,), outputs)
-    shapes = output_shapes(probe.eval(), images)
-    probe.remove_hooks()
+    shapes = probe_output_shapes(teacher, outputs, images)
     return (LiveTeacher(teacher, scales, device, outputs), {"live_teacher": teacher_info},
             [TeacherOutputs(shapes, feature_stages(teacher))])
 

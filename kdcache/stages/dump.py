@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from kdcache.models import describe_outputs, load_teacher
 from kdcache.models.outputs import REGIONS, ModelOutputs, feature_stages, output_shapes, parse_outputs
 from kdcache.runtime import autocast, pick_device, precision, prepare_model
 from kdcache.stages.topk import encode_topk
+from kdcache.stages.targets import byte_size
 from kdcache.stages.views import require_same_views
 
 DEFAULT_VIEWS = 4
@@ -105,9 +105,9 @@ def _with_views_of(config: DumpConfig) -> DumpConfig:
 
 def dumped_outputs(losses: tuple[str, ...]) -> str:
     """The --outputs that the losses of `--loss` need (regions alone without any)."""
-    from kdcache.losses import get_loss  # the loss registry reads its YAML only when asked
+    from kdcache.losses import get_loss, loss_parts  # the loss registry reads its YAML only when asked
 
-    needed = [kind for name in losses for part in name.split(",") for kind in get_loss(part.split("=")[0]).needs]
+    needed = [kind for name in losses for part, _ in loss_parts(name) for kind in get_loss(part).needs]
     return ",".join(dict.fromkeys([REGIONS, *needed]))
 
 
@@ -165,17 +165,12 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageDa
 
 def _view_size(spec: CacheSpec) -> str:
     """What one view takes on disk before compression, and of it each output's share."""
-    parts = {name: math.prod(spec.array_layout(name)[0][2:]) * np.dtype(spec.array_layout(name)[1]).itemsize
-             for name in spec.data_arrays}
-    logits = sum(size for name, size in parts.items() if name in spec.logit_arrays)
-    shares = [f"region logits {_megabytes(logits * spec.num_samples)}"] + [
-        f"{name} {_megabytes(parts[array] * spec.num_samples)}" for name, array in spec.output_arrays.items()]
-    return (f"each view holds {_megabytes(spec.bytes_per_sample * spec.num_samples)} before compression "
+    logits = sum(map(spec.sample_bytes, spec.logit_arrays))
+    shares = [f"region logits {byte_size(logits * spec.num_samples)}"] + [
+        f"{name} {byte_size(spec.sample_bytes(array) * spec.num_samples)}"
+        for name, array in spec.output_arrays.items()]
+    return (f"each view holds {byte_size(spec.bytes_per_sample * spec.num_samples)} before compression "
             f"({spec.num_samples} samples: {', '.join(shares)}); {spec.num_views} views")
-
-
-def _megabytes(size: int) -> str:
-    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
 
 def _cache_spec(logit_map: ModelOutputs, teacher_info: dict[str, Any], data: ImageData | ImageFiles,

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from kdcache import distributed
-from kdcache.config import TrainConfig
+from kdcache.config import DistillConfig, TrainConfig, config_dict
 from kdcache.distributed import World, all_sum, synchronise_batchnorm
 from kdcache.errors import KdcacheError
 from kdcache.losses import LossSpec, LossSum
@@ -29,9 +29,11 @@ from kdcache.stages.targets import Targets
 from kdcache.stages.views import Views
 
 RUN_STATE = {"model", "optimizer", "epoch", "record", "history"}  # what last.pt holds
-# config options that runs of earlier versions did not record, with the value that computes what those runs did
-NEWER_OPTIONS = {"optimizer": "sgd", "schedule": "step", "lr_warmup_epochs": 0.0, "label_smoothing": 0.0,
-                 "ema_decay": None, "precision": "auto", "clip_grad": None, "teacher_weights": []}
+# config options that runs of earlier versions did not record, with their defaults (as recorded), which compute
+# what those runs did
+NEWER_OPTIONS = {name: value for name, value in config_dict(DistillConfig()).items()
+                 if name in ("optimizer", "schedule", "lr_warmup_epochs", "label_smoothing", "ema_decay", "precision",
+                             "clip_grad", "teacher_weights")}
 # where things are and how they are read, not what they are: a run resumes after its cache, data or run folder
 # moved, or with another number of loader workers
 LOCATIONS = {"cache": None, "extra_caches": None,

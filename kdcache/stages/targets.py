@@ -7,7 +7,6 @@ from __future__ import annotations
 from concurrent.futures import Future
 from typing import Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -18,6 +17,7 @@ from kdcache.models import region_indices
 from kdcache.models.outputs import REGIONS, ModelOutputs, with_teacher
 from kdcache.runtime import autocast, prepare_model
 from kdcache.stages.topk import decode_topk
+from kdcache.stages.views import require_outputs
 
 
 class Targets(Protocol):
@@ -45,12 +45,8 @@ class CachedTargets:
                  device: torch.device = torch.device("cpu"), samples: range | None = None,
                  on_host: bool = False, outputs: tuple[str, ...] = ()) -> None:
         self.cache, self.device, self.on_host = cache, device, on_host
-        missing = [name for name in outputs if name not in cache.spec.outputs]
-        if missing:
-            raise KdcacheError(f"cache {cache.path} holds no {missing[0]} (it holds regions"
-                               f"{''.join(', ' + name for name in cache.spec.outputs)}): dump the teacher with "
-                               f"`kdcache dump-teacher --outputs` to cache it")
-        self.outputs = {cache.spec.output_arrays[name]: name for name in outputs}  # array -> output name
+        # array -> output name; an output the cache lacks is refused with the command that caches it
+        self.outputs = {cache.spec.output_arrays[name]: name for name in require_outputs(cache, outputs)}
         self.names = (*cache.spec.logit_arrays, *self.outputs)
         self.samples = samples  # a DDP rank's shard: only its blocks are read, and indices count from its start
         # a subset of the cache's scales is a subset of its regions, selected once per view
@@ -97,7 +93,7 @@ HOST_COPIES, DEVICE_COPIES = 2, 1
 SUGGESTED_TOPK = 20
 
 
-def _size(size: float) -> str:
+def byte_size(size: float) -> str:
     """Bytes as GB, or MB below a gigabyte."""
     return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
@@ -122,27 +118,26 @@ def require_target_memory(cache: TeacherCache, samples: range | None, device: to
     spec = cache.spec
     count = spec.num_samples if samples is None else len(samples)
     names = (*spec.logit_arrays, *(spec.output_arrays[name] for name in outputs))
-    view = count * sum(int(np.prod(spec.array_layout(name)[0][2:])) * np.dtype(spec.array_layout(name)[1]).itemsize
-                       for name in names)
+    view = count * sum(map(spec.sample_bytes, names))
     on_device = view if device.type == "cuda" and not on_host else 0
     host_bytes = view * (HOST_COPIES + (DEVICE_COPIES if device.type == "cpu" and not on_host else 0))
     host_available = available_host_memory() if host_available is None else host_available
     if on_device and device_available is None:
         device_available = torch.cuda.mem_get_info(device)[0]
-    statement = (f"each view of {cache.path} takes {_size(view)} ({count} samples of "
+    statement = (f"each view of {cache.path} takes {byte_size(view)} ({count} samples of "
                  f"{'top-' + str(spec.topk) if spec.topk else 'all'} {spec.num_regions} x {spec.num_classes} logits"
                  + "".join(f", {name}" for name in outputs) + "); "
-                 f"training holds {_size(host_bytes)} of it in host memory"
-                 + (f" and {_size(view)} on {device}" if on_device else ""))
+                 f"training holds {byte_size(host_bytes)} of it in host memory"
+                 + (f" and {byte_size(view)} on {device}" if on_device else ""))
     short = []
     if host_available is not None and host_bytes > host_available:
-        short.append(f"{_size(host_bytes)} of host memory but {_size(host_available)} is available")
+        short.append(f"{byte_size(host_bytes)} of host memory but {byte_size(host_available)} is available")
     if on_device and device_available is not None and view > device_available:
-        short.append(f"{_size(view)} on {device} but {_size(device_available)} is available")
+        short.append(f"{byte_size(view)} on {device} but {byte_size(device_available)} is available")
     if short:
         smaller = "" if spec.topk or SUGGESTED_TOPK >= spec.num_classes else (
             f"; a cache dumped with --topk {SUGGESTED_TOPK} takes "
-            f"{_size(count * topk_bytes(spec.num_regions, spec.num_classes, SUGGESTED_TOPK).topk)} per view")
+            f"{byte_size(count * topk_bytes(spec.num_regions, spec.num_classes, SUGGESTED_TOPK).topk)} per view")
         raise KdcacheError(f"{statement}: it needs {' and '.join(short)}. Dump a smaller cache (--topk, fewer "
                            f"--scales) or train with fewer --scales, or on a machine with more memory{smaller}")
     return statement

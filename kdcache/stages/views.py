@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 
 from kdcache.cache import TeacherCache
+from kdcache.cache.layout import metadata_field
 from kdcache.data import AugmentPolicy, FilePolicy, ImageData, ImageFiles
 from kdcache.data.files import FILE_POLICIES
 from kdcache.errors import CorruptCacheError, KdcacheError
@@ -151,9 +152,9 @@ def require_same_views(cache: TeacherCache, other: TeacherCache) -> None:
         return
     mine, theirs = cache.spec.to_metadata(), other.spec.to_metadata()
     for name in SAME_VIEWS:
-        if _field(mine, name) != _field(theirs, name):
-            raise KdcacheError(f"caches {cache.path} and {other.path} differ in {name} ({_field(mine, name)!r} and "
-                               f"{_field(theirs, name)!r}): several teachers train together only on the same views; "
+        if metadata_field(mine, name) != metadata_field(theirs, name):
+            raise KdcacheError(f"caches {cache.path} and {other.path} differ in {name} ({metadata_field(mine, name)!r} and "
+                               f"{metadata_field(theirs, name)!r}): several teachers train together only on the same views; "
                                f"dump the second with `kdcache dump-teacher --views-from {cache.path} ...`")
     for view in range(cache.num_views):
         if not torch.equal(torch.from_numpy(cache.aug_params(view)), torch.from_numpy(other.aug_params(view))):
@@ -161,8 +162,3 @@ def require_same_views(cache: TeacherCache, other: TeacherCache) -> None:
                                f"{view}, though their fields agree: dump the second with `kdcache dump-teacher "
                                f"--views-from {cache.path} ...`")
 
-
-def _field(metadata: dict, name: str) -> object:
-    for part in name.split("."):
-        metadata = metadata.get(part) if isinstance(metadata, dict) else None
-    return metadata
