@@ -7,7 +7,13 @@ Teacher A (fidelity.py's: resnet20 trained here, or --checkpoint) is dumped with
 the middle stage's hint); teacher B (a second resnet20, seed 1, or --second-checkpoint) is dumped on the same
 views too. Every method trains the same student for every seed. Writes families.json and a table.
 
+Issue 19's methods (not run by default) are the same student under other recipes and views: AdamW + cosine
+against the papers' SGD, SDD-LSKD from caches of mixup, CutMix and RandAugment views of teacher A (K views each,
+drawn with the same seed), and SLD on one view or two views per step.
+
     python benchmarks/families.py                 # digits on the CPU: both teachers trained here
+    python benchmarks/families.py --methods ce,ce-adamw,sdd-lskd,sdd-lskd-adamw,sdd-lskd-mixup,sdd-lskd-cutmix,\
+        sdd-lskd-randaugment,sld,sld-two-views --out runs/recipes    # issue 19's rows
 """
 
 from __future__ import annotations
@@ -28,17 +34,37 @@ from kdcache.runtime import pick_device
 from kdcache.stages import distill, train_teacher
 from kdcache.stages.dump import dump_from_config
 
-# method -> (label, losses, caches): "a" teacher A's logits, "features" its outputs, "b" teacher B's logits
+# the recipe options of the AdamW rows (issue 19): timm's usual AdamW with a cosine schedule, nothing tuned here
+ADAMW = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "schedule": "cosine", "lr_warmup_epochs": 2}
+# method -> (label, losses, caches, options): caches name CACHES; options go to the student's config
 METHODS = {
-    "ce": ("cross-entropy (fresh views)", None, ()),
-    "sdd-lskd": ("SDD-LSKD, teacher A", "sdd-lskd", ("a",)),
-    "fitnet": ("FitNet (hint: middle stage), teacher A", "fitnet", ("features",)),
-    "at": ("AT (every stage), teacher A", "at", ("features",)),
-    "sp": ("SP (embedding), teacher A", "sp", ("features",)),
-    "rkd": ("RKD (embedding), teacher A", "rkd", ("features",)),
-    "sdd-lskd-b": ("SDD-LSKD, teacher B", "sdd-lskd", ("b",)),
-    "ensemble": ("SDD-LSKD, ensemble of A and B (equal weights)", "sdd-lskd", ("a", "b")),
+    "ce": ("cross-entropy (fresh views)", None, (), {}),
+    "sdd-lskd": ("SDD-LSKD, teacher A", "sdd-lskd", ("a",), {}),
+    "fitnet": ("FitNet (hint: middle stage), teacher A", "fitnet", ("features",), {}),
+    "at": ("AT (every stage), teacher A", "at", ("features",), {}),
+    "sp": ("SP (embedding), teacher A", "sp", ("features",), {}),
+    "rkd": ("RKD (embedding), teacher A", "rkd", ("features",), {}),
+    "sdd-lskd-b": ("SDD-LSKD, teacher B", "sdd-lskd", ("b",), {}),
+    "ensemble": ("SDD-LSKD, ensemble of A and B (equal weights)", "sdd-lskd", ("a", "b"), {}),
+    # issue 19: recipes, and views beyond crop and flip
+    "ce-adamw": ("cross-entropy (fresh views), AdamW + cosine", None, (), ADAMW),
+    "sdd-lskd-adamw": ("SDD-LSKD, teacher A, AdamW + cosine", "sdd-lskd", ("a",), ADAMW),
+    "sdd-lskd-mixup": ("SDD-LSKD, teacher A's mixup cache", "sdd-lskd", ("mixup",), {}),
+    "sdd-lskd-cutmix": ("SDD-LSKD, teacher A's CutMix cache", "sdd-lskd", ("cutmix",), {}),
+    "sdd-lskd-randaugment": ("SDD-LSKD, teacher A's RandAugment cache", "sdd-lskd", ("randaugment",), {}),
+    "sld": ("SLD, teacher A, one view per step", "sld", ("a",), {}),
+    "sld-two-views": ("SLD, teacher A, two views per step", "sld", ("a",), {"views_per_step": 2}),
 }
+# cache -> (teacher, dump options): "a" comes first, the others read its views or draw their own K views
+CACHES = {
+    "a": ("a", {}),
+    "features": ("a", {"views_from": "a", "outputs": "embedding,attention,hint"}),
+    "b": ("b", {"views_from": "a"}),
+    "mixup": ("a", {"mix": "mixup", "mix_alpha": 0.8}),  # timm's mixup α
+    "cutmix": ("a", {"mix": "cutmix", "mix_alpha": 1.0}),  # timm's CutMix α
+    "randaugment": ("a", {"augmentation": "randaugment"}),  # torchvision's RandAugment(2, 9)
+}
+DEFAULT_METHODS = ("ce", "sdd-lskd", "fitnet", "at", "sp", "rkd", "sdd-lskd-b", "ensemble")  # issue 18's run
 QUICK = {"teacher_epochs": 1, "epochs": 1, "seeds": 2, "views": 1, "dataset": "digits_quick"}
 
 
@@ -52,7 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--views", type=int, default=16, help="views per sample of both caches")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of " + ", ".join(METHODS))
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help="comma-separated, of " + ", ".join(METHODS))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="runs/families")
     parser.add_argument("--quick", action="store_true", help="a tiny run that checks the pipeline: " + str(QUICK))
@@ -71,10 +98,12 @@ def main() -> None:
     device = pick_device(args.device)
     result: dict[str, Any] = {"command": shlex.join(["python", *sys.argv]), "environment": environment(device),
                               "config": {k: v for k, v in vars(args).items() if k != "out"}}
+    needed = ["a", *dict.fromkeys(name for method in args.methods for name in METHODS[method][2] if name != "a")]
     teachers = {"a": prepare_teacher(args, out)}
-    teachers["b"] = second_teacher(args, out)
+    if any(CACHES[name][0] == "b" for name in needed):
+        teachers["b"] = second_teacher(args, out)
     result["teachers"] = teachers
-    result["caches"] = caches = dump_caches(args, teachers, out)
+    result["caches"] = caches = dump_caches(args, teachers, out, needed)
     methods = {name: {"label": METHODS[name][0], "runs": []} for name in args.methods}
     for seed in range(args.seeds):  # seeds outermost, so a busy machine slows every method alike
         for name, method in methods.items():
@@ -102,15 +131,17 @@ def second_teacher(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return {**teacher, "seconds": time.perf_counter() - started}
 
 
-def dump_caches(args: argparse.Namespace, teachers: dict[str, Any], out: Path) -> dict[str, dict[str, Any]]:
-    """Teacher A's logits of K views, then its outputs on those views; teacher B's logits on them."""
-    caches, first = {}, str(out / "caches" / "a.zarr")
-    for name, teacher, extra in (("a", "a", {"views": args.views}),
-                                 ("features", "a", {"views_from": first, "outputs": "embedding,attention,hint"}),
-                                 ("b", "b", {"views_from": first})):
+def dump_caches(args: argparse.Namespace, teachers: dict[str, Any], out: Path,
+                names: list[str]) -> dict[str, dict[str, Any]]:
+    """The caches of CACHES that the methods read, "a" (teacher A's logits of K views) first."""
+    caches = {}
+    for name in names:
+        teacher, options = CACHES[name]
         path = out / "caches" / f"{name}.zarr"
+        options = {**options, "views_from": caches["a"]["path"]} if "views_from" in options else \
+            {**options, "views": args.views}
         dumped = dump_from_config(DumpConfig(checkpoint=teachers[teacher]["checkpoint"], dataset=args.dataset,
-                                             out=str(path), overwrite=True, device=args.device, **extra),
+                                             out=str(path), overwrite=True, device=args.device, **options),
                                   show_progress=False)
         caches[name] = {"path": str(path), "seconds": dumped.seconds, "bytes": dumped.bytes_on_disk,
                         "teacher_view_acc": statistics.fmean(dumped.view_accuracy)}
@@ -120,8 +151,8 @@ def dump_caches(args: argparse.Namespace, teachers: dict[str, Any], out: Path) -
 
 def train(args: argparse.Namespace, method: str, seed: int, caches: dict[str, Any], folder: Path) -> dict[str, Any]:
     """One student of one method and seed: its last and best test accuracy and wall time."""
-    schedule = {"epochs": args.epochs, "seed": seed, "device": args.device}
-    _, loss, sources = METHODS[method]
+    _, loss, sources, options = METHODS[method]
+    schedule = {"epochs": args.epochs, "seed": seed, "device": args.device, **options}
     started = time.perf_counter()
     if loss is None:  # teacher training is exactly plain cross-entropy on fresh views
         run_folder = train_teacher(TeacherConfig(model=args.student, dataset=args.dataset, out=str(folder),

@@ -196,8 +196,19 @@ def train_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> N
               "in a seeded random order.")
 @click.option("--scales", callback=_scales, help="Region scales; region count is the sum of their squares.",
               **_default(DumpConfig, "scales"))
-@click.option("--aug", "augmentation", help="Augmentation policy replayed for each view (cifar, imagenet, none).",
+@click.option("--aug", "augmentation", help="Augmentation policy replayed for each view (cifar, imagenet, none; "
+              "randaugment: cifar's crop and flip, then torchvision's RandAugment).",
               **_default(DumpConfig, "augmentation"))
+@click.option("--ra-ops", type=click.IntRange(min=1), help="--aug randaugment: ops per view (default 2).")
+@click.option("--ra-magnitude", type=click.IntRange(0, 30), help="--aug randaugment: magnitude bin of every op, 0-30 "
+              "(default 9).")
+@click.option("--mix", type=click.Choice(["mixup", "cutmix"]), help="Mix each view with a partner sample's view of "
+              "the same epoch (partner, lambda and box stored with the view; the teacher sees the mixed image, the "
+              "student's cross-entropy uses both labels).")
+@click.option("--mix-alpha", type=click.FloatRange(min=0, min_open=True), help="--mix: lambda ~ Beta(alpha, alpha).",
+              **_default(DumpConfig, "mix_alpha"))
+@click.option("--mix-prob", type=click.FloatRange(0, 1), help="--mix: the share of views mixed.",
+              **_default(DumpConfig, "mix_prob"))
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per teacher forward pass.",
               **_default(DumpConfig, "batch_size"))
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), help="Stored logit precision.",
@@ -266,6 +277,10 @@ def dump_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> No
               **_default(DistillConfig, "lr"))
 @click.option("--view-order", type=click.Choice(["cycle", "shuffle"]), help="Epoch e uses view e mod K (cycle) or "
               "a seeded permutation of the views per round (shuffle).", **_default(DistillConfig, "view_order"))
+@click.option("--views-per-step", type=click.IntRange(min=1), help="Train each step on this many views of the same "
+              "samples (epoch e: views e*S to e*S+S-1 of the order), their losses summed, as SLD's official code "
+              "trains on two views per step (--loss sld --views-per-step 2).",
+              **_default(DistillConfig, "views_per_step"))
 @click.option("--batch-path", type=click.Choice(["device", "dataset"]), help="device: whole view on the device, "
               "batches as tensor ops (fast); dataset: CacheDataset + DataLoader (general).",
               **_default(DistillConfig, "batch_path"))

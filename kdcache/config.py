@@ -38,6 +38,7 @@ class TrainConfig:
     ema_decay: float | None = None  # a weight EMA of the model, evaluated and saved beside it
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp16 | fp32
     clip_grad: float | None = None  # the gradients' global norm is clipped to this
+    views_per_step: int = 1  # each step trains on this many views of the same samples, their losses summed
 
     def lr_milestones(self) -> list[int]:
         """Epochs at which the learning rate is multiplied by lr_decay_rate."""
@@ -73,6 +74,11 @@ class DumpConfig:
     exhaustive: bool = False
     scales: tuple[int, ...] = (1, 2, 4)
     augmentation: str = "cifar"
+    ra_ops: int | None = None  # --aug randaugment: ops per view (default 2) and their magnitude bin (default 9)
+    ra_magnitude: int | None = None
+    mix: str | None = None  # mixup | cutmix: each view mixed with a partner sample's
+    mix_alpha: float = 1.0  # λ ~ Beta(alpha, alpha)
+    mix_prob: float = 1.0  # the share of views mixed
     batch_size: int = 256
     device: str = "auto"
     dtype: str = "float16"
@@ -85,6 +91,10 @@ class DumpConfig:
     losses: tuple[str, ...] = ()
     views_from: str | None = None  # a cache whose views (dataset, policy, parameters) this dump replays
     overwrite: bool = False
+
+    def mixing(self) -> dict | None:
+        """--mix and its options as the policy takes them, or None without mixing."""
+        return {"mode": self.mix, "alpha": self.mix_alpha, "prob": self.mix_prob} if self.mix else None
 
 
 @dataclass(frozen=True)

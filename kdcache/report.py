@@ -57,7 +57,8 @@ def describe_cache(path: str | Path) -> dict[str, Any]:
         + (f"; streamed from its files at {spec.dataset['image_shape'][-1]} px, each file's crc32c recorded"
            if spec.streamed else ""),
         f"views     {spec.num_views}{' (exhaustive)' if spec.exhaustive else ''} of policy "
-        f"{spec.augmentation['name']} {spec.augmentation.get('param_names')}, seed {spec.seed}",
+        f"{spec.augmentation['name']} {spec.augmentation.get('param_names')}, seed {spec.seed}"
+        + _policy_extras(spec.augmentation),
         f"logits    {list(spec.logits_shape)} {spec.dtype} (views, samples, regions, classes); scales "
         f"{list(spec.scales)}; {spec.block_size} samples per chunk"
         + (f"; top {spec.topk} per region stored, the rest rebuilt" if spec.topk else ""),
@@ -66,9 +67,24 @@ def describe_cache(path: str | Path) -> dict[str, Any]:
                                   for name, shape in spec.outputs.items()) or "region logits only"),
         f"size      {_megabytes(size)} on disk",
         f"complete  {'yes' if report['complete'] else 'no'}: {written} of {progress.size} (view, block) units written",
-        f"accuracy  teacher top-1 per view: {' '.join(shown)}{' ...' if len(accuracy) > 16 else ''}",
+        f"accuracy  teacher top-1 per view: {' '.join(shown)}{' ...' if len(accuracy) > 16 else ''}"
+        + ("; of a mixed image, against the sample's own label (its partner's not counted)"
+           if "mix" in spec.augmentation else ""),
     ])
     return report
+
+
+def _policy_extras(augmentation: dict) -> str:
+    """What RandAugment and mixing add to a policy, for inspect's views line."""
+    extras = []
+    if "randaugment" in augmentation:
+        randaugment = augmentation["randaugment"]
+        extras.append(f"RandAugment {randaugment['num_ops']} ops at magnitude {randaugment['magnitude']} of "
+                      f"{randaugment['num_magnitude_bins']}")
+    if "mix" in augmentation:
+        mix = augmentation["mix"]
+        extras.append(f"{mix['mode']} (alpha {mix['alpha']}, prob {mix['prob']}) with a partner per view and sample")
+    return "".join(f"; {extra}" for extra in extras)
 
 
 def verify_cache(path: str | Path, show_progress: bool = True) -> list[Problem]:

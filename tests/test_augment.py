@@ -93,7 +93,7 @@ def test_none_is_identity():
 
 
 def test_registry_and_description():
-    assert list_policies() == ["cifar", "imagenet", "none"]
+    assert list_policies() == ["cifar", "imagenet", "none", "randaugment"]
     with pytest.raises(KdcacheError, match="get_policy\\(\\): unknown name 'autoaugment'; known: cifar, imagenet, none"):
         get_policy("autoaugment")
     for name in list_policies():

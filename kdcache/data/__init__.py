@@ -2,6 +2,7 @@
 policies (augment, and files' per-file policies)."""
 
 from kdcache.data import imagefolder  # noqa: F401  (importing it registers the `imagefolder` loader)
+from kdcache.data import randaugment  # noqa: F401  (importing it registers the `randaugment` policy)
 from kdcache.data.augment import (
                                   AugmentPolicy,
                                   CropFlip,
@@ -9,7 +10,7 @@ from kdcache.data.augment import (
                                   get_policy,
                                   list_policies,
 )
-from kdcache.data.files import FileBatches, FilePolicy, ImageFiles, first_images, policy_for
+from kdcache.data.files import FileBatches, FilePolicy, ImageFiles, first_images, policy_for, stored_policy
 from kdcache.data.sources import (
                                   ImageData,
                                   data_fingerprint,
@@ -28,6 +29,7 @@ __all__ = [
     "ImageFiles",
     "first_images",
     "policy_for",
+    "stored_policy",
     "Identity",
     "ImageData",
     "data_fingerprint",

@@ -7,6 +7,7 @@ saw. `apply` sums pixels in integers (weights come from single IEEE double ops),
 CUDA give bit-identical pixels.
 """
 
+import inspect
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -334,6 +335,12 @@ def imagenet(image_size: tuple[int, int] | None = None) -> ResizedCropFlip:
     return ResizedCropFlip(size=(int(image_size[0]), int(image_size[1])))
 
 
-def get_policy(name: str, image_size: tuple[int, int] | None = None) -> AugmentPolicy:
-    """The registered policy of that name for images of image_size (H, W); cifar and none ignore the size."""
-    return POLICIES.get(name, image_size=image_size)
+def get_policy(name: str, image_size: tuple[int, int] | None = None, **options: object) -> AugmentPolicy:
+    """The registered policy of that name for images of image_size (H, W) (cifar and none ignore the size), with
+    its options (randaugment's num_ops and magnitude)."""
+    entry = POLICIES.entry(name)
+    unknown = set(options) - set(inspect.signature(entry).parameters)
+    if unknown:
+        raise KdcacheError(f"get_policy({name!r}): the policy takes no option {', '.join(sorted(unknown))} (those of "
+                           f"randaugment: --ra-ops, --ra-magnitude); drop it or use --aug randaugment")
+    return entry(image_size=image_size, **options)

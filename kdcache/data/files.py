@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from kdcache.data.augment import AugmentPolicy, get_policy
+from kdcache.data.mixing import with_mixing
 from kdcache.data.sources import ImageData, normalize
 from kdcache.errors import KdcacheError
 
@@ -365,11 +366,27 @@ def check_checksums(files: ImageFiles, indices: Tensor, found: Tensor, expected:
                            f"of other pixels; restore the file, or dump the teacher again over the folder as it is now")
 
 
-def policy_for(data: ImageFiles | ImageData, name: str) -> FilePolicy | AugmentPolicy:
-    """The augmentation policy `name` for this data: per file for a streamed split, else at the stored images' size."""
+def policy_for(data: ImageFiles | ImageData, name: str, mix: dict | None = None,
+               **options: object) -> FilePolicy | AugmentPolicy:
+    """The augmentation policy `name` (with its options, e.g. RandAugment's num_ops) for this data, mixed as `mix`
+    ({mode, alpha, prob}) says: per file for a streamed split, else at the stored images' size."""
+    options = {key: value for key, value in options.items() if value is not None}
     if isinstance(data, ImageFiles):
+        if mix or options:
+            raise KdcacheError(f"--aug {name}{' with --mix' if mix else ''}: mixing and RandAugment views work on "
+                               f"images held in memory, and this split is streamed from files; load the folder "
+                               f"into memory with --preload")
         return file_policy(name, data.image_size)
-    return get_policy(name, image_size=tuple(data.images.shape[-2:]))
+    size = tuple(data.images.shape[-2:])
+    return with_mixing(get_policy(name, image_size=size, **options), mix, size)
+
+
+def stored_policy(data: ImageFiles | ImageData, augmentation: dict) -> FilePolicy | AugmentPolicy:
+    """The policy a cache's `augmentation` metadata describes, for this data (RandAugment's and mixing's constants
+    included)."""
+    randaugment = augmentation.get("randaugment", {})
+    return policy_for(data, augmentation["name"], augmentation.get("mix"), num_ops=randaugment.get("num_ops"),
+                      magnitude=randaugment.get("magnitude"))
 
 
 def first_images(data: ImageFiles | ImageData, count: int = 2) -> Tensor:

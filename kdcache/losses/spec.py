@@ -136,8 +136,10 @@ class LossSpec:
 
         student/teacher: region logits `[B, R, C]`, or logits `[B, C]` for the losses on the global logit
         (every loss but the SDD ones, `uses_regions`), or a dict of outputs holding them as `regions` (and, for
-        the feature and relation losses, the outputs they read); labels: `[B]`; epoch: counted from 1 (pass the
-        integer epoch to reproduce the papers' code exactly). CE is on the student's region 0. Non-SDD logit
+        the feature and relation losses, the outputs they read); labels: `[B]`, or mixed labels `[B, C]` (mixup,
+        CutMix: the cross-entropy takes them whole, a loss's own terms the class of the larger weight); epoch:
+        counted from 1 (pass the integer epoch to reproduce the papers' code exactly). CE is on the student's
+        region 0. Non-SDD logit
         losses read region 0 only; SDD losses every region given. Each distillation term is weighted by
         distill_weight · warm-up factor.
         """
@@ -150,8 +152,8 @@ class LossSpec:
     def ce_term(self, student: Tensor | Outputs, labels: Tensor) -> Tensor:
         """ce_weight · cross-entropy of the student's global logit (with label_smoothing)."""
         regions = self._as_regions(_outputs(student)["regions"], "student", f"LossSpec({self.name!r}).compute()")
-        return self.ce_weight * F.cross_entropy(upcast(regions)[:, 0], labels.long(),
-                                                label_smoothing=self.label_smoothing)
+        target = labels.float() if labels.is_floating_point() else labels.long()  # mixed labels [B, C], or [B]
+        return self.ce_weight * F.cross_entropy(upcast(regions)[:, 0], target, label_smoothing=self.label_smoothing)
 
     def distillation_terms(self, student: Tensor | Outputs, teacher: Tensor | Outputs | None, labels: Tensor,
                            epoch: float) -> dict[str, Tensor]:
@@ -167,7 +169,7 @@ class LossSpec:
                 raise KdcacheError(f"{call}: teacher logits {tuple(teacher['regions'].shape)} and student logits "
                                    f"{tuple(student['regions'].shape)} differ in shape")
         weight = self.distill_weight * self.warmup_factor(epoch)
-        own = TERMS.entry(self.function)(self, student, teacher, labels.long(), epoch)
+        own = TERMS.entry(self.function)(self, student, teacher, class_labels(labels), epoch)
         return {name: weight * value for name, value in own.items()}
 
 
@@ -359,6 +361,11 @@ class LossSum:
                 terms |= part.distillation_terms(student, teacher, labels, epoch)
         terms["total"] = sum(terms.values())
         return terms
+
+
+def class_labels(labels: Tensor) -> Tensor:
+    """One class per sample: the labels [B] themselves, or the class of the larger weight of mixed labels [B, C]."""
+    return labels.argmax(dim=-1) if labels.is_floating_point() else labels.long()
 
 
 def loss_parts(name: str) -> list[tuple[str, float | None]]:

@@ -18,8 +18,9 @@ from torch.utils.data import Dataset
 
 from kdcache.cache import TeacherCache, open_cache
 from kdcache.cache.layout import CacheSpec
-from kdcache.data import ImageData, ImageFiles, dataset_options, load_dataset, normalize, policy_for
+from kdcache.data import ImageData, ImageFiles, dataset_options, load_dataset, normalize, stored_policy
 from kdcache.data.files import check_checksums, read_image
+from kdcache.data.mixing import mix_targets, replay
 from kdcache.models import region_indices
 from kdcache.models.outputs import REGIONS
 from kdcache.stages.views import CachedViews, require_fits, require_outputs
@@ -41,11 +42,13 @@ class CacheDataset(Dataset):
 
     `targets` is a dict of the cache's named outputs: `"regions"`, the region logits `[R, C]` float32 (the
     cache's regions, or those of `scales`), and the further outputs the cache holds (`embedding` `[D]`,
-    `attention/<stage>` `[H, W]`, `hint/<stage>` `[C, H, W]`), or those of `outputs`. `set_epoch(e)` selects the view epoch e replays (`view_order`
-    cycle: e mod K), as a DistributedSampler's set_epoch selects its order. `data`: the dataset already
-    loaded, instead of loading the one the cache names (from `data_root` where it needs one). A streamed
-    split's files are read in `__getitem__` (in the loader's workers), each checked against the crc32c the
-    teacher's dump recorded.
+    `attention/<stage>` `[H, W]`, `hint/<stage>` `[C, H, W]`), or those of `outputs`. A cache of mixed views
+    (dump-teacher --mix) adds `mix.label`, the partner's label, and `mix.weight`, λ, the weight of the item's own
+    label: `kdcache.data.mixing.soft_labels` turns a batch's into mixed labels for the cross-entropy.
+    `set_epoch(e)` selects the view epoch e replays (`view_order` cycle: e mod K), as a DistributedSampler's
+    set_epoch selects its order. `data`: the dataset already loaded, instead of loading the one the cache names
+    (from `data_root` where it needs one). A streamed split's files are read in `__getitem__` (in the loader's
+    workers), each checked against the crc32c the teacher's dump recorded.
     """
 
     def __init__(self, cache: str | os.PathLike | TeacherCache, data_root: str | os.PathLike | None = None,
@@ -57,7 +60,7 @@ class CacheDataset(Dataset):
         opened = cache if isinstance(cache, TeacherCache) else open_cache(self.path)
         try:
             self.data = data if data is not None else load_cache_data(opened.spec, data_root)
-            self.policy = policy_for(self.data, opened.spec.augmentation["name"])
+            self.policy = stored_policy(self.data, opened.spec.augmentation)
             require_fits(opened, self.data, self.policy, scales or opened.spec.scales)
             self.regions = None if scales is None else region_indices(opened.spec.scales, scales)
             self.scales = tuple(scales or opened.spec.scales)  # the targets' regions: LogitMap(student, scales)
@@ -118,12 +121,14 @@ class CacheDataset(Dataset):
         x = normalize(self._view_of(index, params), self.data.mean, self.data.std)[0]
         if self.transform is not None:
             x = self.transform(x)
-        return x, self.data.labels[index], {name: values[index].float() for name, values in targets.items()}
+        mixed = {name: value[0] for name, value in mix_targets(self.policy, self.data.labels, params, [index]).items()}
+        outputs = {name: values[index].float() for name, values in targets.items()}
+        return x, self.data.labels[index], {**outputs, **mixed}
 
     def _view_of(self, index: int, params: torch.Tensor) -> torch.Tensor:
         """Sample index under its view, uint8 [1, C, H, W]: replayed from memory, or from its file (checked)."""
         if isinstance(self.data, ImageData):
-            return self.policy.apply(self.data.images[index:index + 1], params[index:index + 1])
+            return replay(self.policy, self.data.images, params, [index])
         image, checksum = read_image(self.data.path(index))
         check_checksums(self.data, torch.tensor([index]), torch.tensor([checksum]), self._checksums[index:index + 1],
                         "the teacher's dump")

@@ -16,7 +16,7 @@ from kdcache.cache import TeacherCache, open_cache
 from kdcache.cache.location import is_url
 from kdcache.config import DistillConfig, loader_options, recorded_config
 from kdcache.data import AugmentPolicy, FilePolicy, ImageData, ImageFiles, first_images, load_dataset, normalize, \
-    policy_for
+    policy_for, stored_policy
 from kdcache.data.files import default_workers
 from kdcache.distributed import Shard, World
 from kdcache.errors import KdcacheError
@@ -61,6 +61,9 @@ def distill(config: DistillConfig, show_progress: bool = True,
                            "(the online baseline)")
     if config.batch_path not in BATCH_PATHS:
         raise KdcacheError(f"--batch-path: unknown path {config.batch_path!r}; known: {', '.join(BATCH_PATHS)}")
+    if config.views_per_step < 1 or (config.views_per_step > 1 and config.batch_path != "device"):
+        raise KdcacheError(f"--views-per-step: expected 1, or more on --batch-path device, got "
+                           f"{config.views_per_step} on --batch-path {config.batch_path}")
     for student, loss in config.runs():  # names are checked before any work
         check_model_spec(student)
         loss_parts(loss)
@@ -97,7 +100,10 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: ImageData 
     """Check the caches against the run, make the target provider and the runs, train them all in one loop."""
     cache = caches[0] if caches else None
     stored = cache.spec if cache is not None else None
-    policy = policy_for(data, stored.augmentation["name"] if stored else config.augmentation)
+    if config.views_per_step > 1 and isinstance(data, ImageFiles):
+        raise KdcacheError("--views-per-step: several views per step need the split in memory, and this one is "
+                           "streamed from its files; load it with --preload, or train on one view per step")
+    policy = stored_policy(data, stored.augmentation) if stored else policy_for(data, config.augmentation)
     scales = tuple(config.scales or (stored.scales if stored else (1, 2, 4)))
     losses = {name: scaled_loss(name, config.loss_overrides(), config.epochs) for _, name in config.runs()}
     kinds = tuple(dict.fromkeys(kind for loss in losses.values() for kind in loss.needs))
@@ -107,6 +113,9 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: ImageData 
     here, shard = _shard(cache, len(data.labels), config)
     images = normalize(first_images(data), data.mean, data.std)  # a student's stage shapes are found on these
     targets, source, teachers = _targets(config, caches, data, scales, device, shard, kinds, images, show_progress)
+    # one provider per view of a step: each holds its own view (the live teacher computes any)
+    providers = [targets] + [_targets(config, caches, data, scales, device, shard, kinds, images, False)[0]
+                             if caches else targets for _ in range(config.views_per_step - 1)]
     # with a cache, its views are replayed (also by a live teacher: the online baseline on the same pixels)
     views = CachedViews(cache, policy, config.view_order, config.seed) if cache is not None else \
         FreshViews(policy, len(data.labels), config.seed)
@@ -129,7 +138,7 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: ImageData 
     split = make_split(data, test, policy, device, shard, workers, config.seed, checksums)
     batch_path = _dataset_batches(config, caches, data, scales, device, workers,
                                   tuple(name for teacher in teachers for name in teacher.outputs))
-    fit(runs, split, views, targets, config, device, batch_path, show_progress and here.is_main)
+    fit(runs, split, views, providers, config, device, batch_path, show_progress and here.is_main)
     return [_summary(run) for run in runs]
 
 

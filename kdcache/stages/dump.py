@@ -24,6 +24,7 @@ from kdcache.config import DumpConfig, loader_options
 from kdcache.data import AugmentPolicy, FileBatches, FilePolicy, ImageData, ImageFiles, dataset_options, first_images, \
     load_dataset, normalize, policy_for
 from kdcache.data.files import batch_on_device, check_checksums, default_workers, stream
+from kdcache.data.mixing import Mixed, replay
 from kdcache.distributed import World
 from kdcache.errors import KdcacheError
 from kdcache.models import describe_outputs, load_teacher
@@ -74,7 +75,8 @@ def dump_from_config(config: DumpConfig, show_progress: bool = True) -> DumpResu
     if config.views_from:
         config = _with_views_of(config)
     data = load_dataset(config.dataset, config.data_root, config.split, **loader_options(config))
-    policy = policy_for(data, config.augmentation)
+    policy = policy_for(data, config.augmentation, config.mixing(), num_ops=config.ra_ops,
+                        magnitude=config.ra_magnitude)
     teacher, info = load_teacher(config.checkpoint, config.teacher or None, data.num_classes)
     outputs = parse_outputs(config.outputs or dumped_outputs(config.losses), teacher)
     result = dump_teacher(teacher, info, data, policy, config.out, views=config.views or DEFAULT_VIEWS,
@@ -98,9 +100,13 @@ def _with_views_of(config: DumpConfig) -> DumpConfig:
     options = dataset_options(spec.dataset["name"])  # the split as the cache read it: its size, streamed or not
     sized = {"image_size": spec.dataset["image_shape"][-1]} if "image_size" in options else {}
     loaded = {"preload": not spec.streamed} if "preload" in options else {}
-    return dataclasses.replace(config, dataset=spec.dataset["name"], split=spec.dataset["split"],
-                               augmentation=spec.augmentation["name"], views=None if spec.exhaustive else spec.num_views,
-                               exhaustive=spec.exhaustive, seed=spec.seed, **sized, **loaded)
+    randaugment, mix = spec.augmentation.get("randaugment", {}), spec.augmentation.get("mix", {})
+    policy = {"augmentation": spec.augmentation["name"], "ra_ops": randaugment.get("num_ops"),
+              "ra_magnitude": randaugment.get("magnitude"), "mix": mix.get("mode"),
+              **({"mix_alpha": mix["alpha"], "mix_prob": mix["prob"]} if mix else {})}
+    return dataclasses.replace(config, dataset=spec.dataset["name"], split=spec.dataset["split"], **policy,
+                               views=None if spec.exhaustive else spec.num_views, exhaustive=spec.exhaustive,
+                               seed=spec.seed, **sized, **loaded)
 
 
 def dumped_outputs(losses: tuple[str, ...]) -> str:
@@ -277,6 +283,8 @@ class _TeacherBatches:
     def __init__(self, logit_map: nn.Module, data: ImageData, policy: AugmentPolicy, spec: CacheSpec,
                  batch_size: int, device: torch.device, held: slice, params: torch.Tensor) -> None:
         self.logit_map, self.data, self.policy, self.spec = logit_map, data, policy, spec
+        if isinstance(policy, Mixed):  # a mixed view reads its partner's image, which may lie outside `held`
+            held = slice(0, len(data.labels))
         self.batch_size, self.device, self.first = batch_size, device, held.start
         self.images, self.labels = data.images[held].to(device), data.labels[held].to(device)
         self.params = params[:, held]
@@ -293,8 +301,7 @@ class _TeacherBatches:
         # batches always start at the block's start, so a resumed block computes exactly what it would have
         for start in range(rows.start, rows.stop, self.batch_size):
             batch = slice(start - self.first, min(start + self.batch_size, rows.stop) - self.first)
-            x = normalize(self.policy.apply(self.images[batch], self.params[view, batch]), self.data.mean,
-                          self.data.std)
+            x = normalize(replay(self.policy, self.images, self.params[view], batch), self.data.mean, self.data.std)
             outputs = _teacher_outputs(self.logit_map, x, self.spec.dtype)
             # of what is stored: verify recounts it
             correct += (outputs[REGIONS][:, 0].argmax(-1) == self.labels[batch]).sum()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from kdcache import distributed
 from kdcache.config import DistillConfig, TrainConfig, config_dict
+from kdcache.data.mixing import soft_labels
 from kdcache.distributed import World, all_sum, synchronise_batchnorm
 from kdcache.errors import KdcacheError
 from kdcache.losses import LossSpec, LossSum
@@ -33,7 +34,7 @@ RUN_STATE = {"model", "optimizer", "epoch", "record", "history"}  # what last.pt
 # what those runs did
 NEWER_OPTIONS = {name: value for name, value in config_dict(DistillConfig()).items()
                  if name in ("optimizer", "schedule", "lr_warmup_epochs", "label_smoothing", "ema_decay", "precision",
-                             "clip_grad", "teacher_weights")}
+                             "clip_grad", "teacher_weights", "views_per_step")}
 # where things are and how they are read, not what they are: a run resumes after its cache, data or run folder
 # moved, or with another number of loader workers
 LOCATIONS = {"cache": None, "extra_caches": None,
@@ -84,25 +85,29 @@ class Run:
         self.start_epoch = 0
         self.history: list[dict[str, float]] = []
 
-    def train_epoch(self, epoch: int, batches: Iterator[Batch], steps: int, show_progress: bool) -> dict[str, float]:
-        """One pass over the epoch's batches; returns the epoch's mean loss terms, train accuracy and the last
-        step's learning rate."""
+    def train_epoch(self, epoch: int, batches: Iterator[Batch | tuple[Batch, ...]], steps: int,
+                    show_progress: bool) -> dict[str, float]:
+        """One pass over the epoch's steps, each a batch, or a tuple of batches of the same samples under several
+        views; returns the epoch's mean loss terms, train accuracy (over every view) and the last step's learning
+        rate."""
         self.logit_map.train()
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=self.device)
         seen, started = torch.zeros((), dtype=torch.long), time.perf_counter()
-        for step, (x, y, t) in enumerate(tqdm(batches, total=steps, desc=f"{self.name} {epoch + 1}/{self.config.epochs}",
-                                              unit="batch", leave=False, disable=not show_progress)):
+        for step, views in enumerate(tqdm(batches, total=steps, desc=f"{self.name} {epoch + 1}/{self.config.epochs}",
+                                          unit="batch", leave=False, disable=not show_progress)):
+            views = (views,) if isinstance(views[0], torch.Tensor) else views  # one batch: one view
             lr = learning_rate(self.config, epoch, step, steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             # this rank's share of the global batch: the ranks' weighted means add up to the global batch's mean
-            share = len(y) / self.config.batch_size
-            s, terms = self._step(x, y, t, epoch, share)
+            share = len(views[0][1]) / self.config.batch_size
+            outputs, terms = self._step(views, epoch, share)
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0) + value.detach() * share
-            correct += (s[REGIONS][:, 0].argmax(-1) == y).sum()
-            seen += len(y)
+            for s, (_, y, _) in zip(outputs, views):
+                correct += (s[REGIONS][:, 0].argmax(-1) == y).sum()
+                seen += len(y)
         seen = int(all_sum(seen))
         if seen == 0:
             raise KdcacheError(f"--batch-size {self.config.batch_size} is larger than the {self.name} training set; "
@@ -114,14 +119,20 @@ class Run:
                        seconds=seconds)
         return metrics
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor, t: dict[str, torch.Tensor] | None, epoch: int,
-              share: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """One update: the forward pass in the run's precision, the loss, backward (scaled under fp16), clipping,
-        the optimiser's step, the EMA; the student's outputs and the loss terms."""
-        with step_autocast(self.device, self.dtype):
-            s = {name: value.float() for name, value in self.step_module(x).items()}
-        t = None if t is None else {**t, REGIONS: t[REGIONS][:, :self.num_regions]}
-        terms = self.loss.compute(s, t, y, epoch + 1) if len(y) else self._no_terms(s)  # epochs from 1
+    def _step(self, views: tuple[Batch, ...], epoch: int, share: float
+              ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """One update: per view, the forward pass in the run's precision and the loss; the views' terms summed (as
+        SLD's official code sums its two views'), backward (scaled under fp16), clipping, the optimiser's step, the
+        EMA. Returns the student's outputs per view and the summed loss terms."""
+        outputs, terms = [], {}
+        for x, y, t in views:
+            with step_autocast(self.device, self.dtype):
+                s = {name: value.float() for name, value in self.step_module(x).items()}
+            labels, t = soft_labels(y, t, s[REGIONS].shape[-1])  # a mixed view's two labels and λ, else y
+            t = None if t is None else {**t, REGIONS: t[REGIONS][:, :self.num_regions]}
+            found = self.loss.compute(s, t, labels, epoch + 1) if len(y) else self._no_terms(s)  # epochs from 1
+            terms = {key: terms[key] + value for key, value in found.items()} if terms else found
+            outputs.append(s)
         self.optimizer.zero_grad(set_to_none=True)
         # DDP divides the summed gradients by the size
         self.scaler.scale(terms["total"] * (share * self.here.size)).backward()
@@ -132,7 +143,7 @@ class Run:
         self.scaler.update()
         if self.ema is not None:
             self.ema.update(self.model)
-        return s, terms
+        return outputs, terms
 
     def _extra_parts(self) -> dict[str, Any]:
         """What last.pt keeps besides the model and optimiser: FitNet's regressors, the EMA, fp16's scaler."""
@@ -216,28 +227,34 @@ class Run:
         return path
 
 
-def fit(runs: list[Run], split: Split, views: Views, targets: Targets | None, config: TrainConfig,
+def fit(runs: list[Run], split: Split, views: Views, targets: Sequence[Targets] | None, config: TrainConfig,
         device: torch.device, batch_path: Callable[[int, torch.Generator], Iterator[Batch]] | None = None,
         show_progress: bool = True) -> None:
-    """Train every run for config.epochs; each epoch's view is loaded once and shared by all runs.
+    """Train every run for config.epochs; each epoch's views are loaded once and shared by all runs.
 
-    split gives the batches (DeviceSplit, StreamedSplit) and the test batches; views gives each epoch's
-    augmentation parameters (CachedViews or FreshViews); targets gives region logits per batch
-    (CachedTargets, LiveTeacher, or None for plain cross-entropy); batch_path, when given, replaces the
-    split's batches with another source (the Dataset path). Under DDP split and targets hold one rank's share.
+    split gives the batches (DeviceSplit, StreamedSplit) and the test batches; views gives the augmentation
+    parameters (CachedViews or FreshViews): step views e·S … e·S + S - 1 of epoch e, S = views_per_step, each
+    seen by every step (the same samples under each); targets gives the region logits per batch, one provider
+    per step view (CachedTargets, LiveTeacher), or None for plain cross-entropy; batch_path, when given,
+    replaces the split's batches with another source (the Dataset path, one view per step). Under DDP split and
+    targets hold one rank's share.
     """
-    steps = split.shard.total // config.batch_size
+    steps, per_step = split.shard.total // config.batch_size, config.views_per_step
     for epoch in range(min(run.start_epoch for run in runs), config.epochs):
-        params = views.params(epoch)
-        if targets is not None:
-            next_view = views.view_of(epoch + 1) if epoch + 1 < config.epochs else None
-            targets.begin_epoch(views.view_of(epoch), next_view)
+        slots = range(epoch * per_step, (epoch + 1) * per_step)
+        params = [views.params(slot) for slot in slots]
+        for provider, slot in zip(targets or (), slots):
+            next_view = views.view_of(slot + per_step) if epoch + 1 < config.epochs else None
+            provider.begin_epoch(views.view_of(slot), next_view)
         for run in runs:
             if epoch < run.start_epoch:
                 continue
-            generator = epoch_generator(config.seed, epoch)
-            batches = (batch_path(epoch, generator) if batch_path is not None else
-                       split.batches(epoch, params, targets, config.batch_size, generator))
+            if batch_path is not None:
+                batches = zip(batch_path(epoch, epoch_generator(config.seed, epoch)))
+            else:  # every view's batches from a generator of the same seed: the same samples, step by step
+                batches = zip(*(split.batches(epoch, view_params, provider, config.batch_size,
+                                              epoch_generator(config.seed, epoch))
+                                for view_params, provider in zip(params, targets or [None] * per_step)))
             metrics = run.train_epoch(epoch, batches, steps, show_progress)
             metrics.update(run.evaluate(split))
             run.end_epoch(metrics)

@@ -11,7 +11,9 @@ import torch
 
 from kdcache.data import AugmentPolicy, FileBatches, FilePolicy, ImageData, ImageFiles, normalize
 from kdcache.data.files import FileCenterCrop, batch_on_device, check_checksums, stream
+from kdcache.data.mixing import Mixed, mix_targets, replay
 from kdcache.distributed import Shard, all_sum
+from kdcache.errors import KdcacheError
 from kdcache.runtime import autocast
 from kdcache.stages.targets import Targets
 
@@ -70,10 +72,12 @@ def device_batches(images: torch.Tensor, labels: torch.Tensor, params: torch.Ten
     for index in global_batches(shard, batch_size, generator, images.device):
         if not shard.is_whole:
             index = (index - shard.samples.start).to(images.device)
-        x = normalize(policy.apply(images[index], params[index]), mean, std)
+        x = normalize(replay(policy, images, params, index), mean, std)
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        yield x, labels[index], None if targets is None else targets(index, x)
+        found = None if targets is None else targets(index, x)
+        mixed = mix_targets(policy, labels, params, index)
+        yield x, labels[index], {**(found or {}), **mixed} if mixed else found
 
 
 def tensor_test_batches(test: ImageData, images: torch.Tensor, samples: range) -> Iterator[TestBatch]:
@@ -90,6 +94,10 @@ class DeviceSplit:
                  shard: Shard | None = None) -> None:
         self.data, self.test, self.policy, self.device = data, test, policy, device
         self.shard = shard or Shard.whole(len(data.labels))
+        if isinstance(policy, Mixed) and not self.shard.is_whole:
+            raise KdcacheError("a cache of mixed views (dump-teacher --mix) trains in one process: a rank holds only "
+                               "its share of the images, and a mixing partner may lie in another's; run without "
+                               "torchrun")
         self.held = slice(self.shard.samples.start, self.shard.samples.stop)
         self.images, self.labels = data.images[self.held].to(device), data.labels[self.held].to(device)
         self.test_images = test.images.to(device)

@@ -30,7 +30,11 @@ class Views(Protocol):
 
 
 class CachedViews:
-    """Epoch e replays view e mod K of a cache (`cycle`), or a seeded permutation of the K views per round (`shuffle`)."""
+    """Epoch e replays view e mod K of a cache (`cycle`), or a seeded permutation of the K views per round (`shuffle`).
+
+    With S views per step (distill --views-per-step), epoch e trains on the sequence's places e·S to e·S + S - 1:
+    `view_of` and `params` take that place.
+    """
 
     def __init__(self, cache: TeacherCache, policy: AugmentPolicy | FilePolicy, order: str = "cycle",
                  seed: int = 0) -> None:
