@@ -172,10 +172,10 @@ def train(args: argparse.Namespace, method: str, seed: int, caches: dict[str, An
             "seconds": seconds, "test_size": len(load_dataset(args.dataset, None, "test").labels)}
 
 
-def table(result: dict[str, Any]) -> str:
+def table(result: dict[str, Any], title: str = "families") -> str:
     """The printed results: teachers, caches, then one row per method."""
     config = result["config"]
-    lines = [f"families: {config['dataset']}, student {config['student']}, {config['epochs']} epochs, seeds "
+    lines = [f"{title}: {config['dataset']}, student {config['student']}, {config['epochs']} epochs, seeds "
              f"0..{config['seeds'] - 1}, {config['views']} cached views, device {result['environment']['device']}"]
     for name, teacher in result["teachers"].items():
         lines.append(f"teacher {name.upper()} {teacher['arch']}: test {100 * teacher['test_acc']:.2f}%")

@@ -15,6 +15,7 @@ from click.core import ParameterSource
 from kdcache.config import (
     DistillConfig,
     DumpConfig,
+    SynthesizeConfig,
     TeacherConfig,
     TrainConfig,
     field_default,
@@ -277,6 +278,11 @@ def dump_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> No
               **_default(DistillConfig, "lr"))
 @click.option("--view-order", type=click.Choice(["cycle", "shuffle"]), help="Epoch e uses view e mod K (cycle) or "
               "a seeded permutation of the views per round (shuffle).", **_default(DistillConfig, "view_order"))
+@click.option("--mutual", is_flag=True, help="Deep mutual learning: train the --student models together, step by "
+              "step on the same batches, each also learning from the others' predictions (loss dml; with --cache, "
+              "plus the one --loss). Two or more students.")
+@click.option("--ema-teacher", type=float, help="The teacher is the exponential moving average of the student's own "
+              "weights with this decay, e.g. 0.999 (mean teacher); no --cache.")
 @click.option("--views-per-step", type=click.IntRange(min=1), help="Train each step on this many views of the same "
               "samples (epoch e: views e*S to e*S+S-1 of the order), their losses summed, as SLD's official code "
               "trains on two views per step (--loss sld --views-per-step 2).",
@@ -305,6 +311,60 @@ def distill_command(ctx: click.Context, config: str | None, **_: Any) -> None:
         overrides["cache"], *extra = overrides.pop("caches")
         overrides["extra_caches"] = tuple(extra)
     distill_sweep(load_config(DistillConfig, config, overrides, section="distill"))
+
+
+@cli.command("synthesize")
+@config_option
+@click.option("--checkpoint", type=click.Path(exists=True), help="Teacher weights (.pt, .safetensors, or a kdcache "
+              "run folder).")
+@click.option("--teacher", help="Teacher model spec (as dump-teacher's); read from the checkpoint's sidecar when "
+              "omitted. It needs BatchNorm layers.")
+@click.option("--dataset", help="The teacher's dataset: image shape, classes and normalisation of the synthesised "
+              "images, and the real test split students are evaluated on.", **_default(SynthesizeConfig, "dataset"))
+@click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding that dataset (CIFAR).")
+@image_size_option
+@click.option("--num", type=click.IntRange(min=1), help="Images to synthesise (balanced over the classes).",
+              **_default(SynthesizeConfig, "num"))
+@click.option("--out", help="Folder to write: the images as a dataset (--dataset synthesized --data-root OUT) and "
+              "the teacher's cache over them, OUT/teacher.zarr. A rerun resumes it.",
+              **_default(SynthesizeConfig, "out"))
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images optimised together.",
+              **_default(SynthesizeConfig, "batch_size"))
+@click.option("--iterations", type=click.IntRange(min=0), help="Adam steps per batch.",
+              **_default(SynthesizeConfig, "iterations"))
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Adam's learning rate on the inputs.",
+              **_default(SynthesizeConfig, "lr"))
+@click.option("--bn-weight", type=click.FloatRange(min=0), help="Weight of matching the BatchNorm statistics.",
+              **_default(SynthesizeConfig, "bn_weight"))
+@click.option("--tv-weight", type=click.FloatRange(min=0), help="Weight of the total-variation prior.",
+              **_default(SynthesizeConfig, "tv_weight"))
+@click.option("--l2-weight", type=click.FloatRange(min=0), help="Weight of the inputs' l2 norm.",
+              **_default(SynthesizeConfig, "l2_weight"))
+@click.option("--jitter", type=click.IntRange(min=0), help="Random roll of the inputs per step, in pixels.",
+              **_default(SynthesizeConfig, "jitter"))
+@click.option("--labels", type=click.Choice(["target", "teacher"]), help="Each image's label: the class it was "
+              "synthesised for, or the class the teacher names (with --iterations 0: noise the teacher labels, the "
+              "floor a synthesis should beat).", **_default(SynthesizeConfig, "labels"))
+@click.option("--aug", "augmentation", help="Policy of the cached views.", **_default(SynthesizeConfig, "augmentation"))
+@click.option("--views", type=click.IntRange(min=1), help="Views per image in the cache.",
+              **_default(SynthesizeConfig, "views"))
+@click.option("--scales", callback=_scales, help="Region scales of the cache.", **_default(SynthesizeConfig, "scales"))
+@click.option("--overwrite", is_flag=True, help="Start over in a folder that holds another synthesis.")
+@device_option
+@seed_option
+@click.pass_context
+def synthesize_command(ctx: click.Context, config: str | None, **_: Any) -> None:
+    """Data-free distillation: synthesise a transfer set from the teacher alone (DeepInversion) and cache the
+    teacher on it; train students with `kdcache distill --cache OUT/teacher.zarr`."""
+    from kdcache.stages.synthesize import synthesize
+
+    result = synthesize(load_config(SynthesizeConfig, config, _overrides(ctx), section="synthesize"))
+    click.echo(f"synthesised {result.images} images in {result.seconds:.0f} s to {result.folder}: BatchNorm-statistics "
+               f"loss {result.statistics_loss_start:.3f} (noise) -> {result.statistics_loss_end:.3f}; the teacher "
+               f"names the intended class of {100 * result.intended_accuracy:.1f}% of them\n"
+               f"cache {result.cache.path}: teacher accuracy per view (against the intended class) "
+               + " ".join(f"{a:.4f}" for a in result.cache.view_accuracy)
+               + f"\nnext: kdcache distill --cache {result.cache.path} --student resnet8")
 
 
 @cli.command("inspect")

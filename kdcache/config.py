@@ -98,6 +98,35 @@ class DumpConfig:
 
 
 @dataclass(frozen=True)
+class SynthesizeConfig:
+    """`kdcache synthesize`: DeepInversion's paper parameters for CIFAR-10 (NVlabs/DeepInversion cifar10/README.md:
+    batches of 256, 2000 iterations, Adam lr 0.05, BatchNorm weight 10; the script's total variation 2.5e-5, ℓ2 0,
+    jitter 2)."""
+
+    teacher: str = ""
+    checkpoint: str = ""
+    dataset: str = "digits"  # the teacher's: image shape, classes, normalisation, and the real test split
+    data_root: str | None = None
+    image_size: int | None = None
+    num: int = 1024
+    out: str = "synthesized"
+    batch_size: int = 256
+    iterations: int = 2000
+    lr: float = 0.05  # Adam's, on the inputs
+    bn_weight: float = 10.0  # the BatchNorm-statistics term
+    tv_weight: float = 2.5e-5  # total variation
+    l2_weight: float = 0.0
+    jitter: int = 2  # pixels of random roll per iteration
+    labels: str = "target"  # each image's label: the class it was synthesised for, or the one the teacher names
+    augmentation: str = "cifar"  # the policy of the cache's views
+    views: int = 4
+    scales: tuple[int, ...] = (1, 2, 4)
+    seed: int = 0
+    device: str = "auto"
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
 class DistillConfig(TrainConfig):
     """`kdcache distill`."""
 
@@ -126,9 +155,20 @@ class DistillConfig(TrainConfig):
     alpha: float | None = None
     beta: float | None = None
     warmup_epochs: float | None = None
+    mutual: bool = False  # deep mutual learning: the students train together, each also learning from the others
+    ema_teacher: float | None = None  # the teacher is the EMA of the student's weights, with this decay
+
+    @property
+    def has_teacher(self) -> bool:
+        """Whether a cache or a live teacher gives targets (not only peers or the student's own EMA)."""
+        return bool(self.cache or self.live_teacher)
 
     def runs(self) -> list[tuple[str, str]]:
-        """The (student, loss) pairs to train: the explicit pairs, else every student with every loss."""
+        """The (student, loss) pairs to train: the explicit pairs, else every student with every loss; under
+        --mutual each loss plus `dml` (alone without a teacher: cross-entropy and the peers)."""
+        if self.mutual:
+            loss = "dml" if not self.has_teacher or self.losses[0] == "ce" else f"{self.losses[0]},dml"
+            return [(student, loss) for student in self.students]
         if not self.pairs:
             return [(student, loss) for student in self.students for loss in self.losses]
         # the loss follows the last colon: a student spec may hold colons of its own (timm:resnet18:kd)

@@ -200,7 +200,7 @@ def test_distill_refuses_a_cache_of_another_dataset_or_a_missing_source(cache16,
     other = load_dataset("synthetic", num_samples=48, num_classes=CLASSES, image_size=16, seed=6)
     with pytest.raises(KdcacheError, match="written for dataset.mean .* but this run has"):  # other pixel statistics
         distill(config(tmp_path, "x", cache=str(cache16)), show_progress=False, data=(other, data[1]))
-    with pytest.raises(KdcacheError, match="--cache CACHE .* or --live-teacher"):
+    with pytest.raises(KdcacheError, match="--cache CACHE .* --live-teacher CHECKPOINT .* --mutual .* --ema-teacher"):
         distill(config(tmp_path, "x"), show_progress=False, data=data)
     with pytest.raises(KdcacheError, match="does not apply to loss 'kd'"):
         distill(config(tmp_path, "x", cache=str(cache16), losses=("kd",), alpha=2.0), show_progress=False, data=data)

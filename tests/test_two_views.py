@@ -64,14 +64,14 @@ def test_a_two_view_step_sums_both_views_losses_as_a_hand_written_step_does(tmp_
 
 def test_epoch_e_trains_on_views_2e_and_2e_plus_1_of_the_same_samples(cache, data, tmp_path, monkeypatch):
     seen = []
-    step = Run._step
+    update = Run.update
 
-    def recording_step(self, views, epoch, share):
+    def recording_update(self, outputs, views, epoch, share, peers=()):
         if len(seen) <= epoch:
             seen.append([(x.clone(), t["regions"].clone()) for x, _, t in views])
-        return step(self, views, epoch, share)
+        return update(self, outputs, views, epoch, share, peers)
 
-    monkeypatch.setattr(Run, "_step", recording_step)
+    monkeypatch.setattr(Run, "update", recording_update)
     distill(DistillConfig(cache=str(cache), students=("resnet8",), losses=("sld",), epochs=2, batch_size=8,
                           views_per_step=2, out=str(tmp_path / "runs"), device="cpu"), show_progress=False, data=data)
     train, policy = data[0], get_policy("cifar")

@@ -3,6 +3,7 @@ policies (augment, and files' per-file policies)."""
 
 from kdcache.data import imagefolder  # noqa: F401  (importing it registers the `imagefolder` loader)
 from kdcache.data import randaugment  # noqa: F401  (importing it registers the `randaugment` policy)
+from kdcache.data import synthesized  # noqa: F401  (importing it registers the `synthesized` loader)
 from kdcache.data.augment import (
                                   AugmentPolicy,
                                   CropFlip,

@@ -5,6 +5,7 @@ from kdcache.losses.features import at, attention_map, fitnet, rkd, rkd_angle, r
 
 from kdcache.losses.functions import (
                                       dkd,
+                                      dml,
                                       kd,
                                       nckd,
                                       sdd,
@@ -21,6 +22,7 @@ from kdcache.losses.functions import (
 )
 from kdcache.losses.spec import (
                                       PAPER_EPOCHS,
+                                      PEERS,
                                       LossSpec,
                                       LossSum,
                                       get_loss,
@@ -29,7 +31,8 @@ from kdcache.losses.spec import (
                                       scaled_loss,
 )
 
-__all__ = ["PAPER_EPOCHS", "at", "attention_map", "dkd", "fitnet", "get_loss", "kd", "list_losses", "loss_parts",
+__all__ = ["PAPER_EPOCHS", "PEERS", "at", "attention_map", "dkd", "dml", "fitnet", "get_loss", "kd", "list_losses",
+           "loss_parts",
            "LossSpec", "LossSum", "nckd", "rkd", "rkd_angle", "rkd_distance", "scaled_loss", "sdd", "sdd_lskd",
            "sdd_region_weights", "sld", "sld_student_term", "sld_switched", "sld_teacher_term", "sp", "standardize",
            "swap_target_max", "tckd", "upcast"]

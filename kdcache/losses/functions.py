@@ -299,3 +299,11 @@ def sld(
     if sld_switched(epoch, switch_epoch):
         loss = loss + sld_student_term(student, labels, temperatures, detach_student_teacher)
     return loss
+
+
+def dml(student: Tensor, peers: Tensor, temperature: float) -> Tensor:
+    """Deep mutual learning's term per sample [B]: T²·KL(p̄ ‖ softmax(student/T)), p̄ the mean of the peers'
+    softened predictions softmax(peers[k]/T) (peers [P, B, C], detached by the caller; Zhang et al., CVPR 2018)."""
+    target = torch.softmax(peers / temperature, dim=-1).mean(dim=0)
+    log_student = F.log_softmax(student / temperature, dim=-1)
+    return temperature**2 * F.kl_div(log_student, target, reduction="none").sum(dim=-1)

@@ -28,6 +28,7 @@ from kdcache.errors import KdcacheError
 from kdcache.losses.features import at, fitnet, rkd_angle, rkd_distance, sp
 from kdcache.losses.functions import (
     dkd,
+    dml,
     kd,
     nckd,
     sdd,
@@ -46,6 +47,7 @@ TermsFunction = Callable[["LossSpec", Outputs, Outputs, Tensor, float], dict[str
 # the pure function a spec names -> its terms of one step, unweighted
 TERMS: Registry[dict[str, Tensor]] = Registry("LossSpec(): function")
 SDD_BASES = {"kd": kd, "dkd": dkd}  # the per-region losses SDD is published with
+PEERS = "peers"  # the teacher-side name of deep mutual learning's peer logits [P, B, C]
 PAPER_EPOCHS = 240  # the schedule the papers' epoch counts (warm-ups, SLD's switch) refer to
 
 
@@ -164,6 +166,7 @@ class LossSpec:
         student, teacher = dict(_outputs(student)), dict(_outputs(teacher))
         if not self.needs:
             student["regions"] = upcast(self._as_regions(student["regions"], "student", call))
+        if not self.needs and "regions" in teacher:  # deep mutual learning without a teacher reads only its peers
             teacher["regions"] = upcast(self._as_regions(teacher["regions"], "teacher", call))
             if teacher["regions"].shape != student["regions"].shape:
                 raise KdcacheError(f"{call}: teacher logits {tuple(teacher['regions'].shape)} and student logits "
@@ -250,6 +253,15 @@ def teacher_outputs(teacher: Outputs, kind: str, call: str) -> list[str]:
         raise KdcacheError(f"{call}: needs the teacher's {kind} outputs, found only {', '.join(teacher)}: dump the "
                            f"teacher with `kdcache dump-teacher --outputs regions,{kind}`")
     return names
+
+
+@_terms("dml", "mutual", needs=("temperature",))
+def _dml_terms(spec: LossSpec, student: Tensor, teacher: Tensor, labels: Tensor, epoch: float) -> dict[str, Tensor]:
+    """Deep mutual learning: KL from the mean of the peer students' softened predictions, on the global logit."""
+    if PEERS not in teacher:
+        raise KdcacheError(f"loss {spec.name!r} learns from peer students, and none were given: train two or more "
+                           f"students together with `kdcache distill --mutual --student A --student B`")
+    return {"mutual": dml(student["regions"][:, 0], teacher[PEERS], spec.temperature).mean()}
 
 
 @_terms("fitnet", "fitnet", reads="hint")

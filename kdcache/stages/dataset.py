@@ -30,6 +30,7 @@ def load_cache_data(spec: CacheSpec, data_root: str | Path | None = None, split:
                     **options: object) -> ImageData | ImageFiles:
     """The split a cache was made from (or `split` of the same dataset), loaded at the image size it was made at."""
     name = spec.dataset["name"]
+    data_root = data_root or spec.dataset.get("root")  # a synthesised set's folder, recorded with it
     if "image_size" in dataset_options(name):
         options = {"image_size": spec.dataset["image_shape"][-1], **options}
     if "preload" in dataset_options(name):  # a cache of files streams them; an older one held the split in memory

@@ -56,9 +56,7 @@ def distill(config: DistillConfig, show_progress: bool = True,
 
     data: (train, test) already loaded, instead of the dataset the cache or config names.
     """
-    if config.cache is None and config.live_teacher is None:
-        raise KdcacheError("distill: give --cache CACHE (train from a teacher cache) or --live-teacher CHECKPOINT "
-                           "(the online baseline)")
+    _check_sources(config)
     if config.batch_path not in BATCH_PATHS:
         raise KdcacheError(f"--batch-path: unknown path {config.batch_path!r}; known: {', '.join(BATCH_PATHS)}")
     if config.views_per_step < 1 or (config.views_per_step > 1 and config.batch_path != "device"):
@@ -78,6 +76,26 @@ def distill(config: DistillConfig, show_progress: bool = True,
     finally:
         for cache in caches:
             cache.close()
+
+
+def _check_sources(config: DistillConfig) -> None:
+    """Refuse a run without a source of targets, and --mutual or --ema-teacher as they cannot run."""
+    if not (config.has_teacher or config.mutual or config.ema_teacher is not None):
+        raise KdcacheError("distill: give --cache CACHE (train from a teacher cache), --live-teacher CHECKPOINT (the "
+                           "online baseline), --mutual (students teaching each other) or --ema-teacher DECAY (the "
+                           "student's own weight average as teacher)")
+    if config.ema_teacher is not None and not 0 < config.ema_teacher < 1:
+        raise KdcacheError(f"--ema-teacher: expected a decay in (0, 1) such as 0.999, got {config.ema_teacher}")
+    if config.ema_teacher is not None and (config.has_teacher or config.mutual):
+        raise KdcacheError("--ema-teacher: the student's weight average is the teacher; drop --cache, --live-teacher "
+                           "and --mutual")
+    if config.mutual and (len(config.students) < 2 or len(config.losses) > 1 or config.pairs):
+        raise KdcacheError(f"--mutual: trains two or more students together under one loss; got "
+                           f"{len(config.students)} --student and {len(config.losses)} --loss"
+                           + (" and --pair" if config.pairs else "") + ": give --student A --student B (and at most "
+                           "one --loss, with --cache)")
+    if config.mutual and config.batch_path != "device":
+        raise KdcacheError("--mutual: the students step together on the device path; drop --batch-path dataset")
 
 
 def _check_teachers(config: DistillConfig) -> None:
@@ -114,22 +132,24 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: ImageData 
     images = normalize(first_images(data), data.mean, data.std)  # a student's stage shapes are found on these
     targets, source, teachers = _targets(config, caches, data, scales, device, shard, kinds, images, show_progress)
     # one provider per view of a step: each holds its own view (the live teacher computes any)
-    providers = [targets] + [_targets(config, caches, data, scales, device, shard, kinds, images, False)[0]
-                             if caches else targets for _ in range(config.views_per_step - 1)]
+    providers = None if targets is None else [targets] + [
+        _targets(config, caches, data, scales, device, shard, kinds, images, False)[0] if caches else targets
+        for _ in range(config.views_per_step - 1)]
     # with a cache, its views are replayed (also by a live teacher: the online baseline on the same pixels)
     views = CachedViews(cache, policy, config.view_order, config.seed) if cache is not None else \
         FreshViews(policy, len(data.labels), config.seed)
     runs = []
-    for student, loss_name in config.runs():
-        torch.manual_seed(config.seed)  # every run of a student starts from the same weights
+    for k, (student, loss_name) in enumerate(config.runs()):
+        # every run of a student starts from the same weights; mutual students from their own, as DML's do
+        torch.manual_seed(config.seed + (k if config.mutual else 0))
         model = create_model(student, num_classes=data.num_classes)
         record = {"arch": student, "num_classes": data.num_classes, "loss": loss_name,
                   "dataset": data.describe(), "config": recorded_config(config), **source}
         loss = losses[loss_name]
-        name = run_name(student, loss_name)
+        name = run_name(student, loss_name) + (f"-{k}" if config.mutual else "")
         outputs = student_outputs(model, loss.needs, teachers, images, student) if loss.needs else ((), {}, {})
         run = Run(name, model, loss, scales if loss.uses_regions else (1,), config, Path(config.out) / name, device,
-                  record, here, *outputs)
+                  record, here, *outputs, ema_teacher=config.ema_teacher)
         if config.resume:
             run.resume()
         runs.append(run)
@@ -138,7 +158,7 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: ImageData 
     split = make_split(data, test, policy, device, shard, workers, config.seed, checksums)
     batch_path = _dataset_batches(config, caches, data, scales, device, workers,
                                   tuple(name for teacher in teachers for name in teacher.outputs))
-    fit(runs, split, views, providers, config, device, batch_path, show_progress and here.is_main)
+    fit(runs, split, views, providers, config, device, batch_path, show_progress and here.is_main, config.mutual)
     return [_summary(run) for run in runs]
 
 
@@ -177,12 +197,15 @@ def _check_cache(cache: TeacherCache, data: ImageData | ImageFiles, policy: Augm
 
 def _targets(config: DistillConfig, caches: list[TeacherCache], data: ImageData | ImageFiles,
              scales: tuple[int, ...], device: torch.device, shard: Shard, kinds: tuple[str, ...], images: torch.Tensor,
-             show_progress: bool) -> tuple[Targets, dict, list[TeacherOutputs]]:
-    """The target provider (the cache, the caches' ensemble, or the live teacher), how the runs' records name it,
-    and what each teacher gives besides region logits (of the kinds the losses read).
+             show_progress: bool) -> tuple[Targets | None, dict, list[TeacherOutputs]]:
+    """The target provider (the cache, the caches' ensemble, the live teacher, or None when the students teach
+    themselves), how the runs' records name it, and what each teacher gives besides region logits (of the kinds
+    the losses read).
 
     A streamed split's targets stay in host memory, each batch's gathered there: an ImageNet view is gigabytes.
     """
+    if not config.has_teacher:  # the students' own: their peers (--mutual) or their weight average (--ema-teacher)
+        return None, {"mutual": list(config.students)} if config.mutual else {"ema_teacher": config.ema_teacher}, []
     if config.live_teacher is None:
         providers, teachers = [], []
         for cache in caches:

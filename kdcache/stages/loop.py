@@ -20,7 +20,7 @@ from kdcache.config import DistillConfig, TrainConfig, config_dict
 from kdcache.data.mixing import soft_labels
 from kdcache.distributed import World, all_sum, synchronise_batchnorm
 from kdcache.errors import KdcacheError
-from kdcache.losses import LossSpec, LossSum
+from kdcache.losses import PEERS, LossSpec, LossSum
 from kdcache.models import file_sha256, read_checkpoint, save_checkpoint
 from kdcache.models.outputs import REGIONS, ModelOutputs
 from kdcache.runtime import epoch_generator, prepare_model
@@ -67,7 +67,7 @@ class Run:
     def __init__(self, name: str, model: nn.Module, loss: LossSpec | LossSum, scales: tuple[int, ...],
                  config: TrainConfig, folder: Path, device: torch.device, record: dict[str, Any],
                  here: World = World(), outputs: tuple[str, ...] = (), sources: dict[str, str] | None = None,
-                 regressors: dict[str, nn.Module] | None = None) -> None:
+                 regressors: dict[str, nn.Module] | None = None, ema_teacher: float | None = None) -> None:
         self.name, self.loss, self.config, self.folder, self.device = name, loss, config, Path(folder), device
         self.record = record  # what the run is (config, teacher, cache): saved with every checkpoint
         self.here = here
@@ -82,6 +82,9 @@ class Run:
         self.dtype = training_dtype(config.precision, device)  # refused here when the device cannot run it
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.ema = None if config.ema_decay is None else WeightEMA(self.model, config.ema_decay)
+        # mean teacher: the EMA of the student's weights gives the targets, in eval mode
+        self.ema_teacher = None if ema_teacher is None else WeightEMA(self.model, ema_teacher, "--ema-teacher")
+        self.ema_teacher_outputs = None if ema_teacher is None else ModelOutputs(self.ema_teacher.model, scales, ())
         self.start_epoch = 0
         self.history: list[dict[str, float]] = []
 
@@ -90,49 +93,28 @@ class Run:
         """One pass over the epoch's steps, each a batch, or a tuple of batches of the same samples under several
         views; returns the epoch's mean loss terms, train accuracy (over every view) and the last step's learning
         rate."""
-        self.logit_map.train()
-        sums: dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), device=self.device)
-        seen, started = torch.zeros((), dtype=torch.long), time.perf_counter()
-        for step, views in enumerate(tqdm(batches, total=steps, desc=f"{self.name} {epoch + 1}/{self.config.epochs}",
-                                          unit="batch", leave=False, disable=not show_progress)):
-            views = (views,) if isinstance(views[0], torch.Tensor) else views  # one batch: one view
-            lr = learning_rate(self.config, epoch, step, steps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            # this rank's share of the global batch: the ranks' weighted means add up to the global batch's mean
-            share = len(views[0][1]) / self.config.batch_size
-            outputs, terms = self._step(views, epoch, share)
-            for key, value in terms.items():
-                sums[key] = sums.get(key, 0) + value.detach() * share
-            for s, (_, y, _) in zip(outputs, views):
-                correct += (s[REGIONS][:, 0].argmax(-1) == y).sum()
-                seen += len(y)
-        seen = int(all_sum(seen))
-        if seen == 0:
-            raise KdcacheError(f"--batch-size {self.config.batch_size} is larger than the {self.name} training set; "
-                               f"use a smaller batch")
-        sums = dict(zip(sums, all_sum(torch.stack(list(sums.values()))).unbind()))
-        metrics = {f"loss_{k}": float(v) / (step + 1) for k, v in sums.items()}  # the float() syncs once per epoch
-        seconds = time.perf_counter() - started
-        metrics.update(epoch=epoch + 1, lr=lr, train_acc=float(all_sum(correct)) / seen, img_per_s=seen / seconds,
-                       seconds=seconds)
-        return metrics
+        return train_together([self], epoch, batches, steps, show_progress)[0]
 
-    def _step(self, views: tuple[Batch, ...], epoch: int, share: float
-              ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-        """One update: per view, the forward pass in the run's precision and the loss; the views' terms summed (as
-        SLD's official code sums its two views'), backward (scaled under fp16), clipping, the optimiser's step, the
-        EMA. Returns the student's outputs per view and the summed loss terms."""
-        outputs, terms = [], {}
-        for x, y, t in views:
+    def forward(self, views: tuple[Batch, ...]) -> list[dict[str, torch.Tensor]]:
+        """The student's float32 outputs on each view's images, in the run's precision (the graph kept)."""
+        outputs = []
+        for x, _, _ in views:
             with step_autocast(self.device, self.dtype):
-                s = {name: value.float() for name, value in self.step_module(x).items()}
+                outputs.append({name: value.float() for name, value in self.step_module(x).items()})
+        return outputs
+
+    def update(self, outputs: list[dict[str, torch.Tensor]], views: tuple[Batch, ...], epoch: int, share: float,
+               peers: list[list[dict[str, torch.Tensor]]] = ()) -> dict[str, torch.Tensor]:
+        """One update from the outputs `forward` gave: per view the loss against its targets (the EMA teacher's
+        when the run has one; `peers`' detached logits for deep mutual learning), the views' terms summed (as
+        SLD's official code sums its two views'), backward (scaled under fp16), clipping, the optimiser's step,
+        the EMAs. Returns the summed loss terms."""
+        terms = {}
+        for view, (s, (x, y, t)) in enumerate(zip(outputs, views)):
             labels, t = soft_labels(y, t, s[REGIONS].shape[-1])  # a mixed view's two labels and λ, else y
-            t = None if t is None else {**t, REGIONS: t[REGIONS][:, :self.num_regions]}
+            t = self._with_own_targets(t, x, [peer[view] for peer in peers])
             found = self.loss.compute(s, t, labels, epoch + 1) if len(y) else self._no_terms(s)  # epochs from 1
             terms = {key: terms[key] + value for key, value in found.items()} if terms else found
-            outputs.append(s)
         self.optimizer.zero_grad(set_to_none=True)
         # DDP divides the summed gradients by the size
         self.scaler.scale(terms["total"] * (share * self.here.size)).backward()
@@ -141,14 +123,30 @@ class Run:
             torch.nn.utils.clip_grad_norm_(self.logit_map.parameters(), self.config.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self.ema is not None:
-            self.ema.update(self.model)
-        return outputs, terms
+        for average in (self.ema, self.ema_teacher):
+            if average is not None:
+                average.update(self.model)
+        return terms
+
+    def _with_own_targets(self, targets: dict[str, torch.Tensor] | None, x: torch.Tensor,
+                          peers: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+        """The batch's targets, their regions cut to the run's, plus the EMA teacher's outputs on x and the peers'
+        global logits [P, B, C] (detached)."""
+        found = dict(targets or {})
+        if REGIONS in found:
+            found[REGIONS] = found[REGIONS][:, :self.num_regions]
+        if self.ema_teacher is not None:
+            with torch.no_grad(), step_autocast(self.device, self.dtype):
+                found[REGIONS] = self.ema_teacher_outputs(x)[REGIONS].float()
+        if peers:
+            found[PEERS] = torch.stack([peer[REGIONS][:, 0].detach() for peer in peers])
+        return found or None
 
     def _extra_parts(self) -> dict[str, Any]:
-        """What last.pt keeps besides the model and optimiser: FitNet's regressors, the EMA, fp16's scaler."""
+        """What last.pt keeps besides the model and optimiser: FitNet's regressors, the EMAs, fp16's scaler."""
         parts = {"regressors": self.logit_map.regressors if self.logit_map.regressors else None,
                  "ema": None if self.ema is None else self.ema.model,
+                 "ema_teacher": None if self.ema_teacher is None else self.ema_teacher.model,
                  "scaler": self.scaler if self.scaler.is_enabled() else None}
         return {name: part for name, part in parts.items() if part is not None}
 
@@ -227,18 +225,79 @@ class Run:
         return path
 
 
+class EpochMeter:
+    """One run's running sums over an epoch: loss terms (weighted by each step's share), correct and seen samples."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.correct, self.seen = torch.zeros((), device=device), torch.zeros((), dtype=torch.long)
+
+    def add(self, terms: dict[str, torch.Tensor], outputs: list[dict[str, torch.Tensor]], views: tuple[Batch, ...],
+            share: float) -> None:
+        """Count one step: its terms, and the global logit's hits on every view."""
+        for key, value in terms.items():
+            self.sums[key] = self.sums.get(key, 0) + value.detach() * share
+        for s, (_, y, _) in zip(outputs, views):
+            self.correct += (s[REGIONS][:, 0].argmax(-1) == y).sum()
+            self.seen += len(y)
+
+    def metrics(self, run: Run, epoch: int, steps: int, lr: float, seconds: float) -> dict[str, float]:
+        """The epoch's mean terms over `steps` steps, train accuracy, last learning rate and speed (all ranks)."""
+        seen = int(all_sum(self.seen))
+        if seen == 0:
+            raise KdcacheError(f"--batch-size {run.config.batch_size} is larger than the {run.name} training set; "
+                               f"use a smaller batch")
+        sums = dict(zip(self.sums, all_sum(torch.stack(list(self.sums.values()))).unbind()))
+        metrics = {f"loss_{k}": float(v) / steps for k, v in sums.items()}  # the float() syncs once per epoch
+        metrics.update(epoch=epoch + 1, lr=lr, train_acc=float(all_sum(self.correct)) / seen,
+                       img_per_s=seen / seconds, seconds=seconds)
+        return metrics
+
+
+def train_together(runs: list[Run], epoch: int, batches: Iterator[Batch | tuple[Batch, ...]], steps: int,
+                   show_progress: bool, mutual: bool = False) -> list[dict[str, float]]:
+    """One pass of every run over the same steps: each step, every run's forward pass, then each run's update;
+    with `mutual` (deep mutual learning) each run's loss reads the others' detached logits of that step. Returns
+    each run's epoch metrics."""
+    for run in runs:
+        run.logit_map.train()
+    meters = [EpochMeter(run.device) for run in runs]
+    config, started = runs[0].config, time.perf_counter()
+    step, lr = -1, learning_rate(config, epoch, 0, steps)  # an epoch without steps is refused by metrics()
+    label = runs[0].name if len(runs) == 1 else f"{len(runs)} students"
+    for step, views in enumerate(tqdm(batches, total=steps, desc=f"{label} {epoch + 1}/{config.epochs}",
+                                      unit="batch", leave=False, disable=not show_progress)):
+        views = (views,) if isinstance(views[0], torch.Tensor) else views  # one batch: one view
+        lr = learning_rate(config, epoch, step, steps)
+        # this rank's share of the global batch: the ranks' weighted means add up to the global batch's mean
+        share = len(views[0][1]) / config.batch_size
+        outputs = [run.forward(views) for run in runs]
+        for k, (run, meter) in enumerate(zip(runs, meters)):
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            peers = [found for j, found in enumerate(outputs) if j != k] if mutual else []
+            meter.add(run.update(outputs[k], views, epoch, share, peers), outputs[k], views, share)
+    seconds = time.perf_counter() - started
+    return [meter.metrics(run, epoch, step + 1, lr, seconds) for run, meter in zip(runs, meters)]
+
+
 def fit(runs: list[Run], split: Split, views: Views, targets: Sequence[Targets] | None, config: TrainConfig,
         device: torch.device, batch_path: Callable[[int, torch.Generator], Iterator[Batch]] | None = None,
-        show_progress: bool = True) -> None:
+        show_progress: bool = True, mutual: bool = False) -> None:
     """Train every run for config.epochs; each epoch's views are loaded once and shared by all runs.
 
     split gives the batches (DeviceSplit, StreamedSplit) and the test batches; views gives the augmentation
     parameters (CachedViews or FreshViews): step views e·S … e·S + S - 1 of epoch e, S = views_per_step, each
     seen by every step (the same samples under each); targets gives the region logits per batch, one provider
     per step view (CachedTargets, LiveTeacher), or None for plain cross-entropy; batch_path, when given,
-    replaces the split's batches with another source (the Dataset path, one view per step). Under DDP split and
-    targets hold one rank's share.
+    replaces the split's batches with another source (the Dataset path, one view per step). Runs train one after
+    another, or, `mutual`, together step by step, each learning from the others too (deep mutual learning).
+    Under DDP split and targets hold one rank's share.
     """
+    if mutual and len({run.start_epoch for run in runs}) > 1:
+        raise KdcacheError(f"--resume: the mutual students stopped at different epochs "
+                           f"({', '.join(f'{run.name}: {run.start_epoch}' for run in runs)}); they learn from each "
+                           f"other step by step, so they resume together: start them over with another --out")
     steps, per_step = split.shard.total // config.batch_size, config.views_per_step
     for epoch in range(min(run.start_epoch for run in runs), config.epochs):
         slots = range(epoch * per_step, (epoch + 1) * per_step)
@@ -246,23 +305,23 @@ def fit(runs: list[Run], split: Split, views: Views, targets: Sequence[Targets] 
         for provider, slot in zip(targets or (), slots):
             next_view = views.view_of(slot + per_step) if epoch + 1 < config.epochs else None
             provider.begin_epoch(views.view_of(slot), next_view)
-        for run in runs:
-            if epoch < run.start_epoch:
-                continue
+        active = [run for run in runs if epoch >= run.start_epoch]
+        for group in [active] if mutual else [[run] for run in active]:
             if batch_path is not None:
                 batches = zip(batch_path(epoch, epoch_generator(config.seed, epoch)))
             else:  # every view's batches from a generator of the same seed: the same samples, step by step
                 batches = zip(*(split.batches(epoch, view_params, provider, config.batch_size,
                                               epoch_generator(config.seed, epoch))
                                 for view_params, provider in zip(params, targets or [None] * per_step)))
-            metrics = run.train_epoch(epoch, batches, steps, show_progress)
-            metrics.update(run.evaluate(split))
-            run.end_epoch(metrics)
-            if show_progress:
-                tqdm.write(f"{run.name:>28} epoch {epoch + 1:>3}/{config.epochs}  loss {metrics['loss_total']:.4f}  "
-                           f"train {metrics['train_acc']:.4f}  test {metrics['test_acc']:.4f}  "
-                           + (f"ema {metrics['test_acc_ema']:.4f}  " if "test_acc_ema" in metrics else "")
-                           + f"{metrics['img_per_s']:.0f} img/s")
+            for run, metrics in zip(group, train_together(group, epoch, batches, steps, show_progress, mutual)):
+                metrics.update(run.evaluate(split))
+                run.end_epoch(metrics)
+                if show_progress:
+                    tqdm.write(f"{run.name:>28} epoch {epoch + 1:>3}/{config.epochs}  loss "
+                               f"{metrics['loss_total']:.4f}  train {metrics['train_acc']:.4f}  test "
+                               f"{metrics['test_acc']:.4f}  "
+                               + (f"ema {metrics['test_acc_ema']:.4f}  " if "test_acc_ema" in metrics else "")
+                               + f"{metrics['img_per_s']:.0f} img/s")
 
 
 def _tensorboard(folder: Path, metrics: dict[str, float]) -> None:

@@ -80,9 +80,9 @@ class WeightEMA:
     """An exponential moving average of a model's weights: after each step e ← decay·e + (1 − decay)·w for every
     parameter, and the buffers (BatchNorm's running statistics) copied. Evaluated and saved beside the model."""
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: nn.Module, decay: float, flag: str = "--ema-decay") -> None:
         if not 0 < decay < 1:
-            raise KdcacheError(f"--ema-decay: expected a decay in (0, 1) such as 0.9998, got {decay}")
+            raise KdcacheError(f"{flag}: expected a decay in (0, 1) such as 0.9998, got {decay}")
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
