@@ -89,9 +89,8 @@ def test_students_train_from_the_cache_and_are_tested_on_the_real_test_split(syn
     assert 0 <= runs[0].test_acc <= 1
 
 
-def test_an_interrupted_synthesis_resumes_to_the_images_of_an_uninterrupted_one(teacher_path, synthesized, tmp_path,
-                                                                               monkeypatch):
-    _, whole = synthesized
+def test_an_interrupted_synthesis_resumes_to_the_images_of_an_uninterrupted_one(teacher_path, tmp_path, monkeypatch):
+    synthesize(settings(teacher_path, tmp_path / "whole", iterations=5), show_progress=False)
     invert, calls = synthesis.invert_batch, []
 
     def stop_at_the_second_batch(*args, **kwargs):
@@ -102,12 +101,12 @@ def test_an_interrupted_synthesis_resumes_to_the_images_of_an_uninterrupted_one(
 
     monkeypatch.setattr(synthesis, "invert_batch", stop_at_the_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        synthesize(settings(teacher_path, tmp_path / "s"), show_progress=False)
+        synthesize(settings(teacher_path, tmp_path / "s", iterations=5), show_progress=False)
     assert sorted(path.name for path in (tmp_path / "s" / "batches").iterdir()) == ["00000.npz"]
     monkeypatch.setattr(synthesis, "invert_batch", invert)
-    synthesize(settings(teacher_path, tmp_path / "s"), show_progress=False)
+    synthesize(settings(teacher_path, tmp_path / "s", iterations=5), show_progress=False)
     for name in ("images.npy", "labels.npy"):
-        np.testing.assert_array_equal(np.load(tmp_path / "s" / name), np.load(whole / name))
+        np.testing.assert_array_equal(np.load(tmp_path / "s" / name), np.load(tmp_path / "whole" / name))
     with pytest.raises(KdcacheError, match="other settings \\(iterations\\)"):
         synthesize(settings(teacher_path, tmp_path / "s", iterations=3), show_progress=False)
 
