@@ -135,9 +135,11 @@ def test_a_run_recorded_before_the_options_resumes_as_one_that_keeps_their_defau
     old = {"arch": "resnet8", "config": {"epochs": 3, "lr": 0.05}}
     new = {"arch": "resnet8", "config": {"epochs": 3, "lr": 0.05, "optimizer": "sgd", "schedule": "step",
                                          "lr_warmup_epochs": 0.0, "label_smoothing": 0.0, "ema_decay": None,
-                                         "precision": "auto", "clip_grad": None, "teacher_weights": []}}
+                                         "precision": "auto", "clip_grad": None, "teacher_weights": [],
+                                         "views_per_step": 1, "mutual": False, "ema_teacher": None}}
     assert _what_it_computes(old) == _what_it_computes(new)
-    assert _what_it_computes(old) != _what_it_computes({**new, "config": {**new["config"], "optimizer": "adamw"}})
+    for changed in ({"optimizer": "adamw"}, {"views_per_step": 2}, {"mutual": True}, {"ema_teacher": 0.99}):
+        assert _what_it_computes(old) != _what_it_computes({**new, "config": {**new["config"], **changed}})
 
 
 def test_the_distill_config_passes_label_smoothing_to_the_loss():
