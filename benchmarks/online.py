@@ -33,6 +33,7 @@ from kdcache.stages.synthesize import synthesize
 METHODS = {"ce": "cross-entropy alone (fresh views)",
            "dml": "deep mutual learning, pair of {student}",
            "ema-teacher": "KD from the student's own EMA (decay 0.99)",
+           "ema-teacher-ce": "KD from the student's own EMA (decay 0.99), cross-entropy weight 1",
            "synthesized": "SDD-LSKD from {num} DeepInversion images",
            "noise": "SDD-LSKD from {num} noise images, teacher's labels (floor)",
            "real": "SDD-LSKD from the real training images (ceiling)"}
@@ -116,7 +117,9 @@ def train(args: argparse.Namespace, method: str, seed: int, caches: dict[str, An
                                         show_progress=False).checkpoint.parent}
     else:
         options = {"dml": {"mutual": True, "students": (args.student, args.student)},
-                   "ema-teacher": {"ema_teacher": 0.99, "losses": ("kd",)}}.get(method) or {
+                   "ema-teacher": {"ema_teacher": 0.99, "losses": ("kd",)},
+                   # KD's own cross-entropy weight, 0.1, leaves a self-teacher's student a tenth of the label signal
+                   "ema-teacher-ce": {"ema_teacher": 0.99, "losses": ("kd",), "ce_weight": 1.0}}.get(method) or {
             "cache": caches[CACHE_OF[method]]["path"], "losses": ("sdd-lskd",)}
         summaries = distill(DistillConfig(**{"students": (args.student,), **options, **schedule}), show_progress=False)
         folders = {f"{label}, student {k + 1}" if len(summaries) > 1 else label: summary.folder
