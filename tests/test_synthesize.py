@@ -111,6 +111,20 @@ def test_an_interrupted_synthesis_resumes_to_the_images_of_an_uninterrupted_one(
         synthesize(settings(teacher_path, tmp_path / "s", iterations=3), show_progress=False)
 
 
+def test_a_real_test_split_that_is_not_there_is_named(synthesized, tmp_path):
+    import json
+    import shutil
+
+    _, folder = synthesized
+    moved = shutil.copytree(folder, tmp_path / "copy", ignore=shutil.ignore_patterns("*.zarr", "batches"))
+    description = json.loads((moved / "dataset.json").read_text())
+    (moved / "dataset.json").write_text(json.dumps({**description, "source": {"name": "cifar10", "root": str(tmp_path),
+                                                                              "options": {}}}))
+    assert len(load_dataset("synthesized", moved, "train").labels) == 24
+    with pytest.raises(KdcacheError, match="tested on the teacher's real test split, cifar10 .* not available"):
+        load_dataset("synthesized", moved, "test")
+
+
 def test_a_teacher_without_batchnorm_and_a_missing_folder_are_refused_in_one_line(tmp_path):
     with pytest.raises(KdcacheError, match="no BatchNorm layer"):
         BatchNormStatistics(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))

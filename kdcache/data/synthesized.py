@@ -25,7 +25,12 @@ def synthesized(root: str | Path | None, split: str) -> ImageData:
     description = json.loads((Path(root) / DESCRIPTION).read_text())
     if split == "test":  # students are evaluated on real images
         source = description["source"]
-        return load_dataset(source["name"], source["root"], "test", **source["options"])
+        try:
+            return load_dataset(source["name"], source["root"], "test", **source["options"])
+        except KdcacheError as error:
+            raise KdcacheError(f"synthesized ({root}): students are tested on the teacher's real test split, "
+                               f"{source['name']} from {source['root'] or 'its built-in copy'}, which is not "
+                               f"available here: {error}") from None
     images = torch.from_numpy(np.load(Path(root) / IMAGES, allow_pickle=False))
     labels = torch.from_numpy(np.load(Path(root) / LABELS, allow_pickle=False)).long()
     return SynthesizedData("synthesized", split, images.contiguous(), labels, description["num_classes"],
