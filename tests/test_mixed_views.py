@@ -150,6 +150,10 @@ def test_cutmix_pastes_the_partners_box_and_its_weight_is_the_uncovered_share():
     differs = partner != torch.arange(40)
     torch.testing.assert_close(policy.label_weight(params)[differs], own[differs])
     assert not policy.out_of_range(params).any() and (box_h * box_w).float().mean() > 0
+    for column, value in ((0, 40), (0, -1), (3, SIZE + 1)):  # a partner past the view's rows, a box past the image
+        altered = params.clone()
+        altered[5, column] = value
+        assert torch.nonzero(policy.out_of_range(altered)).flatten().tolist() == [5]
 
 
 def test_mixing_draws_are_a_function_of_the_seed_and_mix_the_share_prob_asks():

@@ -125,8 +125,10 @@ class Mixed:
         return (1.0 - (mixing[:, 2] * mixing[:, 3]).double() / (height * width)).float()
 
     def out_of_range(self, params: Tensor) -> Tensor:
-        """Rows the base refuses, or with a negative partner, λ outside [0, 1] or a box outside the image."""
-        bad = self.base.out_of_range(params[:, :self.partner_column]) | (params[:, self.partner_column] < 0)
+        """Rows the base refuses, or with a partner outside the view's rows (params holds a whole view [N, P]), λ
+        outside [0, 1] or a box outside the image."""
+        partner = params[:, self.partner_column]
+        bad = self.base.out_of_range(params[:, :self.partner_column]) | (partner < 0) | (partner >= len(params))
         mixing = params[:, self.partner_column + 1:]
         if self.mode == "mixup":
             return bad | (mixing[:, 0] < 0) | (mixing[:, 0] > LAMBDA_UNITS)
