@@ -26,7 +26,7 @@ from kdcache.data.mixing import (
     replay,
     soft_labels,
 )
-from kdcache.data.randaugment import OPS, SIGNED, RandAugmented
+from kdcache.data.randaugment import OPS, SIGNED, RandAugmented, RandAugmentOps
 from kdcache.errors import KdcacheError
 from kdcache.losses import get_loss
 from kdcache.models import create_model, file_sha256, save_checkpoint
@@ -87,7 +87,7 @@ def torchvision_draws(seed, num_ops, magnitude):
 
 @pytest.mark.parametrize("num_ops,magnitude", [(2, 9), (3, 30), (1, 0)])
 def test_randaugment_replay_equals_torchvisions_randaugment_for_the_same_draws(data, num_ops, magnitude):
-    policy = RandAugmented(Identity(), num_ops, magnitude)
+    policy = RandAugmented(Identity(), RandAugmentOps(num_ops, magnitude))
     images = data[0].images
     for seed in range(40):
         params = torchvision_draws(seed, num_ops, magnitude)
@@ -267,14 +267,6 @@ def test_options_that_cannot_apply_are_refused_in_one_line(data):
         policy_for(data[0], "cifar", MIXES[1]).apply(data[0].images[:2], torch.zeros(2, 8, dtype=torch.long))
 
 
-def test_mixing_and_randaugment_on_a_streamed_folder_are_refused_naming_preload(tmp_path):
-    from image_folders import write_folder
-
-    files = load_dataset("imagefolder", write_folder(tmp_path / "images"), "train", image_size=16)
-    with pytest.raises(KdcacheError, match="--preload"):
-        policy_for(files, "imagenet", MIXES[0])
-    with pytest.raises(KdcacheError, match="--preload"):
-        policy_for(files, "randaugment")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

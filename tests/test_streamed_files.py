@@ -332,3 +332,35 @@ def test_on_cuda_the_workers_send_uint8_and_the_batches_equal_the_cpu_paths(cach
         for expected, found in zip(batches[key], batches[key.replace("cpu", "cuda")]):
             for a, b in zip(expected, found):
                 torch.testing.assert_close(b, a, rtol=0, atol=1e-6)  # normalize's division on another device
+
+
+def test_randaugment_views_of_files_replay_torchvisions_ops_and_the_cache_is_the_live_teacher(folder, teacher,
+                                                                                              tmp_path):
+    from kdcache.data import Identity, policy_for
+    from kdcache.data.randaugment import RandAugmented, RandAugmentOps
+
+    files = load_dataset("imagefolder", folder, "train", image_size=SIZE)
+    policy = policy_for(files, "randaugment", num_ops=2, magnitude=9)
+    model, info, _ = teacher
+    dump_teacher(model, info, files, policy, tmp_path / "ra.zarr", views=VIEWS, scales=SCALES, block_size=4,
+                 batch_size=3, workers=0, show_progress=False)
+    live, ops_alone = LogitMap(model, SCALES).eval(), RandAugmented(Identity(), RandAugmentOps(2, 9))
+    with open_cache(tmp_path / "ra.zarr") as cache:
+        assert cache.spec.augmentation["randaugment"]["num_ops"] == 2 and cache.spec.streamed
+        for view in range(VIEWS):
+            params = torch.from_numpy(cache.aug_params(view))
+            assert not policy.out_of_range(params).any() and len(set(params[:, 5].tolist())) > 3
+            originals = [files_module.read_image(files.path(i))[0] for i in range(len(files.labels))]
+            images = torch.stack([policy.apply(image, params[i]) for i, image in enumerate(originals)])
+            crops = torch.stack([FileResizedCropFlip(SIZE).apply(image, params[i, :5])
+                                 for i, image in enumerate(originals)])
+            assert torch.equal(images, ops_alone.apply(crops, params[:, 5:].long()))  # torchvision's ops, batched
+            with torch.no_grad():
+                expected = live(normalize(images, files.mean, files.std)).half().float()
+            torch.testing.assert_close(torch.from_numpy(cache.view(view)).float(), expected, rtol=2e-3, atol=2e-3)
+    streamed = run_distill(tmp_path / "ra.zarr", folder, tmp_path / "streamed", epochs=1, workers=0)[0]
+    dataset_path = run_distill(tmp_path / "ra.zarr", folder, tmp_path / "dataset", epochs=1, workers=0,
+                               batch_path="dataset")[0]
+    np.testing.assert_allclose(_losses(dataset_path), _losses(streamed), rtol=1e-5)
+    with pytest.raises(KdcacheError, match="with --mix: mixed views work on images held in memory.*--preload"):
+        policy_for(files, "imagenet", {"mode": "mixup"})

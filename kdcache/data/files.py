@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from kdcache.data.augment import AugmentPolicy, get_policy
 from kdcache.data.mixing import with_mixing
+from kdcache.data.randaugment import RandAugmentOps
 from kdcache.data.sources import ImageData, normalize
 from kdcache.errors import KdcacheError
 
@@ -254,16 +255,63 @@ class FileCenterCrop:
                 "resize": self.resize_size, "crop": "center"}
 
 
-FILE_POLICIES = {"imagenet": FileResizedCropFlip, "none": FileCenterCrop}
+@dataclass(frozen=True)
+class FileRandAugmented:
+    """RandomResizedCrop + flip on the original file (`FileResizedCropFlip`), then RandAugment's ops on the view:
+    its params, then (op_k, magnitude_k) per op (float32, as every streamed parameter is stored)."""
+
+    name: ClassVar[str] = "randaugment"
+    num_views: ClassVar[None] = None
+    size: int
+    num_ops: int = 2
+    magnitude: int = 9
+
+    @property
+    def base(self) -> FileResizedCropFlip:
+        return FileResizedCropFlip(self.size)
+
+    @property
+    def ops(self) -> RandAugmentOps:
+        return RandAugmentOps(self.num_ops, self.magnitude)
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return (*self.base.param_names, *self.ops.param_names)
+
+    def draw(self, generator: torch.Generator, height: int, width: int) -> Tensor:
+        """The box and flip for an image of that size, then the ops: float32 [P]."""
+        return torch.cat([self.base.draw(generator, height, width), self.ops.draw(generator, 1)[0].float()])
+
+    def apply(self, image: Tensor, params: Tensor) -> Tensor:
+        """The resized crop and flip, then each op: uint8 [C, size, size]."""
+        count = len(self.base.param_names)
+        return self.ops.apply(self.base.apply(image, params[:count])[None], params[None, count:])[0]
+
+    def out_of_range(self, params: Tensor) -> Tensor:
+        """Rows whose box the base refuses, or whose ops RandAugment could not have drawn."""
+        count = len(self.base.param_names)
+        return self.base.out_of_range(params[:, :count]) | self.ops.out_of_range(params[:, count:])
+
+    def describe(self) -> dict:
+        """The base's description with every parameter's name, and RandAugment's constants."""
+        return {**self.base.describe(), "name": self.name, "param_names": list(self.param_names),
+                "randaugment": self.ops.describe()}
 
 
-def file_policy(name: str, image_size: int) -> FilePolicy:
-    """The policy of that name for files viewed at image_size; a clear error for those that need images in memory."""
+FILE_POLICIES = {"imagenet": FileResizedCropFlip, "none": FileCenterCrop, "randaugment": FileRandAugmented}
+
+
+def file_policy(name: str, image_size: int, **options: int) -> FilePolicy:
+    """The policy of that name for files viewed at image_size (randaugment: with num_ops, magnitude); a clear error
+    for those that need images in memory."""
     if name not in FILE_POLICIES:
         raise KdcacheError(f"--aug {name}: works on images held in memory, and this split is streamed from files; "
-                           f"use {' or '.join(FILE_POLICIES)} (RandomResizedCrop + flip, or the evaluation crop), or "
-                           f"load the folder into memory with --preload")
-    return FILE_POLICIES[name](image_size)
+                           f"use {', '.join(FILE_POLICIES)} (RandomResizedCrop + flip, the evaluation crop, or both "
+                           f"then RandAugment), or load the folder into memory with --preload")
+    if options and name != "randaugment":
+        raise KdcacheError(f"--aug {name}: takes no option {', '.join(sorted(options))} (those of randaugment: "
+                           f"--ra-ops, --ra-magnitude); drop it or use --aug randaugment")
+    return FILE_POLICIES[name](image_size, **options)
 
 
 def draw_generator(seed: int, stream: str, view: int, index: int) -> torch.Generator:
@@ -372,11 +420,10 @@ def policy_for(data: ImageFiles | ImageData, name: str, mix: dict | None = None,
     ({mode, alpha, prob}) says: per file for a streamed split, else at the stored images' size."""
     options = {key: value for key, value in options.items() if value is not None}
     if isinstance(data, ImageFiles):
-        if mix or options:
-            raise KdcacheError(f"--aug {name}{' with --mix' if mix else ''}: mixing and RandAugment views work on "
-                               f"images held in memory, and this split is streamed from files; load the folder "
-                               f"into memory with --preload")
-        return file_policy(name, data.image_size)
+        if mix:
+            raise KdcacheError(f"--aug {name} with --mix: mixed views work on images held in memory, and this split "
+                               f"is streamed from files; load the folder into memory with --preload")
+        return file_policy(name, data.image_size, **options)
     size = tuple(data.images.shape[-2:])
     return with_mixing(get_policy(name, image_size=size, **options), mix, size)
 

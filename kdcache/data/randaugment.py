@@ -70,19 +70,16 @@ def apply_op(images: Tensor, op: str, magnitude: float) -> Tensor:
 
 
 @dataclass(frozen=True)
-class RandAugmented:
-    """A base policy's view (crop and flip), then `num_ops` RandAugment ops of magnitude bin `magnitude`.
+class RandAugmentOps:
+    """The RandAugment part of a view: `num_ops` ops of magnitude bin `magnitude`, drawn and replayed.
 
-    Params: the base policy's, then (op_k, magnitude_k) for k < num_ops: op_k indexes OPS, magnitude_k is
-    the bin (0..num_magnitude_bins-1), negated where a signed op's sign came up negative.
+    Params per view: (op_k, magnitude_k) for k < num_ops: op_k indexes OPS, magnitude_k is the bin
+    (0..num_magnitude_bins-1), negated where a signed op's sign came up negative.
     """
 
-    base: AugmentPolicy
     num_ops: int = 2
     magnitude: int = 9
     num_magnitude_bins: int = 31
-    name = "randaugment"
-    num_views = None
 
     def __post_init__(self) -> None:
         """Refuse op counts and magnitudes torchvision's RandAugment could not use."""
@@ -92,32 +89,21 @@ class RandAugmented:
 
     @property
     def param_names(self) -> tuple[str, ...]:
-        """The base policy's parameters, then op_k and magnitude_k per op."""
-        return (*self.base.param_names, *(f"{part}{k}" for k in range(self.num_ops) for part in ("op", "magnitude")))
+        return tuple(f"{part}{k}" for k in range(self.num_ops) for part in ("op", "magnitude"))
 
-    def sample(self, generator: torch.Generator, n: int) -> Tensor:
-        """The base's draws, then per op a uniform op and a fair sign (kept for signed ops): int64 [n, P]."""
+    def draw(self, generator: torch.Generator, n: int) -> Tensor:
+        """Per view and op a uniform op and a fair sign (kept for signed ops): int64 [n, 2·num_ops]."""
         ops = torch.randint(0, len(OPS), (n, self.num_ops), generator=generator)
         negative = torch.randint(0, 2, (n, self.num_ops), generator=generator).bool()
         signed = torch.tensor([op in SIGNED for op in OPS])[ops]
         magnitudes = torch.where(signed & negative, -self.magnitude, self.magnitude)
-        drawn = torch.stack([ops, magnitudes], dim=2).flatten(1)  # op0, magnitude0, op1, ...
-        return torch.cat([self.base.sample(generator, n), drawn], dim=1)
+        return torch.stack([ops, magnitudes], dim=2).flatten(1)  # op0, magnitude0, op1, ...
 
-    def enumerate(self) -> Tensor:
-        """Refused: sample views with --views."""
-        raise KdcacheError(f"{self.name}.enumerate(): {len(OPS)}^{self.num_ops} op choices on top of every crop are "
-                           "too many views to cache each; sample views with --views instead of --exhaustive")
-
-    def apply(self, images: Tensor, params: Tensor) -> Tensor:
-        """The base views, then each op in turn, applied at once to the samples that share (op, magnitude)."""
-        params = _checked_params(self, images, params)
-        count = len(self.base.param_names)
-        views = self.base.apply(images, params[:, :count])
+    def apply(self, views: Tensor, params: Tensor) -> Tensor:
+        """Each op in turn on uint8 views [B, C, H, W], at once to the samples that share (op, magnitude)."""
         size = tuple(views.shape[-2:])
         for k in range(self.num_ops):
-            drawn = params[:, count + 2 * k:count + 2 * k + 2]
-            pairs, group = torch.unique(drawn, dim=0, return_inverse=True)
+            pairs, group = torch.unique(params[:, 2 * k:2 * k + 2].long(), dim=0, return_inverse=True)
             changed = views.clone()
             for g, (op, magnitude_bin) in enumerate(pairs.tolist()):
                 members = torch.nonzero(group == g).flatten()
@@ -128,25 +114,62 @@ class RandAugmented:
         return views
 
     def out_of_range(self, params: Tensor) -> Tensor:
-        """Rows the base refuses, or with an unknown op, a magnitude not ±magnitude, or a negated unsigned op."""
-        count = len(self.base.param_names)
-        bad = self.base.out_of_range(params[:, :count])
-        ops, magnitudes = params[:, count::2], params[:, count + 1::2]
-        known = (ops >= 0) & (ops < len(OPS))
-        signed = torch.tensor([op in SIGNED for op in OPS])[ops.clamp(0, len(OPS) - 1)]
+        """Rows with an unknown op, a magnitude not ±magnitude, a negated unsigned op, or a fraction."""
+        ops, magnitudes = params[:, 0::2], params[:, 1::2]
+        known = (ops >= 0) & (ops < len(OPS)) & (ops == ops.round())
+        signed = torch.tensor([op in SIGNED for op in OPS])[ops.long().clamp(0, len(OPS) - 1)]
         allowed = (magnitudes == self.magnitude) | (signed & (magnitudes == -self.magnitude))
-        return bad | ~(known & allowed).all(dim=1)
+        return ~(known & allowed).all(dim=1)
+
+    def describe(self) -> dict:
+        """RandAugment's constants, for cache metadata."""
+        return {"num_ops": self.num_ops, "magnitude": self.magnitude, "num_magnitude_bins": self.num_magnitude_bins,
+                "ops": list(OPS), "interpolation": "nearest", "fill": 0}
+
+
+@dataclass(frozen=True)
+class RandAugmented:
+    """A base policy's view (crop and flip), then RandAugment's ops (`RandAugmentOps`): the base's parameters,
+    then (op_k, magnitude_k) per op."""
+
+    base: AugmentPolicy
+    ops: RandAugmentOps = RandAugmentOps()
+    name = "randaugment"
+    num_views = None
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """The base policy's parameters, then op_k and magnitude_k per op."""
+        return (*self.base.param_names, *self.ops.param_names)
+
+    def sample(self, generator: torch.Generator, n: int) -> Tensor:
+        """The base's draws and the ops' (drawn first, as the caches of 25c6ec1 were): int64 [n, P]."""
+        ops = self.ops.draw(generator, n)
+        return torch.cat([self.base.sample(generator, n), ops], dim=1)
+
+    def enumerate(self) -> Tensor:
+        """Refused: sample views with --views."""
+        raise KdcacheError(f"{self.name}.enumerate(): {len(OPS)}^{self.ops.num_ops} op choices on top of every crop "
+                           "are too many views to cache each; sample views with --views instead of --exhaustive")
+
+    def apply(self, images: Tensor, params: Tensor) -> Tensor:
+        """The base views, then each op in turn."""
+        params = _checked_params(self, images, params)
+        count = len(self.base.param_names)
+        return self.ops.apply(self.base.apply(images, params[:, :count]), params[:, count:])
+
+    def out_of_range(self, params: Tensor) -> Tensor:
+        """Rows the base refuses, or whose ops RandAugment could not have drawn."""
+        count = len(self.base.param_names)
+        return self.base.out_of_range(params[:, :count]) | self.ops.out_of_range(params[:, count:])
 
     def describe(self) -> dict:
         """Name, parameter names, the base policy's description and RandAugment's constants, for cache metadata."""
         return {"name": self.name, "param_names": list(self.param_names), "num_views": None,
-                "base": self.base.describe(),
-                "randaugment": {"num_ops": self.num_ops, "magnitude": self.magnitude,
-                                "num_magnitude_bins": self.num_magnitude_bins, "ops": list(OPS),
-                                "interpolation": "nearest", "fill": 0}}
+                "base": self.base.describe(), "randaugment": self.ops.describe()}
 
 
 @POLICIES.register
 def randaugment(image_size: tuple[int, int] | None = None, num_ops: int = 2, magnitude: int = 9) -> RandAugmented:
     """RandomCrop(padding 4) + flip + RandAugment(num_ops, magnitude), torchvision's ops, at any size."""
-    return RandAugmented(CropFlip(padding=4), int(num_ops), int(magnitude))
+    return RandAugmented(CropFlip(padding=4), RandAugmentOps(int(num_ops), int(magnitude)))
