@@ -268,14 +268,17 @@ class FileRandAugmented:
 
     @property
     def base(self) -> FileResizedCropFlip:
+        """The crop and flip of the original file."""
         return FileResizedCropFlip(self.size)
 
     @property
     def ops(self) -> RandAugmentOps:
+        """The RandAugment ops on the view."""
         return RandAugmentOps(self.num_ops, self.magnitude)
 
     @property
     def param_names(self) -> tuple[str, ...]:
+        """The crop's parameters, then op_k and magnitude_k per op."""
         return (*self.base.param_names, *self.ops.param_names)
 
     def draw(self, generator: torch.Generator, height: int, width: int) -> Tensor:

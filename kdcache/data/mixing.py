@@ -52,6 +52,7 @@ class Mixed:
 
     @property
     def name(self) -> str:
+        """The base policy's name (the mixing is in the description's `mix`)."""
         return self.base.name
 
     @property
@@ -61,10 +62,12 @@ class Mixed:
 
     @property
     def param_names(self) -> tuple[str, ...]:
+        """The base policy's parameters, then the mixing ones."""
         return (*self.base.param_names, *self.mix_names)
 
     @property
     def partner_column(self) -> int:
+        """Where `partner` stands in a row of parameters."""
         return len(self.base.param_names)
 
     def sample(self, generator: torch.Generator, n: int) -> Tensor:

@@ -89,6 +89,7 @@ class RandAugmentOps:
 
     @property
     def param_names(self) -> tuple[str, ...]:
+        """op_k and magnitude_k for each op k."""
         return tuple(f"{part}{k}" for k in range(self.num_ops) for part in ("op", "magnitude"))
 
     def draw(self, generator: torch.Generator, n: int) -> Tensor:

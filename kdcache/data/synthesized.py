@@ -44,4 +44,5 @@ class SynthesizedData(ImageData):
     root: str = ""
 
     def describe(self) -> dict:
+        """ImageData's description and the folder it was read from."""
         return {**super().describe(), "root": self.root}

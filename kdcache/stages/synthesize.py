@@ -81,6 +81,7 @@ class BatchNormStatistics:
         return total
 
     def remove(self) -> None:
+        """Take the hooks off the model."""
         for handle in self.handles:
             handle.remove()
 
