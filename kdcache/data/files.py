@@ -431,12 +431,19 @@ def policy_for(data: ImageFiles | ImageData, name: str, mix: dict | None = None,
     return with_mixing(get_policy(name, image_size=size, **options), mix, size)
 
 
+def policy_settings(augmentation: dict) -> tuple[str, dict | None, dict[str, int | None]]:
+    """A cache's `augmentation` metadata as policy_for's arguments: the name, the mixing ({mode, alpha, prob} or
+    None) and RandAugment's options (num_ops, magnitude; None without RandAugment)."""
+    randaugment = augmentation.get("randaugment", {})
+    options = {"num_ops": randaugment.get("num_ops"), "magnitude": randaugment.get("magnitude")}
+    return augmentation["name"], augmentation.get("mix"), options
+
+
 def stored_policy(data: ImageFiles | ImageData, augmentation: dict) -> FilePolicy | AugmentPolicy:
     """The policy a cache's `augmentation` metadata describes, for this data (RandAugment's and mixing's constants
     included)."""
-    randaugment = augmentation.get("randaugment", {})
-    return policy_for(data, augmentation["name"], augmentation.get("mix"), num_ops=randaugment.get("num_ops"),
-                      magnitude=randaugment.get("magnitude"))
+    name, mix, options = policy_settings(augmentation)
+    return policy_for(data, name, mix, **options)
 
 
 def first_images(data: ImageFiles | ImageData, count: int = 2) -> Tensor:

@@ -23,7 +23,7 @@ from kdcache.cache.writer import BackgroundWriter, CacheWriter
 from kdcache.config import DumpConfig, loader_options
 from kdcache.data import AugmentPolicy, FileBatches, FilePolicy, ImageData, ImageFiles, dataset_options, first_images, \
     load_dataset, normalize, policy_for
-from kdcache.data.files import batch_on_device, check_checksums, default_workers, stream
+from kdcache.data.files import batch_on_device, check_checksums, default_workers, policy_settings, stream
 from kdcache.data.mixing import Mixed, replay
 from kdcache.distributed import World
 from kdcache.errors import KdcacheError
@@ -100,9 +100,9 @@ def _with_views_of(config: DumpConfig) -> DumpConfig:
     options = dataset_options(spec.dataset["name"])  # the split as the cache read it: its size, streamed or not
     sized = {"image_size": spec.dataset["image_shape"][-1]} if "image_size" in options else {}
     loaded = {"preload": not spec.streamed} if "preload" in options else {}
-    randaugment, mix = spec.augmentation.get("randaugment", {}), spec.augmentation.get("mix", {})
-    policy = {"augmentation": spec.augmentation["name"], "ra_ops": randaugment.get("num_ops"),
-              "ra_magnitude": randaugment.get("magnitude"), "mix": mix.get("mode"),
+    name, mix, options = policy_settings(spec.augmentation)
+    policy = {"augmentation": name, "ra_ops": options["num_ops"], "ra_magnitude": options["magnitude"],
+              "mix": mix["mode"] if mix else None,
               **({"mix_alpha": mix["alpha"], "mix_prob": mix["prob"]} if mix else {})}
     return dataclasses.replace(config, dataset=spec.dataset["name"], split=spec.dataset["split"], **policy,
                                views=None if spec.exhaustive else spec.num_views, exhaustive=spec.exhaustive,

@@ -151,11 +151,12 @@ def synthesize(config: SynthesizeConfig, show_progress: bool = True) -> Synthesi
     finally:
         statistics.remove()
         progress.close()
-    data = _write_dataset(folder, targets, source, config, info, losses)
-    predicted = _predictions(teacher, data, device)
+    images = _assembled(folder, len(losses))
+    predicted = _predictions(teacher, images, source, device)
     intended = float((predicted == targets).float().mean())
-    if config.labels == "teacher":  # the floor of data-free distillation: noise (--iterations 0) the teacher labels
-        data = _write_dataset(folder, predicted, source, config, info, losses)
+    # --labels teacher: the floor of data-free distillation, noise (--iterations 0) that the teacher labels
+    data = _write_dataset(folder, images, predicted if config.labels == "teacher" else targets, source, config,
+                          info, losses)
     cache = dump_teacher(teacher, info, data, get_policy(config.augmentation, tuple(data.images.shape[-2:])),
                          folder / CACHE, views=config.views, scales=config.scales, device=device, seed=config.seed,
                          overwrite=True, show_progress=show_progress)
@@ -206,15 +207,20 @@ def _batch(teacher: nn.Module, statistics: BatchNormStatistics, targets: Tensor,
     return first, last
 
 
-def _write_dataset(folder: Path, targets: Tensor, source: ImageData, config: SynthesizeConfig, info: dict[str, Any],
-                   losses: list[tuple[float, float]]) -> ImageData:
-    """The batches as one uint8 array, the targets as labels, and the description `synthesized` loads."""
+def _assembled(folder: Path, batches: int) -> Tensor:
+    """The saved batches' images as one uint8 tensor [N, C, H, W]."""
     parts = []
-    for batch in range(len(losses)):
+    for batch in range(batches):
         with np.load(folder / "batches" / f"{batch:05d}.npz", allow_pickle=False) as saved:
             parts.append(saved["images"])
-    np.save(folder / IMAGES, np.concatenate(parts))
-    np.save(folder / LABELS, targets.numpy())
+    return torch.from_numpy(np.concatenate(parts))
+
+
+def _write_dataset(folder: Path, images: Tensor, labels: Tensor, source: ImageData, config: SynthesizeConfig,
+                   info: dict[str, Any], losses: list[tuple[float, float]]) -> ImageData:
+    """The images and labels as the arrays, and the description, that `synthesized` loads; loaded back."""
+    np.save(folder / IMAGES, images.numpy())
+    np.save(folder / LABELS, labels.numpy())
     description = {"format": 1, "num_classes": source.num_classes, "mean": list(source.mean), "std": list(source.std),
                    "teacher": info, "method": "DeepInversion (Yin et al., CVPR 2020)",
                    "source": {"name": config.dataset, "root": config.data_root, "options": loader_options(config)},
@@ -224,8 +230,9 @@ def _write_dataset(folder: Path, targets: Tensor, source: ImageData, config: Syn
 
 
 @torch.no_grad()
-def _predictions(teacher: nn.Module, data: ImageData, device: torch.device) -> Tensor:
-    """The class the teacher names for each synthesised image as stored (uint8, un-augmented) [N]."""
-    found = [teacher(normalize(data.images[start:start + 256].to(device), data.mean, data.std)).argmax(-1).cpu()
-             for start in range(0, len(data.labels), 256)]
+def _predictions(teacher: nn.Module, images: Tensor, source: ImageData, device: torch.device) -> Tensor:
+    """The class the teacher names for each synthesised image as stored (uint8 [N, C, H, W], un-augmented,
+    normalised as `source`) [N]."""
+    found = [teacher(normalize(images[start:start + 256].to(device), source.mean, source.std)).argmax(-1).cpu()
+             for start in range(0, len(images), 256)]
     return torch.cat(found) if found else torch.zeros(0, dtype=torch.long)
