@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# test helpers (fake_cifar, cache_faults, model_fixtures) import as top-level modules
+# test helpers (fake_cifar, cache_faults, model_fixtures, small_runs) import as top-level modules
 sys.path.insert(0, str(Path(__file__).parent))
 
 

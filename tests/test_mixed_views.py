@@ -7,12 +7,12 @@ import torch
 from console import run_cli
 from torchvision.transforms import RandAugment
 
+from small_runs import saved_teacher, synthetic_splits
 from kdcache.cache import open_cache
 from kdcache.config import DistillConfig, DumpConfig
 from kdcache.data import (
     Identity,
     get_policy,
-    load_dataset,
     normalize,
     policy_for,
     stored_policy,
@@ -29,7 +29,7 @@ from kdcache.data.mixing import (
 from kdcache.data.randaugment import OPS, SIGNED, RandAugmented, RandAugmentOps
 from kdcache.errors import KdcacheError
 from kdcache.losses import get_loss
-from kdcache.models import create_model, file_sha256, save_checkpoint
+from kdcache.models import file_sha256
 from kdcache.runtime import epoch_generator
 from kdcache.stages import (
     CacheDataset,
@@ -47,17 +47,12 @@ MIXES = [{"mode": "mixup", "alpha": 1.0, "prob": 0.75}, {"mode": "cutmix", "alph
 
 @pytest.fixture(scope="module")
 def data():
-    options = dict(num_samples=48, num_classes=CLASSES, image_size=SIZE, seed=5)
-    return load_dataset("synthetic", split="train", **options), load_dataset("synthetic", split="test", **options)
+    return synthetic_splits(48, CLASSES, seed=5, image_size=SIZE)
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    torch.manual_seed(1)
-    model = create_model("resnet8", num_classes=CLASSES).eval()
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    save_checkpoint(path, model)
-    return model, path
+    return saved_teacher(tmp_path_factory.mktemp("teacher"), CLASSES, seed=1)
 
 
 @pytest.fixture(scope="module", params=["mixup", "cutmix", "randaugment"])

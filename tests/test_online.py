@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from small_runs import synthetic_splits
 from kdcache.config import DistillConfig
-from kdcache.data import get_policy, load_dataset
+from kdcache.data import get_policy
 from kdcache.errors import KdcacheError
 from kdcache.losses import PEERS, dml, get_loss
 from kdcache.models import LogitMap, create_model
@@ -22,8 +23,7 @@ CLASSES, CPU = 3, torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def data():
-    options = {"num_samples": 24, "num_classes": CLASSES, "image_size": 16, "seed": 4}
-    return load_dataset("synthetic", split="train", **options), load_dataset("synthetic", split="test", **options)
+    return synthetic_splits(24, CLASSES, seed=4)
 
 
 def config(tmp_path, name, **options):

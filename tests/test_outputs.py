@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from small_runs import saved_teacher, synthetic_splits
 from kdcache.cache import open_cache
 from kdcache.config import DistillConfig, DumpConfig
 from kdcache.data import get_policy, load_dataset, normalize
@@ -33,17 +34,12 @@ CLASSES, OUTPUTS = 4, ("regions", "embedding", "attention/layer1", "attention/la
 
 @pytest.fixture(scope="module")
 def data():
-    options = dict(num_samples=32, num_classes=CLASSES, image_size=16, seed=3)
-    return load_dataset("synthetic", split="train", **options), load_dataset("synthetic", split="test", **options)
+    return synthetic_splits(32, CLASSES, seed=3)
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    torch.manual_seed(2)
-    model = create_model("resnet8", num_classes=CLASSES).eval()
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    save_checkpoint(path, model)
-    return model, path
+    return saved_teacher(tmp_path_factory.mktemp("teacher"), CLASSES, seed=2)
 
 
 def dump(teacher, data, path, outputs=OUTPUTS, **options):

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from small_runs import saved_teacher, synthetic_splits
 from kdcache.cache import open_cache
 from kdcache.config import DistillConfig, TeacherConfig
 from kdcache.data import get_policy, load_dataset
 from kdcache.errors import KdcacheError
 from kdcache.losses import get_loss
-from kdcache.models import LogitMap, create_model, file_sha256, save_checkpoint
+from kdcache.models import LogitMap, create_model, file_sha256
 from kdcache.report import distill_sweep
 from kdcache.runtime import epoch_generator
 from kdcache.stages import (
@@ -31,17 +32,12 @@ CLASSES = 4
 
 @pytest.fixture(scope="module")
 def data():
-    options = dict(num_samples=48, num_classes=CLASSES, image_size=16, seed=5)
-    return load_dataset("synthetic", split="train", **options), load_dataset("synthetic", split="test", **options)
+    return synthetic_splits(48, CLASSES, seed=5)
 
 
 @pytest.fixture(scope="module")
-def teacher(data, tmp_path_factory):
-    torch.manual_seed(1)
-    model = create_model("resnet8", num_classes=CLASSES).eval()
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    save_checkpoint(path, model)
-    return model, path
+def teacher(tmp_path_factory):
+    return saved_teacher(tmp_path_factory.mktemp("teacher"), CLASSES, seed=1)
 
 
 def make_cache(teacher, data, path, dtype="float16", views=2):

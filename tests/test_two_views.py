@@ -4,12 +4,13 @@ e·S + S - 1, their losses summed, exactly as a hand-written two-forward step do
 import pytest
 import torch
 
+from small_runs import saved_teacher, synthetic_splits
 from kdcache.cache import open_cache
 from kdcache.config import DistillConfig, TrainConfig
-from kdcache.data import get_policy, load_dataset, normalize
+from kdcache.data import get_policy, normalize
 from kdcache.errors import KdcacheError
 from kdcache.losses import get_loss
-from kdcache.models import LogitMap, create_model, file_sha256, save_checkpoint
+from kdcache.models import LogitMap, create_model, file_sha256
 from kdcache.runtime import epoch_generator
 from kdcache.stages import distill
 from kdcache.stages.dump import dump_teacher
@@ -20,18 +21,14 @@ CLASSES, CPU = 4, torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def data():
-    options = dict(num_samples=32, num_classes=CLASSES, image_size=16, seed=2)
-    return load_dataset("synthetic", split="train", **options), load_dataset("synthetic", split="test", **options)
+    return synthetic_splits(32, CLASSES, seed=2)
 
 
 @pytest.fixture(scope="module")
 def cache(data, tmp_path_factory):
-    torch.manual_seed(1)
-    teacher = create_model("resnet8", num_classes=CLASSES).eval()
     folder = tmp_path_factory.mktemp("two")
-    save_checkpoint(folder / "t.pt", teacher)
-    info = {"arch": "resnet8", "num_classes": CLASSES, "checkpoint": str(folder / "t.pt"),
-            "checkpoint_sha256": file_sha256(folder / "t.pt")}
+    teacher, path = saved_teacher(folder, CLASSES, seed=1)
+    info = {"arch": "resnet8", "num_classes": CLASSES, "checkpoint": str(path), "checkpoint_sha256": file_sha256(path)}
     dump_teacher(teacher, info, data[0], get_policy("cifar"), folder / "c.zarr", views=4, scales=(1,),
                  dtype="float32", block_size=16, show_progress=False)
     return folder / "c.zarr"
