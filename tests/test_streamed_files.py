@@ -362,5 +362,93 @@ def test_randaugment_views_of_files_replay_torchvisions_ops_and_the_cache_is_the
     dataset_path = run_distill(tmp_path / "ra.zarr", folder, tmp_path / "dataset", epochs=1, workers=0,
                                batch_path="dataset")[0]
     np.testing.assert_allclose(_losses(dataset_path), _losses(streamed), rtol=1e-5)
-    with pytest.raises(KdcacheError, match="with --mix: mixed views work on images held in memory.*--preload"):
-        policy_for(files, "imagenet", {"mode": "mixup"})
+
+
+def mixed_by_hand(own, partner, mixing, mode):
+    """The mixed image, transcribed from the definitions: λ·a + (1-λ)·b rounded half up, or b's box pasted into a."""
+    if mode == "mixup":
+        lam = float(mixing[0]) / 1024
+        return torch.floor(own.double() * lam + partner.double() * (1 - lam) + 0.5).to(torch.uint8)
+    top, left, height, width = (int(value) for value in mixing)
+    pasted = own.clone()
+    pasted[:, top:top + height, left:left + width] = partner[:, top:top + height, left:left + width]
+    return pasted
+
+
+@pytest.mark.parametrize("mode,base,workers", [("mixup", "imagenet", 1), ("cutmix", "randaugment", 0)])
+def test_mixed_views_of_files_read_the_partners_file_and_the_cache_is_the_live_teacher(folder, teacher, tmp_path,
+                                                                                       mode, base, workers):
+    from kdcache.data import policy_for
+    from kdcache.data.mixing import MIX_LABEL, MIX_WEIGHT
+
+    files = load_dataset("imagefolder", folder, "train", image_size=SIZE)
+    policy = policy_for(files, base, {"mode": mode, "alpha": 1.0, "prob": 0.7})
+    model, info, _ = teacher
+    out = tmp_path / "mixed.zarr"
+    dump_teacher(model, info, files, policy, out, views=VIEWS, scales=SCALES, block_size=4, batch_size=3,
+                 workers=workers, show_progress=False)  # draws each view, partners' included, in the workers
+    live, count = LogitMap(model, SCALES).eval(), policy.partner_column
+    originals = [files_module.read_image(files.path(i))[0] for i in range(len(files.labels))]
+    dataset = CacheDataset(out, folder)
+    with open_cache(out) as cache:
+        assert cache.spec.augmentation["mix"]["mode"] == mode and cache.spec.streamed
+        for view in range(VIEWS):
+            params = torch.from_numpy(cache.aug_params(view))
+            partners, weights = params[:, count].long(), policy.label_weight(params)
+            assert not policy.out_of_range(params).any() and 0 < int((weights < 1).sum()) < len(params)
+            views = [policy.base.apply(image, params[i, :count]) for i, image in enumerate(originals)]
+            images = torch.stack([mixed_by_hand(views[i], views[p], params[i, count + 1:], mode) if weights[i] < 1
+                                  else views[i] for i, p in enumerate(partners.tolist())])
+            with torch.no_grad():
+                expected = live(normalize(images, files.mean, files.std)).half().float()
+            torch.testing.assert_close(torch.from_numpy(cache.view(view)).float(), expected, rtol=2e-3, atol=2e-3)
+            dataset.set_epoch(view)
+            x, label, targets = dataset[3]
+            assert torch.equal(x, normalize(images[3:4], files.mean, files.std)[0]) and label == files.labels[3]
+            assert targets[MIX_LABEL] == files.labels[partners[3]] and targets[MIX_WEIGHT] == weights[3]
+    streamed = run_distill(out, folder, tmp_path / "streamed", epochs=1, workers=workers)[0]
+    dataset_path = run_distill(out, folder, tmp_path / "dataset", epochs=1, workers=0, batch_path="dataset")[0]
+    np.testing.assert_allclose(_losses(dataset_path), _losses(streamed), rtol=1e-5)
+
+
+def test_a_changed_partner_file_is_refused_naming_it(folder, tmp_path):
+    from kdcache.data import policy_for
+
+    files = load_dataset("imagefolder", folder, "train", image_size=SIZE)
+    policy = policy_for(files, "imagenet", {"mode": "cutmix", "prob": 1.0})
+    checksums = np.array([files_module.read_image(files.path(i))[1] for i in range(len(files.labels))])
+    params = FileBatches(files, policy, checksums=checksums)[(0, range(len(files.labels)))][2]
+    sample = next(i for i, row in enumerate(params) if policy.label_weight(row[None]) < 1 and
+                  row[policy.partner_column] != i)
+    partner = int(params[sample, policy.partner_column])
+    checksums[partner] ^= 1
+    with pytest.raises(KdcacheError, match=rf"{files.path(partner)} changed since the teacher's dump read it"):
+        FileBatches(files, policy, checksums=checksums).sample_view(0, sample)
+
+
+def test_a_rank_mixes_its_samples_with_partners_in_other_ranks_shards_as_one_process_does(folder):
+    from kdcache.data import policy_for
+    from kdcache.data.mixing import MIX_LABEL, MIX_WEIGHT
+    from kdcache.distributed import Shard
+    from kdcache.runtime import epoch_generator
+    from kdcache.stages.splits import StreamedSplit
+
+    files = load_dataset("imagefolder", folder, "train", image_size=SIZE)
+    test = load_dataset("imagefolder", folder, "test", image_size=SIZE)
+    policy = policy_for(files, "imagenet", {"mode": "mixup"})
+    params = FileBatches(files, policy)[(0, range(len(files.labels)))][2]
+
+    def per_sample(shard):  # sample -> (pixels, partner's label, λ) over one epoch's batches
+        split = StreamedSplit(files, test, policy, torch.device("cpu"), 0, shard=shard)
+        found = {}
+        for x, _, targets in split.batches(0, params, lambda held, images: {"held": held}, 4, epoch_generator(0, 0)):
+            for row, held in enumerate(targets["held"].tolist()):
+                found[held + shard.samples.start] = (x[row], targets[MIX_LABEL][row], targets[MIX_WEIGHT][row])
+        return found
+
+    whole, first = per_sample(Shard.whole(15)), per_sample(Shard(range(0, 8), 15))
+    assert any(int(params[sample, policy.partner_column]) >= 8 for sample in first)  # partners on the other rank
+    found = {**first, **per_sample(Shard(range(8, 15), 15))}
+    assert sorted(found) == sorted(whole)
+    for sample, (x, label, weight) in whole.items():
+        assert torch.equal(found[sample][0], x) and found[sample][1:] == (label, weight)

@@ -4,8 +4,9 @@ original image, read in DataLoader workers.
 `ImageFiles` holds a split's file list and labels only; nothing is decoded up front. A view of a file is
 drawn for that image's own size (`FileResizedCropFlip`, torchvision's RandomResizedCrop + flip) and stored as
 fractions of it, so it is replayed from the original file at any time; `FileCenterCrop` is the evaluation
-transform. `FileBatches` reads whole batches in DataLoader workers and returns the crc32c of every file it read,
-which the caller records (dump) or compares with the recorded one (distill).
+transform; `FileMixed` mixes a view with a partner file's (mixup, CutMix). `FileBatches` reads whole batches in
+DataLoader workers and returns the crc32c of every file it read, which the dump records; given the recorded ones
+(distill), it checks every file it reads against them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from kdcache.data.augment import AugmentPolicy, get_policy
-from kdcache.data.mixing import with_mixing
+from kdcache.data.mixing import Mixed, with_mixing
 from kdcache.data.randaugment import RandAugmentOps
 from kdcache.data.sources import ImageData, normalize
 from kdcache.errors import KdcacheError
@@ -301,6 +302,38 @@ class FileRandAugmented:
                 "randaugment": self.ops.describe()}
 
 
+@dataclass(frozen=True)
+class FileMixed(Mixed):
+    """A file policy's views mixed with a partner file's view (mixup or CutMix), as `Mixed` mixes images in memory.
+
+    Params: the base's (float32 fractions of the file), then the partner's sample index, λ·1024 or the box in
+    the view's pixels. The partner is drawn uniformly over the split's `num_samples` files, and its view is its
+    own under the same view (drawn from its own generator, or replayed from its row), so `FileBatches` reads and
+    crops the partner's file too. A view left unmixed keeps its drawn partner, with λ 1 or an empty box.
+    """
+
+    num_samples: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse what `Mixed` refuses, and splits whose sample indices float32 parameters cannot hold exactly."""
+        super().__post_init__()
+        if not 0 < self.num_samples <= 2**24:
+            raise KdcacheError(f"--mix on files: a streamed split's partner index is stored as float32, exact for "
+                               f"1 to 2^24 files, and this split has {self.num_samples}; split the folder")
+
+    @property
+    def size(self) -> int:
+        """The view's side, the base's."""
+        return self.base.size
+
+    def draw(self, generator: torch.Generator, height: int, width: int) -> Tensor:
+        """The base's draw for an image of that size (first, so a partner's base view is its own), then a partner
+        and the mixing: float32 [P]."""
+        base = self.base.draw(generator, height, width)
+        partner = torch.randint(0, self.num_samples, (1,), generator=generator)
+        return torch.cat([base, self.draw_mixing(generator, partner, partner)[0].float()])
+
+
 FILE_POLICIES = {"imagenet": FileResizedCropFlip, "none": FileCenterCrop, "randaugment": FileRandAugmented}
 
 
@@ -333,13 +366,15 @@ class FileBatches(Dataset):
     `replay(params)`, taken from params [N, P]. Item: (views [b, 3, S, S], labels [b], params [b, P]
     float32, crc32c of each file's bytes [b] int64, indices [b]). The views are uint8, for a GPU to normalise
     (a quarter of the bytes to move), or with `normalized` float32 normalised here, each image while it is in
-    the cache: on the CPU the workers' time is what is free. Pickles by path, as workers need.
+    the cache: on the CPU the workers' time is what is free. A mixed view (`FileMixed`) reads its partner's file
+    too. `checksums` [N], where given, is the crc32c every file read must have (the teacher's dump recorded it):
+    a changed file is refused, naming it. Pickles by path, as workers need.
     """
 
     def __init__(self, files: ImageFiles, policy: FilePolicy, seed: int = 0, stream: str = "views",
-                 normalized: bool = False) -> None:
+                 normalized: bool = False, checksums: np.ndarray | None = None) -> None:
         self.files, self.policy, self.seed, self.stream = files, policy, seed, stream
-        self.normalized = normalized
+        self.normalized, self.checksums = normalized, checksums
         self.params: Tensor | None = None
 
     def replay(self, params: Tensor | None) -> None:
@@ -356,16 +391,45 @@ class FileBatches(Dataset):
         params = torch.empty(len(indices), count, dtype=torch.float32)
         checksums = torch.empty(len(indices), dtype=torch.int64)
         for row, index in enumerate(indices):
-            image, checksums[row] = read_image(self.files.path(index))
-            params[row] = (self.params[index] if self.params is not None else
-                           self.policy.draw(draw_generator(self.seed, self.stream, view, index), *image.shape[-2:]))
-            pixels = self.policy.apply(image, params[row])
+            pixels, params[row], checksums[row] = self.sample_view(view, index)
             if self.normalized:
                 normalize(pixels, self.files.mean, self.files.std, out=images[row])
             else:
                 images[row] = pixels
         index_tensor = torch.as_tensor(list(indices), dtype=torch.int64)
         return images, self.files.labels[index_tensor], params, checksums, index_tensor
+
+    def sample_view(self, view: int, index: int) -> tuple[Tensor, Tensor, int]:
+        """Sample `index` under `view`: its uint8 view [3, S, S], its params [P] and its file's crc32c."""
+        image, checksum = self._read(index)
+        params = self._params(view, index, image)
+        if not isinstance(self.policy, FileMixed):
+            return self.policy.apply(image, params), params, checksum
+        own = self.policy.base.apply(image, params[:self.policy.partner_column])
+        if self.policy.label_weight(params[None])[0] == 1:  # unmixed: the partner's pixels would not show
+            return own, params, checksum
+        partner = int(params[self.policy.partner_column])
+        partner_image, _ = self._read(partner)
+        partner_view = self.policy.base.apply(partner_image, self._params(view, partner, partner_image, base=True))
+        return self.policy.mix(own[None], partner_view[None], params[None])[0], params, checksum
+
+    def _read(self, index: int) -> tuple[Tensor, int]:
+        """The file of sample `index` decoded, and its crc32c, checked against `checksums` where given."""
+        image, checksum = read_image(self.files.path(index))
+        if self.checksums is not None:
+            check_checksums(self.files, torch.tensor([index]), torch.tensor([checksum]),
+                            self.checksums[index:index + 1], "the teacher's dump")
+        return image, checksum
+
+    def _params(self, view: int, index: int, image: Tensor, base: bool = False) -> Tensor:
+        """Sample `index`'s parameters under `view` (with `base`, a mixed policy's base part only): replayed, or
+        drawn for the image's size from the sample's own generator, whose first draws are the base's."""
+        if self.params is not None:
+            params = self.params[index]
+        else:
+            policy = self.policy.base if base else self.policy
+            params = policy.draw(draw_generator(self.seed, self.stream, view, index), *image.shape[-2:])
+        return params[:self.policy.partner_column] if base else params
 
 
 def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
@@ -423,10 +487,9 @@ def policy_for(data: ImageFiles | ImageData, name: str, mix: dict | None = None,
     ({mode, alpha, prob}) says: per file for a streamed split, else at the stored images' size."""
     options = {key: value for key, value in options.items() if value is not None}
     if isinstance(data, ImageFiles):
-        if mix:
-            raise KdcacheError(f"--aug {name} with --mix: mixed views work on images held in memory, and this split "
-                               f"is streamed from files; load the folder into memory with --preload")
-        return file_policy(name, data.image_size, **options)
+        size = (data.image_size, data.image_size)
+        return with_mixing(file_policy(name, data.image_size, **options), mix, size, FileMixed,
+                           num_samples=len(data.labels))
     size = tuple(data.images.shape[-2:])
     return with_mixing(get_policy(name, image_size=size, **options), mix, size)
 

@@ -74,16 +74,22 @@ class Mixed:
         """The base's draws for samples 0..n-1, then a partner from a random permutation, λ and (CutMix) a box."""
         base = self.base.sample(generator, n)
         partner = torch.randperm(n, generator=generator)
+        return torch.cat([base, self.draw_mixing(generator, partner, torch.arange(n))], dim=1)
+
+    def draw_mixing(self, generator: torch.Generator, partner: Tensor, own: Tensor) -> Tensor:
+        """The mixing columns of n views [n, M]: whether each is mixed, then λ and (CutMix) a box; a view left
+        unmixed keeps `own` as its partner, λ 1 (1024/1024) or an empty box."""
+        n = len(partner)
         mixed = torch.rand(n, generator=generator, dtype=torch.float64) < self.prob
         # torch has no seeded Beta: numpy's, seeded from the generator, keeps the draws a function of the seed
         beta = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
         lam = torch.from_numpy(beta.beta(self.alpha, self.alpha, n))
-        partner = torch.where(mixed, partner, torch.arange(n))
+        partner = torch.where(mixed, partner, own)
         if self.mode == "mixup":
             units = torch.where(mixed, torch.round(lam * LAMBDA_UNITS).long(), LAMBDA_UNITS)
-            return torch.cat([base, partner[:, None], units[:, None]], dim=1)
+            return torch.stack([partner, units], dim=1)
         box = self._box(generator, lam)
-        return torch.cat([base, partner[:, None], torch.where(mixed[:, None], box, 0)], dim=1)
+        return torch.cat([partner[:, None], torch.where(mixed[:, None], box, 0)], dim=1)
 
     def _box(self, generator: torch.Generator, lam: Tensor) -> Tensor:
         """torchvision CutMix's box per λ: centre uniform, half sides ⌊√(1-λ)/2 · side⌋, clipped: [n, 4]."""
@@ -167,7 +173,7 @@ def mix_targets(policy: AugmentPolicy, labels: Tensor, params: Tensor, index: Te
     if not isinstance(policy, Mixed):
         return {}
     own = params[index]
-    partner = own[:, policy.partner_column].to(labels.device)
+    partner = own[:, policy.partner_column].long().to(labels.device)  # float32 for a streamed split
     return {MIX_LABEL: labels[partner], MIX_WEIGHT: policy.label_weight(own).to(labels.device)}
 
 
@@ -184,8 +190,11 @@ def soft_labels(labels: Tensor, targets: dict[str, Tensor] | None, num_classes: 
     return mixed, rest or None
 
 
-def with_mixing(policy: AugmentPolicy, mix: dict | None, image_size: tuple[int, int]) -> AugmentPolicy:
-    """The policy mixed as `mix` ({mode, alpha, prob}) says, or the policy itself without."""
+def with_mixing(policy: AugmentPolicy, mix: dict | None, image_size: tuple[int, int], kind: type[Mixed] = Mixed,
+                **fields: int) -> AugmentPolicy:
+    """The policy mixed as `mix` ({mode, alpha, prob}) says, by `kind` (with its further `fields`), or the policy
+    itself without."""
     if not mix:
         return policy
-    return Mixed(policy, str(mix["mode"]), image_size, float(mix.get("alpha", 1.0)), float(mix.get("prob", 1.0)))
+    return kind(policy, str(mix["mode"]), image_size, float(mix.get("alpha", 1.0)), float(mix.get("prob", 1.0)),
+                **fields)

@@ -18,8 +18,7 @@ from torch.utils.data import Dataset
 
 from kdcache.cache import TeacherCache, open_cache
 from kdcache.cache.layout import CacheSpec
-from kdcache.data import ImageData, ImageFiles, dataset_options, load_dataset, normalize, stored_policy
-from kdcache.data.files import check_checksums, read_image
+from kdcache.data import FileBatches, ImageData, ImageFiles, dataset_options, load_dataset, normalize, stored_policy
 from kdcache.data.mixing import mix_targets, replay
 from kdcache.models import region_indices
 from kdcache.models.outputs import REGIONS
@@ -130,7 +129,6 @@ class CacheDataset(Dataset):
         """Sample index under its view, uint8 [1, C, H, W]: replayed from memory, or from its file (checked)."""
         if isinstance(self.data, ImageData):
             return replay(self.policy, self.data.images, params, [index])
-        image, checksum = read_image(self.data.path(index))
-        check_checksums(self.data, torch.tensor([index]), torch.tensor([checksum]), self._checksums[index:index + 1],
-                        "the teacher's dump")
-        return self.policy.apply(image, params[index])[None]
+        files = FileBatches(self.data, self.policy, checksums=self._checksums)
+        files.replay(params)
+        return files.sample_view(0, index)[0][None]

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from kdcache.data import AugmentPolicy, FileBatches, FilePolicy, ImageData, ImageFiles, normalize
-from kdcache.data.files import FileCenterCrop, batch_on_device, check_checksums, stream
+from kdcache.data.files import FileCenterCrop, batch_on_device, stream
 from kdcache.data.mixing import Mixed, mix_targets, replay
 from kdcache.distributed import Shard, all_sum
 from kdcache.errors import KdcacheError
@@ -76,8 +76,13 @@ def device_batches(images: torch.Tensor, labels: torch.Tensor, params: torch.Ten
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         found = None if targets is None else targets(index, x)
-        mixed = mix_targets(policy, labels, params, index)
-        yield x, labels[index], {**(found or {}), **mixed} if mixed else found
+        yield x, labels[index], with_mix_targets(found, mix_targets(policy, labels, params, index))
+
+
+def with_mix_targets(found: dict[str, torch.Tensor] | None, mixed: dict[str, torch.Tensor]
+                     ) -> dict[str, torch.Tensor] | None:
+    """A batch's targets with a mixed view's label targets added (none: the targets as they are)."""
+    return {**(found or {}), **mixed} if mixed else found
 
 
 def tensor_test_batches(test: ImageData, images: torch.Tensor, samples: range) -> Iterator[TestBatch]:
@@ -122,16 +127,16 @@ class StreamedSplit:
     to it), or on the CPU by the workers themselves.
 
     checksums: the crc32c the teacher's dump recorded for each file [N]: every file read is checked against
-    it. A rank reads only the files of its shard.
+    it. A rank reads only the files of its shard, and the partners' of a mixed view.
     """
 
     def __init__(self, data: ImageFiles, test: ImageFiles | ImageData, policy: FilePolicy, device: torch.device,
                  workers: int, seed: int = 0, shard: Shard | None = None, checksums: np.ndarray | None = None) -> None:
         self.data, self.test, self.device, self.workers = data, test, device, workers
         self.shard = shard or Shard.whole(len(data.labels))
-        self.checksums = checksums
+        self.policy = policy
         on_cpu = device.type == "cpu"  # then the workers normalise: the main process has the model to run
-        self.train_files = FileBatches(data, policy, seed, "fresh", normalized=on_cpu)
+        self.train_files = FileBatches(data, policy, seed, "fresh", normalized=on_cpu, checksums=checksums)
         self.test_split = test if isinstance(test, ImageData) else None
         self.test_files = FileBatches(test, FileCenterCrop(data.image_size), normalized=on_cpu) \
             if isinstance(test, ImageFiles) else None
@@ -141,14 +146,14 @@ class StreamedSplit:
         """One epoch's batches: the cache's views of the files (params), or views drawn fresh for this epoch."""
         self.train_files.replay(params)  # before the loader starts its workers, which take the dataset as it is
         keys = [(epoch, index.tolist()) for index in global_batches(self.shard, batch_size, generator)]
-        for images, labels, _, checksums, indices in stream(self.train_files, keys, self.workers, self.device):
-            if self.checksums is not None:
-                check_checksums(self.data, indices, checksums, self.checksums[indices.numpy()], "the teacher's dump")
+        for images, labels, params, _, indices in stream(self.train_files, keys, self.workers, self.device):
             x = batch_on_device(images, self.data, self.device)
             if x.is_cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
-            local = indices - self.shard.samples.start
-            yield x, labels.to(self.device, non_blocking=True), None if targets is None else targets(local, x)
+            found = None if targets is None else targets(indices - self.shard.samples.start, x)
+            mixed = {name: value.to(self.device) for name, value in
+                     mix_targets(self.policy, self.data.labels, params, slice(None)).items()}
+            yield x, labels.to(self.device, non_blocking=True), with_mix_targets(found, mixed)
 
     def test_batches(self, samples: range) -> Iterator[TestBatch]:
         """The test samples of `samples`: files through the evaluation crop, or a split held in memory."""
