@@ -424,6 +424,8 @@ def test_a_changed_partner_file_is_refused_naming_it(folder, tmp_path):
     checksums[partner] ^= 1
     with pytest.raises(KdcacheError, match=rf"{files.path(partner)} changed since the teacher's dump read it"):
         FileBatches(files, policy, checksums=checksums).sample_view(0, sample)
+    with pytest.raises(KdcacheError, match=r"needs its partner's file too: call .*sample_view"):
+        policy.apply(torch.zeros(3, SIZE, SIZE, dtype=torch.uint8), params[sample])
 
 
 def test_a_rank_mixes_its_samples_with_partners_in_other_ranks_shards_as_one_process_does(folder):

@@ -333,6 +333,12 @@ class FileMixed(Mixed):
         partner = torch.randint(0, self.num_samples, (1,), generator=generator)
         return torch.cat([base, self.draw_mixing(generator, partner, partner)[0].float()])
 
+    def apply(self, image: Tensor, params: Tensor) -> Tensor:
+        """Refused: a mixed view needs its partner's file; read it with `FileBatches(files, policy).sample_view`."""
+        raise KdcacheError(f"--mix {self.mode}: a mixed view of a file needs its partner's file too: call "
+                           "kdcache.data.FileBatches(files, policy).sample_view(view, index), after .replay(params) "
+                           "to replay a cache's view")
+
 
 FILE_POLICIES = {"imagenet": FileResizedCropFlip, "none": FileCenterCrop, "randaugment": FileRandAugmented}
 
