@@ -204,8 +204,8 @@ def train_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> N
 @click.option("--ra-magnitude", type=click.IntRange(0, 30), help="--aug randaugment: magnitude bin of every op, 0-30 "
               "(default 9).")
 @click.option("--mix", type=click.Choice(["mixup", "cutmix"]), help="Mix each view with a partner sample's view of "
-              "the same epoch (partner, lambda and box stored with the view; the teacher sees the mixed image, the "
-              "student's cross-entropy uses both labels).")
+              "the same cached view (partner, lambda and box stored with the view; the teacher sees the mixed image, "
+              "the student's cross-entropy uses both labels; streamed folders read the partner's file).")
 @click.option("--mix-alpha", type=click.FloatRange(min=0, min_open=True), help="--mix: lambda ~ Beta(alpha, alpha).",
               **_default(DumpConfig, "mix_alpha"))
 @click.option("--mix-prob", type=click.FloatRange(0, 1), help="--mix: the share of views mixed.",
