@@ -6,6 +6,7 @@ to wide.
 """
 
 import csv
+import multiprocessing
 import pickle
 import shutil
 from pathlib import Path
@@ -238,9 +239,11 @@ def test_the_stream_names_a_workers_error_in_one_line(folder):
     files = load_dataset("imagefolder", folder, "train", image_size=SIZE)
     broken = ImageFiles(files.name, files.split, files.root, np.array([b"cat/missing.jpg"]), files.labels[:1],
                         files.num_classes, files.mean, files.std, SIZE)
+    before = set(multiprocessing.active_children())
     with pytest.raises(KdcacheError) as caught:
         list(stream(FileBatches(broken, FileCenterCrop(SIZE)), [(0, [0])], 1, torch.device("cpu")))
     assert str(caught.value).startswith(f"{broken.path(0)}: cannot be read") and "\n" not in str(caught.value)
+    assert not set(multiprocessing.active_children()) - before  # the worker was stopped, not left to the collector
 
 
 def test_train_teacher_and_policies_that_need_memory(folder, tmp_path):
