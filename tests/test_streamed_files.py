@@ -173,13 +173,16 @@ def test_distill_trains_from_the_cache_and_the_live_teacher_on_the_same_pixels(c
     assert 0 <= cached.test_acc <= 1
 
 
-def test_a_changed_file_is_refused_naming_it(cache_path, folder, tmp_path):
+@pytest.mark.parametrize("batch_path", ["streamed", "dataset"])
+def test_a_changed_file_is_refused_naming_it_in_one_line(cache_path, folder, tmp_path, batch_path):
     copy = tmp_path / "images"
     shutil.copytree(folder, copy)
     changed = copy / "train" / "dog" / "c.jpeg"
     Image.new("RGB", (64, 64), (1, 2, 3)).save(changed)
-    with pytest.raises(KdcacheError, match=rf"{changed} changed since the teacher's dump read it"):
-        run_distill(cache_path, copy, tmp_path / "runs", workers=1)
+    options = {"batch_path": batch_path} if batch_path == "dataset" else {}
+    with pytest.raises(KdcacheError, match=rf"^{changed} changed since the teacher's dump read it") as caught:
+        run_distill(cache_path, copy, tmp_path / "runs", workers=1, **options)
+    assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)
 
 
 @pytest.mark.parametrize("change", ["added", "removed", "renamed"])

@@ -463,12 +463,18 @@ def stream(dataset: FileBatches, keys: Sequence[tuple[int, Sequence[int]]], work
     raised here as the one line it was, not wrapped in the worker's traceback."""
     loader = DataLoader(dataset, batch_size=None, sampler=keys, num_workers=workers,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+    return worker_batches(loader)
+
+
+def worker_batches(loader: DataLoader) -> Iterator:
+    """The loader's batches; a worker's KdcacheError is raised here as the one line it was, not wrapped in the
+    worker's traceback, and the workers are stopped at once."""
     batches = iter(loader)
     try:
         yield from batches
     except KdcacheError as error:
-        # the workers stopped now: left to the garbage collector (the error's traceback holds the iterator), their
-        # shutdown waits out DataLoader's 5 s join timeout before the process can exit
+        # left to the garbage collector (the error's traceback holds the iterator), the workers' shutdown waits
+        # out DataLoader's 5 s join timeout before the process can exit
         getattr(batches, "_shutdown_workers", lambda: None)()
         raise type(error)(worker_message(str(error))) from None
 

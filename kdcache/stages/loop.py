@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from kdcache import distributed
 from kdcache.config import DistillConfig, TrainConfig, config_dict
+from kdcache.data.files import worker_batches
 from kdcache.data.mixing import soft_labels
 from kdcache.distributed import World, all_sum, synchronise_batchnorm
 from kdcache.errors import KdcacheError
@@ -50,7 +51,7 @@ def loader_batches(dataset: Dataset, batch_size: int, generator: torch.Generator
     # the loader draws its workers' base seed from `generator`: give it its own, so the order above stands
     loader = DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=True, num_workers=num_workers,
                         generator=torch.Generator().manual_seed(0), pin_memory=device.type == "cuda")
-    for x, y, targets in loader:
+    for x, y, targets in worker_batches(loader):
         yield (x.to(device, non_blocking=True), y.to(device, non_blocking=True),
                {name: values.to(device, non_blocking=True) for name, values in targets.items()})
 
