@@ -16,7 +16,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torchvision.transforms.functional as TF
 from torch import Tensor
 
 from kdcache.data.augment import POLICIES, AugmentPolicy, CropFlip, _checked_params
@@ -50,6 +49,9 @@ def op_magnitude(op: str, magnitude_bin: int, num_bins: int, image_size: tuple[i
 
 def apply_op(images: Tensor, op: str, magnitude: float) -> Tensor:
     """torchvision's RandAugment op on uint8 images [B, C, H, W]: nearest interpolation, zero fill."""
+    # imported here: torchvision takes seconds to import, which every kdcache command would pay at start
+    from torchvision.transforms import functional as TF
+
     nearest = TF.InterpolationMode.NEAREST
     if op in ("ShearX", "ShearY"):
         shear = math.degrees(math.atan(magnitude))
