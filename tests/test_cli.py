@@ -135,6 +135,10 @@ def test_the_stages_end_to_end_the_first_through_the_console_script(tmp_path, ca
     assert "resnet8-sdd-lskd" in students.stdout and (tmp_path / "s" / "summary.png").exists()
 
 
-def test_python_dash_m_kdcache_works():
-    result = subprocess.run([sys.executable, "-m", "kdcache", "--version"], capture_output=True, text=True)
+def test_python_dash_m_kdcache_works_without_importing_torchvision_or_timm():
+    # -X importtime lists every module imported on stderr: those two take seconds, and most commands need neither
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "kdcache", "--version"], capture_output=True,
+                            text=True)
     assert result.returncode == 0 and "kdcache, version" in result.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert "kdcache.cli" in imported and not {"torchvision", "timm"} & imported
