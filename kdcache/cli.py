@@ -68,6 +68,7 @@ def _default(cls: type, name: str) -> dict[str, Any]:
     return {"default": value, "show_default": True}
 
 
+AUG_DEFAULT = "Default: cifar for data held in memory, imagenet for an image folder streamed from its files."
 config_option = click.option("--config", type=click.Path(dir_okay=False), default=None,
                              help="YAML recipe; its keys are these options' names, and flags given here override it.")
 device_option = click.option("--device", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
@@ -161,7 +162,7 @@ def quickstart(out: str, cache_path: str, device: str | None) -> None:
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Initial SGD learning rate.",
               **_default(TeacherConfig, "lr"))
 @click.option("--aug", "augmentation", help="Augmentation policy (cifar: pad 4, crop, flip; imagenet: "
-              "RandomResizedCrop, flip; none).", **_default(TeacherConfig, "augmentation"))
+              f"RandomResizedCrop, flip; none). {AUG_DEFAULT}")
 @click.option("--augmentation", "augmentation_old_name", hidden=True, callback=_deprecated("--aug"),
               help="The old name of --aug, kept for one release.")
 @click.option("--out", help="Folder for model.pt (weights only), model.json, metrics.csv.",
@@ -198,8 +199,7 @@ def train_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> N
 @click.option("--scales", callback=_scales, help="Region scales; region count is the sum of their squares.",
               **_default(DumpConfig, "scales"))
 @click.option("--aug", "augmentation", help="Augmentation policy replayed for each view (cifar, imagenet, none; "
-              "randaugment: cifar's crop and flip, then torchvision's RandAugment).",
-              **_default(DumpConfig, "augmentation"))
+              "randaugment: the default's crop and flip, then torchvision's RandAugment). " + AUG_DEFAULT)
 @click.option("--ra-ops", type=click.IntRange(min=1), help="--aug randaugment: ops per view (default 2).")
 @click.option("--ra-magnitude", type=click.IntRange(0, 30), help="--aug randaugment: magnitude bin of every op, 0-30 "
               "(default 9).")
@@ -276,6 +276,8 @@ def dump_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> No
               **_default(DistillConfig, "batch_size"))
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Initial SGD learning rate.",
               **_default(DistillConfig, "lr"))
+@click.option("--aug", "augmentation", help="Policy of the fresh views of a run without --cache (cifar, imagenet, "
+              "none, randaugment); a cache's runs replay its views. " + AUG_DEFAULT)
 @click.option("--view-order", type=click.Choice(["cycle", "shuffle"]), help="Epoch e uses view e mod K (cycle) or "
               "a seeded permutation of the views per round (shuffle).", **_default(DistillConfig, "view_order"))
 @click.option("--mutual", is_flag=True, help="Deep mutual learning: train the --student models together, step by "
@@ -395,7 +397,9 @@ def verify_command(cache: str) -> None:
 @click.argument("pattern", default="*")
 @click.option("--source", type=click.Choice(["kdcache", "timm", "torchvision"]), default="kdcache", show_default=True,
               help="Whose models: kdcache's registry (with parameter counts), timm's or torchvision's.")
-def models_command(pattern: str, source: str) -> None:
+@click.option("--pretrained", is_flag=True, help="With --source timm: list timm's pretrained tags (such as "
+              "timm:resnet50.a1_in1k), whose weights you fetch yourself and pass with --checkpoint.")
+def models_command(pattern: str, source: str, pretrained: bool) -> None:
     """List the models a source offers, optionally matching a pattern such as 'convnext*'.
 
     \b
@@ -408,7 +412,7 @@ def models_command(pattern: str, source: str) -> None:
     """
     from kdcache.report import model_table
 
-    click.echo(model_table(pattern, source))
+    click.echo(model_table(pattern, source, pretrained))
 
 
 @cli.command("datasets")

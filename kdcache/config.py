@@ -30,7 +30,7 @@ class TrainConfig:
     lr_decay_rate: float = 0.1
     seed: int = 0
     device: str = "auto"
-    augmentation: str = "cifar"
+    augmentation: str | None = None  # None: the source's own (data.files.DEFAULT_POLICIES)
     optimizer: str = "sgd"  # sgd | adamw
     schedule: str = "step"  # step (decay at lr_decay_at) | cosine (to 0 at the last step)
     lr_warmup_epochs: float = 0.0  # linear warm-up of the learning rate, per step
@@ -73,7 +73,7 @@ class DumpConfig:
     views: int | None = None
     exhaustive: bool = False
     scales: tuple[int, ...] = (1, 2, 4)
-    augmentation: str = "cifar"
+    augmentation: str | None = None  # None: the source's own (data.files.DEFAULT_POLICIES)
     ra_ops: int | None = None  # --aug randaugment: ops per view (default 2) and their magnitude bin (default 9)
     ra_magnitude: int | None = None
     mix: str | None = None  # mixup | cutmix: each view mixed with a partner sample's

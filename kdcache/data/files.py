@@ -497,10 +497,21 @@ def check_checksums(files: ImageFiles, indices: Tensor, found: Tensor, expected:
                            f"of other pixels; restore the file, or dump the teacher again over the folder as it is now")
 
 
-def policy_for(data: ImageFiles | ImageData, name: str, mix: dict | None = None,
+# the policy a split is augmented with when none is named: the field's for its kind of data (CIFAR's pad-and-crop
+# works only on images held in memory; a streamed folder is ImageNet-like)
+DEFAULT_POLICIES = {"memory": "cifar", "files": "imagenet"}
+
+
+def default_policy(data: ImageFiles | ImageData) -> str:
+    """The policy `policy_for` takes when none is named: imagenet for a streamed split, cifar in memory."""
+    return DEFAULT_POLICIES["files" if isinstance(data, ImageFiles) else "memory"]
+
+
+def policy_for(data: ImageFiles | ImageData, name: str | None, mix: dict | None = None,
                **options: object) -> FilePolicy | AugmentPolicy:
-    """The augmentation policy `name` (with its options, e.g. RandAugment's num_ops) for this data, mixed as `mix`
-    ({mode, alpha, prob}) says: per file for a streamed split, else at the stored images' size."""
+    """The augmentation policy `name` (None: `default_policy`; with its options, e.g. RandAugment's num_ops) for
+    this data, mixed as `mix` ({mode, alpha, prob}) says: per file for a streamed split, else at the images' size."""
+    name = name or default_policy(data)
     options = {key: value for key, value in options.items() if value is not None}
     if isinstance(data, ImageFiles):
         size = (data.image_size, data.image_size)

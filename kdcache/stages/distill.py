@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -17,7 +17,7 @@ from kdcache.cache.location import is_url
 from kdcache.config import DistillConfig, loader_options, recorded_config
 from kdcache.data import AugmentPolicy, FilePolicy, ImageData, ImageFiles, first_images, load_dataset, normalize, \
     policy_for, stored_policy
-from kdcache.data.files import default_workers
+from kdcache.data.files import default_policy, default_workers
 from kdcache.distributed import Shard, World
 from kdcache.errors import KdcacheError
 from kdcache.losses import LossSpec, LossSum, loss_parts, scaled_loss
@@ -121,6 +121,8 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: ImageData 
     if config.views_per_step > 1 and isinstance(data, ImageFiles):
         raise KdcacheError("--views-per-step: several views per step need the split in memory, and this one is "
                            "streamed from its files; load it with --preload, or train on one view per step")
+    if stored is None:  # fresh views: the run records the policy it draws them from, the source's by default
+        config = replace(config, augmentation=config.augmentation or default_policy(data))
     policy = stored_policy(data, stored.augmentation) if stored else policy_for(data, config.augmentation)
     scales = tuple(config.scales or (stored.scales if stored else (1, 2, 4)))
     losses = {name: scaled_loss(name, config.loss_overrides(), config.epochs) for _, name in config.runs()}
@@ -268,12 +270,12 @@ def _shard(cache: TeacherCache | None, num_samples: int, config: DistillConfig) 
                            f"--batch-path device")
     if cache is None:
         return here, distributed.even_share(num_samples, here)
-    blocks, shard = distributed.shard(cache.spec.num_blocks, cache.spec.block_size, num_samples, here)
-    if not len(blocks):
+    if cache.spec.num_blocks < here.size:  # refused by every rank alike, before any of them waits on another
         raise KdcacheError(f"cache {cache.path} has {cache.spec.num_blocks} blocks of {cache.spec.block_size} samples, "
-                           f"fewer than the {here.size} processes: each rank needs at least one; rebuild the cache "
-                           f"with a smaller --block-size or start fewer processes")
-    return here, shard
+                           f"fewer than the {here.size} processes: each rank needs at least one, so it can feed at "
+                           f"most {cache.spec.num_blocks}; start at most {cache.spec.num_blocks} "
+                           f"(--nproc-per-node), or rebuild the cache with a smaller --block-size")
+    return here, distributed.shard(cache.spec.num_blocks, cache.spec.block_size, num_samples, here)[1]
 
 
 def _summary(run: Run) -> RunSummary:

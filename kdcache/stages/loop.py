@@ -340,8 +340,10 @@ def _what_it_computes(record: dict[str, Any]) -> dict[str, Any]:
     """A run's record less the locations in it (LOCATIONS) and the options added since runs were first recorded,
     where they keep their default (a run started before them computes what they compute then): what --resume
     compares."""
+    # a cache's runs replay its views, which the record names by the cache's identity: the policy option is unused
+    unused = {"augmentation"} if "cache" in record else set()
     record = {**record, "config": {key: value for key, value in record.get("config", {}).items()
-                                   if NEWER_OPTIONS.get(key, object()) != value}}
+                                   if NEWER_OPTIONS.get(key, object()) != value and key not in unused}}
     kept = {}
     for key, value in record.items():
         if key in LOCATIONS and (LOCATIONS[key] is None or not isinstance(value, dict)):
