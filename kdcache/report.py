@@ -98,12 +98,19 @@ def verify_cache(path: str | Path, show_progress: bool = True) -> list[Problem]:
     return problems
 
 
-def model_table(pattern: str = "*", source: str = "kdcache") -> str:
-    """The models a source offers that match a pattern: kdcache's with their parameter counts at 100 classes."""
-    names = list_models(pattern, source)
+def model_table(pattern: str = "*", source: str = "kdcache", pretrained: bool = False) -> str:
+    """The models a source offers that match a pattern: kdcache's with their parameter counts at 100 classes; with
+    `pretrained`, timm's pretrained tags."""
+    names = list_models(pattern, source, pretrained)
+    what = "pretrained tag" if pretrained else "model"
     if not names:
-        raise KdcacheError(f"models: {source} has no model matching {pattern!r}; `kdcache models --source {source}` "
-                           f"lists every one")
+        flags = f"--source {source}" + (" --pretrained" if pretrained else "")
+        raise KdcacheError(f"models: {source} has no {what} matching {pattern!r}; `kdcache models {flags}` lists "
+                           f"every one")
+    if pretrained:
+        return "\n".join([*names, f"({len(names)} timm pretrained tags; kdcache downloads no weights: fetch the tag's "
+                                  f"model.safetensors where there is internet and pass it with --checkpoint, e.g. "
+                                  f"--teacher {names[0]} --checkpoint model.safetensors)"])
     if source != "kdcache":
         return "\n".join([*names, f"({len(names)} {source} models; name one as shown, e.g. --teacher {names[0]})"])
     width = max(len(name) for name in names)
@@ -120,17 +127,24 @@ def dataset_table() -> str:
         "datasets:  " + ", ".join(list_datasets()),
         "           digits needs nothing (scikit-learn's bundled digits); cifar10/cifar100 read --data-root in "
         "torchvision's on-disk format and never download; synthetic is generated",
-        "           imagefolder reads --data-root/train and val/ (or test/) in torchvision's ImageFolder layout, at 64×64",
+        "           imagefolder reads --data-root/train and val/ (or test/) in torchvision's ImageFolder layout, at 224×224 "
+        "(--image-size), streamed from its files (--preload: decoded into memory)",
         "policies:  " + ", ".join(list_policies()) + " (imagenet: RandomResizedCrop + flip, sampled views only)",
     ])
 
 
+# the weights a loss may set, as `kdcache losses` shows them beside each loss (the distill flags that override them)
+LOSS_DEFAULTS = ("ce_weight", "distill_weight", "temperature", "alpha", "beta", "warmup_epochs")
+
+
 def loss_table() -> str:
-    """Losses with their default weights and papers."""
-    rows = []
+    """Losses with their default weights (the ones they set) and papers."""
+    rows = [f"{'loss':<12} {'default weights (distill --ce-weight, --temperature, ... override them)':<74} paper"]
     for name in list_losses():
         spec = get_loss(name)
-        rows.append(f"{name:<12} {spec.paper}")
+        weights = " ".join(f"{field}={getattr(spec, field):g}" for field in LOSS_DEFAULTS
+                           if getattr(spec, field) not in (None, 0.0) or field == "ce_weight")
+        rows.append(f"{name:<12} {weights:<74} {spec.paper}")
     return "\n".join(rows)
 
 

@@ -88,9 +88,14 @@ def create_model(spec: str, num_classes: int = 100, pretrained: bool = False) ->
     return model
 
 
-def list_models(pattern: str = "*", source: str = "kdcache") -> list[str]:
-    """The names one source offers that match a shell-style pattern, as specs (prefixed, except kdcache's)."""
-    names = SOURCES.entry(source).names(pattern)
+def list_models(pattern: str = "*", source: str = "kdcache", pretrained: bool = False) -> list[str]:
+    """The names one source offers that match a shell-style pattern, as specs (prefixed, except kdcache's); with
+    `pretrained`, timm's pretrained tags (resnet50.a1_in1k), as `timm.list_pretrained` lists them."""
+    if pretrained and source != "timm":
+        raise KdcacheError(f"models --pretrained: only timm names its pretrained weights by tag (--source timm); "
+                           f"{source}'s models are listed without --pretrained, and their weights come from a local "
+                           f"file (--checkpoint)")
+    names = _timm().list_pretrained(pattern) if pretrained else SOURCES.entry(source).names(pattern)
     return names if source == "kdcache" else [f"{source}:{name}" for name in names]
 
 
