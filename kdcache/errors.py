@@ -18,3 +18,10 @@ class CorruptCacheError(KdcacheError):
 def unknown_name(call: str, name: str, known: Iterable[str]) -> KdcacheError:
     """The error for a name that is not registered, listing the registered ones."""
     return KdcacheError(f"{call}: unknown name {name!r}; known: {', '.join(sorted(known))}")
+
+
+def missing_root(dataset: str, folder: str) -> KdcacheError:
+    """The error for a dataset named without its folder, in the words of the command line and of the Python API both
+    (the same loader serves `--data-root` and `load_dataset(root=...)`)."""
+    return KdcacheError(f"dataset {dataset!r} needs its folder: --data-root DIR on the command line, root=DIR in "
+                        f"load_dataset(); {folder}")

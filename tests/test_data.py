@@ -57,7 +57,7 @@ def test_missing_cifar_names_where_it_looked_and_how_to_get_it(tmp_path, kind, f
     message = str(caught.value)
     assert str(tmp_path / "nowhere" / folder) in message and "never downloads" in message and "download=True" in message
     assert "\n" not in message
-    with pytest.raises(KdcacheError, match="needs root="):
+    with pytest.raises(KdcacheError, match="needs its folder: --data-root DIR on the command line, root=DIR in load_dataset"):
         load_dataset(kind)
 
 

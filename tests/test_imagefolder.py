@@ -145,7 +145,7 @@ def _error(root, split="train", **options) -> str:
 
 
 def test_missing_root_and_missing_split_folders(root, tmp_path):
-    assert "needs root=" in _error(None)
+    assert "needs its folder: --data-root DIR on the command line, root=DIR in load_dataset()" in _error(None)
     assert "is not a folder" in _error(tmp_path / "nowhere")
     (root / "val").rename(root / "validation")
     message = _error(root, "test")

@@ -128,7 +128,7 @@ def test_a_real_test_split_that_is_not_there_is_named(synthesized, tmp_path):
 def test_a_teacher_without_batchnorm_and_a_missing_folder_are_refused_in_one_line(tmp_path):
     with pytest.raises(KdcacheError, match="no BatchNorm layer"):
         BatchNormStatistics(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
-    with pytest.raises(KdcacheError, match="needs --data-root DIR"):
+    with pytest.raises(KdcacheError, match="needs its folder: --data-root DIR on the command line, root=DIR in load_dataset"):
         load_dataset("synthesized", tmp_path, "train")
     assert dataclasses.fields(SynthesizeConfig)  # the command's defaults are the paper's
     defaults = SynthesizeConfig()

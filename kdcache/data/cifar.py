@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, missing_root
 
 try:
     from numpy._core.multiarray import _reconstruct
@@ -107,7 +107,7 @@ def _find_folder(kind: str, layout: CifarLayout, root: str | Path | None, split:
         f"torchvision.datasets.{layout.torchvision_class}(root, download=True) on a machine with internet"
     )
     if root is None:
-        raise KdcacheError(f"load_dataset({kind!r}): needs root=, the folder that holds {layout.folder}; {hint}")
+        raise missing_root(kind, f"the folder that holds {layout.folder}; {hint}")
     root = Path(root).expanduser()
     wanted = layout.files[split]
     looked = []

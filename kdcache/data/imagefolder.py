@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from kdcache.data.files import ImageFiles, read_image
 from kdcache.data.sources import ImageData, register_dataset
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, missing_root
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,7 +70,7 @@ def _split_folder(root: str | Path | None, split: str, why: str = "") -> Path:
     """The folder of `split` under `root`; one KdcacheError line (saying `why` it is needed) when there is none."""
     layout = "root/train/<class>/<images> and root/val/<class>/<images> (or root/test/...)"
     if root is None:
-        raise KdcacheError(f"load_dataset('imagefolder'): needs root=, the folder laid out as {layout}")
+        raise missing_root("imagefolder", f"the folder laid out as {layout}")
     root = Path(root).expanduser()
     if not root.is_dir():
         raise KdcacheError(f"imagefolder root {root} is not a folder: pass the folder laid out as {layout}")

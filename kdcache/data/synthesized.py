@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from kdcache.data.sources import ImageData, load_dataset, register_dataset
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, missing_root
 
 DESCRIPTION, IMAGES, LABELS = "dataset.json", "images.npy", "labels.npy"
 
@@ -20,8 +20,8 @@ DESCRIPTION, IMAGES, LABELS = "dataset.json", "images.npy", "labels.npy"
 def synthesized(root: str | Path | None, split: str) -> ImageData:
     """Images `kdcache synthesize` wrote to `root` (train), or the real test split of the teacher's dataset (test)."""
     if root is None or not (Path(root) / DESCRIPTION).is_file():
-        raise KdcacheError(f"load_dataset('synthesized'): needs --data-root DIR, the folder `kdcache synthesize --out "
-                           f"DIR` wrote (with its {DESCRIPTION}); found {root or 'none'}")
+        raise missing_root("synthesized", f"the folder `kdcache synthesize --out DIR` wrote (with its {DESCRIPTION}); "
+                                          f"found {root or 'none'}")
     description = json.loads((Path(root) / DESCRIPTION).read_text())
     if split == "test":  # students are evaluated on real images
         source = description["source"]
