@@ -200,7 +200,7 @@ def test_a_cache_made_from_something_else_is_refused_naming_the_field_and_both_v
         with pytest.raises(KdcacheError) as refused:
             require_fits(cache, misfit["data"], misfit["policy"], (1, 2, 4), teacher=misfit["teacher"])
     message = str(refused.value)
-    assert f"was written for {field} " in message and "but this run has" in message
+    assert f"was written for {field}" in message and "but this run has" in message
     if isinstance(have, str):
         assert have in message  # the cache's value, then this run's
     assert "rebuild the cache or pass" in message

@@ -324,10 +324,25 @@ def require_match(spec: CacheSpec, where: str, expected: dict[str, Any]) -> None
                 raise KdcacheError(f"cache {where} holds scales {list(spec.scales)} but this run asks for "
                                    f"{list(value)}: choose --scales among the cache's or rebuild it with them")
             continue
-        have = metadata_field(metadata, name)
+        field, have, value = first_difference(name, metadata_field(metadata, name), value)
         if _normal(have) != _normal(value):
-            raise KdcacheError(f"cache {where} was written for {name} {_short(have)} but this run has "
-                               f"{_short(value)}: rebuild the cache or pass the {name.split('.')[0]} it was made from")
+            raise KdcacheError(f"cache {where} was written for {field} {_short(have)} but this run has "
+                               f"{_short(value)}: rebuild the cache or pass the {_MADE_FROM.get(name, name.split('.')[0])} "
+                               f"it was made from")
+
+
+# what a run passes to match a field whose name does not say it: the class count is the dataset's
+_MADE_FROM = {"teacher.num_classes": "dataset (its class count)"}
+
+
+def first_difference(name: str, have: Any, want: Any) -> tuple[str, Any, Any]:
+    """Where two metadata values first differ, descending into dicts: (dotted field, one's value, the other's), so a
+    message names the differing leaf, not a long dict cut short."""
+    if isinstance(have, dict) and isinstance(want, dict):
+        for key in [*have, *(key for key in want if key not in have)]:
+            if _normal(have.get(key)) != _normal(want.get(key)):
+                return first_difference(f"{name}.{key}", have.get(key), want.get(key))
+    return name, have, want
 
 
 def metadata_digest(metadata: dict[str, Any]) -> np.ndarray:

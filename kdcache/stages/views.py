@@ -8,7 +8,7 @@ from typing import Protocol
 import torch
 
 from kdcache.cache import TeacherCache
-from kdcache.cache.layout import metadata_field
+from kdcache.cache.layout import first_difference, metadata_field
 from kdcache.data import AugmentPolicy, FilePolicy, ImageData, ImageFiles
 from kdcache.data.files import FILE_POLICIES
 from kdcache.errors import CorruptCacheError, KdcacheError
@@ -87,10 +87,10 @@ def require_fits(cache: TeacherCache, data: ImageData | ImageFiles, policy: Augm
     """Refuse to train on a cache unless it was made from this data, normalisation, policy and scales.
 
     Checked from the most telling field to the most exact one, so a CIFAR-10 run on a CIFAR-100
-    cache hears about the class count rather than a fingerprint, and a folder whose files changed hears
-    which file.
+    cache hears about the dataset rather than its class count or a fingerprint, and a folder whose files
+    changed hears which file.
     """
-    expected = {"teacher.num_classes": data.num_classes, "dataset.name": data.name, "dataset.split": data.split,
+    expected = {"dataset.name": data.name, "dataset.split": data.split, "teacher.num_classes": data.num_classes,
                 "dataset.source": data.describe().get("source"), "scales": scales, "augmentation": policy.describe(),
                 "dataset.mean": list(data.mean), "dataset.std": list(data.std)}
     if teacher is not None:
@@ -156,10 +156,11 @@ def require_same_views(cache: TeacherCache, other: TeacherCache) -> None:
         return
     mine, theirs = cache.spec.to_metadata(), other.spec.to_metadata()
     for name in SAME_VIEWS:
-        if metadata_field(mine, name) != metadata_field(theirs, name):
-            raise KdcacheError(f"caches {cache.path} and {other.path} differ in {name} ({metadata_field(mine, name)!r} and "
-                               f"{metadata_field(theirs, name)!r}): several teachers train together only on the same views; "
-                               f"dump the second with `kdcache dump-teacher --views-from {cache.path} ...`")
+        field, one, another = first_difference(name, metadata_field(mine, name), metadata_field(theirs, name))
+        if one != another:
+            raise KdcacheError(f"caches {cache.path} and {other.path} differ in {field} ({one!r} and {another!r}): "
+                               f"several teachers train together only on the same views; dump the second with "
+                               f"`kdcache dump-teacher --views-from {cache.path} ...`")
     for view in range(cache.num_views):
         if not torch.equal(torch.from_numpy(cache.aug_params(view)), torch.from_numpy(other.aug_params(view))):
             raise KdcacheError(f"caches {cache.path} and {other.path} store other augmentation parameters for view "
