@@ -233,11 +233,15 @@ def test_ddp_refuses_a_cache_with_fewer_blocks_than_processes(work, monkeypatch)
     from kdcache.config import DistillConfig
     from kdcache.stages.distill import _shard
 
-    monkeypatch.setenv("RANK", "0")  # rank 0 of 16 gets no block of 12
     monkeypatch.setenv("WORLD_SIZE", "16")
     with open_cache(work / "one.zarr") as cache:
-        with pytest.raises(KdcacheError, match=r"12 blocks of 128 samples, fewer than the 16 processes.*--block-size"):
-            _shard(cache, 1438, DistillConfig())
+        # every rank refuses alike, also one that would get a block (15 of 16 gets block 11 of 12): a rank that went
+        # on would wait for the others in its first collective, and be killed by torchrun with --resume advice
+        for rank in ("0", "15"):
+            monkeypatch.setenv("RANK", rank)
+            with pytest.raises(KdcacheError, match=r"12 blocks of 128 samples, fewer than the 16 processes.*can feed "
+                                                   r"at most 12; start at most 12 \(--nproc-per-node\).*--block-size"):
+                _shard(cache, 1438, DistillConfig())
         with pytest.raises(KdcacheError, match=r"--batch-path dataset runs in one process"):
             _shard(cache, 1438, DistillConfig(batch_path="dataset"))
         monkeypatch.setenv("RANK", "1")
