@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from kdcache.cache import open_cache, verify
 from kdcache.cache.backends import open_store
-from kdcache.cache.layout import PENDING
+from kdcache.cache.layout import CACHE_ID, PENDING
 from kdcache.distributed import World
 from kdcache.stages.dump import open_writer
 from kdcache.errors import KdcacheError
@@ -62,7 +62,7 @@ def assert_same_cache(path, reference):
     with open_cache(path) as cache, open_cache(reference) as expected:
         for name in ("logits", "aug", "labels", "progress"):
             np.testing.assert_array_equal(cache.store.read(name), expected.store.read(name), err_msg=name)
-        assert cache.metadata == expected.metadata
+        assert {**cache.metadata, CACHE_ID: 0} == {**expected.metadata, CACHE_ID: 0}  # two stores, two ids
         assert verify(cache) == []
 
 

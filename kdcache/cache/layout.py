@@ -8,6 +8,8 @@ import hashlib
 import importlib.metadata
 import json
 import math
+import re
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +62,9 @@ ARRAYS = {
 }
 DIGEST_ARRAY, DIGEST_BYTES = "metadata_sha256", 32
 DIGEST_SINCE = 3  # the first format version that stores the digest
+# a random id, written into the metadata once, when the store is created (resume and finish keep it): a reader
+# that reopens a cache by path checks it is still the store it validated (see cache_id)
+CACHE_ID, CACHE_ID_SHOWN = "cache_id", 12  # the field, and the hex digits of it an error shows
 REGION_LAYOUT = "region 0 is the global logit; then, for each scale s in order, its s*s cells row-major"
 
 # fields that define what a cache holds: a rerun must match them all to resume
@@ -359,6 +364,37 @@ def require_metadata_digest(metadata: dict[str, Any], stored: np.ndarray, where:
                                 f"edited or damaged: its sha256 differs from the one stored beside it in array "
                                 f"{DIGEST_ARRAY!r}; the cache was altered: rebuild it with `kdcache dump-teacher "
                                 f"--overwrite`")
+
+
+def new_cache_id(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The metadata document of a store being created: with a cache_id of its own, never written again."""
+    return {**metadata, CACHE_ID: uuid.uuid4().hex}
+
+
+def cache_id(metadata: dict[str, Any], where: str) -> str:
+    """The id of the store this metadata document is of: its cache_id, written when the store was created.
+
+    A cache written by a kdcache from before cache ids (any format up to 5) has none; it is named by the sha256 of
+    its metadata less view_accuracy, the digest formats 3 on keep beside it: stable over a resume and finish (which
+    adds only view_accuracy), and another after any rewrite that changed a field. Only a rewrite by such a kdcache
+    with the very same arguments, teacher weights and data keeps it, and that rewrite holds the same values.
+    """
+    found = metadata.get(CACHE_ID)
+    if found is None:
+        return metadata_digest(metadata).tobytes().hex()
+    if not (isinstance(found, str) and re.fullmatch("[0-9a-f]{32}", found)):
+        raise CorruptCacheError(f"{where}: metadata field {CACHE_ID!r} should be 32 hex digits, found {_short(found)}; "
+                                f"the metadata was edited: rebuild the cache with `kdcache dump-teacher --overwrite`")
+    return found
+
+
+def require_same_cache(found: str | None, opened: str, where: str) -> None:
+    """Refuse a store at a path whose cache_id (None: none can be read there now) is not the one opened there."""
+    if found != opened:
+        now = "no cache there now: it was removed, or is being rewritten" if found is None else \
+            f"{found[:CACHE_ID_SHOWN]} now: it was rewritten, e.g. by `kdcache dump-teacher --overwrite`"
+        raise KdcacheError(f"cache {where} changed since this run opened it ({CACHE_ID} {opened[:CACHE_ID_SHOWN]} "
+                           f"then, {now}); restart the run to train from the new cache")
 
 
 @functools.cache

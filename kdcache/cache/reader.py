@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -14,16 +15,22 @@ import numpy as np
 from kdcache.cache.backends import open_store
 from kdcache.cache.lock import ReadersLock
 from kdcache.cache.layout import (DIGEST_ARRAY, DIGEST_BYTES, DIGEST_SINCE, PENDING, TOPK_ARRAYS, CacheSpec,
-                                  all_finite, require_match, require_metadata_digest)
+                                  all_finite, cache_id, require_match, require_metadata_digest, require_same_cache)
 from kdcache.cache.store import ChunkReadError, Store
 from kdcache.cache.topk import decode_topk_array
 from kdcache.errors import CorruptCacheError, KdcacheError
 
 
-def open_cache(path: str | Path) -> TeacherCache:
-    """Open a cache for reading; it is never written to, nor deleted or rewritten while open (see ReadersLock)."""
+def open_cache(path: str | Path, cache_id: str | None = None) -> TeacherCache:
+    """Open a cache for reading; it is never written to, nor deleted or rewritten while open (see ReadersLock).
+
+    cache_id: the `TeacherCache.cache_id` of the cache this caller opened and checked before (a dataset reopening it
+    in a worker): a store rewritten since is refused, naming both ids.
+    """
     readers = ReadersLock(path).share()
     try:
+        if cache_id is not None:  # first: any other check would name the new store's fields, not what happened
+            require_same_cache(stored_cache_id(path), cache_id, str(path))
         store = open_store(path, read_only=True)
     except BaseException:
         readers.release()
@@ -34,6 +41,16 @@ def open_cache(path: str | Path) -> TeacherCache:
         store.close()
         readers.release()
         raise
+
+
+def stored_cache_id(path: str | Path) -> str | None:
+    """The cache_id of the store at path now; None where no cache can be opened there (removed, or being rewritten)."""
+    try:
+        with open_store(path, read_only=True) as store:
+            metadata = store.metadata()
+    except KdcacheError:
+        return None
+    return cache_id(metadata, str(path)) if metadata else None
 
 
 @dataclass(frozen=True)
@@ -66,6 +83,8 @@ class TeacherCache:
         self._check_arrays()
         if spec.format_version >= DIGEST_SINCE:
             require_metadata_digest(store.metadata(), self._read_checked(DIGEST_ARRAY, None), str(self.path))
+        # which store this is: written once when it was created; one of the same arguments rewritten has another
+        self.cache_id = cache_id(store.metadata(), str(self.path))
 
     # -- what it holds -----------------------------------------------------------------------
     @property
@@ -130,7 +149,8 @@ class TeacherCache:
     def aug_params(self, view: int) -> np.ndarray:
         """[samples, params] augmentation parameters of one view: int32 pixels, or float32 fractions of each file
         for a streamed split."""
-        return self._read_checked("aug", view)
+        with self._unchanged():
+            return self._read_checked("aug", view)
 
     def file_listing(self) -> list[bytes]:
         """A streamed split's files as the dump listed them, relative to the split's folder, in sample order."""
@@ -162,13 +182,14 @@ class TeacherCache:
         if not 0 <= view < self.num_views:
             raise KdcacheError(f"cache {self.path} has views 0-{self.num_views - 1}; view {view} was asked for")
         blocks = self._blocks_of(samples)
-        missing = np.flatnonzero(self.progress()[view, blocks.start:blocks.stop] == PENDING) + blocks.start
-        if missing.size:
-            raise KdcacheError(f"cache {self.path} is incomplete: view {view} lacks {missing.size} of "
-                               f"{self.spec.num_blocks} blocks (first: block {missing[0]}); rerun the same "
-                               f"`kdcache dump-teacher` command to finish it")
-        arrays = {name: self._read_checked(name, view, blocks, None if out is None else out[name])
-                  for name in (self.spec.data_arrays if names is None else names)}
+        with self._unchanged():
+            missing = np.flatnonzero(self.progress()[view, blocks.start:blocks.stop] == PENDING) + blocks.start
+            if missing.size:
+                raise KdcacheError(f"cache {self.path} is incomplete: view {view} lacks {missing.size} of "
+                                   f"{self.spec.num_blocks} blocks (first: block {missing[0]}); rerun the same "
+                                   f"`kdcache dump-teacher` command to finish it")
+            arrays = {name: self._read_checked(name, view, blocks, None if out is None else out[name])
+                      for name in (self.spec.data_arrays if names is None else names)}
         for name, values in arrays.items():
             if values.dtype.kind == "f" and not all_finite(values):
                 first = int(np.flatnonzero(~np.isfinite(values).reshape(len(values), -1).all(1))[0])
@@ -225,6 +246,23 @@ class TeacherCache:
             if problem is None:
                 raise
             raise self._damaged(problem) from None
+
+    def require_unchanged(self) -> None:
+        """Refuse when the store at this cache's path is no longer the one opened here (rewritten since, e.g. by
+        `dump-teacher --overwrite`, where no readers lock kept that out: at a URL): its chunks are read by path."""
+        require_same_cache(stored_cache_id(self.path), self.cache_id, str(self.path))
+
+    @contextlib.contextmanager
+    def _unchanged(self) -> Iterator[None]:
+        """Around a read an epoch makes: refused if the store was rewritten before it, during it, or in a way that
+        made it fail (a chunk gone is a rewrite under way, not damage)."""
+        self.require_unchanged()
+        try:
+            yield
+        except KdcacheError:
+            self.require_unchanged()
+            raise
+        self.require_unchanged()
 
     def _damaged(self, problem: Problem) -> CorruptCacheError:
         return CorruptCacheError(f"{self.path}: {problem}; the cache is damaged: rebuild it with "

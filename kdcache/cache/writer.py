@@ -13,7 +13,7 @@ import numpy as np
 
 from kdcache.cache.backends import create_store, open_store, store_class
 from kdcache.cache.layout import (ARRAYS, DIGEST_ARRAY, DIGEST_BYTES, FORMAT, PENDING, WRITTEN_VERSION, CacheSpec,
-                                  all_finite, differences, generic_array, metadata_digest,
+                                  all_finite, differences, generic_array, metadata_digest, new_cache_id,
                                   require_metadata_digest)
 from kdcache.cache.location import Location, as_location, remove_store, store_exists
 from kdcache.cache.lock import ReadersLock, WriterLock
@@ -122,7 +122,7 @@ class CacheWriter:
         if not spec.streamed:
             store.write("aug", (), aug_params.astype(np.int32))
         store.write("progress", (), np.full((spec.num_views, spec.num_blocks), PENDING, np.int64))
-        metadata = spec.to_metadata()
+        metadata = new_cache_id(spec.to_metadata())  # the store's id, here only: a resume keeps it
         store.create_array(DIGEST_ARRAY, (DIGEST_BYTES,), "uint8", (DIGEST_BYTES,))
         store.write(DIGEST_ARRAY, (), metadata_digest(metadata))
         # the metadata goes last: a store without it is one whose creation never finished

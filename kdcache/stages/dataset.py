@@ -2,7 +2,8 @@
 
 `CacheDataset` pickles by the cache's path and opens the cache lazily in each process that reads it, so it works
 under any DataLoader (fork, spawn, forkserver workers; DistributedSampler). The epoch that `set_epoch` selects
-lives in shared memory, so persistent workers follow it too.
+lives in shared memory, so persistent workers follow it too. Each reopening checks the cache_id of the cache the
+dataset checked: a cache rewritten since (`dump-teacher --overwrite` between epochs) is refused, never served.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class CacheDataset(Dataset):
             self.scales = tuple(scales or opened.spec.scales)  # the targets' regions: LogitMap(student, scales)
             self.outputs = require_outputs(opened, tuple(opened.spec.outputs) if outputs is None else outputs)
             CachedViews(opened, self.policy, view_order, seed)  # an unknown order is refused here, not in a worker
+            self.cache_id = opened.cache_id  # what was checked here: a worker refuses a cache rewritten since
         finally:
             if opened is not cache:
                 opened.close()
@@ -97,7 +99,7 @@ class CacheDataset(Dataset):
             self._cache, self._loaded, self._opened_by = None, None, os.getpid()
         if self._loaded is None or self._loaded[0] != epoch:
             if self._cache is None:
-                self._cache = open_cache(self.path)
+                self._cache = open_cache(self.path, self.cache_id)
             views = CachedViews(self._cache, self.policy, self.view_order, self.seed)
             view = views.view_of(epoch)
             logits = torch.from_numpy(self._cache.view(view))
