@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from kdcache.cache.backends import open_store
+from kdcache.cache.location import store_exists
 from kdcache.cache.lock import ReadersLock
 from kdcache.cache.layout import (DIGEST_ARRAY, DIGEST_BYTES, DIGEST_SINCE, PENDING, TOPK_ARRAYS, CacheSpec,
                                   all_finite, cache_id, require_match, require_metadata_digest, require_same_cache)
@@ -44,11 +45,14 @@ def open_cache(path: str | Path, cache_id: str | None = None) -> TeacherCache:
 
 
 def stored_cache_id(path: str | Path) -> str | None:
-    """The cache_id of the store at path now; None where no cache can be opened there (removed, or being rewritten)."""
+    """The cache_id of the store at path now; None where there is none (removed, or half removed or created: being
+    rewritten). A URL that cannot be reached is its own error, not a cache gone."""
+    if not store_exists(path):
+        return None
     try:
         with open_store(path, read_only=True) as store:
             metadata = store.metadata()
-    except KdcacheError:
+    except CorruptCacheError:  # its zarr.json gone or cut short, its HDF5 file not whole
         return None
     return cache_id(metadata, str(path)) if metadata else None
 
