@@ -258,6 +258,9 @@ def dump_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> No
               "the cache must come from this spec.")
 @click.option("--student", "students", multiple=True, help="Student model spec: a kdcache name, timm:NAME, "
               "torchvision:NAME or python:module:callable; repeat for several students.")
+@click.option("--student-checkpoint", type=click.Path(exists=True), help="Start the student from these weights "
+              "(.pt, .pth, .safetensors, or a kdcache run folder) instead of fresh ones; shape-checked, and a head for "
+              "another class count (ImageNet's 1000) is replaced by a fresh one, said in a line. One --student.")
 @click.option("--loss", "losses", multiple=True, help="Loss from `kdcache losses` (default sdd-lskd); repeat for "
               "several. Every student is trained with every loss. LOSS,LOSS[=WEIGHT] sums losses in one run "
               "(e.g. sdd-lskd,rkd; cross-entropy once, WEIGHT the distill weight of that loss).")

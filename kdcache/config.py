@@ -136,6 +136,7 @@ class DistillConfig(TrainConfig):
     live_teacher: str | None = None
     teacher: str | None = None
     students: tuple[str, ...] = ("resnet8x4",)
+    student_checkpoint: str | None = None  # the student's initial weights (a file or run folder); None: fresh ones
     losses: tuple[str, ...] = ("sdd-lskd",)
     pairs: tuple[str, ...] = ()  # "student:loss"; when given, these runs instead of students x losses
     scales: tuple[int, ...] | None = None

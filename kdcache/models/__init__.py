@@ -5,7 +5,9 @@ from kdcache.models import imagenet, mobilenetv2, resnet, shufflenet, vgg, wrn  
 from kdcache.models._registry import register_model
 from kdcache.models.checkpoint import (
     file_sha256,
+    head_parameters,
     load_checkpoint,
+    load_student_weights,
     load_teacher,
     read_checkpoint,
     resolve_checkpoint,
@@ -19,7 +21,7 @@ from kdcache.models.logit_map import (
     parse_scales,
     region_indices,
 )
-from kdcache.models.specs import check_model_spec, create_model, list_models
+from kdcache.models.specs import check_model_spec, create_model, list_models, pretrained_tag
 
 __all__ = [
     "HEAD_KINDS",
@@ -28,11 +30,14 @@ __all__ = [
     "create_model",
     "describe_outputs",
     "file_sha256",
+    "head_parameters",
     "list_models",
     "load_checkpoint",
+    "load_student_weights",
     "load_teacher",
     "num_regions",
     "parse_scales",
+    "pretrained_tag",
     "read_checkpoint",
     "region_indices",
     "register_model",

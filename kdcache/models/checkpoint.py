@@ -138,10 +138,38 @@ def _check_fits(state: Mapping[str, torch.Tensor], model: nn.Module, path: Path)
 def load_checkpoint(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     """Load a weights-only checkpoint (a file or a run folder) into `model` (strictly) and return the model."""
     path = resolve_checkpoint(path)
+    _load_state(_state_dict_in(read_checkpoint(path), path), model, path)
+    return model
+
+
+def load_student_weights(path: str | os.PathLike, model: nn.Module, num_classes: int) -> list[str]:
+    """Start a student from a weights file or run folder, strictly but for its head: where the file's head is for
+    another class count (ImageNet's 1000), the model's fresh head is kept. Returns the head parameters kept fresh."""
+    path = resolve_checkpoint(path)
     state = _state_dict_in(read_checkpoint(path), path)
+    fresh = model.state_dict()
+    replaced = [name for name in head_parameters(model, num_classes)
+                if name in state and state[name].shape != fresh[name].shape]
+    _load_state({**state, **{name: fresh[name] for name in replaced}}, model, path)
+    return replaced
+
+
+def head_parameters(model: nn.Module, num_classes: int) -> list[str]:
+    """The parameter names of the layer that gives the logits: the last linear layer (or 1x1 convolution) with
+    `num_classes` outputs, as timm's, torchvision's and kdcache's models register their head last."""
+    heads = [(name, module) for name, module in model.named_modules()
+             if (isinstance(module, nn.Linear) and module.out_features == num_classes)
+             or (isinstance(module, nn.Conv2d) and module.out_channels == num_classes and module.kernel_size == (1, 1))]
+    if not heads:
+        return []
+    name, head = heads[-1]
+    return [f"{name}.{parameter}" if name else parameter for parameter, _ in head.named_parameters(recurse=False)]
+
+
+def _load_state(state: Mapping[str, torch.Tensor], model: nn.Module, path: Path) -> None:
+    """Load `state` into `model` strictly, after refusing in one line a tensor that does not fit."""
     _check_fits(state, model, path)
     model.load_state_dict(state, strict=True)
-    return model
 
 
 def _check_plain(value: object, where: str) -> None:

@@ -88,6 +88,12 @@ def create_model(spec: str, num_classes: int = 100, pretrained: bool = False) ->
     return model
 
 
+def pretrained_tag(spec: str) -> bool:
+    """Whether a spec names pretrained weights (timm:resnet50.a1_in1k), which kdcache never fetches."""
+    scheme, name = _split(spec)
+    return scheme == "timm" and "." in name
+
+
 def list_models(pattern: str = "*", source: str = "kdcache", pretrained: bool = False) -> list[str]:
     """The names one source offers that match a shell-style pattern, as specs (prefixed, except kdcache's); with
     `pretrained`, timm's pretrained tags (resnet50.a1_in1k), as `timm.list_pretrained` lists them."""

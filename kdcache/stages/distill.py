@@ -21,7 +21,7 @@ from kdcache.data.files import default_policy, default_workers
 from kdcache.distributed import Shard, World
 from kdcache.errors import KdcacheError
 from kdcache.losses import LossSpec, LossSum, loss_parts, scaled_loss
-from kdcache.models import check_model_spec, create_model, load_teacher
+from kdcache.models import check_model_spec, create_model, load_student_weights, load_teacher, pretrained_tag
 from kdcache.models.outputs import TeacherOutputs, feature_stages, parse_outputs, probe_output_shapes, \
     student_outputs
 from kdcache.runtime import pick_device
@@ -65,6 +65,10 @@ def distill(config: DistillConfig, show_progress: bool = True,
     for student, loss in config.runs():  # names are checked before any work
         check_model_spec(student)
         loss_parts(loss)
+    if config.student_checkpoint and len({student for student, _ in config.runs()}) > 1:
+        raise KdcacheError("--student-checkpoint: one file starts one student spec, and this run trains "
+                           f"{', '.join(sorted({student for student, _ in config.runs()}))}: train each student with "
+                           "its own weights in a run of its own")
     _check_teachers(config)
     device = pick_device(config.device)
     distributed.init(device)
@@ -144,7 +148,7 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: ImageData 
     for k, (student, loss_name) in enumerate(config.runs()):
         # every run of a student starts from the same weights; mutual students from their own, as DML's do
         torch.manual_seed(config.seed + (k if config.mutual else 0))
-        model = create_model(student, num_classes=data.num_classes)
+        model = _student_model(config, student, data.num_classes, images)
         record = {"arch": student, "num_classes": data.num_classes, "loss": loss_name,
                   "dataset": data.describe(), "config": recorded_config(config), **source}
         loss = losses[loss_name]
@@ -162,6 +166,30 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: ImageData 
                                   tuple(name for teacher in teachers for name in teacher.outputs))
     fit(runs, split, views, providers, config, device, batch_path, show_progress and here.is_main, config.mutual)
     return [_summary(run) for run in runs]
+
+
+def _student_model(config: DistillConfig, student: str, num_classes: int, images: torch.Tensor) -> torch.nn.Module:
+    """A student with the run's class count: fresh weights, or --student-checkpoint's (a head for another class count
+    replaced by a fresh one); a head that gives another class count is refused here, before any training."""
+    model = create_model(student, num_classes=num_classes)
+    if config.student_checkpoint:
+        replaced = load_student_weights(config.student_checkpoint, model, num_classes)
+        if replaced and distributed.world().is_main:
+            log.warning("%s: started from %s, its head (%s) replaced by a fresh one for %d classes", student,
+                        config.student_checkpoint, ", ".join(replaced), num_classes)
+    elif pretrained_tag(student) and distributed.world().is_main:
+        log.warning("%s names pretrained weights, which kdcache never downloads: the student starts from fresh "
+                    "weights; to start from the tag's weights, fetch its model.safetensors and pass it with "
+                    "--student-checkpoint", student)
+    training = model.training
+    with torch.no_grad():
+        classes = model.eval()(images[:1]).shape[-1]
+    model.train(training)
+    if classes != num_classes:
+        raise KdcacheError(f"student {student} predicts {classes} classes but this run's data has {num_classes}: "
+                           f"a factory should take num_classes= (kdcache passes it), or choose a student with "
+                           f"{num_classes} outputs")
+    return model
 
 
 def run_name(student: str, loss: str) -> str:
