@@ -15,6 +15,7 @@ is taken over.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -60,8 +61,14 @@ class WriterLock:
         fd = _flock(self.path, fcntl.LOCK_EX)
         if fd is None:
             raise self._refusal(self._holders_record())
-        os.ftruncate(fd, 0)
-        os.write(fd, self._record())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, self._record())
+        except OSError as error:  # a full disk: the lock file this process made goes, and nothing else was written
+            self.path.unlink(missing_ok=True)
+            os.close(fd)
+            raise KdcacheError(f"could not write the writer lock {self.path} ({error}); "
+                               f"{disk_full_hint(error)}, then rerun the same command") from error
         self._fd = fd
         return self
 
@@ -166,6 +173,12 @@ class WriterLock:
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
+
+
+def disk_full_hint(error: BaseException) -> str:
+    """What to do about a failed write: free space when the disk is full, else fix the cause."""
+    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) or "No space" in str(error)
+    return "the disk is full: free space" if full else "fix the cause"
 
 
 def _alive(holder: dict) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import queue
 import threading
@@ -16,7 +15,7 @@ from kdcache.cache.layout import (ARRAYS, DIGEST_ARRAY, DIGEST_BYTES, FORMAT, PE
                                   all_finite, differences, generic_array, metadata_digest, new_cache_id,
                                   require_metadata_digest)
 from kdcache.cache.location import Location, as_location, remove_store, store_exists
-from kdcache.cache.lock import ReadersLock, WriterLock
+from kdcache.cache.lock import ReadersLock, WriterLock, disk_full_hint
 from kdcache.cache.store import Store
 from kdcache.errors import KdcacheError
 
@@ -97,7 +96,7 @@ class CacheWriter:
                     store.close()
             if not isinstance(error, (OSError, RuntimeError)):  # h5py and zarr report a failed write either way
                 raise
-            raise KdcacheError(f"could not create the cache {path} ({error}); {_hint(error)}, then rerun the same "
+            raise KdcacheError(f"could not create the cache {path} ({error}); {disk_full_hint(error)}, then rerun the same "
                                f"command: the unfinished store is recognised and started anew") from error
         return store
 
@@ -179,7 +178,7 @@ class CacheWriter:
             self.store.flush()
         except OSError as error:
             raise KdcacheError(f"could not write view {view}, block {block} (samples {rows.start}-{rows.stop - 1}) "
-                               f"of {self.store.path}: {error}; {_hint(error)}, then rerun the same command to resume "
+                               f"of {self.store.path}: {error}; {disk_full_hint(error)}, then rerun the same command to resume "
                                f"(finished blocks are kept)") from error
 
     def view_accuracy(self) -> list[float]:
@@ -271,9 +270,3 @@ def _started_by_kdcache(path: str | Path) -> bool:
 def _not_a_cache(path: str | Path, why: str) -> KdcacheError:
     return KdcacheError(f"{path} exists and is not a kdcache cache ({why}); kdcache neither resumes nor deletes "
                         f"it, not even with --overwrite: choose another --out, or move it away yourself")
-
-
-def _hint(error: BaseException) -> str:
-    """What to do about a failed write: free space when the disk is full, else fix the cause."""
-    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) or "No space" in str(error)
-    return "the disk is full: free space" if full else "fix the cause"
