@@ -210,6 +210,7 @@ def test_hdf5_file_of_a_killed_writer_keeps_its_data_and_reopens_for_writing(tmp
         "from kdcache.cache.hdf5_store import HDF5Store\n"
         "store = HDF5Store.create(__import__('pathlib').Path(sys.argv[1]))\n"
         "store.create_array('a', (2, 8), 'float32', (1, 8))\n"
+        "store.set_metadata({})  # the file is built: it takes its path, open as a SWMR writer\n"
         "store.write('a', (0,), np.arange(8, dtype=np.float32))\n"
         "store.flush()\n"
         "os._exit(0)  # dies with the file open in SWMR mode\n")

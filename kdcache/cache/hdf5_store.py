@@ -1,8 +1,12 @@
 """HDF5 backend: one `.h5` file, fletcher32 checksums on every chunk, metadata as one JSON attribute.
 
-Data are written in SWMR mode, which keeps the file valid if the writer is killed. HDF5 then
-refuses to reopen it for writing (its consistency flag stays set), so `open` for writing rebuilds
-such a file by copying it, which keeps everything that was written.
+HDF5 keeps a file valid through a kill only in SWMR mode: a file killed while open for writing in any other mode
+can no longer be opened at all. So the real file is never open for writing outside SWMR mode. A new file is built
+(arrays, then the metadata) under a temporary name beside it and renamed into place whole, as Zarr writes its
+metadata last: a kill before the rename leaves no file at the path, and the rerun starts anew. The file is then
+only ever opened for writing as a SWMR writer, whose metadata updates (finish's) are in-place changes of the
+attribute. HDF5 refuses to reopen a killed SWMR writer's file for writing (its flags stay set), so `open` for
+writing rebuilds such a file by copying it, which keeps everything that was written.
 """
 
 from __future__ import annotations
@@ -33,14 +37,21 @@ class HDF5Store(Store):
     codecs = ("fletcher32",)
     suffixes = (".h5", ".hdf5")
 
-    def __init__(self, path: Path, file: h5py.File, read_only: bool) -> None:
+    def __init__(self, path: Path, file: h5py.File, read_only: bool, building: Path | None = None) -> None:
         super().__init__(path, read_only)
         self._file = file
+        self._building = building  # the temporary file a new store is built in, until it is renamed to path
 
     @classmethod
     def create(cls, path: Path) -> HDF5Store:
-        """Create an empty HDF5 file in the latest format (needed for SWMR)."""
-        return cls(path, h5py.File(path, "w-", libver="latest"), read_only=False)
+        """Start an empty HDF5 file in the latest format (needed for SWMR), under a temporary name beside path: it
+        takes path when its metadata is set or it is closed. Temporary files of earlier killed creations go."""
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, f"{path} exists")
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # the caller holds the writer lock: none is in use
+            stale.unlink(missing_ok=True)
+        building = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        return cls(path, h5py.File(building, "w", libver="latest"), read_only=False, building=building)
 
     @classmethod
     def open(cls, path: Path, read_only: bool = True) -> HDF5Store:
@@ -51,11 +62,11 @@ class HDF5Store(Store):
                 # lock is off for readers, whose exclusion kdcache's ReadersLock does (with it, a reader made a
                 # writer that reopens the file at finish() fail with "unable to lock file")
                 return cls(path, h5py.File(path, "r", libver="latest", swmr=True, locking=False), read_only=True)
-            return cls(path, h5py.File(path, "r+", libver="latest"), read_only=False)
+            return cls(path, _swmr_writer(path), read_only=False)
         except OSError as error:
             if not read_only and "already open for write" in str(error):
                 _rebuild_after_crash(path)
-                return cls(path, h5py.File(path, "r+", libver="latest"), read_only=False)
+                return cls(path, _swmr_writer(path), read_only=False)
             raise CorruptCacheError(f"{path} is not a readable HDF5 cache ({error}); rebuild it with "
                                     f"`kdcache dump-teacher --overwrite`") from error
 
@@ -66,7 +77,8 @@ class HDF5Store(Store):
 
     def _create_array(self, name: str, shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, ...],
                       fill_value: int | float) -> None:
-        self._leave_swmr()
+        if self._building is None:  # a SWMR writer cannot add objects: every array is made while the file is built
+            raise ValueError(f"{self.path}: HDF5 arrays are created before the store's metadata is set, not after")
         if 0 in shape:  # e.g. the parameters of a policy that has none: nothing to chunk or checksum
             self._file.create_dataset(name, shape=shape, dtype=dtype)
             return
@@ -80,8 +92,6 @@ class HDF5Store(Store):
         if free < values.nbytes + FREE_SPACE_MARGIN:
             raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {free} bytes free on {self.path.parent}, "
                                         f"{values.nbytes} to write and {FREE_SPACE_MARGIN} kept for HDF5's own records")
-        if not self._file.swmr_mode:
-            self._file.swmr_mode = True
         self._dataset(name)[selection] = values
 
     def _read(self, name: str, selection: Selection, out: np.ndarray | None) -> np.ndarray:
@@ -91,14 +101,18 @@ class HDF5Store(Store):
         return out
 
     def _set_metadata(self, metadata: dict[str, Any]) -> None:
-        self._leave_swmr()
-        self._file.attrs[METADATA_KEY] = json.dumps(metadata)
+        # modify() changes the attribute in place, which a SWMR writer may do (it may not add one)
+        self._file.attrs.modify(METADATA_KEY, json.dumps(metadata))
+        if self._building is not None:  # the metadata is written last: the file is whole, and takes its path
+            self._publish()
+            self._file = _swmr_writer(self.path)
 
-    def _leave_swmr(self) -> None:
-        # SWMR forbids new objects and attribute changes; reopening the file ends SWMR mode
-        if self._file.swmr_mode:
-            self._file.close()
-            self._file = h5py.File(self.path, "r+", libver="latest")
+    def _publish(self) -> None:
+        """Close a file being built and put it in its place, whole; nothing for a file already there."""
+        if self._building is not None:
+            self._file.close()  # if this fails (a full disk), the partial file stays under its temporary name
+            os.replace(self._building, self.path)
+            self._building = None
 
     def metadata(self) -> dict[str, Any]:
         """The kdcache metadata document from the root attribute."""
@@ -131,9 +145,17 @@ class HDF5Store(Store):
         self._file.flush()
 
     def close(self) -> None:
-        """Close the file."""
+        """Close the file (one still being built takes its path, without metadata if none was set)."""
+        self._publish()
         if self._file.id.valid:
             self._file.close()
+
+
+def _swmr_writer(path: Path) -> h5py.File:
+    """The file opened for writing straight in SWMR mode: no instant in which a kill leaves it unopenable."""
+    access = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    access.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
+    return h5py.File(h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDWR | h5py.h5f.ACC_SWMR_WRITE, fapl=access))
 
 
 def _rebuild_after_crash(path: Path) -> None:
