@@ -469,13 +469,16 @@ def recipe_command(recipe: str | None, checkpoint: str | None, data_root: str | 
     run_recipe(recipe, checkpoint, data_root, out, cache, epochs, losses or None, device, views, resume)
 
 
-# what to do after an interruption, per command: exactly what continues the work
+# what to do after an interruption, per command: exactly what continues the work (a test holds every command to one)
+WRITES_NOTHING = "it writes nothing, so nothing was left half-done"
 RESUME_ADVICE = {
     "dump-teacher": "rerun the same command to resume: finished blocks are kept",
     "distill": "rerun the same command with --resume to continue each run from its last finished epoch",
     "recipe": "rerun the same command with --resume to continue (its cache resumes by itself)",
+    "synthesize": "rerun the same command to resume: finished batches are kept (the cache over them is dumped anew)",
     "train-teacher": "train-teacher does not resume: rerun it to train again",
-    "quickstart": "rerun it to start again",
+    "quickstart": "quickstart does not resume: rerun it to start again",
+    **dict.fromkeys(("inspect", "verify", "models", "datasets", "losses"), WRITES_NOTHING),
 }
 
 
@@ -504,7 +507,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(error.exit_code)
     except (click.Abort, KeyboardInterrupt) as stop:
         command = next((word for word in argv if not word.startswith("-")), "")
-        advice = RESUME_ADVICE.get(command, "nothing was left half-done")
+        advice = RESUME_ADVICE.get(command, WRITES_NOTHING)  # no command yet: only its arguments were read
         terminated = isinstance(stop, Terminated) or isinstance(stop.__cause__, Terminated)  # click wraps it in Abort
         click.echo(f"kdcache: {'terminated (SIGTERM)' if terminated else 'interrupted'}; {advice}", err=True)
         sys.exit(143 if terminated else 130)

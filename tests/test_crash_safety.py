@@ -15,7 +15,7 @@ from test_lock import tiny_spec
 from kdcache.cache import CacheWriter, open_cache, verify
 from kdcache.cache.hdf5_store import HDF5Store
 from kdcache.cache.lock import WriterLock, lock_path
-from kdcache.cli import main
+from kdcache.cli import cli, main
 from kdcache.errors import KdcacheError
 from kdcache.models import create_model, save_checkpoint
 
@@ -110,12 +110,20 @@ def checkpoint(tmp_path_factory):
     return path
 
 
+def dump_command_killed_at_finish(argv: list[str]) -> None:
+    # OpenMP's threads do not survive a fork: a parent that ran torch on them leaves the child's first parallel
+    # region waiting for them forever. On one thread torch runs none (as DataLoader's forked workers do)
+    torch.set_num_threads(1)
+    killed_when(*KILL_POINTS["just after finish set the metadata"])
+    main(argv)
+
+
 def test_kill_9_just_after_an_hdf5_dumps_finish_then_the_same_command_finishes_it(checkpoint, tmp_path, capsys):
     out = tmp_path / "cache.h5"
     # digits (1438 images) through an untrained resnet8: one view of 6 blocks
     argv = ["dump-teacher", "--checkpoint", str(checkpoint), "--out", str(out), "--teacher", "resnet8", "--dataset",
             "digits", "--views", "1", "--batch-size", "256", "--block-size", "256", "--device", "cpu"]
-    dying = FORK.Process(target=lambda: (killed_when(*KILL_POINTS["just after finish set the metadata"]), main(argv)))
+    dying = FORK.Process(target=dump_command_killed_at_finish, args=(argv,))
     dying.start()
     dying.join(60)
     assert dying.exitcode == 9, "the dump was not killed at its finish"
@@ -123,3 +131,81 @@ def test_kill_9_just_after_an_hdf5_dumps_finish_then_the_same_command_finishes_i
     assert code == 0 and "resumed and finished" in printed, err
     code, _, err = run_cli(["verify", out], capsys)
     assert code == 0, err
+
+
+# -- what is found at a path that holds no cache -------------------------------------------------------
+
+def plain_file(path):
+    path.write_text("months of work")
+
+
+def run_folder(path):
+    path.mkdir()
+    (path / "model.pt").write_bytes(b"weights")
+
+
+def cut_hdf5_file(path):
+    path.write_bytes(b"\x89HDF\r\n\x1a\n")  # what a kill left of an HDF5 file before kdcache built it aside
+
+
+@pytest.mark.parametrize("name, make, found", [
+    ("notes.txt", plain_file, "a plain file"),
+    ("runs", run_folder, "a folder without zarr.json"),
+    ("c.h5", cut_hdf5_file, "an HDF5 file that HDF5 cannot open"),
+])
+def test_inspect_says_what_it_found_at_a_path_that_holds_no_cache(tmp_path, capsys, name, make, found):
+    path = tmp_path / name
+    make(path)
+    code, _, err = run_cli(["inspect", path], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"kdcache: error: {path} is {found}")
+    assert err.rstrip().endswith(", not a kdcache cache (a .zarr folder or an .h5 file); pass the path of a cache "
+                                 "written by `kdcache dump-teacher`")
+    assert "--overwrite" not in err
+
+
+def test_dump_teacher_refuses_what_is_no_cache_in_one_consistent_sentence(tmp_path):
+    path = tmp_path / "c.h5"
+    cut_hdf5_file(path)
+    with pytest.raises(KdcacheError) as refused:
+        CacheWriter.open(path, tiny_spec(), np.zeros(8, np.int64), np.zeros((1, 8, 0), np.int32), overwrite=True)
+    message = str(refused.value)
+    assert message.startswith(f"{path} exists and is not a kdcache cache (an HDF5 file that HDF5 cannot open (")
+    assert "rebuild" not in message and "not even with --overwrite" in message  # one piece of advice, not two
+    assert path.read_bytes() == b"\x89HDF\r\n\x1a\n"
+
+
+def test_an_empty_folder_left_by_a_zarr_creation_killed_before_its_zarr_json_is_started_anew(tmp_path):
+    path = tmp_path / "c.zarr"
+    path.mkdir()
+    dump(path)
+    with open_cache(path) as cache:
+        assert cache.is_complete()
+
+
+# -- what each command says when it is interrupted -------------------------------------------------
+
+ADVICE = {
+    "dump-teacher": "rerun the same command to resume: finished blocks are kept",
+    "distill": "rerun the same command with --resume to continue each run from its last finished epoch",
+    "recipe": "rerun the same command with --resume to continue (its cache resumes by itself)",
+    "synthesize": "rerun the same command to resume: finished batches are kept (the cache over them is dumped anew)",
+    "train-teacher": "train-teacher does not resume: rerun it to train again",
+    "quickstart": "quickstart does not resume: rerun it to start again",
+    **dict.fromkeys(("inspect", "verify", "models", "datasets", "losses"),
+                    "it writes nothing, so nothing was left half-done"),
+}
+
+
+def test_every_command_has_its_own_interrupt_advice():
+    assert set(ADVICE) == set(cli.commands)
+
+
+@pytest.mark.parametrize("command", ADVICE)
+def test_an_interrupted_command_says_exactly_what_continues_it(monkeypatch, capsys, command):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", interrupted)
+    code, _, err = run_cli([command], capsys)
+    assert code == 130 and err.strip() == f"kdcache: interrupted; {ADVICE[command]}"

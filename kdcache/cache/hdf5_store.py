@@ -22,7 +22,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from kdcache.cache.store import ArrayInfo, Selection, Store
+from kdcache.cache.store import ArrayInfo, NotACacheError, Selection, Store
 from kdcache.errors import CorruptCacheError
 
 METADATA_KEY = "kdcache"
@@ -56,6 +56,8 @@ class HDF5Store(Store):
     @classmethod
     def open(cls, path: Path, read_only: bool = True) -> HDF5Store:
         """Open an existing file; for writing, rebuild it first if a writer died with it open."""
+        if not h5py.is_hdf5(path):  # reads the signature only
+            raise NotACacheError(path, "a plain file")
         try:
             if read_only:
                 # SWMR reading also opens a file whose writer was killed, and never writes to it; HDF5's own file
@@ -63,12 +65,11 @@ class HDF5Store(Store):
                 # writer that reopens the file at finish() fail with "unable to lock file")
                 return cls(path, h5py.File(path, "r", libver="latest", swmr=True, locking=False), read_only=True)
             return cls(path, _swmr_writer(path), read_only=False)
-        except OSError as error:
+        except (OSError, RuntimeError) as error:  # h5py raises either for a damaged superblock
             if not read_only and "already open for write" in str(error):
                 _rebuild_after_crash(path)
                 return cls(path, _swmr_writer(path), read_only=False)
-            raise CorruptCacheError(f"{path} is not a readable HDF5 cache ({error}); rebuild it with "
-                                    f"`kdcache dump-teacher --overwrite`") from error
+            raise NotACacheError(path, f"an HDF5 file that HDF5 cannot open ({error})") from error
 
     def _dataset(self, name: str) -> h5py.Dataset:
         if name not in self._file:

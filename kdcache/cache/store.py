@@ -29,6 +29,15 @@ class ArrayInfo:
     codecs: tuple[str, ...] = ()  # how each chunk is encoded, by name: a cache's must include its checksum
 
 
+class NotACacheError(KdcacheError):
+    """What is at a cache's path is no cache store at all (a plain file, a folder without zarr.json...)."""
+
+    def __init__(self, path: Location, found: str) -> None:
+        self.found = found  # what is there, in words: "a plain file"
+        super().__init__(f"{path} is {found}, not a kdcache cache (a .zarr folder or an .h5 file); pass the path of a "
+                         f"cache written by `kdcache dump-teacher`")
+
+
 class ChunkReadError(CorruptCacheError):
     """Stored bytes that fail their checksum or cannot be decoded."""
 

@@ -16,7 +16,7 @@ from kdcache.cache.layout import (ARRAYS, DIGEST_ARRAY, DIGEST_BYTES, FORMAT, PE
                                   require_metadata_digest)
 from kdcache.cache.location import Location, as_location, remove_store, store_exists
 from kdcache.cache.lock import ReadersLock, WriterLock, disk_full_hint
-from kdcache.cache.store import Store
+from kdcache.cache.store import NotACacheError, Store
 from kdcache.errors import KdcacheError
 
 log = logging.getLogger(__name__)
@@ -254,10 +254,12 @@ def _indices(values: np.ndarray, limit: int = 10) -> str:
 def _started_by_kdcache(path: str | Path) -> bool:
     """Whether the store at path holds kdcache's metadata (True), or is one whose creation kdcache started and
     that stopped before the metadata, written last, was (False); anything else is refused, never deleted."""
+    if isinstance(path, Path) and path.is_dir() and not any(path.iterdir()):
+        return False  # a Zarr store killed before its zarr.json: an empty folder, nothing to lose
     try:
         store = open_store(path, read_only=True)
-    except KdcacheError as error:
-        raise _not_a_cache(path, str(error)) from error
+    except NotACacheError as error:
+        raise _not_a_cache(path, error.found) from error
     with store:
         metadata, arrays = store.metadata(), set(store.array_names())
     if metadata.get("format") == FORMAT:

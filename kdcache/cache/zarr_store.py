@@ -39,8 +39,8 @@ from kdcache.cache.location import (
     storage_options,
     url_filesystem,
 )
-from kdcache.cache.store import ArrayInfo, Selection, Store
-from kdcache.errors import CorruptCacheError
+from kdcache.cache.store import ArrayInfo, NotACacheError, Selection, Store
+from kdcache.errors import CorruptCacheError, KdcacheError
 
 METADATA_KEY = "kdcache"
 CODECS = (BytesCodec(endian="little"), Crc32cCodec())  # what kdcache writes, and what the direct read decodes
@@ -77,10 +77,14 @@ class ZarrStore(Store):
         store = _zarr_store(path, read_only)
         try:
             group = zarr.open_group(store, mode="r" if read_only else "r+", zarr_format=3)
-        except Exception as error:  # zarr raises many kinds for a malformed zarr.json: all mean "unreadable"
-            raise CorruptCacheError(f"{path} is not a readable Zarr v3 cache: its zarr.json is missing or malformed "
-                                    f"({type(error).__name__}: {error}); rebuild it with `kdcache dump-teacher "
-                                    f"--overwrite`") from error
+        except FileNotFoundError as error:  # zarr's "no group found" too
+            raise NotACacheError(path, "a folder without zarr.json") from error
+        except OSError as error:
+            raise KdcacheError(f"cannot read {path} ({type(error).__name__}: {error}); check that this process may "
+                               f"read it (for a URL: the network and the credentials in the environment)") from error
+        except Exception as error:  # zarr raises many kinds for a malformed zarr.json: all mean "no Zarr v3 group"
+            raise NotACacheError(path, f"a folder whose zarr.json is no readable Zarr v3 group "
+                                       f"({type(error).__name__}: {error})") from error
         return cls(path, group, read_only)
 
     def _array(self, name: str) -> zarr.Array:
