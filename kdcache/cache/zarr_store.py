@@ -82,9 +82,10 @@ class ZarrStore(Store):
         except OSError as error:
             raise KdcacheError(f"cannot read {path} ({type(error).__name__}: {error}); check that this process may "
                                f"read it (for a URL: the network and the credentials in the environment)") from error
-        except Exception as error:  # zarr raises many kinds for a malformed zarr.json: all mean "no Zarr v3 group"
-            raise NotACacheError(path, f"a folder whose zarr.json is no readable Zarr v3 group "
-                                       f"({type(error).__name__}: {error})") from error
+        except Exception as error:  # zarr raises many kinds for a malformed zarr.json: all mean "unreadable"
+            raise CorruptCacheError(f"{path}: its zarr.json is not a readable Zarr v3 group ({type(error).__name__}: "
+                                    f"{error}); the cache was altered: delete it and dump it again (dump-teacher "
+                                    f"--overwrite deletes only a store it can read)") from error
         return cls(path, group, read_only)
 
     def _array(self, name: str) -> zarr.Array:
