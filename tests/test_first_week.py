@@ -85,3 +85,35 @@ def test_the_recipes_cite_only_files_in_the_repository():
     for recipe in (REPO / "configs").rglob("*.yaml"):
         for cited in re.findall(r"\b((?:docs|benchmarks|shared)/[\w./-]+\.(?:md|yaml|py))", recipe.read_text()):
             assert (REPO / cited).is_file(), f"{recipe.name} cites {cited}, which is not in the repository"
+
+
+def test_inspect_on_a_run_folder_says_what_it_is(tmp_path, capsys):
+    saved_teacher(tmp_path / "run", num_classes=3, seed=0)
+    (tmp_path / "run" / "teacher.pt").rename(tmp_path / "run" / "model.pt")
+    code, _, err = run_cli(["inspect", tmp_path / "run"], capsys)
+    assert code == 2 and "is a kdcache run folder (model.pt holds a model's weights: pass it as --checkpoint)" in err
+    assert "--overwrite" not in err
+
+
+def test_a_cache_of_another_dataset_is_named_by_the_dataset_not_its_class_count(digits_cache, tmp_path, capsys):
+    code, _, err = run_cli(["distill", "--cache", digits_cache, "--dataset", "synthetic", "--student", "resnet8",
+                            "--out", tmp_path, "--device", "cpu"], capsys)
+    assert code == 2 and "was written for dataset.name digits but this run has synthetic" in err
+
+
+def test_caches_on_other_views_name_the_differing_field_whole(digits_cache, tmp_path):
+    import kdcache
+    from kdcache.stages import dump_teacher
+    from kdcache.stages.views import require_same_views
+
+    teacher, checkpoint = saved_teacher(tmp_path, num_classes=10, seed=1)
+    info = {"arch": "resnet8", "checkpoint": str(checkpoint), "checkpoint_sha256": "0" * 64}
+    policy = kdcache.get_policy("cifar", image_size=(32, 32))
+    mixed = kdcache.data.mixing.with_mixing(policy, {"mode": "mixup", "alpha": 1.0, "prob": 1.0}, (32, 32))
+    dump_teacher(teacher, info, kdcache.load_dataset("digits"), mixed, tmp_path / "mixed.zarr", views=2,
+                 scales=(1, 2), block_size=500, show_progress=False)
+    with kdcache.open_cache(digits_cache) as plain, kdcache.open_cache(tmp_path / "mixed.zarr") as other:
+        with pytest.raises(KdcacheError) as refused:
+            require_same_views(plain, other)
+    message = str(refused.value)
+    assert "differ in augmentation.mix (None and {'mode': 'mixup', 'alpha': 1.0, 'prob': 1.0}" in message

@@ -78,7 +78,7 @@ class ZarrStore(Store):
         try:
             group = zarr.open_group(store, mode="r" if read_only else "r+", zarr_format=3)
         except FileNotFoundError as error:  # zarr's "no group found" too
-            raise NotACacheError(path, "a folder without zarr.json") from error
+            raise NotACacheError(path, _folder_without_group(path)) from error
         except OSError as error:
             raise KdcacheError(f"cannot read {path} ({type(error).__name__}: {error}); check that this process may "
                                f"read it (for a URL: the network and the credentials in the environment)") from error
@@ -173,6 +173,13 @@ class ZarrStore(Store):
         if self._readers is not None:
             self._readers.shutdown()
             self._readers = None
+
+
+def _folder_without_group(path: Location) -> str:
+    """What a folder without zarr.json is, in words: a kdcache run folder (train-teacher's, distill's) is named."""
+    if isinstance(path, Path) and (path / "model.pt").is_file():
+        return "a kdcache run folder (model.pt holds a model's weights: pass it as --checkpoint)"
+    return "a folder without zarr.json"
 
 
 def _zarr_store(path: Location, read_only: bool) -> LocalStore | FsspecStore:
