@@ -187,7 +187,7 @@ def test_undecodable_file_is_named(root):
     bad = root / "train" / "cat" / "c2.png"
     bad.write_bytes(b"not a png")
     message = _error(root, image_size=SIZE, preload=True)
-    assert str(bad) in message and "delete or replace the file" in message and ".cpp" not in message
+    assert str(bad) in message and "put a readable image under the same name" in message and ".cpp" not in message
 
 
 def test_test_classes_must_be_trains(root):

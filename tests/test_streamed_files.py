@@ -215,7 +215,7 @@ def test_a_truncated_file_stops_the_dump_with_one_line_naming_it(folder, teacher
         dump(files, teacher, tmp_path / "bad.zarr", workers=1)
     message = str(caught.value)
     assert message.startswith(f"{bad}: not a decodable image") and "\n" not in message
-    assert "delete or replace the file" in message and "Traceback" not in message
+    assert "put a readable image under the same name and rerun the same command" in message and "Traceback" not in message
 
 
 @pytest.mark.parametrize("context", ["spawn", "forkserver"])

@@ -113,8 +113,12 @@ def decode_image_bytes(data: np.ndarray, path: str) -> Tensor:
     except Exception as error:  # a damaged or mislabelled file fails in decoder-specific ways
         # torchvision's C++ errors start "function, source.cpp:line, ": only the rest means anything to a user
         detail = re.sub(r"^\w+, \S+:\d+, ", "", str(error).strip().split("\n")[0])
-        raise KdcacheError(f"{path}: not a decodable image ({type(error).__name__}: {detail}); delete or replace "
-                           "the file, then rerun the same command") from None
+        # a dump resumes over the same listing (names and labels): a replacement under the same name resumes it
+        # unless the dump had recorded the file's bytes already, which then say to restore them
+        raise KdcacheError(f"{path}: not a decodable image ({type(error).__name__}: {detail}); put a readable image "
+                           "under the same name and rerun the same command (a file a dump read before must be "
+                           "restored as it was), or delete it and rerun (a dump begun over the folder then needs "
+                           "--overwrite, which starts it anew)") from None
 
 
 class FilePolicy(Protocol):

@@ -1,0 +1,84 @@
+"""Only checked bytes and drawable parameters become targets: a bad file's advice followed literally, files read
+again (as partners, in other views) held to their first read, stored views range-checked against what the
+policy draws, and a run whose loss turns non-finite stopped with its last good checkpoint kept.
+
+Small: 15 images of 40-200 px (image_folders.py), 32 px views, resnet8.
+"""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kdcache import open_cache
+from kdcache.data import load_dataset
+from kdcache.data.files import FileResizedCropFlip
+from kdcache.errors import KdcacheError
+from kdcache.models import create_model, load_teacher, save_checkpoint
+from kdcache.stages.dump import dump_teacher
+
+from image_folders import CLASSES, write_folder
+
+SIZE, SCALES, VIEWS, BLOCK = 32, (1,), 2, 4
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("checked") / "images")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    save_checkpoint(path, create_model("resnet8", num_classes=len(CLASSES)).eval())
+    model, info = load_teacher(path, "resnet8", len(CLASSES))
+    return model.eval(), info
+
+
+def dump_command(root, teacher, out, policy=None, **options):
+    """What `kdcache dump-teacher` does each time it runs: list the folder, then dump (or resume)."""
+    files = load_dataset("imagefolder", root, "train", image_size=SIZE)
+    model, info = teacher
+    return dump_teacher(model, info, files, policy(files) if policy else FileResizedCropFlip(SIZE), out, views=VIEWS,
+                        scales=SCALES, block_size=BLOCK, batch_size=BLOCK, workers=0, show_progress=False, **options)
+
+
+def one_line(caught) -> str:
+    message = str(caught.value)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+def test_a_bad_file_replaced_under_its_name_resumes_the_same_command_keeping_the_finished_blocks(folder, teacher,
+                                                                                                  tmp_path):
+    root = tmp_path / "images"
+    shutil.copytree(folder, root)
+    bad = root / "train" / "owl" / "a.jpg"  # sample 10, in block 2: blocks 0 and 1 of view 0 come first
+    bad.write_bytes(bad.read_bytes()[:300])
+    with pytest.raises(KdcacheError) as caught:
+        dump_command(root, teacher, tmp_path / "cache.zarr")
+    assert "put a readable image under the same name and rerun the same command" in one_line(caught)
+    Image.new("RGB", (50, 40), (90, 20, 200)).save(bad)  # the advice, literally
+    result = dump_command(root, teacher, tmp_path / "cache.zarr")
+    assert result.resumed and result.images == VIEWS * 15 - 2 * BLOCK  # view 0's blocks 0 and 1 were kept
+    with open_cache(tmp_path / "cache.zarr") as cache:
+        cache.require_complete()
+
+
+def test_a_bad_file_deleted_is_refused_by_the_same_command_and_overwrite_starts_anew(folder, teacher, tmp_path):
+    root = tmp_path / "images"
+    shutil.copytree(folder, root)
+    bad = root / "train" / "owl" / "a.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(KdcacheError) as caught:
+        dump_command(root, teacher, tmp_path / "cache.zarr")
+    assert "or delete it and rerun (a dump begun over the folder then needs --overwrite" in one_line(caught)
+    bad.unlink()
+    with pytest.raises(KdcacheError, match="made with other arguments .*--overwrite"):
+        dump_command(root, teacher, tmp_path / "cache.zarr")
+    result = dump_command(root, teacher, tmp_path / "cache.zarr", overwrite=True)
+    assert not result.resumed and result.images == VIEWS * 14
