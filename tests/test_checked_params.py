@@ -82,3 +82,57 @@ def test_a_bad_file_deleted_is_refused_by_the_same_command_and_overwrite_starts_
         dump_command(root, teacher, tmp_path / "cache.zarr")
     result = dump_command(root, teacher, tmp_path / "cache.zarr", overwrite=True)
     assert not result.resumed and result.images == VIEWS * 14
+
+
+def mixup_policy(files):
+    from kdcache.data import policy_for
+
+    return policy_for(files, "imagenet", {"mode": "mixup", "alpha": 1.0, "prob": 1.0})
+
+
+@pytest.fixture(scope="module")
+def mixed_cache(folder, teacher, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mixed") / "mixup.zarr"
+    dump_command(folder, teacher, out, mixup_policy)
+    return out
+
+
+def run_distill(cache, root, out, **options):
+    from kdcache.config import DistillConfig
+    from kdcache.stages import distill
+
+    config = DistillConfig(cache=str(cache), data_root=str(root), students=("resnet8",), losses=("kd",), epochs=1,
+                           batch_size=5, out=str(out), device="cpu", workers=0, **options)
+    return distill(config, show_progress=False)
+
+
+def tampered(cache: Path, where: Path, column: str, value: float, sample: int = 3, **columns: float) -> Path:
+    """A copy of the cache whose view 0 stores `value` in `column` of `sample` (and the further `columns`)."""
+    from kdcache.cache.backends import open_store
+
+    shutil.copytree(cache, where)
+    with open_cache(where) as cache_view:
+        names = list(cache_view.spec.augmentation["param_names"])
+    with open_store(where, read_only=False) as store:
+        row = store.read("aug", (0, slice(sample, sample + 1)))
+        for name, new in {column: value, **columns}.items():
+            row[0, names.index(name)] = new
+        store.write("aug", (0, slice(sample, sample + 1)), row)
+    return where
+
+
+@pytest.mark.parametrize("column,value,columns,said", [
+    ("lam", float("nan"), {}, "array 'aug', view 0: 1 samples hold parameters the imagenet policy never draws"),
+    ("partner", float("nan"), {}, "array 'aug', view 0: 1 samples hold parameters the imagenet policy never draws"),
+    ("height", 1e-7, {}, "sample 3's stored view .* is no view the imagenet policy draws for its 30x200 image"),
+    ("height", 0.02, {"top": 0.0, "left": 0.0, "width": 1.0},  # full width, 2 % high: never drawn for 30x200
+     "sample 3's stored view .* is no view the imagenet policy draws for its 30x200 image"),
+])
+def test_a_stored_parameter_the_policy_never_draws_is_refused_in_one_line_before_training(mixed_cache, folder,
+                                                                                         tmp_path, column, value,
+                                                                                         columns, said):
+    cache = tampered(mixed_cache, tmp_path / "tampered.zarr", column, value, **columns)
+    with pytest.raises(KdcacheError, match=said) as caught:
+        run_distill(cache, folder, tmp_path / "run")
+    assert "rebuild it with `kdcache dump-teacher --overwrite`" in one_line(caught)
+    assert not (tmp_path / "run" / "resnet8-kd" / "last.pt").exists()

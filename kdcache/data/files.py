@@ -31,7 +31,7 @@ from kdcache.data.augment import AugmentPolicy, get_policy
 from kdcache.data.mixing import Mixed, with_mixing
 from kdcache.data.randaugment import RandAugmentOps
 from kdcache.data.sources import ImageData, normalize
-from kdcache.errors import KdcacheError
+from kdcache.errors import CorruptCacheError, KdcacheError
 
 # IMG_EXTENSIONS lists formats torchvision.io cannot decode; those go through PIL, as ImageFolder's loader does.
 PIL_ONLY_EXTENSIONS = (".bmp", ".pgm", ".ppm", ".tif", ".tiff")
@@ -141,6 +141,11 @@ class FilePolicy(Protocol):
         """[n] bool: which rows of params [n, P] this policy could not have drawn."""
         ...
 
+    def drawn_for(self, params: Tensor, height: int, width: int) -> bool:
+        """Whether params [P] are a view this policy draws for an image of that size (what out_of_range cannot
+        tell without it: a box's pixels)."""
+        ...
+
     def describe(self) -> dict:
         """Name, parameter names and constants, for cache metadata (JSON-able)."""
         ...
@@ -159,7 +164,12 @@ def crop_box(generator: torch.Generator, height: int, width: int, scale: tuple[f
             top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
             left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
             return top, left, h, w
-    in_ratio = width / height  # ten misses: the whole image, cut to the nearest allowed aspect ratio
+    return central_box(height, width, ratio)
+
+
+def central_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box after ten misses: the whole image cut to the nearest allowed aspect ratio, centred."""
+    in_ratio = width / height
     if in_ratio < min(ratio):
         w, h = width, int(round(width / min(ratio)))
     elif in_ratio > max(ratio):
@@ -217,6 +227,23 @@ class FileResizedCropFlip:
         inside = (top >= 0) & (left >= 0) & (h > 0) & (w > 0) & (top + h <= 1 + slack) & (left + w <= 1 + slack)
         return ~inside | ((flip != 0) & (flip != 1))
 
+    def drawn_for(self, params: Tensor, height: int, width: int) -> bool:
+        """Whether params [P] are a view this policy draws for an image of that size: whole pixels, a flip of 0 or
+        1, and a box RandomResizedCrop draws (its scale and ratio, each side rounded to the pixel) or its central
+        fallback."""
+        pixels = params[:4].double() * torch.tensor([height, width, height, width], dtype=torch.float64)
+        if not bool(torch.isfinite(params).all()) or float((pixels - pixels.round()).abs().max()) > 1e-3 or \
+                float(params[4]) not in (0.0, 1.0):
+            return False
+        top, left, h, w = (int(value) for value in pixels.round().tolist())
+        if not (h > 0 and w > 0 and top >= 0 and left >= 0 and top + h <= height and left + w <= width):
+            return False
+        # w = round(√(area·s·a)), h = round(√(area·s/a)): s and a within half a pixel of each side
+        area = height * width
+        scale = (w - 0.5) * (h - 0.5) <= area * self.scale[1] and (w + 0.5) * (h + 0.5) >= area * self.scale[0]
+        ratio = (w - 0.5) / (h + 0.5) <= self.ratio[1] and (w + 0.5) / (h - 0.5) >= self.ratio[0]
+        return (scale and ratio) or (top, left, h, w) == central_box(height, width, self.ratio)
+
     def describe(self) -> dict:
         """Name, parameter names, output size, draw ranges, resampling and what the fractions are relative to."""
         return {"name": self.name, "param_names": list(self.param_names), "num_views": None,
@@ -253,6 +280,10 @@ class FileCenterCrop:
     def out_of_range(self, params: Tensor) -> Tensor:
         """No row: there are no parameters."""
         return torch.zeros(len(params), dtype=torch.bool)
+
+    def drawn_for(self, params: Tensor, height: int, width: int) -> bool:
+        """Whether params are the no parameters this policy draws."""
+        return len(params) == 0
 
     def describe(self) -> dict:
         """Name, (no) parameters, the view count, resize and crop sizes."""
@@ -300,6 +331,12 @@ class FileRandAugmented:
         count = len(self.base.param_names)
         return self.base.out_of_range(params[:, :count]) | self.ops.out_of_range(params[:, count:])
 
+    def drawn_for(self, params: Tensor, height: int, width: int) -> bool:
+        """Whether params [P] are a view this policy draws for an image of that size."""
+        count = len(self.base.param_names)
+        return self.base.drawn_for(params[:count], height, width) and not bool(self.ops.out_of_range(
+            params[None, count:])[0])
+
     def describe(self) -> dict:
         """The base's description with every parameter's name, and RandAugment's constants."""
         return {**self.base.describe(), "name": self.name, "param_names": list(self.param_names),
@@ -336,6 +373,11 @@ class FileMixed(Mixed):
         base = self.base.draw(generator, height, width)
         partner = torch.randint(0, self.num_samples, (1,), generator=generator)
         return torch.cat([base, self.draw_mixing(generator, partner, partner)[0].float()])
+
+    def drawn_for(self, params: Tensor, height: int, width: int) -> bool:
+        """Whether the base part of params [P] is a view the base draws for an image of that size (the mixing
+        part is checked over a whole view, `out_of_range`)."""
+        return self.base.drawn_for(params[:self.partner_column], height, width)
 
     def apply(self, image: Tensor, params: Tensor) -> Tensor:
         """Refused: a mixed view needs its partner's file; read it with `FileBatches(files, policy).sample_view`."""
@@ -436,6 +478,12 @@ class FileBatches(Dataset):
         drawn for the image's size from the sample's own generator, whose first draws are the base's."""
         if self.params is not None:
             params = self.params[index]
+            if not self.policy.drawn_for(params, *image.shape[-2:]):
+                raise CorruptCacheError(
+                    f"{self.files.path(index)}: sample {index}'s stored view "
+                    f"{dict(zip(self.policy.param_names, params.tolist()))} is no view the {self.policy.name} policy "
+                    f"draws for its {image.shape[-2]}x{image.shape[-1]} image; the cache was altered: rebuild it with "
+                    f"`kdcache dump-teacher --overwrite`")
         else:
             policy = self.policy.base if base else self.policy
             params = policy.draw(draw_generator(self.seed, self.stream, view, index), *image.shape[-2:])

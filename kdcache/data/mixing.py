@@ -134,18 +134,29 @@ class Mixed:
         return (1.0 - (mixing[:, 2] * mixing[:, 3]).double() / (height * width)).float()
 
     def out_of_range(self, params: Tensor) -> Tensor:
-        """Rows the base refuses, or with a partner outside the view's rows (params holds a whole view [N, P]), λ
-        outside [0, 1] or a box outside the image."""
-        partner = params[:, self.partner_column]
-        bad = self.base.out_of_range(params[:, :self.partner_column]) | (partner < 0) | (partner >= len(params))
-        mixing = params[:, self.partner_column + 1:]
+        """Rows the base refuses, or whose mixing this policy never draws: a partner that is no whole row of the
+        view (params holds a whole view [N, P]), λ not a whole number of 1/1024ths in [0, 1], a CutMix box that
+        is no clipped box of torchvision's CutMix; NaN nowhere."""
+        partner, mixing = params[:, self.partner_column].double(), params[:, self.partner_column + 1:].double()
+        whole = torch.cat([partner[:, None], mixing], dim=1)
+        bad = self.base.out_of_range(params[:, :self.partner_column]) | ~(whole == whole.round()).all(dim=1)
+        bad |= ~((partner >= 0) & (partner < len(params)))  # NaN compares false: refused
         if self.mode == "mixup":
-            return bad | (mixing[:, 0] < 0) | (mixing[:, 0] > LAMBDA_UNITS)
-        top, left, box_h, box_w = mixing.unbind(dim=1)
+            return bad | ~((mixing[:, 0] >= 0) & (mixing[:, 0] <= LAMBDA_UNITS))
+        return bad | ~self._drawable_box(*mixing.unbind(dim=1))
+
+    def _drawable_box(self, top: Tensor, left: Tensor, box_h: Tensor, box_w: Tensor) -> Tensor:
+        """Whether each box is one `_box` draws: inside the image; each side 2·⌊r·side⌋ with one r ≤ 1/2 for both,
+        or cut by the edge to between ⌊r·side⌋ and that (an odd side only where it meets the edge)."""
         height, width = self.image_size
         inside = (top >= 0) & (left >= 0) & (box_h >= 0) & (box_w >= 0) & (top + box_h <= height) & \
             (left + box_w <= width)
-        return bad | ~inside
+        # ⌊r·side⌋ = half with side ∈ [half, 2·half]: r ∈ [⌈side/2⌉ / S, (side + 1) / S), for both sides at once
+        low = torch.maximum(torch.ceil(box_h / 2) / height, torch.ceil(box_w / 2) / width)
+        high = torch.minimum((box_h + 1) / height, (box_w + 1) / width).clamp(max=0.5 + 1e-9)
+        edge_h = (box_h % 2 == 0) | (top == 0) | (top + box_h == height)
+        edge_w = (box_w % 2 == 0) | (left == 0) | (left + box_w == width)
+        return inside & (low < high) & edge_h & edge_w
 
     def describe(self) -> dict:
         """The base policy's description with every parameter's name and the mixing constants."""
