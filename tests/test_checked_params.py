@@ -97,11 +97,11 @@ def mixed_cache(folder, teacher, tmp_path_factory) -> Path:
     return out
 
 
-def run_distill(cache, root, out, **options):
+def run_distill(cache, root, out, epochs=1, **options):
     from kdcache.config import DistillConfig
     from kdcache.stages import distill
 
-    config = DistillConfig(cache=str(cache), data_root=str(root), students=("resnet8",), losses=("kd",), epochs=1,
+    config = DistillConfig(cache=str(cache), data_root=str(root), students=("resnet8",), losses=("kd",), epochs=epochs,
                            batch_size=5, out=str(out), device="cpu", workers=0, **options)
     return distill(config, show_progress=False)
 
@@ -136,3 +136,26 @@ def test_a_stored_parameter_the_policy_never_draws_is_refused_in_one_line_before
         run_distill(cache, folder, tmp_path / "run")
     assert "rebuild it with `kdcache dump-teacher --overwrite`" in one_line(caught)
     assert not (tmp_path / "run" / "resnet8-kd" / "last.pt").exists()
+
+
+def test_a_loss_that_becomes_non_finite_stops_the_run_naming_the_epoch_and_step_and_keeps_the_last_good_epoch(
+        mixed_cache, folder, tmp_path, monkeypatch):
+    from kdcache.losses.spec import LossSpec
+    from kdcache.models import read_checkpoint
+
+    compute, calls = LossSpec.compute, []
+
+    def diverging(self, *args, **kwargs):  # a run that diverges at its 5th step: epoch 2's second (3 steps each)
+        terms = compute(self, *args, **kwargs)
+        calls.append(1)
+        return {**terms, "total": terms["total"] * float("nan")} if len(calls) == 5 else terms
+
+    monkeypatch.setattr(LossSpec, "compute", diverging)
+    with pytest.raises(KdcacheError) as caught:
+        run_distill(mixed_cache, folder, tmp_path / "run", epochs=2)
+    message = one_line(caught)
+    last = tmp_path / "run" / "resnet8-kd" / "last.pt"
+    assert message.startswith("the loss of resnet8-kd became non-finite (nan) at epoch 2, step 2: ")
+    assert message.endswith(f"{last} holds epoch 1") and "with another --out" in message
+    state = read_checkpoint(last)
+    assert state["epoch"] == 1 and all(torch.isfinite(value).all() for value in state["model"].values())

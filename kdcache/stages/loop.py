@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -233,10 +234,14 @@ class EpochMeter:
     def __init__(self, device: torch.device) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.correct, self.seen = torch.zeros((), device=device), torch.zeros((), dtype=torch.long)
+        # the first step whose loss was NaN or Inf (-1: none), kept on the device: the step costs no sync for it
+        self.first_non_finite = torch.full((), -1, dtype=torch.long, device=device)
 
     def add(self, terms: dict[str, torch.Tensor], outputs: list[dict[str, torch.Tensor]], views: tuple[Batch, ...],
-            share: float) -> None:
-        """Count one step: its terms, and the global logit's hits on every view."""
+            share: float, step: int) -> None:
+        """Count one step: its terms, whether its loss is finite, and the global logit's hits on every view."""
+        self.first_non_finite = torch.where((self.first_non_finite < 0) & ~torch.isfinite(terms["total"].detach()),
+                                            step, self.first_non_finite)
         for key, value in terms.items():
             self.sums[key] = self.sums.get(key, 0) + value.detach() * share
         for s, (_, y, _) in zip(outputs, views):
@@ -251,9 +256,21 @@ class EpochMeter:
                                f"use a smaller batch")
         sums = dict(zip(self.sums, all_sum(torch.stack(list(self.sums.values()))).unbind()))
         metrics = {f"loss_{k}": float(v) / steps for k, v in sums.items()}  # the float() syncs once per epoch
+        if not math.isfinite(metrics["loss_total"]):
+            raise self.non_finite(run, epoch, metrics["loss_total"])
         metrics.update(epoch=epoch + 1, lr=lr, train_acc=float(all_sum(self.correct)) / seen,
                        img_per_s=seen / seconds, seconds=seconds)
         return metrics
+
+    def non_finite(self, run: Run, epoch: int, loss: float) -> KdcacheError:
+        """The error that stops a run whose loss became NaN or Inf this epoch, before its weights are saved."""
+        step = int(self.first_non_finite)
+        where = f"step {step + 1}" if step >= 0 else "a step of another rank's share"
+        kept = (f"{run.folder / 'last.pt'} holds epoch {int(run.history[-1]['epoch'])}" if run.history else
+                "no epoch finished, so no last.pt was written")
+        return KdcacheError(f"the loss of {run.name} became non-finite ({loss}) at epoch {epoch + 1}, {where}: the "
+                            f"run stopped before saving the weights it made; lower --lr or add --clip-grad (or check "
+                            f"the cache with `kdcache verify`), then start the run again with another --out; {kept}")
 
 
 def train_together(runs: list[Run], epoch: int, batches: Iterator[Batch | tuple[Batch, ...]], steps: int,
@@ -278,7 +295,7 @@ def train_together(runs: list[Run], epoch: int, batches: Iterator[Batch | tuple[
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             peers = [found for j, found in enumerate(outputs) if j != k] if mutual else []
-            meter.add(run.update(outputs[k], views, epoch, share, peers), outputs[k], views, share)
+            meter.add(run.update(outputs[k], views, epoch, share, peers), outputs[k], views, share, step)
     seconds = time.perf_counter() - started
     return [meter.metrics(run, epoch, step + 1, lr, seconds) for run, meter in zip(runs, meters)]
 
