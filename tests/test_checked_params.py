@@ -159,3 +159,58 @@ def test_a_loss_that_becomes_non_finite_stops_the_run_naming_the_epoch_and_step_
     assert message.endswith(f"{last} holds epoch 1") and "with another --out" in message
     state = read_checkpoint(last)
     assert state["epoch"] == 1 and all(torch.isfinite(value).all() for value in state["model"].values())
+
+
+def partners_of_view_0(root):
+    """Sample -> its partner under view 0 of a mixup dump of the folder (seed 0), as the dump draws them."""
+    from kdcache.data.files import FileBatches
+
+    files = load_dataset("imagefolder", root, "train", image_size=SIZE)
+    policy = mixup_policy(files)
+    params = FileBatches(files, policy)[(0, range(len(files.labels)))][2]
+    return files, params[:, policy.partner_column].long().tolist()
+
+
+def test_a_partner_file_replaced_during_the_dump_is_refused_naming_it(folder, teacher, tmp_path, monkeypatch):
+    from kdcache.data import files as files_module
+
+    root = tmp_path / "images"
+    shutil.copytree(folder, root)
+    files, partners = partners_of_view_0(root)
+    partner = next(p for p in partners[:BLOCK] if p >= BLOCK)  # read by block 0 before its own block records it
+    path, read = files.path(partner), files_module.read_image
+
+    def replacing(name):  # the partner's file is replaced just after the dump first reads it
+        found = read(name)
+        if name == path and not replacing.done:
+            Image.new("RGB", (60, 50), (5, 250, 5)).save(path)
+            replacing.done = True
+        return found
+
+    replacing.done = False
+    monkeypatch.setattr(files_module, "read_image", replacing)
+    with pytest.raises(KdcacheError, match=rf"^{path} changed since this dump first read it") as caught:
+        dump_command(root, teacher, tmp_path / "cache.zarr", mixup_policy)
+    assert "restore the file and rerun the same command, or rerun it with --overwrite" in one_line(caught)
+
+
+def test_a_resumed_dump_writes_again_a_finished_block_whose_partner_was_never_recorded(folder, teacher, tmp_path):
+    root = tmp_path / "images"
+    shutil.copytree(folder, root)
+    files, partners = partners_of_view_0(root)
+    unrecorded = {p for p in partners[:BLOCK] if p >= BLOCK}
+    bad = next(i for i in range(BLOCK, 2 * BLOCK) if i not in unrecorded and i not in partners[:2 * BLOCK])
+    original = Path(files.path(bad)).read_bytes()
+    Path(files.path(bad)).write_bytes(b"not an image")  # stops the dump in block 1, after block 0 was written
+    with pytest.raises(KdcacheError, match="not a decodable image"):
+        dump_command(root, teacher, tmp_path / "cache.zarr", mixup_policy)
+    Path(files.path(bad)).write_bytes(original)
+    for partner in unrecorded:  # block 0 mixed these in, and no run recorded their bytes: now they are others
+        Image.new("RGB", (60, 50), (5, 250, 5)).save(files.path(partner))
+    result = dump_command(root, teacher, tmp_path / "cache.zarr", mixup_policy)
+    assert result.images == VIEWS * 15  # block 0 was written again, from the files as they are now
+    fresh = dump_command(root, teacher, tmp_path / "fresh.zarr", mixup_policy)
+    with open_cache(tmp_path / "cache.zarr") as resumed, open_cache(tmp_path / "fresh.zarr") as whole:
+        np.testing.assert_array_equal(resumed.view(0), whole.view(0))
+        np.testing.assert_array_equal(resumed.file_checksums(), whole.file_checksums())
+    assert fresh.images == result.images

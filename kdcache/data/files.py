@@ -408,7 +408,8 @@ def draw_generator(seed: int, stream: str, view: int, index: int) -> torch.Gener
     return torch.Generator().manual_seed(int(state))
 
 
-FileBatch = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]  # images, labels, params, crc32c, indices
+FileBatch = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]  # images, labels, params, crc32c [b, 2], indices
+NO_FILE = -1  # the crc32c column of a partner file that was not read (no mixing, or a view left unmixed)
 
 
 class FileBatches(Dataset):
@@ -416,7 +417,8 @@ class FileBatches(Dataset):
 
     Key `(view, indices)`: the samples' views are drawn from (seed, stream, view, index), or, after
     `replay(params)`, taken from params [N, P]. Item: (views [b, 3, S, S], labels [b], params [b, P]
-    float32, crc32c of each file's bytes [b] int64, indices [b]). The views are uint8, for a GPU to normalise
+    float32, crc32c [b, 2] int64 of each sample's file's bytes and of its partner's (NO_FILE where none was
+    read), indices [b]). The views are uint8, for a GPU to normalise
     (a quarter of the bytes to move), or with `normalized` float32 normalised here, each image while it is in
     the cache: on the CPU the workers' time is what is free. A mixed view (`FileMixed`) reads its partner's file
     too. `checksums` [N], where given, is the crc32c every file read must have (the teacher's dump recorded it):
@@ -441,9 +443,9 @@ class FileBatches(Dataset):
         size, count = self.policy.size, len(self.policy.param_names)
         images = _batch_tensor((len(indices), 3, size, size), torch.float32 if self.normalized else torch.uint8)
         params = torch.empty(len(indices), count, dtype=torch.float32)
-        checksums = torch.empty(len(indices), dtype=torch.int64)
+        checksums = torch.empty(len(indices), 2, dtype=torch.int64)
         for row, index in enumerate(indices):
-            pixels, params[row], checksums[row] = self.sample_view(view, index)
+            pixels, params[row], (checksums[row, 0], checksums[row, 1]) = self.sample_view(view, index)
             if self.normalized:
                 normalize(pixels, self.files.mean, self.files.std, out=images[row])
             else:
@@ -451,19 +453,21 @@ class FileBatches(Dataset):
         index_tensor = torch.as_tensor(list(indices), dtype=torch.int64)
         return images, self.files.labels[index_tensor], params, checksums, index_tensor
 
-    def sample_view(self, view: int, index: int) -> tuple[Tensor, Tensor, int]:
-        """Sample `index` under `view`: its uint8 view [3, S, S], its params [P] and its file's crc32c."""
+    def sample_view(self, view: int, index: int) -> tuple[Tensor, Tensor, tuple[int, int]]:
+        """Sample `index` under `view`: its uint8 view [3, S, S], its params [P] and the crc32c of its file and of
+        its partner's (NO_FILE where no partner file was read)."""
         image, checksum = self._read(index)
         params = self._params(view, index, image)
         if not isinstance(self.policy, FileMixed):
-            return self.policy.apply(image, params), params, checksum
+            return self.policy.apply(image, params), params, (checksum, NO_FILE)
         own = self.policy.base.apply(image, params[:self.policy.partner_column])
         if self.policy.label_weight(params[None])[0] == 1:  # unmixed: the partner's pixels would not show
-            return own, params, checksum
+            return own, params, (checksum, NO_FILE)
         partner = int(params[self.policy.partner_column])
-        partner_image, _ = self._read(partner)
+        partner_image, partner_checksum = self._read(partner)
         partner_view = self.policy.base.apply(partner_image, self._params(view, partner, partner_image, base=True))
-        return self.policy.mix(own[None], partner_view[None], params[None])[0], params, checksum
+        mixed = self.policy.mix(own[None], partner_view[None], params[None])[0]
+        return mixed, params, (checksum, partner_checksum)
 
     def _read(self, index: int) -> tuple[Tensor, int]:
         """The file of sample `index` decoded, and its crc32c, checked against `checksums` where given."""
@@ -539,14 +543,15 @@ def worker_message(text: str) -> str:
     return re.sub(r"^[\w.]*Error: ", "", last)
 
 
-def check_checksums(files: ImageFiles, indices: Tensor, found: Tensor, expected: np.ndarray, what: str) -> None:
+def check_checksums(files: ImageFiles, indices: Tensor, found: Tensor, expected: np.ndarray, what: str,
+                    advice: str = "restore the file, or dump the teacher again over the folder as it is now") -> None:
     """Refuse files whose bytes (crc32c `found`) are not the ones `what` read (`expected`), naming the first."""
     changed = np.flatnonzero(found.numpy() != expected)
     if changed.size:
         first = int(changed[0])
         raise KdcacheError(f"{files.path(int(indices[first]))} changed since {what} read it (crc32c "
                            f"{int(found[first]):08x}, recorded {int(expected[first]):08x}): the cached targets are "
-                           f"of other pixels; restore the file, or dump the teacher again over the folder as it is now")
+                           f"of other pixels; {advice}")
 
 
 # the policy a split is augmented with when none is named: the field's for its kind of data (CIFAR's pad-and-crop

@@ -17,13 +17,14 @@ from tqdm import tqdm
 from kdcache import distributed
 from kdcache.cache import open_cache
 from kdcache.cache.backends import store_class
-from kdcache.cache.layout import CacheSpec
+from kdcache.cache.layout import PENDING, CacheSpec
 from kdcache.cache.location import Location, as_location, location_name, store_bytes
 from kdcache.cache.writer import BackgroundWriter, CacheWriter
 from kdcache.config import DumpConfig, loader_options
 from kdcache.data import AugmentPolicy, FileBatches, FilePolicy, ImageData, ImageFiles, dataset_options, first_images, \
     load_dataset, normalize, policy_for
-from kdcache.data.files import batch_on_device, check_checksums, default_workers, policy_settings, stream
+from kdcache.data.files import NO_FILE, FileMixed, batch_on_device, check_checksums, default_workers, policy_settings, \
+    stream
 from kdcache.data.mixing import Mixed, replay
 from kdcache.distributed import World
 from kdcache.errors import KdcacheError
@@ -149,14 +150,15 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageDa
     try:
         blocks, shard = distributed.shard(spec.num_blocks, spec.block_size, spec.num_samples, here)
         pending = writer.pending(blocks)
-        resumed = len(pending) < spec.num_views * len(blocks)
         if streamed:
             batches = _StreamedTeacherBatches(logit_map, data, policy, spec, batch_size, device, writer,
                                               default_workers(workers))
+            pending = sorted({*pending, *batches.unvouched(writer.progress(), blocks)})
         else:
             held = slice(shard.samples.start, shard.samples.stop)  # a rank moves only its own samples to its device
             batches = _TeacherBatches(logit_map, data, policy, spec, batch_size, device, held,
                                       torch.from_numpy(writer.aug_params()).to(device))  # a resumed run replays these
+        resumed = len(pending) < spec.num_views * len(blocks)
         started = time.perf_counter()
         total = _write_pending(writer, batches.blocks(pending), pending, f"dump {location_name(out)}", here,
                                show_progress)
@@ -312,14 +314,25 @@ class _TeacherBatches:
 class _StreamedTeacherBatches:
     """The teacher over blocks of a streamed split: files read, decoded and cropped by DataLoader workers, each
     view drawn from (seed, view, sample) for the file's own size; the block's boxes and the files' crc32c go to
-    the cache with its logits."""
+    the cache with its logits.
+
+    Every read of a file (its own sample's, in each view, and as a mixed view's partner) is held to the crc32c of
+    its first read in this dump, or to the one recorded by an earlier run's finished block: a changed file stops
+    the dump, naming it, before a block that read it is written.
+    """
 
     def __init__(self, logit_map: nn.Module, files: ImageFiles, policy: FilePolicy, spec: CacheSpec,
                  batch_size: int, device: torch.device, writer: CacheWriter, workers: int) -> None:
-        self.logit_map, self.files, self.spec, self.writer = logit_map, files, spec, writer
+        self.logit_map, self.files, self.policy, self.spec, self.writer = logit_map, files, policy, spec, writer
         self.batch_size, self.device, self.workers = batch_size, device, workers
         self.dataset = FileBatches(files, policy, spec.seed, "views", normalized=device.type == "cpu")
-        self.checksums: dict[int, np.ndarray] = {}  # block -> crc32c of its files, as view 0 read them
+        self.first_reads = np.full(spec.num_samples, NO_FILE, np.int64)  # crc32c per file; NO_FILE: not read yet
+        recorded = writer.progress()[0] != PENDING  # view 0 of these blocks recorded their files' crc32c
+        if recorded.any():
+            stored = writer.store.read("file_crc32c").astype(np.int64)
+            for block in np.flatnonzero(recorded):
+                rows = spec.block_range(int(block))
+                self.first_reads[rows.start:rows.stop] = stored[rows.start:rows.stop]
 
     def blocks(self, pending: list[tuple[int, int]]) -> Iterator[Block]:
         """Each pending (view, block) computed in turn, its files read ahead by the workers."""
@@ -330,28 +343,43 @@ class _StreamedTeacherBatches:
         batches = stream(self.dataset, keys, self.workers, self.device)
         for view, block in pending:
             rows = self.spec.block_range(block)
-            parts, boxes, checksums = [], [], []
+            parts, boxes = [], []
             correct = torch.zeros((), dtype=torch.long, device=self.device)
             for _ in range(rows.start, rows.stop, self.batch_size):
-                images, labels, params, sums, _ = next(batches)
+                images, labels, params, sums, indices = next(batches)
+                self._hold_to_first_reads(indices, params, sums)
                 x = batch_on_device(images, self.files, self.device)
                 outputs = _teacher_outputs(self.logit_map, x, self.spec.dtype)
                 correct += (outputs[REGIONS][:, 0].argmax(-1) == labels.to(self.device)).sum()
                 parts.append(outputs)
                 boxes.append(params)
-                checksums.append(sums)
-            arrays = {**_stored_arrays(_concatenated(parts), self.spec), "aug": torch.cat(boxes).numpy(),
-                      **self._checked(view, block, torch.cat(checksums))}
-            yield view, block, arrays, int(correct)
+            recorded = {"file_crc32c": self.first_reads[rows.start:rows.stop]} if view == 0 else {}
+            yield view, block, {**_stored_arrays(_concatenated(parts), self.spec), "aug": torch.cat(boxes).numpy(),
+                                **recorded}, int(correct)
 
-    def _checked(self, view: int, block: int, checksums: torch.Tensor) -> dict[str, np.ndarray]:
-        """View 0 records its files' crc32c; a later view refuses a file whose bytes changed since."""
-        rows = self.spec.block_range(block)
-        if view == 0:
-            self.checksums[block] = checksums.numpy()
-            return {"file_crc32c": checksums.numpy()}
-        recorded = self.checksums.get(block)
-        if recorded is None:  # view 0 of this block was written by an earlier run
-            recorded = self.writer.store.read("file_crc32c", (slice(rows.start, rows.stop),)).astype(np.int64)
-        check_checksums(self.files, torch.arange(rows.start, rows.stop), checksums, recorded, "view 0 of this dump")
-        return {}
+    def _hold_to_first_reads(self, indices: torch.Tensor, params: torch.Tensor, sums: torch.Tensor) -> None:
+        """Record the crc32c of files read for the first time; refuse one whose bytes differ from its first read."""
+        read = sums[:, 1] != NO_FILE  # the partners whose files were read
+        partners = params[read, self.policy.partner_column].long() if read.any() else indices[:0]
+        files, found = torch.cat([indices, partners]), torch.cat([sums[:, 0], sums[read, 1]])
+        unseen = self.first_reads[files.numpy()] == NO_FILE
+        self.first_reads[files.numpy()[unseen]] = found.numpy()[unseen]
+        check_checksums(self.files, files, found, self.first_reads[files.numpy()], "this dump first",
+                        "restore the file and rerun the same command, or rerun it with --overwrite to dump the "
+                        "folder as it is now")
+
+    def unvouched(self, progress: np.ndarray, blocks: range) -> list[tuple[int, int]]:
+        """The finished (view, block) pairs of `blocks` that mixed in a partner whose file's crc32c is not
+        recorded (an earlier run read it before its own block was written, and stopped): written again."""
+        if not isinstance(self.policy, FileMixed):
+            return []
+        unrecorded = self.first_reads == NO_FILE
+        again = []
+        for view, block in np.argwhere(progress != PENDING):
+            rows = self.spec.block_range(int(block))
+            if int(block) in blocks:
+                params = torch.from_numpy(self.writer.store.read("aug", (int(view), slice(rows.start, rows.stop))))
+                mixed = self.policy.label_weight(params) < 1
+                if unrecorded[params[mixed, self.policy.partner_column].long().numpy()].any():
+                    again.append((int(view), int(block)))
+        return again
