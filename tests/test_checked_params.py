@@ -214,3 +214,40 @@ def test_a_resumed_dump_writes_again_a_finished_block_whose_partner_was_never_re
         np.testing.assert_array_equal(resumed.view(0), whole.view(0))
         np.testing.assert_array_equal(resumed.file_checksums(), whole.file_checksums())
     assert fresh.images == result.images
+
+
+def test_a_partner_another_rank_recorded_with_other_bytes_returns_the_blocks_that_mixed_it_and_stops(
+        folder, teacher, tmp_path, monkeypatch):
+    # Under torchrun one rank reads a partner while the rank of the partner's own block records its bytes: the two
+    # are compared once every rank is done. One process stands in for both: its first read of the partner is made
+    # to differ from what the partner's own block recorded, as when the file changed between two ranks' reads.
+    from kdcache.stages.dump import _StreamedTeacherBatches
+
+    files, partners = partners_of_view_0(folder)
+    partner = partners[0]
+    check = _StreamedTeacherBatches.require_recorded_as_first_read
+
+    def another_rank_read_other_bytes(self, blocks):
+        self.first_reads[partner] ^= 1
+        check(self, blocks)
+
+    monkeypatch.setattr(_StreamedTeacherBatches, "require_recorded_as_first_read", another_rank_read_other_bytes)
+    with pytest.raises(KdcacheError) as caught:
+        dump_command(folder, teacher, tmp_path / "cache.zarr", mixup_policy)
+    assert one_line(caught).startswith(f"{files.path(partner)} changed while the dump read it")
+    assert "rerun the same command to write them again" in str(caught.value)
+    with open_cache(tmp_path / "cache.zarr") as cache:
+        undone = {tuple(pair) for pair in np.argwhere(cache.progress() == -1)}
+        assert (0, 0) in undone  # sample 0's block mixed the partner in under view 0
+        with pytest.raises(KdcacheError, match="incomplete"):
+            cache.require_complete()
+    monkeypatch.undo()
+    # the advice, literally (the blocks made unfinished, and those that mixed in a file they own, are written again)
+    result = dump_command(folder, teacher, tmp_path / "cache.zarr", mixup_policy)
+    assert result.images >= BLOCK * len(undone) - 1
+    fresh = dump_command(folder, teacher, tmp_path / "fresh.zarr", mixup_policy)
+    with open_cache(tmp_path / "cache.zarr") as resumed, open_cache(tmp_path / "fresh.zarr") as whole:
+        resumed.require_complete()
+        for view in range(VIEWS):
+            np.testing.assert_array_equal(resumed.view(view), whole.view(view))
+    assert fresh.images == VIEWS * 15

@@ -181,6 +181,12 @@ class CacheWriter:
                                f"of {self.store.path}: {error}; {disk_full_hint(error)}, then rerun the same command to resume "
                                f"(finished blocks are kept)") from error
 
+    def redo(self, pairs: list[tuple[int, int]]) -> None:
+        """Mark finished (view, block) pairs unfinished again, so that a rerun writes them anew."""
+        for view, block in pairs:
+            self.store.write("progress", (view, block), np.int64(PENDING))
+        self.store.flush()
+
     def view_accuracy(self) -> list[float]:
         """Teacher top-1 accuracy of region 0 per view, from the blocks written so far."""
         return [float(row[row != PENDING].sum()) / self.spec.num_samples for row in self.progress()]

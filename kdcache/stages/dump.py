@@ -164,6 +164,8 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageDa
                                show_progress)
         seconds = time.perf_counter() - started
         distributed.barrier()  # every rank's blocks are written before rank 0 reads the progress
+        if streamed:
+            batches.require_recorded_as_first_read(blocks)
         accuracy = writer.finish() if here.is_main else writer.view_accuracy()
         images = int(distributed.all_sum(torch.tensor(total)))
     finally:
@@ -371,15 +373,34 @@ class _StreamedTeacherBatches:
     def unvouched(self, progress: np.ndarray, blocks: range) -> list[tuple[int, int]]:
         """The finished (view, block) pairs of `blocks` that mixed in a partner whose file's crc32c is not
         recorded (an earlier run read it before its own block was written, and stopped): written again."""
-        if not isinstance(self.policy, FileMixed):
+        return self._mixing_in(progress, blocks, self.first_reads == NO_FILE)
+
+    def require_recorded_as_first_read(self, blocks: range) -> None:
+        """After every rank's blocks are written: refuse the dump (on every rank alike) if a file this rank read as
+        a partner was recorded by its own block's rank with other bytes (it changed between the two ranks' reads),
+        after returning this rank's blocks that mixed it in to pending, so the same command writes them again."""
+        recorded = self.writer.store.read("file_crc32c").astype(np.int64)
+        changed = (self.first_reads != NO_FILE) & (self.first_reads != recorded)
+        self.writer.redo(self._mixing_in(self.writer.progress(), blocks, changed))
+        if int(distributed.all_sum(torch.tensor(int(changed.any())))):
+            first = int(np.flatnonzero(changed)[0]) if changed.any() else None
+            named = self.files.path(first) if first is not None else "a file another process read"
+            raise KdcacheError(f"{named} changed while the dump read it (one process read it as a mixed view's "
+                               f"partner, another recorded other bytes): the blocks that mixed it in are marked "
+                               f"unfinished; keep the folder as it is now and rerun the same command to write them "
+                               f"again")
+
+    def _mixing_in(self, progress: np.ndarray, blocks: range, files: np.ndarray) -> list[tuple[int, int]]:
+        """The finished (view, block) pairs of `blocks` whose mixed views take a partner among `files` (a bool
+        mask over the split)."""
+        if not isinstance(self.policy, FileMixed) or not files.any():
             return []
-        unrecorded = self.first_reads == NO_FILE
-        again = []
+        pairs = []
         for view, block in np.argwhere(progress != PENDING):
             rows = self.spec.block_range(int(block))
             if int(block) in blocks:
                 params = torch.from_numpy(self.writer.store.read("aug", (int(view), slice(rows.start, rows.stop))))
                 mixed = self.policy.label_weight(params) < 1
-                if unrecorded[params[mixed, self.policy.partner_column].long().numpy()].any():
-                    again.append((int(view), int(block)))
-        return again
+                if files[params[mixed, self.policy.partner_column].long().numpy()].any():
+                    pairs.append((int(view), int(block)))
+        return pairs
