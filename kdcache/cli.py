@@ -301,9 +301,13 @@ def dump_teacher_command(ctx: click.Context, config: str | None, **_: Any) -> No
 @click.option("--alpha", type=float, help="Override DKD's alpha.")
 @click.option("--beta", type=float, help="Override DKD's beta.")
 @click.option("--warmup-epochs", type=float, help="Override the loss warm-up (in epochs of this run).")
-@click.option("--out", help="Folder for one sub-folder per run, summary.csv and summary.png.",
-              **_default(DistillConfig, "out"))
-@click.option("--resume", is_flag=True, help="Continue each run from its last checkpoint.")
+@click.option("--out", help="Folder for one sub-folder per run, summary.csv (a row added per finished run) and "
+              "summary.png. A run's folder is STUDENT-LOSS, or STUDENT-LOSS-2, -3, ... when that holds another run: "
+              "no run is replaced.", **_default(DistillConfig, "out"))
+@click.option("--name", help="The run's folder under --out, exactly (one run only); refused when it holds a run, "
+              "unless --resume.")
+@click.option("--resume", is_flag=True, help="Continue the run --name names, else each run's latest unfinished "
+              "folder (a finished one is kept as it is; with none, a new run starts).")
 @device_option
 @seed_option
 @click.pass_context
@@ -477,7 +481,8 @@ RESUME_ADVICE = {
     "recipe": "rerun the same command with --resume to continue (its cache resumes by itself)",
     "synthesize": "rerun the same command to resume: finished batches are kept (the cache over them is dumped anew)",
     "train-teacher": "train-teacher does not resume: rerun it to train again",
-    "quickstart": "quickstart does not resume: rerun it to start again",
+    "quickstart": "quickstart does not resume: rerun it to start again (in a folder of its own: this one's files "
+                  "are kept)",
     **dict.fromkeys(("inspect", "verify", "models", "datasets", "losses"), WRITES_NOTHING),
 }
 

@@ -148,6 +148,7 @@ class DistillConfig(TrainConfig):
     view_order: str = "cycle"
     batch_path: str = "device"
     out: str = "runs/distill"
+    name: str | None = None  # the run's folder under out, exactly; default STUDENT-LOSS, or -2, -3, ... once taken
     resume: bool = False
     # loss overrides; None keeps the loss's published default (configs/losses.yaml)
     temperature: float | None = None
@@ -257,6 +258,7 @@ def _type_name(hint: Any) -> str:
 
 def recorded_config(config: Any) -> dict[str, Any]:
     """The config as saved with a run, less what does not change what this run computes: the device, resuming,
-    and which other students and losses share the sweep (so a run resumes when the sweep around it changes)."""
+    its folder's --name, and which other students and losses share the sweep (so a run resumes when the sweep
+    around it changes)."""
     return {k: v for k, v in config_dict(config).items()
-            if k not in ("device", "resume", "students", "losses", "pairs")}
+            if k not in ("device", "resume", "name", "students", "losses", "pairs")}

@@ -108,6 +108,15 @@ def from_main(compute: Any) -> Any:
     return result
 
 
+def shared(value: Any) -> Any:
+    """Rank 0's `value` (picklable) on every rank: what rank 0 alone decided, such as the runs' folders."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 @dataclass(frozen=True)
 class Shard:
     """The contiguous samples one rank holds, out of how many in all."""

@@ -3,18 +3,43 @@
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from kdcache.config import DistillConfig, DumpConfig, TeacherConfig
 from kdcache.report import distill_sweep, dump_summary
 from kdcache.stages import dump_from_config, train_teacher
+from kdcache.stages.folders import hold_free_folder
 
 TEACHER, STUDENT = "resnet20", "resnet8"
 TEACHER_EPOCHS, STUDENT_EPOCHS, VIEWS = 8, 12, 4
 
 
 def run_quickstart(out: Path, cache: Path, device: str = "auto") -> None:
-    """Train a teacher on digits, dump its cache once, distil two students from it, print what each stage gave."""
+    """Train a teacher on digits, dump its cache once, distil two students from it, print what each stage gave;
+    in a place of its own (an earlier quickstart is kept)."""
+    with ExitStack() as held:
+        _quickstart(*fresh_place(out, cache, held), device)
+
+
+def fresh_place(out: Path, cache: Path, held: ExitStack) -> tuple[Path, Path]:
+    """Where this quickstart writes, held until `held` closes: out and cache, else out-2 and cache-2, ... the first
+    pair where no earlier quickstart wrote (each is kept as it is, and it is said where this one goes)."""
+    def numbered(number: int) -> Path:
+        return cache if number == 1 else cache.with_name(f"{cache.stem}-{number}{cache.suffix}")
+
+    def in_use(folder: Path, number: int) -> bool:
+        return folder.exists() or numbered(number).exists()
+
+    place, number = hold_free_folder(out.parent, out.name, held, in_use)
+    if number > 1:
+        print(f"earlier quickstarts are kept as they are ({out}, {cache}, ...): this one writes {place} and "
+              f"{numbered(number)}")
+    return place, numbered(number)
+
+
+def _quickstart(out: Path, cache: Path, device: str) -> None:
+    """The quickstart's three stages into out and cache, and its table."""
     started = time.perf_counter()
     print(f"1/3 training teacher {TEACHER} on digits ({TEACHER_EPOCHS} epochs)")
     teacher = train_teacher(TeacherConfig(model=TEACHER, dataset="digits", epochs=TEACHER_EPOCHS,
@@ -23,7 +48,7 @@ def run_quickstart(out: Path, cache: Path, device: str = "auto") -> None:
 
     print(f"2/3 dumping the teacher's region logits over {VIEWS} views per image to {cache}")
     dump = dump_from_config(DumpConfig(checkpoint=str(teacher.checkpoint), dataset="digits", views=VIEWS,
-                                       out=str(cache), overwrite=True, device=device))
+                                       out=str(cache), device=device))
     print(dump_summary(dump))
     dump_done = time.perf_counter()
 

@@ -40,7 +40,7 @@ RECIPE_KEYS = ("teacher", "student", "dump", "distill", "losses", "published", "
 OPTIONAL_KEYS = ("feature_dump",)
 # DistillConfig fields that come from the recipe's pair and the user's flags, never from a loss's overrides
 RUNNER_FIELDS = {"cache", "live_teacher", "teacher", "students", "losses", "pairs", "dataset", "data_root", "out",
-                 "resume", "device"}
+                 "name", "resume", "device"}
 
 
 @dataclass(frozen=True)

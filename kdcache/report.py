@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from kdcache.cache import Problem, open_cache, verify
 from kdcache.cache.location import location_name, store_bytes
+from kdcache.cache.lock import WriterLock
 from kdcache.cache.verify import self_check_scope
 from kdcache.config import DistillConfig
 from kdcache.data import ImageData, list_datasets, list_policies
@@ -23,6 +24,8 @@ from kdcache.losses import get_loss, list_losses
 from kdcache.models import create_model, list_models
 from kdcache.stages.distill import RunSummary, distill
 from kdcache.stages.dump import DumpResult
+
+SUMMARY_WAIT_SECONDS = 60.0  # another call into the same --out adding its rows takes well under a second
 
 
 def dump_summary(result: DumpResult) -> str:
@@ -154,7 +157,8 @@ def _megabytes(size: int) -> str:
 
 def distill_sweep(config: DistillConfig, show_progress: bool = True,
                   data: tuple[ImageData, ImageData] | None = None) -> list[RunSummary]:
-    """`kdcache distill`: train the sweep, then (rank 0) write summary.csv and summary.png and print the table."""
+    """`kdcache distill`: train the sweep, then (rank 0) add its rows to summary.csv, redraw summary.png and print
+    this call's table."""
     started = time.perf_counter()
     summaries = distill(config, show_progress, data)
     if world().is_main:
@@ -162,29 +166,46 @@ def distill_sweep(config: DistillConfig, show_progress: bool = True,
         if show_progress:
             print(summary_table(summaries))
             print(f"{len(summaries)} run(s) in {time.perf_counter() - started:.0f} s; written to {config.out}/ "
-                  f"(summary.csv, summary.png, and per run: metrics.csv, model.pt, last.pt)")
+                  f"(a row per run added to summary.csv, summary.png, and per run folder: metrics.csv, model.pt, "
+                  f"last.pt)")
     return summaries
 
 
 def write_summary(summaries: list[RunSummary], out: Path) -> None:
-    """summary.csv (one row per run) and summary.png (test accuracy per epoch of every run)."""
+    """Add a row per newly finished run to out/summary.csv, never rewriting it (every call into one --out, at once
+    or one after another, keeps its rows), and redraw summary.png from every run it lists; under its lock."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "summary.csv", "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["run", "student", "loss", "test_acc", "best_test_acc", "best_epoch", "img_per_s", "folder"])
-        for s in summaries:
-            writer.writerow([s.name, s.student, s.loss, f"{s.test_acc:.4f}", f"{s.best_test_acc:.4f}", s.best_epoch,
-                             f"{s.img_per_s:.1f}", s.folder])
+    path = out / "summary.csv"
+    lock = WriterLock(path).acquire_waiting(SUMMARY_WAIT_SECONDS)
+    try:
+        header = not path.exists() or path.stat().st_size == 0
+        with open(path, "a", newline="") as file:
+            writer = csv.writer(file)
+            if header:
+                writer.writerow(["run", "student", "loss", "test_acc", "best_test_acc", "best_epoch", "img_per_s",
+                                 "folder"])
+            writer.writerows([s.name, s.student, s.loss, f"{s.test_acc:.4f}", f"{s.best_test_acc:.4f}", s.best_epoch,
+                              f"{s.img_per_s:.1f}", s.folder] for s in summaries if not s.kept)
+        with open(path, newline="") as file:
+            _plot_summary([row["run"] for row in csv.DictReader(file)], out)
+    finally:
+        lock.release()
+
+
+def _plot_summary(runs: list[str], out: Path) -> None:
+    """summary.png: test accuracy per epoch of each run listed (once), read from its folder's metrics.csv."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for s in summaries:
-        with open(s.folder / "metrics.csv") as file:
+    for name in dict.fromkeys(runs):
+        if not (out / name / "metrics.csv").is_file():  # a run folder deleted since: its row stays, its curve goes
+            continue
+        with open(out / name / "metrics.csv") as file:
             rows = list(csv.DictReader(file))
-        axes.plot([int(r["epoch"]) for r in rows], [float(r["test_acc"]) for r in rows], label=s.name)
+        axes.plot([int(r["epoch"]) for r in rows], [float(r["test_acc"]) for r in rows], label=name)
     axes.set(xlabel="epoch", ylabel="test accuracy", title="kdcache distill")
     axes.grid(alpha=0.3)
     axes.legend()

@@ -11,6 +11,9 @@ filesystem can (fsspec's "xb" mode: local files, memory://, and the object store
 backend implements it); elsewhere it is checked, then written, which two writers starting in the
 same instant can both pass. There the record decides: a lock whose holder no longer runs on this host
 is taken over.
+
+A run folder and a sweep's summary.csv take the same lock (`<folder>.lock`, `summary.csv.lock`): a run holds
+its folder for its life, and a summary's writer holds its lock while it adds its rows.
 """
 
 from __future__ import annotations
@@ -71,6 +74,18 @@ class WriterLock:
                                f"{disk_full_hint(error)}, then rerun the same command") from error
         self._fd = fd
         return self
+
+    def acquire_waiting(self, seconds: float) -> WriterLock:
+        """Take the lock, waiting up to `seconds` while another process holds it (for a short write such as a
+        summary's row); then refuse as acquire() does."""
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                return self.acquire()
+            except KdcacheError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def _holders_record(self) -> dict | None:
         """The record of the process holding the lock, waiting briefly for a holder that has just taken it.

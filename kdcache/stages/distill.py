@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from kdcache.models.outputs import TeacherOutputs, feature_stages, parse_outputs
     student_outputs
 from kdcache.runtime import pick_device
 from kdcache.stages.dataset import CacheDataset, load_cache_data
+from kdcache.stages.folders import FINISHED, NEW, RunFolder, hold_run_folder
 from kdcache.stages.loop import Run, fit, loader_batches
 from kdcache.stages.splits import Batch, make_split
 from kdcache.stages.targets import CachedTargets, EnsembleTargets, LiveTeacher, Targets, require_target_memory
@@ -48,11 +50,13 @@ class RunSummary:
     seconds: float
     img_per_s: float
     folder: Path
+    kept: bool = False  # finished by an earlier call and kept as it was (--resume): summary.csv has its row
 
 
 def distill(config: DistillConfig, show_progress: bool = True,
             data: tuple[ImageData | ImageFiles, ImageData | ImageFiles] | None = None) -> list[RunSummary]:
-    """Train every (student, loss) pair of the config from one target source; each run writes its own folder.
+    """Train every (student, loss) pair of the config from one target source; each run writes its own folder,
+    held for the run's life (see `kdcache.stages.folders`).
 
     data: (train, test) already loaded, instead of the dataset the cache or config names.
     """
@@ -73,13 +77,35 @@ def distill(config: DistillConfig, show_progress: bool = True,
     device = pick_device(config.device)
     distributed.init(device)
     caches: list[TeacherCache] = []
-    try:
-        caches += [open_cache(path) for path in (config.cache, *config.extra_caches) if path]
-        data, test = data or _load_data(config, caches[0] if caches else None)
-        return _distill(config, caches, data, test, device, show_progress)
-    finally:
-        for cache in caches:
-            cache.close()
+    with ExitStack() as held:
+        folders = _run_folders(config, held, show_progress)
+        try:
+            caches += [open_cache(path) for path in (config.cache, *config.extra_caches) if path]
+            data, test = data or _load_data(config, caches[0] if caches else None)
+            return _distill(config, caches, data, test, device, show_progress, folders)
+        finally:
+            for cache in caches:
+                cache.close()
+
+
+def _run_folders(config: DistillConfig, held: ExitStack, show_progress: bool) -> list[RunFolder]:
+    """Each run's folder, taken and held by rank 0 until `held` closes (every rank gets the same folders); what
+    --resume chose is said."""
+    if config.name is not None and (config.name in ("", ".", "..") or Path(config.name).name != config.name):
+        raise KdcacheError(f"--name: expected a folder name such as resnet8-kd-lr0.1 (made under --out), got "
+                           f"{config.name!r}")
+    if config.name is not None and len(config.runs()) > 1:
+        raise KdcacheError(f"--name {config.name}: names one run's folder, and this sweep has {len(config.runs())} "
+                           f"runs; give one --student and one --loss (not --mutual), or leave --name out")
+    bases = [run_name(student, loss) + (f"-{k}" if config.mutual else "")
+             for k, (student, loss) in enumerate(config.runs())]
+    folders = distributed.shared(distributed.from_main(
+        lambda: [hold_run_folder(Path(config.out), base, config.name, config.resume, held) for base in bases]))
+    if show_progress and distributed.world().is_main:
+        for folder in folders:
+            if folder.note:
+                print(folder.note, flush=True)
+    return folders
 
 
 def _check_sources(config: DistillConfig) -> None:
@@ -118,8 +144,10 @@ def _check_teachers(config: DistillConfig) -> None:
 
 
 def _distill(config: DistillConfig, caches: list[TeacherCache], data: ImageData | ImageFiles,
-             test: ImageData | ImageFiles, device: torch.device, show_progress: bool) -> list[RunSummary]:
-    """Check the caches against the run, make the target provider and the runs, train them all in one loop."""
+             test: ImageData | ImageFiles, device: torch.device, show_progress: bool,
+             folders: list[RunFolder]) -> list[RunSummary]:
+    """Check the caches against the run, make the target provider and the runs (in `folders`), train them all in
+    one loop."""
     cache = caches[0] if caches else None
     stored = cache.spec if cache is not None else None
     if config.views_per_step > 1 and isinstance(data, ImageFiles):
@@ -145,18 +173,17 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: ImageData 
     views = CachedViews(cache, policy, config.view_order, config.seed) if cache is not None else \
         FreshViews(policy, len(data.labels), config.seed)
     runs = []
-    for k, (student, loss_name) in enumerate(config.runs()):
+    for k, ((student, loss_name), folder) in enumerate(zip(config.runs(), folders)):
         # every run of a student starts from the same weights; mutual students from their own, as DML's do
         torch.manual_seed(config.seed + (k if config.mutual else 0))
         model = _student_model(config, student, data.num_classes, images)
         record = {"arch": student, "num_classes": data.num_classes, "loss": loss_name,
                   "dataset": data.describe(), "config": recorded_config(config), **source}
         loss = losses[loss_name]
-        name = run_name(student, loss_name) + (f"-{k}" if config.mutual else "")
         outputs = student_outputs(model, loss.needs, teachers, images, student) if loss.needs else ((), {}, {})
-        run = Run(name, model, loss, scales if loss.uses_regions else (1,), config, Path(config.out) / name, device,
+        run = Run(folder.path.name, model, loss, scales if loss.uses_regions else (1,), config, folder.path, device,
                   record, here, *outputs, ema_teacher=config.ema_teacher)
-        if config.resume:
+        if folder.state != NEW:  # held by --resume (or --name with --resume): continued, or kept when finished
             run.resume()
         runs.append(run)
     workers = default_workers(config.workers)
@@ -165,7 +192,7 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: ImageData 
     batch_path = _dataset_batches(config, caches, data, scales, device, workers,
                                   tuple(name for teacher in teachers for name in teacher.outputs))
     fit(runs, split, views, providers, config, device, batch_path, show_progress and here.is_main, config.mutual)
-    return [_summary(run) for run in runs]
+    return [_summary(run, folder.state == FINISHED) for run, folder in zip(runs, folders)]
 
 
 def _student_model(config: DistillConfig, student: str, num_classes: int, images: torch.Tensor) -> torch.nn.Module:
@@ -193,7 +220,7 @@ def _student_model(config: DistillConfig, student: str, num_classes: int, images
 
 
 def run_name(student: str, loss: str) -> str:
-    """A run's name and folder: STUDENT-LOSS, a spec's colons and slashes made underscores (timm_resnet18-kd), a
+    """A run's name and its first folder's (later runs of it take resnet8-kd-2, ...): STUDENT-LOSS, a spec's colons and slashes made underscores (timm_resnet18-kd), a
     sum's commas '+' (resnet8x4-sdd-lskd+rkd)."""
     return re.sub(r"[^\w.+=-]", "_", f"{student}-{loss.replace(',', '+')}")
 
@@ -306,13 +333,14 @@ def _shard(cache: TeacherCache | None, num_samples: int, config: DistillConfig) 
     return here, distributed.shard(cache.spec.num_blocks, cache.spec.block_size, num_samples, here)[1]
 
 
-def _summary(run: Run) -> RunSummary:
-    """Write the run's final weights and say how it did."""
-    run.finish()
+def _summary(run: Run, kept: bool) -> RunSummary:
+    """Write the run's final weights, unless it was finished before and is kept as it was, and say how it did."""
+    if not kept:
+        run.finish()
     best = max(run.history, key=lambda row: row["test_acc"])
     return RunSummary(run.name, run.record["arch"], run.record["loss"], run.history[-1]["test_acc"],
                       best["test_acc"], int(best["epoch"]), sum(row["seconds"] for row in run.history),
-                      sum(row["img_per_s"] for row in run.history) / len(run.history), run.folder)
+                      sum(row["img_per_s"] for row in run.history) / len(run.history), run.folder, kept)
 
 
 def _inside(folder: Path, cache: str) -> bool:
