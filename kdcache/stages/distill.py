@@ -76,16 +76,11 @@ def distill(config: DistillConfig, show_progress: bool = True,
     _check_teachers(config)
     device = pick_device(config.device)
     distributed.init(device)
-    caches: list[TeacherCache] = []
-    with ExitStack() as held:
+    with ExitStack() as held:  # the caches are closed, then the run folders let go, however it ends
         folders = _run_folders(config, held, show_progress)
-        try:
-            caches += [open_cache(path) for path in (config.cache, *config.extra_caches) if path]
-            data, test = data or _load_data(config, caches[0] if caches else None)
-            return _distill(config, caches, data, test, device, show_progress, folders)
-        finally:
-            for cache in caches:
-                cache.close()
+        caches = [held.enter_context(open_cache(path)) for path in (config.cache, *config.extra_caches) if path]
+        data, test = data or _load_data(config, caches[0] if caches else None)
+        return _distill(config, caches, data, test, device, show_progress, folders)
 
 
 def _run_folders(config: DistillConfig, held: ExitStack, show_progress: bool) -> list[RunFolder]:
