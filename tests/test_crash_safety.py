@@ -150,7 +150,8 @@ def cut_hdf5_file(path):
 
 @pytest.mark.parametrize("name, make, found", [
     ("notes.txt", plain_file, "a plain file"),
-    ("runs", run_folder, "a folder without zarr.json"),
+    ("empty", lambda path: path.mkdir(), "a folder without zarr.json"),
+    ("runs", run_folder, "a kdcache run folder (model.pt holds a model's weights: pass it as --checkpoint)"),
     ("c.h5", cut_hdf5_file, "an HDF5 file that HDF5 cannot open"),
 ])
 def test_inspect_says_what_it_found_at_a_path_that_holds_no_cache(tmp_path, capsys, name, make, found):
