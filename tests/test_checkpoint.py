@@ -104,7 +104,7 @@ def test_wrong_class_count_names_the_parameter_and_both_shapes(tmp_path):
     save_checkpoint(path, create_model("resnet8x4", num_classes=10))
     assert _refusal(path, create_model("resnet8x4")) == (
         f"checkpoint {path} does not fit resnet8x4: fc.weight has shape [10, 256] in the file but [100, 256] "
-        "in the model; pass the --model and class count the checkpoint was trained with"
+        "in the model; load it into the model and class count it was trained with"
     )
 
 
@@ -124,11 +124,11 @@ def test_missing_and_unexpected_parameters_are_named_and_counted(tmp_path):
     # 12 are BatchNorm counters that load_state_dict fills when missing.
     assert _refusal(shallow, create_model("resnet20")) == (
         f"checkpoint {shallow} does not fit resnet20: the file lacks layer1.1.conv1.weight and 59 more of the "
-        "model's parameters; pass the --model and class count the checkpoint was trained with"
+        "model's parameters; load it into the model and class count it was trained with"
     )
     assert _refusal(deep, create_model("resnet8")) == (
         f"checkpoint {deep} does not fit resnet8: the file has layer1.1.conv1.weight and 71 more parameters "
-        "the model lacks; pass the --model and class count the checkpoint was trained with"
+        "the model lacks; load it into the model and class count it was trained with"
     )
 
 

@@ -21,9 +21,12 @@ from torch import nn
 
 from kdcache.errors import KdcacheError
 from kdcache.models.logit_map import model_name
-from kdcache.models.specs import NO_DOWNLOADS, check_model_spec, create_model
+from kdcache.models.specs import NO_DOWNLOADS, check_model_spec, create_model, require_spec_from_file
 
-_CHOOSE_MODEL = "pass the --model and class count the checkpoint was trained with"
+# how a refusal says to choose the model a checkpoint fits, in the words of the caller's flags
+CHOOSE_MODEL = "load it into the model and class count it was trained with"
+CHOOSE_TEACHER = "pass the --teacher it was trained with, on data of the class count it predicts"
+CHOOSE_STUDENT = "pass the --student it was trained with"
 RUN_CHECKPOINT = "model.pt"  # what a kdcache run folder holds its final weights in
 
 
@@ -110,35 +113,61 @@ def _shape(tensor: torch.Tensor) -> str:
     return str(list(tensor.shape))
 
 
-def _check_fits(state: Mapping[str, torch.Tensor], model: nn.Module, path: Path) -> None:
-    """Raise one line naming the first parameter where `state` and `model` disagree, if any."""
+# the float dtypes a checkpoint's tensor may have for a float parameter: torch converts between them without loss of
+# meaning (fp8 and fp4 need scales kdcache does not know; integer and bool tensors are no float weights)
+CASTABLE_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_dtypes(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse, naming the tensor, one whose dtype load_state_dict would cast silently into another kind of value: an
+    integer, bool, fp8 or fp4 tensor for a float parameter, or a float for an integer or bool buffer."""
+    for name, tensor in state.items():
+        wanted = expected.get(name)
+        if wanted is None or tensor.dtype == wanted.dtype:
+            continue
+        if wanted.is_floating_point():
+            fits = tensor.dtype in CASTABLE_FLOATS
+        else:  # integer buffers (BatchNorm's num_batches_tracked) take integers, bool ones bools
+            fits = (wanted.dtype == torch.bool) == (tensor.dtype == torch.bool) and not tensor.is_floating_point() \
+                and not tensor.is_complex()
+        if not fits:
+            raise KdcacheError(f"checkpoint {path}: tensor {name} is {str(tensor.dtype).removeprefix('torch.')} but the "
+                               f"model's {name} is {str(wanted.dtype).removeprefix('torch.')}; kdcache casts float "
+                               f"weights between float16, bfloat16, float32 and float64 only: save the weights in one "
+                               f"of those")
+
+
+def _check_fits(state: Mapping[str, torch.Tensor], model: nn.Module, path: Path, choose: str) -> None:
+    """Raise one line naming the first parameter where `state` and `model` disagree, if any, ending with `choose`."""
     arch = model_name(model)
     expected = model.state_dict()
+    _check_dtypes(state, expected, path)
     for name, tensor in expected.items():
         if name in state and state[name].shape != tensor.shape:
             raise KdcacheError(
                 f"checkpoint {path} does not fit {arch}: {name} has shape {_shape(state[name])} in the file "
-                f"but {_shape(tensor)} in the model; {_CHOOSE_MODEL}"
+                f"but {_shape(tensor)} in the model; {choose}"
             )
     # load_state_dict fills BatchNorm counters that files from before PyTorch 0.4.1 lack.
     missing = [name for name in expected if name not in state and not name.endswith("num_batches_tracked")]
     if missing:
         raise KdcacheError(
             f"checkpoint {path} does not fit {arch}: the file lacks {missing[0]} and {len(missing) - 1} more of the "
-            f"model's parameters; {_CHOOSE_MODEL}"
+            f"model's parameters; {choose}"
         )
     unexpected = [name for name in state if name not in expected]
     if unexpected:
         raise KdcacheError(
             f"checkpoint {path} does not fit {arch}: the file has {unexpected[0]} and {len(unexpected) - 1} more "
-            f"parameters the model lacks; {_CHOOSE_MODEL}"
+            f"parameters the model lacks; {choose}"
         )
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module) -> nn.Module:
-    """Load a weights-only checkpoint (a file or a run folder) into `model` (strictly) and return the model."""
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, choose: str = CHOOSE_MODEL) -> nn.Module:
+    """Load a weights-only checkpoint (a file or a run folder) into `model` (strictly) and return the model; a
+    refusal ends with `choose`, the advice in the caller's words."""
     path = resolve_checkpoint(path)
-    _load_state(_state_dict_in(read_checkpoint(path), path), model, path)
+    _load_state(_state_dict_in(read_checkpoint(path), path), model, path, choose)
     return model
 
 
@@ -150,7 +179,7 @@ def load_student_weights(path: str | os.PathLike, model: nn.Module, num_classes:
     fresh = model.state_dict()
     replaced = [name for name in head_parameters(model, num_classes)
                 if name in state and state[name].shape != fresh[name].shape]
-    _load_state({**state, **{name: fresh[name] for name in replaced}}, model, path)
+    _load_state({**state, **{name: fresh[name] for name in replaced}}, model, path, CHOOSE_STUDENT)
     return replaced
 
 
@@ -166,9 +195,9 @@ def head_parameters(model: nn.Module, num_classes: int) -> list[str]:
     return [f"{name}.{parameter}" if name else parameter for parameter, _ in head.named_parameters(recurse=False)]
 
 
-def _load_state(state: Mapping[str, torch.Tensor], model: nn.Module, path: Path) -> None:
+def _load_state(state: Mapping[str, torch.Tensor], model: nn.Module, path: Path, choose: str) -> None:
     """Load `state` into `model` strictly, after refusing in one line a tensor that does not fit."""
-    _check_fits(state, model, path)
+    _check_fits(state, model, path, choose)
     model.load_state_dict(state, strict=True)
 
 
@@ -233,13 +262,14 @@ def load_teacher(checkpoint: str | Path | None, arch: str | None, num_classes: i
         raise KdcacheError(f"--checkpoint: the teacher's weights are required{where} (a .pt, .pth or .safetensors "
                            f"file, or a kdcache run folder); {NO_DOWNLOADS}")
     checkpoint = resolve_checkpoint(checkpoint)
-    arch = arch or checkpoint_sidecar(checkpoint).get("arch")
+    if not arch and checkpoint_sidecar(checkpoint).get("arch"):  # a run folder's spec is data: no code it names
+        arch = require_spec_from_file(checkpoint_sidecar(checkpoint)["arch"], str(checkpoint.with_suffix(".json")))
     if not arch:
         raise KdcacheError(f"--teacher: which model is {checkpoint}? it has no kdcache sidecar "
                            f"({checkpoint.with_suffix('.json').name}); pass --teacher SPEC (a kdcache name, "
                            f"timm:NAME, torchvision:NAME or python:module:callable)")
     model = create_model(arch, num_classes=num_classes)
-    load_checkpoint(checkpoint, model)
+    load_checkpoint(checkpoint, model, CHOOSE_TEACHER)
     info = {"arch": arch, "num_classes": num_classes, "checkpoint": str(checkpoint),
             "checkpoint_sha256": file_sha256(checkpoint)}
     return model.eval(), info

@@ -4,7 +4,8 @@
 - `timm:NAME`: any timm model (`pip install "kdcache[timm]"`), pretrained tags such as `resnet50.a1_in1k` too;
 - `torchvision:NAME`: `torchvision.models.get_model(NAME)`, given timm's interface by an adapter;
 - `python:module.path:callable`: your own importable factory returning an nn.Module (`num_classes=` passed
-  when it accepts it).
+  when it accepts it), imported only when the user typed the spec: a spec read from a file kdcache finds (a run
+  folder's model.json) names registry, timm or torchvision models only (`require_spec_from_file`).
 
 Every model is built with fresh weights: kdcache never downloads any. Weights come from a local file
 (`load_checkpoint`), so a cache names exactly what its teacher was.
@@ -86,6 +87,22 @@ def create_model(spec: str, num_classes: int = 100, pretrained: bool = False) ->
     # error messages (a checkpoint that does not fit), checkpoints and cache metadata name the model by its spec
     model.arch = str(spec)
     return model
+
+
+# the sources a spec read from a file kdcache finds may name: models built by name, never code to import
+FILE_SOURCES = ("kdcache", "timm", "torchvision")
+
+
+def require_spec_from_file(spec: str, where: str, flag: str = "--teacher") -> str:
+    """A spec kdcache read from a file it found rather than one the user named (a run folder's model.json, a cache's
+    metadata, a run's record): refused if it names code to import (python:), which kdcache imports only when the
+    user types it."""
+    scheme = _split(spec)[0]
+    if scheme not in FILE_SOURCES:
+        raise KdcacheError(f"{where} names the model {spec!r}: a {scheme}: spec imports and runs the code it names, "
+                           f"so kdcache takes one only from you, never from a file it finds; if you trust that code, "
+                           f"pass {flag} {spec} yourself (on the command line, or in a --config file you name)")
+    return spec
 
 
 def pretrained_tag(spec: str) -> bool:
@@ -176,11 +193,19 @@ def _factory(name: str) -> Callable[..., nn.Module]:
 def _python_build(name: str, num_classes: int) -> nn.Module:
     factory = _factory(name)
     try:
-        parameters = inspect.signature(factory).parameters
+        signature = inspect.signature(factory)
     except (TypeError, ValueError):  # a builtin or C callable: call it as it is
-        parameters = {}
+        return factory()
+    parameters = signature.parameters
     accepts = "num_classes" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-    return factory(num_classes=num_classes) if accepts else factory()
+    arguments = {"num_classes": num_classes} if accepts else {}
+    try:  # a factory that needs more than kdcache passes is one line, not the TypeError of calling it
+        signature.bind(**arguments)
+    except TypeError as error:
+        raise KdcacheError(f"model spec 'python:{name}': kdcache calls it as {name.rpartition(':')[2]}("
+                           f"{'num_classes=N' if accepts else ''}), which it refuses ({error}); name a factory that builds the "
+                           f"model from num_classes alone (a function of your own around it)") from None
+    return factory(**arguments)
 
 
 def _python_names(pattern: str) -> list[str]:
