@@ -34,7 +34,8 @@ from kdcache.report import dump_summary, write_summary
 from kdcache.runtime import pick_device, prepare_model
 from kdcache.stages.distill import RunSummary, distill
 from kdcache.stages.dump import DEFAULT_VIEWS, dump_from_config
-from kdcache.stages.splits import tensor_test_batches, top1_accuracy
+from kdcache.stages.evaluate import evaluate_batches
+from kdcache.stages.splits import TestSplit
 
 RECIPE_KEYS = ("teacher", "student", "dump", "distill", "losses", "published", "sources")
 OPTIONAL_KEYS = ("feature_dump",)
@@ -183,9 +184,8 @@ def teacher_test_accuracy(dump: DumpConfig, test: ImageData) -> float:
     """Top-1 accuracy of the dump's teacher checkpoint on the un-augmented test split."""
     device = pick_device(dump.device)
     teacher = load_teacher(dump.checkpoint, dump.teacher, test.num_classes)[0]
-    images = test.images.to(device)
-    return top1_accuracy(prepare_model(teacher, device), tensor_test_batches(test, images, range(len(images))),
-                         len(images))
+    testing = TestSplit(test, device)
+    return evaluate_batches(prepare_model(teacher, device), testing.batches(range(len(testing))), len(testing)).top1
 
 
 @dataclass(frozen=True)

@@ -178,18 +178,33 @@ def write_summary(summaries: list[RunSummary], out: Path) -> None:
     path = out / "summary.csv"
     lock = WriterLock(path).acquire_waiting(SUMMARY_WAIT_SECONDS)
     try:
-        header = not path.exists() or path.stat().st_size == 0
+        # a summary.csv begun by an earlier version keeps its own columns (one without test_top5 stays without)
+        columns = _summary_columns(path)
         with open(path, "a", newline="") as file:
-            writer = csv.writer(file)
-            if header:
-                writer.writerow(["run", "student", "loss", "test_acc", "best_test_acc", "best_epoch", "img_per_s",
-                                 "folder"])
-            writer.writerows([s.name, s.student, s.loss, f"{s.test_acc:.4f}", f"{s.best_test_acc:.4f}", s.best_epoch,
-                              f"{s.img_per_s:.1f}", s.folder] for s in summaries if not s.kept)
+            writer = csv.DictWriter(file, columns, extrasaction="ignore")
+            if file.tell() == 0:
+                writer.writeheader()
+            # test_top5 empty for 5 classes or fewer, where it is always 100 %
+            writer.writerows({"run": s.name, "student": s.student, "loss": s.loss, "test_acc": f"{s.test_acc:.4f}",
+                              "test_top5": _fraction(s.test_top5), "best_test_acc": f"{s.best_test_acc:.4f}",
+                              "best_epoch": s.best_epoch, "img_per_s": f"{s.img_per_s:.1f}", "folder": s.folder}
+                             for s in summaries if not s.kept)
         with open(path, newline="") as file:
             _plot_summary([row["run"] for row in csv.DictReader(file)], out)
     finally:
         lock.release()
+
+
+SUMMARY_COLUMNS = ("run", "student", "loss", "test_acc", "test_top5", "best_test_acc", "best_epoch", "img_per_s",
+                   "folder")
+
+
+def _summary_columns(path: Path) -> tuple[str, ...]:
+    """The columns of summary.csv: its header where it has rows already, else today's."""
+    if not path.exists() or path.stat().st_size == 0:
+        return SUMMARY_COLUMNS
+    with open(path, newline="") as file:
+        return tuple(next(csv.reader(file)))
 
 
 def _plot_summary(runs: list[str], out: Path) -> None:
@@ -218,12 +233,20 @@ def summary_table(summaries: list[RunSummary]) -> str:
     """A printed table: each run's accuracy, and its gain over the same student's cross-entropy run."""
     ce = {s.student: s.test_acc for s in summaries if s.loss == "ce"}
     width = max([30, *(len(s.name) for s in summaries)])  # a spec's run name (timm_resnet18-kd) can be long
-    lines = [f"{'run':<{width}} {'test acc':>9} {'best (epoch)':>14} {'vs ce':>7} {'img/s':>8}"]
+    top5 = any(s.test_top5 is not None for s in summaries)  # a column only where it says something (> 5 classes)
+    lines = [f"{'run':<{width}} {'test acc':>9}" + (f" {'top-5':>8}" if top5 else "")
+             + f" {'best (epoch)':>14} {'vs ce':>7} {'img/s':>8}"]
     for s in summaries:
         gain = f"{100 * (s.test_acc - ce[s.student]):+.2f}" if s.student in ce and s.loss != "ce" else ""
-        lines.append(f"{s.name:<{width}} {100 * s.test_acc:>8.2f}% {100 * s.best_test_acc:>7.2f}% ({s.best_epoch:>3}) "
-                     f"{gain:>7} {s.img_per_s:>8.0f}")
+        shown_top5 = (f" {100 * s.test_top5:>7.2f}%" if s.test_top5 is not None else f" {'':>8}") if top5 else ""
+        lines.append(f"{s.name:<{width}} {100 * s.test_acc:>8.2f}%{shown_top5} {100 * s.best_test_acc:>7.2f}% "
+                     f"({s.best_epoch:>3}) {gain:>7} {s.img_per_s:>8.0f}")
     return "\n".join(lines)
+
+
+def _fraction(value: float | None) -> str:
+    """An accuracy as summary.csv writes it; empty where there is none."""
+    return "" if value is None else f"{value:.4f}"
 
 
 def source_commit() -> str:

@@ -29,13 +29,20 @@ from kdcache.stages.views import CachedViews, require_fits, require_outputs
 def load_cache_data(spec: CacheSpec, data_root: str | Path | None = None, split: str | None = None,
                     **options: object) -> ImageData | ImageFiles:
     """The split a cache was made from (or `split` of the same dataset), loaded at the image size it was made at."""
-    name = spec.dataset["name"]
-    data_root = data_root or spec.dataset.get("root")  # a synthesised set's folder, recorded with it
+    return load_described_data(spec.dataset, data_root, split, **options)
+
+
+def load_described_data(described: dict[str, Any], data_root: str | Path | None = None, split: str | None = None,
+                        **options: object) -> ImageData | ImageFiles:
+    """The split a dataset's description names (`ImageData.describe()`, as caches and run folders record it), or
+    `split` of the same dataset, at the image size it had and read as it was (from its files or held in memory)."""
+    name = described["name"]
+    data_root = data_root or described.get("root")  # a synthesised set's folder, recorded with it
     if "image_size" in dataset_options(name):
-        options = {"image_size": spec.dataset["image_shape"][-1], **options}
-    if "preload" in dataset_options(name):  # a cache of files streams them; an older one held the split in memory
-        options = {"preload": not spec.streamed, **options}
-    return load_dataset(name, data_root, split or spec.dataset["split"], **options)
+        options = {"image_size": described["image_shape"][-1], **options}
+    if "preload" in dataset_options(name):  # a split of files streams them; an older cache held the split in memory
+        options = {"preload": described.get("source") != "files", **options}
+    return load_dataset(name, data_root, split or described["split"], **options)
 
 
 class CacheDataset(Dataset):

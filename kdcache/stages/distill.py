@@ -51,6 +51,7 @@ class RunSummary:
     img_per_s: float
     folder: Path
     kept: bool = False  # finished by an earlier call and kept as it was (--resume): summary.csv has its row
+    test_top5: float | None = None  # the last epoch's; None for 5 classes or fewer (kdcache.stages.evaluate)
 
 
 def distill(config: DistillConfig, show_progress: bool = True,
@@ -335,7 +336,8 @@ def _summary(run: Run, kept: bool) -> RunSummary:
     best = max(run.history, key=lambda row: row["test_acc"])
     return RunSummary(run.name, run.record["arch"], run.record["loss"], run.history[-1]["test_acc"],
                       best["test_acc"], int(best["epoch"]), sum(row["seconds"] for row in run.history),
-                      sum(row["img_per_s"] for row in run.history) / len(run.history), run.folder, kept)
+                      sum(row["img_per_s"] for row in run.history) / len(run.history), run.folder, kept,
+                      run.history[-1].get("test_top5"))
 
 
 def _inside(folder: Path, cache: str) -> bool:

@@ -27,7 +27,8 @@ from kdcache.models import file_sha256, read_checkpoint, save_checkpoint
 from kdcache.models.outputs import REGIONS, ModelOutputs
 from kdcache.runtime import epoch_generator, prepare_model
 from kdcache.stages.recipe_options import WeightEMA, learning_rate, make_optimizer, step_autocast, training_dtype
-from kdcache.stages.splits import Batch, Split, top1_accuracy
+from kdcache.stages.evaluate import evaluate_batches
+from kdcache.stages.splits import Batch, Split
 from kdcache.stages.targets import Targets
 from kdcache.stages.views import Views
 
@@ -161,12 +162,13 @@ class Run:
         return dict.fromkeys(self.loss.term_names, sum(value.sum() for value in student.values()) * 0)
 
     def evaluate(self, split: Split) -> dict[str, float]:
-        """Top-1 accuracy of the global logit on the un-augmented test split: test_acc, and test_acc_ema of the
-        weight EMA when the run keeps one."""
+        """The global logit on the un-augmented test split: test_acc (top-1), test_top5 (more than 5 classes) and
+        test_loss, and the same of the weight EMA (test_acc_ema, ...) when the run keeps one."""
         part = distributed.even_share(split.test_size, self.here)  # each rank evaluates its share
-        found = {"test_acc": top1_accuracy(self.model, split.test_batches(part.samples), split.test_size)}
+        found = evaluate_batches(self.model, split.test_batches(part.samples), split.test_size).metrics()
         if self.ema is not None:
-            found["test_acc_ema"] = top1_accuracy(self.ema.model, split.test_batches(part.samples), split.test_size)
+            found.update(evaluate_batches(self.ema.model, split.test_batches(part.samples), split.test_size)
+                         .metrics("_ema"))
         return found
 
     def end_epoch(self, metrics: dict[str, float]) -> None:
@@ -336,11 +338,16 @@ def fit(runs: list[Run], split: Split, views: Views, targets: Sequence[Targets] 
                 metrics.update(run.evaluate(split))
                 run.end_epoch(metrics)
                 if show_progress:
-                    tqdm.write(f"{run.name:>28} epoch {epoch + 1:>3}/{config.epochs}  loss "
-                               f"{metrics['loss_total']:.4f}  train {metrics['train_acc']:.4f}  test "
-                               f"{metrics['test_acc']:.4f}  "
-                               + (f"ema {metrics['test_acc_ema']:.4f}  " if "test_acc_ema" in metrics else "")
-                               + f"{metrics['img_per_s']:.0f} img/s")
+                    tqdm.write(epoch_line(run.name, epoch, config.epochs, metrics))
+
+
+def epoch_line(name: str, epoch: int, epochs: int, metrics: dict[str, float]) -> str:
+    """The line printed after each epoch: loss, train and test top-1 (top-5 beside it where recorded), the EMA's."""
+    shown = [("test", "test_acc"), ("top5", "test_top5"), ("ema", "test_acc_ema"), ("ema top5", "test_top5_ema")]
+    return (f"{name:>28} epoch {epoch + 1:>3}/{epochs}  loss {metrics['loss_total']:.4f}  train "
+            f"{metrics['train_acc']:.4f}  " + "".join(f"{label} {metrics[key]:.4f}  " for label, key in shown
+                                                      if key in metrics)
+            + f"{metrics['img_per_s']:.0f} img/s")
 
 
 def _tensorboard(folder: Path, metrics: dict[str, float]) -> None:

@@ -12,9 +12,8 @@ import torch
 from kdcache.data import AugmentPolicy, FileBatches, FilePolicy, ImageData, ImageFiles, normalize
 from kdcache.data.files import FileCenterCrop, batch_on_device, stream
 from kdcache.data.mixing import Mixed, mix_targets, replay
-from kdcache.distributed import Shard, all_sum
+from kdcache.distributed import Shard
 from kdcache.errors import KdcacheError
-from kdcache.runtime import autocast
 from kdcache.stages.targets import Targets
 
 # images (normalised), labels, targets by name (regions [b, R, C], ...; Targets)
@@ -85,11 +84,40 @@ def with_mix_targets(found: dict[str, torch.Tensor] | None, mixed: dict[str, tor
     return {**(found or {}), **mixed} if mixed else found
 
 
-def tensor_test_batches(test: ImageData, images: torch.Tensor, samples: range) -> Iterator[TestBatch]:
-    """The test images (already on their device) of `samples`, normalised, with their labels."""
-    for start in range(samples.start, samples.stop, EVAL_BATCH):
-        stop = min(start + EVAL_BATCH, samples.stop)
-        yield normalize(images[start:stop], test.mean, test.std), test.labels[start:stop].to(images.device)
+class TestSplit:
+    """A test split's un-augmented batches, as every evaluation reads them: images held in memory, normalised on
+    the device (held there with `resident`, else each batch moved as it comes), or files through the evaluation
+    crop, read by DataLoader workers (normalised by them on the CPU, else on the device); `batch_size` images a
+    batch."""
+
+    def __init__(self, test: ImageData | ImageFiles, device: torch.device, workers: int = 0,
+                 resident: bool = True, batch_size: int = EVAL_BATCH) -> None:
+        self.test, self.device, self.workers, self.batch_size = test, device, workers, batch_size
+        self.files = FileBatches(test, FileCenterCrop(test.image_size), normalized=device.type == "cpu") \
+            if isinstance(test, ImageFiles) else None
+        self.images = test.images.to(device) if self.files is None and resident else None
+
+    def batches(self, samples: range) -> Iterator[TestBatch]:
+        """The test samples of `samples` (a rank's share), in order, normalised, with their labels on the device."""
+        if self.files is not None:
+            return self._streamed(samples)
+        return self._in_memory(samples)
+
+    def _in_memory(self, samples: range) -> Iterator[TestBatch]:
+        images = self.test.images if self.images is None else self.images
+        for start in range(samples.start, samples.stop, self.batch_size):
+            stop = min(start + self.batch_size, samples.stop)
+            yield (normalize(images[start:stop].to(self.device), self.test.mean, self.test.std),
+                   self.test.labels[start:stop].to(self.device))
+
+    def _streamed(self, samples: range) -> Iterator[TestBatch]:
+        keys = [(0, range(start, min(start + self.batch_size, samples.stop)))
+                for start in range(samples.start, samples.stop, self.batch_size)]
+        for images, labels, _, _, _ in stream(self.files, keys, self.workers, self.device):
+            yield batch_on_device(images, self.test, self.device), labels.to(self.device)
+
+    def __len__(self) -> int:
+        return len(self.test.labels)
 
 
 class DeviceSplit:
@@ -105,7 +133,7 @@ class DeviceSplit:
                                "torchrun")
         self.held = slice(self.shard.samples.start, self.shard.samples.stop)
         self.images, self.labels = data.images[self.held].to(device), data.labels[self.held].to(device)
-        self.test_images = test.images.to(device)
+        self.testing = TestSplit(test, device)
 
     def batches(self, epoch: int, params: torch.Tensor | None, targets: Targets | None, batch_size: int,
                 generator: torch.Generator) -> Iterator[Batch]:
@@ -115,11 +143,11 @@ class DeviceSplit:
 
     def test_batches(self, samples: range) -> Iterator[TestBatch]:
         """The test samples of `samples`, normalised on the device."""
-        return tensor_test_batches(self.test, self.test_images, samples)
+        return self.testing.batches(samples)
 
     @property
     def test_size(self) -> int:
-        return len(self.test.labels)
+        return len(self.testing)
 
 
 class StreamedSplit:
@@ -137,9 +165,8 @@ class StreamedSplit:
         self.policy = policy
         on_cpu = device.type == "cpu"  # then the workers normalise: the main process has the model to run
         self.train_files = FileBatches(data, policy, seed, "fresh", normalized=on_cpu, checksums=checksums)
-        self.test_split = test if isinstance(test, ImageData) else None
-        self.test_files = FileBatches(test, FileCenterCrop(data.image_size), normalized=on_cpu) \
-            if isinstance(test, ImageFiles) else None
+        # a test split in memory beside streamed files moves a batch at a time: the device's memory is the training's
+        self.testing = TestSplit(test, device, workers, resident=False)
 
     def batches(self, epoch: int, params: torch.Tensor | None, targets: Targets | None, batch_size: int,
                 generator: torch.Generator) -> Iterator[Batch]:
@@ -157,19 +184,11 @@ class StreamedSplit:
 
     def test_batches(self, samples: range) -> Iterator[TestBatch]:
         """The test samples of `samples`: files through the evaluation crop, or a split held in memory."""
-        if self.test_split is not None:
-            return tensor_test_batches(self.test_split, self.test_split.images.to(self.device), samples)
-        return self._streamed_test(samples)
-
-    def _streamed_test(self, samples: range) -> Iterator[TestBatch]:
-        keys = [(0, range(start, min(start + EVAL_BATCH, samples.stop)))
-                for start in range(samples.start, samples.stop, EVAL_BATCH)]
-        for images, labels, _, _, _ in stream(self.test_files, keys, self.workers, self.device):
-            yield batch_on_device(images, self.test, self.device), labels.to(self.device)
+        return self.testing.batches(samples)
 
     @property
     def test_size(self) -> int:
-        return len(self.test.labels)
+        return len(self.testing)
 
 
 def make_split(data: ImageData | ImageFiles, test: ImageData | ImageFiles, policy: AugmentPolicy | FilePolicy,
@@ -179,15 +198,3 @@ def make_split(data: ImageData | ImageFiles, test: ImageData | ImageFiles, polic
     if isinstance(data, ImageFiles):
         return StreamedSplit(data, test, policy, device, workers, seed, shard, checksums)
     return DeviceSplit(data, test, policy, device, shard)
-
-
-@torch.no_grad()
-def top1_accuracy(model: torch.nn.Module, batches: Iterator[TestBatch], total: int) -> float:
-    """Top-1 accuracy of a model's logits over test batches, out of `total` samples (the correct counts of every
-    rank are summed: under DDP each rank gives its share's batches)."""
-    model.eval()
-    correct = torch.zeros((), dtype=torch.long)
-    for x, y in batches:
-        with autocast(x.device):
-            correct += (model(x).argmax(-1) == y).sum().cpu()
-    return int(all_sum(correct)) / total

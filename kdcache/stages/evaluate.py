@@ -1,0 +1,183 @@
+"""Evaluation as people expect it: top-1, top-5 and the mean cross-entropy of a model on a test split (what every
+training loop records each epoch, and `kdcache eval` reports for a run folder or weights file), and a teacher's
+top-1 and top-5 over each view of a cache, recomputed from its stored logits beside what the dump recorded.
+
+Top-5 is reported only for more than 5 classes: with 5 or fewer it is always 100 %, so it is None (and the
+column is left out of metrics.csv, left empty in summary.csv).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kdcache.cache import TeacherCache, open_cache
+from kdcache.data import ImageData, ImageFiles, load_dataset
+from kdcache.data.files import default_workers
+from kdcache.distributed import all_sum
+from kdcache.errors import KdcacheError
+from kdcache.models.checkpoint import checkpoint_sidecar, load_teacher
+from kdcache.runtime import autocast, pick_device, prepare_model
+from kdcache.stages.dataset import load_described_data
+from kdcache.stages.splits import EVAL_BATCH, TestBatch, TestSplit
+
+TOP_K = 5  # the second accuracy reported: ImageNet's top-5
+READ_SAMPLES = 65536  # samples of a view read at once when a cache's accuracy is recomputed (about a block's worth)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A model on a test split: top-1 and top-5 accuracy (None for 5 classes or fewer), mean cross-entropy of its
+    logits, and how many samples."""
+
+    top1: float
+    top5: float | None
+    loss: float
+    samples: int
+
+    def metrics(self, suffix: str = "") -> dict[str, float]:
+        """The metrics.csv columns: test_acc (top-1), test_top5 (more than 5 classes only), test_loss; `suffix`
+        names another model's (_ema: the weight EMA's)."""
+        found = {f"test_acc{suffix}": self.top1}
+        if self.top5 is not None:
+            found[f"test_top5{suffix}"] = self.top5
+        return {**found, f"test_loss{suffix}": self.loss}
+
+
+@torch.no_grad()
+def evaluate_batches(model: torch.nn.Module, batches: Iterable[TestBatch], total: int) -> Evaluation:
+    """Top-1, top-5 and mean cross-entropy of a model's logits over test batches, out of `total` samples (every
+    rank's counts are summed: under DDP each rank gives its share's batches)."""
+    model.eval()
+    # top-1 hits, top-5 hits, summed loss; then how many ranks saw batches, and their class counts summed (a rank
+    # whose share is empty does not know the class count)
+    totals = torch.zeros(5, dtype=torch.float64)
+    classes = 0
+    for x, y in batches:
+        with autocast(x.device):
+            logits = model(x).float()
+        classes = logits.shape[-1]
+        top = logits.topk(min(TOP_K, classes), dim=-1).indices
+        totals[:3] += torch.stack([(logits.argmax(-1) == y).sum(), (top == y[:, None]).any(-1).sum(),
+                                   F.cross_entropy(logits, y, reduction="sum")]).cpu().double()
+    if classes:
+        totals[3:] += torch.tensor([1.0, classes])
+    totals = all_sum(totals)
+    num_classes = totals[4] / totals[3] if totals[3] else 0
+    return Evaluation(float(totals[0]) / total, float(totals[1]) / total if num_classes > TOP_K else None,
+                      float(totals[2]) / total, total)
+
+
+@dataclass(frozen=True)
+class ModelEvaluation:
+    """`kdcache eval MODEL`: which weights, which model and data, and how they did (see Evaluation)."""
+
+    checkpoint: str
+    model: str
+    dataset: str
+    split: str
+    num_classes: int
+    top1: float
+    top5: float | None
+    loss: float
+    samples: int
+
+
+def evaluate_model(checkpoint: str | os.PathLike, model: str | None = None, dataset: str | None = None,
+                   data_root: str | os.PathLike | None = None, split: str = "test", image_size: int | None = None,
+                   batch_size: int = EVAL_BATCH, device: str | None = None, workers: int | None = None,
+                   preload: bool | None = None) -> ModelEvaluation:
+    """A model's weights (a file, or a kdcache run folder, whose model.json names the model, its classes, its data
+    and where that data lay) on a split of its dataset, un-augmented, as the training loop evaluates it.
+
+    `model`: the spec, needed for weights without a kdcache sidecar (a run folder's own spec is never a python:
+    one, which only a caller may name); `dataset`, `data_root`, `image_size`, `preload`: instead of the recorded.
+    """
+    sidecar = checkpoint_sidecar(checkpoint)  # a path that is neither weights nor a run folder is refused here
+    options = {name: value for name, value in (("image_size", image_size), ("preload", preload)) if value is not None}
+    test = _split_of(checkpoint, sidecar, dataset, data_root, split, options)
+    num_classes = int(sidecar.get("num_classes", test.num_classes))
+    if test.num_classes != num_classes:
+        raise KdcacheError(f"eval: {checkpoint} was trained on {num_classes} classes but {test.name} has "
+                           f"{test.num_classes}; pass the --dataset it was trained on")
+    network, info = load_teacher(checkpoint, model, num_classes)
+    where = pick_device(device)
+    testing = TestSplit(test, where, default_workers(workers), batch_size=batch_size)
+    found = evaluate_batches(prepare_model(network, where), testing.batches(range(len(testing))), len(testing))
+    return ModelEvaluation(info["checkpoint"], info["arch"], test.name, split, num_classes, **asdict(found))
+
+
+def _split_of(checkpoint: str | os.PathLike, sidecar: dict, dataset: str | None, data_root: str | os.PathLike | None,
+              split: str, options: dict) -> ImageData | ImageFiles:
+    """The split to evaluate on: of the dataset named, else of the one the run recorded, as it was read then."""
+    recorded = sidecar.get("dataset") or {}
+    data_root = data_root or (sidecar.get("config") or {}).get("data_root")
+    if dataset is None and recorded.get("name"):
+        return load_described_data(recorded, data_root, split, **options)
+    if dataset is None:
+        raise KdcacheError(f"eval: which dataset is {checkpoint} for? it has no kdcache sidecar (model.json) that "
+                           f"names one; pass --dataset NAME (`kdcache datasets` lists them)")
+    return load_dataset(dataset, data_root, split, **options)
+
+
+@dataclass(frozen=True)
+class ViewAccuracy:
+    """The teacher on one view of a cache: top-1 as the dump counted it (on the logits before storage), and top-1
+    and top-5 recomputed from the stored logits (None: not recomputed, the view unwritten, or top-5 not
+    defined: 5 classes or fewer, or a top-k cache storing fewer than 5)."""
+
+    view: int
+    recorded_top1: float | None
+    top1: float | None
+    top5: float | None
+
+
+@dataclass(frozen=True)
+class CacheEvaluation:
+    """`kdcache eval --cache`: the cache's teacher and data, and its accuracy per view."""
+
+    cache: str
+    teacher: str
+    dataset: str
+    split: str
+    num_classes: int
+    samples: int
+    views: list[ViewAccuracy]
+
+
+def evaluate_cache(path: str | os.PathLike, recompute: bool = True) -> CacheEvaluation:
+    """The teacher's accuracy over each view of a cache against the samples' labels (a mixed view's against its
+    own sample's): the recorded top-1, and with `recompute` top-1 and top-5 of region 0 of the stored logits (a
+    top-k cache's stored classes), which reads every written view once."""
+    with open_cache(path) as cache:
+        spec, recorded = cache.spec, cache.view_accuracy()
+        labels = cache.labels() if recompute else None
+        views = [ViewAccuracy(view, accuracy, *(_stored_accuracy(cache, view, labels) if recompute and accuracy
+                                                is not None else (None, None)))
+                 for view, accuracy in enumerate(recorded)]
+        return CacheEvaluation(str(path), spec.teacher["arch"],
+                               spec.dataset["name"], spec.dataset["split"], spec.num_classes, spec.num_samples, views)
+
+
+def _stored_accuracy(cache: TeacherCache, view: int, labels: np.ndarray) -> tuple[float, float | None]:
+    """Top-1 and top-5 of region 0 of one view's stored logits, read a group of blocks at a time."""
+    spec = cache.spec
+    name = "topk_indices" if spec.topk else "logits"
+    k = min(TOP_K, spec.num_classes, spec.topk or spec.num_classes)
+    hits = np.zeros(2, np.int64)
+    step = spec.block_size * max(1, READ_SAMPLES // spec.block_size)
+    for start in range(0, spec.num_samples, step):
+        rows = range(start, min(start + step, spec.num_samples))
+        stored = cache.view_arrays(view, rows, names=(name,))[name][:, 0]  # region 0: the teacher's own logit
+        # a top-k cache stores its classes by falling logit; full logits: the k largest in any order
+        first = stored[:, 0] if spec.topk else stored.argmax(-1)
+        ranked = stored[:, :k] if spec.topk else np.argpartition(-stored, k - 1, axis=-1)[:, :k]
+        truth = labels[rows.start:rows.stop]
+        hits += [(first == truth).sum(), (ranked == truth[:, None]).any(-1).sum()]
+    defined = spec.num_classes > TOP_K and k == TOP_K
+    return float(hits[0]) / spec.num_samples, float(hits[1]) / spec.num_samples if defined else None
