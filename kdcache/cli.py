@@ -127,6 +127,7 @@ def cli() -> None:
     Start here:   kdcache quickstart
     Stage 1:      kdcache dump-teacher --checkpoint T.pt --teacher resnet32x4 --dataset cifar100 --data-root DATA
     Stage 2:      kdcache distill --cache caches/teacher.zarr --student resnet8x4
+    Evaluate:     kdcache eval runs/distill/resnet8x4-sdd-lskd (top-1, top-5, loss), kdcache eval --cache CACHE
     Many GPUs:    torchrun --nproc-per-node 8 -m kdcache dump-teacher ... (or distill ...): see the README
     """
 
@@ -385,6 +386,57 @@ def inspect_command(cache: str, as_json: bool) -> None:
 
     report = describe_cache(cache)
     click.echo(json.dumps(report, indent=2) if as_json else report["text"])
+
+
+@cli.command("eval")
+@click.argument("checkpoint", metavar="[MODEL_OR_RUN_FOLDER]", required=False)
+@click.option("--model", "--teacher", "model", help="Model spec of the weights (a kdcache name, timm:NAME, "
+              "torchvision:NAME or python:module:callable); read from a run folder's model.json when omitted, "
+              "where a python: spec is never taken: type it here.")
+@click.option("--cache", help="Instead of a model: a teacher cache; report the teacher's top-1 and top-5 over each "
+              "of its views, from the stored logits, beside the top-1 the dump recorded.")
+@click.option("--recorded", is_flag=True, help="With --cache: only the recorded top-1 per view (reads no logits).")
+@click.option("--dataset", help="Dataset from `kdcache datasets` (default: the run's, from model.json).")
+@click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset (default: the run's).")
+@image_size_option
+@file_options
+@click.option("--split", type=click.Choice(["train", "test"]), help="Which split to evaluate on, un-augmented "
+              "(default test).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass (default 250, as the "
+              "training loop evaluates).")
+@device_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_command(checkpoint: str | None, model: str | None, cache: str | None, recorded: bool, as_json: bool,
+                 **options: Any) -> None:
+    """A model's top-1, top-5 and mean cross-entropy on a test split, or a teacher's accuracy over a cache's views.
+
+    \b
+    kdcache eval runs/distill/resnet8x4-sdd-lskd    (a run folder: model.json names model, data)
+    kdcache eval model.pt --model resnet8 --dataset digits --json
+    kdcache eval --cache caches/teacher.zarr
+    """
+    from dataclasses import asdict
+
+    from kdcache.report import cache_evaluation_text, model_evaluation_text
+    from kdcache.stages.evaluate import evaluate_cache, evaluate_model
+
+    if (checkpoint is None) == (cache is None):
+        raise KdcacheError("eval: give MODEL_OR_RUN_FOLDER (weights, or a run folder of train-teacher or distill) or "
+                           "--cache CACHE, one of the two")
+    if recorded and cache is None:
+        raise KdcacheError("eval: --recorded reports a cache's recorded accuracy; give --cache CACHE, or drop it")
+    given = {name: value for name, value in options.items() if value is not None}  # the rest: the run's or defaults
+    if cache is not None and (given or model):
+        flags = ", ".join("--" + name.replace("_", "-") for name in (["model"] if model else []) + list(given))
+        raise KdcacheError(f"eval --cache: {flags} set how a model is evaluated; a cache's views hold its own "
+                           f"teacher's logits on its own data: drop them")
+    if cache is not None:
+        found = evaluate_cache(cache, recompute=not recorded)
+        text = cache_evaluation_text(found)
+    else:
+        found = evaluate_model(checkpoint, model, **given)
+        text = model_evaluation_text(found)
+    click.echo(json.dumps(asdict(found), indent=2) if as_json else text)
 
 
 @cli.command("verify")

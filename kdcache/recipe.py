@@ -35,7 +35,7 @@ from kdcache.runtime import pick_device, prepare_model
 from kdcache.stages.distill import RunSummary, distill
 from kdcache.stages.dump import DEFAULT_VIEWS, dump_from_config
 from kdcache.stages.evaluate import evaluate_batches
-from kdcache.stages.splits import TestSplit
+from kdcache.stages.splits import EvalSplit
 
 RECIPE_KEYS = ("teacher", "student", "dump", "distill", "losses", "published", "sources")
 OPTIONAL_KEYS = ("feature_dump",)
@@ -184,7 +184,7 @@ def teacher_test_accuracy(dump: DumpConfig, test: ImageData) -> float:
     """Top-1 accuracy of the dump's teacher checkpoint on the un-augmented test split."""
     device = pick_device(dump.device)
     teacher = load_teacher(dump.checkpoint, dump.teacher, test.num_classes)[0]
-    testing = TestSplit(test, device)
+    testing = EvalSplit(test, device)
     return evaluate_batches(prepare_model(teacher, device), testing.batches(range(len(testing))), len(testing)).top1
 
 

@@ -24,6 +24,7 @@ from kdcache.losses import get_loss, list_losses
 from kdcache.models import create_model, list_models
 from kdcache.stages.distill import RunSummary, distill
 from kdcache.stages.dump import DumpResult
+from kdcache.stages.evaluate import CacheEvaluation, ModelEvaluation
 
 SUMMARY_WAIT_SECONDS = 60.0  # another call into the same --out adding its rows takes well under a second
 
@@ -88,6 +89,31 @@ def _policy_extras(augmentation: dict) -> str:
         mix = augmentation["mix"]
         extras.append(f"{mix['mode']} (alpha {mix['alpha']}, prob {mix['prob']}) with a partner per view and sample")
     return "".join(f"; {extra}" for extra in extras)
+
+
+def model_evaluation_text(found: ModelEvaluation) -> str:
+    """`kdcache eval MODEL`'s line: which weights on which data, top-1, top-5 (more than 5 classes) and loss."""
+    top5 = "" if found.top5 is None else f"  top-5 {found.top5:.4f}"
+    return (f"{found.checkpoint} ({found.model}, {found.num_classes} classes) on {found.dataset} {found.split}, "
+            f"{found.samples} samples: top-1 {found.top1:.4f}{top5}  loss {found.loss:.4f}")
+
+
+def cache_evaluation_text(found: CacheEvaluation) -> str:
+    """`kdcache eval --cache`'s table: per view the top-1 the dump recorded, and top-1 and top-5 of the stored
+    logits; their means over the views."""
+    def shown(values: list[float | None]) -> str:
+        return " ".join(f"{'-' if value is None else f'{value:.4f}':>{width}}" for value, width in zip(values, widths))
+
+    columns, widths = ("recorded top-1", "top-1", "top-5"), (14, 7, 7)
+    rows = [[view.recorded_top1, view.top1, view.top5] for view in found.views]
+    means = [None if None in column else sum(column) / len(column) for column in zip(*rows)]
+    return "\n".join([
+        f"{found.cache}: teacher {found.teacher} ({found.num_classes} classes) over {len(found.views)} views of "
+        f"{found.dataset} {found.split}, {found.samples} samples; recorded: by the dump on the logits before "
+        f"storage; top-1, top-5: of region 0 of the stored logits",
+        f"{'view':>5} " + " ".join(f"{name:>{width}}" for name, width in zip(columns, widths)),
+        *(f"{view.view:>5} {shown(row)}" for view, row in zip(found.views, rows)),
+        f"{'mean':>5} {shown(means)}"])
 
 
 def verify_cache(path: str | Path, show_progress: bool = True) -> list[Problem]:

@@ -24,7 +24,7 @@ from kdcache.errors import KdcacheError
 from kdcache.models.checkpoint import checkpoint_sidecar, load_teacher
 from kdcache.runtime import autocast, pick_device, prepare_model
 from kdcache.stages.dataset import load_described_data
-from kdcache.stages.splits import EVAL_BATCH, TestBatch, TestSplit
+from kdcache.stages.splits import EVAL_BATCH, TestBatch, EvalSplit
 
 TOP_K = 5  # the second accuracy reported: ImageNet's top-5
 READ_SAMPLES = 65536  # samples of a view read at once when a cache's accuracy is recomputed (about a block's worth)
@@ -107,7 +107,7 @@ def evaluate_model(checkpoint: str | os.PathLike, model: str | None = None, data
                            f"{test.num_classes}; pass the --dataset it was trained on")
     network, info = load_teacher(checkpoint, model, num_classes)
     where = pick_device(device)
-    testing = TestSplit(test, where, default_workers(workers), batch_size=batch_size)
+    testing = EvalSplit(test, where, default_workers(workers), batch_size=batch_size)
     found = evaluate_batches(prepare_model(network, where), testing.batches(range(len(testing))), len(testing))
     return ModelEvaluation(info["checkpoint"], info["arch"], test.name, split, num_classes, **asdict(found))
 

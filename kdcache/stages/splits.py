@@ -84,7 +84,7 @@ def with_mix_targets(found: dict[str, torch.Tensor] | None, mixed: dict[str, tor
     return {**(found or {}), **mixed} if mixed else found
 
 
-class TestSplit:
+class EvalSplit:
     """A test split's un-augmented batches, as every evaluation reads them: images held in memory, normalised on
     the device (held there with `resident`, else each batch moved as it comes), or files through the evaluation
     crop, read by DataLoader workers (normalised by them on the CPU, else on the device); `batch_size` images a
@@ -133,7 +133,7 @@ class DeviceSplit:
                                "torchrun")
         self.held = slice(self.shard.samples.start, self.shard.samples.stop)
         self.images, self.labels = data.images[self.held].to(device), data.labels[self.held].to(device)
-        self.testing = TestSplit(test, device)
+        self.testing = EvalSplit(test, device)
 
     def batches(self, epoch: int, params: torch.Tensor | None, targets: Targets | None, batch_size: int,
                 generator: torch.Generator) -> Iterator[Batch]:
@@ -166,7 +166,7 @@ class StreamedSplit:
         on_cpu = device.type == "cpu"  # then the workers normalise: the main process has the model to run
         self.train_files = FileBatches(data, policy, seed, "fresh", normalized=on_cpu, checksums=checksums)
         # a test split in memory beside streamed files moves a batch at a time: the device's memory is the training's
-        self.testing = TestSplit(test, device, workers, resident=False)
+        self.testing = EvalSplit(test, device, workers, resident=False)
 
     def batches(self, epoch: int, params: torch.Tensor | None, targets: Targets | None, batch_size: int,
                 generator: torch.Generator) -> Iterator[Batch]:
