@@ -7,7 +7,7 @@ import sys
 import pytest
 from console import run_cli
 
-COMMANDS = ["quickstart", "train-teacher", "dump-teacher", "distill", "inspect", "verify", "models", "datasets",
+COMMANDS = ["quickstart", "train-teacher", "dump-teacher", "distill", "eval", "inspect", "verify", "models", "datasets",
             "losses", "recipe"]
 
 
