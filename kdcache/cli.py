@@ -79,14 +79,17 @@ image_size_option = click.option("--image-size", type=click.IntRange(min=8), hel
 
 
 def file_options(command: Callable) -> Callable:
-    """--workers and --preload: how an image folder is read."""
+    """--workers, --preload and --max-image-pixels: how an image folder is read."""
     workers = click.option("--workers", type=click.IntRange(min=0), help="DataLoader worker processes that read, "
                            "decode and crop streamed files (default: the CPUs less one, at most 16; 0 reads in the "
                            "main process).")
     preload = click.option("--preload", is_flag=True, default=None, help="Decode an imagefolder split once into "
                            "memory (shorter side to --image-size, centre crop) instead of streaming its files: for "
                            "small folders.")
-    return workers(preload(command))
+    max_pixels = click.option("--max-image-pixels", type=click.IntRange(min=1), help="Refuse an image whose header "
+                              "declares more pixels than this, before decoding it (default 89478485, Pillow's limit: "
+                              "a small file can declare gigabytes of pixels); raise it for trusted large images.")
+    return workers(preload(max_pixels(command)))
 
 
 def recipe_options(command: Callable) -> Callable:

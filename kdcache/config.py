@@ -55,6 +55,7 @@ class TeacherConfig(TrainConfig):
     image_size: int | None = None
     workers: int | None = None  # None: data.files.default_workers()
     preload: bool = False
+    max_image_pixels: int | None = None  # None: the loader's (Pillow's limit)
     out: str = "runs/teacher"
 
 
@@ -69,6 +70,7 @@ class DumpConfig:
     image_size: int | None = None
     workers: int | None = None
     preload: bool = False
+    max_image_pixels: int | None = None
     split: str = "train"
     views: int | None = None
     exhaustive: bool = False
@@ -145,6 +147,7 @@ class DistillConfig(TrainConfig):
     image_size: int | None = None  # default: the cache's, for datasets stored at a chosen size
     workers: int | None = None
     preload: bool = False
+    max_image_pixels: int | None = None
     view_order: str = "cycle"
     batch_path: str = "device"
     out: str = "runs/distill"
@@ -189,8 +192,9 @@ class DistillConfig(TrainConfig):
 
 
 def loader_options(config: Any) -> dict[str, Any]:
-    """The loader options a config sets (image_size, preload), for load_dataset."""
-    options = {} if getattr(config, "image_size", None) is None else {"image_size": config.image_size}
+    """The loader options a config sets (image_size, max_image_pixels, preload), for load_dataset."""
+    options = {name: getattr(config, name) for name in ("image_size", "max_image_pixels")
+               if getattr(config, name, None) is not None}
     return {**options, "preload": True} if getattr(config, "preload", False) else options
 
 

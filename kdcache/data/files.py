@@ -31,6 +31,7 @@ from kdcache.data.augment import AugmentPolicy, get_policy
 from kdcache.data.mixing import Mixed, with_mixing
 from kdcache.data.randaugment import RandAugmentOps
 from kdcache.data.sources import ImageData, normalize
+from kdcache.data.untrusted import DEFAULT_MAX_PIXELS, BadImageError, TooManyPixelsError, check_image_bytes
 from kdcache.errors import CorruptCacheError, KdcacheError
 
 # IMG_EXTENSIONS lists formats torchvision.io cannot decode; those go through PIL, as ImageFolder's loader does.
@@ -53,6 +54,7 @@ class ImageFiles:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     image_size: int
+    max_pixels: int = DEFAULT_MAX_PIXELS  # a file whose header declares more is refused before it is decoded
     fingerprint: str = field(init=False)
     listing_bytes: int = field(init=False)  # the size of listing(), which describe() names
 
@@ -85,8 +87,9 @@ class ImageFiles:
                 "listing_bytes": self.listing_bytes}
 
 
-def read_image(path: str) -> tuple[Tensor, int]:
-    """A file as a uint8 RGB image [3, H, W] and the crc32c of its bytes (computed from the bytes read anyway)."""
+def read_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Tensor, int]:
+    """A file as a uint8 RGB image [3, H, W] and the crc32c of its bytes (computed from the bytes read anyway); a
+    file above `max_pixels` or whose bytes are no whole image is refused before a decoder sees it."""
     try:
         with open(path, "rb") as file:
             raw = file.read()
@@ -94,15 +97,24 @@ def read_image(path: str) -> tuple[Tensor, int]:
         raise KdcacheError(f"{path}: cannot be read ({error.strerror or error}); restore the file or check the "
                            f"folder's permissions") from None
     # the decoders want a writable buffer, google_crc32c a bytes object: one copy of the (small, encoded) bytes
-    return decode_image_bytes(np.frombuffer(raw, np.uint8).copy(), path), google_crc32c.value(raw)
+    return decode_image_bytes(np.frombuffer(raw, np.uint8).copy(), path, max_pixels), google_crc32c.value(raw)
 
 
-def decode_image_bytes(data: np.ndarray, path: str) -> Tensor:
-    """Encoded image bytes as uint8 RGB [3, H, W]: torchvision.io, or PIL for the formats torchvision cannot decode."""
+def decode_image_bytes(data: np.ndarray, path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tensor:
+    """Encoded image bytes as uint8 RGB [3, H, W]: torchvision.io, or PIL for the formats torchvision cannot decode;
+    checked first (data.untrusted), so a bad or huge file is one line naming it, never a crash."""
     from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms import functional as TF
     from torchvision.transforms.v2.functional import to_dtype
 
+    try:
+        check_image_bytes(data.tobytes(), max_pixels)
+    except TooManyPixelsError as error:
+        raise KdcacheError(f"{path}: {error}; an image this large takes gigabytes to decode: raise the limit with "
+                           f"--max-image-pixels N (max_image_pixels= in load_dataset) if you trust the file, or "
+                           f"shrink it") from None
+    except BadImageError as error:
+        raise KdcacheError(f"{path}: not a decodable image ({error}); {BAD_FILE_ADVICE}") from None
     try:
         if path.lower().endswith(PIL_ONLY_EXTENSIONS):
             with Image.open(io.BytesIO(data.tobytes())) as file:
@@ -113,12 +125,15 @@ def decode_image_bytes(data: np.ndarray, path: str) -> Tensor:
     except Exception as error:  # a damaged or mislabelled file fails in decoder-specific ways
         # torchvision's C++ errors start "function, source.cpp:line, ": only the rest means anything to a user
         detail = re.sub(r"^\w+, \S+:\d+, ", "", str(error).strip().split("\n")[0])
-        # a dump resumes over the same listing (names and labels): a replacement under the same name resumes it
-        # unless the dump had recorded the file's bytes already, which then say to restore them
-        raise KdcacheError(f"{path}: not a decodable image ({type(error).__name__}: {detail}); put a readable image "
-                           "under the same name and rerun the same command (a file a dump read before must be "
-                           "restored as it was), or delete it and rerun (a dump begun over the folder then needs "
-                           "--overwrite, which starts it anew)") from None
+        raise KdcacheError(f"{path}: not a decodable image ({type(error).__name__}: {detail}); "
+                           f"{BAD_FILE_ADVICE}") from None
+
+
+# a dump resumes over the same listing (names and labels): a replacement under the same name resumes it unless the
+# dump had recorded the file's bytes already, which then say to restore them
+BAD_FILE_ADVICE = ("put a readable image under the same name and rerun the same command (a file a dump read before "
+                   "must be restored as it was), or delete it and rerun (a dump begun over the folder then needs "
+                   "--overwrite, which starts it anew)")
 
 
 class FilePolicy(Protocol):
@@ -471,7 +486,7 @@ class FileBatches(Dataset):
 
     def _read(self, index: int) -> tuple[Tensor, int]:
         """The file of sample `index` decoded, and its crc32c, checked against `checksums` where given."""
-        image, checksum = read_image(self.files.path(index))
+        image, checksum = read_image(self.files.path(index), self.files.max_pixels)
         if self.checksums is not None:
             check_checksums(self.files, torch.tensor([index]), torch.tensor([checksum]),
                             self.checksums[index:index + 1], "the teacher's dump")
@@ -598,7 +613,8 @@ def first_images(data: ImageFiles | ImageData, count: int = 2) -> Tensor:
     if isinstance(data, ImageData):
         return data.images[:count]
     policy = FileCenterCrop(data.image_size)
-    return torch.stack([policy.apply(read_image(data.path(index))[0], torch.zeros(0)) for index in range(count)])
+    return torch.stack([policy.apply(read_image(data.path(index), data.max_pixels)[0], torch.zeros(0))
+                        for index in range(count)])
 
 
 def batch_on_device(images: Tensor, files: ImageFiles, device: torch.device) -> Tensor:

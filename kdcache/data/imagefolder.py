@@ -5,7 +5,8 @@ the test split. Classes and files are listed by torchvision's own `find_classes`
 (sorted class folder names, sorted files with an extension in IMG_EXTENSIONS, sub-folders walked),
 so labels are the indices a teacher trained with torchvision's ImageFolder on the same folder
 predicts, and the order (hence the fingerprint) is deterministic. A file of another extension, or a
-class folder without images, is refused by name: nothing is skipped silently.
+class folder without images, is refused by name; hidden files and folders (a name starting with a dot, such as
+.DS_Store) are skipped and counted in a warning, and each real folder is walked once (a link loop is refused).
 
 By default a split is streamed (`ImageFiles`): opening it costs its file list only, and each sample is
 decoded from its file whenever a view of it is made (at image_size x image_size, in DataLoader workers).
@@ -16,6 +17,7 @@ The preloaded pixels, hence the fingerprint, depend on the decoders and resize k
 torchvision.
 """
 
+import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -27,8 +29,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from kdcache.data.files import ImageFiles, read_image
+from kdcache.data.untrusted import DEFAULT_MAX_PIXELS
 from kdcache.data.sources import ImageData, register_dataset
 from kdcache.errors import KdcacheError, missing_root
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,11 +47,15 @@ _NAMES_SHOWN = 5
 
 @register_dataset
 def imagefolder(root: str | Path | None, split: str, *, image_size: int = DEFAULT_IMAGE_SIZE,
-                preload: bool = False) -> ImageFiles | ImageData:
+                preload: bool = False, max_image_pixels: int = DEFAULT_MAX_PIXELS) -> ImageFiles | ImageData:
     """An ImageFolder tree (`root/train`, `root/val` or `root/test`): its files, streamed at image_size x image_size
-    (or, with preload, decoded into uint8 [N, 3, image_size, image_size])."""
+    (or, with preload, decoded into uint8 [N, 3, image_size, image_size]); a file whose header declares more than
+    max_image_pixels pixels (Pillow's limit by default) is refused before it is decoded."""
     if not isinstance(image_size, int) or image_size < 8:
         raise KdcacheError(f"load_dataset('imagefolder'): image_size should be an integer >= 8, found {image_size!r}")
+    if not isinstance(max_image_pixels, int) or max_image_pixels < 1:
+        raise KdcacheError(f"load_dataset('imagefolder'): max_image_pixels should be a positive integer, found "
+                           f"{max_image_pixels!r}")
     folder = _split_folder(root, split)
     classes = _classes(folder)
     if split == "test":
@@ -60,8 +69,8 @@ def imagefolder(root: str | Path | None, split: str, *, image_size: int = DEFAUL
         start = len(os.path.join(str(folder), ""))  # make_dataset joins folder, class and name: cut the folder off
         relative = np.array([os.fsencode(path[start:].replace(os.sep, "/")) for path in paths])
         return ImageFiles("imagefolder", split, str(folder), relative, torch.tensor(labels, dtype=torch.int64),
-                          len(classes), IMAGENET_MEAN, IMAGENET_STD, image_size)
-    images = _decode_all(paths, image_size, f"decode {folder.name}")
+                          len(classes), IMAGENET_MEAN, IMAGENET_STD, image_size, max_image_pixels)
+    images = _decode_all(paths, image_size, max_image_pixels, f"decode {folder.name}")
     return ImageData("imagefolder", split, images, torch.tensor(labels, dtype=torch.int64), len(classes),
                      IMAGENET_MEAN, IMAGENET_STD)
 
@@ -86,55 +95,79 @@ def _split_folder(root: str | Path | None, split: str, why: str = "") -> Path:
 
 
 def _classes(folder: Path) -> list[str]:
-    """The class folder names, sorted, as torchvision's ImageFolder numbers them."""
-    from torchvision.datasets.folder import (
-        find_classes,  # torchvision is imported where needed: it takes seconds
-    )
-
-    try:
-        classes, _ = find_classes(folder)
-    except FileNotFoundError:
+    """The class folder names, sorted, as torchvision's ImageFolder numbers them (a dot-folder is no class)."""
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not _hidden(entry.name))
+    if not classes:
         raise KdcacheError(f"{folder} has no class folders: put each class's images in a sub-folder named after "
-                           "the class, as torchvision's ImageFolder expects") from None
+                           "the class, as torchvision's ImageFolder expects")
     return classes
 
 
 def _files(folder: Path, classes: list[str]) -> tuple[list[str], list[int]]:
-    """Every image file of every class, in torchvision's order, and its label; refuses a class without images and a
-    file that is no image by its extension (torchvision would skip it silently)."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
+    """Every image file of every class, in torchvision's order (make_dataset's: classes sorted, folders walked and
+    sorted, files sorted), and its label; refuses a class without images, a file that is no image by its extension
+    (torchvision would skip it silently) and a name a listing cannot hold; skips hidden files and folders (a
+    name starting with a dot: .DS_Store, .ipynb_checkpoints), saying how many."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-    others = []
-
-    def is_image(path: str) -> bool:  # make_dataset's own test, noting what it leaves out
-        allowed = has_file_allowed_extension(path, IMG_EXTENSIONS)
-        if not allowed:
-            others.append(path)
-        return allowed
-
-    samples = make_dataset(folder, {name: index for index, name in enumerate(classes)}, is_valid_file=is_image,
-                           allow_empty=True)
+    listed, hidden, seen = [], [], set()
+    for label, name in enumerate(classes):
+        for root, names in sorted(_walk(os.path.join(folder, name), seen, hidden)):
+            listed += [(os.path.join(root, file), label) for file in sorted(names)]
+    others = [path for path, _ in listed if not has_file_allowed_extension(path, IMG_EXTENSIONS)]
     if others:
         raise KdcacheError(f"{folder}: {len(others)} files in its class folders are not images by their extension "
                            f"({_names(others)}); expected files ending in {', '.join(IMG_EXTENSIONS)}: move the "
                            f"others out of the class folders")
-    empty = sorted(set(classes) - {classes[label] for _, label in samples})
+    unlistable = [path for path, _ in listed if "\n" in path or "\r" in path]
+    if unlistable:  # a cache records the listing one name a line
+        raise KdcacheError(f"{unlistable[0]!r}: a file name with a line break cannot be recorded in a cache's listing "
+                           f"({len(unlistable)} such files); rename it")
+    empty = sorted(set(classes) - {classes[label] for _, label in listed})
     if empty:
         raise KdcacheError(
             f"{folder}: {len(empty)} of {len(classes)} class folders hold no image files ({_names(empty)}); expected "
             f"files ending in {', '.join(IMG_EXTENSIONS)}: add images or remove those folders"
         )
-    return [path for path, _ in samples], [label for _, label in samples]
+    if hidden:
+        log.warning("%s: skipped %d hidden files and folders (names starting with a dot: %s)", folder, len(hidden),
+                    _names(sorted({os.path.basename(path) for path in hidden})))
+    return [path for path, _ in listed], [label for _, label in listed]
 
 
-def _decode_all(paths: Sequence[str], image_size: int, description: str) -> Tensor:
+def _walk(top: str, seen: set[tuple[int, int]], hidden: list[str]) -> list[tuple[str, list[str]]]:
+    """(folder, its file names) for `top` and every folder below it, as os.walk(followlinks=True) gives them, but
+    each real folder once: a link to a folder already walked (a link loop, which os.walk follows for ever) is
+    refused, naming the link. Hidden names are left out and added to `hidden`."""
+    walked, pending = [], [top]
+    while pending:
+        path = pending.pop()
+        status = os.stat(path)
+        if (status.st_dev, status.st_ino) in seen:
+            raise KdcacheError(f"{path} is a link to {os.path.realpath(path)}, a folder already listed (a link loop, "
+                               f"or a second link to one folder): remove the link, or copy the folder")
+        seen.add((status.st_dev, status.st_ino))
+        entries = sorted(os.scandir(path), key=lambda entry: entry.name)
+        hidden += [entry.path for entry in entries if _hidden(entry.name)]
+        shown = [entry for entry in entries if not _hidden(entry.name)]
+        walked.append((path, [entry.name for entry in shown if not entry.is_dir()]))
+        pending += [entry.path for entry in reversed(shown) if entry.is_dir()]
+    return walked
+
+
+def _hidden(name: str) -> bool:
+    """A hidden file or folder's name (.DS_Store, .ipynb_checkpoints): what Finder, Jupyter and git leave."""
+    return name.startswith(".")
+
+
+def _decode_all(paths: Sequence[str], image_size: int, max_pixels: int, description: str) -> Tensor:
     """All images decoded and resized into one uint8 [N, 3, S, S] tensor by a thread pool, with a progress bar."""
     # Filled in place, so the split is never held twice; torch's decoders and resize release the GIL.
     images = torch.empty(len(paths), 3, image_size, image_size, dtype=torch.uint8)
     starts = range(0, len(paths), _FILES_PER_TASK)
     # disable=None: a bar on a terminal, none in logs and pipes
     with ThreadPoolExecutor() as pool, tqdm(total=len(paths), unit="img", desc=description, disable=None) as bar:
-        tasks = [pool.submit(_decode_range, paths, images, start, image_size) for start in starts]
+        tasks = [pool.submit(_decode_range, paths, images, start, image_size, max_pixels) for start in starts]
         try:
             for task in as_completed(tasks):
                 bar.update(task.result())
@@ -144,19 +177,19 @@ def _decode_all(paths: Sequence[str], image_size: int, description: str) -> Tens
     return images
 
 
-def _decode_range(paths: Sequence[str], images: Tensor, start: int, image_size: int) -> int:
+def _decode_range(paths: Sequence[str], images: Tensor, start: int, image_size: int, max_pixels: int) -> int:
     """Decode paths[start : start + _FILES_PER_TASK] into the same rows of `images`; returns how many."""
     stop = min(start + _FILES_PER_TASK, len(paths))
     for index in range(start, stop):
-        images[index] = _load(paths[index], image_size)
+        images[index] = _load(paths[index], image_size, max_pixels)
     return stop - start
 
 
-def _load(path: str, image_size: int) -> Tensor:
+def _load(path: str, image_size: int, max_pixels: int) -> Tensor:
     """One file as uint8 [3, S, S]: RGB, shorter side resized to S (bilinear, antialiased), center-cropped."""
     from torchvision.transforms import functional as TF
 
-    image, _ = read_image(path)
+    image, _ = read_image(path, max_pixels)
     # torchvision.transforms' resize (not v2's): it always interpolates in float32 and rounds, whereas v2
     # takes a native uint8 path on AVX2 and ARM CPUs only, whose pixels differ by ±1, so the fingerprint
     # would depend on the CPU.

@@ -42,7 +42,7 @@ NEWER_OPTIONS = {name: value for name, value in config_dict(DistillConfig()).ite
 # where things are and how they are read, not what they are: a run resumes after its cache, data or run folder
 # moved, or with another number of loader workers
 LOCATIONS = {"cache": None, "extra_caches": None,
-             "config": ("cache", "extra_caches", "out", "data_root", "live_teacher", "workers"),
+             "config": ("cache", "extra_caches", "out", "data_root", "live_teacher", "workers", "max_image_pixels"),
              "live_teacher": ("checkpoint",)}
 
 
