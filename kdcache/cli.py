@@ -538,7 +538,7 @@ RESUME_ADVICE = {
     "train-teacher": "train-teacher does not resume: rerun it to train again",
     "quickstart": "quickstart does not resume: rerun it to start again (in a folder of its own: this one's files "
                   "are kept)",
-    **dict.fromkeys(("inspect", "verify", "models", "datasets", "losses"), WRITES_NOTHING),
+    **dict.fromkeys(("inspect", "verify", "eval", "models", "datasets", "losses"), WRITES_NOTHING),
 }
 
 

@@ -180,8 +180,8 @@ def test_a_partner_file_replaced_during_the_dump_is_refused_naming_it(folder, te
     partner = next(p for p in partners[:BLOCK] if p >= BLOCK)  # read by block 0 before its own block records it
     path, read = files.path(partner), files_module.read_image
 
-    def replacing(name):  # the partner's file is replaced just after the dump first reads it
-        found = read(name)
+    def replacing(name, *limit):  # the partner's file is replaced just after the dump first reads it
+        found = read(name, *limit)
         if name == path and not replacing.done:
             Image.new("RGB", (60, 50), (5, 250, 5)).save(path)
             replacing.done = True

@@ -193,7 +193,7 @@ ADVICE = {
     "synthesize": "rerun the same command to resume: finished batches are kept (the cache over them is dumped anew)",
     "train-teacher": "train-teacher does not resume: rerun it to train again",
     "quickstart": "quickstart does not resume: rerun it to start again (in a folder of its own: this one's files are kept)",
-    **dict.fromkeys(("inspect", "verify", "models", "datasets", "losses"),
+    **dict.fromkeys(("inspect", "verify", "eval", "models", "datasets", "losses"),
                     "it writes nothing, so nothing was left half-done"),
 }
 

@@ -28,7 +28,7 @@ from kdcache.cache.lock import lock_path
 from kdcache.config import DistillConfig, DumpConfig
 from kdcache.data import get_policy, load_dataset
 from kdcache.errors import CorruptCacheError, KdcacheError
-from kdcache.models import create_model, save_checkpoint
+from kdcache.models import create_model, read_checkpoint, save_checkpoint
 from kdcache.report import describe_cache
 from kdcache.stages import CacheDataset, distill, require_fits
 from kdcache.stages.dump import dump_from_config, dump_teacher
@@ -509,19 +509,20 @@ def test_distill_never_writes_into_its_cache(pristine, tmp_path):
     assert file_digests(cache) == before
 
 
-def test_a_full_disk_when_last_pt_is_written_is_one_line_and_keeps_the_previous_file(pristine, trained_run, tmp_path,
-                                                                                     monkeypatch):
-    copy_of_run(trained_run, tmp_path)
-    last = tmp_path / "runs" / "resnet8-kd" / "last.pt"
-    before = last.read_bytes()
+def test_a_full_disk_when_last_pt_is_written_is_one_line_and_keeps_the_previous_file(pristine, tmp_path, monkeypatch):
+    last, save, kept = tmp_path / "runs" / "resnet8-kd" / "last.pt", torch.save, []
 
-    def full(*args, **kwargs):
-        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0: file write failed")
+    def full_at_the_second_epoch(*args, **kwargs):  # epoch 1 writes last.pt; the disk is full when epoch 2 ends
+        if kept:
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0: file write failed")
+        save(*args, **kwargs)
+        kept.append(True)
 
-    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(torch, "save", full_at_the_second_epoch)
     with pytest.raises(KdcacheError, match=r"could not write .*last.pt .*the previous last.pt is intact: free space"):
-        one_epoch(pristine["zarr"], tmp_path / "runs")  # the same run again: its epoch ends by writing last.pt
-    assert last.read_bytes() == before and not list(last.parent.glob(".last.pt.*.tmp"))
+        one_epoch(pristine["zarr"], tmp_path / "runs", epochs=2)
+    monkeypatch.undo()
+    assert read_checkpoint(last)["epoch"] == 1 and not list(last.parent.glob(".last.pt.*.tmp"))
 
 
 # -- what the checksums cannot see: edits of the metadata and of the arrays' own descriptions ---------

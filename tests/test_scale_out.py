@@ -139,15 +139,20 @@ def test_ddp_distillation_equals_one_process_with_the_same_global_batch(work):
                                   batch_size=batch, out=str(work / out), device="cpu"), show_progress=False)
 
     ddp, single, half = (weights(work / run / "resnet8-sdd-lskd" / "model.pt") for run in ("ddp", "single", "half_batch"))
-    # float rounding alone moves a tensor by about 1 % here (measured: one process with 2 threads instead of
-    # 1 ends 1.1 % apart, DDP 1.4 %); another global batch moves one by 100 %, so the test can fail
-    assert largest_difference(ddp, single) < 0.05
+    # Float rounding, which SGD amplifies, sets how far DDP may end from one process, and it depends on the CPU:
+    # one process with 2 threads instead of 1 ends 1.1 % apart on an AMD EPYC (DDP 1.4 %), 3.9 % on an AVX-512
+    # Xeon (DDP 14 %, in a BatchNorm bias 1e-3 from its zero start). Another global batch moves a tensor by about
+    # 90 % on both: DDP must end far closer to one process than that, and the half batch shows the test can fail.
+    assert largest_difference(ddp, single) < 0.25 * largest_difference(half, single)
     assert largest_difference(half, single) > 0.5
 
-    ddp_row, single_row = metrics(work / "ddp" / "resnet8-sdd-lskd")[-1], metrics(work / "single" / "resnet8-sdd-lskd")[-1]
-    for column in ("loss_ce", "loss_sdd", "loss_total"):  # sdd-lskd's terms
-        assert float(ddp_row[column]) == pytest.approx(float(single_row[column]), rel=1e-4), column
-    assert ddp_row["train_acc"] == single_row["train_acc"] and ddp_row["test_acc"] == single_row["test_acc"]
+    ddp_row, single_row, half_row = (metrics(work / run / "resnet8-sdd-lskd")[-1] for run in ("ddp", "single",
+                                                                                             "half_batch"))
+    for column in ("loss_ce", "loss_sdd", "loss_total"):  # sdd-lskd's terms: 0.002 apart at most, the half batch 0.3
+        gap, other_batch = (abs(float(row[column]) - float(single_row[column])) for row in (ddp_row, half_row))
+        assert gap < 0.05 * other_batch, column
+    for column in ("train_acc", "test_acc"):  # a near-chance model: rounding flips a few argmax ties
+        assert abs(float(ddp_row[column]) - float(single_row[column])) <= 0.01, column
 
 
 def test_ddp_teacher_training_equals_one_process(work):
@@ -157,10 +162,15 @@ def test_ddp_teacher_training_equals_one_process(work):
     args = ["train-teacher", "--model", "resnet8", "--epochs", 1, "--lr", 0.002, "--device", "cpu"]
     assert kdcache(work, *args, "--out", "teacher_ddp", processes=2).count("teacher test accuracy") == 1
     with one_thread():  # the ranks' thread count: it sets the order of float reductions
-        train_teacher(TeacherConfig(model="resnet8", epochs=1, lr=0.002, device="cpu",
-                                    out=str(work / "teacher_single")), show_progress=False)
-    assert largest_difference(weights(work / "teacher_ddp" / "model.pt"), weights(work / "teacher_single" / "model.pt")) < 0.05
-    assert metrics(work / "teacher_ddp")[-1]["test_acc"] == metrics(work / "teacher_single")[-1]["test_acc"]
+        for out, batch in (("teacher_single", 64), ("teacher_half", 32)):
+            train_teacher(TeacherConfig(model="resnet8", epochs=1, lr=0.002, batch_size=batch, device="cpu",
+                                        out=str(work / out)), show_progress=False)
+    ddp, single, half = (weights(work / out / "model.pt") for out in ("teacher_ddp", "teacher_single", "teacher_half"))
+    # as for distill: DDP ends far closer to one process than another global batch does (measured on the Xeon:
+    # 9 %, in a BatchNorm bias 1e-3 from zero, against the half batch's 90 % and more)
+    assert largest_difference(ddp, single) < 0.25 * largest_difference(half, single)
+    accuracy = [float(metrics(work / out)[-1]["test_acc"]) for out in ("teacher_ddp", "teacher_single")]
+    assert abs(accuracy[0] - accuracy[1]) <= 0.01  # a near-chance teacher: rounding flips a few argmax ties
 
 
 def _one_step(rank, results):

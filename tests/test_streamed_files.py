@@ -269,7 +269,7 @@ def test_a_rank_reads_only_its_shards_files_and_the_ranks_together_take_one_proc
     files = load_dataset("imagefolder", folder, "train", image_size=SIZE)
     test = load_dataset("imagefolder", folder, "test", image_size=SIZE)
     read, original = [], files_module.read_image
-    monkeypatch.setattr(files_module, "read_image", lambda path: (read.append(path), original(path))[1])
+    monkeypatch.setattr(files_module, "read_image", lambda path, *limit: (read.append(path), original(path, *limit))[1])
 
     def samples_per_step(shard):  # the targets' indices count from the shard's start: they name the samples
         split = StreamedSplit(files, test, FileResizedCropFlip(SIZE), torch.device("cpu"), 0, shard=shard)

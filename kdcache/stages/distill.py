@@ -75,24 +75,18 @@ def distill(config: DistillConfig, show_progress: bool = True,
                            f"{', '.join(sorted({student for student, _ in config.runs()}))}: train each student with "
                            "its own weights in a run of its own")
     _check_teachers(config)
+    _check_name(config)
     device = pick_device(config.device)
     distributed.init(device)
-    with ExitStack() as held:  # the caches are closed, then the run folders let go, however it ends
-        folders = _run_folders(config, held, show_progress)
+    with ExitStack() as held:  # the run folders let go, then the caches closed, however it ends
         caches = [held.enter_context(open_cache(path)) for path in (config.cache, *config.extra_caches) if path]
         data, test = data or _load_data(config, caches[0] if caches else None)
-        return _distill(config, caches, data, test, device, show_progress, folders)
+        return _distill(config, caches, data, test, device, show_progress, held)
 
 
 def _run_folders(config: DistillConfig, held: ExitStack, show_progress: bool) -> list[RunFolder]:
     """Each run's folder, taken and held by rank 0 until `held` closes (every rank gets the same folders); what
     --resume chose is said."""
-    if config.name is not None and (config.name in ("", ".", "..") or Path(config.name).name != config.name):
-        raise KdcacheError(f"--name: expected a folder name such as resnet8-kd-lr0.1 (made under --out), got "
-                           f"{config.name!r}")
-    if config.name is not None and len(config.runs()) > 1:
-        raise KdcacheError(f"--name {config.name}: names one run's folder, and this sweep has {len(config.runs())} "
-                           f"runs; give one --student and one --loss (not --mutual), or leave --name out")
     bases = [run_name(student, loss) + (f"-{k}" if config.mutual else "")
              for k, (student, loss) in enumerate(config.runs())]
     folders = distributed.shared(distributed.from_main(
@@ -102,6 +96,16 @@ def _run_folders(config: DistillConfig, held: ExitStack, show_progress: bool) ->
             if folder.note:
                 print(folder.note, flush=True)
     return folders
+
+
+def _check_name(config: DistillConfig) -> None:
+    """Refuse a --name that is no folder name, or one given to a sweep of several runs."""
+    if config.name is not None and (config.name in ("", ".", "..") or Path(config.name).name != config.name):
+        raise KdcacheError(f"--name: expected a folder name such as resnet8-kd-lr0.1 (made under --out), got "
+                           f"{config.name!r}")
+    if config.name is not None and len(config.runs()) > 1:
+        raise KdcacheError(f"--name {config.name}: names one run's folder, and this sweep has {len(config.runs())} "
+                           f"runs; give one --student and one --loss (not --mutual), or leave --name out")
 
 
 def _check_sources(config: DistillConfig) -> None:
@@ -141,9 +145,10 @@ def _check_teachers(config: DistillConfig) -> None:
 
 def _distill(config: DistillConfig, caches: list[TeacherCache], data: ImageData | ImageFiles,
              test: ImageData | ImageFiles, device: torch.device, show_progress: bool,
-             folders: list[RunFolder]) -> list[RunSummary]:
-    """Check the caches against the run, make the target provider and the runs (in `folders`), train them all in
-    one loop."""
+             held: ExitStack) -> list[RunSummary]:
+    """Check the caches against the run, make the target provider and the students, then the runs, each in a folder
+    held until `held` closes (taken once nothing is left to refuse: a refused run writes nothing), and train them
+    all in one loop."""
     cache = caches[0] if caches else None
     stored = cache.spec if cache is not None else None
     if config.views_per_step > 1 and isinstance(data, ImageFiles):
@@ -168,15 +173,18 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: ImageData 
     # with a cache, its views are replayed (also by a live teacher: the online baseline on the same pixels)
     views = CachedViews(cache, policy, config.view_order, config.seed) if cache is not None else \
         FreshViews(policy, len(data.labels), config.seed)
-    runs = []
-    for k, ((student, loss_name), folder) in enumerate(zip(config.runs(), folders)):
+    students = []
+    for k, (student, loss_name) in enumerate(config.runs()):
         # every run of a student starts from the same weights; mutual students from their own, as DML's do
         torch.manual_seed(config.seed + (k if config.mutual else 0))
         model = _student_model(config, student, data.num_classes, images)
+        needs = losses[loss_name].needs
+        students.append((model, student_outputs(model, needs, teachers, images, student) if needs else ((), {}, {})))
+    runs, folders = [], _run_folders(config, held, show_progress)
+    for (student, loss_name), (model, outputs), folder in zip(config.runs(), students, folders):
         record = {"arch": student, "num_classes": data.num_classes, "loss": loss_name,
                   "dataset": data.describe(), "config": recorded_config(config), **source}
         loss = losses[loss_name]
-        outputs = student_outputs(model, loss.needs, teachers, images, student) if loss.needs else ((), {}, {})
         run = Run(folder.path.name, model, loss, scales if loss.uses_regions else (1,), config, folder.path, device,
                   record, here, *outputs, ema_teacher=config.ema_teacher)
         if folder.state != NEW:  # held by --resume (or --name with --resume): continued, or kept when finished
