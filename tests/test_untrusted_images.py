@@ -173,3 +173,18 @@ def test_the_listing_keeps_torchvision_order(tmp_path):
     listed = load_dataset("imagefolder", root, "train")
     expected = [(os.path.relpath(path, root / "train"), label) for path, label in ImageFolder(root / "train").samples]
     assert [(os.fsdecode(path), int(label)) for path, label in zip(listed.paths, listed.labels)] == expected
+
+
+def test_the_size_read_from_a_jpeg_or_png_header_is_pillows(tmp_path):
+    from PIL import Image as PILImage
+
+    from kdcache.data.untrusted import header_size
+
+    for size, mode, suffix in (((77, 41), "RGB", "jpg"), ((30, 200), "L", "jpg"), ((64, 9), "RGBA", "png")):
+        path = tmp_path / f"a.{suffix}"
+        PILImage.new(mode, size, 90).save(path, **({"progressive": True} if mode == "L" else {}))
+        raw = path.read_bytes()
+        with PILImage.open(path) as image:
+            assert header_size(raw) == image.size == size
+    with pytest.raises(BadImageError, match=r"its JPEG header ends before its frame header \(truncated\)"):
+        header_size((tmp_path / "a.jpg").read_bytes()[:20])

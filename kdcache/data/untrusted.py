@@ -49,8 +49,13 @@ def check_image_bytes(raw: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple
 
 
 def header_size(raw: bytes) -> tuple[int, int]:
-    """(width, height) as the file's header declares them, parsed by the first Pillow format that takes the bytes
-    (as `Image.open` does, less its decompression-bomb check: the caller's limit is the one that applies)."""
+    """(width, height) as the file's header declares them: read straight from a PNG's IHDR or a JPEG's frame
+    header (most files, and what the loader reads per file), else parsed by the first Pillow format that takes the
+    bytes (as `Image.open` does, less its decompression-bomb check: the caller's limit is the one that applies)."""
+    if raw.startswith(PNG_SIGNATURE) and raw[12:16] == b"IHDR" and len(raw) >= 24:
+        return struct.unpack(">II", raw[16:24])
+    if raw.startswith(b"\xff\xd8"):
+        return _jpeg_size(raw)
     Image.init()
     prefix = raw[:16]
     for name in Image.ID:
@@ -63,6 +68,28 @@ def header_size(raw: bytes) -> tuple[int, int]:
         except (SyntaxError, IndexError, TypeError, struct.error, OSError, ValueError):
             continue
     raise BadImageError("no image format recognises its header")
+
+
+# JPEG's start-of-frame markers (SOF0-SOF15 less DHT, JPG and DAC), whose segment holds the image's size
+JPEG_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(raw: bytes) -> tuple[int, int]:
+    """(width, height) from a JPEG's frame header: its segments walked from the start, by their lengths."""
+    at = 2
+    while at + 4 <= len(raw):
+        if raw[at] != 0xFF:
+            raise BadImageError(f"its JPEG segments break off at byte {at} (damaged)")
+        marker = raw[at + 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            at += 1
+            continue
+        length = struct.unpack(">H", raw[at + 2:at + 4])[0]
+        if marker in JPEG_FRAMES and length >= 7 and at + 9 <= len(raw):
+            height, width = struct.unpack(">HH", raw[at + 5:at + 9])
+            return width, height
+        at += 2 + length
+    raise BadImageError("its JPEG header ends before its frame header (truncated)")
 
 
 def check_png(raw: bytes) -> None:
