@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from console import run_cli
+from small_runs import saved_teacher
 from test_lock import tiny_spec
 
 from kdcache.cache import CacheWriter, open_cache, verify
@@ -17,7 +18,6 @@ from kdcache.cache.hdf5_store import HDF5Store
 from kdcache.cache.lock import WriterLock, lock_path
 from kdcache.cli import cli, main
 from kdcache.errors import KdcacheError
-from kdcache.models import create_model, save_checkpoint
 
 
 def test_a_full_disk_when_the_lock_records_its_holder_is_one_line_and_leaves_no_lock(tmp_path, monkeypatch):
@@ -104,10 +104,7 @@ def test_an_hdf5_cache_killed_at_any_instant_is_finished_by_the_same_dump(tmp_pa
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    save_checkpoint(path, create_model("resnet8", num_classes=10))
-    return path
+    return saved_teacher(tmp_path_factory.mktemp("teacher"), num_classes=10, seed=0)[1]
 
 
 def dump_command_killed_at_finish(argv: list[str]) -> None:
