@@ -17,10 +17,11 @@ from kdcache import open_cache
 from kdcache.data import load_dataset
 from kdcache.data.files import FileResizedCropFlip
 from kdcache.errors import KdcacheError
-from kdcache.models import create_model, load_teacher, save_checkpoint
+from kdcache.models import load_teacher
 from kdcache.stages.dump import dump_teacher
 
 from image_folders import CLASSES, write_folder
+from small_runs import saved_teacher
 
 SIZE, SCALES, VIEWS, BLOCK = 32, (1,), 2, 4
 
@@ -32,11 +33,8 @@ def folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    save_checkpoint(path, create_model("resnet8", num_classes=len(CLASSES)).eval())
-    model, info = load_teacher(path, "resnet8", len(CLASSES))
-    return model.eval(), info
+    _, path = saved_teacher(tmp_path_factory.mktemp("teacher"), num_classes=len(CLASSES), seed=0)
+    return load_teacher(path, "resnet8", len(CLASSES))  # the model in eval mode, and the info a dump records
 
 
 def dump_command(root, teacher, out, policy=None, **options):
