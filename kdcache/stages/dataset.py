@@ -1,5 +1,11 @@
 """The general path, and the one for your own training loop: a torch Dataset of replayed views and cached targets.
 
+Items come as `(image, label, targets)` (`item="triple"`) or `(image, TeacherTargets)` (`item="pair"`, what
+timm's loaders and a default collate carry: the label is `targets["label"]`), the image normalised float32 or,
+`images="uint8"`, the cached view's pixels as they are, for loaders that normalise on the device with the
+dataset's `mean` and `std`. The image is always the view the teacher saw: a transform assigned after
+construction (timm's create_loader assigns one) is refused, or dropped inside `transforms_ignored()`.
+
 `CacheDataset` pickles by the cache's path and opens the cache lazily in each process that reads it, so it works
 under any DataLoader (fork, spawn, forkserver workers; DistributedSampler). The epoch that `set_epoch` selects
 lives in shared memory, so persistent workers follow it too. Each reopening checks the cache_id of the cache the
@@ -8,22 +14,60 @@ dataset checked: a cache rewritten since (`dump-teacher --overwrite` between epo
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from kdcache.cache import TeacherCache, open_cache
 from kdcache.cache.layout import CacheSpec
 from kdcache.data import FileBatches, ImageData, ImageFiles, dataset_options, load_dataset, normalize, stored_policy
 from kdcache.data.mixing import mix_targets, replay
+from kdcache.errors import KdcacheError
 from kdcache.models import region_indices
 from kdcache.models.outputs import REGIONS
 from kdcache.stages.views import CachedViews, require_fits, require_outputs
+
+
+IMAGE_MODES = ("normalized", "uint8")  # CacheDataset(images=...): float32 (x / 255 - mean) / std, or the pixels
+ITEM_FORMS = ("triple", "pair")  # CacheDataset(item=...): (image, label, targets), or (image, TeacherTargets)
+LABEL = "label"  # a TeacherTargets' key for the samples' labels
+
+
+class TensorExpected(KdcacheError, AttributeError):
+    """Code that took a TeacherTargets for a tensor: one line; an AttributeError too, so hasattr() says False."""
+
+
+class TeacherTargets(dict):
+    """A sample's or batch's targets by name: `label` ([B] int64), `regions` ([B, R, C], the teacher's region
+    logits), the further outputs the cache holds, and `mix.label`, `mix.weight` of a mixed cache.
+
+    A dict (torch's default_collate keeps the class); `.to(...)` moves every tensor, as a tensor's `.to` would, so
+    a loop or timm's PrefetchLoader (`target.to(device, non_blocking=True)`) moves it whole.
+    """
+
+    def to(self, *args: Any, **kwargs: Any) -> TeacherTargets:
+        """Every target moved or cast as `Tensor.to(*args, **kwargs)` does, in a new TeacherTargets."""
+        return TeacherTargets({name: value.to(*args, **kwargs) for name, value in self.items()})
+
+    @property
+    def ndim(self) -> int:
+        """Refused: code that reads ndim takes the targets for one tensor and would lose the teacher's."""
+        raise TensorExpected("a collate took the CacheDataset's targets (a kdcache.TeacherTargets dict of the label "
+                             "and the teacher's outputs) for one tensor, as timm's fast_collate (create_loader's "
+                             "collate with the prefetcher) does, and would drop the teacher's targets: pass "
+                             "collate_fn=kdcache.collate, which keeps the images as they are and the targets whole")
+
+
+def collate(batch: Sequence[tuple[Any, ...]]) -> tuple[Any, ...]:
+    """A batch of CacheDataset items of any form: the images stacked as they are (dtype and values kept), the
+    labels [B], the targets a TeacherTargets of [B, ...] tensors. Module-level, so spawned workers pickle it."""
+    return tuple(TeacherTargets(part) if isinstance(part, Mapping) else part for part in default_collate(batch))
 
 
 def load_cache_data(spec: CacheSpec, data_root: str | Path | None = None, split: str | None = None,
@@ -46,7 +90,8 @@ def load_described_data(described: dict[str, Any], data_root: str | Path | None 
 
 
 class CacheDataset(Dataset):
-    """Item i: (sample i under the current view, normalised, then `transform`; its label; its targets).
+    """Item i: (sample i under the current view, normalised (or uint8), then `transform`; its label; its targets),
+    or `item="pair"`: (that image, its targets with the label as `targets["label"]`).
 
     `targets` is a dict of the cache's named outputs: `"regions"`, the region logits `[R, C]` float32 (the
     cache's regions, or those of `scales`), and the further outputs the cache holds (`embedding` `[D]`,
@@ -56,15 +101,19 @@ class CacheDataset(Dataset):
     `set_epoch(e)` selects the view epoch e replays (`view_order` cycle: e mod K), as a DistributedSampler's
     set_epoch selects its order. `data`: the dataset already loaded, instead of loading the one the cache names
     (from `data_root` where it needs one). A streamed split's files are read in `__getitem__` (in the loader's
-    workers), each checked against the crc32c the teacher's dump recorded.
+    workers), each checked against the crc32c the teacher's dump recorded. `mean`, `std` (0-1 units, timm's
+    convention), `image_size`, `input_size` (3, H, W) and `num_classes` are the cache's; `check_loader_inputs`
+    compares a loader's settings with them.
     """
 
     def __init__(self, cache: str | os.PathLike | TeacherCache, data_root: str | os.PathLike | None = None,
                  transform: Callable[[torch.Tensor], Any] | None = None, *, data: ImageData | ImageFiles | None = None,
                  scales: tuple[int, ...] | None = None, view_order: str = "cycle", seed: int = 0,
-                 outputs: tuple[str, ...] | None = None) -> None:
+                 outputs: tuple[str, ...] | None = None, images: str = "normalized", item: str = "triple") -> None:
         self.path = cache.path if isinstance(cache, TeacherCache) else cache
-        self.transform, self.view_order, self.seed = transform, view_order, seed
+        self._transform, self._ignoring_transforms = transform, False
+        self.images, self.item = _one_of("images", images, IMAGE_MODES), _one_of("item", item, ITEM_FORMS)
+        self.view_order, self.seed = view_order, seed
         opened = cache if isinstance(cache, TeacherCache) else open_cache(self.path)
         try:
             self.data = data if data is not None else load_cache_data(opened.spec, data_root)
@@ -75,6 +124,7 @@ class CacheDataset(Dataset):
             self.outputs = require_outputs(opened, tuple(opened.spec.outputs) if outputs is None else outputs)
             CachedViews(opened, self.policy, view_order, seed)  # an unknown order is refused here, not in a worker
             self.cache_id = opened.cache_id  # what was checked here: a worker refuses a cache rewritten since
+            self.input_size = tuple(opened.spec.dataset["image_shape"])  # (3, H, W): the views the teacher saw
         finally:
             if opened is not cache:
                 opened.close()
@@ -88,6 +138,48 @@ class CacheDataset(Dataset):
     def num_classes(self) -> int:
         """How many classes the cache's teacher and dataset have."""
         return self.data.num_classes
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """The per-channel mean the images are normalised with, in 0-1 units (timm's convention)."""
+        return self.data.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        """The per-channel standard deviation the images are normalised with, in 0-1 units."""
+        return self.data.std
+
+    @property
+    def image_size(self) -> int:
+        """The side of the cached views (the larger, were they not square)."""
+        return max(self.input_size[1:])
+
+    @property
+    def transform(self) -> Callable[[torch.Tensor], Any] | None:
+        """What the constructor's `transform=` applies after the view (None: the view as it is)."""
+        return self._transform
+
+    @transform.setter
+    def transform(self, transform: Callable[[torch.Tensor], Any] | None) -> None:
+        if self._ignoring_transforms:
+            return
+        if transform is not None:
+            raise KdcacheError(
+                f"CacheDataset.transform: the items are the cached views, the pixels the teacher's targets were made "
+                f"on, so a transform assigned afterwards (as timm's create_loader assigns its own) would train on "
+                f"other images; use a plain DataLoader with collate_fn=kdcache.collate, or the timm integration "
+                f"(it builds timm's loader inside dataset.transforms_ignored()), or pass transform= to CacheDataset() "
+                f"for what must follow the view")
+        self._transform = None
+
+    @contextlib.contextmanager
+    def transforms_ignored(self) -> Iterator[CacheDataset]:
+        """Within: assignments to `transform` are dropped (the cache's views replace a loader's transforms)."""
+        self._ignoring_transforms = True
+        try:
+            yield self
+        finally:
+            self._ignoring_transforms = False
 
     def set_epoch(self, epoch: int) -> None:
         """Select the view that epoch replays, here and in every worker (read when the worker next needs an item)."""
@@ -125,14 +217,17 @@ class CacheDataset(Dataset):
     def __len__(self) -> int:
         return len(self.data.labels)
 
-    def __getitem__(self, index: int) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
+    def __getitem__(self, index: int) -> tuple[Any, torch.Tensor, TeacherTargets] | tuple[Any, TeacherTargets]:
         _, _, params, targets = self._current()
-        x = normalize(self._view_of(index, params), self.data.mean, self.data.std)[0]
-        if self.transform is not None:
-            x = self.transform(x)
+        x = self._view_of(index, params)
+        x = normalize(x, self.data.mean, self.data.std)[0] if self.images == "normalized" else x[0]
+        if self._transform is not None:
+            x = self._transform(x)
         mixed = {name: value[0] for name, value in mix_targets(self.policy, self.data.labels, params, [index]).items()}
-        outputs = {name: values[index].float() for name, values in targets.items()}
-        return x, self.data.labels[index], {**outputs, **mixed}
+        outputs = TeacherTargets({name: values[index].float() for name, values in targets.items()}, **mixed)
+        if self.item == "pair":
+            return x, TeacherTargets({LABEL: self.data.labels[index]}, **outputs)
+        return x, self.data.labels[index], outputs
 
     def _view_of(self, index: int, params: torch.Tensor) -> torch.Tensor:
         """Sample index under its view, uint8 [1, C, H, W]: replayed from memory, or from its file (checked)."""
@@ -141,3 +236,47 @@ class CacheDataset(Dataset):
         files = FileBatches(self.data, self.policy, checksums=self._checksums)
         files.replay(params)
         return files.sample_view(0, index)[0][None]
+
+
+def _one_of(option: str, value: str, known: tuple[str, ...]) -> str:
+    """A CacheDataset option's value, refused in one line unless it is one of `known`."""
+    if value not in known:
+        raise KdcacheError(f"CacheDataset({option}={value!r}): expected one of {', '.join(map(repr, known))}")
+    return value
+
+
+def check_loader_inputs(dataset: CacheDataset, *, image_size: int | Sequence[int] | None = None,
+                        mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                        num_classes: int | None = None, where: str = "the loader") -> None:
+    """Refuse, in one line naming both, a loader or model setting that differs from the cache's: image size (an
+    int, (H, W) or (3, H, W)), mean and std (0-1 units), class count. None: not compared."""
+    found = {"image size": None if image_size is None else _image_shape(image_size),
+             "mean": None if mean is None else tuple(float(value) for value in mean),
+             "std": None if std is None else tuple(float(value) for value in std), "class count": num_classes}
+    cached = {"image size": dataset.input_size[1:], "mean": dataset.mean, "std": dataset.std,
+              "class count": dataset.num_classes}
+    for name, value in found.items():
+        if value is not None and not _same(value, cached[name]):
+            raise KdcacheError(f"{where}'s {name} is {_shown(value)} but the cache {dataset.path} was made at "
+                               f"{_shown(cached[name])}: give {where} the cache's {name}")
+
+
+def _image_shape(image_size: int | Sequence[int]) -> tuple[int, ...]:
+    """(H, W) of an image size given as an int, (H, W) or (3, H, W)."""
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    return tuple(int(side) for side in image_size)[-2:]
+
+
+def _same(found: object, cached: object) -> bool:
+    """Equal, numbers to 4 decimals (the precision the cache records mean and std at)."""
+    if isinstance(found, tuple):
+        return len(found) == len(cached) and all(_same(a, b) for a, b in zip(found, cached))
+    return abs(float(found) - float(cached)) < 5e-5 if isinstance(found, float) else found == cached
+
+
+def _shown(value: object) -> str:
+    """A value as a message names it: sides as HxW, numbers as they are."""
+    if isinstance(value, tuple) and all(isinstance(side, int) for side in value):
+        return "x".join(map(str, value))
+    return str(tuple(round(v, 4) for v in value)) if isinstance(value, tuple) else str(value)
