@@ -106,7 +106,7 @@ def check_student(loss: LossSpec | LossSum, dataset: CacheDataset, model: nn.Mod
     missing = [kind for kind in loss.needs if not any(output_kind(name) == kind for name in dataset.outputs)]
     if missing:
         raise KdcacheError(f"loss {loss.name!r} reads the teacher's {', '.join(missing)} but the cache "
-                           f"{dataset.path} holds {', '.join(dataset.outputs)}: dump a cache with --outputs "
+                           f"{dataset.path} holds {', '.join((REGIONS, *dataset.outputs))}: dump a cache with --outputs "
                            f"{','.join(missing)}")
     if not loss.uses_regions:
         return
