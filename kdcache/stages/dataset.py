@@ -174,7 +174,14 @@ class CacheDataset(Dataset):
 
     @contextlib.contextmanager
     def transforms_ignored(self) -> Iterator[CacheDataset]:
-        """Within: assignments to `transform` are dropped (the cache's views replace a loader's transforms)."""
+        """Within: assignments to `transform` are dropped (the cache's views replace a loader's transforms). For
+        pair items only: loaders that assign transforms (timm's) carry (input, target), and timm's fast_collate
+        would drop a triple's targets without a word."""
+        if self.item != "pair":
+            raise KdcacheError("CacheDataset.transforms_ignored(): a loader that assigns transforms (timm's "
+                               "create_loader) carries (input, target) items, and its fast_collate keeps only the "
+                               "first two of an (image, label, targets) item, dropping the teacher's targets: build "
+                               "the dataset with item='pair' and pass collate_fn=kdcache.collate")
         self._ignoring_transforms = True
         try:
             yield self
