@@ -112,6 +112,10 @@ def test_pair_items_collate_into_teacher_targets_that_move_with_to(digits_cache)
         assert isinstance(moved, kdcache.TeacherTargets) and torch.equal(moved["regions"], batch["regions"])
         assert batch.to(torch.float64)["regions"].dtype == torch.float64
         torch.testing.assert_close(images, torch.stack([dataset[i][0] for i in range(4)]), rtol=0, atol=0)
+    triple = kdcache.CacheDataset(digits_cache)
+    images, labels, targets = kdcache.collate([triple[i] for i in range(4)])  # the triple form too
+    assert isinstance(targets, kdcache.TeacherTargets) and torch.equal(labels, batch["label"])
+    torch.testing.assert_close(targets["regions"], batch["regions"], rtol=0, atol=0)
 
 
 def test_kdcache_collate_pickles_into_spawned_workers_and_keeps_uint8_pixels(digits_cache):

@@ -139,4 +139,5 @@ def _head_classes(model: nn.Module, dataset: CacheDataset) -> int:
 
 
 def _scales(scales: Any) -> str:
+    """Scales as the command line writes them: 1,2,4."""
     return ",".join(map(str, scales))
