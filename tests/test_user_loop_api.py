@@ -327,6 +327,10 @@ def test_ddp_around_a_region_student_gives_one_process_gradients_regions_in_trai
     for worker in workers:
         worker.join(timeout=60)
     assert regions == (16, 5, 10) and plain == (16, 10)
+    with pytest.raises(KdcacheError, match=r"wrap the plain model and give DDP the student: "
+                                           r"DistributedDataParallel\(RegionStudent\(model, scales\)\)$"):
+        kdcache.RegionStudent(torch.nn.parallel.DistributedDataParallel.__new__(
+            torch.nn.parallel.DistributedDataParallel))  # the type is what counts; no process group needed
     assert grads.keys() == expected.keys()
     for name in expected:
         np.testing.assert_allclose(grads[name], expected[name].numpy(), rtol=1e-4, atol=1e-6, err_msg=name)

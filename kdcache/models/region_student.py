@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from kdcache.errors import KdcacheError
 from kdcache.models.logit_map import LogitMap
 
 
@@ -25,6 +27,11 @@ class RegionStudent(nn.Module):
 
     def __init__(self, model: nn.Module, scales: Sequence[int] = (1, 2, 4)) -> None:
         super().__init__()
+        if isinstance(model, DistributedDataParallel):
+            raise KdcacheError("RegionStudent(DistributedDataParallel(model)): the regions would be computed past "
+                               "DDP's forward, so their gradients would not be averaged over the processes; wrap the "
+                               "plain model and give DDP the student: DistributedDataParallel(RegionStudent(model, "
+                               "scales))")
         logit_map = LogitMap(model, scales)  # refuses scales and models that give no regions, in one line
         # the model's own tables, shared rather than registered under a name: its names are this module's names
         self._parameters, self._buffers, self._modules = model._parameters, model._buffers, model._modules
