@@ -77,11 +77,11 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     defaults = parser.kdcache_defaults  # type: ignore[attr-defined]
     changed = [dest for dest in CHECKED_OPTIONS if dest in defaults and getattr(args, dest) != defaults[dest][1]]
     if changed:
-        dest = changed[0]
-        flag, default = defaults[dest]
-        raise KdcacheError(f"{flag} {_shown(getattr(args, dest))} with --kdcache {args.kdcache}: {_why(dest)}; "
-                           f"leave {flag} at train.py's default ({_shown(default)})"
-                           + (f" (also given: {', '.join(defaults[d][0] for d in changed[1:])})" if changed[1:] else ""))
+        flag, default = defaults[changed[0]]
+        others = ", ".join(defaults[dest][0] for dest in changed[1:])
+        raise KdcacheError(f"{flag} {_shown(getattr(args, changed[0]))} with --kdcache {args.kdcache}: "
+                           f"{_why(changed[0])}; leave {flag} at train.py's default ({_shown(default)})"
+                           + (f" (also given: {others})" if others else ""))
 
 
 def _why(dest: str) -> str:
@@ -137,15 +137,16 @@ def create_loader(train: CacheDataset, **options: Any) -> Any:
 
 
 @one_line_errors
-def student_and_loss(args: argparse.Namespace, model: nn.Module, train: CacheDataset) -> tuple[nn.Module, DistillLoss]:
+def student_and_loss(args: argparse.Namespace, model: nn.Module, train: CacheDataset
+                     ) -> tuple[nn.Module, DistillLoss]:
     """The student to train (the model, or RegionStudent around it for a loss that distils regions) and the loss
     of `--kd-loss` scaled to timm's `--epochs`, both checked against the cache; the student is its model to
     checkpoints, the EMA and DDP, and gives plain logits in eval."""
     criterion = DistillLoss(args.kd_loss, epochs=args.epochs)
     if criterion.loss.needs:
-        raise KdcacheError(f"--kd-loss {args.kd_loss} reads the student's {', '.join(criterion.loss.needs)}, which timm's "
-                           f"train.py does not give its loss; use a logit loss (kd, dkd, sdd-lskd, ...) or "
-                           f"`kdcache distill --loss {args.kd_loss}`")
+        raise KdcacheError(f"--kd-loss {args.kd_loss} reads the student's {', '.join(criterion.loss.needs)}, "
+                           f"which timm's train.py does not give its loss; use a logit loss (kd, dkd, sdd-lskd, ...) "
+                           f"or `kdcache distill --loss {args.kd_loss}`")
     student = RegionStudent(model, train.scales) if criterion.loss.uses_regions else model
     check_student(criterion.loss, train, student)
     return student, criterion
