@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(path.name for path in (ROOT / "examples").glob("*.py"))
 
 
-def test_there_are_the_three_examples():
-    assert EXAMPLES == ["plain_loop.py", "regions_loop.py", "timm_student.py"]
+def test_there_are_the_four_examples():
+    assert EXAMPLES == ["ddp_loop.py", "plain_loop.py", "regions_loop.py", "timm_student.py"]
     assert len((ROOT / "examples" / "plain_loop.py").read_text().splitlines()) <= 60
 
 
