@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -34,7 +36,7 @@ PIXEL_OPTIONS = ("aa", "reprob", "scale", "ratio", "hflip", "vflip", "color_jitt
                  "aug_repeats", "aug_splits", "train_img_sizes", "naflex_loader")
 MIXING_OPTIONS = ("mixup", "cutmix", "cutmix_minmax")  # a mixup/CutMix cache mixes its own views
 LOSS_OPTIONS = ("smoothing", "jsd_loss", "bce_loss")  # the loss is --kd-loss's
-DATA_OPTIONS = ("dataset", "train_split", "class_map", "epoch_repeats", "train_num_samples")  # the cache names its data
+DATA_OPTIONS = ("dataset", "train_split", "epoch_repeats", "train_num_samples")  # the cache names its data
 CHECKED_OPTIONS = PIXEL_OPTIONS + MIXING_OPTIONS + LOSS_OPTIONS + DATA_OPTIONS
 
 Function = TypeVar("Function", bound=Callable[..., Any])
@@ -113,7 +115,36 @@ def dataset(args: argparse.Namespace, data_config: dict[str, Any]) -> CacheDatas
     check_loader_inputs(train, mean=data_config["mean"], where="--mean")
     check_loader_inputs(train, std=data_config["std"], where="--std")
     check_loader_inputs(train, num_classes=args.num_classes, where="--num-classes")
+    if train.data.name == "imagefolder":
+        check_class_order(Path(args.data_dir) / "train", getattr(args, "class_map", ""))
     return train
+
+
+def check_class_order(folder: Path, class_map: str = "") -> None:
+    """The cache's labels number the class folders sorted (torchvision's ImageFolder); timm's val loader numbers
+    them in natural order (class2 before class10), or as a --class-map text file lists them: refuse a difference,
+    which would score every prediction against another class's label."""
+    from timm.utils.misc import natural_key
+
+    if class_map and not class_map.endswith(".txt"):
+        return  # a pickled class map is not opened here: data is never code
+    cached = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
+    if class_map:
+        lines = Path(class_map).read_text(encoding="utf-8").splitlines()
+        timm_order, where = [line.strip() for line in lines], f"--class-map {class_map}"
+    else:
+        timm_order, where = sorted(cached, key=natural_key), "timm's val loader (class folders in natural order)"
+    if timm_order == cached:
+        return
+    first = next((i for i, (a, b) in enumerate(zip(timm_order, cached)) if a != b), min(len(timm_order), len(cached)))
+    raise KdcacheError(f"{where} numbers class {first} {_nth(timm_order, first)} but the cache's labels number it "
+                       f"{_nth(cached, first)} (the folders of {folder} sorted, as torchvision's ImageFolder does): "
+                       f"write those names sorted, one a line, to a .txt file and pass --class-map FILE")
+
+
+def _nth(names: list[str], index: int) -> str:
+    """The name at index, or 'none' past the end."""
+    return names[index] if index < len(names) else "none"
 
 
 @one_line_errors

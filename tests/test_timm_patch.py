@@ -19,6 +19,7 @@ from test_imagenet_flow import write_imagefolder
 from test_user_loop_api import distill_terms
 from kdcache import timm_train
 from kdcache.cli import main
+from kdcache.errors import KdcacheError
 
 ROOT = Path(__file__).resolve().parents[1]
 PATCH = ROOT / "examples" / "timm" / "train.patch"
@@ -208,3 +209,21 @@ def test_the_patched_train_py_learns_from_the_cache_and_refuses_timms_augmentati
     with torch.serialization.safe_globals([argparse.Namespace]):  # timm saves its args with the weights
         checkpoint = torch.load(tmp_path / "run" / "last.pth.tar", map_location="cpu", weights_only=True)
     student.load_state_dict(checkpoint["state_dict"])
+
+
+def test_class_folders_timm_would_number_otherwise_are_refused_until_a_class_map_gives_the_caches_order(tmp_path):
+    for name in ("class10", "class2", ".hidden"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+    with pytest.raises(KdcacheError) as refused:
+        timm_train.check_class_order(tmp_path / "train")
+    assert str(refused.value) == (
+        f"timm's val loader (class folders in natural order) numbers class 0 class2 but the cache's labels number it "
+        f"class10 (the folders of {tmp_path / 'train'} sorted, as torchvision's ImageFolder does): write those names "
+        f"sorted, one a line, to a .txt file and pass --class-map FILE")
+    (tmp_path / "sorted.txt").write_text("class10\nclass2\n")
+    timm_train.check_class_order(tmp_path / "train", str(tmp_path / "sorted.txt"))
+    (tmp_path / "natural.txt").write_text("class2\nclass10\n")
+    with pytest.raises(KdcacheError, match=r"^--class-map .*natural.txt numbers class 0 class2 but the cache's"):
+        timm_train.check_class_order(tmp_path / "train", str(tmp_path / "natural.txt"))
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    timm_train.check_class_order(tmp_path / "a")  # one class: one order
