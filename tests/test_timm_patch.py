@@ -110,10 +110,10 @@ def data_config(size=SIZE, mean=IMAGENET[0], std=IMAGENET[1]):
 
 
 def timm_loader(train, **options):
-    """train.py's create_loader call on the CPU with the prefetcher, in order (to compare item by item)."""
-    settings = dict(input_size=train.input_size, batch_size=12, is_training=False, use_prefetcher=True,
+    """train.py's create_loader call, with its train transforms' defaults, on the CPU with the prefetcher."""
+    settings = dict(input_size=train.input_size, batch_size=12, is_training=True, use_prefetcher=True,
                     device=torch.device("cpu"), mean=IMAGENET[0], std=IMAGENET[1], num_workers=0, re_prob=0.0,
-                    scale=[0.08, 1.0], hflip=0.5, color_jitter=0.4, interpolation="bilinear", collate_fn=None)
+                    scale=[0.08, 1.0], hflip=0.5, color_jitter=0.4, interpolation="random", collate_fn=None)
     return timm_train.create_loader(train, **{**settings, **options})
 
 
@@ -130,8 +130,14 @@ def test_a_batch_through_timms_loader_has_kdcaches_pixels_and_distills_loss(loss
     assert "timm's train transforms are not applied" in caplog.text
     reference = kdcache.CacheDataset(cache, data)  # normalised, as kdcache distill's batches
     reference.set_epoch(epoch)
-    expected = [reference[i] for i in range(12)]
+    items = [reference[i] for i in range(len(reference))]
+    every = torch.stack([item[0] for item in items])
+    # timm's loader shuffles: each image of its batch is one of the epoch's views, pixel for pixel
+    nearest = [int((every - image).flatten(1).abs().amax(1).argmin()) for image in images]
+    assert len(set(nearest)) == 12
+    expected = [items[i] for i in nearest]
     torch.testing.assert_close(images, torch.stack([item[0] for item in expected]), rtol=1e-5, atol=1e-5)
+    assert torch.equal(targets["label"], torch.stack([item[1] for item in expected]))
     torch.manual_seed(0)
     model = kdcache.create_model("resnet8", 3)
     student, criterion = timm_train.student_and_loss(args, model, train)
