@@ -29,15 +29,16 @@ SIZE, IMAGENET = 32, ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 @pytest.fixture(scope="module")
 def folder_cache(tmp_path_factory):
     """A colour-per-class image folder (train 3x10, val 3x4) and a cache of a resnet8 teacher trained on it:
-    imagenet policy at 32 pixels, 2 views, scales 1,2."""
+    imagenet policy at 32 pixels, 2 views, scales 1,2; beside it cutmix.zarr, the same with CutMix views."""
     root = tmp_path_factory.mktemp("timm")
     write_imagefolder(root / "data")
     common = ["--dataset", "imagefolder", "--data-root", root / "data", "--image-size", SIZE, "--preload",
               "--device", "cpu"]
     for argv in (["train-teacher", "--model", "resnet8", "--aug", "imagenet", "--epochs", 3, "--batch-size", 10,
                   "--out", root / "teacher", *common],
-                 ["dump-teacher", "--checkpoint", root / "teacher" / "model.pt", "--aug", "imagenet", "--views", 2,
-                  "--scales", ",".join(map(str, SCALES)), "--out", root / "c.zarr", *common]):
+                 *(["dump-teacher", "--checkpoint", root / "teacher" / "model.pt", "--aug", "imagenet", "--views", 2,
+                    "--scales", ",".join(map(str, SCALES)), "--out", root / name, *mixing, *common]
+                   for name, mixing in (("c.zarr", []), ("cutmix.zarr", ["--mix", "cutmix", "--mix-prob", 0.75])))):
         try:
             main([str(arg) for arg in argv])
         except SystemExit as exited:
@@ -117,10 +118,13 @@ def timm_loader(train, **options):
     return timm_train.create_loader(train, **{**settings, **options})
 
 
-@pytest.mark.parametrize("loss_name,epoch", [("kd", 0), ("sdd-lskd", 1), ("dkd", 5)])
-def test_a_batch_through_timms_loader_has_kdcaches_pixels_and_distills_loss(loss_name, epoch, folder_cache, tmp_path,
-                                                                         caplog):
+@pytest.mark.parametrize("loss_name,epoch,cache_name", [("kd", 0, "c.zarr"), ("sdd-lskd", 1, "c.zarr"),
+                                                        ("dkd", 5, "c.zarr"), ("kd", 1, "cutmix.zarr"),
+                                                        ("sdd-lskd", 0, "cutmix.zarr")])
+def test_a_batch_through_timms_loader_has_kdcaches_pixels_and_distills_loss(loss_name, epoch, cache_name, folder_cache,
+                                                                         tmp_path, caplog):
     cache, data = folder_cache
+    cache = cache.parent / cache_name  # a CutMix cache's targets carry the partner's label and λ through timm
     args = timm_args(cache, data, kd_loss=loss_name)
     train = timm_train.dataset(args, data_config())
     assert train.images == "uint8" and train.item == "pair"
@@ -128,6 +132,7 @@ def test_a_batch_through_timms_loader_has_kdcaches_pixels_and_distills_loss(loss
     with caplog.at_level("INFO", logger="kdcache.timm_train"):
         images, targets = next(iter(timm_loader(train)))
     assert "timm's train transforms are not applied" in caplog.text
+    assert ("mix.weight" in targets) == (cache_name == "cutmix.zarr")
     reference = kdcache.CacheDataset(cache, data)  # normalised, as kdcache distill's batches
     reference.set_epoch(epoch)
     items = [reference[i] for i in range(len(reference))]
