@@ -25,9 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdcache.errors import KdcacheError
-from kdcache.losses.functions import upcast
-
-NORMALIZE_EPS = 1e-12  # F.normalize's: a zero vector stays zero
+from kdcache.tensors import NORMALIZE_EPS, attention_map, upcast  # attention_map: re-exported, the map AT compares
 DISTANCE_EPS = 1e-12  # squared distances are clamped here before the square root: finite gradients at 0
 
 
@@ -39,16 +37,6 @@ def fitnet(regressed_student: Tensor, teacher_hint: Tensor) -> Tensor:
                            f"{tuple(teacher.shape)} differ in shape; pass the student's feature through a regressor "
                            f"(a 1x1 conv to the teacher's channels) at the teacher's spatial size")
     return (student - teacher).pow(2).mean()
-
-
-def attention_map(features: Tensor, p: float = 2) -> Tensor:
-    """AT's spatial attention map [B, H, W] of features [B, C, H, W]: the channel mean of |F|^p, L2-normalised
-    over the H·W positions of each sample."""
-    features = upcast(features)
-    if features.dim() != 4:
-        raise KdcacheError(f"attention_map(): needs features [B, C, H, W], found {tuple(features.shape)}")
-    energy = features.abs().pow(p).mean(dim=1)
-    return F.normalize(energy.flatten(1), dim=1, eps=NORMALIZE_EPS).view_as(energy)
 
 
 def at(student_maps: Tensor | Sequence[Tensor], teacher_maps: Tensor | Sequence[Tensor]) -> Tensor:

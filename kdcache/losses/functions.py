@@ -31,14 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdcache.errors import KdcacheError
+from kdcache.tensors import upcast
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def upcast(x: Tensor) -> Tensor:
-    """fp16/bf16 → float32; other dtypes unchanged."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _reduce(per_sample: Tensor, reduction: str, call: str) -> Tensor:

@@ -2,7 +2,7 @@
 
 - `regions` `[B, R, C]`: the region logits of `LogitMap` (region 0 the model's own logits);
 - `embedding` `[B, D]`: the pooled features the classifier sees, `forward_head(features, pre_logits=True)`;
-- `attention/<stage>` `[B, H, W]`: the attention-transfer map of a stage's output (`losses.attention_map`, p = 2);
+- `attention/<stage>` `[B, H, W]`: the attention-transfer map of a stage's output (`kdcache.tensors.attention_map`, p = 2);
 - `hint/<stage>` `[B, C, H, W]`: a stage's output itself, FitNet's hint.
 
 A model's stages are the modules its `feature_info` names (timm's attribute; kdcache's CIFAR models and the
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcache.errors import KdcacheError
-from kdcache.losses.features import attention_map
 from kdcache.models.logit_map import LogitMap, _channels_last, model_name, speaks_timm
+from kdcache.tensors import attention_map
 
 REGIONS, EMBEDDING = "regions", "embedding"
 STAGE_KINDS = ("attention", "hint")

@@ -1,0 +1,25 @@
+"""Tensor arithmetic that both the models (their outputs) and the losses need, importing neither: the precision
+rule of every loss, and attention transfer's map of a stage's features."""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdcache.errors import KdcacheError
+
+NORMALIZE_EPS = 1e-12  # F.normalize's: a zero vector stays zero
+
+
+def upcast(x: Tensor) -> Tensor:
+    """fp16/bf16 → float32; other dtypes unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def attention_map(features: Tensor, p: float = 2) -> Tensor:
+    """AT's spatial attention map [B, H, W] of features [B, C, H, W]: the channel mean of |F|^p, L2-normalised
+    over the H·W positions of each sample."""
+    features = upcast(features)
+    if features.dim() != 4:
+        raise KdcacheError(f"attention_map(): needs features [B, C, H, W], found {tuple(features.shape)}")
+    energy = features.abs().pow(p).mean(dim=1)
+    return F.normalize(energy.flatten(1), dim=1, eps=NORMALIZE_EPS).view_as(energy)
