@@ -11,6 +11,7 @@ from kdcache.cache import open_cache, verify
 from kdcache.cache.backends import open_store
 from kdcache.cache.location import store_bytes
 from kdcache.cache.layout import WRITTEN_VERSION
+from kdcache.cache.sizes import byte_size
 from kdcache.data import get_policy, load_dataset
 from kdcache.errors import CorruptCacheError, KdcacheError
 from kdcache.report import describe_cache
@@ -75,8 +76,15 @@ def test_topk_saves_the_bytes_its_arithmetic_says(teacher, data, full, tmp_path)
     with open_cache(tmp_path / "k.zarr") as cache, open_cache(full) as reference:
         # per sample: 5 regions x (2 values + 2 int16 classes + 1 rest) x 2 bytes, against 5 x 20 x 2
         assert (cache.spec.bytes_per_sample, reference.spec.bytes_per_sample) == (50, 200)
+        samples = cache.spec.num_samples
+        assert cache.spec.view_bytes() == 50 * samples and cache.spec.view_bytes(samples=3) == 150
+        assert cache.spec.view_bytes(("topk_indices",)) == 5 * 2 * 2 * samples  # int16 classes alone
     data_bytes = {name: store_bytes(path) for name, path in (("topk", tmp_path / "k.zarr"), ("full", full))}
     assert data_bytes["topk"] < 0.5 * data_bytes["full"]
+
+
+def test_cache_sizes_read_in_decimal_megabytes_and_gigabytes():
+    assert (byte_size(2_500_000), byte_size(999_999_999), byte_size(1.5e9)) == ("2.5 MB", "1000.0 MB", "1.50 GB")
 
 
 def test_cached_targets_rebuild_each_batch_on_the_device_from_the_compact_arrays(teacher, data, tmp_path):

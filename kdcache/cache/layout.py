@@ -10,6 +10,7 @@ import json
 import math
 import re
 import uuid
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,6 +160,11 @@ class CacheSpec:
     def bytes_per_sample(self) -> int:
         """Bytes one sample of one view takes in the data arrays."""
         return sum(map(self.sample_bytes, self.data_arrays))
+
+    def view_bytes(self, arrays: Iterable[str] | None = None, samples: int | None = None) -> int:
+        """Bytes one view takes in the named data arrays (all of them by default), over every sample or `samples`."""
+        names = self.data_arrays if arrays is None else arrays
+        return (self.num_samples if samples is None else samples) * sum(map(self.sample_bytes, names))
 
     @property
     def num_samples(self) -> int:

@@ -19,6 +19,7 @@ from kdcache.cache import open_cache
 from kdcache.cache.backends import store_class
 from kdcache.cache.layout import PENDING, CacheSpec
 from kdcache.cache.location import Location, as_location, location_name, store_bytes
+from kdcache.cache.sizes import byte_size
 from kdcache.cache.writer import BackgroundWriter, CacheWriter
 from kdcache.config import DumpConfig, loader_options
 from kdcache.data import AugmentPolicy, FileBatches, FilePolicy, ImageData, ImageFiles, dataset_options, first_images, \
@@ -32,7 +33,6 @@ from kdcache.models import describe_outputs, load_teacher
 from kdcache.models.outputs import REGIONS, ModelOutputs, feature_stages, output_shapes, parse_outputs
 from kdcache.runtime import autocast, pick_device, precision, prepare_model
 from kdcache.stages.topk import encode_topk
-from kdcache.stages.targets import byte_size
 from kdcache.stages.views import require_same_views
 
 DEFAULT_VIEWS = 4
@@ -175,11 +175,9 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageDa
 
 def _view_size(spec: CacheSpec) -> str:
     """What one view takes on disk before compression, and of it each output's share."""
-    logits = sum(map(spec.sample_bytes, spec.logit_arrays))
-    shares = [f"region logits {byte_size(logits * spec.num_samples)}"] + [
-        f"{name} {byte_size(spec.sample_bytes(array) * spec.num_samples)}"
-        for name, array in spec.output_arrays.items()]
-    return (f"each view holds {byte_size(spec.bytes_per_sample * spec.num_samples)} before compression "
+    shares = [f"region logits {byte_size(spec.view_bytes(spec.logit_arrays))}"] + [
+        f"{name} {byte_size(spec.view_bytes((array,)))}" for name, array in spec.output_arrays.items()]
+    return (f"each view holds {byte_size(spec.view_bytes())} before compression "
             f"({spec.num_samples} samples: {', '.join(shares)}); {spec.num_views} views")
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from kdcache.cache import TeacherCache
+from kdcache.cache.sizes import byte_size
 from kdcache.cache.topk import topk_bytes
 from kdcache.errors import KdcacheError
 from kdcache.models import region_indices
@@ -93,11 +94,6 @@ HOST_COPIES, DEVICE_COPIES = 2, 1
 SUGGESTED_TOPK = 20
 
 
-def byte_size(size: float) -> str:
-    """Bytes as GB, or MB below a gigabyte."""
-    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
-
-
 def available_host_memory() -> int | None:
     """Bytes of memory the system can still give (Linux's MemAvailable), or None where it does not say."""
     try:
@@ -118,7 +114,7 @@ def require_target_memory(cache: TeacherCache, samples: range | None, device: to
     spec = cache.spec
     count = spec.num_samples if samples is None else len(samples)
     names = (*spec.logit_arrays, *(spec.output_arrays[name] for name in outputs))
-    view = count * sum(map(spec.sample_bytes, names))
+    view = spec.view_bytes(names, count)
     on_device = view if device.type == "cuda" and not on_host else 0
     host_bytes = view * (HOST_COPIES + (DEVICE_COPIES if device.type == "cpu" and not on_host else 0))
     host_available = available_host_memory() if host_available is None else host_available
