@@ -13,7 +13,7 @@ from typing import Any
 from tqdm import tqdm
 
 from kdcache.cache import Problem, open_cache, verify
-from kdcache.cache.location import location_name, store_bytes
+from kdcache.cache.location import store_bytes
 from kdcache.cache.lock import WriterLock
 from kdcache.cache.verify import self_check_scope
 from kdcache.config import DistillConfig
@@ -44,7 +44,7 @@ def describe_cache(path: str | Path) -> dict[str, Any]:
         spec, progress = cache.spec, cache.progress()
         written = int((progress >= 0).sum())
         accuracy = cache.view_accuracy()
-        size = store_bytes(path)
+        size = store_bytes(cache.store.location)
         report = {"path": str(path), "format": cache.store.format_name, "metadata": cache.metadata,
                   "shape": {"logits": list(spec.logits_shape), "aug": [spec.num_views, spec.num_samples, spec.num_params],
                             **{name: [spec.num_views, spec.num_samples, *shape] for name, shape in spec.outputs.items()}},
@@ -120,7 +120,7 @@ def verify_cache(path: str | Path, show_progress: bool = True) -> list[Problem]:
     """`kdcache verify`: read every chunk; the problems found, located by array, view and block."""
     with open_cache(path) as cache:
         total = cache.num_views * cache.spec.num_blocks
-        with tqdm(total=total, unit="block", desc=f"verify {location_name(path)}", disable=not show_progress) as bar:
+        with tqdm(total=total, unit="block", desc=f"verify {cache.store.location.name}", disable=not show_progress) as bar:
             problems = verify(cache, on_block=lambda: bar.update(1))
     if show_progress and not problems:
         print(f"{path}: ok, {total} blocks of logits and every other chunk read and checked")

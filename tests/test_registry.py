@@ -2,7 +2,9 @@
 
 import pytest
 
-from kdcache.cache.backends import BACKENDS
+from kdcache.cache.backends import BACKENDS, create_store, open_store, store_class
+from kdcache.cache.hdf5_store import HDF5Store
+from kdcache.cache.zarr_store import ZarrStore
 from kdcache.data.augment import POLICIES
 from kdcache.data.sources import DATASETS
 from kdcache.errors import KdcacheError
@@ -52,3 +54,41 @@ def test_every_kind_of_name_is_served_by_the_one_registry(registry, call, known)
     with pytest.raises(KdcacheError, match=rf"^{call.replace('(', '[(]').replace(')', '[)]')}: unknown name 'nope'; "
                                            rf"known: .*{known}"):
         registry.entry("nope")
+
+
+class FakeStore(HDF5Store):
+    """A backend a plugin could add: one local file whose name ends in .fake."""
+
+    format_name, suffixes = "fake", (".fake",)
+    made: list[str] = []
+
+    @classmethod
+    def holds(cls, location):
+        return location.path.is_file() and location.suffix in cls.suffixes
+
+    @classmethod
+    def create(cls, place):
+        cls.made.append(f"create {place}")
+        return super().create(place)
+
+    @classmethod
+    def open(cls, place, read_only=True):
+        cls.made.append(f"open {place}")
+        return super().open(place, read_only)
+
+
+def test_create_store_and_open_store_choose_the_backend_through_the_registry(tmp_path, monkeypatch):
+    monkeypatch.setattr(BACKENDS, "_entries", dict(BACKENDS._entries))  # registered for this test only
+    BACKENDS.register(FakeStore, FakeStore.format_name)
+    FakeStore.made = []
+    with create_store(tmp_path / "c.fake") as store:  # its suffix claims it, though registered last
+        assert type(store) is FakeStore
+        store.set_metadata({"x": 1})
+    with open_store(tmp_path / "c.fake") as store:  # a file: HDF5 holds it too, but the suffix names the fake
+        assert type(store) is FakeStore and store.metadata() == {"x": 1}
+    assert FakeStore.made == [f"create {tmp_path / 'c.fake'}", f"open {tmp_path / 'c.fake'}"]
+    assert store_class(tmp_path / "c.h5") is HDF5Store and store_class(tmp_path / "c.other") is ZarrStore
+    with pytest.raises(KdcacheError, match="HDF5 caches must be local"):  # not remote: refused at a URL
+        store_class("memory://bucket/c.fake")
+    with pytest.raises(KdcacheError, match=r"^--format: unknown name 'parquet'; known: fake, hdf5, zarr$"):
+        create_store(tmp_path / "c.zarr", "parquet")

@@ -13,8 +13,7 @@ from kdcache.cache import verify
 from kdcache.cache.backends import create_store, open_store, store_class
 from kdcache.cache.layout import CACHE_ID
 from kdcache.cache.location import (
-    is_url,
-    location_name,
+    Location,
     remove_store,
     storage_options,
     store_bytes,
@@ -52,10 +51,24 @@ def write_sample(url):
 
 
 def test_is_url_and_names():
-    assert is_url("s3://bucket/c.zarr") and is_url("file:///tmp/c.zarr") and is_url("memory://x")
-    assert not is_url("/tmp/c.zarr") and not is_url("c.zarr")
-    assert not is_url(Path("/tmp/c.zarr"))
-    assert location_name("s3://bucket/dir/c.zarr/") == "c.zarr" and location_name("/tmp/c.h5") == "c.h5"
+    is_url = [Location.of(place).is_url for place in ("s3://bucket/c.zarr", "file:///tmp/c.zarr", "memory://x")]
+    assert all(is_url)
+    assert not any(Location.of(place).is_url for place in ("/tmp/c.zarr", "c.zarr", Path("/tmp/c.zarr")))
+    assert Location.of("s3://bucket/dir/c.zarr/").name == "c.zarr" and Location.of("/tmp/c.h5").name == "c.h5"
+
+
+@pytest.mark.parametrize("place, path, url, shown", [
+    ("/tmp/dir/c.zarr", Path("/tmp/dir/c.zarr"), None, "/tmp/dir/c.zarr"),
+    (Path("c.h5"), Path("c.h5"), None, "c.h5"),
+    ("file:///tmp/dir/c.zarr/", None, "file:///tmp/dir/c.zarr", "file:///tmp/dir/c.zarr"),
+    ("s3://bucket/dir/c.zarr", None, "s3://bucket/dir/c.zarr", "s3://bucket/dir/c.zarr"),
+])
+def test_a_location_is_classified_once_and_reads_as_the_user_wrote_it(place, path, url, shown):
+    location = Location.of(place)
+    assert (location.path, location.url, location.is_url) == (path, url, url is not None)
+    assert str(location) == shown and f"no cache at {location}" == f"no cache at {shown}"
+    assert Location.of(location) is location  # a later hop takes it as it is, without classifying it again
+    assert location.target == (url or path) and location.suffix == Path(shown).suffix
 
 
 def test_round_trip_at_a_url(url):

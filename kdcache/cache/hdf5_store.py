@@ -22,6 +22,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from kdcache.cache.location import Location, Place
 from kdcache.cache.store import ArrayInfo, NotACacheError, Selection, Store
 from kdcache.errors import CorruptCacheError
 
@@ -36,6 +37,7 @@ class HDF5Store(Store):
     format_name = "hdf5"
     codecs = ("fletcher32",)
     suffixes = (".h5", ".hdf5")
+    remote = False
 
     def __init__(self, path: Path, file: h5py.File, read_only: bool, building: Path | None = None) -> None:
         super().__init__(path, read_only)
@@ -43,9 +45,15 @@ class HDF5Store(Store):
         self._building = building  # the temporary file a new store is built in, until it is renamed to path
 
     @classmethod
-    def create(cls, path: Path) -> HDF5Store:
+    def holds(cls, location: Location) -> bool:
+        """Anything local but a directory: whether it is an HDF5 file at all, `open` checks by its signature."""
+        return not location.is_url and not location.path.is_dir()
+
+    @classmethod
+    def create(cls, place: Place) -> HDF5Store:
         """Start an empty HDF5 file in the latest format (needed for SWMR), under a temporary name beside path: it
         takes path when its metadata is set or it is closed. Temporary files of earlier killed creations go."""
+        path = Location.of(place).path
         if path.exists():
             raise FileExistsError(errno.EEXIST, f"{path} exists")
         for stale in path.parent.glob(f".{path.name}.tmp-*"):  # the caller holds the writer lock: none is in use
@@ -54,8 +62,9 @@ class HDF5Store(Store):
         return cls(path, h5py.File(building, "w", libver="latest"), read_only=False, building=building)
 
     @classmethod
-    def open(cls, path: Path, read_only: bool = True) -> HDF5Store:
+    def open(cls, place: Place, read_only: bool = True) -> HDF5Store:
         """Open an existing file; for writing, rebuild it first if a writer died with it open."""
+        path = Location.of(place).path
         if not h5py.is_hdf5(path):  # reads the signature only
             raise NotACacheError(path, "a plain file")
         try:

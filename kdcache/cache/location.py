@@ -1,6 +1,6 @@
 """Where a cache lives: a local path or a URL with a scheme, and the few things done to a location as a whole.
 
-Every entry point here takes either form. A URL (`s3://bucket/cache.zarr`, `gs://...`, `memory://...`,
+A `Location` is made once from what the user wrote (a `Place`); every entry point here takes either. A URL (`s3://bucket/cache.zarr`, `gs://...`, `memory://...`,
 `file:///...`) is reached through fsspec (credentials from the environment, as s3fs and gcsfs read
 them) and is always a Zarr store; file:// URLs too go through fsspec, not the local fast paths.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -17,26 +18,59 @@ from kdcache.errors import KdcacheError
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
 
-Location = str | os.PathLike  # a local path, or a URL with a scheme
 
+@dataclass(frozen=True)
+class Location:
+    """Where a cache lives, classified once from what the user wrote: a local `path`, or a `url` with a scheme.
 
-def is_url(location: object) -> bool:
-    """Whether a location is a URL with a scheme (`scheme://...`, file:// included) rather than a local path.
-
-    Only a str can be a URL: pathlib collapses `s3://b` to `s3:/b`, so a URL must never pass through Path().
+    Made at the door (`Location.of`) and passed on, so no later hop asks again which of the two it is; `str()` is
+    what the user wrote (a URL without its trailing slash), for messages.
     """
-    return isinstance(location, str) and "://" in location
+
+    path: Path | None = None
+    url: str | None = None
+
+    @classmethod
+    def of(cls, place: Place) -> Location:
+        """A Location as it is; a str with a scheme (`scheme://...`, file:// included) as a URL; anything else a path.
+
+        Only a str can be a URL: pathlib collapses `s3://b` to `s3:/b`, so a URL must never pass through Path().
+        """
+        if isinstance(place, Location):
+            return place
+        if isinstance(place, str) and "://" in place:
+            return cls(url=place.rstrip("/"))
+        return cls(path=Path(place))
+
+    @property
+    def is_url(self) -> bool:
+        """Whether the cache is reached through fsspec (a URL) rather than the local filesystem."""
+        return self.url is not None
+
+    @property
+    def target(self) -> Path | str:
+        """What a backend opens: the Path, or the URL's text."""
+        return self.url if self.url is not None else self.path
+
+    @property
+    def name(self) -> str:
+        """The last component of the path or URL (`cache.zarr`), for progress bars and short messages."""
+        return url_path(self.url).name if self.url is not None else self.path.name
+
+    @property
+    def suffix(self) -> str:
+        """The suffix of that last component (`.zarr`), which names a store's format."""
+        return url_path(self.url).suffix if self.url is not None else self.path.suffix
+
+    def resolved(self) -> Location:
+        """A path through its symlinks to the real one; a URL as it is."""
+        return self if self.url is not None else Location(path=self.path.resolve())
+
+    def __str__(self) -> str:
+        return str(self.target)
 
 
-def as_location(location: Location) -> str | Path:
-    """A URL as its text (without a trailing slash), anything else as a Path."""
-    return location.rstrip("/") if is_url(location) else Path(location)
-
-
-def location_name(location: Location) -> str:
-    """The last component of a path or URL (`cache.zarr`), for progress bars and short messages."""
-    location = as_location(location)
-    return url_path(location).name if isinstance(location, str) else location.name
+Place = str | os.PathLike | Location  # a cache's place as given: a local path, a URL with a scheme, or a Location
 
 
 def url_path(url: str) -> PurePosixPath:
@@ -106,43 +140,43 @@ def refuse_hdf5_url(url: str) -> KdcacheError:
                         f"URL {url}; do: use Zarr (a .zarr URL, or --format zarr) for a cache at a URL")
 
 
-def store_exists(location: Location) -> bool:
+def store_exists(place: Place) -> bool:
     """Whether anything (a store, or what is left of one) is at the location."""
-    location = as_location(location)
-    if isinstance(location, Path):
-        return location.exists()
-    fs, path = url_filesystem(location)
+    location = Location.of(place)
+    if not location.is_url:
+        return location.path.exists()
+    fs, path = url_filesystem(location.url)
     fs.invalidate_cache(path)  # listings fsspec cached before a writer added or removed objects
-    return bool(check_reachable(location, lambda: fs.exists(path)))
+    return bool(check_reachable(location.url, lambda: fs.exists(path)))
 
 
-def store_bytes(location: Location) -> int:
+def store_bytes(place: Place) -> int:
     """Bytes of all the store's files (a Zarr directory's, an HDF5 file's) or objects; 0 when there is none."""
-    location = as_location(location)
-    if isinstance(location, Path):
-        if location.is_dir():
-            return sum(f.stat().st_size for f in location.rglob("*") if f.is_file())
-        return location.stat().st_size if location.exists() else 0
-    fs, path = url_filesystem(location)
+    location = Location.of(place)
+    if not location.is_url:
+        if location.path.is_dir():
+            return sum(f.stat().st_size for f in location.path.rglob("*") if f.is_file())
+        return location.path.stat().st_size if location.path.exists() else 0
+    fs, path = url_filesystem(location.url)
     fs.invalidate_cache(path)
     try:
-        found = check_reachable(location, lambda: fs.find(path, detail=True))
+        found = check_reachable(location.url, lambda: fs.find(path, detail=True))
     except FileNotFoundError:
         return 0
     return sum(int(info.get("size") or 0) for info in found.values() if info.get("type", "file") == "file")
 
 
-def remove_store(path: Location) -> None:
+def remove_store(place: Place) -> None:
     """Delete a cache store (a Zarr directory or an HDF5 file, or every object under a URL)."""
-    location = as_location(path)
-    if isinstance(location, str):
-        fs, root = url_filesystem(location)
+    location = Location.of(place)
+    if location.is_url:
+        fs, root = url_filesystem(location.url)
         fs.invalidate_cache(root)
-        if check_reachable(location, lambda: fs.exists(root)):
-            check_reachable(location, lambda: fs.rm(root, recursive=True))
+        if check_reachable(location.url, lambda: fs.exists(root)):
+            check_reachable(location.url, lambda: fs.rm(root, recursive=True))
         fs.invalidate_cache(root)
         return
-    if location.is_dir():
-        shutil.rmtree(location)
-    elif location.exists():
-        location.unlink()
+    if location.path.is_dir():
+        shutil.rmtree(location.path)
+    elif location.path.exists():
+        location.path.unlink()

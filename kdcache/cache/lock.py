@@ -27,30 +27,32 @@ import socket
 import time
 from pathlib import Path
 
-from kdcache.cache.location import Location, is_url, url_filesystem
+from kdcache.cache.location import Location, Place, url_filesystem
 from kdcache.errors import KdcacheError
 
 log = logging.getLogger(__name__)
 RECORD_WAIT_SECONDS = 2.0  # a holder writes its record right after taking the lock
 
 
-def lock_path(cache_path: Location) -> str | Path:
+def lock_path(cache_path: Place) -> str | Path:
     """The lock file of a cache: `<cache>.lock` beside its real path (for a URL, the URL of that object)."""
-    if is_url(cache_path):
-        return cache_path.rstrip("/") + ".lock"
-    cache_path = Path(cache_path).resolve()
-    return cache_path.with_name(cache_path.name + ".lock")
+    location = Location.of(cache_path).resolved()
+    if location.is_url:
+        return location.url + ".lock"
+    return location.path.with_name(location.name + ".lock")
 
 
 class WriterLock:
     """An exclusive lock on a cache for one writing process."""
 
-    def __init__(self, cache_path: Location) -> None:
+    def __init__(self, cache_path: Place) -> None:
+        location = Location.of(cache_path)
+        self.remote = location.is_url
         # a Path, or for a cache at a URL the lock's URL (then _fs and _fs_path reach it)
-        self.path = lock_path(cache_path)
+        self.path = lock_path(location)
         self.owner = {"pid": os.getpid(), "host": socket.gethostname()}
         self._fd: int | None = None  # the locked file's descriptor, while held
-        if isinstance(self.path, str):
+        if self.remote:
             self._fs, self._fs_path = url_filesystem(self.path)
 
     def _record(self) -> bytes:
@@ -58,7 +60,7 @@ class WriterLock:
 
     def acquire(self) -> WriterLock:
         """Take the lock; refuse, naming the holder, while another process holds it."""
-        if isinstance(self.path, str):
+        if self.remote:
             return self._acquire_url()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = _flock(self.path, fcntl.LOCK_EX)
@@ -107,11 +109,10 @@ class WriterLock:
 
     def _refusal(self, holder: dict | None) -> KdcacheError:
         """The error for a second writer, naming the holder when its record says who it is."""
-        remote = isinstance(self.path, str)
-        cache = self.path.removesuffix(".lock") if remote else self.path.with_suffix("")
+        cache = self.path.removesuffix(".lock") if self.remote else self.path.with_suffix("")
         who = (f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}" if holder
                else "it is starting and has not written its record yet")
-        gone = (f"; if that process is gone, delete the lock object {self.path}" if remote else
+        gone = (f"; if that process is gone, delete the lock object {self.path}" if self.remote else
                 " (the lock is the kernel's: it is released when that process ends, however it ends)")
         return KdcacheError(f"{cache} is being written by another kdcache process ({who}); wait for it to "
                             f"finish{gone}")
@@ -150,7 +151,7 @@ class WriterLock:
 
     def release(self) -> None:
         """Drop the lock if this process holds it."""
-        if not isinstance(self.path, str):
+        if not self.remote:
             if self._fd is not None:
                 self.path.unlink(missing_ok=True)  # still held: a contender that opened it sees it is gone, and retries
                 os.close(self._fd)
@@ -171,7 +172,7 @@ class WriterLock:
 
     def _holder(self) -> dict | None:
         """The holder's record, or None when there is none to read."""
-        if isinstance(self.path, str):
+        if self.remote:
             # only absence reads as "no holder" here: a lock that cannot be reached is not taken over
             self._fs.invalidate_cache(self._fs_path)
             try:
@@ -260,8 +261,9 @@ class ReadersLock:
     the store (--overwrite, a restart) takes it exclusively first, so it never pulls a cache from under a reader,
     and a reader never opens a cache that is being rewritten. At a URL there is none (nothing to flock)."""
 
-    def __init__(self, cache_path: Location) -> None:
-        self.path = None if is_url(cache_path) else lock_path(cache_path).with_suffix(".readers")
+    def __init__(self, cache_path: Place) -> None:
+        location = Location.of(cache_path)
+        self.path = None if location.is_url else lock_path(location).with_suffix(".readers")
         self._fd: int | None = None
 
     def share(self) -> ReadersLock:

@@ -7,13 +7,12 @@ import math
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kdcache.cache.backends import open_store
-from kdcache.cache.location import store_exists
+from kdcache.cache.location import Location, Place, store_exists
 from kdcache.cache.lock import ReadersLock
 from kdcache.cache.layout import (DIGEST_ARRAY, DIGEST_BYTES, DIGEST_SINCE, PENDING, TOPK_ARRAYS, CacheSpec,
                                   all_finite, cache_id, require_match, require_metadata_digest, require_same_cache)
@@ -22,12 +21,13 @@ from kdcache.cache.topk import decode_topk_array
 from kdcache.errors import CorruptCacheError, KdcacheError
 
 
-def open_cache(path: str | Path, cache_id: str | None = None) -> TeacherCache:
+def open_cache(place: Place, cache_id: str | None = None) -> TeacherCache:
     """Open a cache for reading; it is never written to, nor deleted or rewritten while open (see ReadersLock).
 
     cache_id: the `TeacherCache.cache_id` of the cache this caller opened and checked before (a dataset reopening it
     in a worker): a store rewritten since is refused, naming both ids.
     """
+    path = Location.of(place)
     readers = ReadersLock(path).share()
     try:
         if cache_id is not None:  # first: any other check would name the new store's fields, not what happened
@@ -44,9 +44,10 @@ def open_cache(path: str | Path, cache_id: str | None = None) -> TeacherCache:
         raise
 
 
-def stored_cache_id(path: str | Path) -> str | None:
+def stored_cache_id(place: Place) -> str | None:
     """The cache_id of the store at path now; None where there is none (removed, or half removed or created: being
     rewritten). A URL that cannot be reached is its own error, not a cache gone."""
+    path = Location.of(place)
     if not store_exists(path):
         return None
     try:
@@ -254,7 +255,7 @@ class TeacherCache:
     def require_unchanged(self) -> None:
         """Refuse when the store at this cache's path is no longer the one opened here (rewritten since, e.g. by
         `dump-teacher --overwrite`, where no readers lock kept that out: at a URL): its chunks are read by path."""
-        require_same_cache(stored_cache_id(self.path), self.cache_id, str(self.path))
+        require_same_cache(stored_cache_id(self.store.location), self.cache_id, str(self.path))
 
     @contextlib.contextmanager
     def _unchanged(self) -> Iterator[None]:

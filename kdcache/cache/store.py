@@ -1,6 +1,6 @@
 """One small storage interface for caches: named chunked arrays plus one JSON metadata document.
 
-Backends (Zarr, HDF5; `backends.py` chooses one) only fill in the abstract methods; the read-only
+Backends (Zarr, HDF5; `backends.py` registers them and chooses one through the registry) only fill in the abstract methods; the read-only
 check and error wrapping live here once.
 """
 
@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from kdcache.cache.location import Location, as_location
+from kdcache.cache.location import Location, Place
 from kdcache.errors import CorruptCacheError, KdcacheError
 
 Selection = tuple[int | slice, ...]
@@ -32,7 +32,7 @@ class ArrayInfo:
 class NotACacheError(KdcacheError):
     """What is at a cache's path is no cache store at all (a plain file, a folder without zarr.json...)."""
 
-    def __init__(self, path: Location, found: str) -> None:
+    def __init__(self, path: Place, found: str) -> None:
         self.found = found  # what is there, in words: "a plain file"
         super().__init__(f"{path} is {found}, not a kdcache cache (a .zarr folder or an .h5 file); pass the path of a "
                          f"cache written by `kdcache dump-teacher`")
@@ -48,9 +48,11 @@ class Store(ABC):
     format_name: ClassVar[str]
     codecs: ClassVar[tuple[str, ...]]  # the encoding kdcache writes every chunk with (ArrayInfo.codecs)
     suffixes: ClassVar[tuple[str, ...]]  # of a location that names this format; the first is the usual one
+    remote: ClassVar[bool]  # whether a store of this format may live at a URL
 
-    def __init__(self, path: Location, read_only: bool) -> None:
-        self.path: str | Path = as_location(path)  # a Path, or the URL's text for a store at a URL
+    def __init__(self, path: Place, read_only: bool) -> None:
+        self.location = Location.of(path)
+        self.path: str | Path = self.location.target  # a Path, or the URL's text for a store at a URL
         self.read_only = read_only
 
     # -- writing: every public writer checks the read-only flag here, once -----------------
@@ -119,12 +121,17 @@ class Store(ABC):
     # -- for the backends ------------------------------------------------------------------
     @classmethod
     @abstractmethod
-    def create(cls, path: Path) -> Store:
+    def holds(cls, location: Location) -> bool:
+        """Whether what exists at the location is laid out as this format's store (a directory, one file...)."""
+
+    @classmethod
+    @abstractmethod
+    def create(cls, path: Place) -> Store:
         """Create an empty store at path (which must not exist)."""
 
     @classmethod
     @abstractmethod
-    def open(cls, path: Path, read_only: bool = True) -> Store:
+    def open(cls, path: Place, read_only: bool = True) -> Store:
         """Open an existing store."""
 
     @abstractmethod

@@ -6,7 +6,6 @@ import contextlib
 import logging
 import queue
 import threading
-from pathlib import Path
 
 import numpy as np
 
@@ -14,7 +13,7 @@ from kdcache.cache.backends import create_store, open_store, store_class
 from kdcache.cache.layout import (ARRAYS, DIGEST_ARRAY, DIGEST_BYTES, FORMAT, PENDING, WRITTEN_VERSION, CacheSpec,
                                   all_finite, differences, generic_array, metadata_digest, new_cache_id,
                                   require_metadata_digest)
-from kdcache.cache.location import Location, as_location, remove_store, store_exists
+from kdcache.cache.location import Location, Place, remove_store, store_exists
 from kdcache.cache.lock import ReadersLock, WriterLock, disk_full_hint
 from kdcache.cache.store import NotACacheError, Store
 from kdcache.errors import KdcacheError
@@ -29,16 +28,14 @@ class CacheWriter:
         self.store, self.spec, self._locks = store, spec, locks
 
     @classmethod
-    def open(cls, path: Location, spec: CacheSpec, labels: np.ndarray, aug_params: np.ndarray | None,
+    def open(cls, place: Place, spec: CacheSpec, labels: np.ndarray, aug_params: np.ndarray | None,
              format: str | None = None, overwrite: bool = False, listing: bytes = b"") -> CacheWriter:
         """Take the writer lock, then create the cache, or resume it when it exists and was made with the same spec.
 
         aug_params: every view's parameters, written now; None for a streamed split, whose blocks bring their own
         (with `listing`, its files).
         """
-        path = as_location(path)
-        if isinstance(path, Path):
-            path = path.resolve()  # through a symlink: the real store, under the same lock
+        path = Location.of(place).resolved()  # through a symlink: the real store, under the same lock
         store_class(path, format)  # an HDF5 cache at a URL is refused before any lock is taken
         locks = [WriterLock(path).acquire()]
         try:
@@ -56,13 +53,13 @@ class CacheWriter:
             raise
 
     @classmethod
-    def join(cls, path: Location) -> CacheWriter:
+    def join(cls, path: Place) -> CacheWriter:
         """Open a cache another process created and locked, to write blocks of its own (a rank of a sharded dump)."""
         store = open_store(path, read_only=False)
         return cls(store, CacheSpec.from_metadata(store.metadata(), str(path)), locks=[])
 
     @staticmethod
-    def _resumable(path: str | Path, spec: CacheSpec) -> Store:
+    def _resumable(path: Location, spec: CacheSpec) -> Store:
         """The existing store at path, open for writing, if it was made with `spec` in the format written now."""
         store = open_store(path, read_only=False)
         try:
@@ -83,7 +80,7 @@ class CacheWriter:
         return store
 
     @classmethod
-    def _created(cls, path: str | Path, format: str | None, spec: CacheSpec, labels: np.ndarray,
+    def _created(cls, path: Location, format: str | None, spec: CacheSpec, labels: np.ndarray,
                  aug_params: np.ndarray | None, listing: bytes) -> Store:
         """A new store with every array and the metadata; a disk that cannot hold even that is one line."""
         store = None
@@ -257,10 +254,10 @@ def _indices(values: np.ndarray, limit: int = 10) -> str:
     return shown + (f" and {len(values) - limit} more" if len(values) > limit else "")
 
 
-def _started_by_kdcache(path: str | Path) -> bool:
+def _started_by_kdcache(path: Location) -> bool:
     """Whether the store at path holds kdcache's metadata (True), or is one whose creation kdcache started and
     that stopped before the metadata, written last, was (False); anything else is refused, never deleted."""
-    if isinstance(path, Path) and path.is_dir() and not any(path.iterdir()):
+    if not path.is_url and path.path.is_dir() and not any(path.path.iterdir()):
         return False  # a Zarr store killed before its zarr.json: an empty folder, nothing to lose
     try:
         store = open_store(path, read_only=True)
@@ -275,6 +272,6 @@ def _started_by_kdcache(path: str | Path) -> bool:
     raise _not_a_cache(path, f"its metadata names no kdcache format and it holds {sorted(arrays)}")
 
 
-def _not_a_cache(path: str | Path, why: str) -> KdcacheError:
+def _not_a_cache(path: Location, why: str) -> KdcacheError:
     return KdcacheError(f"{path} exists and is not a kdcache cache ({why}); kdcache neither resumes nor deletes "
                         f"it, not even with --overwrite: choose another --out, or move it away yourself")

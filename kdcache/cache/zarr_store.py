@@ -16,7 +16,6 @@ import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import google_crc32c  # declared in pyproject: zarr 3.1.0-3.1.3 checksum with the crc32c package instead
@@ -35,7 +34,8 @@ from zarr.storage import FsspecStore, LocalStore
 
 from kdcache.cache.location import (
     Location,
-    as_location,
+    Place,
+    check_reachable,
     storage_options,
     url_filesystem,
 )
@@ -57,22 +57,31 @@ class ZarrStore(Store):
     format_name = "zarr"
     codecs = tuple(codec.to_dict()["name"] for codec in CODECS)
     suffixes = (".zarr",)
+    remote = True
 
-    def __init__(self, path: Location, group: zarr.Group, read_only: bool) -> None:
+    def __init__(self, path: Place, group: zarr.Group, read_only: bool) -> None:
         super().__init__(path, read_only)
         self._group = group
-        self._local = isinstance(self.path, Path)  # the direct chunk-file paths are for local stores only
+        self._local = not self.location.is_url  # the direct chunk-file paths are for local stores only
         self._arrays: dict[str, zarr.Array] = {}
         self._readers: ThreadPoolExecutor | None = None
 
     @classmethod
-    def create(cls, path: Location) -> ZarrStore:
+    def holds(cls, location: Location) -> bool:
+        """A directory (at a URL: a prefix of objects, not one object)."""
+        if not location.is_url:
+            return location.path.is_dir()
+        fs, root = url_filesystem(location.url)
+        return not check_reachable(location.url, lambda: fs.isfile(root))
+
+    @classmethod
+    def create(cls, path: Place) -> ZarrStore:
         """Create an empty Zarr v3 group at a path or URL."""
         return cls(path, zarr.open_group(_zarr_store(path, read_only=False), mode="w-", zarr_format=3),
                    read_only=False)
 
     @classmethod
-    def open(cls, path: Location, read_only: bool = True) -> ZarrStore:
+    def open(cls, path: Place, read_only: bool = True) -> ZarrStore:
         """Open an existing Zarr v3 group at a path or URL."""
         store = _zarr_store(path, read_only)
         try:
@@ -175,21 +184,22 @@ class ZarrStore(Store):
             self._readers = None
 
 
-def _folder_without_group(path: Location) -> str:
+def _folder_without_group(path: Place) -> str:
     """What a folder without zarr.json is, in words: a kdcache run folder (train-teacher's, distill's) is named."""
-    if isinstance(path, Path) and (path / "model.pt").is_file():
+    location = Location.of(path)
+    if not location.is_url and (location.path / "model.pt").is_file():
         return "a kdcache run folder (model.pt holds a model's weights: pass it as --checkpoint)"
     return "a folder without zarr.json"
 
 
-def _zarr_store(path: Location, read_only: bool) -> LocalStore | FsspecStore:
+def _zarr_store(path: Place, read_only: bool) -> LocalStore | FsspecStore:
     """zarr's store for a location: a LocalStore for a path, an FsspecStore (async, as zarr needs) for a URL."""
-    location = as_location(path)
-    if isinstance(location, Path):
-        return LocalStore(location, read_only=read_only)
-    url_filesystem(location)  # a missing package or unknown scheme, as a KdcacheError
+    location = Location.of(path)
+    if not location.is_url:
+        return LocalStore(location.path, read_only=read_only)
+    url_filesystem(location.url)  # a missing package or unknown scheme, as a KdcacheError
     # from_url makes an async filesystem, wrapping a sync one (memory, file) in fsspec's AsyncFileSystemWrapper
-    return FsspecStore.from_url(location, storage_options=storage_options(location), read_only=read_only)
+    return FsspecStore.from_url(location.url, storage_options=storage_options(location.url), read_only=read_only)
 
 
 def _direct_readable(array: zarr.Array, selection: Selection) -> bool:

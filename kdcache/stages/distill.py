@@ -14,7 +14,7 @@ import torch
 
 from kdcache import distributed
 from kdcache.cache import TeacherCache, open_cache
-from kdcache.cache.location import is_url
+from kdcache.cache.location import Location
 from kdcache.config import DistillConfig, loader_options, recorded_config
 from kdcache.data import AugmentPolicy, FilePolicy, ImageData, ImageFiles, first_images, load_dataset, normalize, \
     policy_for, stored_policy
@@ -74,12 +74,13 @@ def distill(config: DistillConfig, show_progress: bool = True,
         raise KdcacheError("--student-checkpoint: one file starts one student spec, and this run trains "
                            f"{', '.join(sorted({student for student, _ in config.runs()}))}: train each student with "
                            "its own weights in a run of its own")
-    _check_teachers(config)
+    locations = [Location.of(path) for path in (config.cache, *config.extra_caches) if path]  # made once, here
+    _check_teachers(config, locations)
     _check_name(config)
     device = pick_device(config.device)
     distributed.init(device)
     with ExitStack() as held:  # the run folders let go, then the caches closed, however it ends
-        caches = [held.enter_context(open_cache(path)) for path in (config.cache, *config.extra_caches) if path]
+        caches = [held.enter_context(open_cache(location)) for location in locations]
         data, test = data or _load_data(config, caches[0] if caches else None)
         return _distill(config, caches, data, test, device, show_progress, held)
 
@@ -128,10 +129,10 @@ def _check_sources(config: DistillConfig) -> None:
         raise KdcacheError("--mutual: the students step together on the device path; drop --batch-path dataset")
 
 
-def _check_teachers(config: DistillConfig) -> None:
+def _check_teachers(config: DistillConfig, locations: list[Location]) -> None:
     """Refuse a run folder inside a cache, and teacher weights that do not fit the caches."""
-    for path in (config.cache, *config.extra_caches):
-        if path is not None and _inside(Path(config.out), path):
+    for path in locations:
+        if _inside(Path(config.out), path):
             raise KdcacheError(f"distill: --out {config.out} is the cache {path} or lies inside it; runs are written "
                                f"to --out, and a cache is never written to: choose another --out")
     count = len(config.extra_caches) + 1
@@ -348,9 +349,9 @@ def _summary(run: Run, kept: bool) -> RunSummary:
                       run.history[-1].get("test_top5"))
 
 
-def _inside(folder: Path, cache: str) -> bool:
+def _inside(folder: Path, cache: Location) -> bool:
     """Whether a local folder is the cache or lies inside it (a cache at a URL holds no local folder)."""
-    if is_url(cache):
+    if cache.is_url:
         return False
-    folder, cache_path = folder.resolve(), Path(cache).resolve()
+    folder, cache_path = folder.resolve(), cache.path.resolve()
     return folder == cache_path or cache_path in folder.parents

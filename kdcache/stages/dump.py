@@ -18,7 +18,7 @@ from kdcache import distributed
 from kdcache.cache import open_cache
 from kdcache.cache.backends import store_class
 from kdcache.cache.layout import PENDING, CacheSpec
-from kdcache.cache.location import Location, as_location, location_name, store_bytes
+from kdcache.cache.location import Location, Place, store_bytes
 from kdcache.cache.sizes import byte_size
 from kdcache.cache.writer import BackgroundWriter, CacheWriter
 from kdcache.config import DumpConfig, loader_options
@@ -119,7 +119,7 @@ def dumped_outputs(losses: tuple[str, ...]) -> str:
 
 
 def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageData | ImageFiles,
-                 policy: AugmentPolicy | FilePolicy, out: Location, *, views: int | None = 1, exhaustive: bool = False,
+                 policy: AugmentPolicy | FilePolicy, out: Place, *, views: int | None = 1, exhaustive: bool = False,
                  scales: tuple[int, ...] = (1, 2, 4), batch_size: int = 256, device: torch.device = torch.device("cpu"),
                  dtype: str = "float16", format: str | None = None, seed: int = 0, block_size: int = 0,
                  overwrite: bool = False, topk: int = 0, workers: int | None = None,
@@ -135,7 +135,7 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageDa
     A streamed split (ImageFiles) is read by `workers` DataLoader processes, each view drawn for each file's own
     size; a rank reads only the files of its blocks.
     """
-    out = as_location(out)
+    out = Location.of(out)
     here = distributed.init(device)
     streamed = isinstance(data, ImageFiles)
     params = None if streamed else view_params(policy, len(data.labels), views, exhaustive, seed)
@@ -160,7 +160,7 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageDa
                                       torch.from_numpy(writer.aug_params()).to(device))  # a resumed run replays these
         resumed = len(pending) < spec.num_views * len(blocks)
         started = time.perf_counter()
-        total = _write_pending(writer, batches.blocks(pending), pending, f"dump {location_name(out)}", here,
+        total = _write_pending(writer, batches.blocks(pending), pending, f"dump {out.name}", here,
                                show_progress)
         seconds = time.perf_counter() - started
         distributed.barrier()  # every rank's blocks are written before rank 0 reads the progress
@@ -170,7 +170,7 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageDa
         images = int(distributed.all_sum(torch.tensor(total)))
     finally:
         writer.close()
-    return DumpResult(out, images, seconds, store_bytes(out), accuracy, resumed)
+    return DumpResult(out.target, images, seconds, store_bytes(out), accuracy, resumed)
 
 
 def _view_size(spec: CacheSpec) -> str:
@@ -215,7 +215,7 @@ def _streamed_views(policy: FilePolicy, views: int | None, exhaustive: bool) -> 
     return views
 
 
-def open_writer(out: str | Path, spec: CacheSpec, labels: np.ndarray, params: np.ndarray | None, format: str | None,
+def open_writer(out: Location, spec: CacheSpec, labels: np.ndarray, params: np.ndarray | None, format: str | None,
                 overwrite: bool, here: World, listing: bytes = b"") -> CacheWriter:
     """The cache's writer: one process creates or resumes it; under torchrun rank 0 does, and the others join."""
     if not here.distributed:
