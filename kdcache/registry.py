@@ -2,7 +2,8 @@
 
 An entry is a callable registered under its function name (or a name given explicitly, for names that
 are not identifiers such as `kd+ls`); `get(name, **kw)` calls it. A duplicate name is refused, and an
-unknown name is one line listing the known ones.
+unknown name is one line listing the known ones. A registry whose entries come from a file (the losses of
+configs/losses.yaml) is given a `fill` that registers them on first use, so the file is read only when asked.
 """
 
 from __future__ import annotations
@@ -20,10 +21,18 @@ Entry = TypeVar("Entry", bound=Callable)
 class Registry(Generic[T]):
     """Names mapped to the callables that make a T."""
 
-    def __init__(self, call: str, sort: bool = True) -> None:
-        """call: how errors name the lookup (`create_model()`); sort: list names sorted, else in registration order."""
-        self.call, self.sort = call, sort
+    def __init__(self, call: str, sort: bool = True, fill: Callable[[Registry[T]], None] | None = None) -> None:
+        """call: how errors name the lookup (`create_model()`); sort: list names sorted, else in registration order;
+        fill: registers further entries the first time the registry is read."""
+        self.call, self.sort, self._fill = call, sort, fill
         self._entries: dict[str, Callable[..., T]] = {}
+
+    def _filled(self) -> dict[str, Callable[..., T]]:
+        """The entries, once `fill` has registered its own."""
+        if self._fill is not None:
+            fill, self._fill = self._fill, None
+            fill(self)
+        return self._entries
 
     def register(self, entry: Entry, name: str | None = None) -> Entry:
         """Register `entry` under `name` or its function name; returns it unchanged, so it works as a decorator."""
@@ -36,7 +45,7 @@ class Registry(Generic[T]):
     def entry(self, name: str) -> Callable[..., T]:
         """The callable registered as `name`; an unknown name is a KdcacheError listing the known ones."""
         try:
-            return self._entries[name]
+            return self._filled()[name]
         except KeyError:
             raise unknown_name(self.call, name, self.names()) from None
 
@@ -46,11 +55,11 @@ class Registry(Generic[T]):
 
     def names(self, pattern: str = "*") -> list[str]:
         """The registered names matching a shell-style pattern."""
-        found = [name for name in self._entries if fnmatch.fnmatchcase(name, pattern)]
+        found = [name for name in self._filled() if fnmatch.fnmatchcase(name, pattern)]
         return sorted(found) if self.sort else found
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._filled()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

@@ -1,5 +1,7 @@
 """One Registry for models, datasets, policies, losses and store backends: register by name, get, list, refuse."""
 
+import dataclasses
+
 import pytest
 
 from kdcache.cache.backends import BACKENDS, create_store, open_store, store_class
@@ -8,7 +10,7 @@ from kdcache.cache.zarr_store import ZarrStore
 from kdcache.data.augment import POLICIES
 from kdcache.data.sources import DATASETS
 from kdcache.errors import KdcacheError
-from kdcache.losses.spec import TERMS, _losses
+from kdcache.losses.spec import LOSSES, TERMS, LossSpec, get_loss, list_losses, register_loss
 from kdcache.models._registry import MODELS
 from kdcache.registry import Registry
 
@@ -34,6 +36,20 @@ def test_names_keep_registration_order_when_asked():
     assert ordered.names() == ["b", "a", "c"]
 
 
+def test_a_registry_read_from_a_file_fills_itself_once_on_first_use():
+    reads = []
+
+    def fill(registry):
+        reads.append("read")
+        registry.register(dict, "from_file")
+
+    lazy = Registry("x()", sort=False, fill=fill)
+    lazy.register(list, "early")  # registering reads nothing
+    assert reads == []
+    assert lazy.names() == ["early", "from_file"] and "from_file" in lazy and lazy.get("from_file") == {}
+    assert reads == ["read"]
+
+
 def test_a_taken_name_is_refused_and_an_unknown_one_lists_the_known_in_one_line():
     shapes = Registry("make_shape()")
     shapes.register(dict, "square")
@@ -46,7 +62,7 @@ def test_a_taken_name_is_refused_and_an_unknown_one_lists_the_known_in_one_line(
 
 @pytest.mark.parametrize("registry, call, known", [
     (MODELS, "kdcache's model registry", "resnet8"), (DATASETS, "load_dataset()", "digits"),
-    (POLICIES, "get_policy()", "cifar"), (_losses(), "get_loss()", "sdd-lskd"), (BACKENDS, "--format", "zarr"),
+    (POLICIES, "get_policy()", "cifar"), (LOSSES, "get_loss()", "sdd-lskd"), (BACKENDS, "--format", "zarr"),
     (TERMS, "LossSpec(): function", "dkd"),
 ])
 def test_every_kind_of_name_is_served_by_the_one_registry(registry, call, known):
@@ -92,3 +108,19 @@ def test_create_store_and_open_store_choose_the_backend_through_the_registry(tmp
         store_class("memory://bucket/c.fake")
     with pytest.raises(KdcacheError, match=r"^--format: unknown name 'parquet'; known: fake, hdf5, zarr$"):
         create_store(tmp_path / "c.zarr", "parquet")
+
+
+def test_a_loss_is_registered_and_refused_as_a_model_is(monkeypatch):
+    monkeypatch.setattr(LOSSES, "_entries", dict(LOSSES._entries))  # registered for this test only
+    assert list_losses()[:3] == ["ce", "kd", "dkd"]  # configs/losses.yaml's order
+    register_loss(LossSpec(name="kd-warm", function="kd", paper="-", code="-", ce_weight=0.5, distill_weight=0.5,
+                           temperature=3.0, warmup_epochs=5))
+    assert list_losses()[-1] == "kd-warm" and get_loss("kd-warm", temperature=2.0).temperature == 2.0
+    with pytest.raises(ValueError, match="'kd' is already registered"):
+        register_loss(dataclasses.replace(get_loss("dkd"), name="kd"))
+    with pytest.raises(KdcacheError) as loss:
+        get_loss("nope")
+    with pytest.raises(KdcacheError) as model:
+        MODELS.get("nope")
+    assert str(loss.value) == f"get_loss(): unknown name 'nope'; known: {', '.join(sorted(list_losses()))}"
+    assert str(model.value).startswith("kdcache's model registry: unknown name 'nope'; known: ")

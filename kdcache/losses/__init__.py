@@ -28,11 +28,12 @@ from kdcache.losses.spec import (
                                       get_loss,
                                       list_losses,
                                       loss_parts,
+                                      register_loss,
                                       scaled_loss,
 )
 
 __all__ = ["PAPER_EPOCHS", "PEERS", "at", "attention_map", "dkd", "dml", "fitnet", "get_loss", "kd", "list_losses",
            "loss_parts",
-           "LossSpec", "LossSum", "nckd", "rkd", "rkd_angle", "rkd_distance", "scaled_loss", "sdd", "sdd_lskd",
+           "LossSpec", "LossSum", "nckd", "register_loss", "rkd", "rkd_angle", "rkd_distance", "scaled_loss", "sdd", "sdd_lskd",
            "sdd_region_weights", "sld", "sld_student_term", "sld_switched", "sld_teacher_term", "sp", "standardize",
            "swap_target_max", "tckd", "upcast"]

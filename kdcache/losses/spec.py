@@ -296,18 +296,25 @@ def _outputs(value: Tensor | Outputs) -> Outputs:
     return value if isinstance(value, dict) else {"regions": value}
 
 
-@functools.cache
-def _losses() -> Registry[LossSpec]:
-    """The `--loss` names of configs/losses.yaml, each making its spec with any field overridden."""
+def _read_losses_yaml(losses: Registry[LossSpec]) -> None:
+    """Register the `--loss` names of configs/losses.yaml, in its order, with the defaults it gives."""
     text = (importlib.resources.files("kdcache.configs") / "losses.yaml").read_text()
-    losses: Registry[LossSpec] = Registry("get_loss()", sort=False)
     for name, entry in yaml.safe_load(text).items():
         unknown = sorted(set(entry) - _overridable() - {"function"})
         if unknown:
             raise KdcacheError(f"configs/losses.yaml: entry {name!r} has unknown keys {', '.join(unknown)}; "
                                f"known: {', '.join(sorted(_overridable() | {'function'}))}")
-        losses.register(functools.partial(_with_overrides, LossSpec(name=name, **_tuples(entry))), name)
-    return losses
+        register_loss(LossSpec(name=name, **_tuples(entry)), losses)
+
+
+# `--loss NAME` -> its LossSpec with any field overridden (`get_loss`); configs/losses.yaml's are read on first use
+LOSSES: Registry[LossSpec] = Registry("get_loss()", sort=False, fill=_read_losses_yaml)
+
+
+def register_loss(spec: LossSpec, losses: Registry[LossSpec] = LOSSES) -> LossSpec:
+    """Register a loss under its name, its fields the defaults: `get_loss(spec.name, **overrides)` makes it."""
+    losses.register(functools.partial(_with_overrides, spec), spec.name)
+    return spec
 
 
 def _overridable() -> set[str]:
@@ -423,10 +430,10 @@ def _scaled(name: str, overrides: dict[str, float], epochs: int) -> LossSpec:
 
 
 def list_losses() -> list[str]:
-    """The `--loss` names, in the order of configs/losses.yaml."""
-    return _losses().names()
+    """The `--loss` names, in the order of configs/losses.yaml (then any registered since)."""
+    return LOSSES.names()
 
 
 def get_loss(name: str, **overrides: object) -> LossSpec:
     """The `LossSpec` registered as `name`, with any field replaced by `overrides` (e.g. temperature=3.0)."""
-    return _losses().get(name, **overrides)
+    return LOSSES.get(name, **overrides)
