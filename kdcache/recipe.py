@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from kdcache.cache import open_cache
+from kdcache.cache.location import Location, store_exists
 from kdcache.config import DistillConfig, DumpConfig, load_config
 from kdcache.data import ImageData, load_dataset
 from kdcache.errors import KdcacheError, unknown_name
@@ -66,8 +67,9 @@ class Recipe:
 
     def feature_dump_config(self, dump: DumpConfig) -> DumpConfig:
         """The features' cache: `dump` with the `feature_dump:` fields, beside its cache (NAME-features.zarr)."""
-        out = Path(dump.out)
-        return replace(dump, exhaustive=False, out=str(out.with_name(f"{out.stem}-features{out.suffix}")),
+        out = Location.of(dump.out)
+        features = out.sibling(f"{out.name.removesuffix(out.suffix)}-features{out.suffix}")
+        return replace(dump, exhaustive=False, out=str(features),
                        **(self.feature_dump or {}))
 
     def distill_config(self, loss: str, **overrides: Any) -> DistillConfig:
@@ -160,8 +162,8 @@ def default_cache(dump: DumpConfig) -> Path:
 
 def ensure_cache(dump: DumpConfig, show_progress: bool = True) -> bool:
     """Reuse a complete cache at dump.out that fits the dump, else dump it (resuming a partial one); True if reused."""
-    path = Path(dump.out)
-    if path.exists():
+    path = Location.of(dump.out)  # a URL too: Path() would collapse its `//`
+    if store_exists(path):
         with open_cache(path) as cache:
             if cache.is_complete():
                 views = {"views.exhaustive": True} if dump.exhaustive else {"views.exhaustive": False,

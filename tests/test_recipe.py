@@ -163,3 +163,10 @@ def test_a_complete_cache_of_another_teacher_checkpoint_is_refused(tmp_path, cap
     assert run_cli(base + ["--checkpoint", str(tmp_path / "t0.pt")], capsys)[0] == 0
     code, _, err = run_cli(base + ["--checkpoint", str(tmp_path / "t1.pt")], capsys)
     assert code == 2 and "teacher.checkpoint_sha256" in err, err
+
+
+@pytest.mark.parametrize("out, features", [("caches/c.zarr", "caches/c-features.zarr"),
+                                           ("s3://bucket/caches/c.zarr", "s3://bucket/caches/c-features.zarr")])
+def test_the_features_cache_lies_beside_the_recipe_cache_at_a_path_or_url(out, features):
+    recipe = load_recipe("res32x4_res8x4")
+    assert recipe.feature_dump_config(recipe.dump_config(out=out)).out == features

@@ -62,6 +62,12 @@ class Location:
         """The suffix of that last component (`.zarr`), which names a store's format."""
         return url_path(self.url).suffix if self.url is not None else self.path.suffix
 
+    def sibling(self, name: str) -> Location:
+        """The location named `name` beside this one (in the same folder, or under the same URL prefix)."""
+        if self.url is None:
+            return Location(path=self.path.with_name(name))
+        return Location(url=f"{self.url.rsplit('/', 1)[0]}/{name}")
+
     def resolved(self) -> Location:
         """A path through its symlinks to the real one; a URL as it is."""
         return self if self.url is not None else Location(path=self.path.resolve())
