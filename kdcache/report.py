@@ -120,7 +120,8 @@ def verify_cache(path: str | Path, show_progress: bool = True) -> list[Problem]:
     """`kdcache verify`: read every chunk; the problems found, located by array, view and block."""
     with open_cache(path) as cache:
         total = cache.num_views * cache.spec.num_blocks
-        with tqdm(total=total, unit="block", desc=f"verify {cache.store.location.name}", disable=not show_progress) as bar:
+        with tqdm(total=total, unit="block", desc=f"verify {cache.store.location.name}",
+                  disable=not show_progress) as bar:
             problems = verify(cache, on_block=lambda: bar.update(1))
     if show_progress and not problems:
         print(f"{path}: ok, {total} blocks of logits and every other chunk read and checked")

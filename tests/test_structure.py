@@ -65,7 +65,8 @@ def test_the_storage_layer_imports_no_models_and_no_torch(name):
 def test_the_models_import_no_loss(name):
     """Losses read models' outputs, never the other way: what both need (attention_map) lives in kdcache.tensors."""
     for line, target in imports(name):
-        assert not target.startswith("kdcache.losses"), f"{MODULES[name]}:{line} imports {target}: models import no loss"
+        assert not target.startswith("kdcache.losses"), \
+            f"{MODULES[name]}:{line} imports {target}: models import no loss"
 
 
 def test_kdcache_has_no_import_circle():

@@ -1,8 +1,9 @@
 """Where a cache lives: a local path or a URL with a scheme, and the few things done to a location as a whole.
 
-A `Location` is made once from what the user wrote (a `Place`); every entry point here takes either. A URL (`s3://bucket/cache.zarr`, `gs://...`, `memory://...`,
-`file:///...`) is reached through fsspec (credentials from the environment, as s3fs and gcsfs read
-them) and is always a Zarr store; file:// URLs too go through fsspec, not the local fast paths.
+A `Location` is made once from what the user wrote (a `Place`); every entry point here takes either. A URL
+(`s3://bucket/cache.zarr`, `gs://...`, `memory://...`, `file:///...`) is reached through fsspec (credentials from
+the environment, as s3fs and gcsfs read them) and is always a Zarr store; file:// URLs too go through fsspec, not
+the local fast paths.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One small storage interface for caches: named chunked arrays plus one JSON metadata document.
 
-Backends (Zarr, HDF5; `backends.py` registers them and chooses one through the registry) only fill in the abstract methods; the read-only
-check and error wrapping live here once.
+Backends (Zarr, HDF5; `backends.py` registers them and chooses one through the registry) only fill in the abstract
+methods; the read-only check and error wrapping live here once.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Distillation losses: pure functions on tensors (`functions` on logits, `features` on features and embeddings)
 and the `--loss NAME` specs (`spec`)."""
 
-from kdcache.losses.features import at, attention_map, fitnet, rkd, rkd_angle, rkd_distance, sp
+from kdcache.losses.features import at, fitnet, rkd, rkd_angle, rkd_distance, sp
 
 from kdcache.losses.functions import (
                                       dkd,
@@ -32,8 +32,11 @@ from kdcache.losses.spec import (
                                       scaled_loss,
 )
 
+from kdcache.tensors import attention_map  # the map AT compares, made where models make theirs
+
 __all__ = ["PAPER_EPOCHS", "PEERS", "at", "attention_map", "dkd", "dml", "fitnet", "get_loss", "kd", "list_losses",
            "loss_parts",
-           "LossSpec", "LossSum", "nckd", "register_loss", "rkd", "rkd_angle", "rkd_distance", "scaled_loss", "sdd", "sdd_lskd",
+           "LossSpec", "LossSum", "nckd", "register_loss", "rkd", "rkd_angle", "rkd_distance", "scaled_loss", "sdd",
+           "sdd_lskd",
            "sdd_region_weights", "sld", "sld_student_term", "sld_switched", "sld_teacher_term", "sp", "standardize",
            "swap_target_max", "tckd", "upcast"]

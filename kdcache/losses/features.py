@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdcache.errors import KdcacheError
-from kdcache.tensors import NORMALIZE_EPS, attention_map, upcast  # attention_map: re-exported, the map AT compares
+from kdcache.tensors import NORMALIZE_EPS, upcast
 DISTANCE_EPS = 1e-12  # squared distances are clamped here before the square root: finite gradients at 0
 
 

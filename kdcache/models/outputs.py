@@ -2,7 +2,7 @@
 
 - `regions` `[B, R, C]`: the region logits of `LogitMap` (region 0 the model's own logits);
 - `embedding` `[B, D]`: the pooled features the classifier sees, `forward_head(features, pre_logits=True)`;
-- `attention/<stage>` `[B, H, W]`: the attention-transfer map of a stage's output (`kdcache.tensors.attention_map`, p = 2);
+- `attention/<stage>` `[B, H, W]`: the attention-transfer map of a stage's output (`tensors.attention_map`, p = 2);
 - `hint/<stage>` `[B, C, H, W]`: a stage's output itself, FitNet's hint.
 
 A model's stages are the modules its `feature_info` names (timm's attribute; kdcache's CIFAR models and the
