@@ -104,7 +104,7 @@ def test_a_cache_of_another_dataset_is_named_by_the_dataset_not_its_class_count(
 def test_caches_on_other_views_name_the_differing_field_whole(digits_cache, tmp_path):
     import kdcache
     from kdcache.stages import dump_teacher
-    from kdcache.stages.views import require_same_views
+    from kdcache.cache.fit import require_same_views
 
     teacher, checkpoint = saved_teacher(tmp_path, num_classes=10, seed=1)
     info = {"arch": "resnet8", "checkpoint": str(checkpoint), "checkpoint_sha256": "0" * 64}

@@ -132,3 +132,42 @@ def test_every_package_is_installed():
 
     listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     assert PACKAGES - listed == set()
+
+
+# the two storages of a data source and their policies' forms: only kdcache.data tells them apart (DataSource, Policy)
+SOURCE_KINDS = ({"ImageData", "ImageFiles"}, {"AugmentPolicy", "FilePolicy"})
+SOURCE_CLASSES = {"ImageData", "ImageFiles", "SynthesizedData", "AugmentPolicy", "FilePolicy", "FileResizedCropFlip",
+                  "FileCenterCrop", "FileRandAugmented", "FileMixed", "FILE_POLICIES"}
+
+
+def _names(node: ast.AST) -> set[str]:
+    return {part.id if isinstance(part, ast.Name) else part.attr for part in ast.walk(node)
+            if isinstance(part, (ast.Name, ast.Attribute))}
+
+
+def kind_checks(name: str) -> list[str]:
+    """A module's unions of both kinds (`ImageData | ImageFiles`, `AugmentPolicy | FilePolicy`) and isinstance
+    checks on a source's or a policy's class."""
+    found = []
+    for node in ast.walk(ast.parse(MODULES[name].read_text())):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+            found += [f"line {node.lineno}: {ast.unparse(node)}" for kinds in SOURCE_KINDS if kinds <= _names(node)]
+        elif isinstance(node, ast.Call) and ast.unparse(node.func) == "isinstance" and len(node.args) == 2 \
+                and _names(node.args[1]) & SOURCE_CLASSES:
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+@pytest.mark.parametrize("name", [name for name in MODULES if not name.startswith("kdcache.data")])
+def test_only_the_data_sources_tell_their_kinds_apart(name):
+    """Callers ask a DataSource (its policy, batches, views, description), never which kind it is."""
+    assert not kind_checks(name), f"{MODULES[name]} tells data kinds apart: " + "; ".join(kind_checks(name))
+
+
+def test_the_kind_check_finds_what_it_forbids(tmp_path, monkeypatch):
+    """The rule above would pass vacuously if kind_checks found nothing: it finds a union and an isinstance."""
+    module = tmp_path / "caller.py"
+    module.write_text("def f(data: ImageData | ImageFiles, policy: 'x') -> None:\n"
+                      "    if isinstance(policy, tuple(FILE_POLICIES.values())):\n        pass\n")
+    monkeypatch.setitem(MODULES, "caller", module)
+    assert len(kind_checks("caller")) == 2

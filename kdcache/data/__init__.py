@@ -1,8 +1,9 @@
-"""Data as whole uint8 tensors (sources) or as image files streamed from disk (files), and replayable augmentation
-policies (augment, and files' per-file policies)."""
+"""Data sources behind one interface (source.DataSource): whole uint8 tensors (sources) or image files streamed from
+disk (files); and replayable augmentation policies in one registry (augment, policies), each in the form its source
+reads."""
 
 from kdcache.data import imagefolder  # noqa: F401  (importing it registers the `imagefolder` loader)
-from kdcache.data import randaugment  # noqa: F401  (importing it registers the `randaugment` policy)
+from kdcache.data import policies  # noqa: F401  (importing it registers the policies: cifar, imagenet, none, ...)
 from kdcache.data import synthesized  # noqa: F401  (importing it registers the `synthesized` loader)
 from kdcache.data.augment import (
                                   AugmentPolicy,
@@ -11,7 +12,8 @@ from kdcache.data.augment import (
                                   get_policy,
                                   list_policies,
 )
-from kdcache.data.files import FileBatches, FilePolicy, ImageFiles, first_images, policy_for, stored_policy
+from kdcache.data.files import FileBatches, FilePolicy, ImageFiles
+from kdcache.data.source import DataSource, Policy, policy_for, stored_policy
 from kdcache.data.sources import (
                                   ImageData,
                                   data_fingerprint,
@@ -25,10 +27,11 @@ from kdcache.data.sources import (
 __all__ = [
     "AugmentPolicy",
     "CropFlip",
+    "DataSource",
     "FileBatches",
     "FilePolicy",
     "ImageFiles",
-    "first_images",
+    "Policy",
     "policy_for",
     "stored_policy",
     "Identity",

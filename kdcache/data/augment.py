@@ -308,39 +308,30 @@ def _checked_params(policy: AugmentPolicy, images: Tensor, params: Tensor) -> Te
     return params.to(device=images.device, dtype=torch.int64)
 
 
-# each entry makes its policy for the stored images' (H, W), or None when that is not known
+# each entry makes its policy for the stored images' (H, W) (None when that is not known); an entry that has a
+# form for files streamed from disk takes `on_files` (kdcache.data.policies registers them all)
 POLICIES: Registry[AugmentPolicy] = Registry("get_policy()")
 list_policies = POLICIES.names
-_CIFAR, _IDENTITY = CropFlip(padding=4), Identity()  # the same instance whatever the size
+ON_FILES = "on_files"
 
 
-@POLICIES.register
-def cifar(image_size: tuple[int, int] | None = None) -> CropFlip:
-    """RandomCrop(padding 4) + flip, at any size."""
-    return _CIFAR
-
-
-@POLICIES.register
-def none(image_size: tuple[int, int] | None = None) -> Identity:
-    """No augmentation."""
-    return _IDENTITY
-
-
-@POLICIES.register
-def imagenet(image_size: tuple[int, int] | None = None) -> ResizedCropFlip:
-    """ResizedCropFlip at the stored images' size, which its boxes and output are measured in."""
-    if image_size is None:
-        raise KdcacheError("get_policy('imagenet'): needs image_size=(H, W), the stored images' height and width "
-                           "(its crop boxes are drawn in pixels of that image and resampled back to its size)")
-    return ResizedCropFlip(size=(int(image_size[0]), int(image_size[1])))
-
-
-def get_policy(name: str, image_size: tuple[int, int] | None = None, **options: object) -> AugmentPolicy:
+def get_policy(name: str, image_size: tuple[int, int] | None = None, on_files: bool = False,
+               **options: object) -> AugmentPolicy:
     """The registered policy of that name for images of image_size (H, W) (cifar and none ignore the size), with
-    its options (randaugment's num_ops and magnitude)."""
+    its options (randaugment's num_ops and magnitude); `on_files`: its form for files streamed from disk, whose
+    views are drawn relative to each original file (what an ImageFiles source asks for)."""
     entry = POLICIES.entry(name)
-    unknown = set(options) - set(inspect.signature(entry).parameters)
+    if on_files and not _takes_files(name):
+        raise KdcacheError(f"--aug {name}: works on images held in memory, and this split is streamed from files; "
+                           f"use {', '.join(filter(_takes_files, POLICIES.names()))} (RandomResizedCrop + flip, the "
+                           f"evaluation crop, or both then RandAugment), or load the folder into memory with --preload")
+    unknown = set(options) - set(inspect.signature(entry).parameters) - {ON_FILES}
     if unknown:
         raise KdcacheError(f"get_policy({name!r}): the policy takes no option {', '.join(sorted(unknown))} (those of "
                            f"randaugment: --ra-ops, --ra-magnitude); drop it or use --aug randaugment")
-    return entry(image_size=image_size, **options)
+    return entry(image_size=image_size, **options, **({ON_FILES: True} if on_files else {}))
+
+
+def _takes_files(name: str) -> bool:
+    """Whether the registered policy has a form for files streamed from disk."""
+    return ON_FILES in inspect.signature(POLICIES.entry(name)).parameters

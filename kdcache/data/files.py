@@ -27,10 +27,11 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from kdcache.data.augment import AugmentPolicy, get_policy
+from kdcache.data.augment import get_policy
 from kdcache.data.mixing import Mixed, with_mixing
 from kdcache.data.randaugment import RandAugmentOps
-from kdcache.data.sources import ImageData, normalize
+from kdcache.data.source import EVAL_BATCH, TestBatch
+from kdcache.data.sources import normalize
 from kdcache.data.untrusted import DEFAULT_MAX_PIXELS, BadImageError, TooManyPixelsError, check_image_bytes
 from kdcache.errors import CorruptCacheError, KdcacheError
 
@@ -43,8 +44,11 @@ DRAW_STREAMS = {"views": 0, "fresh": 1}  # the dump's cached views and training'
 @dataclass(frozen=True, eq=False)
 class ImageFiles:
     """One split as a list of image files (relative to `root`, torchvision's order) and int64 labels; decoded
-    only when read, each sample's view made at `image_size` × `image_size`."""
+    only when read, each sample's view made at `image_size` × `image_size`: a `DataSource` whose views DataLoader
+    workers make from the original files."""
 
+    streamed: ClassVar[bool] = True
+    default_policy: ClassVar[str] = "imagenet"  # a streamed folder is ImageNet-like
     name: str
     split: str
     root: str
@@ -85,6 +89,36 @@ class ImageFiles:
                 "image_shape": [3, self.image_size, self.image_size], "num_classes": self.num_classes,
                 "mean": list(self.mean), "std": list(self.std), "fingerprint": self.fingerprint,
                 "listing_bytes": self.listing_bytes}
+
+    def listed_files(self) -> tuple[str, list[bytes]]:
+        """(folder, relative paths): what a cache's fit check compares with the listing the dump read."""
+        return self.root, self.paths.tolist()
+
+    def policy(self, name: str, mix: dict | None = None, **options: object) -> FilePolicy:
+        """The registered policy `name` in its form for files (views drawn relative to each original file, made at
+        image_size), mixed with a partner file's view as `mix` ({mode, alpha, prob}) says."""
+        size = (self.image_size, self.image_size)
+        return with_mixing(get_policy(name, size, on_files=True, **options), mix, size, FileMixed,
+                           num_samples=len(self.labels))
+
+    def first_images(self, count: int = 2) -> Tensor:
+        """The first `count` files through the evaluation crop, uint8 [count, 3, S, S]."""
+        policy = FileCenterCrop(self.image_size)
+        return torch.stack([policy.apply(read_image(self.path(index), self.max_pixels)[0], torch.zeros(0))
+                            for index in range(count)])
+
+    def evaluation(self, device: torch.device, workers: int = 0, resident: bool = True,
+                   batch_size: int = EVAL_BATCH) -> StreamedTestBatches:
+        """The files through the evaluation crop, read by `workers` DataLoader processes (normalised by them on the
+        CPU, else on the device); nothing is held (`resident` concerns data held in memory)."""
+        return StreamedTestBatches(self, device, workers, batch_size)
+
+    def sample_view(self, policy: FilePolicy, params: Tensor, index: int, checksums: np.ndarray | None = None) -> Tensor:
+        """Sample `index` under the view params [N, P] name, made from its file (checked against `checksums`, the
+        crc32c the teacher's dump recorded, where given): uint8 [1, 3, S, S]."""
+        files = FileBatches(self, policy, checksums=checksums)
+        files.replay(params)
+        return files.sample_view(0, index)[0][None]
 
 
 def read_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Tensor, int]:
@@ -144,6 +178,10 @@ class FilePolicy(Protocol):
     num_views: int | None
     size: int
 
+    def sample(self, generator: torch.Generator, n: int) -> None:
+        """Nothing: a file's view is drawn for its own size where the file is decoded (`DrawnWhereRead`)."""
+        ...
+
     def draw(self, generator: torch.Generator, height: int, width: int) -> Tensor:
         """float32 [P] parameters of one view of an image of that size."""
         ...
@@ -164,6 +202,15 @@ class FilePolicy(Protocol):
     def describe(self) -> dict:
         """Name, parameter names and constants, for cache metadata (JSON-able)."""
         ...
+
+
+class DrawnWhereRead:
+    """What every file policy shares: no parameters are drawn ahead, each view is drawn for its image's own size
+    where its file is decoded (FileBatches: from the seed, the stream, the view and the sample)."""
+
+    def sample(self, generator: torch.Generator, n: int) -> None:
+        """Nothing to draw ahead: views of files are drawn where the files are read."""
+        return None
 
 
 def crop_box(generator: torch.Generator, height: int, width: int, scale: tuple[float, float],
@@ -203,7 +250,7 @@ def _resize(image: Tensor, size: list[int]) -> Tensor:
 
 
 @dataclass(frozen=True)
-class FileResizedCropFlip:
+class FileResizedCropFlip(DrawnWhereRead):
     """RandomResizedCrop(size, scale, ratio) then RandomHorizontalFlip, on the original file.
 
     Params (top, left, height, width, flip): the box as fractions of the image's height and width (float32),
@@ -269,7 +316,7 @@ class FileResizedCropFlip:
 
 
 @dataclass(frozen=True)
-class FileCenterCrop:
+class FileCenterCrop(DrawnWhereRead):
     """Evaluation as the field does it: shorter side resized to round(size × 8/7) (256 for 224), centre crop."""
 
     name: ClassVar[str] = "none"
@@ -307,7 +354,7 @@ class FileCenterCrop:
 
 
 @dataclass(frozen=True)
-class FileRandAugmented:
+class FileRandAugmented(DrawnWhereRead):
     """RandomResizedCrop + flip on the original file (`FileResizedCropFlip`), then RandAugment's ops on the view:
     its params, then (op_k, magnitude_k) per op (float32, as every streamed parameter is stored)."""
 
@@ -359,7 +406,7 @@ class FileRandAugmented:
 
 
 @dataclass(frozen=True)
-class FileMixed(Mixed):
+class FileMixed(DrawnWhereRead, Mixed):
     """A file policy's views mixed with a partner file's view (mixup or CutMix), as `Mixed` mixes images in memory.
 
     Params: the base's (float32 fractions of the file), then the partner's sample index, λ·1024 or the box in
@@ -399,22 +446,6 @@ class FileMixed(Mixed):
         raise KdcacheError(f"--mix {self.mode}: a mixed view of a file needs its partner's file too: call "
                            "kdcache.data.FileBatches(files, policy).sample_view(view, index), after .replay(params) "
                            "to replay a cache's view")
-
-
-FILE_POLICIES = {"imagenet": FileResizedCropFlip, "none": FileCenterCrop, "randaugment": FileRandAugmented}
-
-
-def file_policy(name: str, image_size: int, **options: int) -> FilePolicy:
-    """The policy of that name for files viewed at image_size (randaugment: with num_ops, magnitude); a clear error
-    for those that need images in memory."""
-    if name not in FILE_POLICIES:
-        raise KdcacheError(f"--aug {name}: works on images held in memory, and this split is streamed from files; "
-                           f"use {', '.join(FILE_POLICIES)} (RandomResizedCrop + flip, the evaluation crop, or both "
-                           f"then RandAugment), or load the folder into memory with --preload")
-    if options and name != "randaugment":
-        raise KdcacheError(f"--aug {name}: takes no option {', '.join(sorted(options))} (those of randaugment: "
-                           f"--ra-ops, --ra-magnitude); drop it or use --aug randaugment")
-    return FILE_POLICIES[name](image_size, **options)
 
 
 def draw_generator(seed: int, stream: str, view: int, index: int) -> torch.Generator:
@@ -569,52 +600,23 @@ def check_checksums(files: ImageFiles, indices: Tensor, found: Tensor, expected:
                            f"of other pixels; {advice}")
 
 
-# the policy a split is augmented with when none is named: the field's for its kind of data (CIFAR's pad-and-crop
-# works only on images held in memory; a streamed folder is ImageNet-like)
-DEFAULT_POLICIES = {"memory": "cifar", "files": "imagenet"}
+class StreamedTestBatches:
+    """A streamed split's un-augmented batches: each file through the evaluation crop, read by DataLoader workers
+    (normalised by them on the CPU, else on the device)."""
 
+    def __init__(self, files: ImageFiles, device: torch.device, workers: int, batch_size: int) -> None:
+        self.files, self.device, self.workers, self.batch_size = files, device, workers, batch_size
+        self.dataset = FileBatches(files, FileCenterCrop(files.image_size), normalized=device.type == "cpu")
 
-def default_policy(data: ImageFiles | ImageData) -> str:
-    """The policy `policy_for` takes when none is named: imagenet for a streamed split, cifar in memory."""
-    return DEFAULT_POLICIES["files" if isinstance(data, ImageFiles) else "memory"]
+    def batches(self, samples: range) -> Iterator[TestBatch]:
+        """The samples of `samples`, in order, normalised, with their labels on the device."""
+        keys = [(0, range(start, min(start + self.batch_size, samples.stop)))
+                for start in range(samples.start, samples.stop, self.batch_size)]
+        for images, labels, _, _, _ in stream(self.dataset, keys, self.workers, self.device):
+            yield batch_on_device(images, self.files, self.device), labels.to(self.device)
 
-
-def policy_for(data: ImageFiles | ImageData, name: str | None, mix: dict | None = None,
-               **options: object) -> FilePolicy | AugmentPolicy:
-    """The augmentation policy `name` (None: `default_policy`; with its options, e.g. RandAugment's num_ops) for
-    this data, mixed as `mix` ({mode, alpha, prob}) says: per file for a streamed split, else at the images' size."""
-    name = name or default_policy(data)
-    options = {key: value for key, value in options.items() if value is not None}
-    if isinstance(data, ImageFiles):
-        size = (data.image_size, data.image_size)
-        return with_mixing(file_policy(name, data.image_size, **options), mix, size, FileMixed,
-                           num_samples=len(data.labels))
-    size = tuple(data.images.shape[-2:])
-    return with_mixing(get_policy(name, image_size=size, **options), mix, size)
-
-
-def policy_settings(augmentation: dict) -> tuple[str, dict | None, dict[str, int | None]]:
-    """A cache's `augmentation` metadata as policy_for's arguments: the name, the mixing ({mode, alpha, prob} or
-    None) and RandAugment's options (num_ops, magnitude; None without RandAugment)."""
-    randaugment = augmentation.get("randaugment", {})
-    options = {"num_ops": randaugment.get("num_ops"), "magnitude": randaugment.get("magnitude")}
-    return augmentation["name"], augmentation.get("mix"), options
-
-
-def stored_policy(data: ImageFiles | ImageData, augmentation: dict) -> FilePolicy | AugmentPolicy:
-    """The policy a cache's `augmentation` metadata describes, for this data (RandAugment's and mixing's constants
-    included)."""
-    name, mix, options = policy_settings(augmentation)
-    return policy_for(data, name, mix, **options)
-
-
-def first_images(data: ImageFiles | ImageData, count: int = 2) -> Tensor:
-    """The first `count` samples as uint8 [count, 3, S, S], un-augmented (evaluation's crop for files)."""
-    if isinstance(data, ImageData):
-        return data.images[:count]
-    policy = FileCenterCrop(data.image_size)
-    return torch.stack([policy.apply(read_image(data.path(index), data.max_pixels)[0], torch.zeros(0))
-                        for index in range(count)])
+    def __len__(self) -> int:
+        return len(self.files.labels)
 
 
 def batch_on_device(images: Tensor, files: ImageFiles, device: torch.device) -> Tensor:

@@ -29,6 +29,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from kdcache.data.files import ImageFiles, read_image
+from kdcache.data.source import DataSource
 from kdcache.data.untrusted import DEFAULT_MAX_PIXELS
 from kdcache.data.sources import ImageData, register_dataset
 from kdcache.errors import KdcacheError, missing_root
@@ -47,7 +48,7 @@ _NAMES_SHOWN = 5
 
 @register_dataset
 def imagefolder(root: str | Path | None, split: str, *, image_size: int = DEFAULT_IMAGE_SIZE,
-                preload: bool = False, max_image_pixels: int = DEFAULT_MAX_PIXELS) -> ImageFiles | ImageData:
+                preload: bool = False, max_image_pixels: int = DEFAULT_MAX_PIXELS) -> DataSource:
     """An ImageFolder tree (`root/train`, `root/val` or `root/test`): its files, streamed at image_size x image_size
     (or, with preload, decoded into uint8 [N, 3, image_size, image_size]); a file whose header declares more than
     max_image_pixels pixels (Pillow's limit by default) is refused before it is decoded."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kdcache.data.augment import POLICIES, AugmentPolicy, CropFlip, _checked_params
+from kdcache.data.augment import AugmentPolicy, _checked_params
 from kdcache.errors import KdcacheError
 
 # torchvision's op set, in its order (RandAugment._augmentation_space): an op's index is its stored number
@@ -170,9 +170,3 @@ class RandAugmented:
         """Name, parameter names, the base policy's description and RandAugment's constants, for cache metadata."""
         return {"name": self.name, "param_names": list(self.param_names), "num_views": None,
                 "base": self.base.describe(), "randaugment": self.ops.describe()}
-
-
-@POLICIES.register
-def randaugment(image_size: tuple[int, int] | None = None, num_ops: int = 2, magnitude: int = 9) -> RandAugmented:
-    """RandomCrop(padding 4) + flip + RandAugment(num_ops, magnitude), torchvision's ops, at any size."""
-    return RandAugmented(CropFlip(padding=4), RandAugmentOps(int(num_ops), int(magnitude)))

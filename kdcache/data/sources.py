@@ -9,16 +9,20 @@ import functools
 import hashlib
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdcache.data.augment import AugmentPolicy, get_policy
 from kdcache.data.cifar import read_cifar
+from kdcache.data.mixing import replay, with_mixing
+from kdcache.data.source import EVAL_BATCH, TestBatch
 from kdcache.errors import KdcacheError
 from kdcache.registry import Registry
 
@@ -41,8 +45,11 @@ SYNTHETIC_NOISE_STD = 48.0  # grey levels of per-pixel Gaussian noise
 
 @dataclass(frozen=True, eq=False)
 class ImageData:
-    """One split of a dataset as whole tensors: uint8 images [N, C, H, W] and int64 labels [N], on the CPU."""
+    """One split of a dataset as whole tensors: uint8 images [N, C, H, W] and int64 labels [N], on the CPU; a
+    `DataSource` whose views are made by indexing, augmenting and normalising whole batches on the device."""
 
+    streamed: ClassVar[bool] = False
+    default_policy: ClassVar[str] = "cifar"  # CIFAR's pad-and-crop: it works only on images held in memory
     name: str
     split: str
     images: Tensor
@@ -88,6 +95,51 @@ class ImageData:
             "std": list(self.std),
             "fingerprint": self.fingerprint,
         }
+
+    def listing(self) -> bytes:
+        """No files: a cache of data held in memory records no listing."""
+        return b""
+
+    def listed_files(self) -> None:
+        """No files for a cache's fit check to compare."""
+        return None
+
+    def policy(self, name: str, mix: dict | None = None, **options: object) -> AugmentPolicy:
+        """The registered policy `name` at the images' size, mixed as `mix` ({mode, alpha, prob}) says."""
+        size = tuple(self.images.shape[-2:])
+        return with_mixing(get_policy(name, image_size=size, **options), mix, size)
+
+    def first_images(self, count: int = 2) -> Tensor:
+        """The first `count` images, uint8 [count, C, H, W]."""
+        return self.images[:count]
+
+    def evaluation(self, device: torch.device, workers: int = 0, resident: bool = True,
+                   batch_size: int = EVAL_BATCH) -> "HeldTestBatches":
+        """The images normalised on the device a batch at a time, held there with `resident` (else each batch moved
+        as it comes); `workers` are not needed."""
+        return HeldTestBatches(self, device, resident, batch_size)
+
+    def sample_view(self, policy: AugmentPolicy, params: Tensor, index: int, checksums: None = None) -> Tensor:
+        """Sample `index` under the view params [N, P] name, replayed from memory: uint8 [1, C, H, W]."""
+        return replay(policy, self.images, params, [index])
+
+
+class HeldTestBatches:
+    """An in-memory split's un-augmented batches, normalised on the device."""
+
+    def __init__(self, data: ImageData, device: torch.device, resident: bool, batch_size: int) -> None:
+        self.data, self.device, self.batch_size = data, device, batch_size
+        self.images = data.images.to(device) if resident else data.images
+
+    def batches(self, samples: range) -> Iterator[TestBatch]:
+        """The samples of `samples`, in order, normalised, with their labels on the device."""
+        for start in range(samples.start, samples.stop, self.batch_size):
+            stop = min(start + self.batch_size, samples.stop)
+            yield (normalize(self.images[start:stop].to(self.device), self.data.mean, self.data.std),
+                   self.data.labels[start:stop].to(self.device))
+
+    def __len__(self) -> int:
+        return len(self.data.labels)
 
 
 def data_fingerprint(images: Tensor, labels: Tensor) -> str:

@@ -26,8 +26,8 @@ from torch.utils.data import Dataset, default_collate
 
 from kdcache.cache import TeacherCache, open_cache
 from kdcache.cache.layout import CacheSpec
-from kdcache.data import FileBatches, ImageData, ImageFiles, dataset_options, load_dataset, normalize, stored_policy
-from kdcache.data.mixing import mix_targets, replay
+from kdcache.data import DataSource, dataset_options, load_dataset, normalize, stored_policy
+from kdcache.data.mixing import mix_targets
 from kdcache.errors import KdcacheError
 from kdcache.models import region_indices
 from kdcache.models.outputs import REGIONS
@@ -71,13 +71,13 @@ def collate(batch: Sequence[tuple[Any, ...]]) -> tuple[Any, ...]:
 
 
 def load_cache_data(spec: CacheSpec, data_root: str | Path | None = None, split: str | None = None,
-                    **options: object) -> ImageData | ImageFiles:
+                    **options: object) -> DataSource:
     """The split a cache was made from (or `split` of the same dataset), loaded at the image size it was made at."""
     return load_described_data(spec.dataset, data_root, split, **options)
 
 
 def load_described_data(described: dict[str, Any], data_root: str | Path | None = None, split: str | None = None,
-                        **options: object) -> ImageData | ImageFiles:
+                        **options: object) -> DataSource:
     """The split a dataset's description names (`ImageData.describe()`, as caches and run folders record it), or
     `split` of the same dataset, at the image size it had and read as it was (from its files or held in memory)."""
     name = described["name"]
@@ -107,7 +107,7 @@ class CacheDataset(Dataset):
     """
 
     def __init__(self, cache: str | os.PathLike | TeacherCache, data_root: str | os.PathLike | None = None,
-                 transform: Callable[[torch.Tensor], Any] | None = None, *, data: ImageData | ImageFiles | None = None,
+                 transform: Callable[[torch.Tensor], Any] | None = None, *, data: DataSource | None = None,
                  scales: tuple[int, ...] | None = None, view_order: str = "cycle", seed: int = 0,
                  outputs: tuple[str, ...] | None = None, images: str = "normalized", item: str = "triple") -> None:
         self.path = cache.path if isinstance(cache, TeacherCache) else cache
@@ -213,7 +213,7 @@ class CacheDataset(Dataset):
             targets = {REGIONS: logits if self.regions is None else logits[:, self.regions],
                        **{name: torch.from_numpy(arrays[self._cache.spec.output_arrays[name]]) for name in self.outputs}}
             self._loaded = (epoch, view, views.params(epoch), targets)
-            if isinstance(self.data, ImageFiles) and self._checksums is None:
+            if self._cache.spec.streamed and self._checksums is None:
                 self._checksums = self._cache.file_checksums()
         return self._loaded
 
@@ -238,11 +238,7 @@ class CacheDataset(Dataset):
 
     def _view_of(self, index: int, params: torch.Tensor) -> torch.Tensor:
         """Sample index under its view, uint8 [1, C, H, W]: replayed from memory, or from its file (checked)."""
-        if isinstance(self.data, ImageData):
-            return replay(self.policy, self.data.images, params, [index])
-        files = FileBatches(self.data, self.policy, checksums=self._checksums)
-        files.replay(params)
-        return files.sample_view(0, index)[0][None]
+        return self.data.sample_view(self.policy, params, index, self._checksums)
 
 
 def _one_of(option: str, value: str, known: tuple[str, ...]) -> str:

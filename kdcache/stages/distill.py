@@ -14,11 +14,11 @@ import torch
 
 from kdcache import distributed
 from kdcache.cache import TeacherCache, open_cache
+from kdcache.cache.fit import outputs_of_kinds, require_same_views
 from kdcache.cache.location import Location
 from kdcache.config import DistillConfig, loader_options, recorded_config
-from kdcache.data import AugmentPolicy, FilePolicy, ImageData, ImageFiles, first_images, load_dataset, normalize, \
-    policy_for, stored_policy
-from kdcache.data.files import default_policy, default_workers
+from kdcache.data import DataSource, Policy, load_dataset, normalize, policy_for, stored_policy
+from kdcache.data.files import default_workers
 from kdcache.distributed import Shard, World
 from kdcache.errors import KdcacheError
 from kdcache.losses import LossSpec, LossSum, loss_parts, scaled_loss
@@ -31,7 +31,7 @@ from kdcache.stages.folders import FINISHED, NEW, RunFolder, hold_run_folder
 from kdcache.stages.loop import Run, fit, loader_batches
 from kdcache.stages.splits import Batch, make_split
 from kdcache.stages.targets import CachedTargets, EnsembleTargets, LiveTeacher, Targets, require_target_memory
-from kdcache.stages.views import CachedViews, FreshViews, outputs_of_kinds, require_fits, require_same_views
+from kdcache.stages.views import CachedViews, FreshViews, require_fits
 
 log = logging.getLogger(__name__)
 BATCH_PATHS = ("device", "dataset")
@@ -55,7 +55,7 @@ class RunSummary:
 
 
 def distill(config: DistillConfig, show_progress: bool = True,
-            data: tuple[ImageData | ImageFiles, ImageData | ImageFiles] | None = None) -> list[RunSummary]:
+            data: tuple[DataSource, DataSource] | None = None) -> list[RunSummary]:
     """Train every (student, loss) pair of the config from one target source; each run writes its own folder,
     held for the run's life (see `kdcache.stages.folders`).
 
@@ -144,19 +144,19 @@ def _check_teachers(config: DistillConfig, locations: list[Location]) -> None:
                            f"got {','.join(map(str, config.teacher_weights))}")
 
 
-def _distill(config: DistillConfig, caches: list[TeacherCache], data: ImageData | ImageFiles,
-             test: ImageData | ImageFiles, device: torch.device, show_progress: bool,
+def _distill(config: DistillConfig, caches: list[TeacherCache], data: DataSource,
+             test: DataSource, device: torch.device, show_progress: bool,
              held: ExitStack) -> list[RunSummary]:
     """Check the caches against the run, make the target provider and the students, then the runs, each in a folder
     held until `held` closes (taken once nothing is left to refuse: a refused run writes nothing), and train them
     all in one loop."""
     cache = caches[0] if caches else None
     stored = cache.spec if cache is not None else None
-    if config.views_per_step > 1 and isinstance(data, ImageFiles):
+    if config.views_per_step > 1 and data.streamed:
         raise KdcacheError("--views-per-step: several views per step need the split in memory, and this one is "
                            "streamed from its files; load it with --preload, or train on one view per step")
     if stored is None:  # fresh views: the run records the policy it draws them from, the source's by default
-        config = replace(config, augmentation=config.augmentation or default_policy(data))
+        config = replace(config, augmentation=config.augmentation or data.default_policy)
     policy = stored_policy(data, stored.augmentation) if stored else policy_for(data, config.augmentation)
     scales = tuple(config.scales or (stored.scales if stored else (1, 2, 4)))
     losses = {name: scaled_loss(name, config.loss_overrides(), config.epochs) for _, name in config.runs()}
@@ -165,7 +165,7 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: ImageData 
         _check_cache(other, data, policy, scales, config.teacher if other is cache else None, losses)
         require_same_views(cache, other)
     here, shard = _shard(cache, len(data.labels), config)
-    images = normalize(first_images(data), data.mean, data.std)  # a student's stage shapes are found on these
+    images = normalize(data.first_images(), data.mean, data.std)  # a student's stage shapes are found on these
     targets, source, teachers = _targets(config, caches, data, scales, device, shard, kinds, images, show_progress)
     # one provider per view of a step: each holds its own view (the live teacher computes any)
     providers = None if targets is None else [targets] + [
@@ -231,7 +231,7 @@ def run_name(student: str, loss: str) -> str:
 
 
 def _load_data(config: DistillConfig, cache: TeacherCache | None
-               ) -> tuple[ImageData | ImageFiles, ImageData | ImageFiles]:
+               ) -> tuple[DataSource, DataSource]:
     """The train split the cache was made from (or the config names) and its test split."""
     options = loader_options(config)
     if cache is not None and config.dataset in (None, cache.spec.dataset["name"]):  # at the size it was made at
@@ -242,7 +242,7 @@ def _load_data(config: DistillConfig, cache: TeacherCache | None
             load_dataset(dataset, config.data_root, "test", **options))
 
 
-def _check_cache(cache: TeacherCache, data: ImageData | ImageFiles, policy: AugmentPolicy | FilePolicy,
+def _check_cache(cache: TeacherCache, data: DataSource, policy: Policy,
                  scales: tuple[int, ...], teacher: str | None, losses: dict[str, LossSpec | LossSum]) -> None:
     """Refuse a cache that does not fit the run or is incomplete; warn when a top-k cache meets standardisation."""
     require_fits(cache, data, policy, scales, teacher=teacher)
@@ -257,7 +257,7 @@ def _check_cache(cache: TeacherCache, data: ImageData | ImageFiles, policy: Augm
                     cache.path, cache.spec.topk, ", ".join(standardising))
 
 
-def _targets(config: DistillConfig, caches: list[TeacherCache], data: ImageData | ImageFiles,
+def _targets(config: DistillConfig, caches: list[TeacherCache], data: DataSource,
              scales: tuple[int, ...], device: torch.device, shard: Shard, kinds: tuple[str, ...], images: torch.Tensor,
              show_progress: bool) -> tuple[Targets | None, dict, list[TeacherOutputs]]:
     """The target provider (the cache, the caches' ensemble, the live teacher, or None when the students teach
@@ -298,7 +298,7 @@ def _targets(config: DistillConfig, caches: list[TeacherCache], data: ImageData 
             [TeacherOutputs(shapes, feature_stages(teacher))])
 
 
-def _dataset_batches(config: DistillConfig, caches: list[TeacherCache], data: ImageData | ImageFiles,
+def _dataset_batches(config: DistillConfig, caches: list[TeacherCache], data: DataSource,
                      scales: tuple[int, ...], device: torch.device, workers: int, outputs: tuple[str, ...]
                      ) -> Callable[[int, torch.Generator], Iterator[Batch]] | None:
     """With --batch-path dataset, each epoch's batches from CacheDataset through a DataLoader (the teacher's
@@ -315,7 +315,7 @@ def _dataset_batches(config: DistillConfig, caches: list[TeacherCache], data: Im
         dataset_of_views.set_epoch(epoch)
         # files are read by worker processes; a split in memory is cropped faster in this one
         return loader_batches(dataset_of_views, config.batch_size, generator, device,
-                              workers if isinstance(data, ImageFiles) else 0)
+                              workers if data.streamed else 0)
     return batches
 
 

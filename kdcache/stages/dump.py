@@ -17,23 +17,23 @@ from tqdm import tqdm
 from kdcache import distributed
 from kdcache.cache import open_cache
 from kdcache.cache.backends import store_class
+from kdcache.cache.fit import require_same_views
 from kdcache.cache.layout import PENDING, CacheSpec
 from kdcache.cache.location import Location, Place, store_bytes
 from kdcache.cache.sizes import byte_size
 from kdcache.cache.writer import BackgroundWriter, CacheWriter
 from kdcache.config import DumpConfig, loader_options
-from kdcache.data import AugmentPolicy, FileBatches, FilePolicy, ImageData, ImageFiles, dataset_options, first_images, \
-    load_dataset, normalize, policy_for
-from kdcache.data.files import NO_FILE, FileMixed, batch_on_device, check_checksums, default_workers, policy_settings, \
-    stream
+from kdcache.data import AugmentPolicy, DataSource, FileBatches, FilePolicy, ImageData, ImageFiles, Policy, \
+    dataset_options, load_dataset, normalize, policy_for
+from kdcache.data.files import NO_FILE, batch_on_device, check_checksums, default_workers, stream
 from kdcache.data.mixing import Mixed, replay
+from kdcache.data.source import policy_settings
 from kdcache.distributed import World
 from kdcache.errors import KdcacheError
 from kdcache.models import describe_outputs, load_teacher
 from kdcache.models.outputs import REGIONS, ModelOutputs, feature_stages, output_shapes, parse_outputs
 from kdcache.runtime import autocast, pick_device, precision, prepare_model
 from kdcache.stages.topk import encode_topk
-from kdcache.stages.views import require_same_views
 
 DEFAULT_VIEWS = 4
 
@@ -118,8 +118,8 @@ def dumped_outputs(losses: tuple[str, ...]) -> str:
     return ",".join(dict.fromkeys([REGIONS, *needed]))
 
 
-def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageData | ImageFiles,
-                 policy: AugmentPolicy | FilePolicy, out: Place, *, views: int | None = 1, exhaustive: bool = False,
+def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: DataSource,
+                 policy: Policy, out: Place, *, views: int | None = 1, exhaustive: bool = False,
                  scales: tuple[int, ...] = (1, 2, 4), batch_size: int = 256, device: torch.device = torch.device("cpu"),
                  dtype: str = "float16", format: str | None = None, seed: int = 0, block_size: int = 0,
                  overwrite: bool = False, topk: int = 0, workers: int | None = None,
@@ -137,7 +137,7 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageDa
     """
     out = Location.of(out)
     here = distributed.init(device)
-    streamed = isinstance(data, ImageFiles)
+    streamed = data.streamed  # views drawn per file by workers, or ahead for the whole split held in memory
     params = None if streamed else view_params(policy, len(data.labels), views, exhaustive, seed)
     num_views = _streamed_views(policy, views, exhaustive) if streamed else len(params)
     logit_map = prepare_model(ModelOutputs(teacher, scales, outputs), device).eval()
@@ -146,7 +146,7 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: ImageDa
     if show_progress and here.is_main:
         print(_view_size(spec), flush=True)
     writer = open_writer(out, spec, data.labels.numpy(), None if streamed else params.numpy(), format, overwrite,
-                         here, data.listing() if streamed else b"")
+                         here, data.listing())
     try:
         blocks, shard = distributed.shard(spec.num_blocks, spec.block_size, spec.num_samples, here)
         pending = writer.pending(blocks)
@@ -181,13 +181,12 @@ def _view_size(spec: CacheSpec) -> str:
             f"({spec.num_samples} samples: {', '.join(shares)}); {spec.num_views} views")
 
 
-def _cache_spec(logit_map: ModelOutputs, teacher_info: dict[str, Any], data: ImageData | ImageFiles,
-                policy: AugmentPolicy | FilePolicy,
+def _cache_spec(logit_map: ModelOutputs, teacher_info: dict[str, Any], data: DataSource, policy: Policy,
                 num_views: int, exhaustive: bool, seed: int, scales: tuple[int, ...], dtype: str, block_size: int,
                 topk: int, device: torch.device) -> CacheSpec:
     """What the cache will hold, after checking that the teacher fits the data and --topk fits its classes."""
     # the teacher is on the device already, inside its LogitMap: its feature grid, head kind and class count
-    images = normalize(first_images(data), data.mean, data.std).to(device)
+    images = normalize(data.first_images(), data.mean, data.std).to(device)
     spec = CacheSpec(
         teacher={**teacher_info, "precision": precision(device), **describe_outputs(logit_map, images),
                  "stages": feature_stages(logit_map.model)},
@@ -391,7 +390,7 @@ class _StreamedTeacherBatches:
     def _mixing_in(self, progress: np.ndarray, blocks: range, files: np.ndarray) -> list[tuple[int, int]]:
         """The finished (view, block) pairs of `blocks` whose mixed views take a partner among `files` (a bool
         mask over the split)."""
-        if not isinstance(self.policy, FileMixed) or not files.any():
+        if not isinstance(self.policy, Mixed) or not files.any():
             return []
         pairs = []
         for view, block in np.argwhere(progress != PENDING):

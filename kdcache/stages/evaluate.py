@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.cache import TeacherCache, open_cache
-from kdcache.data import ImageData, ImageFiles, load_dataset
+from kdcache.data import DataSource, load_dataset
 from kdcache.data.files import default_workers
 from kdcache.distributed import all_sum
 from kdcache.errors import KdcacheError
@@ -113,7 +113,7 @@ def evaluate_model(checkpoint: str | os.PathLike, model: str | None = None, data
 
 
 def _split_of(checkpoint: str | os.PathLike, sidecar: dict, dataset: str | None, data_root: str | os.PathLike | None,
-              split: str, options: dict) -> ImageData | ImageFiles:
+              split: str, options: dict) -> DataSource:
     """The split to evaluate on: of the dataset named, else of the one the run recorded, as it was read then."""
     recorded = sidecar.get("dataset") or {}
     data_root = data_root or (sidecar.get("config") or {}).get("data_root")

@@ -9,17 +9,16 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from kdcache.data import AugmentPolicy, FileBatches, FilePolicy, ImageData, ImageFiles, normalize
-from kdcache.data.files import FileCenterCrop, batch_on_device, stream
+from kdcache.data import AugmentPolicy, DataSource, FileBatches, FilePolicy, ImageData, ImageFiles, Policy, normalize
+from kdcache.data.files import batch_on_device, stream
 from kdcache.data.mixing import Mixed, mix_targets, replay
+from kdcache.data.source import EVAL_BATCH, TestBatch
 from kdcache.distributed import Shard
 from kdcache.errors import KdcacheError
 from kdcache.stages.targets import Targets
 
 # images (normalised), labels, targets by name (regions [b, R, C], ...; Targets)
 Batch = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]
-TestBatch = tuple[torch.Tensor, torch.Tensor]  # images (normalised), labels
-EVAL_BATCH = 250  # test images per forward pass
 
 
 class Split(Protocol):
@@ -85,36 +84,18 @@ def with_mix_targets(found: dict[str, torch.Tensor] | None, mixed: dict[str, tor
 
 
 class EvalSplit:
-    """A test split's un-augmented batches, as every evaluation reads them: images held in memory, normalised on
-    the device (held there with `resident`, else each batch moved as it comes), or files through the evaluation
-    crop, read by DataLoader workers (normalised by them on the CPU, else on the device); `batch_size` images a
-    batch."""
+    """A test split's un-augmented batches, as every evaluation reads them, from the source's `evaluation`: images
+    held in memory normalised on the device (held there with `resident`, else each batch moved as it comes), or
+    files through the evaluation crop read by DataLoader workers; `batch_size` images a batch."""
 
-    def __init__(self, test: ImageData | ImageFiles, device: torch.device, workers: int = 0,
+    def __init__(self, test: DataSource, device: torch.device, workers: int = 0,
                  resident: bool = True, batch_size: int = EVAL_BATCH) -> None:
-        self.test, self.device, self.workers, self.batch_size = test, device, workers, batch_size
-        self.files = FileBatches(test, FileCenterCrop(test.image_size), normalized=device.type == "cpu") \
-            if isinstance(test, ImageFiles) else None
-        self.images = test.images.to(device) if self.files is None and resident else None
+        self.test, self.device = test, device
+        self.reader = test.evaluation(device, workers, resident, batch_size)
 
     def batches(self, samples: range) -> Iterator[TestBatch]:
         """The test samples of `samples` (a rank's share), in order, normalised, with their labels on the device."""
-        if self.files is not None:
-            return self._streamed(samples)
-        return self._in_memory(samples)
-
-    def _in_memory(self, samples: range) -> Iterator[TestBatch]:
-        images = self.test.images if self.images is None else self.images
-        for start in range(samples.start, samples.stop, self.batch_size):
-            stop = min(start + self.batch_size, samples.stop)
-            yield (normalize(images[start:stop].to(self.device), self.test.mean, self.test.std),
-                   self.test.labels[start:stop].to(self.device))
-
-    def _streamed(self, samples: range) -> Iterator[TestBatch]:
-        keys = [(0, range(start, min(start + self.batch_size, samples.stop)))
-                for start in range(samples.start, samples.stop, self.batch_size)]
-        for images, labels, _, _, _ in stream(self.files, keys, self.workers, self.device):
-            yield batch_on_device(images, self.test, self.device), labels.to(self.device)
+        return self.reader.batches(samples)
 
     def __len__(self) -> int:
         return len(self.test.labels)
@@ -158,7 +139,7 @@ class StreamedSplit:
     it. A rank reads only the files of its shard, and the partners' of a mixed view.
     """
 
-    def __init__(self, data: ImageFiles, test: ImageFiles | ImageData, policy: FilePolicy, device: torch.device,
+    def __init__(self, data: ImageFiles, test: DataSource, policy: FilePolicy, device: torch.device,
                  workers: int, seed: int = 0, shard: Shard | None = None, checksums: np.ndarray | None = None) -> None:
         self.data, self.test, self.device, self.workers = data, test, device, workers
         self.shard = shard or Shard.whole(len(data.labels))
@@ -191,10 +172,11 @@ class StreamedSplit:
         return len(self.testing)
 
 
-def make_split(data: ImageData | ImageFiles, test: ImageData | ImageFiles, policy: AugmentPolicy | FilePolicy,
+def make_split(data: DataSource, test: DataSource, policy: Policy,
                device: torch.device, shard: Shard | None = None, workers: int = 0, seed: int = 0,
                checksums: np.ndarray | None = None) -> Split:
-    """The device path for a split held in memory, the streamed path for files."""
-    if isinstance(data, ImageFiles):
+    """The device path for a split held in memory, the streamed path for files (the one choice of machinery a
+    source leaves to the loop: it cannot hold the loop's batches)."""
+    if data.streamed:
         return StreamedSplit(data, test, policy, device, workers, seed, shard, checksums)
     return DeviceSplit(data, test, policy, device, shard)

@@ -1,0 +1,118 @@
+"""One interface for every data source, whatever its storage: a source gives samples (labels, normalisation, a
+description for caches) and the replayable policy that fits it; whether it holds uint8 tensors that the device
+path indexes whole (`ImageData`) or lists files that DataLoader workers decode (`ImageFiles`) is its own business.
+
+Callers ask the source: `policy(...)` (one policy registry; the source picks the form it reads), `first_images`,
+`evaluation` (the un-augmented test batches), `sample_view` (one sample under a cached view), `listed_files`
+(what a cache's fit check compares). The one thing a caller reads about storage is `streamed`, where it must
+choose machinery the source cannot hold (the loop's split, the dump's batches).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+TestBatch = tuple[Tensor, Tensor]  # images (normalised, on the device), labels
+EVAL_BATCH = 250  # test images per forward pass
+
+
+class Policy(Protocol):
+    """A replayable augmentation policy of either form (kdcache.data.augment's in memory, files' per file)."""
+
+    name: str
+    param_names: tuple[str, ...]
+    num_views: int | None
+
+    def sample(self, generator: torch.Generator, n: int) -> Tensor | None:
+        """Parameters [n, P] of n views drawn ahead; None where each view is drawn as its file is read."""
+        ...
+
+    def out_of_range(self, params: Tensor) -> Tensor:
+        """[n] bool: which rows of params [n, P] this policy could not have drawn."""
+        ...
+
+    def describe(self) -> dict:
+        """Name, parameter names and constants, for cache metadata (JSON-able)."""
+        ...
+
+
+class TestBatches(Protocol):
+    """A test split's un-augmented batches, normalised on the device."""
+
+    def batches(self, samples: range) -> Iterator[TestBatch]:
+        """The samples of `samples` (a rank's share), in order."""
+        ...
+
+    def __len__(self) -> int:
+        ...
+
+
+class DataSource(Protocol):
+    """One split of a dataset, in memory or streamed: what every stage asks of it."""
+
+    name: str
+    split: str
+    labels: Tensor  # int64 [N], on the CPU
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    fingerprint: str
+    streamed: bool  # read from files in DataLoader workers (else held whole, for the device path)
+    default_policy: str  # the policy a run takes when none is named: the field's for this kind of data
+
+    def describe(self) -> dict:
+        """What identifies this data in cache metadata (JSON-able)."""
+        ...
+
+    def listing(self) -> bytes:
+        """The files' relative paths, newline-separated, that a cache records (empty for data held in memory)."""
+        ...
+
+    def listed_files(self) -> tuple[str, list[bytes]] | None:
+        """(folder, relative paths) of a split read from files, for a cache's fit check; None in memory."""
+        ...
+
+    def policy(self, name: str, mix: dict | None = None, **options: object) -> Policy:
+        """The registered policy `name` in the form this source reads, mixed as `mix` ({mode, alpha, prob}) says."""
+        ...
+
+    def first_images(self, count: int = 2) -> Tensor:
+        """The first `count` samples as uint8 [count, C, S, S], un-augmented (evaluation's crop for files)."""
+        ...
+
+    def evaluation(self, device: torch.device, workers: int = 0, resident: bool = True,
+                   batch_size: int = EVAL_BATCH) -> TestBatches:
+        """The un-augmented batches of this split, as every evaluation reads them."""
+        ...
+
+    def sample_view(self, policy: Policy, params: Tensor, index: int, checksums: np.ndarray | None = None) -> Tensor:
+        """Sample `index` under the view params [N, P] name, uint8 [1, C, S, S] (a file checked against
+        `checksums`, the crc32c the teacher's dump recorded, where given)."""
+        ...
+
+
+def policy_for(data: DataSource, name: str | None, mix: dict | None = None, **options: object) -> Policy:
+    """The augmentation policy `name` (None: the source's default; with its options, e.g. RandAugment's num_ops,
+    those given as None left out) for this data, mixed as `mix` ({mode, alpha, prob}) says."""
+    options = {key: value for key, value in options.items() if value is not None}
+    return data.policy(name or data.default_policy, mix, **options)
+
+
+def policy_settings(augmentation: dict) -> tuple[str, dict | None, dict[str, int | None]]:
+    """A cache's `augmentation` metadata as policy_for's arguments: the name, the mixing ({mode, alpha, prob} or
+    None) and RandAugment's options (num_ops, magnitude; None without RandAugment)."""
+    randaugment = augmentation.get("randaugment", {})
+    options = {"num_ops": randaugment.get("num_ops"), "magnitude": randaugment.get("magnitude")}
+    return augmentation["name"], augmentation.get("mix"), options
+
+
+def stored_policy(data: DataSource, augmentation: dict) -> Policy:
+    """The policy a cache's `augmentation` metadata describes, for this data (RandAugment's and mixing's constants
+    included)."""
+    name, mix, options = policy_settings(augmentation)
+    return policy_for(data, name, mix, **options)
