@@ -30,7 +30,7 @@ from kdcache.stages.dataset import CacheDataset, load_cache_data
 from kdcache.stages.folders import FINISHED, NEW, RunFolder, hold_run_folder
 from kdcache.stages.loop import Run, fit, loader_batches
 from kdcache.stages.splits import Batch, make_split
-from kdcache.stages.targets import CachedTargets, EnsembleTargets, LiveTeacher, Targets, require_target_memory
+from kdcache.stages.targets import CachedTargets, EnsembleTargets, LiveTeacher, Peers, Targets, require_target_memory
 from kdcache.stages.views import CachedViews, FreshViews, require_fits
 
 log = logging.getLogger(__name__)
@@ -186,8 +186,10 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: DataSource
         record = {"arch": student, "num_classes": data.num_classes, "loss": loss_name,
                   "dataset": data.describe(), "config": recorded_config(config), **source}
         loss = losses[loss_name]
+        # mutual students learn from their peers' outputs of each step, the others' of those trained together
         run = Run(folder.path.name, model, loss, scales if loss.uses_regions else (1,), config, folder.path, device,
-                  record, here, *outputs, ema_teacher=config.ema_teacher)
+                  record, here, *outputs, ema_teacher=config.ema_teacher,
+                  targets=[Peers(len(runs))] if config.mutual else [])
         if folder.state != NEW:  # held by --resume (or --name with --resume): continued, or kept when finished
             run.resume()
         runs.append(run)
@@ -196,7 +198,8 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: DataSource
     split = make_split(data, test, policy, device, shard, workers, config.seed, checksums)
     batch_path = _dataset_batches(config, caches, data, scales, device, workers,
                                   tuple(name for teacher in teachers for name in teacher.outputs))
-    fit(runs, split, views, providers, config, device, batch_path, show_progress and here.is_main, config.mutual)
+    fit(runs, split, views, providers, config, device, batch_path, show_progress and here.is_main,
+        together=config.mutual)
     return [_summary(run, folder.state == FINISHED) for run, folder in zip(runs, folders)]
 
 

@@ -22,14 +22,15 @@ from kdcache.data.files import worker_batches
 from kdcache.data.mixing import soft_labels
 from kdcache.distributed import World, all_sum, synchronise_batchnorm
 from kdcache.errors import KdcacheError
-from kdcache.losses import PEERS, LossSpec, LossSum
+from kdcache.losses import LossSpec, LossSum
 from kdcache.models import file_sha256, read_checkpoint, save_checkpoint
 from kdcache.models.outputs import REGIONS, ModelOutputs
 from kdcache.runtime import epoch_generator, prepare_model
-from kdcache.stages.recipe_options import WeightEMA, learning_rate, make_optimizer, step_autocast, training_dtype
+from kdcache.stages.recipe_options import StepHook, learning_rate, make_optimizer, recipe_hooks, step_autocast, \
+    training_dtype
 from kdcache.stages.evaluate import evaluate_batches
 from kdcache.stages.splits import Batch, Split
-from kdcache.stages.targets import Targets
+from kdcache.stages.targets import Outputs, Targets, own_targets
 from kdcache.stages.views import Views
 
 RUN_STATE = {"model", "optimizer", "epoch", "record", "history"}  # what last.pt holds
@@ -71,7 +72,8 @@ class Run:
     def __init__(self, name: str, model: nn.Module, loss: LossSpec | LossSum, scales: tuple[int, ...],
                  config: TrainConfig, folder: Path, device: torch.device, record: dict[str, Any],
                  here: World = World(), outputs: tuple[str, ...] = (), sources: dict[str, str] | None = None,
-                 regressors: dict[str, nn.Module] | None = None, ema_teacher: float | None = None) -> None:
+                 regressors: dict[str, nn.Module] | None = None, ema_teacher: float | None = None,
+                 targets: Sequence[Targets] = ()) -> None:
         self.name, self.loss, self.config, self.folder, self.device = name, loss, config, Path(folder), device
         self.record = record  # what the run is (config, teacher, cache): saved with every checkpoint
         self.here = here
@@ -85,10 +87,14 @@ class Run:
         self.optimizer = make_optimizer(self.logit_map.parameters(), config)
         self.dtype = training_dtype(config.precision, device)  # refused here when the device cannot run it
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
-        self.ema = None if config.ema_decay is None else WeightEMA(self.model, config.ema_decay)
-        # mean teacher: the EMA of the student's weights gives the targets, in eval mode
-        self.ema_teacher = None if ema_teacher is None else WeightEMA(self.model, ema_teacher, "--ema-teacher")
-        self.ema_teacher_outputs = None if ema_teacher is None else ModelOutputs(self.ema_teacher.model, scales, ())
+        # the run's own providers (asked in its step, beside the batch's targets), those of them that follow the
+        # student's weights, and the recipe's hooks (--ema-decay): each moved after every optimiser step
+        own = own_targets(self.model, scales, device, self.dtype, ema_teacher)
+        self.targets: list[Targets] = [*own, *targets]
+        self.hooks: list[StepHook] = [*recipe_hooks(self.model, config), *own]
+        # the weight average of --ema-decay and the mean teacher of --ema-teacher (None without), for callers
+        self.ema, self.ema_teacher = (next((hook for hook in self.hooks if hook.key == key), None)
+                                      for key in ("ema", "ema_teacher"))
         self.start_epoch = 0
         self.history: list[dict[str, float]] = []
 
@@ -99,7 +105,7 @@ class Run:
         rate."""
         return train_together([self], epoch, batches, steps, show_progress)[0]
 
-    def forward(self, views: tuple[Batch, ...]) -> list[dict[str, torch.Tensor]]:
+    def forward(self, views: tuple[Batch, ...]) -> list[Outputs]:
         """The student's float32 outputs on each view's images, in the run's precision (the graph kept)."""
         outputs = []
         for x, _, _ in views:
@@ -107,18 +113,41 @@ class Run:
                 outputs.append({name: value.float() for name, value in self.step_module(x).items()})
         return outputs
 
-    def update(self, outputs: list[dict[str, torch.Tensor]], views: tuple[Batch, ...], epoch: int, share: float,
-               peers: list[list[dict[str, torch.Tensor]]] = ()) -> dict[str, torch.Tensor]:
-        """One update from the outputs `forward` gave: per view the loss against its targets (the EMA teacher's
-        when the run has one; `peers`' detached logits for deep mutual learning), the views' terms summed (as
-        SLD's official code sums its two views'), backward (scaled under fp16), clipping, the optimiser's step,
-        the EMAs. Returns the summed loss terms."""
+    def update(self, outputs: list[Outputs], views: tuple[Batch, ...], epoch: int, share: float,
+               step_outputs: Sequence[list[Outputs]] = ()) -> dict[str, torch.Tensor]:
+        """One update from the outputs `forward` gave: each view's targets (the batch's, and the run's own
+        providers', which see `step_outputs`, every run's of this step, per view), the loss, backward, the
+        optimiser's step, the hooks. Returns the loss terms, summed over the views."""
+        targets = [self.targets_of(batch, [found[v] for found in step_outputs]) for v, batch in enumerate(views)]
+        terms = self.loss_terms(outputs, views, targets, epoch)
+        self.backward_and_step(terms, share)
+        return terms
+
+    def targets_of(self, batch: Batch, step: Sequence[Outputs]) -> Outputs | None:
+        """A view's targets: the batch's, their regions cut to the run's, and the run's own providers' on its images
+        (`step`: every outputs of the runs trained together on them, in their order)."""
+        x, _, found = batch
+        found = dict(found or {})
+        if REGIONS in found:
+            found[REGIONS] = found[REGIONS][:, :self.num_regions]
+        for provider in self.targets:
+            found |= provider(None, x, step)
+        return found or None
+
+    def loss_terms(self, outputs: list[Outputs], views: tuple[Batch, ...], targets: list[Outputs | None],
+                   epoch: int) -> dict[str, torch.Tensor]:
+        """Per view the loss against its targets (a mixed view's against its two labels and λ), the views' terms
+        summed (as SLD's official code sums its two views')."""
         terms = {}
-        for view, (s, (x, y, t)) in enumerate(zip(outputs, views)):
-            labels, t = soft_labels(y, t, s[REGIONS].shape[-1])  # a mixed view's two labels and λ, else y
-            t = self._with_own_targets(t, x, [peer[view] for peer in peers])
+        for s, (_, y, _), t in zip(outputs, views, targets):
+            labels, t = soft_labels(y, t, s[REGIONS].shape[-1])
             found = self.loss.compute(s, t, labels, epoch + 1) if len(y) else self._no_terms(s)  # epochs from 1
             terms = {key: terms[key] + value for key, value in found.items()} if terms else found
+        return terms
+
+    def backward_and_step(self, terms: dict[str, torch.Tensor], share: float) -> None:
+        """Backward (scaled under fp16) on this rank's `share` of the global batch, clipping, the optimiser's step,
+        then every hook."""
         self.optimizer.zero_grad(set_to_none=True)
         # DDP divides the summed gradients by the size
         self.scaler.scale(terms["total"] * (share * self.here.size)).backward()
@@ -127,30 +156,14 @@ class Run:
             torch.nn.utils.clip_grad_norm_(self.logit_map.parameters(), self.config.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        for average in (self.ema, self.ema_teacher):
-            if average is not None:
-                average.update(self.model)
-        return terms
-
-    def _with_own_targets(self, targets: dict[str, torch.Tensor] | None, x: torch.Tensor,
-                          peers: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
-        """The batch's targets, their regions cut to the run's, plus the EMA teacher's outputs on x and the peers'
-        global logits [P, B, C] (detached)."""
-        found = dict(targets or {})
-        if REGIONS in found:
-            found[REGIONS] = found[REGIONS][:, :self.num_regions]
-        if self.ema_teacher is not None:
-            with torch.no_grad(), step_autocast(self.device, self.dtype):
-                found[REGIONS] = self.ema_teacher_outputs(x)[REGIONS].float()
-        if peers:
-            found[PEERS] = torch.stack([peer[REGIONS][:, 0].detach() for peer in peers])
-        return found or None
+        for hook in self.hooks:
+            hook.after_step(self.model)
 
     def _extra_parts(self) -> dict[str, Any]:
-        """What last.pt keeps besides the model and optimiser: FitNet's regressors, the EMAs, fp16's scaler."""
+        """What last.pt keeps besides the model and optimiser: FitNet's regressors, the hooks' weights, fp16's
+        scaler."""
         parts = {"regressors": self.logit_map.regressors if self.logit_map.regressors else None,
-                 "ema": None if self.ema is None else self.ema.model,
-                 "ema_teacher": None if self.ema_teacher is None else self.ema_teacher.model,
+                 **{hook.key: hook.model for hook in self.hooks},
                  "scaler": self.scaler if self.scaler.is_enabled() else None}
         return {name: part for name, part in parts.items() if part is not None}
 
@@ -163,13 +176,16 @@ class Run:
 
     def evaluate(self, split: Split) -> dict[str, float]:
         """The global logit on the un-augmented test split: test_acc (top-1), test_top5 (more than 5 classes) and
-        test_loss, and the same of the weight EMA (test_acc_ema, ...) when the run keeps one."""
+        test_loss, and the same of each reported hook's weights (the weight EMA's test_acc_ema, ...)."""
         part = distributed.even_share(split.test_size, self.here)  # each rank evaluates its share
-        found = evaluate_batches(self.model, split.test_batches(part.samples), split.test_size).metrics()
-        if self.ema is not None:
-            found.update(evaluate_batches(self.ema.model, split.test_batches(part.samples), split.test_size)
-                         .metrics("_ema"))
+        found = {}
+        for suffix, model in self._reported().items():
+            found |= evaluate_batches(model, split.test_batches(part.samples), split.test_size).metrics(suffix)
         return found
+
+    def _reported(self) -> dict[str, nn.Module]:
+        """The weights evaluated and saved, by their metrics' suffix: the model's (""), and the reported hooks'."""
+        return {"": self.model, **{hook.report: hook.model for hook in self.hooks if hook.report is not None}}
 
     def end_epoch(self, metrics: dict[str, float]) -> None:
         """Record the epoch: history, metrics.csv, TensorBoard when installed, and the resumable checkpoint (rank 0)."""
@@ -216,15 +232,14 @@ class Run:
         path = self.folder / "model.pt"
         if not self.here.is_main:
             return path
-        save_checkpoint(path, self.model)
-        if self.ema is not None:  # the averaged weights, a checkpoint any kdcache command loads too
-            save_checkpoint(self.folder / "model_ema.pt", self.ema.model)
+        for suffix, model in self._reported().items():  # model.pt, model_ema.pt: checkpoints any command loads
+            save_checkpoint(self.folder / f"model{suffix}.pt", model)
         if self.logit_map.regressors:  # FitNet's: a further run can start from them, as the paper's stage 2 does
             save_checkpoint(self.folder / "regressors.pt", self.logit_map.regressors,
                             outputs=list(self.logit_map.output_names))
         best = max(self.history, key=lambda row: row["test_acc"])
         sidecar = {**self.record, "test_acc": self.history[-1]["test_acc"], "best_test_acc": best["test_acc"],
-                   **({"test_acc_ema": self.history[-1]["test_acc_ema"]} if self.ema is not None else {}),
+                   **{f"test_acc{suffix}": self.history[-1][f"test_acc{suffix}"] for suffix in self._reported() if suffix},
                    "best_epoch": best["epoch"], "epochs": len(self.history), "sha256": file_sha256(path)}
         (self.folder / "model.json").write_text(json.dumps(sidecar, indent=2) + "\n")
         return path
@@ -276,10 +291,10 @@ class EpochMeter:
 
 
 def train_together(runs: list[Run], epoch: int, batches: Iterator[Batch | tuple[Batch, ...]], steps: int,
-                   show_progress: bool, mutual: bool = False) -> list[dict[str, float]]:
-    """One pass of every run over the same steps: each step, every run's forward pass, then each run's update;
-    with `mutual` (deep mutual learning) each run's loss reads the others' detached logits of that step. Returns
-    each run's epoch metrics."""
+                   show_progress: bool) -> list[dict[str, float]]:
+    """One pass of every run over the same steps: each step, every run's forward pass, then each run's update
+    (its targets may read the others' outputs of that step: deep mutual learning's peers). Returns each run's
+    epoch metrics."""
     for run in runs:
         run.logit_map.train()
     meters = [EpochMeter(run.device) for run in runs]
@@ -292,30 +307,29 @@ def train_together(runs: list[Run], epoch: int, batches: Iterator[Batch | tuple[
         lr = learning_rate(config, epoch, step, steps)
         # this rank's share of the global batch: the ranks' weighted means add up to the global batch's mean
         share = len(views[0][1]) / config.batch_size
-        outputs = [run.forward(views) for run in runs]
-        for k, (run, meter) in enumerate(zip(runs, meters)):
+        outputs = [run.forward(views) for run in runs]  # every run's, before any of them steps: peers see them
+        for run, own, meter in zip(runs, outputs, meters):
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            peers = [found for j, found in enumerate(outputs) if j != k] if mutual else []
-            meter.add(run.update(outputs[k], views, epoch, share, peers), outputs[k], views, share, step)
+            meter.add(run.update(own, views, epoch, share, outputs), own, views, share, step)
     seconds = time.perf_counter() - started
     return [meter.metrics(run, epoch, step + 1, lr, seconds) for run, meter in zip(runs, meters)]
 
 
 def fit(runs: list[Run], split: Split, views: Views, targets: Sequence[Targets] | None, config: TrainConfig,
         device: torch.device, batch_path: Callable[[int, torch.Generator], Iterator[Batch]] | None = None,
-        show_progress: bool = True, mutual: bool = False) -> None:
+        show_progress: bool = True, together: bool = False) -> None:
     """Train every run for config.epochs; each epoch's views are loaded once and shared by all runs.
 
     split gives the batches (DeviceSplit, StreamedSplit) and the test batches; views gives the augmentation
     parameters (CachedViews or FreshViews): step views e·S … e·S + S - 1 of epoch e, S = views_per_step, each
-    seen by every step (the same samples under each); targets gives the region logits per batch, one provider
-    per step view (CachedTargets, LiveTeacher), or None for plain cross-entropy; batch_path, when given,
-    replaces the split's batches with another source (the Dataset path, one view per step). Runs train one after
-    another, or, `mutual`, together step by step, each learning from the others too (deep mutual learning).
-    Under DDP split and targets hold one rank's share.
+    seen by every step (the same samples under each); targets gives the targets per batch, one provider per step
+    view (CachedTargets, LiveTeacher), or None for plain cross-entropy (a run's own providers add theirs in its
+    step); batch_path, when given, replaces the split's batches with another source (the Dataset path, one view
+    per step). Runs train one after another, or, `together`, step by step, each run's providers given the others'
+    outputs of the step (deep mutual learning). Under DDP split and targets hold one rank's share.
     """
-    if mutual and len({run.start_epoch for run in runs}) > 1:
+    if together and len({run.start_epoch for run in runs}) > 1:
         raise KdcacheError(f"--resume: the mutual students stopped at different epochs "
                            f"({', '.join(f'{run.name}: {run.start_epoch}' for run in runs)}); they learn from each "
                            f"other step by step, so they resume together: start them over with another --out")
@@ -327,14 +341,14 @@ def fit(runs: list[Run], split: Split, views: Views, targets: Sequence[Targets] 
             next_view = views.view_of(slot + per_step) if epoch + 1 < config.epochs else None
             provider.begin_epoch(views.view_of(slot), next_view)
         active = [run for run in runs if epoch >= run.start_epoch]
-        for group in [active] if mutual else [[run] for run in active]:
+        for group in [active] if together else [[run] for run in active]:
             if batch_path is not None:
                 batches = zip(batch_path(epoch, epoch_generator(config.seed, epoch)))
             else:  # every view's batches from a generator of the same seed: the same samples, step by step
                 batches = zip(*(split.batches(epoch, view_params, provider, config.batch_size,
                                               epoch_generator(config.seed, epoch))
                                 for view_params, provider in zip(params, targets or [None] * per_step)))
-            for run, metrics in zip(group, train_together(group, epoch, batches, steps, show_progress, mutual)):
+            for run, metrics in zip(group, train_together(group, epoch, batches, steps, show_progress)):
                 metrics.update(run.evaluate(split))
                 run.end_epoch(metrics)
                 if show_progress:

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Iterable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -76,14 +77,30 @@ def step_autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
+class StepHook(Protocol):
+    """What moves beside a model after each of its optimiser steps (a weight average): the loop calls after_step;
+    the run keeps `model` in last.pt under `key` (and resumes it), and, where `report` names a suffix, evaluates
+    it (test_acc + report) and saves it as model + report + .pt."""
+
+    key: str
+    model: nn.Module
+    report: str | None
+
+    def after_step(self, model: nn.Module) -> None:
+        """Follow the model's weights after an optimiser step."""
+        ...
+
+
 class WeightEMA:
     """An exponential moving average of a model's weights: after each step e ← decay·e + (1 − decay)·w for every
-    parameter, and the buffers (BatchNorm's running statistics) copied. Evaluated and saved beside the model."""
+    parameter, and the buffers (BatchNorm's running statistics) copied. A StepHook: by default --ema-decay's,
+    kept in last.pt as `ema`, evaluated as test_acc_ema and saved as model_ema.pt."""
 
-    def __init__(self, model: nn.Module, decay: float, flag: str = "--ema-decay") -> None:
+    def __init__(self, model: nn.Module, decay: float, flag: str = "--ema-decay", key: str = "ema",
+                 report: str | None = "_ema") -> None:
         if not 0 < decay < 1:
             raise KdcacheError(f"{flag}: expected a decay in (0, 1) such as 0.9998, got {decay}")
-        self.decay = decay
+        self.decay, self.key, self.report = decay, key, report
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
@@ -93,3 +110,10 @@ class WeightEMA:
             average.lerp_(weight.detach(), 1 - self.decay)
         for average, buffer in zip(self.model.buffers(), model.buffers(), strict=True):
             average.copy_(buffer)
+
+    after_step = update
+
+
+def recipe_hooks(model: nn.Module, config: TrainConfig) -> list[StepHook]:
+    """The recipe's hooks on a model: the weight EMA of --ema-decay where asked."""
+    return [] if config.ema_decay is None else [WeightEMA(model, config.ema_decay)]

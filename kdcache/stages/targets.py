@@ -1,9 +1,11 @@
 """Target providers, the seam between the stages: the cache and the live teacher give the same outputs (region
 logits, and the embedding, attention maps and hints a feature or relation loss reads), several caches their
-ensemble."""
+ensemble; a student's own weight average (the EMA teacher) and its peers (deep mutual learning) are providers
+too. The loop cannot tell them apart."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Protocol
 
@@ -14,23 +16,33 @@ from kdcache.cache import TeacherCache
 from kdcache.cache.sizes import byte_size
 from kdcache.cache.topk import topk_bytes
 from kdcache.errors import KdcacheError
+from kdcache.losses import PEERS
 from kdcache.models import region_indices
 from kdcache.models.outputs import REGIONS, ModelOutputs, with_teacher
 from kdcache.runtime import autocast, prepare_model
+from kdcache.stages.recipe_options import WeightEMA, step_autocast
 from kdcache.stages.topk import decode_topk
 from kdcache.stages.views import require_outputs
 
 
+Outputs = dict[str, torch.Tensor]  # a model's outputs by name (ModelOutputs): regions [b, R, C], ...
+
+
 class Targets(Protocol):
-    """A target provider: what the loop asks of the cache, the live teacher, or any other source of targets."""
+    """A target provider: what the loop asks of the cache, the live teacher, or any other source of targets.
+
+    The split asks the providers given to `fit` for every batch it makes (by the samples' indices); a run asks its
+    own (Run(targets=...)) in each step, by the images alone (indices None), with every outputs of that step of the
+    runs trained together (peers read them). A provider that follows the student's weights is a StepHook too."""
 
     def begin_epoch(self, view: int | None, next_view: int | None = None) -> None:
         """Get ready to give the targets of `view` (None: fresh views); `next_view` is the following epoch's."""
         ...
 
-    def __call__(self, indices: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, indices: torch.Tensor | None, images: torch.Tensor, step: Sequence[Outputs] = ()) -> Outputs:
         """The outputs of these samples (their indices, and their augmented, normalised images): `regions`
-        [b, R, C] float32 region logits, and any further output by name."""
+        [b, R, C] float32 region logits, and any further output by name. step: in a run's step, the outputs every
+        run trained together made of these images, in their order."""
         ...
 
 
@@ -80,7 +92,7 @@ class CachedTargets:
             self._next = (next_view, self.cache.prefetch(next_view, self.samples, self._buffers[1 - self._in_use],
                                                          self.names))
 
-    def __call__(self, indices: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, indices: torch.Tensor, images: torch.Tensor, step: Sequence[Outputs] = ()) -> Outputs:
         """The float32 outputs of these samples under the current view: regions [b, R, C], and the others'."""
         rows = {name: tensor[indices.to(tensor.device)].to(self.device, non_blocking=True)
                 for name, tensor in self._arrays.items()}
@@ -150,7 +162,7 @@ class LiveTeacher:
     def begin_epoch(self, view: int | None, next_view: int | None = None) -> None:
         """Nothing to load: the teacher computes every batch."""
 
-    def __call__(self, indices: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, indices: torch.Tensor | None, images: torch.Tensor, step: Sequence[Outputs] = ()) -> Outputs:
         """The teacher's float32 outputs of these (augmented, normalised) images."""
         with torch.no_grad(), autocast(self.device):
             return {name: value.float() for name, value in self.outputs(images).items()}
@@ -170,9 +182,9 @@ class EnsembleTargets:
         for teacher in self.teachers:
             teacher.begin_epoch(view, next_view)
 
-    def __call__(self, indices: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, indices: torch.Tensor | None, images: torch.Tensor, step: Sequence[Outputs] = ()) -> Outputs:
         """The ensemble's region logits and every teacher's further outputs."""
-        outputs = [teacher(indices, images) for teacher in self.teachers]
+        outputs = [teacher(indices, images, step) for teacher in self.teachers]
         result = {REGIONS: ensemble_logits([found[REGIONS] for found in outputs], self.log_weights)}
         for k, found in enumerate(outputs):
             result |= {with_teacher(name, k): value for name, value in found.items() if name != REGIONS}
@@ -183,3 +195,54 @@ def ensemble_logits(logits: list[torch.Tensor], log_weights: list[float]) -> tor
     """log Σ_k w_k softmax(z_k): the log-probabilities of the teachers' weighted mean prediction."""
     weighted = [torch.log_softmax(z.float(), dim=-1) + log_w for z, log_w in zip(logits, log_weights)]
     return torch.logsumexp(torch.stack(weighted), dim=0)
+
+
+class EMATeacher:
+    """The mean teacher: the exponential moving average of the student's weights (a StepHook, updated after each
+    of the student's steps, kept in last.pt as `ema_teacher`) gives the region logits, in eval mode."""
+
+    key, report = "ema_teacher", None
+
+    def __init__(self, student: nn.Module, decay: float, scales: tuple[int, ...], device: torch.device,
+                 dtype: torch.dtype | None) -> None:
+        self.average = WeightEMA(student, decay, "--ema-teacher")
+        self.outputs = ModelOutputs(self.average.model, scales, ())
+        self.device, self.dtype = device, dtype  # the student's precision
+
+    @property
+    def model(self) -> nn.Module:
+        """The averaged weights."""
+        return self.average.model
+
+    def begin_epoch(self, view: int | None, next_view: int | None = None) -> None:
+        """Nothing to load: the average computes every batch."""
+
+    def __call__(self, indices: torch.Tensor | None, images: torch.Tensor, step: Sequence[Outputs] = ()) -> Outputs:
+        """The average's float32 region logits of these images."""
+        with torch.no_grad(), step_autocast(self.device, self.dtype):
+            return {REGIONS: self.outputs(images)[REGIONS].float()}
+
+    def after_step(self, model: nn.Module) -> None:
+        """Move the average towards the student's weights of this step."""
+        self.average.update(model)
+
+
+class Peers:
+    """Deep mutual learning's teachers: the global logits the other students trained together made of the same
+    images in the same step, detached, as `peers` [P, b, C]."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index  # this student's place among the students trained together
+
+    def begin_epoch(self, view: int | None, next_view: int | None = None) -> None:
+        """Nothing to load: the peers compute every batch."""
+
+    def __call__(self, indices: torch.Tensor | None, images: torch.Tensor, step: Sequence[Outputs] = ()) -> Outputs:
+        """The other students' detached global logits of this step."""
+        return {PEERS: torch.stack([found[REGIONS][:, 0].detach() for k, found in enumerate(step) if k != self.index])}
+
+
+def own_targets(student: nn.Module, scales: tuple[int, ...], device: torch.device, dtype: torch.dtype | None,
+                ema_teacher: float | None) -> list[EMATeacher]:
+    """A student's own providers of what it is asked: the mean teacher of --ema-teacher's decay where given."""
+    return [] if ema_teacher is None else [EMATeacher(student, ema_teacher, scales, device, dtype)]
