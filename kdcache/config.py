@@ -1,19 +1,86 @@
-"""Configs as plain values: frozen dataclasses filled from a YAML recipe, then from command-line flags."""
+"""Configs as plain values: frozen dataclasses filled from a YAML file, then from command-line flags.
+
+Each field declares its option once (`option`: default, help, flag, click type); `kdcache.cli` makes every command's
+flags from these fields, a YAML file's keys are the same flag names (`student: resnet8`, `batch-size` or
+`batch_size`), and `save_config` writes a resolved config as such a file, so that `--config` repeats a run.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import difflib
+import sys
 import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
+import click
 import yaml
 
 from kdcache.errors import KdcacheError
 
 C = TypeVar("C")
+CONFIG_FILE = "config.yaml"  # the resolved config, saved in every run folder and cache
+
+
+def option(default: Any, help: str, flag: str | None = None, type: click.ParamType | None = None, *,
+           multiple: bool = False, parse: str | None = None, rest: str | None = None) -> Any:
+    """A config field that is also a command-line option: its default, help text, flag (default: --field-name), click
+    type, whether it repeats (a tuple from repeated flags), `parse` (comma-separated: "scales" or "floats") and
+    `rest` (a list given to it sets this field to its first item and the field `rest` to the others)."""
+    metadata = {"help": help, "flag": flag, "type": type, "multiple": multiple, "parse": parse, "rest": rest}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _device() -> Any:
+    return option("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+
+
+def _seed() -> Any:
+    return option(0, "Seed of every random draw (views, batch order, initial weights).", type=click.INT)
+
+
+def _dataset(default: str | None = "digits", help: str = "Dataset from `kdcache datasets`.") -> Any:
+    return option(default, help)
+
+
+def _data_root() -> Any:
+    return option(None, "Folder holding the dataset (CIFAR, imagefolder).", type=click.Path(file_okay=False))
+
+
+def _image_size() -> Any:
+    return option(None, "Side of the square views of imagefolder (default 224; distill: the cache's) and of "
+                        "synthetic's images (default 32).", type=click.IntRange(min=8))
+
+
+def _workers() -> Any:
+    return option(None, "DataLoader worker processes that read, decode and crop streamed files (default: the CPUs less "
+                        "one, at most 16; 0 reads in the main process).", type=click.IntRange(min=0))
+
+
+def _preload() -> Any:
+    return option(False, "Decode an imagefolder split once into memory (shorter side to --image-size, centre crop) "
+                         "instead of streaming its files: for small folders.")
+
+
+def _max_image_pixels() -> Any:
+    return option(None, "Refuse an image whose header declares more pixels than this, before decoding it (default "
+                        "89478485, Pillow's limit: a small file can declare gigabytes of pixels); raise it for trusted "
+                        "large images.", type=click.IntRange(min=1))
+
+
+def _scales(default: tuple[int, ...] | None, help: str) -> Any:
+    return option(default, help, parse="scales")
+
+
+def _overwrite(help: str) -> Any:
+    return option(False, help)
+
+
+AUG_DEFAULT = "Default: cifar for data held in memory, imagenet for an image folder streamed from its files."
 
 
 @dataclass(frozen=True)
@@ -21,24 +88,44 @@ class TrainConfig:
     """The SGD recipe of the CIFAR KD literature, shared by teachers and students; optimizer, schedule, warm-up,
     label smoothing, weight EMA, precision and clipping give the recipes of timm and FKD (stages/recipe_options)."""
 
-    epochs: int = 240
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_decay_at: tuple[float, ...] = (0.625, 0.75, 0.875)  # fractions of the run: epochs 150, 180, 210 of 240
-    lr_decay_rate: float = 0.1
-    seed: int = 0
-    device: str = "auto"
-    augmentation: str | None = None  # None: the source's own (data.files.DEFAULT_POLICIES)
-    optimizer: str = "sgd"  # sgd | adamw
-    schedule: str = "step"  # step (decay at lr_decay_at) | cosine (to 0 at the last step)
-    lr_warmup_epochs: float = 0.0  # linear warm-up of the learning rate, per step
-    label_smoothing: float = 0.0  # of the cross-entropy term
-    ema_decay: float | None = None  # a weight EMA of the model, evaluated and saved beside it
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp16 | fp32
-    clip_grad: float | None = None  # the gradients' global norm is clipped to this
-    views_per_step: int = 1  # each step trains on this many views of the same samples, their losses summed
+    COMMAND: ClassVar[str] = ""
+    NOT_OPTIONS: ClassVar[tuple[str, ...]] = ()  # fields of a base class that are no option of this command
+
+    epochs: int = option(240, "Epochs; the lr decays ×0.1 at 62.5/75/87.5 % of them (and loss warm-ups scale with "
+                              "epochs/240).", type=click.IntRange(min=1))
+    batch_size: int = option(64, "Images per SGD step.", type=click.IntRange(min=2))
+    lr: float = option(0.05, "Initial SGD learning rate.", type=click.FloatRange(min=0, min_open=True))
+    momentum: float = option(0.9, "SGD momentum (the papers'); adamw ignores it.", type=click.FloatRange(0, 1))
+    weight_decay: float = option(5e-4, "Weight decay (decoupled for adamw).", type=click.FloatRange(min=0))
+    # fractions of the run: epochs 150, 180, 210 of 240
+    lr_decay_at: tuple[float, ...] = option((0.625, 0.75, 0.875), "--schedule step: the fractions of the epochs at "
+                                            "which the lr is multiplied by --lr-decay-rate, comma-separated.",
+                                            parse="floats")
+    lr_decay_rate: float = option(0.1, "--schedule step: the lr's factor at each --lr-decay-at.",
+                                  type=click.FloatRange(min=0, min_open=True))
+    seed: int = _seed()
+    device: str = _device()
+    augmentation: str | None = option(None, "Augmentation policy (cifar: pad 4, crop, flip; imagenet: "
+                                            f"RandomResizedCrop, flip; none). {AUG_DEFAULT}", flag="--aug")
+    optimizer: str = option("sgd", "sgd (momentum 0.9, the papers') or adamw (timm's and FKD's; give it "
+                                   "--weight-decay 0.05).", type=click.Choice(["sgd", "adamw"]))
+    schedule: str = option("step", "step: lr x0.1 at 62.5/75/87.5 % of the epochs (the papers'); cosine: to 0 at the "
+                                   "last step. The lr is set per step.", type=click.Choice(["step", "cosine"]))
+    lr_warmup_epochs: float = option(0.0, "Linear warm-up of the learning rate over these epochs (per step); not the "
+                                          "loss warm-up of --warmup-epochs.", type=click.FloatRange(min=0))
+    label_smoothing: float = option(0.0, "Label smoothing of the cross-entropy term.",
+                                    type=click.FloatRange(0, 1, max_open=True))
+    ema_decay: float | None = option(None, "Keep a weight EMA of the model (e.g. 0.9998), evaluated each epoch "
+                                           "(test_acc_ema) and saved as model_ema.pt.",
+                                     type=click.FloatRange(0, 1, min_open=True, max_open=True))
+    precision: str = option("auto", "Training precision: auto is bf16 autocast on CUDA and fp32 on the CPU; fp16 "
+                                    "(CUDA) trains with a gradient scaler, for GPUs without bf16 (V100, 2080 Ti).",
+                            type=click.Choice(["auto", "bf16", "fp16", "fp32"]))
+    clip_grad: float | None = option(None, "Clip the gradients' global norm to this.",
+                                     type=click.FloatRange(min=0, min_open=True))
+    views_per_step: int = option(1, "Train each step on this many views of the same samples (epoch e: views e*S to "
+                                    "e*S+S-1 of the order), their losses summed, as SLD's official code trains on two "
+                                    "views per step (--loss sld --views-per-step 2).", type=click.IntRange(min=1))
 
     def lr_milestones(self) -> list[int]:
         """Epochs at which the learning rate is multiplied by lr_decay_rate."""
@@ -49,50 +136,76 @@ class TrainConfig:
 class TeacherConfig(TrainConfig):
     """`kdcache train-teacher`."""
 
-    model: str = "resnet20"
-    dataset: str = "digits"
-    data_root: str | None = None
-    image_size: int | None = None
-    workers: int | None = None  # None: data.files.default_workers()
-    preload: bool = False
-    max_image_pixels: int | None = None  # None: the loader's (Pillow's limit)
-    out: str = "runs/teacher"
+    COMMAND: ClassVar[str] = "train-teacher"
+    NOT_OPTIONS: ClassVar[tuple[str, ...]] = ("views_per_step",)  # a teacher trains on one view per step
+
+    model: str = option("resnet20", "Model spec: a kdcache name, timm:NAME, torchvision:NAME or python:module:callable "
+                                    "(`kdcache models`).")
+    dataset: str = _dataset()
+    data_root: str | None = _data_root()
+    image_size: int | None = _image_size()
+    workers: int | None = _workers()  # None: data.files.default_workers()
+    preload: bool = _preload()
+    max_image_pixels: int | None = _max_image_pixels()  # None: the loader's (Pillow's limit)
+    out: str = option("runs/teacher", "Folder for model.pt (weights only), model.json, metrics.csv, config.yaml.")
 
 
 @dataclass(frozen=True)
 class DumpConfig:
     """`kdcache dump-teacher`."""
 
-    teacher: str = ""
-    checkpoint: str = ""
-    dataset: str = "digits"
-    data_root: str | None = None
-    image_size: int | None = None
-    workers: int | None = None
-    preload: bool = False
-    max_image_pixels: int | None = None
-    split: str = "train"
-    views: int | None = None
-    exhaustive: bool = False
-    scales: tuple[int, ...] = (1, 2, 4)
-    augmentation: str | None = None  # None: the source's own (data.files.DEFAULT_POLICIES)
-    ra_ops: int | None = None  # --aug randaugment: ops per view (default 2) and their magnitude bin (default 9)
-    ra_magnitude: int | None = None
-    mix: str | None = None  # mixup | cutmix: each view mixed with a partner sample's
-    mix_alpha: float = 1.0  # λ ~ Beta(alpha, alpha)
-    mix_prob: float = 1.0  # the share of views mixed
-    batch_size: int = 256
-    device: str = "auto"
-    dtype: str = "float16"
-    format: str | None = None
-    out: str = "caches/teacher.zarr"
-    seed: int = 0
-    block_size: int = 0
-    topk: int = 0
-    outputs: str = ""  # models.outputs names, comma-separated; "": what `losses` need, else regions
-    losses: tuple[str, ...] = ()
-    views_from: str | None = None  # a cache whose views (dataset, policy, parameters) this dump replays
-    overwrite: bool = False
+    COMMAND: ClassVar[str] = "dump-teacher"
+
+    checkpoint: str = option("", "Teacher weights: a .pt/.pth (mdistiller's, torchvision's, kdcache's model.pt), a "
+                                 ".safetensors (timm's, Hugging Face's), or a kdcache run folder. Never downloaded.")
+    teacher: str = option("", "Teacher model spec: a kdcache name, timm:NAME, torchvision:NAME or "
+                              "python:module:callable; read from the checkpoint's kdcache sidecar when omitted.")
+    dataset: str = _dataset()
+    data_root: str | None = _data_root()
+    image_size: int | None = _image_size()
+    workers: int | None = _workers()
+    preload: bool = _preload()
+    max_image_pixels: int | None = _max_image_pixels()
+    split: str = option("train", "Which split's images to cache.", type=click.Choice(["train", "test"]))
+    views: int | None = option(None, "Views per sample to cache (default 4).", type=click.IntRange(min=1))
+    exhaustive: bool = option(False, "Cache every view of a finite policy (cifar: 162) per sample, in a seeded random "
+                                     "order.")
+    scales: tuple[int, ...] = _scales((1, 2, 4), "Region scales; region count is the sum of their squares.")
+    augmentation: str | None = option(None, "Augmentation policy replayed for each view (cifar, imagenet, none; "
+                                            "randaugment: the default's crop and flip, then torchvision's "
+                                            f"RandAugment). {AUG_DEFAULT}", flag="--aug")
+    ra_ops: int | None = option(None, "--aug randaugment: ops per view (default 2).", type=click.IntRange(min=1))
+    ra_magnitude: int | None = option(None, "--aug randaugment: magnitude bin of every op, 0-30 (default 9).",
+                                      type=click.IntRange(0, 30))
+    mix: str | None = option(None, "Mix each view with a partner sample's view of the same cached view (partner, "
+                                   "lambda and box stored with the view; the teacher sees the mixed image, the "
+                                   "student's cross-entropy uses both labels; streamed folders read the partner's "
+                                   "file).", type=click.Choice(["mixup", "cutmix"]))
+    mix_alpha: float = option(1.0, "--mix: lambda ~ Beta(alpha, alpha).", type=click.FloatRange(min=0, min_open=True))
+    mix_prob: float = option(1.0, "--mix: the share of views mixed.", type=click.FloatRange(0, 1))
+    batch_size: int = option(256, "Images per teacher forward pass.", type=click.IntRange(min=1))
+    device: str = _device()
+    dtype: str = option("float16", "Stored logit precision.", type=click.Choice(["float16", "float32"]))
+    format: str | None = option(None, "Store format (default: from --out's suffix, else zarr).",
+                                type=click.Choice(["zarr", "hdf5"]))
+    out: str = option("caches/teacher.zarr", "Cache path (.zarr directory or .h5 file), or a Zarr URL (s3://, gs://, "
+                                             "file://); its resolved config goes to config.yaml beside its zarr.json "
+                                             "(a .h5 file: to FILE.config.yaml).")
+    seed: int = _seed()
+    block_size: int = option(0, "Samples per chunk (0: about 2 MB per chunk).", type=click.IntRange(min=0))
+    topk: int = option(0, "Store per region only the k largest logits, their classes and one logit for the rest "
+                          "(format 2; e.g. 20 for 1000 classes, see benchmarks/TOPK.md); 0 stores every logit.",
+                       type=click.IntRange(min=0))
+    outputs: str = option("", "What to cache besides the region logits, comma-separated: embedding (the pooled "
+                              "features), attention (every stage's attention map) or attention:STAGE, hint (the "
+                              "middle stage's feature map, FitNet's) or hint:STAGE. Default: what --loss needs, else "
+                              "regions only.")
+    losses: tuple[str, ...] = option((), "Cache what these losses read (fitnet: a hint; at: attention maps; sp, rkd: "
+                                         "the embedding); repeatable.", flag="--loss", multiple=True)
+    views_from: str | None = option(None, "Run this teacher on exactly the views of another cache (its dataset, "
+                                          "split, policy, views and seed), for several teachers: distill --cache A "
+                                          "--cache B.", type=click.Path(exists=True))
+    overwrite: bool = _overwrite("Delete an existing cache at --out and start over.")
 
     def mixing(self) -> dict | None:
         """--mix and its options as the policy takes them, or None without mixing."""
@@ -105,63 +218,105 @@ class SynthesizeConfig:
     batches of 256, 2000 iterations, Adam lr 0.05, BatchNorm weight 10; the script's total variation 2.5e-5, ℓ2 0,
     jitter 2)."""
 
-    teacher: str = ""
-    checkpoint: str = ""
-    dataset: str = "digits"  # the teacher's: image shape, classes, normalisation, and the real test split
-    data_root: str | None = None
-    image_size: int | None = None
-    num: int = 1024
-    out: str = "synthesized"
-    batch_size: int = 256
-    iterations: int = 2000
-    lr: float = 0.05  # Adam's, on the inputs
-    bn_weight: float = 10.0  # the BatchNorm-statistics term
-    tv_weight: float = 2.5e-5  # total variation
-    l2_weight: float = 0.0
-    jitter: int = 2  # pixels of random roll per iteration
-    labels: str = "target"  # each image's label: the class it was synthesised for, or the one the teacher names
-    augmentation: str = "cifar"  # the policy of the cache's views
-    views: int = 4
-    scales: tuple[int, ...] = (1, 2, 4)
-    seed: int = 0
-    device: str = "auto"
-    overwrite: bool = False
+    COMMAND: ClassVar[str] = "synthesize"
+
+    checkpoint: str = option("", "Teacher weights (.pt, .safetensors, or a kdcache run folder).",
+                             type=click.Path(exists=True))
+    teacher: str = option("", "Teacher model spec (as dump-teacher's); read from the checkpoint's sidecar when "
+                              "omitted. It needs BatchNorm layers.")
+    dataset: str = _dataset(help="The teacher's dataset: image shape, classes and normalisation of the synthesised "
+                                 "images, and the real test split students are evaluated on.")
+    data_root: str | None = option(None, "Folder holding that dataset (CIFAR).", type=click.Path(file_okay=False))
+    image_size: int | None = _image_size()
+    num: int = option(1024, "Images to synthesise (balanced over the classes).", type=click.IntRange(min=1))
+    out: str = option("synthesized", "Folder to write: the images as a dataset (--dataset synthesized --data-root "
+                                     "OUT), the teacher's cache over them, OUT/teacher.zarr, and config.yaml. A rerun "
+                                     "resumes it.")
+    batch_size: int = option(256, "Images optimised together.", type=click.IntRange(min=1))
+    iterations: int = option(2000, "Adam steps per batch.", type=click.IntRange(min=0))
+    lr: float = option(0.05, "Adam's learning rate on the inputs.", type=click.FloatRange(min=0, min_open=True))
+    bn_weight: float = option(10.0, "Weight of matching the BatchNorm statistics.", type=click.FloatRange(min=0))
+    tv_weight: float = option(2.5e-5, "Weight of the total-variation prior.", type=click.FloatRange(min=0))
+    l2_weight: float = option(0.0, "Weight of the inputs' l2 norm.", type=click.FloatRange(min=0))
+    jitter: int = option(2, "Random roll of the inputs per step, in pixels.", type=click.IntRange(min=0))
+    labels: str = option("target", "Each image's label: the class it was synthesised for, or the class the teacher "
+                                   "names (with --iterations 0: noise the teacher labels, the floor a synthesis "
+                                   "should beat).", type=click.Choice(["target", "teacher"]))
+    augmentation: str = option("cifar", "Policy of the cached views.", flag="--aug")
+    views: int = option(4, "Views per image in the cache.", type=click.IntRange(min=1))
+    scales: tuple[int, ...] = _scales((1, 2, 4), "Region scales of the cache.")
+    seed: int = _seed()
+    device: str = _device()
+    overwrite: bool = _overwrite("Start over in a folder that holds another synthesis.")
 
 
 @dataclass(frozen=True)
 class DistillConfig(TrainConfig):
     """`kdcache distill`."""
 
-    cache: str | None = None
-    extra_caches: tuple[str, ...] = ()  # further teachers' caches over the same views: an ensemble
-    teacher_weights: tuple[float, ...] = ()  # one per cache; default equal
-    live_teacher: str | None = None
-    teacher: str | None = None
-    students: tuple[str, ...] = ("resnet8x4",)
-    student_checkpoint: str | None = None  # the student's initial weights (a file or run folder); None: fresh ones
-    losses: tuple[str, ...] = ("sdd-lskd",)
-    pairs: tuple[str, ...] = ()  # "student:loss"; when given, these runs instead of students x losses
-    scales: tuple[int, ...] | None = None
-    dataset: str | None = None  # default: the cache's
-    data_root: str | None = None
-    image_size: int | None = None  # default: the cache's, for datasets stored at a chosen size
-    workers: int | None = None
-    preload: bool = False
-    max_image_pixels: int | None = None
-    view_order: str = "cycle"
-    batch_path: str = "device"
-    out: str = "runs/distill"
-    name: str | None = None  # the run's folder under out, exactly; default STUDENT-LOSS, or -2, -3, ... once taken
-    resume: bool = False
+    COMMAND: ClassVar[str] = "distill"
+
+    cache: str | None = option(None, "Teacher cache written by dump-teacher (a path, or a Zarr URL such as s3://...); "
+                                     "repeat for several teachers on the same views (dump-teacher --views-from): their "
+                                     "ensemble teaches.", multiple=True, rest="extra_caches")
+    extra_caches: tuple[str, ...] = ()  # further teachers' caches over the same views (--cache A --cache B)
+    teacher_weights: tuple[float, ...] = option((), "With several --cache, each teacher's weight in the ensemble, "
+                                                    "comma-separated (default equal).", parse="floats")
+    live_teacher: str | None = option(None, "Teacher weights (a file or a kdcache run folder) run on every batch "
+                                            "instead: the online baseline (fresh views each epoch, or the cache's "
+                                            "views when --cache is given too).")
+    teacher: str | None = option(None, "Model spec of --live-teacher (read from its sidecar when omitted); with "
+                                       "--cache, the cache must come from this spec.")
+    students: tuple[str, ...] = option(("resnet8x4",), "Student model spec: a kdcache name, timm:NAME, "
+                                                       "torchvision:NAME or python:module:callable; repeat for several "
+                                                       "students.", flag="--student", multiple=True)
+    student_checkpoint: str | None = option(None, "Start the student from these weights (.pt, .pth, .safetensors, or "
+                                                  "a kdcache run folder) instead of fresh ones; shape-checked, and a "
+                                                  "head for another class count (ImageNet's 1000) is replaced by a "
+                                                  "fresh one, said in a line. One --student.",
+                                            type=click.Path(exists=True))
+    losses: tuple[str, ...] = option(("sdd-lskd",), "Loss from `kdcache losses`; repeat for several. Every student is "
+                                                    "trained with every loss. LOSS,LOSS[=WEIGHT] sums losses in one "
+                                                    "run (e.g. sdd-lskd,rkd; cross-entropy once, WEIGHT the distill "
+                                                    "weight of that loss).", flag="--loss", multiple=True)
+    pairs: tuple[str, ...] = option((), "STUDENT:LOSS to train, repeatable; replaces the --student x --loss grid (e.g. "
+                                        "--pair resnet8x4:sdd-lskd --pair timm:resnet18:dkd).", flag="--pair",
+                                    multiple=True)
+    scales: tuple[int, ...] | None = _scales(None, "Region scales (default: the cache's; a subset such as 1,2 of a "
+                                                   "1,2,4 cache is taken from the stored regions).")
+    dataset: str | None = _dataset(None, "Dataset (default: the cache's).")
+    data_root: str | None = _data_root()
+    image_size: int | None = _image_size()  # default: the cache's, for datasets stored at a chosen size
+    workers: int | None = _workers()
+    preload: bool = _preload()
+    max_image_pixels: int | None = _max_image_pixels()
+    augmentation: str | None = option(None, "Policy of the fresh views of a run without --cache (cifar, imagenet, "
+                                            "none, randaugment); a cache's runs replay its views. " + AUG_DEFAULT,
+                                      flag="--aug")
+    view_order: str = option("cycle", "Epoch e uses view e mod K (cycle) or a seeded permutation of the views per "
+                                      "round (shuffle).", type=click.Choice(["cycle", "shuffle"]))
+    batch_path: str = option("device", "device: whole view on the device, batches as tensor ops (fast); dataset: "
+                                       "CacheDataset + DataLoader (general).", type=click.Choice(["device", "dataset"]))
+    out: str = option("runs/distill", "Folder for one sub-folder per run (with its config.yaml), summary.csv (a row "
+                                      "added per finished run) and summary.png. A run's folder is STUDENT-LOSS, or "
+                                      "STUDENT-LOSS-2, -3, ... when that holds another run: no run is replaced.")
+    name: str | None = option(None, "The run's folder under --out, exactly (one run only); refused when it holds a "
+                                    "run, unless --resume.")
+    resume: bool = option(False, "Continue the run --name names, else each run's latest unfinished folder (a finished "
+                                 "one is kept as it is; with none, a new run starts).")
     # loss overrides; None keeps the loss's published default (configs/losses.yaml)
-    temperature: float | None = None
-    ce_weight: float | None = None
-    distill_weight: float | None = None
-    alpha: float | None = None
-    beta: float | None = None
-    warmup_epochs: float | None = None
-    mutual: bool = False  # deep mutual learning: the students train together, each also learning from the others
-    ema_teacher: float | None = None  # the teacher is the EMA of the student's weights, with this decay
+    temperature: float | None = option(None, "Override the loss's temperature.", type=click.FLOAT)
+    ce_weight: float | None = option(None, "Override the cross-entropy weight.", type=click.FLOAT)
+    distill_weight: float | None = option(None, "Override the distillation weight.", type=click.FLOAT)
+    alpha: float | None = option(None, "Override DKD's alpha.", type=click.FLOAT)
+    beta: float | None = option(None, "Override DKD's beta.", type=click.FLOAT)
+    warmup_epochs: float | None = option(None, "Override the loss warm-up (in epochs of this run).", type=click.FLOAT)
+    mutual: bool = option(False, "Deep mutual learning: train the --student models together, step by step on the same "
+                                 "batches, each also learning from the others' predictions (loss dml; with --cache, "
+                                 "plus the one --loss). Two or more students.")
+    ema_teacher: float | None = option(None, "The teacher is the exponential moving average of the student's own "
+                                             "weights with this decay, e.g. 0.999 (mean teacher); no --cache.",
+                                       type=click.FLOAT)
 
     @property
     def has_teacher(self) -> bool:
@@ -184,11 +339,57 @@ class DistillConfig(TrainConfig):
                                f"{malformed[0]!r}")
         return pairs
 
+    def one_run(self, student: str, loss: str) -> DistillConfig:
+        """The config that repeats one run of this sweep (saved in its folder): its student and loss (under --mutual,
+        every student), in a folder of its own (no --name, no --resume)."""
+        if self.mutual:
+            return dataclasses.replace(self, name=None, resume=False)
+        return dataclasses.replace(self, students=(student,), losses=(loss,), pairs=(), name=None, resume=False)
+
     def loss_overrides(self) -> dict[str, float]:
         """The loss hyper-parameters given explicitly."""
         names = ("temperature", "ce_weight", "distill_weight", "alpha", "beta", "warmup_epochs")
         smoothing = {"label_smoothing": self.label_smoothing} if self.label_smoothing else {}
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None} | smoothing
+
+
+
+
+@dataclass(frozen=True)
+class QuickstartConfig:
+    """`kdcache quickstart`."""
+
+    COMMAND: ClassVar[str] = "quickstart"
+
+    out: str = option("runs/quickstart", "Folder for the teacher and students (and config.yaml).")
+    cache: str = option("caches/quickstart-digits.zarr", "Where the teacher cache goes.")
+    device: str = _device()
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """`kdcache recipe`."""
+
+    COMMAND: ClassVar[str] = "recipe"
+
+    recipe: str | None = option(None, "A recipe YAML file or the name of a packaged one (`kdcache recipe --list`).")
+    checkpoint: str | None = option(None, "Teacher weights (an mdistiller .pth, kdcache's model.pt or run folder, a "
+                                          ".safetensors) of the recipe's teacher.", type=click.Path())
+    data_root: str | None = option(None, "Folder holding the dataset in torchvision's on-disk format (CIFAR-100: "
+                                         "DATA/cifar-100-python/).", type=click.Path(file_okay=False))
+    out: str | None = option(None, "Folder for one sub-folder per run, summary.csv, table.md, table.csv and "
+                                   "config.yaml (default runs/RECIPE).")
+    cache: str | None = option(None, "Teacher cache: reused when complete, resumed when partial, dumped when missing "
+                                     "(default caches/DATASET-TEACHER-VIEWS.zarr, shared by recipes with the same "
+                                     "teacher).")
+    epochs: int | None = option(None, "Epochs per run instead of the recipe's 240 (lr decay and warm-ups scale with "
+                                      "them); the table says how many were run.", type=click.IntRange(min=1))
+    losses: tuple[str, ...] = option((), "Run only this loss (repeatable); default: every loss the recipe lists.",
+                                     flag="--loss", multiple=True)
+    views: int | None = option(None, "Cache K sampled views per image instead of the recipe's exhaustive 162 (16 "
+                                     "views of CIFAR-100: 3.4 GB instead of 34 GB).", type=click.IntRange(min=1))
+    device: str = _device()
+    resume: bool = option(False, "Continue each run from its last checkpoint (a finished run is kept).")
 
 
 def loader_options(config: Any) -> dict[str, Any]:
@@ -198,30 +399,103 @@ def loader_options(config: Any) -> dict[str, Any]:
     return {**options, "preload": True} if getattr(config, "preload", False) else options
 
 
-def field_default(cls: type, name: str) -> Any:
-    """A config field's default value (for --help)."""
-    return next(f.default for f in fields(cls) if f.name == name)
+def option_fields(cls: Any) -> list[dataclasses.Field]:
+    """A config class's (or config's) fields that are options of its command (declared with `option`)."""
+    return [f for f in fields(cls) if "help" in f.metadata and f.name not in getattr(cls, "NOT_OPTIONS", ())]
+
+
+def option_key(field: dataclasses.Field) -> str:
+    """The key of a field in a config file: its flag's name, `-` as `_` (`--student` -> student)."""
+    return (field.metadata.get("flag") or field.name).lstrip("-").replace("-", "_")
+
+
+def config_keys(cls: type) -> dict[str, str]:
+    """A config class's keys (its flags' names) -> the field each sets."""
+    return {option_key(f): f.name for f in option_fields(cls)}
+
+
+def old_keys(cls: type) -> dict[str, str]:
+    """The field names that are no key of their own (`students`, `augmentation`) -> the key to use instead; they still
+    set their field, for a release."""
+    keys = config_keys(cls)
+    instead = {f.metadata["rest"]: option_key(f) for f in fields(cls) if f.metadata.get("rest")}
+    return {f.name: instead.get(f.name) or option_key(f) for f in fields(cls)
+            if f.name not in keys and f.name not in getattr(cls, "NOT_OPTIONS", ())}
+
+
+def fields_from_keys(cls: type, document: dict[str, Any], where: Any) -> dict[str, Any]:
+    """A config file's mapping (keys: the flag names, `-` or `_`) as field values; an unknown key is refused, naming
+    the nearest known one, and an old field name works with a deprecation line."""
+    keys, old = config_keys(cls), old_keys(cls)
+    values = {}
+    for key, value in document.items():
+        name = str(key).replace("-", "_")
+        if name in old:
+            _say_deprecated(str(where), str(key), old[name])
+        elif name not in keys:
+            near = difflib.get_close_matches(name, list(keys), n=1)
+            advice = f"did you mean {near[0]}?" if near else f"known: {', '.join(sorted(keys))}"
+            raise KdcacheError(f"{where}: unknown key {key!r}; {advice} (the keys are the flag names of `kdcache "
+                               f"{cls.COMMAND} --help`)")
+        values[keys.get(name, name)] = value
+    return values
+
+
+@functools.lru_cache(maxsize=None)
+def _say_deprecated(where: str, key: str, new_key: str) -> None:
+    """One line per file and key, however often the file is read."""
+    print(f"kdcache: {key} (in {where}) is deprecated and goes in the next release; use {new_key}", file=sys.stderr)
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[str, Any] | None = None,
                 section: str | None = None) -> C:
-    """A config from a YAML recipe (its `section` mapping when it has one) with flags on top; unknown keys are an error."""
+    """A config from a YAML file (its `section` mapping when it has one) whose keys are the flag names, with
+    `overrides` (field names; None: unset) on top; unknown keys are an error."""
     values: dict[str, Any] = {}
     if path is not None:
-        values = _read_yaml(Path(path), section)
+        values = fields_from_keys(cls, _read_yaml(Path(path), section), path)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(values) - set(known))
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
     if unknown:
-        raise KdcacheError(f"{path or 'config'}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise KdcacheError(f"{cls.__name__} has no field {', '.join(unknown)}")
     hints = typing.get_type_hints(cls)
-    return cls(**{name: _coerce(name, value, hints[name], path) for name, value in values.items()})
+    for field in fields(cls):  # a list given to --cache: the first cache, then the others
+        rest = field.metadata.get("rest")
+        if rest and isinstance(values.get(field.name), (list, tuple)):
+            values[field.name], *values[rest] = values[field.name] or [None]
+    key = {name: key for key, name in config_keys(cls).items()}  # what a message calls a field
+    return cls(**{name: _coerce(key.get(name, name), value, hints[name], path) for name, value in values.items()})
+
+
+def config_document(config: Any) -> dict[str, Any]:
+    """A config as a config file holds it, keyed by flag names: what `load_config` reads back as an equal config."""
+    document = {}
+    for field in option_fields(config):
+        value, rest = getattr(config, field.name), field.metadata.get("rest")
+        if rest and getattr(config, rest):
+            value = [value, *getattr(config, rest)]
+        document[option_key(field)] = list(value) if isinstance(value, tuple) else value
+    return document
+
+
+def config_text(config: Any) -> str:
+    """The resolved config as a YAML file that repeats the run: `kdcache COMMAND --config FILE`."""
+    return (f"# the resolved config (defaults, then the --config file, then the flags) of a kdcache {config.COMMAND} "
+            f"run;\n# `kdcache {config.COMMAND} --config THIS_FILE` repeats it\n"
+            + yaml.safe_dump(config_document(config), sort_keys=False, allow_unicode=True, default_flow_style=None))
+
+
+def save_config(config: Any, folder: str | Path) -> Path:
+    """Write the resolved config to FOLDER/config.yaml (the folder made if need be); returns its path."""
+    path = Path(folder) / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config_text(config))
+    return path
 
 
 def config_dict(config: Any) -> dict[str, Any]:
     """A config as JSON-able plain values (saved in checkpoints and metadata)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
-
 
 def _read_yaml(path: Path, section: str | None) -> dict[str, Any]:
     if not path.is_file():

@@ -6,7 +6,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from kdcache.config import DistillConfig, DumpConfig, TeacherConfig
+from kdcache.config import DistillConfig, DumpConfig, QuickstartConfig, TeacherConfig, save_config
 from kdcache.report import distill_sweep, dump_summary
 from kdcache.stages import dump_from_config, train_teacher
 from kdcache.stages.folders import hold_free_folder
@@ -15,11 +15,13 @@ TEACHER, STUDENT = "resnet20", "resnet8"
 TEACHER_EPOCHS, STUDENT_EPOCHS, VIEWS = 8, 12, 4
 
 
-def run_quickstart(out: Path, cache: Path, device: str = "auto") -> None:
+def run_quickstart(out: Path, cache: Path, device: str = QuickstartConfig.device) -> None:
     """Train a teacher on digits, dump its cache once, distil two students from it, print what each stage gave;
     in a place of its own (an earlier quickstart is kept)."""
     with ExitStack() as held:
-        _quickstart(*fresh_place(out, cache, held), device)
+        place, place_cache = fresh_place(out, cache, held)
+        save_config(QuickstartConfig(str(out), str(cache), device), place)  # repeated, it takes a fresh place again
+        _quickstart(place, place_cache, device)
 
 
 def fresh_place(out: Path, cache: Path, held: ExitStack) -> tuple[Path, Path]:

@@ -2,7 +2,8 @@
 
 A recipe (configs/cifar100/*.yaml) names a teacher-student pair, a `dump:` section (DumpConfig), a
 `distill:` section (DistillConfig), the losses to run with the fields each one's released config
-changes, and the papers' numbers. An optional `feature_dump:` section (DumpConfig fields on top of `dump:`)
+changes, and the papers' numbers, every field by its flag's name (`aug`, `batch_size`: kdcache.config's
+keys). An optional `feature_dump:` section (DumpConfig fields on top of `dump:`)
 makes a second cache, of the teacher's features, that the feature and relation losses train from.
 DistillConfig holds one set of loss overrides, so each loss is one
 `distill` call on the same cache and output folder (its run folder and resume state do not depend on
@@ -21,7 +22,8 @@ import yaml
 
 from kdcache.cache import open_cache
 from kdcache.cache.location import Location, store_exists
-from kdcache.config import DistillConfig, DumpConfig, load_config
+from kdcache.config import DistillConfig, DumpConfig, RecipeConfig, config_keys, fields_from_keys, load_config, \
+    save_config
 from kdcache.data import ImageData, load_dataset
 from kdcache.errors import KdcacheError, unknown_name
 from kdcache.losses import PAPER_EPOCHS, get_loss, list_losses, scaled_loss
@@ -110,10 +112,11 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         raise KdcacheError(f"recipe {path}: expected the keys {', '.join(RECIPE_KEYS)} (and optionally "
                            f"{', '.join(OPTIONAL_KEYS)}); found {found}")
     feature_dump = document.get("feature_dump")
-    if feature_dump is not None and not (isinstance(feature_dump, dict)
-                                         and set(feature_dump) <= {f.name for f in fields(DumpConfig)}):
-        raise KdcacheError(f"recipe {path}: feature_dump should map DumpConfig fields (views, outputs, ...) to "
-                           f"values; got {feature_dump!r}")
+    if feature_dump is not None and not isinstance(feature_dump, dict):
+        raise KdcacheError(f"recipe {path}: feature_dump should map dump-teacher's flag names (views, outputs, ...) "
+                           f"to values; got {feature_dump!r}")
+    feature_dump = None if feature_dump is None else fields_from_keys(DumpConfig, feature_dump,
+                                                                      f"recipe {path}: feature_dump")
     for role in ("teacher", "student"):
         try:
             check_model_spec(str(document[role]))
@@ -126,9 +129,12 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     for loss, overrides in losses.items():
         if loss not in list_losses():
             raise unknown_name(f"recipe {path}: losses", loss, list_losses())
-        if not isinstance(overrides or {}, dict) or set(overrides or {}) - overridable:
-            raise KdcacheError(f"recipe {path}: losses.{loss} should map DistillConfig fields to values; got "
-                               f"{overrides!r}; fields: {', '.join(sorted(overridable))}")
+        if isinstance(overrides or {}, dict):
+            losses[loss] = overrides = fields_from_keys(DistillConfig, overrides or {}, f"recipe {path}: losses.{loss}")
+        if not isinstance(overrides, dict) or set(overrides) - overridable:
+            names = sorted(key for key, name in config_keys(DistillConfig).items() if name in overridable)
+            raise KdcacheError(f"recipe {path}: losses.{loss} should map DistillConfig fields (by distill's flag "
+                               f"names) to values; got {overrides!r}; names: {', '.join(names)}")
     columns = {"teacher", "student"} | set(list_losses()) - {"ce"}
     published = document["published"] or {}
     if not isinstance(published, dict):
@@ -242,9 +248,10 @@ def result_table(recipe: Recipe, losses: tuple[str, ...], summaries: list[RunSum
 
 
 def run_recipe(recipe_path: str | Path | None, checkpoint: str | Path | None, data_root: str | Path | None,
-               out: str | Path | None = None, cache: str | Path | None = None, epochs: int | None = None,
-               losses: tuple[str, ...] | None = None, device: str = "auto", views: int | None = None,
-               resume: bool = False, show_progress: bool = True) -> ResultTable:
+               out: str | Path | None = RecipeConfig.out, cache: str | Path | None = RecipeConfig.cache,
+               epochs: int | None = RecipeConfig.epochs, losses: tuple[str, ...] | None = None,
+               device: str = RecipeConfig.device, views: int | None = RecipeConfig.views,
+               resume: bool = RecipeConfig.resume, show_progress: bool = True) -> ResultTable:
     """Dump the teacher cache unless a complete matching one exists, distil every loss from it, write the table."""
     if recipe_path is None:
         raise KdcacheError(f"recipe: name a recipe; packaged: {', '.join(sorted(packaged_recipes()))}")
@@ -263,6 +270,8 @@ def run_recipe(recipe_path: str | Path | None, checkpoint: str | Path | None, da
                               exhaustive=False if views else None)
     dump = replace(dump, out=str(cache or default_cache(dump)))
     out = Path(out or Path("runs") / recipe.name)
+    save_config(RecipeConfig(str(recipe_path), str(checkpoint), root, str(out), None if cache is None else str(cache),
+                             epochs, losses, views, device, resume), out)
 
     # the feature and relation losses train from the features' cache, the others from the logits'
     caches = {loss: recipe.feature_dump_config(dump) if get_loss(loss).needs else dump for loss in losses}

@@ -85,7 +85,7 @@ def test_recipe_keys_are_checked_and_flags_override_the_recipe(tmp_path, capsys)
     recipe = tmp_path / "r.yaml"
     recipe.write_text("teacher:\n  model: resnet8\n  epochs: 3\n  bogus: 1\n")
     code, _, err = run_cli(["train-teacher", "--config", str(recipe)], capsys)
-    assert code == 2 and "unknown key(s) bogus; known:" in err
+    assert code == 2 and "unknown key 'bogus'; known:" in err
     from kdcache.config import TeacherConfig, load_config
 
     recipe.write_text("teacher:\n  model: resnet8\n  epochs: 3\n  lr_decay_at: [0.5]\n")

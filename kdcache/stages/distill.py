@@ -16,7 +16,7 @@ from kdcache import distributed
 from kdcache.cache import TeacherCache, open_cache
 from kdcache.cache.fit import outputs_of_kinds, require_same_views
 from kdcache.cache.location import Location
-from kdcache.config import DistillConfig, loader_options, recorded_config
+from kdcache.config import DistillConfig, loader_options, recorded_config, save_config
 from kdcache.data import DataSource, Policy, load_dataset, normalize, policy_for, stored_policy
 from kdcache.data.files import default_workers
 from kdcache.distributed import Shard, World
@@ -192,6 +192,8 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: DataSource
                   targets=[Peers(len(runs))] if config.mutual else [])
         if folder.state != NEW:  # held by --resume (or --name with --resume): continued, or kept when finished
             run.resume()
+        elif here.is_main:
+            save_config(config.one_run(student, loss_name), folder.path)
         runs.append(run)
     workers = default_workers(config.workers)
     checksums = cache.file_checksums() if cache is not None and stored.streamed else None

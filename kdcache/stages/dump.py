@@ -19,10 +19,10 @@ from kdcache.cache import open_cache
 from kdcache.cache.backends import store_class
 from kdcache.cache.fit import require_same_views
 from kdcache.cache.layout import PENDING, CacheSpec
-from kdcache.cache.location import Location, Place, store_bytes
+from kdcache.cache.location import Location, Place, store_bytes, url_filesystem
 from kdcache.cache.sizes import byte_size
 from kdcache.cache.writer import BackgroundWriter, CacheWriter
-from kdcache.config import DumpConfig, loader_options
+from kdcache.config import CONFIG_FILE, DumpConfig, config_text, loader_options
 from kdcache.data import AugmentPolicy, DataSource, FileBatches, FilePolicy, ImageData, ImageFiles, Policy, \
     dataset_options, load_dataset, normalize, policy_for
 from kdcache.data.files import NO_FILE, batch_on_device, check_checksums, default_workers, stream
@@ -35,7 +35,8 @@ from kdcache.models.outputs import REGIONS, ModelOutputs, feature_stages, output
 from kdcache.runtime import autocast, pick_device, precision, prepare_model
 from kdcache.stages.topk import encode_topk
 
-DEFAULT_VIEWS = 4
+DEFAULT_VIEWS = 4  # DumpConfig.views None: a dump without --views or --exhaustive
+DEFAULTS = DumpConfig()  # dump_teacher()'s defaults are the command's
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def dump_from_config(config: DumpConfig, show_progress: bool = True) -> DumpResu
     if config.exhaustive and config.views is not None:
         raise KdcacheError("dump-teacher: --views and --exhaustive exclude each other (--exhaustive caches every view "
                            "of the policy)")
-    device = pick_device(config.device)
+    device, given = pick_device(config.device), config
     if config.views_from:
         config = _with_views_of(config)
     data = load_dataset(config.dataset, config.data_root, config.split, **loader_options(config))
@@ -80,7 +81,7 @@ def dump_from_config(config: DumpConfig, show_progress: bool = True) -> DumpResu
                         magnitude=config.ra_magnitude)
     teacher, info = load_teacher(config.checkpoint, config.teacher or None, data.num_classes)
     outputs = parse_outputs(config.outputs or dumped_outputs(config.losses), teacher)
-    result = dump_teacher(teacher, info, data, policy, config.out, views=config.views or DEFAULT_VIEWS,
+    result = dump_teacher(teacher, info, data, policy, config.out, views=config.views,
                         exhaustive=config.exhaustive, scales=config.scales, batch_size=config.batch_size,
                         device=device, dtype=config.dtype, format=config.format, seed=config.seed,
                         block_size=config.block_size, overwrite=config.overwrite, topk=config.topk,
@@ -88,7 +89,22 @@ def dump_from_config(config: DumpConfig, show_progress: bool = True) -> DumpResu
     if config.views_from:
         with open_cache(config.views_from) as source, open_cache(config.out) as written:
             require_same_views(source, written)
+    if distributed.world().is_main:
+        save_cache_config(given)
     return result
+
+
+def save_cache_config(config: DumpConfig) -> str | Path:
+    """The resolved config, which `kdcache dump-teacher --config` repeats, kept with the cache it wrote: config.yaml
+    beside a Zarr store's zarr.json, or FILE.config.yaml beside an HDF5 file; returns where."""
+    out, text = Location.of(config.out), config_text(config)
+    if out.is_url:
+        filesystem, path = url_filesystem(out.url)
+        filesystem.pipe_file(f"{path}/{CONFIG_FILE}", text.encode())
+        return f"{out}/{CONFIG_FILE}"
+    path = out.path / CONFIG_FILE if out.path.is_dir() else out.path.with_name(f"{out.name}.{CONFIG_FILE}")
+    path.write_text(text)
+    return path
 
 
 def _with_views_of(config: DumpConfig) -> DumpConfig:
@@ -119,11 +135,13 @@ def dumped_outputs(losses: tuple[str, ...]) -> str:
 
 
 def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: DataSource,
-                 policy: Policy, out: Place, *, views: int | None = 1, exhaustive: bool = False,
-                 scales: tuple[int, ...] = (1, 2, 4), batch_size: int = 256, device: torch.device = torch.device("cpu"),
-                 dtype: str = "float16", format: str | None = None, seed: int = 0, block_size: int = 0,
-                 overwrite: bool = False, topk: int = 0, workers: int | None = None,
-                 outputs: tuple[str, ...] = (REGIONS,), show_progress: bool = True) -> DumpResult:
+                 policy: Policy, out: Place, *, views: int | None = DEFAULTS.views,
+                 exhaustive: bool = DEFAULTS.exhaustive, scales: tuple[int, ...] = DEFAULTS.scales,
+                 batch_size: int = DEFAULTS.batch_size, device: torch.device | str = DEFAULTS.device,
+                 dtype: str = DEFAULTS.dtype, format: str | None = DEFAULTS.format, seed: int = DEFAULTS.seed,
+                 block_size: int = DEFAULTS.block_size, overwrite: bool = DEFAULTS.overwrite, topk: int = DEFAULTS.topk,
+                 workers: int | None = DEFAULTS.workers, outputs: str | tuple[str, ...] = DEFAULTS.outputs,
+                 show_progress: bool = True) -> DumpResult:
     """Write the teacher's region logits for every (view, sample) to a cache; resumes an interrupted dump.
 
     teacher_info names the teacher in the metadata: arch (its spec), checkpoint, checkpoint_sha256; the feature
@@ -134,8 +152,13 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: DataSou
     creates the cache and records the per-view accuracy once every rank is done.
     A streamed split (ImageFiles) is read by `workers` DataLoader processes, each view drawn for each file's own
     size; a rank reads only the files of its blocks.
+    The defaults are `kdcache dump-teacher`'s (DumpConfig's): views None is its 4, device "auto" CUDA when present,
+    outputs "" the region logits only.
     """
     out = Location.of(out)
+    views = DEFAULT_VIEWS if views is None and not exhaustive else views
+    device = pick_device(device) if isinstance(device, str) else device
+    outputs = parse_outputs(outputs or REGIONS, teacher) if isinstance(outputs, str) else outputs
     here = distributed.init(device)
     streamed = data.streamed  # views drawn per file by workers, or ahead for the whole split held in memory
     params = None if streamed else view_params(policy, len(data.labels), views, exhaustive, seed)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from kdcache.config import SynthesizeConfig, loader_options
+from kdcache.config import SynthesizeConfig, loader_options, save_config
 from kdcache.data import ImageData, get_policy, load_dataset, normalize
 from kdcache.data.synthesized import DESCRIPTION, IMAGES, LABELS
 from kdcache.errors import KdcacheError
@@ -178,6 +178,7 @@ def _claim(folder: Path, config: SynthesizeConfig) -> None:
                                f"rerun with its settings to resume it, or use another --out (or --overwrite)")
         return
     (folder / "batches").mkdir(parents=True, exist_ok=True)
+    save_config(config, folder)  # `kdcache synthesize --config OUT/config.yaml` repeats it
     for old in (folder / "batches").glob("*.npz"):
         old.unlink()
     settings.write_text(json.dumps(wanted, indent=2) + "\n")

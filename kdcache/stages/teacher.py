@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from kdcache import distributed
-from kdcache.config import TeacherConfig, loader_options, recorded_config
+from kdcache.config import TeacherConfig, loader_options, recorded_config, save_config
 from kdcache.data import load_dataset, policy_for
 from kdcache.data.files import default_workers
 from kdcache.losses import get_loss
@@ -37,6 +37,8 @@ def train_teacher(config: TeacherConfig, show_progress: bool = True) -> TrainedM
     """
     device = pick_device(config.device)
     here = distributed.init(device)
+    if here.is_main:  # beside model.json: `kdcache train-teacher --config OUT/config.yaml` repeats the run
+        save_config(config, config.out)
     data = load_dataset(config.dataset, config.data_root, "train", **loader_options(config))
     test = load_dataset(config.dataset, config.data_root, "test", **loader_options(config))
     policy = policy_for(data, config.augmentation)
