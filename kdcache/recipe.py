@@ -249,7 +249,7 @@ def result_table(recipe: Recipe, losses: tuple[str, ...], summaries: list[RunSum
 
 def run_recipe(recipe_path: str | Path | None, checkpoint: str | Path | None, data_root: str | Path | None,
                out: str | Path | None = RecipeConfig.out, cache: str | Path | None = RecipeConfig.cache,
-               epochs: int | None = RecipeConfig.epochs, losses: tuple[str, ...] | None = None,
+               epochs: int | None = RecipeConfig.epochs, losses: tuple[str, ...] | None = RecipeConfig.losses,
                device: str = RecipeConfig.device, views: int | None = RecipeConfig.views,
                resume: bool = RecipeConfig.resume, show_progress: bool = True) -> ResultTable:
     """Dump the teacher cache unless a complete matching one exists, distil every loss from it, write the table."""

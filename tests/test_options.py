@@ -3,6 +3,7 @@ keys (flags override it), and every run folder and cache keeps the resolved conf
 
 import inspect
 from dataclasses import fields, replace
+from pathlib import Path
 
 import pytest
 from console import run_cli
@@ -134,41 +135,62 @@ def test_a_saved_config_reads_back_as_the_same_config(cls, tmp_path):
     assert load_config(cls, save_config(config, tmp_path)) == config
 
 
-def test_dump_teacher_in_python_has_the_commands_defaults():
-    from kdcache.stages import dump_teacher
+@pytest.mark.parametrize(("function", "cls", "least"), [("kdcache.stages:dump_teacher", DumpConfig, 13),
+                                                       ("kdcache.recipe:run_recipe", RecipeConfig, 7),
+                                                       ("kdcache.quickstart:run_quickstart", QuickstartConfig, 1)])
+def test_the_python_entry_points_have_the_commands_defaults(function, cls, least):
+    import importlib
 
-    defaults = {field.name: field.default for field in fields(DumpConfig)}
-    shared = {name: parameter.default for name, parameter in inspect.signature(dump_teacher).parameters.items()
+    module, name = function.split(":")
+    defaults = {field.name: field.default for field in fields(cls)}
+    parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters.items()
+    shared = {name: parameter.default for name, parameter in parameters
               if name in defaults and parameter.default is not inspect.Parameter.empty}
-    assert len(shared) >= 12 and shared == {name: defaults[name] for name in shared}
+    assert len(shared) >= least and shared == {name: defaults[name] for name in shared}
 
 
-def test_each_run_folder_and_cache_keeps_the_config_that_repeats_it(tmp_path, capsys, monkeypatch):
-    import kdcache.report
-    import kdcache.stages
+def repeats(command, saved, config, monkeypatch, capsys):
+    """Whether `kdcache COMMAND --config SAVED` resolves to `config`, the config of the run that saved it."""
+    return resolved(command, monkeypatch)(["--config", saved], capsys)[0] == config
 
+
+def test_a_teachers_run_folder_keeps_the_config_that_repeats_it(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "teacher.yaml").write_text("teacher:\n  model: resnet8\n  epochs: 1\n  batch-size: 256\n")
     assert run_cli(["train-teacher", "--config", "teacher.yaml", "--out", "t"], capsys)[0] == 0
-    teacher = load_config(TeacherConfig, tmp_path / "t/config.yaml")
-    assert teacher == TeacherConfig(model="resnet8", epochs=1, batch_size=256, out="t")
-    for out in ("c.zarr", "c.h5"):
-        code = run_cli(["dump-teacher", "--checkpoint", "t", "--views", "1", "--scales", "1", "--out", out], capsys)[0]
-        assert code == 0
-    assert run_cli(["verify", "c.zarr"], capsys)[0] == 0  # the config beside zarr.json is no part of the store
-    assert load_config(DumpConfig, tmp_path / "c.zarr/config.yaml") == DumpConfig(checkpoint="t", views=1, scales=(1,),
-                                                                                 out="c.zarr")
-    assert load_config(DumpConfig, tmp_path / "c.h5.config.yaml").out == "c.h5"
-    assert run_cli(["distill", "--cache", "c.zarr", "--student", "resnet8", "--loss", "kd", "--epochs", "1",
-                    "--out", "s", "--batch-size", "256"], capsys)[0] == 0
-    saved = tmp_path / "s/resnet8-kd/config.yaml"
-    assert load_config(DistillConfig, saved) == DistillConfig(cache="c.zarr", students=("resnet8",), losses=("kd",),
-                                                              epochs=1, out="s", batch_size=256)
-    # each saved file, given back to its command, resolves to the config of the run it was saved by
-    for command, path, config in [("train-teacher", "t/config.yaml", teacher),
-                                  ("dump-teacher", "c.zarr/config.yaml", load_config(DumpConfig, "c.zarr/config.yaml")),
-                                  ("distill", saved, load_config(DistillConfig, saved))]:
-        assert resolved(command, monkeypatch)(["--config", path], capsys)[0] == config
+    config = TeacherConfig(model="resnet8", epochs=1, batch_size=256, out="t")
+    assert (tmp_path / "t/model.json").exists() and load_config(TeacherConfig, tmp_path / "t/config.yaml") == config
+    assert repeats("train-teacher", tmp_path / "t/config.yaml", config, monkeypatch, capsys)
+
+
+def test_a_cache_keeps_the_config_that_repeats_it(tmp_path, capsys, monkeypatch):
+    from small_runs import saved_teacher
+
+    from kdcache.stages.dump import save_cache_config
+
+    saved_teacher(tmp_path, 10, seed=3)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--checkpoint", "teacher.pt", "--teacher", "resnet8", "--views", "1", "--scales", "1", "--out", "c.zarr"]
+    assert run_cli(["dump-teacher", *argv], capsys)[0] == 0
+    assert run_cli(["verify", "c.zarr"], capsys)[0] == 0  # config.yaml beside zarr.json is no part of the store
+    config = DumpConfig(checkpoint="teacher.pt", teacher="resnet8", views=1, scales=(1,), out="c.zarr")
+    assert load_config(DumpConfig, tmp_path / "c.zarr/config.yaml") == config
+    assert repeats("dump-teacher", tmp_path / "c.zarr/config.yaml", config, monkeypatch, capsys)
+    # an HDF5 cache is one file: its config goes beside it
+    assert save_cache_config(replace(config, out="c.h5")) == Path("c.h5.config.yaml")
+    assert load_config(DumpConfig, tmp_path / "c.h5.config.yaml") == replace(config, out="c.h5")
+
+
+def test_a_students_run_folder_keeps_the_config_of_its_own_run(digits_cache, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["distill", "--cache", digits_cache, "--student", "resnet8", "--loss", "kd",
+                    "--epochs", "1", "--out", "s", "--batch-size", "256"], capsys)[0] == 0
+    for loss in ("kd",):
+        saved = tmp_path / f"s/resnet8-{loss}/config.yaml"
+        config = DistillConfig(cache=str(digits_cache), students=("resnet8",), losses=(loss,), epochs=1, out="s",
+                               batch_size=256)
+        assert load_config(DistillConfig, saved) == config
+        assert repeats("distill", saved, config, monkeypatch, capsys)
 
 
 def test_a_sweeps_run_folder_keeps_the_config_of_its_own_run():
