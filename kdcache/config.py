@@ -427,6 +427,7 @@ def fields_from_keys(cls: type, document: dict[str, Any], where: Any) -> dict[st
     """A config file's mapping (keys: the flag names, `-` or `_`) as field values; an unknown key is refused, naming
     the nearest known one, and an old field name works with a deprecation line."""
     keys, old = config_keys(cls), old_keys(cls)
+    fields_by_name = {f.name: f for f in fields(cls)}
     values = {}
     for key, value in document.items():
         name = str(key).replace("-", "_")
@@ -438,7 +439,20 @@ def fields_from_keys(cls: type, document: dict[str, Any], where: Any) -> dict[st
             raise KdcacheError(f"{where}: unknown key {key!r}; {advice} (the keys are the flag names of `kdcache "
                                f"{cls.COMMAND} --help`)")
         values[keys.get(name, name)] = value
+        _check(fields_by_name[keys.get(name, name)], key, value, where)
     return values
+
+
+def _check(field: dataclasses.Field, key: str, value: Any, where: Any) -> None:
+    """Hold a value from a file to its flag's click type (a range, a choice, an existing path), as the flag is; the
+    field's default (such as "" for no --checkpoint) stands for the flag not given."""
+    kind = field.metadata.get("type")
+    if kind is None or value is None or value == field.default or isinstance(value, (list, tuple, dict)):
+        return
+    try:
+        kind.convert(value, None, None)
+    except click.BadParameter as error:
+        raise KdcacheError(f"{where}: {key}: {error.message}") from None
 
 
 @functools.lru_cache(maxsize=None)

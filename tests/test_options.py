@@ -77,6 +77,7 @@ def test_every_command_that_trains_or_writes_takes_a_config_in_its_flag_names_an
         command, text, flags, seen, tmp_path, capsys, monkeypatch):
     path = tmp_path / "config.yaml"
     path.write_text(text)
+    (tmp_path / "t.pt").write_bytes(b"")  # synthesize's --checkpoint must exist, in a file as on the command line
     monkeypatch.chdir(tmp_path)
     passed, err = resolved(command, monkeypatch)(["--config", path, *flags], capsys)
     assert (seen(*passed) if isinstance(passed, tuple) else seen(passed)) == EXPECTED[command]
@@ -199,3 +200,14 @@ def test_a_sweeps_run_folder_keeps_the_config_of_its_own_run():
     assert sweep.one_run("resnet20", "kd") == replace(sweep, students=("resnet20",), losses=("kd",), resume=False)
     mutual = replace(sweep, mutual=True)
     assert mutual.one_run("resnet8", "dml").students == ("resnet8", "resnet20")
+
+
+@pytest.mark.parametrize(("text", "expected"), [("epochs: 0", "epochs: 0 is not in the range x>=1."),
+                                                ("optimizer: adam", "optimizer: 'adam' is not one of 'sgd', 'adamw'."),
+                                                ("student-checkpoint: /nonexistent/s.pt", "student_checkpoint: Path "
+                                                 "'/nonexistent/s.pt' does not exist.")])
+def test_a_value_in_a_config_is_held_to_its_flags_range_in_one_line(text, expected, tmp_path, capsys):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(f"cache: c.zarr\n{text}\n")
+    code, _, err = run_cli(["distill", "--config", path], capsys)
+    assert code == 2 and err == f"kdcache: error: {path}: {expected}\n"
