@@ -427,7 +427,7 @@ def fields_from_keys(cls: type, document: dict[str, Any], where: Any) -> dict[st
     """A config file's mapping (keys: the flag names, `-` or `_`) as field values; an unknown key is refused, naming
     the nearest known one, and an old field name works with a deprecation line."""
     keys, old = config_keys(cls), old_keys(cls)
-    fields_by_name = {f.name: f for f in fields(cls)}
+    fields_by_name, hints = {f.name: f for f in fields(cls)}, typing.get_type_hints(cls)
     values = {}
     for key, value in document.items():
         name = str(key).replace("-", "_")
@@ -439,15 +439,18 @@ def fields_from_keys(cls: type, document: dict[str, Any], where: Any) -> dict[st
             raise KdcacheError(f"{where}: unknown key {key!r}; {advice} (the keys are the flag names of `kdcache "
                                f"{cls.COMMAND} --help`)")
         values[keys.get(name, name)] = value
-        _check(fields_by_name[keys.get(name, name)], key, value, where)
+        _check(fields_by_name[keys.get(name, name)], hints[keys.get(name, name)], key, value, where)
     return values
 
 
-def _check(field: dataclasses.Field, key: str, value: Any, where: Any) -> None:
-    """Hold a value from a file to its flag's click type (a range, a choice, an existing path), as the flag is; the
-    field's default (such as "" for no --checkpoint) stands for the flag not given."""
+def _check(field: dataclasses.Field, hint: Any, key: str, value: Any, where: Any) -> None:
+    """Hold a value from a file to its field's type, then to its flag's click type (a range, a choice, an existing
+    path), as the flag is; the field's default (such as "" for no --checkpoint) stands for the flag not given."""
     kind = field.metadata.get("type")
-    if kind is None or value is None or value == field.default or isinstance(value, (list, tuple, dict)):
+    if kind is None or value is None or isinstance(value, (list, tuple)):  # typed item by item in load_config
+        return
+    value = _coerce(key, value, hint, where)
+    if value == field.default:
         return
     try:
         kind.convert(value, None, None)
