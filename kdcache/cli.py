@@ -77,9 +77,9 @@ def _floats(ctx: click.Context, param: click.Parameter, value: str | None) -> tu
 PARSERS = {"scales": _scales, "floats": _floats}  # option(parse=...): comma-separated values
 CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
 config_option = click.option("--config", type=click.Path(dir_okay=False), default=None,
-                             help="YAML file of these options: its keys are the flag names (student: resnet8, or a "
-                                  "list for several; - or _), and flags given here override it. Every run folder "
-                                  "and cache keeps its resolved config.yaml, which repeats it.")
+                             help="YAML file of these options, keyed by their flag names (`batch-size: 64` or "
+                                  "batch_size; a list for a repeatable flag); flags given here override it. Every "
+                                  "run folder and cache keeps its resolved config.yaml, which repeats it.")
 
 
 def _shown_default(field: dataclasses.Field) -> Any:
