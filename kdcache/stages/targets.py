@@ -184,7 +184,8 @@ class EnsembleTargets:
 
     def __call__(self, indices: torch.Tensor | None, images: torch.Tensor, step: Sequence[Outputs] = ()) -> Outputs:
         """The ensemble's region logits and every teacher's further outputs."""
-        outputs = [teacher(indices, images, step) for teacher in self.teachers]
+        # a step's outputs only where there are some: a provider written to the two-argument protocol still joins
+        outputs = [teacher(indices, images, *([step] if step else [])) for teacher in self.teachers]
         result = {REGIONS: ensemble_logits([found[REGIONS] for found in outputs], self.log_weights)}
         for k, found in enumerate(outputs):
             result |= {with_teacher(name, k): value for name, value in found.items() if name != REGIONS}
