@@ -1,5 +1,5 @@
-"""Distillation losses: pure functions on tensors (`functions` on logits, `features` on features and embeddings)
-and the `--loss NAME` specs (`spec`)."""
+"""Distillation losses: pure functions on tensors (`functions` on logits, `features` on features and embeddings,
+`tokens` on a language model's logits against a top-k token cache) and the `--loss NAME` specs (`spec`)."""
 
 from kdcache.losses.features import at, fitnet, rkd, rkd_angle, rkd_distance, sp
 
@@ -32,6 +32,7 @@ from kdcache.losses.spec import (
                                       scaled_loss,
 )
 
+from kdcache.losses.tokens import TOKEN_LOSSES, distilbert, token_jsd, token_kl, token_reverse_kl, token_tvd
 from kdcache.tensors import attention_map  # the map AT compares, made where models make theirs
 
 __all__ = ["PAPER_EPOCHS", "PEERS", "at", "attention_map", "dkd", "dml", "fitnet", "get_loss", "kd", "list_losses",
@@ -39,4 +40,5 @@ __all__ = ["PAPER_EPOCHS", "PEERS", "at", "attention_map", "dkd", "dml", "fitnet
            "LossSpec", "LossSum", "nckd", "register_loss", "rkd", "rkd_angle", "rkd_distance", "scaled_loss", "sdd",
            "sdd_lskd",
            "sdd_region_weights", "sld", "sld_student_term", "sld_switched", "sld_teacher_term", "sp", "standardize",
-           "swap_target_max", "tckd", "upcast"]
+           "swap_target_max", "tckd", "upcast",
+           "TOKEN_LOSSES", "distilbert", "token_jsd", "token_kl", "token_reverse_kl", "token_tvd"]
