@@ -1,4 +1,4 @@
-"""Models: specs (kdcache's registry, timm, torchvision, your own), the CIFAR family, region logits, checkpoints."""
+"""Models: specs (kdcache's registry, timm, torchvision, GPT, Hugging Face folders, your own), the CIFAR family, region logits, checkpoints."""
 
 # Importing the architecture modules registers their constructors.
 from kdcache.models import imagenet, mobilenetv2, resnet, shufflenet, vgg, wrn  # noqa: F401
@@ -21,12 +21,15 @@ from kdcache.models.logit_map import (
     parse_scales,
     region_indices,
 )
-from kdcache.models.specs import check_model_spec, create_model, list_models, pretrained_tag
+from kdcache.models.lm import GPT
+from kdcache.models.specs import check_model_spec, count_parameters, create_model, list_models, pretrained_tag
 
 __all__ = [
+    "GPT",
     "HEAD_KINDS",
     "LogitMap",
     "check_model_spec",
+    "count_parameters",
     "create_model",
     "describe_outputs",
     "file_sha256",

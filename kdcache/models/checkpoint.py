@@ -21,7 +21,16 @@ from torch import nn
 
 from kdcache.errors import KdcacheError
 from kdcache.models.logit_map import model_name
-from kdcache.models.specs import NO_DOWNLOADS, check_model_spec, create_model, require_spec_from_file
+from kdcache.models.lm import hf_weight_files
+from kdcache.models.specs import (
+    NO_DOWNLOADS,
+    SPEC_FORMS,
+    check_model_spec,
+    create_model,
+    require_spec_from_file,
+    spec_body,
+    weights_in_spec,
+)
 
 # how a refusal says to choose the model a checkpoint fits, in the words of the caller's flags
 CHOOSE_MODEL = "load it into the model and class count it was trained with"
@@ -34,6 +43,11 @@ def file_sha256(path: str | os.PathLike) -> str:
     """The hex SHA-256 of a file's bytes."""
     with open(path, "rb") as file:
         return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def files_sha256(paths: list[Path]) -> str:
+    """The hex SHA-256 of several files as one: of a line `name sha256` per file, in the order given."""
+    return hashlib.sha256("".join(f"{path.name} {file_sha256(path)}\n" for path in paths).encode()).hexdigest()
 
 
 def _first_sentence(text: str) -> str:
@@ -195,8 +209,25 @@ def head_parameters(model: nn.Module, num_classes: int) -> list[str]:
     return [f"{name}.{parameter}" if name else parameter for parameter, _ in head.named_parameters(recurse=False)]
 
 
+def _with_tied(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """`state` with each of the model's tied parameters (one tensor under two names: an LM's output layer and its
+    embedding) filled from its partner where the file stores it once, as safetensors files do."""
+    names_of: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.numel():  # empty tensors may all sit at address 0 without being tied
+            names_of.setdefault((tensor.data_ptr(), tuple(tensor.shape)), []).append(name)
+    filled = dict(state)
+    for names in names_of.values():
+        stored = next((name for name in names if name in state), None)
+        if stored is not None:
+            filled.update({name: state[stored] for name in names if name not in state})
+    return filled
+
+
 def _load_state(state: Mapping[str, torch.Tensor], model: nn.Module, path: Path, choose: str) -> None:
-    """Load `state` into `model` strictly, after refusing in one line a tensor that does not fit."""
+    """Load `state` into `model` strictly (a tied parameter may be stored once), after refusing in one line a tensor
+    that does not fit."""
+    state = _with_tied(state, model)
     _check_fits(state, model, path, choose)
     model.load_state_dict(state, strict=True)
 
@@ -254,9 +285,16 @@ def checkpoint_sidecar(checkpoint: str | Path) -> dict[str, Any]:
 
 
 def load_teacher(checkpoint: str | Path | None, arch: str | None, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
-    """A teacher in eval mode and the metadata that names it (arch: its spec, classes, checkpoint and its sha256)."""
+    """A teacher in eval mode and the metadata that names it (arch: its spec, classes, checkpoint and its sha256).
+    An hf:PATH teacher needs no checkpoint: its folder's weights (config.json and safetensors, hashed together) are
+    used; a checkpoint given as well is loaded over them, strictly."""
     if arch:
         check_model_spec(arch)  # a misspelt spec is named before the weights are looked for
+    if not checkpoint and arch and weights_in_spec(arch):  # hf:PATH: the folder's weights, named by their digest
+        folder_files = hf_weight_files(spec_body(arch))
+        info = {"arch": arch, "num_classes": num_classes, "checkpoint": str(folder_files[0].parent),
+                "checkpoint_sha256": files_sha256(folder_files)}
+        return create_model(arch, num_classes=num_classes).eval(), info
     if not checkpoint:
         where = f" for {arch}" if arch else ""
         raise KdcacheError(f"--checkpoint: the teacher's weights are required{where} (a .pt, .pth or .safetensors "
@@ -266,8 +304,7 @@ def load_teacher(checkpoint: str | Path | None, arch: str | None, num_classes: i
         arch = require_spec_from_file(checkpoint_sidecar(checkpoint)["arch"], str(checkpoint.with_suffix(".json")))
     if not arch:
         raise KdcacheError(f"--teacher: which model is {checkpoint}? it has no kdcache sidecar "
-                           f"({checkpoint.with_suffix('.json').name}); pass --teacher SPEC (a kdcache name, "
-                           f"timm:NAME, torchvision:NAME or python:module:callable)")
+                           f"({checkpoint.with_suffix('.json').name}); pass --teacher SPEC ({SPEC_FORMS})")
     model = create_model(arch, num_classes=num_classes)
     load_checkpoint(checkpoint, model, CHOOSE_TEACHER)
     info = {"arch": arch, "num_classes": num_classes, "checkpoint": str(checkpoint),

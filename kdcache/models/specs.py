@@ -3,11 +3,16 @@
 - `NAME`: kdcache's registry (`kdcache models`);
 - `timm:NAME`: any timm model (`pip install "kdcache[timm]"`), pretrained tags such as `resnet50.a1_in1k` too;
 - `torchvision:NAME`: `torchvision.models.get_model(NAME)`, given timm's interface by an adapter;
+- `gpt:layers=L,width=D,heads=H[,context=T][,dropout=P]`: a small GPT for students trained from scratch, its
+  vocabulary the class count (kdcache.models.lm; keys left out take layers=6, width=384, heads=6, context=1024);
+- `hf:PATH`: a Hugging Face causal LM in a local folder (config.json, model.safetensors), with the folder's weights;
+  transformers runs no code from the folder (kdcache.models.lm);
 - `python:module.path:callable`: your own importable factory returning an nn.Module (`num_classes=` passed
   when it accepts it), imported only when the user typed the spec: a spec read from a file kdcache finds (a run
-  folder's model.json) names registry, timm or torchvision models only (`require_spec_from_file`).
+  folder's model.json) names models built by name or read from a folder as data only, never a python: one
+  (`require_spec_from_file`).
 
-Every model is built with fresh weights: kdcache never downloads any. Weights come from a local file
+Every model but an hf: one is built with fresh weights: kdcache never downloads any. Weights come from a local file
 (`load_checkpoint`), so a cache names exactly what its teacher was.
 """
 
@@ -24,10 +29,12 @@ from torch import nn
 
 from kdcache.errors import KdcacheError
 from kdcache.models._registry import MODELS
+from kdcache.models.lm import build_gpt, build_hf, gpt_examples, hf_exists, parse_gpt_spec
 from kdcache.models.torchvision_adapter import adapt_torchvision
 from kdcache.registry import Registry
 
-SPEC_FORMS = "NAME (kdcache's registry), timm:NAME, torchvision:NAME or python:module.path:callable"
+SPEC_FORMS = ("NAME (kdcache's registry), timm:NAME, torchvision:NAME, gpt:layers=L,width=D,heads=H, hf:PATH or "
+              "python:module.path:callable")
 NO_DOWNLOADS = ("kdcache never downloads weights: download the file once where there is internet (timm's and Hugging "
                 "Face's model.safetensors, or torchvision's .pth) and pass it with --checkpoint")
 
@@ -36,10 +43,11 @@ NO_DOWNLOADS = ("kdcache never downloads weights: download the file once where t
 class Source:
     """Where models of one spec scheme come from: how to build one by name, and which names exist."""
 
-    build: Callable[[str, int], nn.Module]
+    build: Callable[[str, int | None], nn.Module]
     names: Callable[[str], list[str]]
     exists: Callable[[str], bool]
     describe: str
+    own_classes: bool = False  # whether a model knows its class count itself (an hf: config's vocab_size)
 
 
 SOURCES: Registry[Source] = Registry("model spec")
@@ -75,13 +83,18 @@ def check_model_spec(spec: str) -> None:
         raise _unknown(spec, source.describe, name, source.names("*"))
 
 
-def create_model(spec: str, num_classes: int = 100, pretrained: bool = False) -> nn.Module:
-    """A freshly initialised model for a spec (see the module docstring); `model.arch` is the spec."""
+def create_model(spec: str, num_classes: int | None = 100, pretrained: bool = False) -> nn.Module:
+    """A freshly initialised model for a spec (an hf: one with its folder's weights; see the module docstring);
+    `model.arch` is the spec. num_classes=None: the model's own, for a source that knows it (hf:)."""
     if pretrained:
         raise KdcacheError(f"create_model({spec!r}, pretrained=True): {NO_DOWNLOADS}")
     check_model_spec(spec)
     scheme, name = _split(spec)
-    model = SOURCES.entry(scheme).build(name, num_classes)
+    source = SOURCES.entry(scheme)
+    if num_classes is None and not source.own_classes:
+        raise KdcacheError(f"create_model({spec!r}, num_classes=None): a {source.describe} model is built for a "
+                           f"class count (a vocabulary, for a GPT); only an hf: model has its own")
+    model = source.build(name, num_classes)
     if not isinstance(model, nn.Module):
         raise KdcacheError(f"model spec {spec!r} made a {type(model).__name__}; expected a torch.nn.Module")
     # error messages (a checkpoint that does not fit), checkpoints and cache metadata name the model by its spec
@@ -89,8 +102,9 @@ def create_model(spec: str, num_classes: int = 100, pretrained: bool = False) ->
     return model
 
 
-# the sources a spec read from a file kdcache finds may name: models built by name, never code to import
-FILE_SOURCES = ("kdcache", "timm", "torchvision")
+# the sources a spec read from a file kdcache finds may name: models built by name or from a folder's tensors and
+# JSON (hf: runs no code from the folder), never code to import
+FILE_SOURCES = ("kdcache", "timm", "torchvision", "gpt", "hf")
 
 
 def require_spec_from_file(spec: str, where: str, flag: str = "--teacher") -> str:
@@ -103,6 +117,21 @@ def require_spec_from_file(spec: str, where: str, flag: str = "--teacher") -> st
                            f"so kdcache takes one only from you, never from a file it finds; if you trust that code, "
                            f"pass {flag} {spec} yourself (on the command line, or in a --config file you name)")
     return spec
+
+
+def count_parameters(model: nn.Module) -> int:
+    """How many numbers a model learns: each parameter once, tied ones (a GPT's embedding and head) included."""
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def spec_body(spec: str) -> str:
+    """What a spec names within its source: `resnet8`, `resnet50` of timm:resnet50, `PATH` of hf:PATH."""
+    return _split(spec)[1]
+
+
+def weights_in_spec(spec: str) -> bool:
+    """Whether a spec's model comes with its weights (hf:PATH, from its folder), so no checkpoint is needed."""
+    return _split(spec)[0] == "hf"
 
 
 def pretrained_tag(spec: str) -> bool:
@@ -167,6 +196,18 @@ def _torchvision_build(name: str, num_classes: int) -> nn.Module:
 
 SOURCES.register(Source(_torchvision_build, _torchvision_names, lambda name: name in _torchvision_names("*"),
                         "torchvision"), "torchvision")
+
+
+# -- language models -----------------------------------------------------------------------------------------------
+SOURCES.register(Source(build_gpt, gpt_examples, lambda name: parse_gpt_spec(name) is not None, "GPT"), "gpt")
+
+
+def _hf_names(pattern: str) -> list[str]:
+    raise KdcacheError("models --source hf: an hf:PATH spec names a local model folder; there is no list of them to "
+                       "show")
+
+
+SOURCES.register(Source(build_hf, _hf_names, hf_exists, "Hugging Face folder", own_classes=True), "hf")
 
 
 # -- your own factory ----------------------------------------------------------------------------------------------
