@@ -2,6 +2,9 @@
 
     python benchmarks/token_cache.py --logits FILE.safetensors      # a tensor "logits" [N, V] of a real teacher
     python benchmarks/token_cache.py --synthetic 4096 --vocab 4096  # Zipf-like synthetic logits (no teacher)
+    python benchmarks/token_cache.py --teacher runs/quickstart-text/teacher --sequences 64 --dump-repeats 5
+                                  # a kdcache text teacher's logits on its corpus (train split's first sequences), and
+                                  # the token dump timed against the teacher's pure forward over the same batches
 
 For each (k, width) the codec encodes the logits, decodes them, and reports per token position, in float64:
   bytes/token     `TokenCodec.bytes_per_token()` at the logits' vocabulary, and at 150k (18-bit ids)
@@ -188,11 +191,75 @@ def describe_logits(logits: np.ndarray) -> str:
             f"{float(1 - top[:, :32].sum(-1).mean()):.4f}")
 
 
+def _text_teacher(folder: str) -> tuple[torch.nn.Module, object]:
+    """A kdcache text teacher's model and the train split of its corpus, tokenised by its own tokenizer."""
+    from kdcache.data.text import TOKENIZER_FILE, load_text
+    from kdcache.models import load_teacher, resolve_checkpoint
+    from kdcache.models.checkpoint import checkpoint_sidecar
+
+    sidecar = checkpoint_sidecar(resolve_checkpoint(folder))
+    described = sidecar["dataset"]
+    data = load_text(described["corpus"], "train", seq_len=described["seq_len"],
+                     tokenizer=f"{folder}/{TOKENIZER_FILE}", held_out=described["held_out"])
+    return load_teacher(folder, None, data.num_classes)[0], data
+
+
+def _teacher_logits(teacher: torch.nn.Module, data: object, sequences: int) -> np.ndarray:
+    """float32 [positions, V]: the teacher's logits at every unmasked position of the first `sequences`."""
+    inputs, _, mask = data.batch(torch.arange(min(sequences, data.num_samples)))
+    with torch.no_grad():
+        return teacher(inputs).float()[mask].numpy()
+
+
+def time_token_dump(teacher: torch.nn.Module, data: object, repeats: int, batch_size: int = 32) -> list[dict]:
+    """Sequences per second of `dump_tokens` timed whole (store created, blocks written, finished, default codec)
+    against the teacher's pure forward over the same batches (the batches' tokens on the device, logits computed,
+    nothing kept), each `repeats` times, the order alternating; medians, and the median of per-repeat ratios."""
+    import tempfile
+
+    from kdcache.stages.text_dump import dump_tokens
+
+    info = {"arch": "benchmark", "num_classes": data.num_classes, "checkpoint": "-", "checkpoint_sha256": "0" * 64}
+    times: dict[str, list[float]] = {"dump": [], "forward": []}
+
+    def forward() -> None:
+        with torch.no_grad():
+            for start in range(0, data.num_samples, batch_size):
+                teacher(data.batch(torch.arange(start, min(start + batch_size, data.num_samples)))[0])
+
+    with tempfile.TemporaryDirectory() as folder:
+        for repeat in range(repeats + 1):  # the first of each is a warm-up, dropped
+            for name in (("dump", "forward") if repeat % 2 else ("forward", "dump")):
+                started = time.perf_counter()
+                if name == "dump":
+                    dump_tokens(teacher, info, data, f"{folder}/{repeat}.zarr", batch_size=batch_size,
+                                device="cpu", show_progress=False)
+                else:
+                    forward()
+                if repeat:
+                    times[name].append(time.perf_counter() - started)
+    ratios = [f / d for f, d in zip(times["forward"], times["dump"])]
+    return [{"what": name, "sequences_per_s": data.num_samples / float(np.median(seconds)),
+             "ratio": float(np.median(ratios)) if name == "dump" else 1.0} for name, seconds in times.items()]
+
+
+def dump_table(rows: Sequence[dict]) -> str:
+    """The dump-vs-forward rows as markdown."""
+    lines = ["| what | sequences/s | vs the pure forward |", "|---|---|---|"]
+    return "\n".join(lines + [f"| {row['what']} | {row['sequences_per_s']:.1f} | {row['ratio']:.3f}x |"
+                              for row in rows])
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--logits", help="a safetensors file with a tensor named 'logits' [N, V] (or [..., V])")
     source.add_argument("--synthetic", type=int, metavar="N", help="N positions of Zipf-like synthetic logits")
+    source.add_argument("--teacher", help="a kdcache text teacher's run folder (model.json, tokenizer.json): its logits "
+                                          "on the first --sequences of its corpus's train split")
+    parser.add_argument("--sequences", type=int, default=64, help="--teacher: sequences whose positions are measured")
+    parser.add_argument("--dump-repeats", type=int, default=0, help="--teacher: also time `dump_tokens` over the whole "
+                        "train split against the teacher's pure forward over the same batches, this many times each")
     parser.add_argument("--vocab", type=int, default=4096, help="vocabulary of --synthetic")
     parser.add_argument("--rows", default=",".join(f"{k}:{width}" for k, width in DEFAULT_ROWS),
                         help="k:width pairs, comma-separated")
@@ -202,9 +269,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    dump_rows = []
     if args.logits:
         from safetensors.numpy import load_file
         logits, source = load_file(args.logits)["logits"], f"`{args.logits}`"
+    elif args.teacher:
+        teacher, data = _text_teacher(args.teacher)
+        logits, source = _teacher_logits(teacher, data, args.sequences), f"teacher `{args.teacher}` on {data.corpus}"
+        dump_rows = time_token_dump(teacher, data, args.dump_repeats) if args.dump_repeats else []
     else:
         logits, source = synthetic_logits(args.synthetic, args.vocab), "synthetic Zipf-like logits (seed 0)"
     logits = logits.reshape(-1, logits.shape[-1]).astype(np.float32)
@@ -216,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"- device: commit {source_commit()}; CPU `{cpu_model()}`, {os.cpu_count()} cores; python "
                       f"{platform.python_version()}, numpy {np.__version__}",
                       f"- source: {source}; {describe_logits(logits)}", "", markdown_table(table, logits.shape[-1]),
+                      *(["", dump_table(dump_rows)] if dump_rows else []),
                       "", f"{time.perf_counter() - started:.0f} s"])
     print(text)
     if args.out:

@@ -145,12 +145,13 @@ def quickstart(ctx: click.Context, **_: Any) -> None:
     """The whole mission on scikit-learn's bundled digits: train a teacher, dump its cache, distil two students.
 
     Needs no download and no flags; about 80 s on two idle CPU cores (77-79 s measured on a 2-core Xeon, 100 s on
-    a 2-core EPYC: README.md).
+    a 2-core EPYC: README.md). With --text, the same for language models on CPython's bundled documentation: a BPE,
+    a GPT teacher, its token cache and two GPT students compared by held-out perplexity.
     """
     from kdcache.quickstart import run_quickstart
 
     config = _resolved(QuickstartConfig, ctx, None)
-    run_quickstart(Path(config.out), Path(config.cache), config.device)
+    run_quickstart(config.out and Path(config.out), config.cache and Path(config.cache), config.device, config.text)
 
 
 @cli.command("train-teacher")
@@ -164,7 +165,11 @@ def train_teacher_command(ctx: click.Context, **_: Any) -> None:
     from kdcache.stages import train_teacher
 
     result = train_teacher(_resolved(TeacherConfig, ctx, "teacher"))
-    if world().is_main:
+    if world().is_main and hasattr(result, "test_ppl"):  # a language model (--dataset text)
+        click.echo(f"teacher held-out perplexity {result.test_ppl:.2f} (best {result.best_test_ppl:.2f}); checkpoint "
+                   f"{result.folder / 'model.pt'}, sidecar {result.folder / 'model.json'}, tokenizer "
+                   f"{result.folder / 'tokenizer.json'}")
+    elif world().is_main:
         click.echo(f"teacher test accuracy {result.test_acc:.4f} (best {result.best_test_acc:.4f}); "
                    f"checkpoint {result.checkpoint}, sidecar {result.sidecar}")
 
@@ -286,8 +291,9 @@ def verify_command(cache: str) -> None:
 
 @cli.command("models")
 @click.argument("pattern", default="*")
-@click.option("--source", type=click.Choice(["kdcache", "timm", "torchvision"]), default="kdcache", show_default=True,
-              help="Whose models: kdcache's registry (with parameter counts), timm's or torchvision's.")
+@click.option("--source", type=click.Choice(["kdcache", "timm", "torchvision", "gpt"]), default="kdcache",
+              show_default=True, help="Whose models: kdcache's registry (with parameter counts), timm's, torchvision's, "
+              "or example shapes of kdcache's GPT (with parameter counts).")
 @click.option("--pretrained", is_flag=True, help="With --source timm: list timm's pretrained tags (such as "
               "timm:resnet50.a1_in1k), whose weights you fetch yourself and pass with --checkpoint.")
 def models_command(pattern: str, source: str, pretrained: bool) -> None:
@@ -298,8 +304,12 @@ def models_command(pattern: str, source: str, pretrained: bool) -> None:
       NAME                          kdcache's registry (this list)
       timm:NAME                     any timm model (pip install "kdcache[timm]"), e.g. timm:convnext_atto
       torchvision:NAME              torchvision.models.get_model(NAME), e.g. torchvision:resnet50
+      gpt:layers=L,width=D,heads=H  a small GPT (defaults layers=6, width=384, heads=6; optional context=1024,
+                                    dropout=0); its vocabulary is the data's
+      hf:PATH                       a Hugging Face causal LM in a local folder (config.json, model.safetensors),
+                                    with the folder's weights; no code from the folder runs
       python:module.path:callable   your own factory returning an nn.Module (num_classes= passed if accepted)
-    Weights always come from a local file (--checkpoint): kdcache never downloads any.
+    Weights always come from a local file (--checkpoint, or an hf: folder): kdcache never downloads any.
     """
     from kdcache.report import model_table
 

@@ -48,7 +48,25 @@ def _dataset(default: str | None = "digits", help: str = "Dataset from `kdcache 
 
 
 def _data_root() -> Any:
-    return option(None, "Folder holding the dataset (CIFAR, imagefolder).", type=click.Path(file_okay=False))
+    return option(None, "Folder holding the dataset (CIFAR, imagefolder); for --dataset text the corpus: pydoc "
+                        "(CPython's own documentation, the default), a UTF-8 file, a folder of .txt/.md/.rst files or "
+                        "hf-disk:FOLDER (a Hugging Face dataset saved with save_to_disk).", type=click.Path())
+
+
+def _seq_len() -> Any:
+    return option(None, "--dataset text: tokens per sequence (default 64; distill: the cache's).",
+                  type=click.IntRange(min=2))
+
+
+def _tokenizer() -> Any:
+    return option(None, "--dataset text: a tokenizer.json (or a folder holding one, or GPT-2's vocab.json and "
+                        "merges.txt); default: a byte-level BPE of --vocab-size trained on the corpus (dump-teacher: "
+                        "the teacher's run folder's, distill: the cache's).", type=click.Path(exists=True))
+
+
+def _vocab_size() -> Any:
+    return option(None, "--dataset text: tokens of the BPE trained on the corpus when no --tokenizer is given "
+                        "(default 4096).", type=click.IntRange(min=260))
 
 
 def _image_size() -> Any:
@@ -147,6 +165,9 @@ class TeacherConfig(TrainConfig):
     workers: int | None = _workers()  # None: data.files.default_workers()
     preload: bool = _preload()
     max_image_pixels: int | None = _max_image_pixels()  # None: the loader's (Pillow's limit)
+    seq_len: int | None = _seq_len()
+    tokenizer: str | None = _tokenizer()
+    vocab_size: int | None = _vocab_size()
     out: str = option("runs/teacher", "Folder for model.pt (weights only), model.json, metrics.csv, config.yaml.")
 
 
@@ -157,8 +178,9 @@ class DumpConfig:
     COMMAND: ClassVar[str] = "dump-teacher"
 
     checkpoint: str = option("", "Teacher weights: a .pt/.pth (mdistiller's, torchvision's, kdcache's model.pt), a "
-                                 ".safetensors (timm's, Hugging Face's), or a kdcache run folder. Never downloaded.")
-    teacher: str = option("", "Teacher model spec: a kdcache name, timm:NAME, torchvision:NAME or "
+                                 ".safetensors (timm's, Hugging Face's), or a kdcache run folder. Never downloaded. "
+                                 "An hf:PATH teacher needs none (its folder's weights; given, it is loaded over them).")
+    teacher: str = option("", "Teacher model spec: a kdcache name, timm:NAME, torchvision:NAME, gpt:..., hf:PATH or "
                               "python:module:callable; read from the checkpoint's kdcache sidecar when omitted.")
     dataset: str = _dataset()
     data_root: str | None = _data_root()
@@ -166,7 +188,14 @@ class DumpConfig:
     workers: int | None = _workers()
     preload: bool = _preload()
     max_image_pixels: int | None = _max_image_pixels()
-    split: str = option("train", "Which split's images to cache.", type=click.Choice(["train", "test"]))
+    seq_len: int | None = _seq_len()
+    tokenizer: str | None = _tokenizer()
+    vocab_size: int | None = _vocab_size()
+    token_width: str = option("q6", "--dataset text: how each position's top-k log-probabilities are stored: q6, q8 or "
+                                    "q4 (6, 8 or 4-bit codes of a step per position), q8f (8-bit codes of 1/16 nat) or "
+                                    "fp16; --topk is the ids per position (default 36). benchmarks/TOKENS.md measures "
+                                    "each.", type=click.Choice(["q6", "q8", "q4", "q8f", "fp16"]))
+    split: str = option("train", "Which split's images (or sequences) to cache.", type=click.Choice(["train", "test"]))
     views: int | None = option(None, "Views per sample to cache (default 4).", type=click.IntRange(min=1))
     exhaustive: bool = option(False, "Cache every view of a finite policy (cifar: 162) per sample, in a seeded random "
                                      "order.")
@@ -194,12 +223,14 @@ class DumpConfig:
     seed: int = _seed()
     block_size: int = option(0, "Samples per chunk (0: about 2 MB per chunk).", type=click.IntRange(min=0))
     topk: int = option(0, "Store per region only the k largest logits, their classes and one logit for the rest "
-                          "(format 2; e.g. 20 for 1000 classes, see benchmarks/TOPK.md); 0 stores every logit.",
+                          "(format 2; e.g. 20 for 1000 classes, see benchmarks/TOPK.md); 0 stores every logit. "
+                          "--dataset text: the token ids kept per position (0: 36, benchmarks/TOKENS.md).",
                        type=click.IntRange(min=0))
     outputs: str = option("", "What to cache besides the region logits, comma-separated: embedding (the pooled "
                               "features), attention (every stage's attention map) or attention:STAGE, hint (the "
                               "middle stage's feature map, FitNet's) or hint:STAGE. Default: what --loss needs, else "
-                              "regions only.")
+                              "regions only. --dataset text: hidden (the teacher's final hidden state at every "
+                              "position, for --loss distilbert).")
     losses: tuple[str, ...] = option((), "Cache what these losses read (fitnet: a hint; at: attention maps; sp, rkd: "
                                          "the embedding); repeatable.", flag="--loss", multiple=True)
     views_from: str | None = option(None, "Run this teacher on exactly the views of another cache (its dataset, "
@@ -290,6 +321,10 @@ class DistillConfig(TrainConfig):
     workers: int | None = _workers()
     preload: bool = _preload()
     max_image_pixels: int | None = _max_image_pixels()
+    tokenizer: str | None = _tokenizer()
+    token_tail: str = option("bucket", "A token cache's losses: bucket compares the teacher's k ids and the rest of the "
+                                       "vocabulary as one more outcome; renormalize, the k ids alone (the teacher "
+                                       "renormalised over them).", type=click.Choice(["bucket", "renormalize"]))
     augmentation: str | None = option(None, "Policy of the fresh views of a run without --cache (cifar, imagenet, "
                                             "none, randaugment); a cache's runs replay its views. " + AUG_DEFAULT,
                                       flag="--aug")
@@ -361,8 +396,12 @@ class QuickstartConfig:
 
     COMMAND: ClassVar[str] = "quickstart"
 
-    out: str = option("runs/quickstart", "Folder for the teacher and students (and config.yaml).")
-    cache: str = option("caches/quickstart-digits.zarr", "Where the teacher cache goes.")
+    out: str | None = option(None, "Folder for the teacher and students (and config.yaml); default runs/quickstart, "
+                                   "with --text runs/quickstart-text.")
+    cache: str | None = option(None, "Where the teacher cache goes (default caches/quickstart-digits.zarr, with --text "
+                                     "caches/quickstart-text.zarr).")
+    text: bool = option(False, "The language-model quickstart instead: a BPE vocabulary, a GPT teacher and two GPT "
+                               "students on CPython's bundled documentation, compared by held-out perplexity.")
     device: str = _device()
 
 
@@ -393,8 +432,10 @@ class RecipeConfig:
 
 
 def loader_options(config: Any) -> dict[str, Any]:
-    """The loader options a config sets (image_size, max_image_pixels, preload), for load_dataset."""
-    options = {name: getattr(config, name) for name in ("image_size", "max_image_pixels")
+    """The loader options a config sets (image_size, max_image_pixels, preload; a text source's seq_len, tokenizer,
+    vocab_size), for load_dataset."""
+    options = {name: getattr(config, name) for name in ("image_size", "max_image_pixels", "seq_len", "tokenizer",
+                                                        "vocab_size")
                if getattr(config, name, None) is not None}
     return {**options, "preload": True} if getattr(config, "preload", False) else options
 

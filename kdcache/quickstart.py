@@ -9,19 +9,24 @@ from pathlib import Path
 from kdcache.config import DistillConfig, DumpConfig, QuickstartConfig, TeacherConfig, save_config
 from kdcache.report import distill_sweep, dump_summary
 from kdcache.stages import dump_from_config, train_teacher
+from kdcache.quickstart_text import text_quickstart
 from kdcache.stages.folders import hold_free_folder
 
 TEACHER, STUDENT = "resnet20", "resnet8"
 TEACHER_EPOCHS, STUDENT_EPOCHS, VIEWS = 8, 12, 4
 
 
-def run_quickstart(out: Path, cache: Path, device: str = QuickstartConfig.device) -> None:
+def run_quickstart(out: Path | None = None, cache: Path | None = None, device: str = QuickstartConfig.device,
+                   text: bool = False) -> None:
     """Train a teacher on digits, dump its cache once, distil two students from it, print what each stage gave;
-    in a place of its own (an earlier quickstart is kept)."""
+    in a place of its own (an earlier quickstart is kept). text: the language-model quickstart (quickstart_text)."""
+    out = out or Path("runs/quickstart-text" if text else "runs/quickstart")
+    cache = cache or Path("caches/quickstart-text.zarr" if text else "caches/quickstart-digits.zarr")
     with ExitStack() as held:
         place, place_cache = fresh_place(out, cache, held)
-        save_config(QuickstartConfig(str(out), str(cache), device), place)  # repeated, it takes a fresh place again
-        _quickstart(place, place_cache, device)
+        # repeated, it takes a fresh place again
+        save_config(QuickstartConfig(out=str(out), cache=str(cache), text=text, device=device), place)
+        (text_quickstart if text else _quickstart)(place, place_cache, device)
 
 
 def fresh_place(out: Path, cache: Path, held: ExitStack) -> tuple[Path, Path]:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from kdcache.cache import Problem, open_cache, verify
@@ -20,10 +21,12 @@ from kdcache.config import DistillConfig
 from kdcache.data import ImageData, list_datasets, list_policies
 from kdcache.distributed import world
 from kdcache.errors import KdcacheError
-from kdcache.losses import get_loss, list_losses
-from kdcache.models import create_model, list_models
+from kdcache.losses import TOKEN_LOSSES, get_loss, list_losses
+from kdcache.models import count_parameters, create_model, list_models
+from kdcache.models.lm import GPT_FORM
 from kdcache.stages.distill import RunSummary, distill
 from kdcache.stages.dump import DumpResult
+from kdcache.stages.text_train import LanguageRun, language_table, write_language_summary
 from kdcache.stages.evaluate import CacheEvaluation, ModelEvaluation
 
 SUMMARY_WAIT_SECONDS = 60.0  # another call into the same --out adding its rows takes well under a second
@@ -51,6 +54,10 @@ def describe_cache(path: str | Path) -> dict[str, Any]:
                   "bytes_on_disk": size, "blocks_written": written, "blocks_total": progress.size,
                   "complete": written == progress.size, "view_accuracy": accuracy,
                   "self_check": self_check_scope(cache)[1]}
+    if spec.kind == "tokens":
+        report["shape"] = {name: list(spec.array_layout(name)[0]) for name in spec.data_arrays}
+        report["text"] = _token_cache_text(path, spec, report)
+        return report
     shown = [("-" if a is None else f"{a:.4f}") for a in accuracy[:16]]
     report["text"] = "\n".join([
         f"{path} ({report['format']}, format version {spec.format_version})",
@@ -76,6 +83,25 @@ def describe_cache(path: str | Path) -> dict[str, Any]:
            if "mix" in spec.augmentation else ""),
     ])
     return report
+
+
+def _token_cache_text(path: str | Path, spec: Any, report: dict[str, Any]) -> str:
+    """inspect's text for a token cache: teacher, corpus and tokenizer, what each position stores and its bytes."""
+    dataset, codec, accuracy = spec.dataset, spec.codec, report["view_accuracy"][0]
+    return "\n".join([
+        f"{path} ({report['format']}, format version {spec.format_version}, a token cache)",
+        f"teacher   {spec.teacher['arch']} ({spec.num_classes} tokens, sha256 "
+        f"{spec.teacher.get('checkpoint_sha256', '?')[:12]}, {spec.teacher.get('precision')})",
+        f"dataset   {dataset['name']} {dataset['split']} of corpus {dataset.get('corpus')}: {spec.num_samples} "
+        f"sequences of {spec.positions} positions ({dataset['num_tokens']} next tokens), fingerprint "
+        f"{dataset['fingerprint'][:12]}, tokenizer sha256 {dataset['tokenizer'].get('sha256', '?')[:12]}",
+        f"tokens    per position the top {codec.k} token ids ({codec.id_bits} bits each) and log-probabilities "
+        f"({codec.width}) with the tail's mass: {codec.bytes_per_token()} bytes per position; {spec.block_size} "
+        f"sequences per chunk",
+        f"size      {_megabytes(report['bytes_on_disk'])} on disk",
+        f"complete  {'yes' if report['complete'] else 'no'}: {report['blocks_written']} of {report['blocks_total']} "
+        f"blocks written",
+        f"accuracy  teacher next-token top-1: {'-' if accuracy is None else f'{accuracy:.4f}'}"])
 
 
 def _policy_extras(augmentation: dict) -> str:
@@ -141,14 +167,27 @@ def model_table(pattern: str = "*", source: str = "kdcache", pretrained: bool = 
         return "\n".join([*names, f"({len(names)} timm pretrained tags; kdcache downloads no weights: fetch the tag's "
                                   f"model.safetensors where there is internet and pass it with --checkpoint, e.g. "
                                   f"--teacher {names[0]} --checkpoint model.safetensors)"])
+    if source == "gpt":
+        return "\n".join([*_parameter_rows(names, GPT2_VOCAB, f"vocab {GPT2_VOCAB}"),
+                          f"(example shapes; a GPT is named as {GPT_FORM})"])
     if source != "kdcache":
         return "\n".join([*names, f"({len(names)} {source} models; name one as shown, e.g. --teacher {names[0]})"])
+    return "\n".join(_parameter_rows(names, 100, "100 classes"))
+
+
+GPT2_VOCAB = 50257  # GPT-2's tokenizer: the vocabulary `kdcache models --source gpt` counts parameters at
+
+
+def _parameter_rows(names: list[str], num_classes: int, counted_at: str) -> list[str]:
+    """A table of models and their parameter counts at a class count (built on the meta device: no memory, no
+    initialisation)."""
     width = max(len(name) for name in names)
-    rows = [f"{'model':<{width}} {'params (100 classes)':>22}"]
+    rows = [f"{'model':<{width}} {f'params ({counted_at})':>22}"]
     for name in names:
-        count = sum(p.numel() for p in create_model(name, num_classes=100).parameters())
+        with torch.device("meta"):
+            count = count_parameters(create_model(name, num_classes=num_classes))
         rows.append(f"{name:<{width}} {count / 1e6:>20.2f} M")
-    return "\n".join(rows)
+    return rows
 
 
 def dataset_table() -> str:
@@ -159,6 +198,8 @@ def dataset_table() -> str:
         "torchvision's on-disk format and never download; synthetic is generated",
         "           imagefolder reads --data-root/train and val/ (or test/) in torchvision's ImageFolder layout, at 224×224 "
         "(--image-size), streamed from its files (--preload: decoded into memory)",
+        "           text packs a tokenised corpus (a text file, a folder of .txt/.md/.rst, hf-disk:PATH, or Python's own "
+        "pydoc topics) into next-token sequences; from Python for now (load_dataset('text', CORPUS)), not the commands",
         "policies:  " + ", ".join(list_policies()) + " (imagenet: RandomResizedCrop + flip, sampled views only)",
     ])
 
@@ -175,7 +216,14 @@ def loss_table() -> str:
         weights = " ".join(f"{field}={getattr(spec, field):g}" for field in LOSS_DEFAULTS
                            if getattr(spec, field) not in (None, 0.0) or field == "ce_weight")
         rows.append(f"{name:<12} {weights:<74} {spec.paper}")
+    rows += ["", "language models (distill --cache of a token cache; ce_weight=0.1 distill_weight=0.9 temperature=1 "
+                 "unless overridden):",
+             *(f"{name:<18} {_first_line(loss.__doc__)}" for name, loss in TOKEN_LOSSES.items())]
     return "\n".join(rows)
+
+
+def _first_line(text: str | None) -> str:
+    return (text or "").strip().splitlines()[0] if text else ""
 
 
 def _megabytes(size: int) -> str:
@@ -188,7 +236,13 @@ def distill_sweep(config: DistillConfig, show_progress: bool = True,
     this call's table."""
     started = time.perf_counter()
     summaries = distill(config, show_progress, data)
-    if world().is_main:
+    if world().is_main and summaries and all(isinstance(run, LanguageRun) for run in summaries):
+        write_language_summary(summaries, Path(config.out))
+        if show_progress:
+            print(language_table(summaries))
+            print(f"{len(summaries)} run(s) in {time.perf_counter() - started:.0f} s; written to {config.out}/ (a row "
+                  f"per run added to summary.csv, and per run folder: metrics.csv, model.pt, model.json)")
+    elif world().is_main:
         write_summary(summaries, Path(config.out))
         if show_progress:
             print(summary_table(summaries))

@@ -143,7 +143,7 @@ def test_the_cache_id_is_written_once_a_resume_keeps_it_and_an_overwrite_makes_a
     assert cache_id_of(path) != started
 
 
-@pytest.mark.parametrize("name", FIXTURES)
+@pytest.mark.parametrize("name", [name for name, (version, *_) in FIXTURES.items() if version < 6])
 def test_a_cache_written_before_cache_ids_is_named_by_its_metadata_digest(name):
     with open_cache(FIXTURES_DIR / name) as cache:
         assert CACHE_ID not in cache.metadata

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kdcache.cache import open_cache, verify
-from kdcache.cache.layout import FORMAT_VERSIONS, WRITTEN_VERSION
+from kdcache.cache.layout import FORMAT_VERSIONS, TOKENS_SINCE, WRITTEN_VERSION
 from kdcache.data import get_policy, load_dataset, normalize, policy_for
 from kdcache.errors import KdcacheError
 from kdcache.models import LogitMap, load_teacher
@@ -34,7 +34,11 @@ FIXTURES = {
     "v4.zarr": (4, 0, False),
     "v5-outputs.zarr": (5, 0, False),
     "v5-topk-outputs.h5": (5, 2, False),
+    "v6.zarr": (6, 0, False),
 }
+# token caches (format 6 on): file -> (format version, k, log-probabilities' width, their largest decoding error)
+TOKEN_FIXTURES = {"v6-tokens.zarr": (6, 4, "q8", 0.05), "v6-tokens-fp16.h5": (6, 4, "fp16", 2e-3)}
+TEXT_TEACHER = "gpt:layers=1,width=16,heads=2"
 STREAMED_FIXTURE = "v4-files.zarr"  # format 4 over the image folder images/, streamed
 SCALES = (1, 2)
 
@@ -47,6 +51,7 @@ def teacher_and_data():
 
 def test_every_format_version_has_a_fixture():
     assert {version for version, _, _ in FIXTURES.values()} == set(FORMAT_VERSIONS)
+    assert {version for version, *_ in TOKEN_FIXTURES.values()} == {v for v in FORMAT_VERSIONS if v >= TOKENS_SINCE}
     assert max(FORMAT_VERSIONS) == WRITTEN_VERSION
 
 
@@ -97,6 +102,26 @@ def test_a_streamed_cache_of_format_4_reads_verifies_and_equals_the_live_teacher
                 live = logit_map(normalize(images, files.mean, files.std))
             torch.testing.assert_close(torch.from_numpy(cache.view(view)).float(), live.half().float(), rtol=2e-3,
                                        atol=2e-3)
+
+
+@pytest.mark.parametrize("name", TOKEN_FIXTURES)
+def test_a_token_cache_of_every_version_reads_verifies_and_equals_the_live_teachers_top_k(name):
+    from kdcache.stages.text_train import cache_text
+
+    version, k, width, tolerance = TOKEN_FIXTURES[name]
+    with open_cache(FIXTURES_DIR / name) as cache:
+        assert cache.spec.format_version == version and cache.spec.kind == "tokens" and verify(cache) == []
+        assert (cache.spec.codec.k, cache.spec.codec.width) == (k, width)
+        data, _ = cache_text(cache.spec, str(FIXTURES_DIR / "corpus.txt"), str(FIXTURES_DIR / "text-tokenizer.json"))
+        model, info = load_teacher(FIXTURES_DIR / "text-teacher.pt", TEXT_TEACHER, data.num_classes)
+        assert cache.spec.teacher["checkpoint_sha256"] == info["checkpoint_sha256"]
+        assert (cache.labels() == data.next_tokens().numpy()).all()
+        ids, logprobs = cache.spec.codec.decode(cache.view_arrays(0))
+    with torch.no_grad():
+        live = torch.log_softmax(model(data.tokens[:, :-1]).float(), -1).topk(k, dim=-1)
+    assert (ids == live.indices.numpy()).all()
+    torch.testing.assert_close(torch.from_numpy(logprobs), live.values, rtol=0, atol=tolerance)
+    assert "a token cache" in describe_cache(FIXTURES_DIR / name)["text"]
 
 
 @pytest.mark.parametrize("name", [name for name, (version, _, _) in FIXTURES.items() if version < WRITTEN_VERSION])

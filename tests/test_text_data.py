@@ -213,7 +213,8 @@ def test_describe_is_json_and_image_members_refuse(tmp_path, small_tokenizer):
     assert described == {"name": "text", "split": "test", "source": "tokens", "num_samples": data.num_samples,
                          "seq_len": 4, "num_tokens": data.num_tokens, "vocab_size": SMALL_VOCAB,
                          "corpus": str(tmp_path / "corpus.txt"), "held_out": 0.5, "fingerprint": data.fingerprint,
-                         "tokenizer": {"sha256": tokenizer_fingerprint(small_tokenizer), "vocab_size": SMALL_VOCAB}}
+                         "tokenizer": {"sha256": tokenizer_fingerprint(small_tokenizer), "vocab_size": SMALL_VOCAB,
+                                       "path": str(tmp_path.resolve())}}
     assert data.policy("none").num_views == 1 and data.default_policy == "none" and not data.streamed
     assert "takes no augmentation" in refusal(data.policy, "cifar")
     assert "takes no augmentation" in refusal(data.policy, "none", {"mode": "mixup"})

@@ -5,8 +5,9 @@ from kdcache.cache.backends import create_store, open_store
 from kdcache.cache.layout import CacheSpec
 from kdcache.cache.reader import Problem, TeacherCache, open_cache
 from kdcache.cache.store import Store
+from kdcache.cache.token_layout import TokenCacheSpec
 from kdcache.cache.verify import verify
 from kdcache.cache.writer import BackgroundWriter, CacheWriter
 
-__all__ = ["BackgroundWriter", "CacheSpec", "CacheWriter", "Problem", "Store", "TeacherCache", "create_store",
+__all__ = ["BackgroundWriter", "CacheSpec", "CacheWriter", "Problem", "Store", "TeacherCache", "TokenCacheSpec", "create_store",
            "open_cache", "open_store", "verify"]

@@ -1,4 +1,4 @@
-"""Cache format versions 1 to 5: the arrays, the metadata schema, and the checks
+"""Cache format versions 1 to 6: the arrays, the metadata schema, and the checks
 that a cache fits its use."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -31,8 +31,12 @@ FORMAT_VERSIONS = {
        "is float32 fractions of each original image, written with each block",
     5: "as 4, plus the metadata's `outputs`: the teacher's further outputs per view besides its region logits "
        "(`embedding`, `attention.<stage>`, `hint.<stage>`), each an array chunked as the logits are",
+    6: "as 5; or a token cache (metadata `tokens`): a causal language model's next-token distribution per sequence "
+       "and position, its top-k token ids and log-probabilities quantised as `tokens` describes, `labels` the next "
+       "token of each position",
 }
-WRITTEN_VERSION = 5
+WRITTEN_VERSION = 6
+TOKENS_SINCE = 6  # the first format version that may be a token cache
 OUTPUTS_SINCE = 5  # the first format version that may hold outputs besides the region logits
 TARGET_CHUNK_BYTES = 2 * 2**20  # one view x one block of samples per chunk: 1-4 MB reads well from disk
 PENDING = -1  # progress value of a block not yet written
@@ -74,7 +78,7 @@ IDENTITY_FIELDS = (
     "dataset.name", "dataset.split", "dataset.num_samples", "dataset.image_shape", "dataset.num_classes",
     "dataset.mean", "dataset.std", "dataset.fingerprint",
     "augmentation", "views.count", "views.exhaustive", "views.seed", "scales", "logits.dtype",
-    "logits.block_size", "logits.topk", "outputs",
+    "logits.block_size", "logits.topk", "outputs", "tokens",
 )
 FULL_ARRAYS = ("logits",)
 FILE_ARRAYS = ("files", "file_crc32c")
@@ -100,6 +104,8 @@ class CacheSpec:
     # further outputs than the region logits (models.outputs): name -> the shape of one sample's, e.g.
     # {"embedding": [256], "attention/layer1": [32, 32]}
     outputs: dict[str, list[int]] = field(default_factory=dict)
+
+    kind: ClassVar[str] = "regions"  # what a sample's values are: region logits (or a token cache's positions)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -220,15 +226,31 @@ class CacheSpec:
                            "class, then topk_values at topk_indices (FKD/ReLabel: the other classes share the "
                            "remaining mass evenly)"} if self.topk else {})},
             **({"outputs": self.outputs} if self.format_version >= OUTPUTS_SINCE else {}),
-            "arrays": {name: ARRAYS[generic_array(name)] for name in (*self.data_arrays, "aug", "labels", "progress",
-                                                                     DIGEST_ARRAY, *self.file_arrays)},
+            "arrays": {name: self.array_description(name) for name in (*self.data_arrays, "aug", "labels", "progress",
+                                                                          DIGEST_ARRAY, *self.file_arrays)},
             "view_accuracy": self.view_accuracy,
         }
+
+    def array_description(self, name: str) -> str:
+        """What one of the cache's arrays holds, for the metadata's `arrays`."""
+        return ARRAYS[generic_array(name)]
+
+    @property
+    def labels_shape(self) -> tuple[int, ...]:
+        """The `labels` array's shape: a class per sample."""
+        return (self.num_samples,)
+
+    @property
+    def num_scored(self) -> int:
+        """How many predictions `progress` counts the right ones of, per view: one per sample."""
+        return self.num_samples
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any], where: str) -> CacheSpec:
         """Parse and check a stored metadata document; a missing or malformed field names itself."""
         version = _format_version(metadata, where)
+        if "tokens" in metadata and version >= TOKENS_SINCE and cls is CacheSpec:
+            return SPEC_KINDS["tokens"].from_metadata(metadata, where)
         get = _FieldReader(metadata, where)
         scales = tuple(get("scales", list))
         if not (scales and all(isinstance(s, int) and not isinstance(s, bool) for s in scales) and scales[0] == 1
@@ -294,6 +316,10 @@ class CacheSpec:
         flat = {**_flatten(self.to_metadata()), "logits.topk": self.topk}  # 0 for a full cache, which has no field
         return {name: value for name, value in flat.items()
                 if any(name == f or name.startswith(f + ".") for f in IDENTITY_FIELDS)}
+
+
+# the kinds of cache besides region logits, by the metadata field that marks them: token_layout registers its spec
+SPEC_KINDS: dict[str, type[CacheSpec]] = {}
 
 
 def output_array(name: str) -> str:

@@ -126,7 +126,7 @@ class TeacherCache:
 
     def view_accuracy(self) -> list[float | None]:
         """Teacher top-1 accuracy of region 0 per view (None for a view not fully written)."""
-        return [None if (row == PENDING).any() else float(row.sum()) / self.num_samples for row in self.progress()]
+        return [None if (row == PENDING).any() else float(row.sum()) / self.spec.num_scored for row in self.progress()]
 
     def require(self, expected: dict[str, Any]) -> None:
         """Refuse this cache if a metadata field differs from what the caller expects (see layout.require_match)."""
@@ -148,7 +148,7 @@ class TeacherCache:
 
     # -- reading -------------------------------------------------------------------------------
     def labels(self) -> np.ndarray:
-        """[samples] int64 labels."""
+        """[samples] int64 labels ([samples, positions] next-token ids of a token cache, -1 where none)."""
         return self._read_checked("labels", None)
 
     def aug_params(self, view: int) -> np.ndarray:
@@ -284,7 +284,7 @@ class TeacherCache:
             "aug": ((spec.num_views, spec.num_samples, spec.num_params), spec.aug_dtype,
                     (1, spec.block_size) if spec.num_params else None,
                     "views.count, dataset.num_samples, augmentation.param_names, logits.block_size"),
-            "labels": ((spec.num_samples,), "int64", None, "dataset.num_samples"),
+            "labels": (spec.labels_shape, "int64", None, "dataset.num_samples"),
             "progress": ((spec.num_views, spec.num_blocks), "int64", None,
                          "views.count, dataset.num_samples, logits.block_size"),
             **({DIGEST_ARRAY: ((DIGEST_BYTES,), "uint8", None, "format_version")}

@@ -59,6 +59,8 @@ def _verify_block(cache: TeacherCache, view: int, block: int, progress: int, lab
             what = "logits" if name in spec.logit_arrays else "values"
             return problem(f"NaN or Inf {what} for samples {list(np.flatnonzero(~finite)[:10] + rows.start)}", name)
     block_labels = labels[rows.start:rows.stop]
+    if spec.kind == "tokens":
+        return _verify_tokens(cache, arrays, block_labels, progress, problem)
     if spec.topk:
         return _verify_topk(cache, arrays, block_labels, progress, problem)
     logits = arrays["logits"].astype(np.float32)
@@ -96,6 +98,22 @@ def _verify_topk(cache: TeacherCache, arrays: dict[str, np.ndarray], labels: np.
     return _recount(indices[:, 0, 0], labels, progress, problem)
 
 
+def _verify_tokens(cache: TeacherCache, arrays: dict[str, np.ndarray], labels: np.ndarray, progress: int,
+                   problem: ProblemAt) -> list[Problem]:
+    """A token cache's own invariants: valid distinct token ids, log-probabilities in descending order, no more
+    mass than one; then the count of positions whose next token is the teacher's first."""
+    ids, logprobs = cache.spec.codec.decode(arrays)
+    vocabulary = cache.spec.num_classes
+    if ids.min() < 0 or ids.max() >= vocabulary:
+        return problem(f"token ids outside 0-{vocabulary - 1}", "token_ids")
+    ordered = np.sort(ids, axis=-1)
+    if (ordered[..., 1:] == ordered[..., :-1]).any():
+        return problem("a position lists the same token twice", "token_ids")
+    if (np.diff(logprobs, axis=-1) > 0).any() or (np.exp(logprobs).sum(-1) > 1 + 1e-3).any():
+        return problem("log-probabilities not in descending order, or summing to more than one", "token_logprobs")
+    return _recount(np.where(labels >= 0, ids[..., 0], -2), labels, progress, problem)
+
+
 def _recount(predicted: np.ndarray, labels: np.ndarray, progress: int, problem: ProblemAt) -> list[Problem]:
     """The block's recorded count of correct teacher predictions equals the count from its stored logits."""
     correct = int((predicted == labels).sum())
@@ -117,6 +135,8 @@ SELF_CHECK_SKIPPED = {
 def self_check_scope(cache: TeacherCache) -> tuple[list[int], str]:
     """The scales whose cells verify checks against region 0, and a line that says which and why."""
     spec = cache.spec
+    if spec.kind == "tokens":
+        return [], "skipped: a token cache has positions, not regions"
     if spec.head != "linear":
         return [], "skipped: " + SELF_CHECK_SKIPPED.get(spec.head, f"the teacher's head kind {spec.head!r} is unknown")
     if spec.topk:

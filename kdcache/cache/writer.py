@@ -101,7 +101,7 @@ class CacheWriter:
     def _create_arrays(store: Store, spec: CacheSpec, labels: np.ndarray, aug_params: np.ndarray | None,
                        listing: bytes) -> None:
         block = spec.block_size
-        store.create_array("labels", (spec.num_samples,), "int64", (spec.num_samples,))
+        store.create_array("labels", spec.labels_shape, "int64", spec.labels_shape)
         store.create_array("aug", (spec.num_views, spec.num_samples, spec.num_params), spec.aug_dtype,
                            (1, block, spec.num_params))
         if spec.streamed:
@@ -186,7 +186,7 @@ class CacheWriter:
 
     def view_accuracy(self) -> list[float]:
         """Teacher top-1 accuracy of region 0 per view, from the blocks written so far."""
-        return [float(row[row != PENDING].sum()) / self.spec.num_samples for row in self.progress()]
+        return [float(row[row != PENDING].sum()) / self.spec.num_scored for row in self.progress()]
 
     def finish(self) -> list[float]:
         """Record per-view teacher accuracy in the metadata when every block is written; returns it."""

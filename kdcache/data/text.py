@@ -46,6 +46,7 @@ BYTE_ALPHABET = 256  # byte-level BPE starts from every byte
 DEFAULT_SEQ_LEN = 64
 DEFAULT_VOCAB_SIZE = 4096
 DEFAULT_HELD_OUT = 0.1
+TOKENIZER_FILE = "tokenizer.json"  # a text model's run folder keeps its tokenizer beside model.pt
 UINT16_VOCAB = 65536  # ids of a vocabulary up to this size are stored as uint16, else int32
 
 CORPUS_FORMS = (f"a UTF-8 text file, a folder of {'/'.join(TEXT_SUFFIXES)} files, {HF_DISK}PATH (a datasets "
@@ -270,13 +271,14 @@ class TextData:
     default_policy: ClassVar[str] = "none"  # no augmentation: one view, the sequence itself
 
     def __init__(self, split: str, ids: np.ndarray, mask: np.ndarray, tokenizer: Tokenizer, corpus: str,
-                 held_out: float) -> None:
+                 held_out: float, tokenizer_path: str | None = None) -> None:
         """ids [N, T + 1] (uint16 or int32) and mask [N, T] bool of one split, as `pack` and `split_rows` cut them;
-        `corpus` is the spec they were read from."""
+        `corpus` is the spec they were read from, `tokenizer_path` the tokenizer's file (None: trained on it)."""
         if ids.ndim != 2 or ids.shape[1] < 2 or mask.dtype != np.bool_ or mask.shape != (len(ids), ids.shape[1] - 1):
             raise KdcacheError(f"TextData: needs ids [N, T + 1] and a bool mask [N, T], found ids "
                                f"{list(ids.shape)} and mask {mask.dtype} {list(mask.shape)}")
         self.split, self.corpus, self.held_out, self.tokenizer = split, corpus, float(held_out), tokenizer
+        self.tokenizer_path = tokenizer_path
         self._ids = ids
         self.mask = torch.from_numpy(mask)  # bool [N, T]: False where the target is padding
         self.seq_len = ids.shape[1] - 1
@@ -300,6 +302,17 @@ class TextData:
         """The number of real (unmasked) next-token targets."""
         return int(self.mask.sum())
 
+    def next_tokens(self) -> Tensor:
+        """int64 [N, seq_len]: each position's next token, -1 where it is padding (a token cache's labels)."""
+        return self.tokens[:, 1:].masked_fill(~self.mask, -1)
+
+    def head(self, count: int) -> TextData:
+        """The first `count` sequences alone (a run that trains on part of a split the teacher saw whole)."""
+        if not 1 <= count <= self.num_samples:
+            raise KdcacheError(f"text data: {count} sequences asked for, this split has {self.num_samples}")
+        return TextData(self.split, self._ids[:count], self.mask[:count].numpy(), self.tokenizer, self.corpus,
+                        self.held_out, self.tokenizer_path)
+
     def batch(self, indices: Tensor | Sequence[int] | slice, device: torch.device | str = "cpu") -> TextBatch:
         """The sequences `indices` names: inputs and next-token targets int64 [b, seq_len], mask bool [b, seq_len],
         on the device."""
@@ -320,7 +333,8 @@ class TextData:
         """What identifies this data in cache metadata (JSON-able)."""
         return {"name": self.name, "split": self.split, "source": "tokens", "num_samples": self.num_samples,
                 "seq_len": self.seq_len, "num_tokens": self.num_tokens, "vocab_size": self.vocab_size,
-                "corpus": self.corpus, "tokenizer": {"sha256": self.tokenizer_sha256, "vocab_size": self.vocab_size},
+                "corpus": self.corpus, "tokenizer": {"sha256": self.tokenizer_sha256, "vocab_size": self.vocab_size,
+                                                     "path": self.tokenizer_path},
                 "fingerprint": self.fingerprint, "held_out": self.held_out}
 
     def listing(self) -> bytes:
@@ -390,7 +404,15 @@ def load_text(corpus: str = DEFAULT_CORPUS, split: str = "train", seq_len: int =
     loaded = load_tokenizer(tokenizer) if tokenizer is not None else train_bpe(documents, vocab_size or DEFAULT_VOCAB_SIZE)
     ids, mask = pack(documents, loaded, seq_len)
     rows = split_rows(len(ids), split, held_out)
-    return TextData(split, ids[rows].copy(), mask[rows].copy(), loaded, corpus, held_out)
+    # paths absolute: a cache names the corpus and tokenizer it was made from wherever it is read
+    where = corpus if corpus == DEFAULT_CORPUS or corpus.startswith(HF_DISK) else str(Path(corpus).resolve())
+    return TextData(split, ids[rows].copy(), mask[rows].copy(), loaded, where, held_out,
+                    None if tokenizer is None else str(Path(tokenizer).resolve()))
+
+
+def is_text(data: object) -> bool:
+    """Whether a data source is a text corpus (its stages are the language models'), not images."""
+    return isinstance(data, TextData)
 
 
 @register_dataset

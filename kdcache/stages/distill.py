@@ -4,7 +4,6 @@ baseline), through the loop of `loop.py`; `kdcache.report` writes and prints wha
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -27,9 +26,10 @@ from kdcache.models.outputs import TeacherOutputs, feature_stages, parse_outputs
     student_outputs
 from kdcache.runtime import pick_device
 from kdcache.stages.dataset import CacheDataset, load_cache_data
-from kdcache.stages.folders import FINISHED, NEW, RunFolder, hold_run_folder
+from kdcache.stages.folders import FINISHED, NEW, RunFolder, hold_run_folder, run_name
 from kdcache.stages.loop import Run, fit, loader_batches
 from kdcache.stages.splits import Batch, make_split
+from kdcache.stages.text_train import LM_LOSSES, distill_from_token_cache
 from kdcache.stages.targets import CachedTargets, EnsembleTargets, LiveTeacher, Peers, Targets, require_target_memory
 from kdcache.stages.views import CachedViews, FreshViews, require_fits
 
@@ -69,7 +69,8 @@ def distill(config: DistillConfig, show_progress: bool = True,
                            f"{config.views_per_step} on --batch-path {config.batch_path}")
     for student, loss in config.runs():  # names are checked before any work
         check_model_spec(student)
-        loss_parts(loss)
+        if loss not in LM_LOSSES:  # a language model's (on a token cache) are checked with it
+            loss_parts(loss)
     if config.student_checkpoint and len({student for student, _ in config.runs()}) > 1:
         raise KdcacheError("--student-checkpoint: one file starts one student spec, and this run trains "
                            f"{', '.join(sorted({student for student, _ in config.runs()}))}: train each student with "
@@ -81,6 +82,8 @@ def distill(config: DistillConfig, show_progress: bool = True,
     distributed.init(device)
     with ExitStack() as held:  # the run folders let go, then the caches closed, however it ends
         caches = [held.enter_context(open_cache(location)) for location in locations]
+        if caches and caches[0].spec.kind == "tokens":  # a causal LM's: student LMs on its corpus
+            return distill_from_token_cache(config, caches[0], device, show_progress)
         data, test = data or _load_data(config, caches[0] if caches else None)
         return _distill(config, caches, data, test, device, show_progress, held)
 
@@ -227,12 +230,6 @@ def _student_model(config: DistillConfig, student: str, num_classes: int, images
                            f"a factory should take num_classes= (kdcache passes it), or choose a student with "
                            f"{num_classes} outputs")
     return model
-
-
-def run_name(student: str, loss: str) -> str:
-    """A run's name and its first folder's (later runs of it take resnet8-kd-2, ...): STUDENT-LOSS, a spec's colons and slashes made underscores (timm_resnet18-kd), a
-    sum's commas '+' (resnet8x4-sdd-lskd+rkd)."""
-    return re.sub(r"[^\w.+=-]", "_", f"{student}-{loss.replace(',', '+')}")
 
 
 def _load_data(config: DistillConfig, cache: TeacherCache | None

@@ -5,54 +5,37 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from kdcache import distributed
 from kdcache.cache import open_cache
-from kdcache.cache.backends import store_class
 from kdcache.cache.fit import require_same_views
 from kdcache.cache.layout import PENDING, CacheSpec
 from kdcache.cache.location import Location, Place, store_bytes, url_filesystem
 from kdcache.cache.sizes import byte_size
-from kdcache.cache.writer import BackgroundWriter, CacheWriter
+from kdcache.cache.writer import CacheWriter
 from kdcache.config import CONFIG_FILE, DumpConfig, config_text, loader_options
 from kdcache.data import AugmentPolicy, DataSource, FileBatches, FilePolicy, ImageData, ImageFiles, Policy, \
     dataset_options, load_dataset, normalize, policy_for
 from kdcache.data.files import NO_FILE, batch_on_device, check_checksums, default_workers, stream
 from kdcache.data.mixing import Mixed, replay
 from kdcache.data.source import policy_settings
-from kdcache.distributed import World
+from kdcache.data.text import TOKENIZER_FILE, is_text
+from kdcache.stages.text_dump import dump_text_from_config
 from kdcache.errors import KdcacheError
 from kdcache.models import describe_outputs, load_teacher
 from kdcache.models.outputs import REGIONS, ModelOutputs, feature_stages, output_shapes, parse_outputs
 from kdcache.runtime import autocast, pick_device, precision, prepare_model
 from kdcache.stages.topk import encode_topk
+from kdcache.stages.writing import Block, DumpResult, open_writer, write_pending
 
 DEFAULT_VIEWS = 4  # DumpConfig.views None: a dump without --views or --exhaustive
 DEFAULTS = DumpConfig()  # dump_teacher()'s defaults are the command's
-
-
-@dataclass(frozen=True)
-class DumpResult:
-    """What a dump did: where, how big, how fast, and the teacher's accuracy per view."""
-
-    path: str | Path  # a URL for a remote cache
-    images: int
-    seconds: float
-    bytes_on_disk: int
-    view_accuracy: list[float]
-    resumed: bool
-
-    @property
-    def images_per_second(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else float("nan")
 
 
 def view_params(policy: AugmentPolicy, num_samples: int, num_views: int | None, exhaustive: bool, seed: int) -> torch.Tensor:
@@ -76,7 +59,12 @@ def dump_from_config(config: DumpConfig, show_progress: bool = True) -> DumpResu
     device, given = pick_device(config.device), config
     if config.views_from:
         config = _with_views_of(config)
-    data = load_dataset(config.dataset, config.data_root, config.split, **loader_options(config))
+    data = load_dataset(config.dataset, config.data_root, config.split, **_text_tokenizer(config))
+    if is_text(data):  # a language model's next-token distributions: a token cache
+        result = dump_text_from_config(config, data, device, show_progress)
+        if distributed.world().is_main:
+            save_cache_config(given)
+        return result
     policy = policy_for(data, config.augmentation, config.mixing(), num_ops=config.ra_ops,
                         magnitude=config.ra_magnitude)
     teacher, info = load_teacher(config.checkpoint, config.teacher or None, data.num_classes)
@@ -92,6 +80,17 @@ def dump_from_config(config: DumpConfig, show_progress: bool = True) -> DumpResu
     if distributed.world().is_main:
         save_cache_config(given)
     return result
+
+
+def _text_tokenizer(config: DumpConfig) -> dict[str, Any]:
+    """The loader options, where a text teacher's run folder gives the tokenizer it was trained with (unless
+    --tokenizer or --vocab-size says otherwise)."""
+    options = loader_options(config)
+    if config.dataset == "text" and config.checkpoint and not {"tokenizer", "vocab_size"} & set(options):
+        saved = Path(config.checkpoint) / TOKENIZER_FILE
+        if saved.is_file():
+            options["tokenizer"] = str(saved)
+    return options
 
 
 def save_cache_config(config: DumpConfig) -> str | Path:
@@ -183,7 +182,7 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: DataSou
                                       torch.from_numpy(writer.aug_params()).to(device))  # a resumed run replays these
         resumed = len(pending) < spec.num_views * len(blocks)
         started = time.perf_counter()
-        total = _write_pending(writer, batches.blocks(pending), pending, f"dump {out.name}", here,
+        total = write_pending(writer, batches.blocks(pending), pending, f"dump {out.name}", here,
                                show_progress)
         seconds = time.perf_counter() - started
         distributed.barrier()  # every rank's blocks are written before rank 0 reads the progress
@@ -235,42 +234,6 @@ def _streamed_views(policy: FilePolicy, views: int | None, exhaustive: bool) -> 
     if views is None or views < 1:
         raise KdcacheError(f"--views: expected a positive number of views per sample, got {views}")
     return views
-
-
-def open_writer(out: Location, spec: CacheSpec, labels: np.ndarray, params: np.ndarray | None, format: str | None,
-                overwrite: bool, here: World, listing: bytes = b"") -> CacheWriter:
-    """The cache's writer: one process creates or resumes it; under torchrun rank 0 does, and the others join."""
-    if not here.distributed:
-        return CacheWriter.open(out, spec, labels, params, format, overwrite, listing)
-    backend = store_class(out, format)
-    if backend.format_name != "zarr":
-        raise KdcacheError(f"a sharded dump ({here.size} processes) writes Zarr, where each rank writes only its "
-                           f"own chunk files; {out} is {backend.format_name}, whose file takes one writer: use "
-                           f"a .zarr --out (or --format zarr), or run one process")
-    main = distributed.from_main(lambda: CacheWriter.open(out, spec, labels, params, format, overwrite, listing))
-    return main if here.is_main else CacheWriter.join(out)
-
-
-def _write_pending(writer: CacheWriter, computed: Iterator[Block], pending: list[tuple[int, int]], description: str,
-                   here: World, show_progress: bool) -> int:
-    """Write every pending (view, block) as `computed` gives it, the writes in the background; the number of images."""
-    total = sum(len(writer.spec.block_range(block)) for _, block in pending)
-    background = BackgroundWriter(writer)
-    try:
-        rank = f" rank {here.rank}/{here.size}" if here.distributed else ""
-        with tqdm(total=total, unit="img", unit_scale=True, disable=not show_progress, desc=description + rank,
-                  position=here.rank) as bar:
-            for view, block, arrays, correct in computed:
-                background.submit(view, block, arrays, correct)
-                bar.update(len(writer.spec.block_range(block)))
-    except BaseException:
-        background.close(raise_errors=False)  # blocks already queued are still written
-        raise
-    background.close()
-    return total
-
-
-Block = tuple[int, int, dict[str, np.ndarray], int]  # view, block, its arrays, its count of right predictions
 
 
 def _teacher_outputs(outputs: nn.Module, x: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:

@@ -102,3 +102,9 @@ def _latest_to_resume(out: Path, base: str) -> Path | None:
         if matched and (folder / "last.pt").exists():
             found.append((run_state(folder) == UNFINISHED, int(matched.group(1) or 1), folder))
     return max(found)[2] if found else None
+
+
+def run_name(student: str, loss: str) -> str:
+    """A run's name and its first folder's (later runs of it take resnet8-kd-2, ...): STUDENT-LOSS, a spec's colons and slashes made underscores (timm_resnet18-kd), a
+    sum's commas '+' (resnet8x4-sdd-lskd+rkd)."""
+    return re.sub(r"[^\w.+=-]", "_", f"{student}-{loss.replace(',', '+')}")

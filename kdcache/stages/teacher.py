@@ -11,12 +11,14 @@ import torch
 from kdcache import distributed
 from kdcache.config import TeacherConfig, loader_options, recorded_config, save_config
 from kdcache.data import load_dataset, policy_for
+from kdcache.data.text import is_text
 from kdcache.data.files import default_workers
 from kdcache.losses import get_loss
 from kdcache.models import create_model
 from kdcache.runtime import pick_device
 from kdcache.stages.loop import Run, fit
 from kdcache.stages.splits import make_split
+from kdcache.stages.text_train import LanguageRun, train_text_teacher
 from kdcache.stages.views import FreshViews
 
 
@@ -30,8 +32,9 @@ class TrainedModel:
     best_test_acc: float
 
 
-def train_teacher(config: TeacherConfig, show_progress: bool = True) -> TrainedModel:
+def train_teacher(config: TeacherConfig, show_progress: bool = True) -> TrainedModel | LanguageRun:
     """Train a registry model with cross-entropy on fresh augmented views every epoch; write model.pt + model.json.
+    On a text dataset, a language model on its sequences (kdcache.stages.text_train).
 
     Under torchrun: DDP, each rank holding an even share of the samples (see `distill`).
     """
@@ -41,6 +44,8 @@ def train_teacher(config: TeacherConfig, show_progress: bool = True) -> TrainedM
         save_config(config, config.out)
     data = load_dataset(config.dataset, config.data_root, "train", **loader_options(config))
     test = load_dataset(config.dataset, config.data_root, "test", **loader_options(config))
+    if is_text(data):  # a language model: its own loop (next tokens, held-out perplexity)
+        return train_text_teacher(config, data, test, device, show_progress and here.is_main)
     policy = policy_for(data, config.augmentation)
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=data.num_classes)

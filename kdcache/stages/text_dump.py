@@ -1,0 +1,106 @@
+"""Stage 1 on text: a causal language model runs once over every sequence of a text source, and its next-token
+distribution at each position goes to a token cache (format 6: top k ids and log-probabilities with the tail, as
+kdcache.cache.token_codec stores them), which resumes, shards under torchrun and verifies as image caches do."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdcache import distributed
+from kdcache.cache.location import Location, Place, store_bytes
+from kdcache.config import DumpConfig
+from kdcache.cache.token_codec import DEFAULT_K, DEFAULT_WIDTH, TokenCodec
+from kdcache.cache.token_layout import HIDDEN, TokenCacheSpec, token_cache_spec
+from kdcache.data.text import TextData
+from kdcache.errors import KdcacheError
+from kdcache.models import load_teacher
+from kdcache.stages.token_topk import encode_tokens
+from kdcache.runtime import autocast, pick_device, precision, prepare_model
+from kdcache.stages.writing import Block, DumpResult, open_writer, write_pending
+
+
+
+def dump_tokens(teacher: nn.Module, teacher_info: dict[str, Any], data: TextData, out: Place, *,
+                topk: int = DEFAULT_K, width: str = DEFAULT_WIDTH, batch_size: int = 32,
+                device: torch.device | str = "auto", format: str | None = None, block_size: int = 0,
+                overwrite: bool = False, hidden: bool = False, show_progress: bool = True) -> DumpResult:
+    """Write the teacher's top-k next-token distribution at every position of every sequence of `data` to a token
+    cache; resumes an interrupted dump, and under torchrun each rank writes its own blocks. hidden: also its final
+    hidden state at each position (forward_features; DistilBERT's cosine target)."""
+    out = Location.of(out)
+    device = pick_device(device) if isinstance(device, str) else device
+    here = distributed.init(device)
+    if teacher_info["num_classes"] != data.num_classes:
+        raise KdcacheError(f"the teacher {teacher_info['arch']} predicts {teacher_info['num_classes']} tokens but "
+                           f"the tokenizer of {data.name} has {data.num_classes}: pass the tokenizer the teacher "
+                           f"was trained with (--tokenizer; a kdcache teacher's run folder holds it)")
+    if not 1 <= topk < data.num_classes:
+        raise KdcacheError(f"--topk: expected a number of token ids per position below the vocabulary's "
+                           f"{data.num_classes}, got {topk}")
+    codec = TokenCodec(k=topk, vocab=data.num_classes, width=width)
+    spec = token_cache_spec({**teacher_info, "precision": precision(device)}, data.describe(), codec, block_size,
+                            teacher.num_features if hidden else 0)
+    writer = open_writer(out, spec, data.next_tokens().numpy(), np.zeros((1, spec.num_samples, 0), np.int32),
+                         format, overwrite, here)
+    try:
+        blocks, _ = distributed.shard(spec.num_blocks, spec.block_size, spec.num_samples, here)
+        pending = writer.pending(blocks)
+        resumed = len(pending) < len(blocks)
+        model = prepare_model(teacher, device).eval()
+        started = time.perf_counter()
+        total = write_pending(writer, token_blocks(model, data, spec, batch_size, device, pending), pending,
+                              f"dump {out.name}", here, show_progress, unit="seq")
+        seconds = time.perf_counter() - started
+        distributed.barrier()  # every rank's blocks are written before rank 0 reads the progress
+        accuracy = writer.finish() if here.is_main else writer.view_accuracy()
+        sequences = int(distributed.all_sum(torch.tensor(total)))
+    finally:
+        writer.close()
+    return DumpResult(out.target, sequences, seconds, store_bytes(out), accuracy, resumed)
+
+
+def token_blocks(model: nn.Module, data: TextData, spec: TokenCacheSpec, batch_size: int, device: torch.device,
+                 pending: list[tuple[int, int]]) -> Iterator[Block]:
+    """Each pending block's stored arrays and its count of positions whose next token is the teacher's first."""
+    for view, block in pending:
+        rows = spec.block_range(block)
+        parts, correct = [], 0
+        # batches start at the block's start: a resumed block computes exactly what it would have
+        for start in range(rows.start, rows.stop, batch_size):
+            inputs, targets, mask = data.batch(torch.arange(start, min(start + batch_size, rows.stop)), device)
+            with torch.no_grad(), autocast(device):
+                features = model.forward_features(inputs)
+                logits = model.forward_head(features).float()
+            arrays = encode_tokens(spec.codec, logits)
+            if spec.outputs:
+                arrays[HIDDEN] = features.float().cpu().numpy()
+            correct += int(((logits.argmax(-1) == targets) & mask).sum())
+            parts.append(arrays)
+        yield view, block, {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}, correct
+
+
+# what dump-teacher's image options are when left alone: a token cache takes none of them
+IMAGE_DUMP_OPTIONS = {"views": None, "exhaustive": False, "augmentation": None, "mix": None, "outputs": HIDDEN,
+                      "losses": (), "views_from": None, "scales": (1, 2, 4), "dtype": "float16"}
+
+
+def dump_text_from_config(config: DumpConfig, data: TextData, device: torch.device,
+                          show_progress: bool = True) -> DumpResult:
+    """`kdcache dump-teacher --dataset text`: the teacher's token cache, --topk ids per position (default
+    token_codec.DEFAULT_K, benchmarks/TOKENS.md's choice)."""
+    given = [name for name, unset in IMAGE_DUMP_OPTIONS.items() if getattr(config, name) not in (unset, "none", "")]
+    if given:
+        raise KdcacheError(f"dump-teacher --dataset text: a token cache has one view of each sequence and stores "
+                           f"next-token distributions; {', '.join('--' + name.replace('_', '-') for name in given)} "
+                           f"are for images: leave them out")
+    teacher, info = load_teacher(config.checkpoint, config.teacher or None, data.num_classes)
+    return dump_tokens(teacher, info, data, config.out, topk=config.topk or DEFAULT_K,
+                       width=config.token_width, batch_size=config.batch_size, device=device, format=config.format,
+                       block_size=config.block_size, overwrite=config.overwrite, hidden=config.outputs == HIDDEN,
+                       show_progress=show_progress)

@@ -1,0 +1,72 @@
+"""What every dump shares, whatever its teacher: the result it reports, the cache writer one process opens (or every
+rank of a sharded dump joins), and the loop that writes (view, block) units in the background as they are computed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from kdcache import distributed
+from kdcache.cache.backends import store_class
+from kdcache.cache.layout import CacheSpec
+from kdcache.cache.location import Location
+from kdcache.cache.writer import BackgroundWriter, CacheWriter
+from kdcache.distributed import World
+from kdcache.errors import KdcacheError
+
+
+Block = tuple[int, int, dict[str, np.ndarray], int]  # view, block, its arrays, its count of right predictions
+
+
+@dataclass(frozen=True)
+class DumpResult:
+    """What a dump did: where, how big, how fast, and the teacher's accuracy per view."""
+
+    path: str | Path  # a URL for a remote cache
+    images: int
+    seconds: float
+    bytes_on_disk: int
+    view_accuracy: list[float]
+    resumed: bool
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+
+def open_writer(out: Location, spec: CacheSpec, labels: np.ndarray, params: np.ndarray | None, format: str | None,
+                overwrite: bool, here: World, listing: bytes = b"") -> CacheWriter:
+    """The cache's writer: one process creates or resumes it; under torchrun rank 0 does, and the others join."""
+    if not here.distributed:
+        return CacheWriter.open(out, spec, labels, params, format, overwrite, listing)
+    backend = store_class(out, format)
+    if backend.format_name != "zarr":
+        raise KdcacheError(f"a sharded dump ({here.size} processes) writes Zarr, where each rank writes only its "
+                           f"own chunk files; {out} is {backend.format_name}, whose file takes one writer: use "
+                           f"a .zarr --out (or --format zarr), or run one process")
+    main = distributed.from_main(lambda: CacheWriter.open(out, spec, labels, params, format, overwrite, listing))
+    return main if here.is_main else CacheWriter.join(out)
+
+
+def write_pending(writer: CacheWriter, computed: Iterator[Block], pending: list[tuple[int, int]], description: str,
+                  here: World, show_progress: bool, unit: str = "img") -> int:
+    """Write every pending (view, block) as `computed` gives it, the writes in the background; the number of samples
+    (images, or sequences: `unit` on the progress bar)."""
+    total = sum(len(writer.spec.block_range(block)) for _, block in pending)
+    background = BackgroundWriter(writer)
+    try:
+        rank = f" rank {here.rank}/{here.size}" if here.distributed else ""
+        with tqdm(total=total, unit=unit, unit_scale=True, disable=not show_progress, desc=description + rank,
+                  position=here.rank) as bar:
+            for view, block, arrays, correct in computed:
+                background.submit(view, block, arrays, correct)
+                bar.update(len(writer.spec.block_range(block)))
+    except BaseException:
+        background.close(raise_errors=False)  # blocks already queued are still written
+        raise
+    background.close()
+    return total
