@@ -399,8 +399,8 @@ def test_missing_attributes_and_another_format_version_are_named(pristine, prist
     rewrite_metadata(cache, {})
     with pytest.raises(CorruptCacheError, match="has no kdcache metadata"):
         open_cache(cache)
-    rewrite_metadata(cache, edited(metadata, "format_version", 6))
-    with pytest.raises(CorruptCacheError, match=r"cache format version 6, this kdcache .* reads versions 1, 2, 3, 4, 5"):
+    rewrite_metadata(cache, edited(metadata, "format_version", 7))
+    with pytest.raises(CorruptCacheError, match=r"cache format version 7, this kdcache .* reads versions 1, 2, 3, 4, 5, 6"):
         open_cache(cache)
     rewrite_metadata(cache, edited(metadata, "format_version", 2))  # format 2 without its top-k field
     with pytest.raises(CorruptCacheError, match=r"'format_version' is 2 but 'logits.topk' is missing"):

@@ -55,7 +55,7 @@ def resolved(command, monkeypatch):
 
 # each command, a config file in its flag names (one renamed flag among them), and a flag given over it
 SIX = [
-    ("quickstart", "out: q\ncache: c.zarr\n", ["--device", "cpu"], lambda out, cache, device: (out.name, device)),
+    ("quickstart", "out: q\ncache: c.zarr\n", ["--device", "cpu"], lambda out, cache, device, text: (out.name, device)),
     ("train-teacher", "model: resnet8\naug: none\nepochs: 3\n", ["--epochs", "2"],
      lambda c: (c.model, c.augmentation, c.epochs)),
     ("dump-teacher", "checkpoint: t.pt\naug: none\nloss: [at]\nscales: [1, 2]\n", ["--views", "2"],

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from small_runs import saved_teacher, synthetic_splits
 from kdcache.cache import open_cache
+from kdcache.cache.layout import WRITTEN_VERSION
 from kdcache.config import DistillConfig, DumpConfig
 from kdcache.data import get_policy, load_dataset, normalize
 from kdcache.errors import KdcacheError
@@ -120,7 +121,7 @@ def test_the_hint_regressor_maps_any_student_stage_to_the_hints_channels_and_siz
 def test_cached_outputs_equal_the_live_teachers_on_the_replayed_views(cache, teacher, data):
     live = ModelOutputs(teacher[0], (1, 2), OUTPUTS).eval()
     with open_cache(cache) as opened:
-        assert opened.spec.format_version == 5 and list(opened.spec.outputs) == list(OUTPUTS[1:])
+        assert opened.spec.format_version == WRITTEN_VERSION and list(opened.spec.outputs) == list(OUTPUTS[1:])
         assert opened.spec.outputs["hint/layer2"] == [32, 8, 8] and opened.spec.teacher["stages"][0] == "layer1"
         targets = CachedTargets(opened, outputs=OUTPUTS[1:])
         for view in range(2):
