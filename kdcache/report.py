@@ -37,6 +37,10 @@ def dump_summary(result: DumpResult) -> str:
     accuracy = " ".join(f"{a:.4f}" for a in result.view_accuracy[:16])
     more = f" ... ({len(result.view_accuracy)} views)" if len(result.view_accuracy) > 16 else ""
     how = "resumed and finished" if result.resumed else "wrote"
+    if result.unit == "sequence":  # a token cache: one view, the accuracy of the teacher's next-token guesses
+        return (f"{how} {result.path}: {_megabytes(result.bytes_on_disk)} on disk; {result.images} teacher sequences "
+                f"in {result.seconds:.1f} s ({result.images_per_second:.0f} seq/s)\nteacher next-token top-1: "
+                f"{accuracy}")
     return (f"{how} {result.path}: {_megabytes(result.bytes_on_disk)} on disk; {result.images} teacher images in "
             f"{result.seconds:.1f} s ({result.images_per_second:.0f} img/s)\nteacher accuracy per view: {accuracy}{more}")
 

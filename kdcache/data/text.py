@@ -306,13 +306,6 @@ class TextData:
         """int64 [N, seq_len]: each position's next token, -1 where it is padding (a token cache's labels)."""
         return self.tokens[:, 1:].masked_fill(~self.mask, -1)
 
-    def head(self, count: int) -> TextData:
-        """The first `count` sequences alone (a run that trains on part of a split the teacher saw whole)."""
-        if not 1 <= count <= self.num_samples:
-            raise KdcacheError(f"text data: {count} sequences asked for, this split has {self.num_samples}")
-        return TextData(self.split, self._ids[:count], self.mask[:count].numpy(), self.tokenizer, self.corpus,
-                        self.held_out, self.tokenizer_path)
-
     def batch(self, indices: Tensor | Sequence[int] | slice, device: torch.device | str = "cpu") -> TextBatch:
         """The sequences `indices` names: inputs and next-token targets int64 [b, seq_len], mask bool [b, seq_len],
         on the device."""

@@ -62,7 +62,7 @@ def dump_tokens(teacher: nn.Module, teacher_info: dict[str, Any], data: TextData
         sequences = int(distributed.all_sum(torch.tensor(total)))
     finally:
         writer.close()
-    return DumpResult(out.target, sequences, seconds, store_bytes(out), accuracy, resumed)
+    return DumpResult(out.target, sequences, seconds, store_bytes(out), accuracy, resumed, unit="sequence")
 
 
 def token_blocks(model: nn.Module, data: TextData, spec: TokenCacheSpec, batch_size: int, device: torch.device,

@@ -184,8 +184,8 @@ class TokenTargets:
     beside the student's own activations: sequences × positions × k ids and log-probabilities), with the teacher's
     hidden states where the cache holds them."""
 
-    def __init__(self, cache: TeacherCache, device: torch.device, samples: int) -> None:
-        arrays = {name: values[:samples] for name, values in cache.view_arrays(0).items()}
+    def __init__(self, cache: TeacherCache, device: torch.device) -> None:
+        arrays = cache.view_arrays(0)
         ids, logprobs = cache.spec.codec.decode({name: arrays[name] for name in cache.spec.logit_arrays})
         self.ids = torch.from_numpy(ids).to(device)
         self.logprobs = torch.from_numpy(logprobs).to(device)
@@ -214,12 +214,11 @@ def train_text_teacher(config: TeacherConfig, data: TextData, test: TextData, de
 
 
 def distill_text(config: DistillConfig, cache: TeacherCache, data: TextData, test: TextData, device: torch.device,
-                 show_progress: bool = True, samples: int | None = None) -> list[LanguageRun]:
+                 show_progress: bool = True) -> list[LanguageRun]:
     """`kdcache distill --cache` of a token cache: every (student, loss) pair from scratch, each in a run folder of
-    its own; `samples`: train on the first sequences only (the teacher saw them all)."""
+    its own."""
     refuse_image_options(config)
-    data = data if samples is None else data.head(samples)
-    targets = TokenTargets(cache, device, data.num_samples)
+    targets = TokenTargets(cache, device)
     if any(loss == "distilbert" for _, loss in config.runs()) and targets.hidden is None:
         raise KdcacheError(f"--loss distilbert: its cosine term needs the teacher's hidden states, which {cache.path} "
                            f"does not hold; dump the teacher with --outputs hidden")

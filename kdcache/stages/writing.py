@@ -32,6 +32,7 @@ class DumpResult:
     bytes_on_disk: int
     view_accuracy: list[float]
     resumed: bool
+    unit: str = "image"  # what `images` counts: images, or a token cache's sequences
 
     @property
     def images_per_second(self) -> float:
