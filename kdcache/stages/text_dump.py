@@ -15,14 +15,16 @@ from torch import nn
 from kdcache import distributed
 from kdcache.cache.location import Location, Place, store_bytes
 from kdcache.config import DumpConfig
-from kdcache.cache.token_codec import DEFAULT_K, DEFAULT_WIDTH, TokenCodec
+from kdcache.cache.token_codec import DEFAULT_K, DEFAULT_WIDTH, TokenCodec, TopTokens
 from kdcache.cache.token_layout import HIDDEN, TokenCacheSpec, token_cache_spec
 from kdcache.data.text import TextData
 from kdcache.errors import KdcacheError
 from kdcache.models import load_teacher
-from kdcache.stages.token_topk import encode_tokens
+from kdcache.stages.token_topk import top_tokens_on_device
 from kdcache.runtime import autocast, pick_device, precision, prepare_model
 from kdcache.stages.writing import Block, DumpResult, open_writer, write_pending
+
+HEAD_ROWS = 512  # positions whose logits the head computes at a time: a [512, V] slice stays in cache for V ~ 4k
 
 
 
@@ -76,13 +78,24 @@ def token_blocks(model: nn.Module, data: TextData, spec: TokenCacheSpec, batch_s
             inputs, targets, mask = data.batch(torch.arange(start, min(start + batch_size, rows.stop)), device)
             with torch.no_grad(), autocast(device):
                 features = model.forward_features(inputs)
-                logits = model.forward_head(features).float()
-            arrays = encode_tokens(spec.codec, logits)
+                top = head_top_tokens(model, features, spec.codec.k)
+            arrays = spec.codec.pack(top)
             if spec.outputs:
                 arrays[HIDDEN] = features.float().cpu().numpy()
-            correct += int(((logits.argmax(-1) == targets) & mask).sum())
+            correct += int(((torch.from_numpy(top.ids[..., 0]) == targets.cpu()) & mask.cpu()).sum())
             parts.append(arrays)
         yield view, block, {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}, correct
+
+
+def head_top_tokens(model: nn.Module, features: torch.Tensor, k: int) -> TopTokens:
+    """The top-k of the teacher's head over features [b, T, D], HEAD_ROWS positions at a time: each slice of the
+    logits is read again (top-k, logsumexp) while it is still in the CPU's cache, not the whole [b, T, V] from
+    memory; arrays [b, T, ...]."""
+    flat = features.flatten(0, 1)
+    parts = [top_tokens_on_device(model.forward_head(flat[start:start + HEAD_ROWS]).float(), k)
+             for start in range(0, len(flat), HEAD_ROWS)]
+    return TopTokens(*(np.concatenate(field).reshape(*features.shape[:2], *field[0].shape[1:])
+                       for field in zip(*parts)))
 
 
 # what dump-teacher's image options are when left alone: a token cache takes none of them
