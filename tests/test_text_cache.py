@@ -227,3 +227,20 @@ def test_the_text_quickstart_trains_dumps_distils_and_prints_its_table(tmp_path,
         assert cache.spec.kind == "tokens" and cache.is_complete()
     rows = (tmp_path / "runs/quickstart-text/students/summary.csv").read_text().splitlines()
     assert len(rows) == 3
+
+
+def test_an_image_model_or_loss_on_text_is_refused_in_one_line_before_any_folder(teacher, text, tmp_path):
+    from kdcache.config import DistillConfig
+    from kdcache.stages.text_train import distill_text
+
+    _dump(teacher, text, tmp_path / "c.zarr")
+    test = load_text(str(text.corpus), "test", seq_len=SEQ_LEN, vocab_size=VOCAB)
+    with open_cache(tmp_path / "c.zarr") as cache:
+        for students, losses, message in [(("resnet8x4",), ("ce",), "--student resnet8x4: text trains a language "
+                                                                    "model, and resnet8x4 is an image model"),
+                                          ((TEACHER,), ("sdd-lskd",), "--loss sdd-lskd: a language model trains with "
+                                                                      "ce, token-kl")]:
+            config = DistillConfig(students=students, losses=losses, epochs=1, out=str(tmp_path / "runs"))
+            with pytest.raises(KdcacheError, match=message):
+                distill_text(config, cache, text, test, torch.device("cpu"), show_progress=False)
+    assert not (tmp_path / "runs").exists()

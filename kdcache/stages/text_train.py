@@ -206,7 +206,7 @@ def train_text_teacher(config: TeacherConfig, data: TextData, test: TextData, de
     folder = Path(config.out)
     data.tokenizer.save(str(folder / TOKENIZER_FILE))
     torch.manual_seed(config.seed)
-    model = create_model(config.model, num_classes=data.num_classes)
+    model = language_model(config.model, data.num_classes, "--model")
     record = {"arch": config.model, "num_classes": data.num_classes, "loss": "ce", "dataset": data.describe(),
               "config": recorded_config(config)}
     objective = language_objective("ce", None, 1.0, 0.0, 1.0)
@@ -225,7 +225,9 @@ def distill_text(config: DistillConfig, cache: TeacherCache, data: TextData, tes
     runs = []
     for student, loss in config.runs():
         torch.manual_seed(config.seed)
-        model = create_model(student, num_classes=data.num_classes)
+        model = language_model(student, data.num_classes, "--student")
+        objective = language_objective(loss, targets, _weight(config.ce_weight, 0.1), _weight(config.distill_weight, 0.9),
+                                       _weight(config.temperature, 1.0), config.token_tail)
         if loss == "distilbert" and model.num_features != targets.hidden.shape[-1]:
             raise KdcacheError(f"--loss distilbert: the cosine compares hidden states, and student {student} has "
                                f"{model.num_features} features where the teacher has {targets.hidden.shape[-1]}; "
@@ -236,9 +238,6 @@ def distill_text(config: DistillConfig, cache: TeacherCache, data: TextData, tes
             record = {"arch": student, "num_classes": data.num_classes, "loss": loss, "dataset": data.describe(),
                       "teacher_cache": {"path": str(cache.path), "cache_id": cache.cache_id},
                       "config": recorded_config(config)}
-            objective = language_objective(loss, targets, _weight(config.ce_weight, 0.1),
-                                           _weight(config.distill_weight, 0.9), _weight(config.temperature, 1.0),
-                                           config.token_tail)
             runs.append(train_language_model(model, data, test, objective, config, folder, record, device,
                                              show_progress))
     return runs
@@ -247,6 +246,16 @@ def distill_text(config: DistillConfig, cache: TeacherCache, data: TextData, tes
 # options of the image loop a language model has no use for: refused rather than silently ignored
 IMAGE_ONLY = {"augmentation": None, "ema_decay": None, "label_smoothing": 0.0, "views_per_step": 1, "mutual": False,
               "ema_teacher": None, "live_teacher": None, "student_checkpoint": None, "extra_caches": ()}
+
+
+def language_model(spec: str, vocabulary: int, flag: str) -> nn.Module:
+    """A fresh model of `spec` that reads token sequences (a `gpt:` or `hf:` spec); an image model is refused."""
+    model = create_model(spec, num_classes=vocabulary)
+    if not hasattr(model, "context"):  # what kdcache's language models carry: the longest sequence they read
+        raise KdcacheError(f"{flag} {spec}: text trains a language model, and {spec} is an image model; give a "
+                           f"language model such as gpt:layers=2,width=128,heads=4 or hf:FOLDER (kdcache models "
+                           f"--source gpt)")
+    return model
 
 
 def refuse_image_options(config: Any) -> None:
