@@ -4,6 +4,7 @@ summary.png and table, and the listings of models, datasets and losses."""
 from __future__ import annotations
 
 import csv
+import math
 import platform
 import subprocess
 import time
@@ -123,6 +124,10 @@ def _policy_extras(augmentation: dict) -> str:
 
 def model_evaluation_text(found: ModelEvaluation) -> str:
     """`kdcache eval MODEL`'s line: which weights on which data, top-1, top-5 (more than 5 classes) and loss."""
+    if found.dataset == "text":  # a language model: its positions' next tokens, and the perplexity
+        return (f"{found.checkpoint} ({found.model}, {found.num_classes} tokens) on text {found.split}, "
+                f"{found.samples} next tokens: top-1 {found.top1:.4f}  top-5 {found.top5:.4f}  loss {found.loss:.4f}  "
+                f"perplexity {math.exp(found.loss):.2f}")
     top5 = "" if found.top5 is None else f"  top-5 {found.top5:.4f}"
     return (f"{found.checkpoint} ({found.model}, {found.num_classes} classes) on {found.dataset} {found.split}, "
             f"{found.samples} samples: top-1 {found.top1:.4f}{top5}  loss {found.loss:.4f}")

@@ -3,6 +3,7 @@ equal the live teacher's on the same sequences, resume to the arrays of an unint
 refused for another tokenizer or corpus, naming which; students train from them through the CLI."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -167,6 +168,12 @@ def test_the_commands_train_a_text_teacher_dump_it_and_distil_students_from_its_
     for row in rows[1:]:
         record = json.loads((tmp_path / "students" / row.split(",")[0] / "model.json").read_text())
         assert 1 < record["test_ppl"] < 10 * VOCAB and record["loss"] in ("ce", "token-kl")
+    code, out, err = run_cli(["eval", tmp_path / "students" / rows[2].split(",")[0], "--json"], capsys)
+    assert code == 0, err  # eval reads the run's own text and tokenizer from its model.json
+    found = json.loads(out)
+    assert found["dataset"] == "text" and found["samples"] == load_text(str(corpus), "test", SEQ_LEN,
+                                                                         vocab_size=VOCAB).num_tokens
+    assert found["loss"] == pytest.approx(math.log(record["test_ppl"]), rel=1e-6)
     code, out, err = run_cli(["dump-teacher", "--checkpoint", tmp_path / "teacher", *common, "--views", 2,
                               "--out", tmp_path / "d.zarr"], capsys)
     assert code == 2 and "--views are for images" in err and not (tmp_path / "d.zarr").exists()
@@ -244,3 +251,22 @@ def test_an_image_model_or_loss_on_text_is_refused_in_one_line_before_any_folder
             with pytest.raises(KdcacheError, match=message):
                 distill_text(config, cache, text, test, torch.device("cpu"), show_progress=False)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_hugging_face_teacher_dumps_the_top_k_of_its_own_logits(text, tmp_path):
+    import transformers
+
+    from kdcache.models import load_teacher
+
+    config = transformers.GPT2Config(vocab_size=text.num_classes, n_positions=SEQ_LEN, n_embd=32, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2", safe_serialization=True)
+    model, info = load_teacher(None, f"hf:{tmp_path / 'gpt2'}", text.num_classes)  # its folder's weights
+    _dump((model, info), text, tmp_path / "c.zarr", width="fp16")
+    with open_cache(tmp_path / "c.zarr") as cache:
+        assert cache.spec.teacher["arch"] == f"hf:{tmp_path / 'gpt2'}" and verify(cache) == []
+        ids, stored = cache.spec.codec.decode(cache.view_arrays(0))
+    with torch.no_grad():
+        top = torch.log_softmax(model(text.tokens[:, :-1]).float(), -1).topk(K, dim=-1)
+    np.testing.assert_array_equal(ids, top.indices.numpy())
+    np.testing.assert_allclose(stored, top.values.numpy(), atol=2e-3, rtol=0)

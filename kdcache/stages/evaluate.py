@@ -22,6 +22,7 @@ from kdcache.data.files import default_workers
 from kdcache.distributed import all_sum
 from kdcache.errors import KdcacheError
 from kdcache.models.checkpoint import checkpoint_sidecar, load_teacher
+from kdcache.stages.text_train import described_text, next_token_metrics
 from kdcache.runtime import autocast, pick_device, prepare_model
 from kdcache.stages.dataset import load_described_data
 from kdcache.stages.splits import EVAL_BATCH, TestBatch, EvalSplit
@@ -99,6 +100,8 @@ def evaluate_model(checkpoint: str | os.PathLike, model: str | None = None, data
     one, which only a caller may name); `dataset`, `data_root`, `image_size`, `preload`: instead of the recorded.
     """
     sidecar = checkpoint_sidecar(checkpoint)  # a path that is neither weights nor a run folder is refused here
+    if dataset is None and (sidecar.get("dataset") or {}).get("source") == "tokens":
+        return _evaluate_language_model(checkpoint, model, sidecar, data_root, split, device)
     options = {name: value for name, value in (("image_size", image_size), ("preload", preload)) if value is not None}
     test = _split_of(checkpoint, sidecar, dataset, data_root, split, options)
     num_classes = int(sidecar.get("num_classes", test.num_classes))
@@ -110,6 +113,18 @@ def evaluate_model(checkpoint: str | os.PathLike, model: str | None = None, data
     testing = EvalSplit(test, where, default_workers(workers), batch_size=batch_size)
     found = evaluate_batches(prepare_model(network, where), testing.batches(range(len(testing))), len(testing))
     return ModelEvaluation(info["checkpoint"], info["arch"], test.name, split, num_classes, **asdict(found))
+
+
+def _evaluate_language_model(checkpoint: str | os.PathLike, model: str | None, sidecar: dict,
+                             corpus: str | os.PathLike | None, split: str, device: str | None) -> ModelEvaluation:
+    """A language model's run on a split of the text it recorded, tokenised as it was: next-token top-1, top-5 and
+    mean cross-entropy (perplexity is its exp) over every position with a next token."""
+    test = described_text(sidecar["dataset"], None if corpus is None else str(corpus), None, split)
+    network, info = load_teacher(checkpoint, model, test.num_classes)
+    where = pick_device(device)
+    top1, top5, loss, positions = next_token_metrics(prepare_model(network, where), test, where)
+    return ModelEvaluation(info["checkpoint"], info["arch"], test.name, split, test.num_classes, top1, top5, loss,
+                           positions)
 
 
 def _split_of(checkpoint: str | os.PathLike, sidecar: dict, dataset: str | None, data_root: str | os.PathLike | None,

@@ -54,17 +54,24 @@ class LanguageRun:
 
 def perplexity(model: nn.Module, data: TextData, device: torch.device) -> float:
     """exp of the mean next-token cross-entropy over every unmasked position of `data`, in order."""
+    return math.exp(next_token_metrics(model, data, device)[2])
+
+
+@torch.no_grad()
+def next_token_metrics(model: nn.Module, data: TextData, device: torch.device) -> tuple[float, float, float, int]:
+    """Top-1 and top-5 accuracy of the next token, its mean cross-entropy, and how many positions: over every
+    unmasked position of `data`, in order."""
     model.eval()
-    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-    with torch.no_grad():
-        for start in range(0, data.num_samples, EVAL_SEQUENCES):
-            inputs, targets, mask = data.batch(torch.arange(start, min(start + EVAL_SEQUENCES, data.num_samples)),
-                                               device)
-            logits = model(inputs).float()
-            total += cross_entropy(logits, targets, mask, "sum").double()
-            count += int(mask.sum())
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, summed cross-entropy
+    for start in range(0, data.num_samples, EVAL_SEQUENCES):
+        inputs, targets, mask = data.batch(torch.arange(start, min(start + EVAL_SEQUENCES, data.num_samples)), device)
+        logits = model(inputs).float()
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        totals += torch.stack([((top[..., 0] == targets) & mask).sum(), ((top == targets[..., None]).any(-1) & mask).sum(),
+                               cross_entropy(logits, targets, mask, "sum")]).double()
     model.train()
-    return math.exp(float(total) / max(count, 1))
+    count = max(data.num_tokens, 1)
+    return float(totals[0]) / count, float(totals[1]) / count, float(totals[2]) / count, data.num_tokens
 
 
 def train_language_model(model: nn.Module, data: TextData, test: TextData, objective: Objective,
@@ -278,20 +285,27 @@ def cache_text(spec: TokenCacheSpec, corpus: str | None, tokenizer: str | None) 
     """The split a token cache was made from and its held-out split, tokenised as the cache's was (`corpus`,
     `tokenizer`: other places of the same, else the cache's); refused, naming which, where the tokenizer or the
     corpus differs from the cache's."""
-    described, stored = spec.dataset, spec.dataset["tokenizer"]
+    split = spec.dataset["split"]
+    return described_text(spec.dataset, corpus, tokenizer, split), described_text(spec.dataset, corpus, tokenizer)
+
+
+def described_text(described: dict[str, Any], corpus: str | None, tokenizer: str | None,
+                   split: str = "test") -> TextData:
+    """`split` of the text a description names (a cache's or a run folder's `dataset`), tokenised as it was;
+    refused, naming which, where the tokenizer differs, or (the described split itself) the token ids."""
+    stored = described["tokenizer"]
     tokenizer = tokenizer or stored.get("path")
-    options = {"seq_len": described["seq_len"], "held_out": described["held_out"],
-               **({"tokenizer": tokenizer} if tokenizer else {"vocab_size": stored["vocab_size"]})}
     corpus = corpus or described["corpus"]
-    data, test = (load_text(corpus, split, **options) for split in (described["split"], "test"))
+    data = load_text(corpus, split, seq_len=described["seq_len"], held_out=described["held_out"],
+                     **({"tokenizer": tokenizer} if tokenizer else {"vocab_size": stored["vocab_size"]}))
     if data.tokenizer_sha256 != stored["sha256"]:
         raise KdcacheError(_other_tokenizer(stored, data, corpus, described["corpus"]))
-    if data.fingerprint != described["fingerprint"]:
+    if split == described["split"] and data.fingerprint != described["fingerprint"]:
         raise KdcacheError(f"corpus: the cache holds {described['num_samples']} sequences of corpus "
                            f"{described['corpus']} (fingerprint {described['fingerprint'][:12]}), this run reads "
                            f"{data.num_samples} from {corpus} (fingerprint {data.fingerprint[:12]}) with the same "
                            f"tokenizer: the text differs; pass the corpus the cache was made from with --data-root")
-    return data, test
+    return data
 
 
 def _other_tokenizer(stored: dict[str, Any], data: TextData, corpus: str, cache_corpus: str) -> str:
