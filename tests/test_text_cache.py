@@ -270,3 +270,24 @@ def test_a_hugging_face_teacher_dumps_the_top_k_of_its_own_logits(text, tmp_path
         top = torch.log_softmax(model(text.tokens[:, :-1]).float(), -1).topk(K, dim=-1)
     np.testing.assert_array_equal(ids, top.indices.numpy())
     np.testing.assert_allclose(stored, top.values.numpy(), atol=2e-3, rtol=0)
+
+
+def test_a_sharded_token_dump_equals_a_single_process_one(corpus, tmp_path):
+    from test_scale_out import ENV, kdcache
+
+    from kdcache.config import TeacherConfig
+    from kdcache.stages import train_teacher
+
+    train_teacher(TeacherConfig(model=TEACHER, dataset="text", data_root=str(corpus), seq_len=SEQ_LEN,
+                                vocab_size=VOCAB, epochs=1, batch_size=8, optimizer="adamw", lr=3e-3,
+                                out=str(tmp_path / "teacher"), device="cpu"), show_progress=False)
+    args = ["dump-teacher", "--dataset", "text", "--data-root", corpus, "--seq-len", SEQ_LEN, "--checkpoint",
+            tmp_path / "teacher", "--block-size", 16, "--device", "cpu"]
+    assert ENV["OMP_NUM_THREADS"] == "1"  # both dumps at one thread a process: the same float32 sums
+    kdcache(tmp_path, *args, "--out", "one.zarr")
+    printed = kdcache(tmp_path, *args, "--out", "sharded.zarr", processes=2)
+    assert printed.count("wrote sharded.zarr") == 1
+    with open_cache(tmp_path / "sharded.zarr") as sharded, open_cache(tmp_path / "one.zarr") as one:
+        assert sharded.spec.kind == "tokens" and sharded.spec.num_blocks > 2 and verify(sharded) == []
+        for name in (*one.spec.data_arrays, "labels", "progress"):
+            np.testing.assert_array_equal(sharded.store.read(name), one.store.read(name), err_msg=name)
