@@ -27,7 +27,7 @@ from kdcache.models import count_parameters, create_model, list_models
 from kdcache.models.lm import GPT_FORM
 from kdcache.stages.distill import RunSummary, distill
 from kdcache.stages.dump import DumpResult
-from kdcache.stages.text_train import LanguageRun, language_table, write_language_summary
+from kdcache.stages.text_train import LanguageRun
 from kdcache.stages.evaluate import CacheEvaluation, ModelEvaluation
 
 SUMMARY_WAIT_SECONDS = 60.0  # another call into the same --out adding its rows takes well under a second
@@ -283,6 +283,36 @@ def write_summary(summaries: list[RunSummary], out: Path) -> None:
             _plot_summary([row["run"] for row in csv.DictReader(file)], out)
     finally:
         lock.release()
+
+
+def write_language_summary(runs: list[LanguageRun], out: Path) -> None:
+    """Add a row per run to out/summary.csv (run, model, loss, held-out perplexity, its best, tokens/s, folder)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "summary.csv"
+    lock = WriterLock(path).acquire_waiting(SUMMARY_WAIT_SECONDS)  # as write_summary: rows of every call kept
+    try:
+        new = not path.exists() or path.stat().st_size == 0
+        with open(path, "a", newline="") as file:
+            writer = csv.writer(file)
+            if new:
+                writer.writerow(["run", "model", "loss", "test_ppl", "best_test_ppl", "tokens_per_s", "folder"])
+            writer.writerows([run.name, run.model, run.loss, f"{run.test_ppl:.2f}", f"{run.best_test_ppl:.2f}",
+                              f"{run.tokens_per_s:.0f}", run.folder] for run in runs)
+    finally:
+        lock.release()
+
+
+
+def language_table(runs: list[LanguageRun]) -> str:
+    """A printed table: each run's held-out perplexity, and its difference from the same model's ce run."""
+    ce = {run.model: run.test_ppl for run in runs if run.loss == "ce"}
+    width = max([30, *(len(run.name) for run in runs)])
+    lines = [f"{'run':<{width}} {'held-out ppl':>12} {'best':>8} {'vs ce':>8} {'tok/s':>8}"]
+    for run in runs:
+        gain = f"{run.test_ppl - ce[run.model]:+.1f}" if run.model in ce and run.loss != "ce" else ""
+        lines.append(f"{run.name:<{width}} {run.test_ppl:>12.1f} {run.best_test_ppl:>8.1f} {gain:>8} "
+                     f"{run.tokens_per_s:>8.0f}")
+    return "\n".join(lines)
 
 
 SUMMARY_COLUMNS = ("run", "student", "loss", "test_acc", "test_top5", "best_test_acc", "best_epoch", "img_per_s",

@@ -333,28 +333,3 @@ def distill_from_token_cache(config: DistillConfig, cache: TeacherCache, device:
 
 def _weight(given: float | None, default: float) -> float:
     return default if given is None else given
-
-
-def write_language_summary(runs: list[LanguageRun], out: Path) -> None:
-    """Add a row per run to out/summary.csv (run, model, loss, held-out perplexity, its best, tokens/s, folder)."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "summary.csv"
-    new = not path.exists()
-    with open(path, "a", newline="") as file:
-        writer = csv.writer(file)
-        if new:
-            writer.writerow(["run", "model", "loss", "test_ppl", "best_test_ppl", "tokens_per_s", "folder"])
-        writer.writerows([run.name, run.model, run.loss, f"{run.test_ppl:.2f}", f"{run.best_test_ppl:.2f}",
-                          f"{run.tokens_per_s:.0f}", run.folder] for run in runs)
-
-
-def language_table(runs: list[LanguageRun]) -> str:
-    """A printed table: each run's held-out perplexity, and its difference from the same model's ce run."""
-    ce = {run.model: run.test_ppl for run in runs if run.loss == "ce"}
-    width = max([30, *(len(run.name) for run in runs)])
-    lines = [f"{'run':<{width}} {'held-out ppl':>12} {'best':>8} {'vs ce':>8} {'tok/s':>8}"]
-    for run in runs:
-        gain = f"{run.test_ppl - ce[run.model]:+.1f}" if run.model in ce and run.loss != "ce" else ""
-        lines.append(f"{run.name:<{width}} {run.test_ppl:>12.1f} {run.best_test_ppl:>8.1f} {gain:>8} "
-                     f"{run.tokens_per_s:>8.0f}")
-    return "\n".join(lines)
