@@ -14,18 +14,17 @@ from torch import nn
 
 from kdcache import distributed
 from kdcache.cache.location import Location, Place, store_bytes
-from kdcache.config import DumpConfig
 from kdcache.cache.token_codec import DEFAULT_K, DEFAULT_WIDTH, TokenCodec, TopTokens
 from kdcache.cache.token_layout import HIDDEN, TokenCacheSpec, token_cache_spec
+from kdcache.config import DumpConfig
 from kdcache.data.text import TextData
 from kdcache.errors import KdcacheError
 from kdcache.models import load_teacher
-from kdcache.stages.token_topk import top_tokens_on_device
 from kdcache.runtime import autocast, pick_device, precision, prepare_model
+from kdcache.stages.token_topk import top_tokens_on_device
 from kdcache.stages.writing import Block, DumpResult, open_writer, write_pending
 
 HEAD_ROWS = 512  # positions whose logits the head computes at a time: a [512, V] slice stays in cache for V ~ 4k
-
 
 
 def dump_tokens(teacher: nn.Module, teacher_info: dict[str, Any], data: TextData, out: Place, *,
