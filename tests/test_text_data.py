@@ -237,3 +237,18 @@ def test_the_default_corpus_loads_quickly_with_a_4096_bpe():
     assert train.vocab_size == 4096 and train.seq_len == 64 and train.corpus == "pydoc"
     assert train.num_samples > 1000 and test.num_samples == round((train.num_samples + test.num_samples) * 0.1)
     assert train.fingerprint == load_dataset("text", split="train").fingerprint  # the same tokens every time
+
+
+def test_kdcache_imports_without_tokenizers_and_text_then_says_what_to_install(tmp_path):
+    import subprocess
+    import sys
+
+    # an image-only install (the GPU image of benchmarks/gpu.sh has no tokenizers): kdcache imports, text refuses
+    code = ("import sys; sys.modules['tokenizers'] = None\n"
+            "import kdcache, kdcache.cli\n"
+            "from kdcache.data.text import load_text\n"
+            "from kdcache.errors import KdcacheError\n"
+            "try:\n    load_text('pydoc')\nexcept KdcacheError as error:\n    print(error)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "text data needs the tokenizers package" in done.stdout and "pip install tokenizers" in done.stdout

@@ -24,16 +24,19 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import ClassVar
+from types import ModuleType
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor
 
 from kdcache.data.augment import Identity, get_policy
 from kdcache.data.source import EVAL_BATCH
 from kdcache.data.sources import SPLITS, register_dataset
+
+if TYPE_CHECKING:  # imported when text is read: an image-only install (a GPU image without it) imports kdcache
+    from tokenizers import Tokenizer
 from kdcache.errors import KdcacheError
 
 DEFAULT_CORPUS = "pydoc"  # CPython's pydoc_data help topics: a corpus on every Python, nothing to download
@@ -141,13 +144,24 @@ def train_bpe(documents: Sequence[str], vocab_size: int = DEFAULT_VOCAB_SIZE) ->
     """A byte-level BPE (GPT-2's pre-tokenizer) of up to vocab_size tokens: the 256 bytes, END_OF_TEXT and the
     merges learnt from the documents; two trainings on the same documents give the same bytes."""
     _check_integer("vocab_size", vocab_size, BYTE_ALPHABET + 1)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizers = _tokenizers()
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=False,
+                                  initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(documents, trainer=trainer)
     return tokenizer
+
+
+def _tokenizers() -> ModuleType:
+    """The tokenizers package (a dependency of kdcache), imported when text is first tokenised."""
+    try:
+        import tokenizers
+        import tokenizers.decoders, tokenizers.models, tokenizers.pre_tokenizers, tokenizers.trainers  # noqa: E401
+    except ImportError as error:
+        raise KdcacheError(f"text data needs the tokenizers package ({error}): pip install tokenizers") from None
+    return tokenizers
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -160,9 +174,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                                f"the folder a tokenizers or transformers tokenizer was saved to")
         tokenizer = _byte_level_bpe(path / "vocab.json", path / "merges.txt")
     elif path.is_dir() or path.is_file():
-        file = path / "tokenizer.json" if path.is_dir() else path
+        file, tokenizers = path / "tokenizer.json" if path.is_dir() else path, _tokenizers()
         try:
-            tokenizer = Tokenizer.from_file(str(file))
+            tokenizer = tokenizers.Tokenizer.from_file(str(file))
         except Exception as error:  # untrusted bytes parsed by the tokenizers library: any failure is the file's
             raise KdcacheError(f"tokenizer {file}: not a tokenizers tokenizer.json ({_first_line(error)}); give "
                                f"the file a tokenizers or transformers tokenizer saved") from None
@@ -174,13 +188,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 def _byte_level_bpe(vocab: Path, merges: Path) -> Tokenizer:
     """GPT-2's tokenizer from its vocab.json and merges.txt: byte-level BPE, no prefix space."""
+    tokenizers = _tokenizers()
     try:
-        tokenizer = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+        tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(vocab), str(merges)))
     except Exception as error:  # untrusted bytes parsed by the tokenizers library: any failure is the files'
         raise KdcacheError(f"tokenizer {vocab.parent}: its vocab.json and merges.txt are not a BPE vocabulary "
                            f"({_first_line(error)}); give the files a GPT-2 style tokenizer saved") from None
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
     return tokenizer
 
 
