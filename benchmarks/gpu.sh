@@ -14,9 +14,11 @@
 #   d   projection    benchmarks/gpu_projection.py: 2 epochs timed of a CIFAR-100-shaped run (resnet32x4 ->
 #                     resnet8x4, SDD-LSKD, batch 64) from the cache and from the live teacher, projected to 240
 #                                                                                    -> OUT_DIR/projection.json
+#   e1-e2 tokens      train-teacher --dataset text (the text quickstart's teacher, 6 epochs), then
+#                     benchmarks/token_cache.py: its token dump timed against its pure forward  -> OUT_DIR/tokens.md
 # and then OUT_DIR/gpu.json: every step's command, status, exit code, seconds and ceiling, the environment, the
 # test counts and the projection; a short table is printed last. Caches, checkpoints and runs go to a temporary
-# folder that is removed at the end (KEEP_WORK=1 keeps it), so OUT_DIR holds five files: the device tool brings
+# folder that is removed at the end (KEEP_WORK=1 keeps it), so OUT_DIR holds six files: the device tool brings
 # back at most 8.
 #
 # Time: each command runs under `timeout` with its ceiling (the second column of the plan), and no command runs
@@ -34,11 +36,11 @@
 # needs that the image lacks (numcodecs, donfig, google-crc32c; read with `pip show` and `importlib.metadata
 # .requires` here) travel as Python 3.12 wheels. .whl/ is already in .gitignore, so it travels only when named
 # in carry (the README's `echo /.whl/ >> .git/info/exclude` is not needed).
-#   1. Here, in the repository root, once per session (9.3 MB of wheels):
+#   1. Here, in the repository root, once per session (about 13 MB of wheels):
 #        python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #            --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
 #            --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
-#            zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0
+#            zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 tokenizers==0.23.3
 #        bash benchmarks/gpu.sh --dry-run          # every command parses here
 #   2. The tool's `run`, with carry [".whl"] and timeout_s 540 (the script's 465 s, the installs, and slack):
 #        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site
@@ -46,7 +48,7 @@
 #        --no-build-isolation -e . || exit; bash benchmarks/gpu.sh "$OUT"
 #      (one line; --no-build-isolation because setuptools cannot be fetched there, the image's is used; keep
 #      one version of each package in .whl/, since two stop the install).
-#   3. The reply's files_at holds gpu.json, gpu.log, run.json, projection.json and pytest-gpu.xml; its
+#   3. The reply's files_at holds gpu.json, gpu.log, run.json, projection.json, tokens.md and pytest-gpu.xml; its
 #      output_tail ends with the table. Then give_back, unless you rerun at once.
 
 set -euo pipefail
@@ -155,6 +157,11 @@ step c4-smoke-distill 45 c2-smoke-dump "${TORCHRUN[@]}" -m kdcache distill --cac
 step c5-smoke-nccl 30 - "${TORCHRUN[@]}" "$work/nccl_check.py"
 step d-projection 150 - "$PY" benchmarks/gpu_projection.py --device cuda --work "$work/projection" \
     --json "$out_dir/projection.json"
+step e1-text-teacher 60 - "$PY" -m kdcache train-teacher --dataset text --model gpt:layers=4,width=256,heads=4 \
+    --epochs 6 --optimizer adamw --lr 3e-3 --weight-decay 0.1 --schedule cosine --lr-warmup-epochs 0.5 \
+    --clip-grad 1 --batch-size 32 --device cuda --out "$smoke/text-teacher"
+step e2-token-dump 60 e1-text-teacher "$PY" benchmarks/token_cache.py --teacher "$smoke/text-teacher" \
+    --sequences 64 --rows 36:q6 --dump-repeats 5 --device cuda --out "$out_dir/tokens.md"
 
 print_plan() {
     local i
@@ -211,6 +218,11 @@ def check_projection(args):
     return (f"benchmarks/gpu_projection.py: parses; {parsed.samples} train / {parsed.test_samples} test images, "
             f"{parsed.views} views, {parsed.epochs} epochs timed per source, projected to {parsed.projected_epochs}")
 
+def check_tokens(args):
+    parsed = load("benchmarks/token_cache.py").parse_args(args)
+    return (f"benchmarks/token_cache.py: parses; the teacher's first {parsed.sequences} sequences, the dump timed "
+            f"{parsed.dump_repeats} times on {parsed.device}")
+
 def check(argv):
     assert argv[0] == PY, f"expected {PY}, found {argv[0]}"
     rest = argv[1:]
@@ -220,7 +232,8 @@ def check(argv):
     checks = {"pytest": check_pytest, "kdcache": check_kdcache, "torch.distributed.run": check_torchrun}
     if rest[0] == "-m" and rest[1] in checks:
         return checks[rest[1]](rest[2:])
-    scripts = {"benchmarks/run.py": check_run, "benchmarks/gpu_projection.py": check_projection}
+    scripts = {"benchmarks/run.py": check_run, "benchmarks/gpu_projection.py": check_projection,
+               "benchmarks/token_cache.py": check_tokens}
     return scripts[rest[0]](rest[1:])
 
 failed = 0

@@ -38,6 +38,7 @@ import torch
 
 from kdcache.cache.token_codec import TokenCodec, bucket_kl, logsumexp, reconstruction_kl, top_tokens
 from kdcache.report import cpu_model, source_commit
+from kdcache.runtime import autocast, prepare_model
 
 LARGE_VOCAB = 150_000  # ~Qwen's 151,646: 18-bit ids
 BUDGET_BYTES = 114  # DistillKit's budget setting
@@ -205,13 +206,14 @@ def _text_teacher(folder: str) -> tuple[torch.nn.Module, object]:
 
 
 def _teacher_logits(teacher: torch.nn.Module, data: object, sequences: int) -> np.ndarray:
-    """float32 [positions, V]: the teacher's logits at every unmasked position of the first `sequences`."""
+    """float32 [positions, V]: the teacher's logits (on the CPU) at every unmasked position of the first `sequences`."""
     inputs, _, mask = data.batch(torch.arange(min(sequences, data.num_samples)))
     with torch.no_grad():
-        return teacher(inputs).float()[mask].numpy()
+        return teacher.cpu()(inputs).float()[mask].numpy()
 
 
-def time_token_dump(teacher: torch.nn.Module, data: object, repeats: int, batch_size: int = 32) -> list[dict]:
+def time_token_dump(teacher: torch.nn.Module, data: object, repeats: int, batch_size: int = 32,
+                    device: str = "cpu") -> list[dict]:
     """Sequences per second of `dump_tokens` timed whole (store created, blocks written, finished, default codec)
     against the teacher's pure forward over the same batches (the batches' tokens on the device, logits computed,
     nothing kept), each `repeats` times, the order alternating; medians, and the median of per-repeat ratios."""
@@ -222,18 +224,22 @@ def time_token_dump(teacher: torch.nn.Module, data: object, repeats: int, batch_
     info = {"arch": "benchmark", "num_classes": data.num_classes, "checkpoint": "-", "checkpoint_sha256": "0" * 64}
     times: dict[str, list[float]] = {"dump": [], "forward": []}
 
+    model = prepare_model(teacher, torch.device(device)).eval()
+
     def forward() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(torch.device(device)):  # as the dump runs it: bf16 autocast on CUDA
             for start in range(0, data.num_samples, batch_size):
-                teacher(data.batch(torch.arange(start, min(start + batch_size, data.num_samples)))[0])
+                model(data.batch(torch.arange(start, min(start + batch_size, data.num_samples)), device)[0])
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     with tempfile.TemporaryDirectory() as folder:
         for repeat in range(repeats + 1):  # the first of each is a warm-up, dropped
             for name in (("dump", "forward") if repeat % 2 else ("forward", "dump")):
                 started = time.perf_counter()
                 if name == "dump":
-                    dump_tokens(teacher, info, data, f"{folder}/{repeat}.zarr", batch_size=batch_size,
-                                device="cpu", show_progress=False)
+                    dump_tokens(model, info, data, f"{folder}/{repeat}.zarr", batch_size=batch_size,
+                                device=device, show_progress=False)
                 else:
                     forward()
                 if repeat:
@@ -258,6 +264,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--teacher", help="a kdcache text teacher's run folder (model.json, tokenizer.json): its logits "
                                           "on the first --sequences of its corpus's train split")
     parser.add_argument("--sequences", type=int, default=64, help="--teacher: sequences whose positions are measured")
+    parser.add_argument("--device", default="cpu", help="--dump-repeats: where the dump and the forward run (cpu, cuda)")
     parser.add_argument("--dump-repeats", type=int, default=0, help="--teacher: also time `dump_tokens` over the whole "
                         "train split against the teacher's pure forward over the same batches, this many times each")
     parser.add_argument("--vocab", type=int, default=4096, help="vocabulary of --synthetic")
@@ -276,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.teacher:
         teacher, data = _text_teacher(args.teacher)
         logits, source = _teacher_logits(teacher, data, args.sequences), f"teacher `{args.teacher}` on {data.corpus}"
-        dump_rows = time_token_dump(teacher, data, args.dump_repeats) if args.dump_repeats else []
+        dump_rows = time_token_dump(teacher, data, args.dump_repeats, device=args.device) if args.dump_repeats else []
     else:
         logits, source = synthetic_logits(args.synthetic, args.vocab), "synthetic Zipf-like logits (seed 0)"
     logits = logits.reshape(-1, logits.shape[-1]).astype(np.float32)
