@@ -20,6 +20,8 @@ STEPS = {
     "c4-smoke-distill": f"{TORCHRUN} -m kdcache distill --cache ",
     "c5-smoke-nccl": f"{TORCHRUN} ",
     "d-projection": "benchmarks/gpu_projection.py --device cuda --work ",
+    "e1-text-teacher": "-m kdcache train-teacher --dataset text --model gpt:layers=4,width=256,heads=4",
+    "e2-token-dump": "benchmarks/token_cache.py --teacher ",
 }
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
@@ -41,7 +43,8 @@ def test_dry_run_checks_and_prints_every_step() -> None:
         assert f"{name:<18} ok: " in out, f"{name} was not checked:\n{out}"
     assert "precisions ('fp32', 'bf16+cl')" in out  # run.py's own plan on CUDA: both precisions
     assert "--json OUT_DIR/projection.json" in out and "--json OUT_DIR/run.json" in out
-    assert "all 9 commands parse" in out
+    assert "--device cuda --out OUT_DIR/tokens.md" in out
+    assert f"all {len(STEPS) + 1} commands parse" in out  # and the environment step
     assert not (ROOT / "OUT_DIR").exists()  # the placeholder: a dry run writes no output
 
 
