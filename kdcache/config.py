@@ -450,6 +450,14 @@ def option_key(field: dataclasses.Field) -> str:
     return (field.metadata.get("flag") or field.name).lstrip("-").replace("-", "_")
 
 
+def options_given(config: Any, names: tuple[str, ...], allowed: tuple[Any, ...] = ()) -> list[str]:
+    """The flags (`--aug`) of those fields among `names` that `config` sets to other than their defaults (or an
+    `allowed` value): what a command that takes none of them must refuse rather than ignore."""
+    declared = {field.name: field for field in fields(config)}
+    return ["--" + option_key(declared[name]).replace("_", "-") for name in names
+            if getattr(config, name) != declared[name].default and getattr(config, name) not in allowed]
+
+
 def config_keys(cls: type) -> dict[str, str]:
     """A config class's keys (its flags' names) -> the field each sets."""
     return {option_key(f): f.name for f in option_fields(cls)}

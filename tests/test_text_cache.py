@@ -177,6 +177,12 @@ def test_the_commands_train_a_text_teacher_dump_it_and_distil_students_from_its_
     code, out, err = run_cli(["dump-teacher", "--checkpoint", tmp_path / "teacher", *common, "--views", 2,
                               "--out", tmp_path / "d.zarr"], capsys)
     assert code == 2 and "--views are for images" in err and not (tmp_path / "d.zarr").exists()
+    code, out, err = run_cli(["dump-teacher", "--checkpoint", tmp_path / "teacher", *common, "--aug", "cifar",
+                              "--scales", "1,2", "--out", tmp_path / "d.zarr"], capsys)
+    assert code == 2 and "--aug, --scales are for images" in err  # each named by its flag
+    code, out, err = run_cli(["distill", "--cache", tmp_path / "c.zarr", "--student", TEACHER, "--loss", "token-kl",
+                              "--aug", "cifar", "--label-smoothing", 0.1, "--out", tmp_path / "more"], capsys)
+    assert code == 2 and "trains without --aug, --label-smoothing:" in err and not (tmp_path / "more").exists()
 
 
 def test_distilbert_trains_from_cached_hidden_states_and_is_refused_without_them(teacher, text, tmp_path):

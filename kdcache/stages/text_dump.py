@@ -16,7 +16,7 @@ from kdcache import distributed
 from kdcache.cache.location import Location, Place, store_bytes
 from kdcache.cache.token_codec import DEFAULT_K, DEFAULT_WIDTH, TokenCodec, TopTokens
 from kdcache.cache.token_layout import HIDDEN, TokenCacheSpec, token_cache_spec
-from kdcache.config import DumpConfig
+from kdcache.config import DumpConfig, options_given
 from kdcache.data.text import TextData
 from kdcache.errors import KdcacheError
 from kdcache.models import load_teacher
@@ -97,20 +97,18 @@ def head_top_tokens(model: nn.Module, features: torch.Tensor, k: int) -> TopToke
                        for field in zip(*parts)))
 
 
-# what dump-teacher's image options are when left alone: a token cache takes none of them
-IMAGE_DUMP_OPTIONS = {"views": None, "exhaustive": False, "augmentation": None, "mix": None, "outputs": HIDDEN,
-                      "losses": (), "views_from": None, "scales": (1, 2, 4), "dtype": "float16"}
+# dump-teacher's options for images: a token cache takes none of them
+IMAGE_DUMP_OPTIONS = ("views", "exhaustive", "augmentation", "mix", "outputs", "losses", "views_from", "scales", "dtype")
 
 
 def dump_text_from_config(config: DumpConfig, data: TextData, device: torch.device,
                           show_progress: bool = True) -> DumpResult:
     """`kdcache dump-teacher --dataset text`: the teacher's token cache, --topk ids per position (default
     token_codec.DEFAULT_K, benchmarks/TOKENS.md's choice)."""
-    given = [name for name, unset in IMAGE_DUMP_OPTIONS.items() if getattr(config, name) not in (unset, "none", "")]
+    given = options_given(config, IMAGE_DUMP_OPTIONS, allowed=("none", HIDDEN))
     if given:
         raise KdcacheError(f"dump-teacher --dataset text: a token cache has one view of each sequence and stores "
-                           f"next-token distributions; {', '.join('--' + name.replace('_', '-') for name in given)} "
-                           f"are for images: leave them out")
+                           f"next-token distributions; {', '.join(given)} are for images: leave them out")
     teacher, info = load_teacher(config.checkpoint, config.teacher or None, data.num_classes)
     return dump_tokens(teacher, info, data, config.out, topk=config.topk or DEFAULT_K,
                        width=config.token_width, batch_size=config.batch_size, device=device, format=config.format,

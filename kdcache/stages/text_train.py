@@ -21,7 +21,7 @@ from tqdm import tqdm
 from kdcache import distributed
 from kdcache.cache import TeacherCache
 from kdcache.cache.token_layout import HIDDEN, TokenCacheSpec
-from kdcache.config import DistillConfig, TeacherConfig, TrainConfig, recorded_config, save_config
+from kdcache.config import DistillConfig, TeacherConfig, TrainConfig, options_given, recorded_config, save_config
 from kdcache.data.text import TOKENIZER_FILE, TextData, load_text
 from kdcache.errors import KdcacheError
 from kdcache.losses.tokens import TOKEN_LOSSES, distilbert
@@ -251,8 +251,8 @@ def distill_text(config: DistillConfig, cache: TeacherCache, data: TextData, tes
 
 
 # options of the image loop a language model has no use for: refused rather than silently ignored
-IMAGE_ONLY = {"augmentation": None, "ema_decay": None, "label_smoothing": 0.0, "views_per_step": 1, "mutual": False,
-              "ema_teacher": None, "live_teacher": None, "student_checkpoint": None, "extra_caches": ()}
+IMAGE_ONLY = ("augmentation", "ema_decay", "label_smoothing", "views_per_step", "mutual", "ema_teacher", "live_teacher",
+              "student_checkpoint")
 
 
 def language_model(spec: str, vocabulary: int, flag: str) -> nn.Module:
@@ -267,11 +267,10 @@ def language_model(spec: str, vocabulary: int, flag: str) -> nn.Module:
 
 def refuse_image_options(config: Any) -> None:
     """One line for an option the image loop reads and a language model's run would ignore."""
-    given = [name for name, unset in IMAGE_ONLY.items() if getattr(config, name, unset) not in (unset, "none")]
+    given = options_given(config, tuple(name for name in IMAGE_ONLY if hasattr(config, name)), allowed=("none",))
     if given:
-        raise KdcacheError(f"a language model (--dataset text, or a token cache) trains without "
-                           f"{', '.join('--' + name.replace('_', '-') for name in given)}: these options are the "
-                           f"image loop's; leave them out")
+        raise KdcacheError(f"a language model (--dataset text, or a token cache) trains without {', '.join(given)}: "
+                           f"these options are the image loop's; leave them out")
 
 
 def require_one_process(command: str) -> None:
@@ -323,6 +322,9 @@ def distill_from_token_cache(config: DistillConfig, cache: TeacherCache, device:
                              show_progress: bool = True) -> list[LanguageRun]:
     """`kdcache distill --cache` of a token cache: its corpus and tokenizer checked, then every student."""
     require_one_process("distill")
+    if config.extra_caches:
+        raise KdcacheError(f"distill: {cache.path} is a token cache, whose students learn from one teacher; give one "
+                           f"--cache")
     if config.resume or config.dataset not in (None, "text"):
         raise KdcacheError(f"distill: {cache.path} is a token cache: its students train on its corpus "
                            f"(--data-root moves it, not --dataset), and a language model's run does not resume")
