@@ -23,7 +23,6 @@ TEXT_TEACHER_EPOCHS, TEXT_STUDENT_EPOCHS = 6, 8
 # AdamW with a cosine schedule, the settings small GPTs train with (nanoGPT's), for teacher and students alike
 TRAINING = {"optimizer": "adamw", "schedule": "cosine", "lr": 3e-3, "weight_decay": 0.1, "lr_warmup_epochs": 0.5,
             "clip_grad": 1.0, "batch_size": 32}
-DISTILL_WEIGHTS = {"ce_weight": 0.1, "distill_weight": 0.9, "temperature": 1.0}
 
 
 def text_quickstart(out: Path, cache: Path, device: str) -> None:
@@ -44,8 +43,7 @@ def text_quickstart(out: Path, cache: Path, device: str) -> None:
     print(f"3/3 training {TEXT_STUDENT} from scratch: cross-entropy alone, and distilled from the cache (token-kl) "
           f"({TEXT_STUDENT_EPOCHS} epochs)")
     config = DistillConfig(cache=str(cache), students=(TEXT_STUDENT,), losses=("ce", "token-kl"),
-                           epochs=TEXT_STUDENT_EPOCHS, out=str(out / "students"), device=device, **TRAINING,
-                           **DISTILL_WEIGHTS)
+                           epochs=TEXT_STUDENT_EPOCHS, out=str(out / "students"), device=device, **TRAINING)
     runs = distill_sweep(config)  # `kdcache distill --cache`: the corpus and tokenizer checked against the cache's
     finished = time.perf_counter()
 

@@ -27,7 +27,7 @@ from kdcache.models import count_parameters, create_model, list_models
 from kdcache.models.lm import GPT_FORM
 from kdcache.stages.distill import RunSummary, distill
 from kdcache.stages.dump import DumpResult
-from kdcache.stages.text_train import LanguageRun
+from kdcache.stages.text_train import TOKEN_LOSS_DEFAULTS, LanguageRun
 from kdcache.stages.evaluate import CacheEvaluation, ModelEvaluation
 
 SUMMARY_WAIT_SECONDS = 60.0  # another call into the same --out adding its rows takes well under a second
@@ -225,8 +225,8 @@ def loss_table() -> str:
         weights = " ".join(f"{field}={getattr(spec, field):g}" for field in LOSS_DEFAULTS
                            if getattr(spec, field) not in (None, 0.0) or field == "ce_weight")
         rows.append(f"{name:<12} {weights:<74} {spec.paper}")
-    rows += ["", "language models (distill --cache of a token cache; ce_weight=0.1 distill_weight=0.9 temperature=1 "
-                 "unless overridden):",
+    defaults = " ".join(f"{name}={value:g}" for name, value in TOKEN_LOSS_DEFAULTS.items())
+    rows += ["", f"language models (distill --cache of a token cache; {defaults} unless overridden):",
              *(f"{name:<18} {_first_line(loss.__doc__)}" for name, loss in TOKEN_LOSSES.items())]
     return "\n".join(rows)
 

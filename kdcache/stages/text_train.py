@@ -36,6 +36,9 @@ IGNORED = -100  # cross_entropy's ignore_index: a masked position's target
 # (model, inputs, targets, mask, sequence indices) -> the loss terms, 'total' among them
 Objective = Callable[[nn.Module, Tensor, Tensor, Tensor, Tensor], dict[str, Tensor]]
 LM_LOSSES = ("ce", *TOKEN_LOSSES, "distilbert")
+# a token loss's weights where distill's --ce-weight, --distill-weight, --temperature leave them: the teacher's
+# distribution carries most of the signal (DistillKit's and the trial's setting)
+TOKEN_LOSS_DEFAULTS = {"ce_weight": 0.1, "distill_weight": 0.9, "temperature": 1.0}
 
 
 @dataclass(frozen=True)
@@ -233,8 +236,9 @@ def distill_text(config: DistillConfig, cache: TeacherCache, data: TextData, tes
     for student, loss in config.runs():
         torch.manual_seed(config.seed)
         model = language_model(student, data.num_classes, "--student")
-        objective = language_objective(loss, targets, _weight(config.ce_weight, 0.1), _weight(config.distill_weight, 0.9),
-                                       _weight(config.temperature, 1.0), config.token_tail)
+        weights = {name: default if getattr(config, name) is None else getattr(config, name)
+                   for name, default in TOKEN_LOSS_DEFAULTS.items()}
+        objective = language_objective(loss, targets, **weights, tail=config.token_tail)
         if loss == "distilbert" and model.num_features != targets.hidden.shape[-1]:
             raise KdcacheError(f"--loss distilbert: the cosine compares hidden states, and student {student} has "
                                f"{model.num_features} features where the teacher has {targets.hidden.shape[-1]}; "
@@ -332,6 +336,3 @@ def distill_from_token_cache(config: DistillConfig, cache: TeacherCache, device:
     cache.require_complete()
     return distill_text(config, cache, data, test, device, show_progress)
 
-
-def _weight(given: float | None, default: float) -> float:
-    return default if given is None else given
