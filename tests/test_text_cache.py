@@ -17,7 +17,7 @@ from kdcache.models import create_model
 from kdcache.report import describe_cache
 from kdcache.stages.text_dump import dump_tokens
 from kdcache.stages.text_train import cache_text
-from tests.console import run_cli
+from console import run_cli
 
 TEACHER = "gpt:layers=1,width=32,heads=2"
 VOCAB, SEQ_LEN, K = 300, 16, 8
