@@ -3,8 +3,8 @@
 Each pure function of `kdcache.losses.functions` and `kdcache.losses.features` that a spec can name has a
 terms function here, registered under the pure function's name: it returns the loss's own terms (`kd`; DKD's
 `tckd` and `nckd`; SDD's `sdd`; SLD's `teacher_swap` and `student_swap`; `fitnet`, `at`, `sp`, RKD's
-`rkd_distance` and `rkd_angle`) before weighting, and `LossSpec.compute` weights them and adds cross-entropy
-(`ce`) and the `total`. metrics.csv has a column per term.
+`rkd_distance` and `rkd_angle`; adversarial's `adv`) before weighting, and `LossSpec.compute` weights them and
+adds cross-entropy (`ce`) and the `total`. metrics.csv has a column per term.
 
 A terms function reads the model outputs it needs (kdcache.models.outputs) from two dicts, the student's and
 the teacher's: `regions` for the logit losses; `embedding`, `attention/<stage>`, `hint/<stage>` for the feature
@@ -25,6 +25,7 @@ import yaml
 from torch import Tensor
 
 from kdcache.errors import KdcacheError
+from kdcache.losses.adversarial import VERDICT, adversarial_loss
 from kdcache.losses.features import at, fitnet, rkd_angle, rkd_distance, sp
 from kdcache.losses.functions import (
     dkd,
@@ -89,6 +90,8 @@ class LossSpec:
     angle_weight: float | None = None
     label_smoothing: float = 0.0  # of the cross-entropy term (a training recipe's option, --label-smoothing)
     detach_swapped_student: bool = False  # SLD: the official code lets gradient through the swapped student
+    discriminator_lr: float | None = None  # adversarial: the discriminator's Adam learning rate
+    discriminator_width: int | None = None  # adversarial: the discriminator's hidden width
 
     def __post_init__(self) -> None:
         call = f"LossSpec({self.name!r})"
@@ -289,6 +292,18 @@ def _rkd_terms(spec: LossSpec, student: Outputs, teacher: Outputs, labels: Tenso
     names = teacher_outputs(teacher, "embedding", "rkd")
     return {"rkd_distance": spec.distance_weight * sum(rkd_distance(student[n], teacher[n]) for n in names),
             "rkd_angle": spec.angle_weight * sum(rkd_angle(student[n], teacher[n]) for n in names)}
+
+
+@_terms("adversarial", "adv", needs=("temperature", "discriminator_lr", "discriminator_width"))
+def _adversarial_terms(spec: LossSpec, student: Outputs, teacher: Outputs, labels: Tensor,
+                       epoch: float) -> dict[str, Tensor]:
+    """The non-saturating generator term on the discriminator's scores of the student's predictions, which the run's
+    discriminator (kdcache.stages.adversarial) adds to the student's outputs each step."""
+    if VERDICT not in student:
+        raise KdcacheError(f"loss {spec.name!r} reads a discriminator's scores of the student's predictions "
+                           f"(outputs[{VERDICT!r}]) and none were given: `kdcache distill` trains the discriminator; "
+                           f"in your own loop, call kdcache.stages.adversarial.AdversarialGame.judge before the loss")
+    return {"adv": adversarial_loss(student[VERDICT])}
 
 
 def _outputs(value: Tensor | Outputs) -> Outputs:

@@ -25,6 +25,7 @@ from kdcache.models import check_model_spec, create_model, load_student_weights,
 from kdcache.models.outputs import TeacherOutputs, feature_stages, parse_outputs, probe_output_shapes, \
     student_outputs
 from kdcache.runtime import pick_device
+from kdcache.stages.adversarial import loss_critics
 from kdcache.stages.dataset import CacheDataset, load_cache_data
 from kdcache.stages.folders import FINISHED, NEW, RunFolder, hold_run_folder, run_name
 from kdcache.stages.loop import Run, fit, loader_batches
@@ -183,16 +184,18 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: DataSource
         torch.manual_seed(config.seed + (k if config.mutual else 0))
         model = _student_model(config, student, data.num_classes, images)
         needs = losses[loss_name].needs
-        students.append((model, student_outputs(model, needs, teachers, images, student) if needs else ((), {}, {})))
+        # and what its loss trains beside it (an adversarial loss's discriminator), refused before a folder is taken
+        students.append((model, student_outputs(model, needs, teachers, images, student) if needs else ((), {}, {}),
+                         loss_critics(losses[loss_name], data.num_classes, device, here, config.seed)))
     runs, folders = [], _run_folders(config, held, show_progress)
-    for (student, loss_name), (model, outputs), folder in zip(config.runs(), students, folders):
+    for (student, loss_name), (model, outputs, critics), folder in zip(config.runs(), students, folders):
         record = {"arch": student, "num_classes": data.num_classes, "loss": loss_name,
                   "dataset": data.describe(), "config": recorded_config(config), **source}
         loss = losses[loss_name]
         # mutual students learn from their peers' outputs of each step, the others' of those trained together
         run = Run(folder.path.name, model, loss, scales if loss.uses_regions else (1,), config, folder.path, device,
                   record, here, *outputs, ema_teacher=config.ema_teacher,
-                  targets=[Peers(len(runs))] if config.mutual else [])
+                  targets=[Peers(len(runs))] if config.mutual else [], critics=critics)
         if folder.state != NEW:  # held by --resume (or --name with --resume): continued, or kept when finished
             run.resume()
         elif here.is_main:

@@ -26,6 +26,7 @@ from kdcache.losses import LossSpec, LossSum
 from kdcache.models import file_sha256, read_checkpoint, save_checkpoint
 from kdcache.models.outputs import REGIONS, ModelOutputs
 from kdcache.runtime import epoch_generator, prepare_model
+from kdcache.stages.adversarial import Critic
 from kdcache.stages.recipe_options import StepHook, learning_rate, make_optimizer, recipe_hooks, step_autocast, \
     training_dtype
 from kdcache.stages.evaluate import evaluate_batches
@@ -66,14 +67,16 @@ class Run:
     Three views of the model: `model`, the network itself (what checkpoints hold); `logit_map`, its outputs
     (ModelOutputs: region logits, and those `outputs` a feature or relation loss reads, FitNet's `regressors`
     included) on the device; `step_module`, what a training step calls (the ModelOutputs, DDP-wrapped under
-    torchrun). The regressors train with the model and are saved beside it (regressors.pt).
+    torchrun). The regressors train with the model and are saved beside it (regressors.pt). `critics`: the models
+    the loss trains beside the student with their own optimisers (an adversarial loss's discriminator), each
+    stepped in every step before the student's loss and kept in last.pt.
     """
 
     def __init__(self, name: str, model: nn.Module, loss: LossSpec | LossSum, scales: tuple[int, ...],
                  config: TrainConfig, folder: Path, device: torch.device, record: dict[str, Any],
                  here: World = World(), outputs: tuple[str, ...] = (), sources: dict[str, str] | None = None,
                  regressors: dict[str, nn.Module] | None = None, ema_teacher: float | None = None,
-                 targets: Sequence[Targets] = ()) -> None:
+                 targets: Sequence[Targets] = (), critics: Sequence[Critic] = ()) -> None:
         self.name, self.loss, self.config, self.folder, self.device = name, loss, config, Path(folder), device
         self.record = record  # what the run is (config, teacher, cache): saved with every checkpoint
         self.here = here
@@ -95,6 +98,7 @@ class Run:
         # the weight average of --ema-decay and the mean teacher of --ema-teacher (None without), for callers
         self.ema, self.ema_teacher = (next((hook for hook in self.hooks if hook.key == key), None)
                                       for key in ("ema", "ema_teacher"))
+        self.critics = list(critics)
         self.start_epoch = 0
         self.history: list[dict[str, float]] = []
 
@@ -116,12 +120,16 @@ class Run:
     def update(self, outputs: list[Outputs], views: tuple[Batch, ...], epoch: int, share: float,
                step_outputs: Sequence[list[Outputs]] = ()) -> dict[str, torch.Tensor]:
         """One update from the outputs `forward` gave: each view's targets (the batch's, and the run's own
-        providers', which see `step_outputs`, every run's of this step, per view), the loss, backward, the
-        optimiser's step, the hooks. Returns the loss terms, summed over the views."""
+        providers', which see `step_outputs`, every run's of this step, per view), the critics' steps, the loss,
+        backward, the optimiser's step, the hooks. Returns the loss terms, summed over the views, and the critics'."""
         targets = [self.targets_of(batch, [found[v] for found in step_outputs]) for v, batch in enumerate(views)]
+        critiques = {}
+        for critic in self.critics:
+            outputs, found = critic.judge(outputs, targets)
+            critiques |= found
         terms = self.loss_terms(outputs, views, targets, epoch)
         self.backward_and_step(terms, share)
-        return terms
+        return terms | critiques
 
     def targets_of(self, batch: Batch, step: Sequence[Outputs]) -> Outputs | None:
         """A view's targets: the batch's, their regions cut to the run's, and the run's own providers' on its images
@@ -160,10 +168,12 @@ class Run:
             hook.after_step(self.model)
 
     def _extra_parts(self) -> dict[str, Any]:
-        """What last.pt keeps besides the model and optimiser: FitNet's regressors, the hooks' weights, fp16's
-        scaler."""
+        """What last.pt keeps besides the model and optimiser: FitNet's regressors, the hooks' weights, the critics'
+        weights and optimisers, fp16's scaler."""
         parts = {"regressors": self.logit_map.regressors if self.logit_map.regressors else None,
                  **{hook.key: hook.model for hook in self.hooks},
+                 **{name: part for critic in self.critics
+                    for name, part in ((critic.key, critic.model), (f"{critic.key}_optimizer", critic.optimizer))},
                  "scaler": self.scaler if self.scaler.is_enabled() else None}
         return {name: part for name, part in parts.items() if part is not None}
 
