@@ -54,6 +54,9 @@ METHODS = {
     "sdd-lskd-randaugment": ("SDD-LSKD, teacher A's RandAugment cache", "sdd-lskd", ("randaugment",), {}),
     "sld": ("SLD, teacher A, one view per step", "sld", ("a",), {}),
     "sld-two-views": ("SLD, teacher A, two views per step", "sld", ("a",), {"views_per_step": 2}),
+    # issue 34: adversarial KD beside plain KD from the same cache
+    "kd": ("KD, teacher A", "kd", ("a",), {}),
+    "kd-adversarial": ("KD + adversarial (discriminator), teacher A", "kd,adversarial", ("a",), {}),
 }
 # cache -> (teacher, dump options): "a" comes first, the others read its views or draw their own K views
 CACHES = {

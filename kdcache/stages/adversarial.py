@@ -74,7 +74,7 @@ class AdversarialGame:
 def loss_critics(loss: LossSpec | LossSum, num_classes: int, device: torch.device, here: World = World(),
                  seed: int = 0) -> list[Critic]:
     """The critics a loss trains beside the student: a discriminator per adversarial part (refused under torchrun,
-    whose ranks would each train their own)."""
+    whose ranks would each train their own; distill asks before it takes a run folder, so a refusal writes nothing)."""
     parts = loss.parts if isinstance(loss, LossSum) else (loss,)
     adversarial = [part for part in parts if part.function == "adversarial"]
     if adversarial and here.distributed:

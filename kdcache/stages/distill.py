@@ -184,7 +184,6 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: DataSource
         torch.manual_seed(config.seed + (k if config.mutual else 0))
         model = _student_model(config, student, data.num_classes, images)
         needs = losses[loss_name].needs
-        # and what its loss trains beside it (an adversarial loss's discriminator), refused before a folder is taken
         students.append((model, student_outputs(model, needs, teachers, images, student) if needs else ((), {}, {}),
                          loss_critics(losses[loss_name], data.num_classes, device, here, config.seed)))
     runs, folders = [], _run_folders(config, held, show_progress)
