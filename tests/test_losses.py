@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from kdcache import losses as L
 from kdcache.errors import KdcacheError
+from kdcache.losses.adversarial import VERDICT
 
 SETTINGS = settings(max_examples=40, deadline=None)
 SCALE_SETS = [(1,), (1, 2), (1, 4), (1, 2, 4)]
@@ -194,8 +195,9 @@ def extreme_case(case):
     return 1e4 * signs(), 1e4 * signs()  # ±1e4
 
 
-# the others read features, or (dml) peer students' logits: tests/test_online.py
-LOGIT_LOSSES = [name for name in L.list_losses() if not L.get_loss(name).needs and name != "dml"]
+# the others read features, or (dml) peer students' logits: tests/test_online.py, or (adversarial) a discriminator's
+# scores of the student's: tests/test_adversarial.py
+LOGIT_LOSSES = [name for name in L.list_losses() if not L.get_loss(name).needs and name not in ("dml", "adversarial")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -234,14 +236,16 @@ def test_half_inputs_are_computed_in_float32(name):
 # --- the registry ------------------------------------------------------------------------------
 
 NAMES = ["ce", "kd", "dkd", "kd+ls", "dkd+ls", "sdd-kd", "sdd-dkd", "sdd-lskd", "sdd-lskd-kd", "sld",
-         "fitnet", "at", "sp", "rkd", "dml"]
+         "fitnet", "at", "sp", "rkd", "dml", "adversarial"]
 # each loss's own terms, besides ce and total: what metrics.csv has a column for
 OWN_TERMS = {"ce": set(), "kd": {"kd"}, "kd+ls": {"kd"}, "dkd": {"tckd", "nckd"}, "dkd+ls": {"tckd", "nckd"},
              "sdd-kd": {"sdd"}, "sdd-dkd": {"sdd"}, "sdd-lskd": {"sdd"}, "sdd-lskd-kd": {"sdd"},
              "sld": {"teacher_swap", "student_swap"}, "fitnet": {"fitnet"}, "at": {"at"}, "sp": {"sp"},
-             "rkd": {"rkd_distance", "rkd_angle"}, "dml": {"mutual"}}
-# what the feature and relation losses read besides the region logits, for the registry's test
-FEATURES = {"hint/layer2": (B, 8, 4, 4), "attention/layer1": (B, 4, 4), "embedding": (B, 16), L.PEERS: (2, B, C)}
+             "rkd": {"rkd_distance", "rkd_angle"}, "dml": {"mutual"}, "adversarial": {"adv"}}
+# what the feature and relation losses read besides the region logits (the adversarial one: its discriminator's
+# scores of the student's predictions), for the registry's test
+FEATURES = {"hint/layer2": (B, 8, 4, 4), "attention/layer1": (B, 4, 4), "embedding": (B, 16), L.PEERS: (2, B, C),
+            VERDICT: (B,)}
 
 
 def distillation(terms: dict) -> torch.Tensor:
@@ -258,7 +262,8 @@ def test_every_name_resolves_and_totals_its_terms():
     for name in NAMES:
         spec = L.get_loss(name)
         assert spec.name == name and spec.paper and spec.code
-        assert spec.function in ("ce", "kd", "dkd", "sdd", "sdd_lskd", "sld", "fitnet", "at", "sp", "rkd", "dml")
+        assert spec.function in ("ce", "kd", "dkd", "sdd", "sdd_lskd", "sld", "fitnet", "at", "sp", "rkd", "dml",
+                                 "adversarial")
         terms = spec.compute(student, teacher, labels, epoch=200)
         assert set(terms) == {"ce", "total"} | OWN_TERMS[name] and list(terms) == list(spec.term_names)
         torch.testing.assert_close(terms["total"], sum(v for k, v in terms.items() if k != "total"))
