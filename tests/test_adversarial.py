@@ -139,7 +139,7 @@ def test_a_resumed_adversarial_run_ends_as_an_uninterrupted_one_discriminator_in
 
 
 def test_the_adversarial_term_without_a_discriminator_and_torchrun_are_refused_in_one_line():
-    with pytest.raises(KdcacheError, match="reads a discriminator.s scores .*AdversarialGame.judge"):
+    with pytest.raises(KdcacheError, match="reads a discriminator.s scores .*the judge of .*loss_critics"):
         get_loss("adversarial").compute(torch.randn(2, 1, 3), torch.randn(2, 1, 3), torch.tensor([0, 1]), 1)
     with pytest.raises(KdcacheError, match="--loss kd,adversarial: the discriminator .* 2 ranks.*without torchrun"):
         loss_critics(scaled_loss("kd,adversarial", {}, 2), CLASSES, CPU, World(rank=0, size=2))

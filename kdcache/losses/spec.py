@@ -302,7 +302,8 @@ def _adversarial_terms(spec: LossSpec, student: Outputs, teacher: Outputs, label
     if VERDICT not in student:
         raise KdcacheError(f"loss {spec.name!r} reads a discriminator's scores of the student's predictions "
                            f"(outputs[{VERDICT!r}]) and none were given: `kdcache distill` trains the discriminator; "
-                           f"in your own loop, call kdcache.stages.adversarial.AdversarialGame.judge before the loss")
+                           f"in your own loop, call the judge of kdcache.stages.adversarial.loss_critics(loss, ...) before "
+                           f"the loss")
     return {"adv": adversarial_loss(student[VERDICT])}
 
 
