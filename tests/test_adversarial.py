@@ -103,6 +103,7 @@ def test_the_discriminator_steps_first_and_its_scores_carry_gradient_to_the_stud
     teacher = [{"regions": torch.randn(8, 1, CLASSES)}]
     old = {name: value.clone() for name, value in game.model.state_dict().items()}
     (judged,), terms = game.judge(student, teacher)
+    assert student[0]["regions"].grad is None  # the discriminator's step read the student's predictions detached
     softened = discriminator_inputs(student[0]["regions"][:, 0], game.temperature)
     # the scores are the stepped discriminator's: this step's D, not the previous one
     torch.testing.assert_close(judged[VERDICT], game.model(softened).detach())
