@@ -317,7 +317,12 @@ class DistillConfig(TrainConfig):
                                                    "1,2,4 cache is taken from the stored regions).")
     dataset: str | None = _dataset(None, "Dataset (default: the cache's).")
     data_root: str | None = _data_root()
-    image_size: int | None = _image_size()  # default: the cache's, for datasets stored at a chosen size
+    image_size: int | None = option(None, "Side of the student's views. With --cache: the cache's (default) or smaller, "
+                                          "the teacher's views at a lower resolution (cross-resolution distillation: "
+                                          "each file's crop box resized to this side, a view held in memory resized); "
+                                          "the test split at this side too. Without: imagefolder's and synthetic's "
+                                          "side (default 224, 32), other datasets' views resized to it.",
+                                    type=click.IntRange(min=8))
     workers: int | None = _workers()
     preload: bool = _preload()
     max_image_pixels: int | None = _max_image_pixels()

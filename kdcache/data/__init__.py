@@ -14,7 +14,7 @@ from kdcache.data.augment import (
                                   list_policies,
 )
 from kdcache.data.files import FileBatches, FilePolicy, ImageFiles
-from kdcache.data.source import DataSource, Policy, policy_for, stored_policy
+from kdcache.data.source import DataSource, Policy, policy_for, stored_policy, student_views
 from kdcache.data.sources import (
                                   ImageData,
                                   data_fingerprint,
@@ -35,6 +35,7 @@ __all__ = [
     "Policy",
     "policy_for",
     "stored_policy",
+    "student_views",
     "Identity",
     "ImageData",
     "data_fingerprint",

@@ -293,6 +293,20 @@ def _resample(images: Tensor, index: Tensor, weights: Tensor, precision: Tensor,
     return (total >> shift).clamp(0, 255).to(torch.uint8)
 
 
+def resize(images: Tensor, size: list[int]) -> Tensor:
+    """Bilinear antialiased resize of uint8 [..., C, H, W] with torchvision.transforms' resize (not v2's): it
+    interpolates in float32 and rounds on every CPU, where v2's native uint8 path differs by ±1 on some."""
+    from torchvision.transforms import functional as TF
+
+    return TF.resize(images, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+
+
+def resize_views(views: Tensor, side: int | None) -> Tensor:
+    """uint8 views [..., C, H, W] resized to side × side (`resize`), or as they are where side is None: a student's
+    views at a smaller size than the teacher's (cross-resolution distillation)."""
+    return views if side is None else resize(views, [side, side])
+
+
 def _checked_params(policy: AugmentPolicy, images: Tensor, params: Tensor) -> Tensor:
     """params as int64 on the images' device, after checking shapes and dtypes (no device sync)."""
     count = len(policy.param_names)

@@ -17,7 +17,7 @@ import math
 import os
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Protocol
 
 import google_crc32c
@@ -27,7 +27,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from kdcache.data.augment import get_policy
+from kdcache.data.augment import get_policy, resize
 from kdcache.data.mixing import Mixed, with_mixing
 from kdcache.data.randaugment import RandAugmentOps
 from kdcache.data.source import EVAL_BATCH, TestBatch
@@ -100,6 +100,11 @@ class ImageFiles:
         size = (self.image_size, self.image_size)
         return with_mixing(get_policy(name, size, on_files=True, **options), mix, size, FileMixed,
                            num_samples=len(self.labels))
+
+    def at_size(self, side: int) -> ImageFiles:
+        """The same files, each view made at side × side from the original file: the same boxes (fractions of
+        the file) resized to that side, and the evaluation crop at that side."""
+        return replace(self, image_size=side)
 
     def first_images(self, count: int = 2) -> Tensor:
         """The first `count` files through the evaluation crop, uint8 [count, 3, S, S]."""
@@ -241,14 +246,6 @@ def central_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[in
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _resize(image: Tensor, size: list[int]) -> Tensor:
-    """Bilinear antialiased resize of uint8 [C, H, W] with torchvision.transforms' resize (not v2's): it
-    interpolates in float32 and rounds on every CPU, where v2's native uint8 path differs by ±1 on some."""
-    from torchvision.transforms import functional as TF
-
-    return TF.resize(image, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-
-
 @dataclass(frozen=True)
 class FileResizedCropFlip(DrawnWhereRead):
     """RandomResizedCrop(size, scale, ratio) then RandomHorizontalFlip, on the original file.
@@ -279,7 +276,7 @@ class FileResizedCropFlip(DrawnWhereRead):
     def apply(self, image: Tensor, params: Tensor) -> Tensor:
         """torchvision's `resized_crop` of the box to size × size (bilinear, antialias), then the flip."""
         top, left, h, w, flip = self.box(params, *image.shape[-2:])
-        view = _resize(image[..., top:top + h, left:left + w], [self.size, self.size])
+        view = resize(image[..., top:top + h, left:left + w], [self.size, self.size])
         return view.flip(-1) if flip else view
 
     def out_of_range(self, params: Tensor) -> Tensor:
@@ -337,7 +334,7 @@ class FileCenterCrop(DrawnWhereRead):
         """Resize the shorter side, then crop the centre size × size."""
         from torchvision.transforms import functional as TF
 
-        return TF.center_crop(_resize(image, [self.resize_size]), [self.size, self.size])
+        return TF.center_crop(resize(image, [self.resize_size]), [self.size, self.size])
 
     def out_of_range(self, params: Tensor) -> Tensor:
         """No row: there are no parameters."""

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kdcache.errors import KdcacheError
+
 TestBatch = tuple[Tensor, Tensor]  # images (normalised, on the device), labels
 EVAL_BATCH = 250  # test images per forward pass
 
@@ -85,6 +87,11 @@ class DataSource(Protocol):
         """The first `count` samples as uint8 [count, C, S, S], un-augmented (evaluation's crop for files)."""
         ...
 
+    def at_size(self, side: int) -> DataSource:
+        """The same samples with views made at side × side (files: from the original at that side; images held in
+        memory: their views at the held size, resized)."""
+        ...
+
     def evaluation(self, device: torch.device, workers: int = 0, resident: bool = True,
                    batch_size: int = EVAL_BATCH) -> TestBatches:
         """The un-augmented batches of this split, as every evaluation reads them."""
@@ -116,3 +123,25 @@ def stored_policy(data: DataSource, augmentation: dict) -> Policy:
     included)."""
     name, mix, options = policy_settings(augmentation)
     return policy_for(data, name, mix, **options)
+
+
+def student_views(data: DataSource, augmentation: dict, side: int | None) -> tuple[DataSource, Policy]:
+    """The source and policy that replay a cache's views (`augmentation`, its metadata, made from `data`) for a
+    student at side × side: the cache's own where side is None or the cache's; a smaller side sees the same views
+    at a lower resolution (cross-resolution distillation): files' boxes cut from the original file and resized to
+    that side, views of images held in memory resized from the teacher's. A larger side is refused, and CutMix
+    boxes of files (in the teacher's pixel grid, no whole pixels at another side)."""
+    cached = int(data.describe()["image_shape"][-1])
+    if side is None or side == cached:
+        return data, stored_policy(data, augmentation)
+    if side > cached:
+        raise KdcacheError(f"--image-size {side}: the teacher's cached views are {cached}x{cached}, and a student "
+                           f"sees them at that size or smaller (the same crops, fewer pixels), never larger, where it "
+                           f"would see detail the teacher never saw; give --image-size {cached} or less "
+                           f"(image_size= in CacheDataset), or dump the teacher at {side} px")
+    if data.streamed and (augmentation.get("mix") or {}).get("mode") == "cutmix":
+        raise KdcacheError(f"--image-size {side}: the cache's CutMix boxes are whole pixels of the teacher's "
+                           f"{cached}x{cached} views of files, with no exact box at {side} px; train at the cache's "
+                           f"size (drop --image-size), or dump a CutMix cache at {side} px")
+    smaller = data.at_size(side)
+    return smaller, stored_policy(smaller, augmentation)

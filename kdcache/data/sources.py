@@ -10,7 +10,7 @@ import hashlib
 import inspect
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdcache.data.augment import AugmentPolicy, get_policy
+from kdcache.data.augment import AugmentPolicy, get_policy, resize_views
 from kdcache.data.cifar import read_cifar
 from kdcache.data.mixing import replay, with_mixing
 from kdcache.data.source import EVAL_BATCH, TestBatch
@@ -57,6 +57,7 @@ class ImageData:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    view_size: int | None = None  # views made at the held size, then resized to this side (`at_size`)
     fingerprint: str = field(init=False)
 
     def __post_init__(self):
@@ -84,7 +85,7 @@ class ImageData:
         return normalize(self.images, self.mean, self.std)
 
     def describe(self) -> dict:
-        """What identifies this data in cache metadata (JSON-able)."""
+        """What identifies this data in cache metadata (JSON-able); `view_size` where views are resized to it."""
         return {
             "name": self.name,
             "split": self.split,
@@ -94,7 +95,22 @@ class ImageData:
             "mean": list(self.mean),
             "std": list(self.std),
             "fingerprint": self.fingerprint,
+            **({} if self.view_size is None else {"view_size": self.view_size}),
         }
+
+    def at_size(self, side: int) -> "ImageData":
+        """The same images whose views are made at the held size (the policy's crops and boxes in its pixels), then
+        resized to side × side with torchvision's resize (bilinear, antialias); a larger side is refused."""
+        height, width = self.images.shape[-2:]
+        if height != width or not 0 < side <= height:
+            raise KdcacheError(f"--image-size {side}: {self.name}'s images are held at {height}x{width}, and their "
+                               f"views can be made smaller (square images only), never larger, which would only "
+                               f"interpolate pixels; give --image-size {min(height, width)} or less")
+        return replace(self, view_size=None if side == height else side)
+
+    def resized(self, views: Tensor) -> Tensor:
+        """Views [..., C, H, W] at the held size as this split serves them: resized to `view_size` where set."""
+        return resize_views(views, self.view_size)
 
     def listing(self) -> bytes:
         """No files: a cache of data held in memory records no listing."""
@@ -110,8 +126,8 @@ class ImageData:
         return with_mixing(get_policy(name, image_size=size, **options), mix, size)
 
     def first_images(self, count: int = 2) -> Tensor:
-        """The first `count` images, uint8 [count, C, H, W]."""
-        return self.images[:count]
+        """The first `count` images, uint8 [count, C, H, W] (resized to `view_size` where set)."""
+        return self.resized(self.images[:count])
 
     def evaluation(self, device: torch.device, workers: int = 0, resident: bool = True,
                    batch_size: int = EVAL_BATCH) -> "HeldTestBatches":
@@ -120,16 +136,19 @@ class ImageData:
         return HeldTestBatches(self, device, resident, batch_size)
 
     def sample_view(self, policy: AugmentPolicy, params: Tensor, index: int, checksums: None = None) -> Tensor:
-        """Sample `index` under the view params [N, P] name, replayed from memory: uint8 [1, C, H, W]."""
-        return replay(policy, self.images, params, [index])
+        """Sample `index` under the view params [N, P] name, replayed from memory (then resized to `view_size` where
+        set): uint8 [1, C, H, W]."""
+        return self.resized(replay(policy, self.images, params, [index]))
 
 
 class HeldTestBatches:
-    """An in-memory split's un-augmented batches, normalised on the device."""
+    """An in-memory split's un-augmented batches (resized once to its `view_size` where set), normalised on the
+    device."""
 
     def __init__(self, data: ImageData, device: torch.device, resident: bool, batch_size: int) -> None:
         self.data, self.device, self.batch_size = data, device, batch_size
-        self.images = data.images.to(device) if resident else data.images
+        images = data.resized(data.images)
+        self.images = images.to(device) if resident else images
 
     def batches(self, samples: range) -> Iterator[TestBatch]:
         """The samples of `samples`, in order, normalised, with their labels on the device."""

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, default_collate
 
 from kdcache.cache import TeacherCache, open_cache
 from kdcache.cache.layout import CacheSpec
-from kdcache.data import DataSource, dataset_options, load_dataset, normalize, stored_policy
+from kdcache.data import DataSource, dataset_options, load_dataset, normalize, stored_policy, student_views
 from kdcache.data.mixing import mix_targets
 from kdcache.errors import KdcacheError
 from kdcache.models import region_indices
@@ -79,14 +79,16 @@ def load_cache_data(spec: CacheSpec, data_root: str | Path | None = None, split:
 def load_described_data(described: dict[str, Any], data_root: str | Path | None = None, split: str | None = None,
                         **options: object) -> DataSource:
     """The split a dataset's description names (`ImageData.describe()`, as caches and run folders record it), or
-    `split` of the same dataset, at the image size it had and read as it was (from its files or held in memory)."""
+    `split` of the same dataset, at the image size it had and read as it was (from its files or held in memory),
+    its views resized to the recorded `view_size` (a student's smaller than the teacher's) where there is one."""
     name = described["name"]
     data_root = data_root or described.get("root")  # a synthesised set's folder, recorded with it
     if "image_size" in dataset_options(name):
         options = {"image_size": described["image_shape"][-1], **options}
     if "preload" in dataset_options(name):  # a split of files streams them; an older cache held the split in memory
         options = {"preload": described.get("source") != "files", **options}
-    return load_dataset(name, data_root, split or described["split"], **options)
+    data = load_dataset(name, data_root, split or described["split"], **options)
+    return data if described.get("view_size") is None else data.at_size(described["view_size"])
 
 
 class CacheDataset(Dataset):
@@ -101,30 +103,35 @@ class CacheDataset(Dataset):
     `set_epoch(e)` selects the view epoch e replays (`view_order` cycle: e mod K), as a DistributedSampler's
     set_epoch selects its order. `data`: the dataset already loaded, instead of loading the one the cache names
     (from `data_root` where it needs one). A streamed split's files are read in `__getitem__` (in the loader's
-    workers), each checked against the crc32c the teacher's dump recorded. `mean`, `std` (0-1 units, timm's
-    convention), `image_size`, `input_size` (3, H, W) and `num_classes` are the cache's; `check_loader_inputs`
-    compares a loader's settings with them.
+    workers), each checked against the crc32c the teacher's dump recorded. `image_size`: a side smaller than the
+    cache's views serves the same views at that size (cross-resolution distillation: a file's box cut from the
+    original and resized to it, a view held in memory resized from the teacher's), a larger one is refused. `mean`,
+    `std` (0-1 units, timm's convention), `image_size`, `input_size` (3, H, W) and `num_classes` are those of the
+    images served; `check_loader_inputs` compares a loader's settings with them.
     """
 
     def __init__(self, cache: str | os.PathLike | TeacherCache, data_root: str | os.PathLike | None = None,
                  transform: Callable[[torch.Tensor], Any] | None = None, *, data: DataSource | None = None,
                  scales: tuple[int, ...] | None = None, view_order: str = "cycle", seed: int = 0,
-                 outputs: tuple[str, ...] | None = None, images: str = "normalized", item: str = "triple") -> None:
+                 outputs: tuple[str, ...] | None = None, images: str = "normalized", item: str = "triple",
+                 image_size: int | None = None) -> None:
         self.path = cache.path if isinstance(cache, TeacherCache) else cache
         self._transform, self._ignoring_transforms = transform, False
         self.images, self.item = _one_of("images", images, IMAGE_MODES), _one_of("item", item, ITEM_FORMS)
         self.view_order, self.seed = view_order, seed
         opened = cache if isinstance(cache, TeacherCache) else open_cache(self.path)
         try:
-            self.data = data if data is not None else load_cache_data(opened.spec, data_root)
-            self.policy = stored_policy(self.data, opened.spec.augmentation)
-            require_fits(opened, self.data, self.policy, scales or opened.spec.scales)
+            cached_data = data if data is not None else load_cache_data(opened.spec, data_root)
+            require_fits(opened, cached_data, stored_policy(cached_data, opened.spec.augmentation),
+                         scales or opened.spec.scales)
+            self.data, self.policy = student_views(cached_data, opened.spec.augmentation, image_size)
             self.regions = None if scales is None else region_indices(opened.spec.scales, scales)
             self.scales = tuple(scales or opened.spec.scales)  # the targets' regions: LogitMap(student, scales)
             self.outputs = require_outputs(opened, tuple(opened.spec.outputs) if outputs is None else outputs)
             CachedViews(opened, self.policy, view_order, seed)  # an unknown order is refused here, not in a worker
             self.cache_id = opened.cache_id  # what was checked here: a worker refuses a cache rewritten since
-            self.input_size = tuple(opened.spec.dataset["image_shape"])  # (3, H, W): the views the teacher saw
+            self.cached_size = tuple(opened.spec.dataset["image_shape"])  # (3, H, W): the views the teacher saw
+            self.input_size = self.cached_size[:1] + ((image_size,) * 2 if image_size else self.cached_size[1:])
         finally:
             if opened is not cache:
                 opened.close()
@@ -260,8 +267,11 @@ def check_loader_inputs(dataset: CacheDataset, *, image_size: int | Sequence[int
               "class count": dataset.num_classes}
     for name, value in found.items():
         if value is not None and not _same(value, cached[name]):
-            raise KdcacheError(f"{where}'s {name} is {_shown(value)} but the cache {dataset.path} was made at "
-                               f"{_shown(cached[name])}: give {where} the cache's {name}")
+            resized = name == "image size" and dataset.input_size != dataset.cached_size  # image_size= given
+            made, whose = (f"the dataset serves the cache {dataset.path}'s views at", "dataset") if resized else \
+                (f"the cache {dataset.path} was made at", "cache")
+            raise KdcacheError(f"{where}'s {name} is {_shown(value)} but {made} {_shown(cached[name])}: give {where} "
+                               f"the {whose}'s {name}")
 
 
 def _image_shape(image_size: int | Sequence[int]) -> tuple[int, ...]:

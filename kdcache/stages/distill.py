@@ -16,7 +16,8 @@ from kdcache.cache import TeacherCache, open_cache
 from kdcache.cache.fit import outputs_of_kinds, require_same_views
 from kdcache.cache.location import Location
 from kdcache.config import DistillConfig, loader_options, recorded_config, save_config
-from kdcache.data import DataSource, Policy, load_dataset, normalize, policy_for, stored_policy
+from kdcache.data import DataSource, Policy, dataset_options, load_dataset, normalize, policy_for, stored_policy, \
+    student_views
 from kdcache.data.files import default_workers
 from kdcache.distributed import Shard, World
 from kdcache.errors import KdcacheError
@@ -161,15 +162,13 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: DataSource
                            "streamed from its files; load it with --preload, or train on one view per step")
     if stored is None:  # fresh views: the run records the policy it draws them from, the source's by default
         config = replace(config, augmentation=config.augmentation or data.default_policy)
-    policy = stored_policy(data, stored.augmentation) if stored else policy_for(data, config.augmentation)
     scales = tuple(config.scales or (stored.scales if stored else (1, 2, 4)))
     losses = {name: scaled_loss(name, config.loss_overrides(), config.epochs) for _, name in config.runs()}
     kinds = tuple(dict.fromkeys(kind for loss in losses.values() for kind in loss.needs))
-    for other in caches:
-        _check_cache(other, data, policy, scales, config.teacher if other is cache else None, losses)
-        require_same_views(cache, other)
+    student_data, test, policy = _student_data(config, caches, data, test, scales, losses)
     here, shard = _shard(cache, len(data.labels), config)
-    images = normalize(data.first_images(), data.mean, data.std)  # a student's stage shapes are found on these
+    # a student's stage shapes are found on these, at its own size
+    images = normalize(student_data.first_images(), data.mean, data.std)
     targets, source, teachers = _targets(config, caches, data, scales, device, shard, kinds, images, show_progress)
     # one provider per view of a step: each holds its own view (the live teacher computes any)
     providers = None if targets is None else [targets] + [
@@ -189,7 +188,7 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: DataSource
     runs, folders = [], _run_folders(config, held, show_progress)
     for (student, loss_name), (model, outputs, critics), folder in zip(config.runs(), students, folders):
         record = {"arch": student, "num_classes": data.num_classes, "loss": loss_name,
-                  "dataset": data.describe(), "config": recorded_config(config), **source}
+                  "dataset": student_data.describe(), "config": recorded_config(config), **source}
         loss = losses[loss_name]
         # mutual students learn from their peers' outputs of each step, the others' of those trained together
         run = Run(folder.path.name, model, loss, scales if loss.uses_regions else (1,), config, folder.path, device,
@@ -202,12 +201,35 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: DataSource
         runs.append(run)
     workers = default_workers(config.workers)
     checksums = cache.file_checksums() if cache is not None and stored.streamed else None
-    split = make_split(data, test, policy, device, shard, workers, config.seed, checksums)
+    split = make_split(student_data, test, policy, device, shard, workers, config.seed, checksums)
     batch_path = _dataset_batches(config, caches, data, scales, device, workers,
                                   tuple(name for teacher in teachers for name in teacher.outputs))
     fit(runs, split, views, providers, config, device, batch_path, show_progress and here.is_main,
         together=config.mutual)
     return [_summary(run, folder.state == FINISHED) for run, folder in zip(runs, folders)]
+
+
+def _student_data(config: DistillConfig, caches: list[TeacherCache], data: DataSource, test: DataSource,
+                  scales: tuple[int, ...], losses: dict[str, LossSpec | LossSum]
+                  ) -> tuple[DataSource, DataSource, Policy]:
+    """Check every cache against the data it was made from (at the teacher's view size); then the student's train
+    split, test split and policy: the cache's views at --image-size where it is smaller than theirs (cross-resolution
+    distillation), else as they are; fresh views of the data as loaded without a cache."""
+    cache = caches[0] if caches else None
+    if cache is None:
+        return data, test, policy_for(data, config.augmentation)
+    policy = stored_policy(data, cache.spec.augmentation)
+    for other in caches:
+        _check_cache(other, data, policy, scales, config.teacher if other is cache else None, losses)
+        require_same_views(cache, other)
+    student_data, student_policy = student_views(data, cache.spec.augmentation, config.image_size)
+    if student_data is data:
+        return data, test, policy
+    if config.live_teacher is not None:
+        raise KdcacheError(f"--image-size {config.image_size} with --live-teacher: the live teacher would see the "
+                           f"student's {config.image_size} px views, not the cache's views it replays; drop "
+                           f"--image-size, or train from the cache alone (drop --live-teacher)")
+    return student_data, test.at_size(config.image_size), student_policy
 
 
 def _student_model(config: DistillConfig, student: str, num_classes: int, images: torch.Tensor) -> torch.nn.Module:
@@ -238,12 +260,16 @@ def _load_data(config: DistillConfig, cache: TeacherCache | None
                ) -> tuple[DataSource, DataSource]:
     """The train split the cache was made from (or the config names) and its test split."""
     options = loader_options(config)
-    if cache is not None and config.dataset in (None, cache.spec.dataset["name"]):  # at the size it was made at
+    if cache is not None and config.dataset in (None, cache.spec.dataset["name"]):
+        # at the size it was made at: --image-size is the student's (_student_data)
+        options.pop("image_size", None)
         return tuple(load_cache_data(cache.spec, config.data_root, split, **options)
                      for split in (cache.spec.dataset["split"], "test"))
     dataset = config.dataset or "digits"
-    return (load_dataset(dataset, config.data_root, "train", **options),
-            load_dataset(dataset, config.data_root, "test", **options))
+    # a dataset held at its own size (digits, CIFAR) makes its views there and resizes them to --image-size
+    side = None if "image_size" in dataset_options(dataset) else options.pop("image_size", None)
+    splits = tuple(load_dataset(dataset, config.data_root, split, **options) for split in ("train", "test"))
+    return splits if side is None else tuple(split.at_size(side) for split in splits)
 
 
 def _check_cache(cache: TeacherCache, data: DataSource, policy: Policy,
@@ -313,7 +339,7 @@ def _dataset_batches(config: DistillConfig, caches: list[TeacherCache], data: Da
         raise KdcacheError("--batch-path dataset reads targets from one cache: use it with one --cache and without "
                            "--live-teacher")
     dataset_of_views = CacheDataset(caches[0], data=data, scales=scales, view_order=config.view_order,
-                                    seed=config.seed, outputs=outputs)
+                                    seed=config.seed, outputs=outputs, image_size=config.image_size)
 
     def batches(epoch: int, generator: torch.Generator) -> Iterator[Batch]:
         dataset_of_views.set_epoch(epoch)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from kdcache.data import AugmentPolicy, DataSource, FileBatches, FilePolicy, ImageData, ImageFiles, Policy, normalize
+from kdcache.data.augment import resize_views
 from kdcache.data.files import batch_on_device, stream
 from kdcache.data.mixing import Mixed, mix_targets, replay
 from kdcache.data.source import EVAL_BATCH, TestBatch
@@ -60,9 +61,11 @@ def global_batches(shard: Shard, batch_size: int, generator: torch.Generator,
 
 def device_batches(images: torch.Tensor, labels: torch.Tensor, params: torch.Tensor, policy: AugmentPolicy,
                    mean: tuple[float, ...], std: tuple[float, ...], targets: Targets | None, batch_size: int,
-                   generator: torch.Generator, shard: Shard | None = None) -> Iterator[Batch]:
+                   generator: torch.Generator, shard: Shard | None = None,
+                   view_size: int | None = None) -> Iterator[Batch]:
     """The fast path: uint8 images, labels and parameters already on the device; each batch is indexed,
-    augmented as one op and normalised there. The order comes from a CPU generator, so it is the same on any device.
+    augmented as one op (then resized to view_size × view_size where given: a student smaller than the teacher's
+    views) and normalised there. The order comes from a CPU generator, so it is the same on any device.
 
     With a shard (one rank of DDP), images, labels, params and targets hold only the shard's samples.
     """
@@ -70,7 +73,7 @@ def device_batches(images: torch.Tensor, labels: torch.Tensor, params: torch.Ten
     for index in global_batches(shard, batch_size, generator, images.device):
         if not shard.is_whole:
             index = (index - shard.samples.start).to(images.device)
-        x = normalize(replay(policy, images, params, index), mean, std)
+        x = normalize(resize_views(replay(policy, images, params, index), view_size), mean, std)
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         found = None if targets is None else targets(index, x)
@@ -120,7 +123,8 @@ class DeviceSplit:
                 generator: torch.Generator) -> Iterator[Batch]:
         """One epoch's batches, the held samples' views made on the device."""
         return device_batches(self.images, self.labels, params[self.held].to(self.device), self.policy,
-                              self.data.mean, self.data.std, targets, batch_size, generator, self.shard)
+                              self.data.mean, self.data.std, targets, batch_size, generator, self.shard,
+                              self.data.view_size)
 
     def test_batches(self, samples: range) -> Iterator[TestBatch]:
         """The test samples of `samples`, normalised on the device."""
