@@ -57,6 +57,11 @@ METHODS = {
     # issue 34: adversarial KD beside plain KD from the same cache
     "kd": ("KD, teacher A", "kd", ("a",), {}),
     "kd-adversarial": ("KD + adversarial (discriminator), teacher A", "kd,adversarial", ("a",), {}),
+    # issue 34: cross-resolution, the student at 16 px from teacher A's 32 px cache, beside cross-entropy at 16 px.
+    # Digits are 8x8 scans upsampled to 32, so 16 px keeps every detail the teacher saw: these rows show the path
+    # and a smaller student's accuracy from the larger views, not a gain from privileged resolution
+    "ce-16px": ("cross-entropy (fresh views), 16 px", None, (), {"image_size": 16}),
+    "sdd-lskd-16px": ("SDD-LSKD, teacher A's 32 px views at 16 px", "sdd-lskd", ("a",), {"image_size": 16}),
 }
 # cache -> (teacher, dump options): "a" comes first, the others read its views or draw their own K views
 CACHES = {

@@ -69,9 +69,9 @@ def _vocab_size() -> Any:
                         "(default 4096).", type=click.IntRange(min=260))
 
 
-def _image_size() -> Any:
-    return option(None, "Side of the square views of imagefolder (default 224; distill: the cache's) and of "
-                        "synthetic's images (default 32).", type=click.IntRange(min=8))
+def _image_size(more: str = "") -> Any:
+    return option(None, "Side of the square views of imagefolder (default 224) and of synthetic's images (default "
+                        "32)." + more, type=click.IntRange(min=8))
 
 
 def _workers() -> Any:
@@ -161,7 +161,8 @@ class TeacherConfig(TrainConfig):
                                     "(`kdcache models`).")
     dataset: str = _dataset()
     data_root: str | None = _data_root()
-    image_size: int | None = _image_size()
+    image_size: int | None = _image_size(" Other datasets (digits, CIFAR) make their views at their own size and "
+                                         "resize them to it.")
     workers: int | None = _workers()  # None: data.files.default_workers()
     preload: bool = _preload()
     max_image_pixels: int | None = _max_image_pixels()  # None: the loader's (Pillow's limit)

@@ -17,7 +17,7 @@ from torchvision.transforms import functional as TF
 
 from kdcache import CacheDataset, open_cache
 from kdcache.config import DistillConfig
-from kdcache.data import get_policy, load_dataset
+from kdcache.data import get_policy, load_dataset, load_splits
 from kdcache.data.files import FileResizedCropFlip
 from kdcache.errors import KdcacheError
 from kdcache.models import create_model, file_sha256, load_teacher, save_checkpoint
@@ -105,16 +105,19 @@ def test_an_in_memory_student_view_is_the_teachers_view_resized_with_torchvision
             torch.testing.assert_close(student[index][2]["regions"], teacher_views[index][2]["regions"])
 
 
-def recorded_inputs(monkeypatch) -> list[tuple[int, ...]]:
-    """The shapes of every input the students of a distill run see (training and evaluation)."""
-    shapes = []
+def recorded_inputs(monkeypatch, module: str = "kdcache.stages.distill", maker: str = "create_model"
+                    ) -> list[tuple[int, ...]]:
+    """The shapes of every input the models that `maker` of `module` makes see (training and evaluation)."""
+    shapes, make = [], getattr(importlib.import_module(module), maker)
 
-    def recording(spec, num_classes):
-        model = create_model(spec, num_classes=num_classes)
+    def recording(*args, **kwargs):
+        made = make(*args, **kwargs)
+        model = made[0] if isinstance(made, tuple) else made  # load_teacher's (model, info)
         stem = next(layer for layer in model.modules() if isinstance(layer, torch.nn.Conv2d))  # every path's first
         stem.register_forward_pre_hook(lambda _, inputs: shapes.append(tuple(inputs[0].shape[1:])))
-        return model
-    monkeypatch.setattr(distill_module(), "create_model", recording)
+        return made
+    # the module by name: kdcache.stages' `distill` function hides the module of that name
+    monkeypatch.setattr(importlib.import_module(module), maker, recording)
     return shapes
 
 
@@ -123,10 +126,6 @@ def run(out, data=None, **options):
                            **options)
     return distill(config, show_progress=False, data=data)[0]
 
-
-def distill_module():
-    """kdcache.stages.distill, the module, which kdcache.stages' `distill` function hides."""
-    return importlib.import_module("kdcache.stages.distill")
 
 
 @pytest.mark.parametrize("batch_path", ["device", "dataset"])
@@ -156,13 +155,17 @@ def test_the_device_and_dataset_paths_train_on_the_same_smaller_pixels(small_cac
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
 
-def test_digits_without_a_cache_make_views_at_32_px_resized_to_the_image_size():
-    train, test = distill_module()._load_data(DistillConfig(dataset="digits", image_size=16), None)
+def test_digits_without_a_cache_make_views_at_32_px_resized_to_the_image_size(tmp_path, monkeypatch):
+    train, test = load_splits("digits", image_size=16)  # what distill without a cache and train-teacher load
     assert train.view_size == test.view_size == 16 and train.images.shape[-1] == 32
     assert torch.equal(test.first_images(3), TF.resize(test.images[:3], [16, 16], antialias=True))
+    _, weights = saved_teacher(tmp_path, 10, seed=0)
+    shapes = recorded_inputs(monkeypatch, "kdcache.stages.evaluate", "load_teacher")
+    assert evaluate_model(weights, "resnet8", "digits", image_size=16).samples == len(test.labels)
+    assert set(shapes) == {(3, 16, 16)}
     with pytest.raises(KdcacheError, match=r"^--image-size 40: digits's images are held at 32x32, and their views "
                                            r"can be made smaller"):
-        distill_module()._load_data(DistillConfig(dataset="digits", image_size=40), None)
+        load_splits("digits", image_size=40)
 
 
 def test_a_student_larger_than_the_cached_views_is_refused_in_one_line(cache_path, folder, small_cache, tmp_path):

@@ -20,7 +20,9 @@ from kdcache.data.sources import (
                                   data_fingerprint,
                                   dataset_options,
                                   list_datasets,
+                                  load_at_size,
                                   load_dataset,
+                                  load_splits,
                                   normalize,
                                   register_dataset,
 )
@@ -43,7 +45,9 @@ __all__ = [
     "list_datasets",
     "list_policies",
     "dataset_options",
+    "load_at_size",
     "load_dataset",
+    "load_splits",
     "normalize",
     "register_dataset",
 ]

@@ -209,6 +209,19 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
     return loader(root, split, **options)
 
 
+def load_at_size(name: str, root: str | Path | None = None, split: str = "train", **options: object) -> ImageData:
+    """One split of a registered dataset with its loader's `options`; an `image_size` its loader does not take
+    (digits, CIFAR: held at their own size) makes the views there and resizes them to that side (`at_size`)."""
+    side = None if "image_size" in dataset_options(name) else options.pop("image_size", None)
+    data = load_dataset(name, root, split, **options)
+    return data if side is None else data.at_size(side)
+
+
+def load_splits(name: str, root: str | Path | None = None, **options: object) -> tuple[ImageData, ImageData]:
+    """The train and test splits of a registered dataset, as `load_at_size` loads each."""
+    return tuple(load_at_size(name, root, split, **options) for split in SPLITS)
+
+
 def dataset_options(name: str) -> list[str]:
     """The keyword options a registered dataset's loader takes (such as image_size)."""
     loader = DATASETS.entry(name)

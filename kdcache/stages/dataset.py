@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, default_collate
 
 from kdcache.cache import TeacherCache, open_cache
 from kdcache.cache.layout import CacheSpec
-from kdcache.data import DataSource, dataset_options, load_dataset, normalize, stored_policy, student_views
+from kdcache.data import DataSource, dataset_options, load_at_size, normalize, stored_policy, student_views
 from kdcache.data.mixing import mix_targets
 from kdcache.errors import KdcacheError
 from kdcache.models import region_indices
@@ -80,15 +80,16 @@ def load_described_data(described: dict[str, Any], data_root: str | Path | None 
                         **options: object) -> DataSource:
     """The split a dataset's description names (`ImageData.describe()`, as caches and run folders record it), or
     `split` of the same dataset, at the image size it had and read as it was (from its files or held in memory),
-    its views resized to the recorded `view_size` (a student's smaller than the teacher's) where there is one."""
-    name = described["name"]
+    its views resized to the recorded `view_size` (a student's smaller than the teacher's) unless `options` name an
+    image_size."""
+    name, resized = described["name"], described.get("view_size") is not None and "image_size" not in options
     data_root = data_root or described.get("root")  # a synthesised set's folder, recorded with it
     if "image_size" in dataset_options(name):
         options = {"image_size": described["image_shape"][-1], **options}
     if "preload" in dataset_options(name):  # a split of files streams them; an older cache held the split in memory
         options = {"preload": described.get("source") != "files", **options}
-    data = load_dataset(name, data_root, split or described["split"], **options)
-    return data if described.get("view_size") is None else data.at_size(described["view_size"])
+    data = load_at_size(name, data_root, split or described["split"], **options)
+    return data.at_size(described["view_size"]) if resized else data
 
 
 class CacheDataset(Dataset):

@@ -16,8 +16,7 @@ from kdcache.cache import TeacherCache, open_cache
 from kdcache.cache.fit import outputs_of_kinds, require_same_views
 from kdcache.cache.location import Location
 from kdcache.config import DistillConfig, loader_options, recorded_config, save_config
-from kdcache.data import DataSource, Policy, dataset_options, load_dataset, normalize, policy_for, stored_policy, \
-    student_views
+from kdcache.data import DataSource, Policy, load_splits, normalize, policy_for, stored_policy, student_views
 from kdcache.data.files import default_workers
 from kdcache.distributed import Shard, World
 from kdcache.errors import KdcacheError
@@ -265,11 +264,7 @@ def _load_data(config: DistillConfig, cache: TeacherCache | None
         options.pop("image_size", None)
         return tuple(load_cache_data(cache.spec, config.data_root, split, **options)
                      for split in (cache.spec.dataset["split"], "test"))
-    dataset = config.dataset or "digits"
-    # a dataset held at its own size (digits, CIFAR) makes its views there and resizes them to --image-size
-    side = None if "image_size" in dataset_options(dataset) else options.pop("image_size", None)
-    splits = tuple(load_dataset(dataset, config.data_root, split, **options) for split in ("train", "test"))
-    return splits if side is None else tuple(split.at_size(side) for split in splits)
+    return load_splits(config.dataset or "digits", config.data_root, **options)
 
 
 def _check_cache(cache: TeacherCache, data: DataSource, policy: Policy,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.cache import TeacherCache, open_cache
-from kdcache.data import DataSource, load_dataset
+from kdcache.data import DataSource, load_at_size
 from kdcache.data.files import default_workers
 from kdcache.distributed import all_sum
 from kdcache.errors import KdcacheError
@@ -137,7 +137,7 @@ def _split_of(checkpoint: str | os.PathLike, sidecar: dict, dataset: str | None,
     if dataset is None:
         raise KdcacheError(f"eval: which dataset is {checkpoint} for? it has no kdcache sidecar (model.json) that "
                            f"names one; pass --dataset NAME (`kdcache datasets` lists them)")
-    return load_dataset(dataset, data_root, split, **options)
+    return load_at_size(dataset, data_root, split, **options)
 
 
 @dataclass(frozen=True)

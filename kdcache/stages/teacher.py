@@ -10,7 +10,7 @@ import torch
 
 from kdcache import distributed
 from kdcache.config import TeacherConfig, loader_options, recorded_config, save_config
-from kdcache.data import load_dataset, policy_for
+from kdcache.data import load_splits, policy_for
 from kdcache.data.text import is_text
 from kdcache.data.files import default_workers
 from kdcache.losses import get_loss
@@ -42,8 +42,7 @@ def train_teacher(config: TeacherConfig, show_progress: bool = True) -> TrainedM
     here = distributed.init(device)
     if here.is_main:  # beside model.json: `kdcache train-teacher --config OUT/config.yaml` repeats the run
         save_config(config, config.out)
-    data = load_dataset(config.dataset, config.data_root, "train", **loader_options(config))
-    test = load_dataset(config.dataset, config.data_root, "test", **loader_options(config))
+    data, test = load_splits(config.dataset, config.data_root, **loader_options(config))
     if is_text(data):  # a language model: its own loop (next tokens, held-out perplexity)
         return train_text_teacher(config, data, test, device, show_progress and here.is_main)
     policy = policy_for(data, config.augmentation)
