@@ -12,6 +12,7 @@ against the papers' SGD, SDD-LSKD from caches of mixup, CutMix and RandAugment v
 drawn with the same seed), and SLD on one view or two views per step.
 
     python benchmarks/families.py                 # digits on the CPU: both teachers trained here
+    python benchmarks/families.py --methods ce,ce-16px,sdd-lskd,sdd-lskd-16px   # issue 34: a 16 px student
     python benchmarks/families.py --methods ce,ce-adamw,sdd-lskd,sdd-lskd-adamw,sdd-lskd-mixup,sdd-lskd-cutmix,\
         sdd-lskd-randaugment,sld,sld-two-views --out runs/recipes    # issue 19's rows
 """
