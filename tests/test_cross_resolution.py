@@ -22,7 +22,7 @@ from kdcache.data.files import FileResizedCropFlip
 from kdcache.errors import KdcacheError
 from kdcache.models import create_model, file_sha256, load_teacher, save_checkpoint
 from kdcache.stages import distill
-from kdcache.stages.dataset import load_described_data
+from kdcache.stages.dataset import check_loader_inputs, load_described_data
 from kdcache.stages.dump import dump_teacher
 from kdcache.stages.evaluate import evaluate_model
 
@@ -103,6 +103,30 @@ def test_an_in_memory_student_view_is_the_teachers_view_resized_with_torchvision
             expected = TF.resize(teacher_views[index][0], [16, 16], antialias=True)
             assert torch.equal(student[index][0], expected)
             torch.testing.assert_close(student[index][2]["regions"], teacher_views[index][2]["regions"])
+
+
+def test_mixed_views_held_in_memory_are_the_teachers_mixed_views_resized(small_cache, tmp_path):
+    _, (train, _) = small_cache
+    model, path = saved_teacher(tmp_path, 4, seed=0)
+    info = {"arch": "resnet8", "checkpoint": str(path), "checkpoint_sha256": file_sha256(path)}
+    dump_teacher(model, info, train, train.policy("cifar", {"mode": "cutmix"}), tmp_path / "cutmix.zarr", views=1,
+                 scales=(1,), block_size=20, show_progress=False)
+    student = CacheDataset(tmp_path / "cutmix.zarr", data=train, images="uint8", image_size=16)
+    teacher_views = CacheDataset(tmp_path / "cutmix.zarr", data=train, images="uint8")
+    for index in range(len(train.labels)):
+        image, _, targets = student[index]
+        assert torch.equal(image, TF.resize(teacher_views[index][0], [16, 16], antialias=True))
+        assert targets["mix.weight"] == teacher_views[index][2]["mix.weight"]
+
+
+def test_a_loader_is_compared_with_the_size_the_dataset_serves(small_cache):
+    cache, (train, _) = small_cache
+    dataset = CacheDataset(cache, data=train, image_size=16)
+    check_loader_inputs(dataset, image_size=16)
+    with pytest.raises(KdcacheError) as refused:
+        check_loader_inputs(dataset, image_size=32)
+    assert str(refused.value) == (f"the loader's image size is 32x32 but the dataset serves the cache {cache}'s "
+                                  f"views at 16x16: give the loader the dataset's image size")
 
 
 def recorded_inputs(monkeypatch, module: str = "kdcache.stages.distill", maker: str = "create_model"
