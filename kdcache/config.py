@@ -21,6 +21,7 @@ import click
 import yaml
 
 from kdcache.errors import KdcacheError
+from kdcache.schedules import Schedule, parse_schedule
 
 C = TypeVar("C")
 CONFIG_FILE = "config.yaml"  # the resolved config, saved in every run folder and cache
@@ -33,6 +34,24 @@ def option(default: Any, help: str, flag: str | None = None, type: click.ParamTy
     `rest` (a list given to it sets this field to its first item and the field `rest` to the others)."""
     metadata = {"help": help, "flag": flag, "type": type, "multiple": multiple, "parse": parse, "rest": rest}
     return dataclasses.field(default=default, metadata=metadata)
+
+
+class ScheduleType(click.ParamType):
+    """A loss flag's value: a number, or a schedule over the epochs (kdcache.schedules), parsed once here."""
+
+    name = "number|schedule"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float | Schedule:
+        try:
+            return parse_schedule(value)
+        except KdcacheError as error:
+            self.fail(str(error), param, ctx)
+
+
+def _loss_value(what: str) -> Any:
+    return option(None, f"Override the loss's {what}: a number, or a schedule over the epochs: linear(START,END) or "
+                        f"cosine(START,END) (START at epoch 1, END at the last), step(V0,V1@EPOCH,...) (V1 from "
+                        f"EPOCH on); README: Loss schedules.", type=ScheduleType())
 
 
 def _device() -> Any:
@@ -346,11 +365,12 @@ class DistillConfig(TrainConfig):
     resume: bool = option(False, "Continue the run --name names, else each run's latest unfinished folder (a finished "
                                  "one is kept as it is; with none, a new run starts).")
     # loss overrides; None keeps the loss's published default (configs/losses.yaml)
-    temperature: float | None = option(None, "Override the loss's temperature.", type=click.FLOAT)
-    ce_weight: float | None = option(None, "Override the cross-entropy weight.", type=click.FLOAT)
-    distill_weight: float | None = option(None, "Override the distillation weight.", type=click.FLOAT)
-    alpha: float | None = option(None, "Override DKD's alpha.", type=click.FLOAT)
-    beta: float | None = option(None, "Override DKD's beta.", type=click.FLOAT)
+    # a loss schedule (linear(8,2)) is parsed once, by the flag's type or a config file's value, into a Schedule
+    temperature: float | Schedule | None = _loss_value("temperature")
+    ce_weight: float | Schedule | None = _loss_value("cross-entropy weight")
+    distill_weight: float | Schedule | None = _loss_value("distillation weight")
+    alpha: float | Schedule | None = _loss_value("alpha (DKD's)")
+    beta: float | Schedule | None = _loss_value("beta (DKD's)")
     warmup_epochs: float | None = option(None, "Override the loss warm-up (in epochs of this run).", type=click.FLOAT)
     mutual: bool = option(False, "Deep mutual learning: train the --student models together, step by step on the same "
                                  "batches, each also learning from the others' predictions (loss dml; with --cache, "
@@ -387,7 +407,7 @@ class DistillConfig(TrainConfig):
             return dataclasses.replace(self, name=None, resume=False)
         return dataclasses.replace(self, students=(student,), losses=(loss,), pairs=(), name=None, resume=False)
 
-    def loss_overrides(self) -> dict[str, float]:
+    def loss_overrides(self) -> dict[str, float | Schedule]:
         """The loss hyper-parameters given explicitly."""
         names = ("temperature", "ce_weight", "distill_weight", "alpha", "beta", "warmup_epochs")
         smoothing = {"label_smoothing": self.label_smoothing} if self.label_smoothing else {}
@@ -546,7 +566,7 @@ def config_document(config: Any) -> dict[str, Any]:
         value, rest = getattr(config, field.name), field.metadata.get("rest")
         if rest and getattr(config, rest):
             value = [value, *getattr(config, rest)]
-        document[option_key(field)] = list(value) if isinstance(value, tuple) else value
+        document[option_key(field)] = _plain(value)
     return document
 
 
@@ -567,7 +587,14 @@ def save_config(config: Any, folder: str | Path) -> Path:
 
 def config_dict(config: Any) -> dict[str, Any]:
     """A config as JSON-able plain values (saved in checkpoints and metadata)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    return {field.name: _plain(getattr(config, field.name)) for field in fields(config)}
+
+
+def _plain(value: Any) -> Any:
+    """A config value as YAML and JSON hold it: a tuple as a list, a schedule as its text."""
+    if isinstance(value, Schedule):
+        return str(value)
+    return list(value) if isinstance(value, tuple) else value
 
 def _read_yaml(path: Path, section: str | None) -> dict[str, Any]:
     if not path.is_file():
@@ -599,6 +626,11 @@ def _coerce(name: str, value: Any, hint: Any, where: Any) -> Any:
             return float(value)
         if option in (int, str, bool) and type(value) is option:
             return value
+        if option is Schedule:  # the text (or a mapping, a list: refused with the grammar)
+            try:
+                return parse_schedule(value)
+            except KdcacheError as error:
+                raise KdcacheError(f"{where or 'config'}: {name}: {error}") from None
     raise KdcacheError(f"{where or 'config'}: {name} should be {_type_name(hint)}, got {value!r}")
 
 

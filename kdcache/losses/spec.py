@@ -42,6 +42,7 @@ from kdcache.losses.functions import (
     upcast,
 )
 from kdcache.registry import Registry
+from kdcache.schedules import Schedule, bind_schedule
 
 Outputs = dict[str, Tensor]  # a model's outputs by name: regions [B, R, C], embedding [B, D], ...
 TermsFunction = Callable[["LossSpec", Outputs, Outputs, Tensor, float], dict[str, Tensor]]
@@ -50,6 +51,7 @@ TERMS: Registry[dict[str, Tensor]] = Registry("LossSpec(): function")
 SDD_BASES = {"kd": kd, "dkd": dkd}  # the per-region losses SDD is published with
 PEERS = "peers"  # the teacher-side name of deep mutual learning's peer logits [P, B, C]
 PAPER_EPOCHS = 240  # the schedule the papers' epoch counts (warm-ups, SLD's switch) refer to
+SCHEDULED = ("temperature", "ce_weight", "distill_weight", "alpha", "beta")  # the fields a Schedule may set
 
 
 def _terms(function: str, *names: str, needs: tuple[str, ...] = (), reads: str = "regions"
@@ -68,18 +70,19 @@ class LossSpec:
 
     `function` names the pure function (ce, kd, dkd, sdd, sdd_lskd, sld); `base` the per-region loss of the
     SDD ones (kd or dkd); `standardize` z-scores the logits for kd, dkd and sdd (sdd_lskd always does).
-    Epochs count from 1 (the first epoch is 1), as in mdistiller's trainer.
+    Epochs count from 1 (the first epoch is 1), as in mdistiller's trainer. The fields of SCHEDULED may hold a
+    `Schedule` bound to the run's epochs (kdcache.schedules): `at(epoch)` is the spec of plain numbers for an epoch.
     """
 
     name: str
     function: str
     paper: str
     code: str
-    ce_weight: float
-    distill_weight: float = 0.0
-    temperature: float | None = None
-    alpha: float | None = None
-    beta: float | None = None
+    ce_weight: float | Schedule
+    distill_weight: float | Schedule = 0.0
+    temperature: float | Schedule | None = None
+    alpha: float | Schedule | None = None
+    beta: float | Schedule | None = None
     warmup_epochs: float = 0.0
     standardize: bool = False
     base: str | None = None
@@ -103,6 +106,21 @@ class LossSpec:
         missing = [field for field in needed if getattr(self, field) is None]
         if missing:
             raise KdcacheError(f"{call}: loss {self.function!r} needs {', '.join(missing)}")
+        unbound = [field for field in SCHEDULED if getattr(getattr(self, field), "run_epochs", 0) is None]
+        if unbound:
+            raise KdcacheError(f"{call}: {unbound[0]} {getattr(self, unbound[0])} needs the run's epochs: give "
+                               f"schedule.over(EPOCHS), or the text to scaled_loss() or DistillLoss(epochs=...)")
+
+    def at(self, epoch: float) -> LossSpec:
+        """This loss at `epoch` (from 1): each scheduled field at its value then, the others as they are."""
+        values = {field: getattr(self, field).at(epoch) for field in SCHEDULED
+                  if isinstance(getattr(self, field), Schedule)}
+        return dataclasses.replace(self, **values) if values else self
+
+    def settings(self, epoch: float) -> dict[str, float]:
+        """The temperature and weights the loss has at `epoch`, by field name (metrics.csv's columns)."""
+        now = self.at(epoch)
+        return {field: getattr(now, field) for field in SCHEDULED if getattr(now, field) is not None}
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -146,11 +164,12 @@ class LossSpec:
         counted from 1 (pass the integer epoch to reproduce the papers' code exactly). CE is on the student's
         region 0. Non-SDD logit
         losses read region 0 only; SDD losses every region given. Each distillation term is weighted by
-        distill_weight · warm-up factor.
+        distill_weight · warm-up factor. A scheduled field takes its value at `epoch` (`at`).
         """
-        terms = {"ce": self.ce_term(student, labels)}
-        if self.function != "ce":
-            terms |= self.distillation_terms(student, teacher, labels, epoch)
+        spec = self.at(epoch)
+        terms = {"ce": spec.ce_term(student, labels)}
+        if spec.function != "ce":
+            terms |= spec.distillation_terms(student, teacher, labels, epoch)
         terms["total"] = sum(terms.values())
         return terms
 
@@ -387,11 +406,19 @@ class LossSum:
         """The loss of one training step: `compute(...)["total"]`."""
         return self.compute(student, teacher, labels, epoch)["total"]
 
+    def settings(self, epoch: float) -> dict[str, float]:
+        """The first loss's ce_weight (the one cross-entropy's), then each loss's temperature and weights at `epoch`
+        as LOSS.FIELD (sdd-lskd.temperature, rkd.distill_weight)."""
+        return {"ce_weight": self.parts[0].settings(epoch)["ce_weight"]} | {
+            f"{part.name}.{field}": value for part in self.parts
+            for field, value in part.settings(epoch).items() if field != "ce_weight"}
+
     def compute(self, student: Tensor | Outputs, teacher: Tensor | Outputs | None, labels: Tensor,
                 epoch: float) -> dict[str, Tensor]:
-        """ce once, each part's weighted terms, and their total."""
-        terms = {"ce": self.parts[0].ce_term(student, labels)}
-        for part in self.parts:
+        """ce once, each part's weighted terms, and their total, each part's scheduled fields at `epoch`."""
+        parts = [part.at(epoch) for part in self.parts]
+        terms = {"ce": parts[0].ce_term(student, labels)}
+        for part in parts:
             if part.function != "ce":
                 terms |= part.distillation_terms(student, teacher, labels, epoch)
         terms["total"] = sum(terms.values())
@@ -442,7 +469,10 @@ def _scaled(name: str, overrides: dict[str, float], epochs: int) -> LossSpec:
                            f"{unused[0]}); see `kdcache losses`")
     scaled = {key: getattr(default, key) * epochs / PAPER_EPOCHS for key in ("warmup_epochs", "switch_epoch")
               if key not in overrides and getattr(default, key)}
-    return get_loss(name, **scaled, **overrides)
+    # a schedule (or its text, from the Python API) is bound to this run's epochs
+    bound = {key: bind_schedule(value, epochs, "--" + key.replace("_", "-")) if key in SCHEDULED else value
+             for key, value in overrides.items()}
+    return get_loss(name, **scaled, **bound)
 
 
 def list_losses() -> list[str]:

@@ -21,6 +21,7 @@ from kdcache.losses import LossSpec, LossSum, scaled_loss
 from kdcache.models.logit_map import LogitMap
 from kdcache.models.outputs import REGIONS, output_kind
 from kdcache.models.region_student import RegionStudent
+from kdcache.schedules import Schedule
 from kdcache.stages.dataset import LABEL, CacheDataset, check_loader_inputs
 
 REGION_ADVICE = "wrap the student in kdcache.RegionStudent(model, scales), which gives region logits while it trains"
@@ -28,7 +29,9 @@ REGION_ADVICE = "wrap the student in kdcache.RegionStudent(model, scales), which
 
 class DistillLoss(nn.Module):
     """`loss` (a `kdcache losses` name, `a,b=W` sums several) with `overrides` (temperature, ce_weight,
-    distill_weight, alpha, beta, warmup_epochs, label_smoothing) for a run of `epochs` epochs.
+    distill_weight, alpha, beta, warmup_epochs, label_smoothing) for a run of `epochs` epochs. temperature and the
+    weights also take a schedule, as distill's flags do: its text (`temperature="linear(8,2)"`) or a
+    `kdcache.schedules.Schedule`, valued at the epoch `set_epoch` names (README: Loss schedules).
 
     `forward(output, target)`: output, the student's logits [B, C] or region logits [B, R, C] (or a dict of
     outputs holding them as "regions", for the feature losses); target, the batch's `TeacherTargets` (label
@@ -37,7 +40,7 @@ class DistillLoss(nn.Module):
     """
 
     def __init__(self, loss: str = "kd", *, epochs: int, dataset: CacheDataset | None = None,
-                 model: nn.Module | None = None, **overrides: float) -> None:
+                 model: nn.Module | None = None, **overrides: float | str | Schedule) -> None:
         super().__init__()
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise KdcacheError(f"DistillLoss({loss!r}): epochs must be the run's number of epochs, a positive "

@@ -276,7 +276,8 @@ class EpochMeter:
             self.seen += len(y)
 
     def metrics(self, run: Run, epoch: int, steps: int, lr: float, seconds: float) -> dict[str, float]:
-        """The epoch's mean terms over `steps` steps, train accuracy, last learning rate and speed (all ranks)."""
+        """The epoch's mean terms over `steps` steps, train accuracy, last learning rate, speed (all ranks), and the
+        loss's temperature and weights at the epoch."""
         seen = int(all_sum(self.seen))
         if seen == 0:
             raise KdcacheError(f"--batch-size {run.config.batch_size} is larger than the {run.name} training set; "
@@ -287,7 +288,7 @@ class EpochMeter:
             raise self.non_finite(run, epoch, metrics["loss_total"])
         metrics.update(epoch=epoch + 1, lr=lr, train_acc=float(all_sum(self.correct)) / seen,
                        img_per_s=seen / seconds, seconds=seconds)
-        return metrics
+        return metrics | run.loss.settings(epoch + 1)  # the epoch's temperature and weights, scheduled or not
 
     def non_finite(self, run: Run, epoch: int, loss: float) -> KdcacheError:
         """The error that stops a run whose loss became NaN or Inf this epoch, before its weights are saved."""

@@ -28,6 +28,7 @@ from kdcache.losses.tokens import TOKEN_LOSSES, distilbert
 from kdcache.models import create_model
 from kdcache.models.checkpoint import file_sha256, save_checkpoint
 from kdcache.runtime import epoch_generator
+from kdcache.schedules import Schedule
 from kdcache.stages.folders import hold_run_folder, run_name
 from kdcache.stages.recipe_options import learning_rate, make_optimizer, step_autocast, training_dtype
 
@@ -270,11 +271,15 @@ def language_model(spec: str, vocabulary: int, flag: str) -> nn.Module:
 
 
 def refuse_image_options(config: Any) -> None:
-    """One line for an option the image loop reads and a language model's run would ignore."""
+    """One line for an option the image loop reads and a language model's run would ignore (a loss schedule too)."""
     given = options_given(config, tuple(name for name in IMAGE_ONLY if hasattr(config, name)), allowed=("none",))
     if given:
         raise KdcacheError(f"a language model (--dataset text, or a token cache) trains without {', '.join(given)}: "
                            f"these options are the image loop's; leave them out")
+    scheduled = [name for name in TOKEN_LOSS_DEFAULTS if isinstance(getattr(config, name, None), Schedule)]
+    if scheduled:
+        raise KdcacheError(f"--{scheduled[0].replace('_', '-')} {getattr(config, scheduled[0])}: a token cache's "
+                           f"losses take a constant {scheduled[0]}; give a number (schedules are the image loop's)")
 
 
 def require_one_process(command: str) -> None:
