@@ -9,12 +9,15 @@ views too. Every method trains the same student for every seed. Writes families.
 
 Issue 19's methods (not run by default) are the same student under other recipes and views: AdamW + cosine
 against the papers' SGD, SDD-LSKD from caches of mixup, CutMix and RandAugment views of teacher A (K views each,
-drawn with the same seed), and SLD on one view or two views per step.
+drawn with the same seed), and SLD on one view or two views per step. Issue 34.5's: KD with the temperature
+falling linearly from 8 at the first epoch to 2 at the last (`--temperature 'linear(8,2)'`, the progressive
+distillation of the KD tutorial), beside plain KD at its T 4.
 
     python benchmarks/families.py                 # digits on the CPU: both teachers trained here
     python benchmarks/families.py --methods ce,ce-16px,sdd-lskd,sdd-lskd-16px   # issue 34: a 16 px student
     python benchmarks/families.py --methods ce,ce-adamw,sdd-lskd,sdd-lskd-adamw,sdd-lskd-mixup,sdd-lskd-cutmix,\
         sdd-lskd-randaugment,sld,sld-two-views --out runs/recipes    # issue 19's rows
+    python benchmarks/families.py --methods ce,kd,kd-temperature-schedule,sdd-lskd --out runs/schedules  # 34.5's
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Any
 from fidelity import _pm, aggregate, environment, prepare_teacher  # fidelity's teacher, environment and statistics
 from kdcache.config import DistillConfig, DumpConfig, TeacherConfig
 from kdcache.runtime import pick_device
+from kdcache.schedules import parse_schedule
 from kdcache.stages import distill, train_teacher
 from kdcache.stages.dump import dump_from_config
 
@@ -63,6 +67,9 @@ METHODS = {
     # and a smaller student's accuracy from the larger views, not a gain from privileged resolution
     "ce-16px": ("cross-entropy (fresh views), 16 px", None, (), {"image_size": 16}),
     "sdd-lskd-16px": ("SDD-LSKD, teacher A's 32 px views at 16 px", "sdd-lskd", ("a",), {"image_size": 16}),
+    # issue 34.5: loss schedules, beside plain KD (T 4) on the same cache
+    "kd-temperature-schedule": ("KD, T linear 8 to 2 (progressive), teacher A", "kd", ("a",),
+                                {"temperature": parse_schedule("linear(8,2)")}),
 }
 # cache -> (teacher, dump options): "a" comes first, the others read its views or draw their own K views
 CACHES = {
