@@ -13,7 +13,7 @@ from console import run_cli
 from kdcache.config import DistillConfig, load_config
 from kdcache.data import get_policy
 from kdcache.errors import KdcacheError
-from kdcache.losses import scaled_loss
+from kdcache.losses import get_loss, scaled_loss
 from kdcache.models import file_sha256
 from kdcache.schedules import GRAMMAR, Schedule, parse_schedule
 from kdcache.stages import distill
@@ -105,6 +105,22 @@ def test_distill_loss_takes_a_schedules_text_or_value_and_the_epoch_set_epoch_na
 def test_a_schedule_the_run_cannot_follow_is_refused_as_a_constant_is(loss, overrides, message):
     with pytest.raises(KdcacheError, match=message):
         scaled_loss(loss, overrides, EPOCHS)
+
+
+@pytest.mark.parametrize("value", ["linear(8,2)", Schedule("linear", (8.0, 2.0))])
+def test_a_loss_spec_refuses_a_schedule_without_the_runs_epochs(value):
+    with pytest.raises(KdcacheError, match=r"LossSpec\('kd'\): temperature linear\(8,2\) needs the run's epochs"):
+        get_loss("kd", temperature=value)
+
+
+def test_pairs_and_sums_still_parse_beside_schedules():
+    config = load_config(DistillConfig, None, {"pairs": ("timm:resnet18:kd,dkd=2", "resnet8:kd"), "epochs": 5,
+                                               "temperature": parse_schedule("linear(8,2)")})
+    assert config.runs() == [("timm:resnet18", "kd,dkd=2"), ("resnet8", "kd")]
+    total, alone = (scaled_loss(loss, config.loss_overrides(), config.epochs) for _, loss in config.runs())
+    assert total.settings(3) == {"ce_weight": 0.1, "kd.temperature": 5.0, "kd.distill_weight": 0.9,
+                                 "dkd.temperature": 5.0, "dkd.distill_weight": 2.0, "dkd.alpha": 1.0, "dkd.beta": 8.0}
+    assert alone.settings(5) == {"temperature": 2.0, "ce_weight": 0.1, "distill_weight": 0.9}
 
 
 @pytest.mark.parametrize("text, detail", [

@@ -106,10 +106,13 @@ class LossSpec:
         missing = [field for field in needed if getattr(self, field) is None]
         if missing:
             raise KdcacheError(f"{call}: loss {self.function!r} needs {', '.join(missing)}")
-        unbound = [field for field in SCHEDULED if getattr(getattr(self, field), "run_epochs", 0) is None]
+        # a schedule's values need the run's length: its text, or a Schedule not bound to one, is refused here
+        unbound = [field for field in SCHEDULED if isinstance(getattr(self, field), str)
+                   or getattr(getattr(self, field), "run_epochs", 0) is None]
         if unbound:
-            raise KdcacheError(f"{call}: {unbound[0]} {getattr(self, unbound[0])} needs the run's epochs: give "
-                               f"schedule.over(EPOCHS), or the text to scaled_loss() or DistillLoss(epochs=...)")
+            raise KdcacheError(f"{call}: {unbound[0]} {getattr(self, unbound[0])} needs the run's epochs: give the "
+                               f"text to scaled_loss(name, overrides, epochs) or DistillLoss(epochs=...), or "
+                               f"parse_schedule(text).over(epochs)")
 
     def at(self, epoch: float) -> LossSpec:
         """This loss at `epoch` (from 1): each scheduled field at its value then, the others as they are."""
