@@ -174,8 +174,9 @@ def student_and_loss(args: argparse.Namespace, model: nn.Module, train: CacheDat
     of `--kd-loss` scaled to timm's `--epochs`, both checked against the cache; the student is its model to
     checkpoints, the EMA and DDP, and gives plain logits in eval."""
     criterion = DistillLoss(args.kd_loss, epochs=args.epochs)
-    if criterion.loss.needs:
-        raise KdcacheError(f"--kd-loss {args.kd_loss} reads the student's {', '.join(criterion.loss.needs)}, "
+    read = (*criterion.loss.needs, *criterion.loss.student_outputs)
+    if read:
+        raise KdcacheError(f"--kd-loss {args.kd_loss} reads the student's {', '.join(read)}, "
                            f"which timm's train.py does not give its loss; use a logit loss (kd, dkd, sdd-lskd, ...) "
                            f"or `kdcache distill --loss {args.kd_loss}`")
     student = RegionStudent(model, train.scales) if criterion.loss.uses_regions else model

@@ -18,6 +18,8 @@ Sources (the numbers and the formulas were checked against these; no code was co
        regions ordered 1x1, 2x2, 4x4, row-major, the same layout as kdcache's).
   SLD  Limantoro et al. 2025 (arXiv 2504.20108, Multimedia Systems);
        StephenEkaputra/Swapped-Logit-Distillation@e2d0d1d `mdistiller/distillers/SLD.py`.
+  DeiT Touvron et al., ICML 2021 (hard-label and soft distillation through a distillation token);
+       facebookresearch/deit `losses.py` (DistillationLoss), `main.py` (--distillation-alpha 0.5, --distillation-tau 1).
 
 Where kdcache computes the same quantity differently from the released code, it says so at the
 function. The defaults of each `--loss` name live in `configs/losses.yaml` (see `kdcache.losses.spec`).
@@ -303,3 +305,29 @@ def dml(student: Tensor, peers: Tensor, temperature: float) -> Tensor:
     target = torch.softmax(peers / temperature, dim=-1).mean(dim=0)
     log_student = F.log_softmax(student / temperature, dim=-1)
     return temperature**2 * F.kl_div(log_student, target, reduction="none").sum(dim=-1)
+
+
+def deit_hard_distillation(distillation: Tensor, teacher: Tensor) -> Tensor:
+    """DeiT's hard-label term: CE(ψ(Z_dist), y_t), y_t = argmax_c Z_t(c) the teacher's decision, mean over samples
+    (the distillation head's logits against the teacher's logits [B, C]; Touvron et al., ICML 2021)."""
+    distillation, teacher = _prepare(distillation, teacher, False, "deit_hard_distillation()")
+    return F.cross_entropy(distillation, teacher.argmax(dim=-1))
+
+
+def deit_hard(student: Tensor, distillation: Tensor, teacher: Tensor, labels: Tensor) -> Tensor:
+    """DeiT's hard-label distillation: ½ CE(ψ(Z_s), y) + ½ CE(ψ(Z_dist), y_t), y_t = argmax Z_t.
+
+    student: the class head's logits [B, C]; distillation: the distillation head's [B, C]; teacher: [B, C];
+    labels: [B]. Each cross-entropy is a mean over samples, as the released code's (losses.py, alpha 0.5).
+    """
+    return 0.5 * F.cross_entropy(upcast(student), labels.long()) + 0.5 * deit_hard_distillation(distillation, teacher)
+
+
+def deit_soft(student: Tensor, distillation: Tensor, teacher: Tensor, labels: Tensor, temperature: float) -> Tensor:
+    """DeiT's soft distillation with its ½/½ weighting: ½ CE(ψ(Z_s), y) + ½ τ² KL(ψ(Z_t/τ) ‖ ψ(Z_dist/τ)).
+
+    The KL term is `kd(distillation, teacher, τ)`: KL from the teacher's softened prediction (the released code's
+    direction, F.kl_div(log ψ(Z_dist/τ), log ψ(Z_t/τ))), summed over classes, a mean over samples as the paper has it.
+    The released code divides the summed KL by B·C (`outputs_kd.numel()`), a term C times smaller.
+    """
+    return 0.5 * F.cross_entropy(upcast(student), labels.long()) + 0.5 * kd(distillation, teacher, temperature)

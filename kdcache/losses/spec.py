@@ -3,13 +3,14 @@
 Each pure function of `kdcache.losses.functions` and `kdcache.losses.features` that a spec can name has a
 terms function here, registered under the pure function's name: it returns the loss's own terms (`kd`; DKD's
 `tckd` and `nckd`; SDD's `sdd`; SLD's `teacher_swap` and `student_swap`; `fitnet`, `at`, `sp`, RKD's
-`rkd_distance` and `rkd_angle`; adversarial's `adv`) before weighting, and `LossSpec.compute` weights them and
-adds cross-entropy (`ce`) and the `total`. metrics.csv has a column per term.
+`rkd_distance` and `rkd_angle`; DeiT's `deit`; adversarial's `adv`) before weighting, and `LossSpec.compute`
+weights them and adds cross-entropy (`ce`) and the `total`. metrics.csv has a column per term.
 
 A terms function reads the model outputs it needs (kdcache.models.outputs) from two dicts, the student's and
 the teacher's: `regions` for the logit losses; `embedding`, `attention/<stage>`, `hint/<stage>` for the feature
 and relation ones, which sum their term over every teacher output of their kind (`embedding`, `embedding#1`:
-two teachers). `--loss a,b` is a `LossSum`: the terms of both, cross-entropy once.
+two teachers); DeiT's read the student's `distillation` head, which only the student has. `--loss a,b` is a
+`LossSum`: the terms of both, cross-entropy once.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from kdcache.errors import KdcacheError
 from kdcache.losses.adversarial import VERDICT, adversarial_loss
 from kdcache.losses.features import at, fitnet, rkd_angle, rkd_distance, sp
 from kdcache.losses.functions import (
+    deit_hard_distillation,
     dkd,
     dml,
     kd,
@@ -41,6 +43,7 @@ from kdcache.losses.functions import (
     tckd,
     upcast,
 )
+from kdcache.models.outputs import DISTILLATION
 from kdcache.registry import Registry
 from kdcache.schedules import Schedule, bind_schedule
 
@@ -54,12 +57,13 @@ PAPER_EPOCHS = 240  # the schedule the papers' epoch counts (warm-ups, SLD's swi
 SCHEDULED = ("temperature", "ce_weight", "distill_weight", "alpha", "beta")  # the fields a Schedule may set
 
 
-def _terms(function: str, *names: str, needs: tuple[str, ...] = (), reads: str = "regions"
-           ) -> Callable[[TermsFunction], TermsFunction]:
+def _terms(function: str, *names: str, needs: tuple[str, ...] = (), reads: str = "regions",
+           student_reads: tuple[str, ...] = ()) -> Callable[[TermsFunction], TermsFunction]:
     """Register a terms function for the pure function `function`: it returns the terms `names`, reads the
-    spec fields `needs`, and the teacher's outputs of kind `reads` (regions, embedding, attention, hint)."""
+    spec fields `needs`, the teacher's outputs of kind `reads` (regions, embedding, attention, hint), and the
+    student-only outputs `student_reads` (DeiT's `distillation`, which no teacher or cache has)."""
     def register(entry: TermsFunction) -> TermsFunction:
-        entry.term_names, entry.needs, entry.reads = names, needs, reads
+        entry.term_names, entry.needs, entry.reads, entry.student_reads = names, needs, reads, student_reads
         return TERMS.register(entry, function)
     return register
 
@@ -131,6 +135,11 @@ class LossSpec:
         losses."""
         reads = TERMS.entry(self.function).reads
         return () if reads == "regions" else (reads,)
+
+    @property
+    def student_outputs(self) -> tuple[str, ...]:
+        """The outputs only the student gives that the loss reads (DeiT's `distillation`): none for most losses."""
+        return TERMS.entry(self.function).student_reads
 
     @property
     def uses_regions(self) -> bool:
@@ -271,6 +280,29 @@ def _sld_terms(spec: LossSpec, student: Tensor, teacher: Tensor, labels: Tensor,
             "student_swap": swapped_student}
 
 
+def _distillation_head(spec: LossSpec, student: Outputs) -> Tensor:
+    """The student's distillation-head logits [B, C], refused in one line when the student gave none."""
+    if DISTILLATION not in student:
+        raise KdcacheError(f"loss {spec.name!r} trains a distillation head, and the student's outputs hold only "
+                           f"{', '.join(student)}: give it {DISTILLATION!r} [B, C] beside 'regions' (kdcache.ModelOutputs("
+                           f"model, (1,), ['{DISTILLATION}']) of a timm *_distilled_* model gives both)")
+    return student[DISTILLATION]
+
+
+@_terms("deit_hard", "deit", student_reads=(DISTILLATION,))
+def _deit_hard_terms(spec: LossSpec, student: Outputs, teacher: Outputs, labels: Tensor,
+                     epoch: float) -> dict[str, Tensor]:
+    """DeiT hard-label: the distillation head's cross-entropy on the teacher's argmax (region 0)."""
+    return {"deit": deit_hard_distillation(_distillation_head(spec, student), teacher["regions"][:, 0])}
+
+
+@_terms("deit_soft", "deit", needs=("temperature",), student_reads=(DISTILLATION,))
+def _deit_soft_terms(spec: LossSpec, student: Outputs, teacher: Outputs, labels: Tensor,
+                     epoch: float) -> dict[str, Tensor]:
+    """DeiT soft: τ² KL from the teacher's softened region 0 to the distillation head's."""
+    return {"deit": kd(_distillation_head(spec, student), teacher["regions"][:, 0], spec.temperature)}
+
+
 def teacher_outputs(teacher: Outputs, kind: str, call: str) -> list[str]:
     """The names of the teacher's outputs of a kind (one per teacher and stage), refusing none."""
     names = [name for name in teacher if name.split("#", 1)[0].split("/", 1)[0] == kind]
@@ -386,6 +418,10 @@ class LossSum:
         if repeated or len(self.parts) < 2:
             raise KdcacheError(f"--loss {self.name}: a sum needs two or more losses with distinct terms; "
                                f"{', '.join(repeated) or 'one loss'} would be counted twice")
+        if self.student_outputs and self.uses_regions:
+            raise KdcacheError(f"--loss {self.name}: a distillation head's loss (deit-hard, deit-soft) reads the global "
+                               f"logits of the class and distillation tokens, which have no region logits for an SDD "
+                               f"loss beside it: sum it with losses on the global logit")
 
     @property
     def term_names(self) -> tuple[str, ...]:
@@ -395,6 +431,10 @@ class LossSum:
     @property
     def needs(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(kind for part in self.parts for kind in part.needs))
+
+    @property
+    def student_outputs(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(name for part in self.parts for name in part.student_outputs))
 
     @property
     def uses_regions(self) -> bool:

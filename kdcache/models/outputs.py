@@ -3,7 +3,10 @@
 - `regions` `[B, R, C]`: the region logits of `LogitMap` (region 0 the model's own logits);
 - `embedding` `[B, D]`: the pooled features the classifier sees, `forward_head(features, pre_logits=True)`;
 - `attention/<stage>` `[B, H, W]`: the attention-transfer map of a stage's output (`tensors.attention_map`, p = 2);
-- `hint/<stage>` `[B, C, H, W]`: a stage's output itself, FitNet's hint.
+- `hint/<stage>` `[B, C, H, W]`: a stage's output itself, FitNet's hint;
+- `distillation` `[B, C]`: a student's distillation-token head (DeiT; timm's `*_distilled_*` ViTs), while `regions`
+  holds its class-token head alone. Only a student has it (no cache holds it); in eval mode timm's model gives one
+  prediction, the mean of its two heads, and both outputs are that mean, as `model(x)` is.
 
 A model's stages are the modules its `feature_info` names (timm's attribute; kdcache's CIFAR models and the
 torchvision families with named stages have it too), in order. A student gives the outputs of a teacher's names
@@ -26,7 +29,9 @@ from kdcache.errors import KdcacheError
 from kdcache.models.logit_map import LogitMap, _channels_last, model_name, speaks_timm
 from kdcache.tensors import attention_map
 
-REGIONS, EMBEDDING = "regions", "embedding"
+REGIONS, EMBEDDING, DISTILLATION = "regions", "embedding", "distillation"
+DISTILLED_MODELS = ("a timm *_distilled_* model (timm:deit_tiny_distilled_patch16_224; any timm ViT's shape with a "
+                    "distillation token: timm:deit_tiny_distilled_patch16_224,img_size=32,patch_size=8,depth=4)")
 STAGE_KINDS = ("attention", "hint")
 OUTPUT_FORMS = "regions, embedding, attention (every stage), attention:STAGE, hint (the middle stage), hint:STAGE"
 
@@ -103,6 +108,26 @@ def paired_stage(student_stages: Sequence[str], teacher_stages: Sequence[str], t
     return student_stages[-from_end]
 
 
+def require_distillation_token(model: nn.Module, asked_by: str) -> None:
+    """Refuse, in one line, a model without a distillation token (timm's set_distilled_training) for the
+    `distillation` output that `asked_by` reads."""
+    if not callable(getattr(model, "set_distilled_training", None)):
+        raise KdcacheError(f"{asked_by} trains a distillation token's head, and {model_name(model)} has no distillation "
+                           f"token: use {DISTILLED_MODELS}")
+
+
+def distilled_heads(model: nn.Module, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A distilled ViT's class-token and distillation-token logits from its final tokens, as timm's distilled
+    training gives them (its own setting left as it was); in eval mode both are the heads' mean, as model(x) is."""
+    previous = getattr(model, "distilled_training", False)
+    model.set_distilled_training(True)
+    try:
+        found = model.forward_head(features)
+    finally:
+        model.set_distilled_training(previous)
+    return found if isinstance(found, tuple) else (found, found)
+
+
 class HintRegressor(nn.Module):
     """FitNet's regressor: the student's stage output, resized to the hint's size, then 1×1 conv-BN-ReLU to its
     channels (RepDistiller's ConvReg at equal sizes; at other sizes it uses strided or transposed convolutions,
@@ -137,6 +162,11 @@ class ModelOutputs(LogitMap):
         if len(self.outputs) > 1 and not speaks_timm(model):
             raise KdcacheError(f"{model_name(model)} has no forward_features() and forward_head(), which "
                                f"{', '.join(self.outputs[1:])} are made from: use --outputs regions")
+        if DISTILLATION in self.outputs:
+            require_distillation_token(model, f"the {DISTILLATION!r} output")
+            if self.scales != (1,):  # the heads read the class and distillation tokens, no cell has them
+                raise KdcacheError(f"the {DISTILLATION!r} output comes with the global logit only, not region logits "
+                                   f"of scales {','.join(map(str, self.scales))}: use scales (1,)")
         self.sources = {name: (sources or {}).get(name) or output_stage(name)
                         for name in self.outputs if output_stage(name)}
         modules = dict(model.named_modules())
@@ -172,8 +202,10 @@ class ModelOutputs(LogitMap):
             captured = self._captured
         finally:
             self._captured = None
-        result = {REGIONS: self.regions(features, images.shape[-2:])}
+        result = self._logits(features, images.shape[-2:])
         for name in self.outputs[1:]:
+            if name in result:
+                continue
             if output_kind(name) == EMBEDDING:
                 result[name] = self.model.forward_head(features, pre_logits=True).flatten(1)
                 continue
@@ -185,6 +217,13 @@ class ModelOutputs(LogitMap):
             else:
                 result[name] = stage
         return result
+
+    def _logits(self, features: torch.Tensor, image_size: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The region logits, or, with a distillation output, the class head's logits as region 0 beside it."""
+        if DISTILLATION not in self.outputs:
+            return {REGIONS: self.regions(features, image_size)}
+        logits, distillation = distilled_heads(self.model, features)
+        return {REGIONS: logits[:, None], DISTILLATION: distillation}
 
     def _stage_map(self, output: torch.Tensor, name: str) -> torch.Tensor:
         """A stage's output as a map [B, C, H, W] (timm's NHWC stages permuted)."""

@@ -2,6 +2,8 @@
 
 - `NAME`: kdcache's registry (`kdcache models`);
 - `timm:NAME`: any timm model (`pip install "kdcache[timm]"`), pretrained tags such as `resnet50.a1_in1k` too;
+  `timm:NAME,key=value,...` passes numbers and true/false to timm's constructor (a ViT at 32 px:
+  `timm:deit_tiny_distilled_patch16_224,img_size=32,patch_size=8,depth=4`);
 - `torchvision:NAME`: `torchvision.models.get_model(NAME)`, given timm's interface by an adapter;
 - `gpt:layers=L,width=D,heads=H[,context=T][,dropout=P]`: a small GPT for students trained from scratch, its
   vocabulary the class count (kdcache.models.lm; keys left out take layers=6, width=384, heads=6, context=1024);
@@ -137,7 +139,7 @@ def weights_in_spec(spec: str) -> bool:
 def pretrained_tag(spec: str) -> bool:
     """Whether a spec names pretrained weights (timm:resnet50.a1_in1k), which kdcache never fetches."""
     scheme, name = _split(spec)
-    return scheme == "timm" and "." in name
+    return scheme == "timm" and "." in _timm_arguments(name)[0]
 
 
 def list_models(pattern: str = "*", source: str = "kdcache", pretrained: bool = False) -> list[str]:
@@ -166,15 +168,51 @@ def _timm():
     return timm
 
 
-def _timm_exists(name: str) -> bool:
+TIMM_FORM = "timm:NAME or timm:NAME,key=value,... (numbers, true or false), such as timm:vit_tiny_patch16_224,img_size=32"
+
+
+def _timm_arguments(body: str) -> tuple[str, dict[str, int | float | bool]]:
+    """The model name and the constructor's keyword arguments of a timm spec's body (`vit_tiny_patch16_224,img_size=32`):
+    numbers and booleans only, so a spec read from a file passes timm data, never a name of code."""
+    name, *items = body.split(",")
+    arguments: dict[str, int | float | bool] = {}
+    for item in items:
+        key, equals, text = item.partition("=")
+        if not equals or not key.isidentifier() or key in arguments or key in ("pretrained", "num_classes"):
+            raise KdcacheError(f"model spec 'timm:{body}': {item!r} is not a new key=value (num_classes and pretrained "
+                               f"are kdcache's to set); a timm model is named as {TIMM_FORM}")
+        arguments[key] = _timm_value(text, body)
+    return name, arguments
+
+
+def _timm_value(text: str, body: str) -> int | float | bool:
+    """One argument's value: an integer, a float, true or false."""
+    if text in ("true", "false"):
+        return text == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    raise KdcacheError(f"model spec 'timm:{body}': value {text!r} is not a number, true or false; a timm model is "
+                       f"named as {TIMM_FORM}")
+
+
+def _timm_exists(body: str) -> bool:
     """Whether timm has the architecture, and the pretrained tag if the name carries one (resnet50.a1_in1k)."""
     timm = _timm()
+    name = _timm_arguments(body)[0]
     architecture, tagged, _ = name.partition(".")
     return timm.is_model(architecture) and (not tagged or name in timm.list_models(name, pretrained=True))
 
 
-def _timm_build(name: str, num_classes: int) -> nn.Module:
-    return _timm().create_model(name, pretrained=False, num_classes=num_classes)
+def _timm_build(body: str, num_classes: int) -> nn.Module:
+    name, arguments = _timm_arguments(body)
+    try:
+        return _timm().create_model(name, pretrained=False, num_classes=num_classes, **arguments)
+    except (TypeError, ValueError, AssertionError) as error:  # an argument the constructor refuses
+        raise KdcacheError(f"model spec 'timm:{body}': timm's {name} refused {', '.join(arguments)}: {error}; "
+                           f"give arguments and values its constructor takes") from None
 
 
 SOURCES.register(Source(_timm_build, lambda pattern: _timm().list_models(pattern), _timm_exists, "timm"), "timm")

@@ -22,10 +22,10 @@ from kdcache.distributed import Shard, World
 from kdcache.errors import KdcacheError
 from kdcache.losses import LossSpec, LossSum, loss_parts, scaled_loss
 from kdcache.models import check_model_spec, create_model, load_student_weights, load_teacher, pretrained_tag
-from kdcache.models.outputs import TeacherOutputs, feature_stages, parse_outputs, probe_output_shapes, \
-    student_outputs
+from kdcache.models.outputs import DISTILLATION, TeacherOutputs, feature_stages, parse_outputs, \
+    probe_output_shapes, require_distillation_token, student_outputs
 from kdcache.runtime import pick_device
-from kdcache.stages.adversarial import loss_critics
+from kdcache.stages.adversarial import Critic, loss_critics
 from kdcache.stages.dataset import CacheDataset, load_cache_data
 from kdcache.stages.folders import FINISHED, NEW, RunFolder, hold_run_folder, run_name
 from kdcache.stages.loop import Run, fit, loader_batches
@@ -176,14 +176,7 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: DataSource
     # with a cache, its views are replayed (also by a live teacher: the online baseline on the same pixels)
     views = CachedViews(cache, policy, config.view_order, config.seed) if cache is not None else \
         FreshViews(policy, len(data.labels), config.seed)
-    students = []
-    for k, (student, loss_name) in enumerate(config.runs()):
-        # every run of a student starts from the same weights; mutual students from their own, as DML's do
-        torch.manual_seed(config.seed + (k if config.mutual else 0))
-        model = _student_model(config, student, data.num_classes, images)
-        needs = losses[loss_name].needs
-        students.append((model, student_outputs(model, needs, teachers, images, student) if needs else ((), {}, {}),
-                         loss_critics(losses[loss_name], data.num_classes, device, here, config.seed)))
+    students = _students(config, losses, data.num_classes, teachers, images, device, here)
     runs, folders = [], _run_folders(config, held, show_progress)
     for (student, loss_name), (model, outputs, critics), folder in zip(config.runs(), students, folders):
         record = {"arch": student, "num_classes": data.num_classes, "loss": loss_name,
@@ -229,6 +222,29 @@ def _student_data(config: DistillConfig, caches: list[TeacherCache], data: DataS
                            f"student's {config.image_size} px views, not the cache's views it replays; drop "
                            f"--image-size, or train from the cache alone (drop --live-teacher)")
     return student_data, test.at_size(config.image_size), student_policy
+
+
+def _students(config: DistillConfig, losses: dict[str, LossSpec | LossSum], num_classes: int,
+              teachers: list[TeacherOutputs], images: torch.Tensor, device: torch.device, here: World
+              ) -> list[tuple[torch.nn.Module, tuple[tuple[str, ...], dict[str, str], dict[str, torch.nn.Module]],
+                              list[Critic]]]:
+    """Each run's student, the outputs it gives for its loss (names, their stages, FitNet's regressors) and the
+    critics its loss trains beside it (an adversarial loss's discriminator): the outputs are the teachers' kinds its
+    loss reads, paired with its stages, and those only a student gives (DeiT's distillation head, refused here for a
+    student without a distillation token)."""
+    students = []
+    for k, (student, loss_name) in enumerate(config.runs()):
+        # every run of a student starts from the same weights; mutual students from their own, as DML's do
+        torch.manual_seed(config.seed + (k if config.mutual else 0))
+        model = _student_model(config, student, num_classes, images)
+        loss = losses[loss_name]
+        if DISTILLATION in loss.student_outputs:
+            require_distillation_token(model, f"--loss {loss_name} (student {student})")
+        outputs, sources, regressors = student_outputs(model, loss.needs, teachers, images, student) \
+            if loss.needs else ((), {}, {})
+        students.append((model, (outputs + loss.student_outputs, sources, regressors),
+                         loss_critics(loss, num_classes, device, here, config.seed)))
+    return students
 
 
 def _student_model(config: DistillConfig, student: str, num_classes: int, images: torch.Tensor) -> torch.nn.Module:
