@@ -18,6 +18,11 @@ distillation of the KD tutorial), beside plain KD at its T 4.
     python benchmarks/families.py --methods ce,ce-adamw,sdd-lskd,sdd-lskd-adamw,sdd-lskd-mixup,sdd-lskd-cutmix,\
         sdd-lskd-randaugment,sld,sld-two-views --out runs/recipes    # issue 19's rows
     python benchmarks/families.py --methods ce,kd,kd-temperature-schedule,sdd-lskd --out runs/schedules  # 34.5's
+    python benchmarks/families.py --methods ce,ce-vit,deit-hard,deit-soft --out runs/deit    # issue 34's DeiT rows
+
+Issue 34's DeiT rows train their own student, VIT (a 4-block distilled ViT at 32 px, not --student), with AdamW:
+`ce-vit` is its cross-entropy baseline; `deit-hard` and `deit-soft` train its distillation head on teacher A's cache;
+each is evaluated on the mean of its two heads.
 """
 
 from __future__ import annotations
@@ -41,7 +46,10 @@ from kdcache.stages.dump import dump_from_config
 
 # the recipe options of the AdamW rows (issue 19): timm's usual AdamW with a cosine schedule, nothing tuned here
 ADAMW = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "schedule": "cosine", "lr_warmup_epochs": 2}
-# method -> (label, losses, caches, options): caches name CACHES; options go to the student's config
+# issue 34's student: a distilled ViT (class and distillation tokens) at digits' 32 px, 16 patches of 8 px
+VIT = "timm:deit_tiny_distilled_patch16_224,img_size=32,patch_size=8,embed_dim=64,depth=4,num_heads=2"
+# method -> (label, losses, caches, options): caches name CACHES; options go to the student's config, and "student"
+# names a method's own student in place of --student
 METHODS = {
     "ce": ("cross-entropy (fresh views)", None, (), {}),
     "sdd-lskd": ("SDD-LSKD, teacher A", "sdd-lskd", ("a",), {}),
@@ -70,6 +78,10 @@ METHODS = {
     # issue 34.5: loss schedules, beside plain KD (T 4) on the same cache
     "kd-temperature-schedule": ("KD, T linear 8 to 2 (progressive), teacher A", "kd", ("a",),
                                 {"temperature": parse_schedule("linear(8,2)")}),
+    # issue 34: DeiT's distillation token, on its own student (VIT, not --student) trained as ViTs are, with AdamW
+    "ce-vit": ("cross-entropy (fresh views), distilled ViT, AdamW", None, (), {"student": VIT, **ADAMW}),
+    "deit-hard": ("DeiT hard-label, teacher A, distilled ViT, AdamW", "deit-hard", ("a",), {"student": VIT, **ADAMW}),
+    "deit-soft": ("DeiT soft (τ 3), teacher A, distilled ViT, AdamW", "deit-soft", ("a",), {"student": VIT, **ADAMW}),
 }
 # cache -> (teacher, dump options): "a" comes first, the others read its views or draw their own K views
 CACHES = {
@@ -168,14 +180,15 @@ def dump_caches(args: argparse.Namespace, teachers: dict[str, Any], out: Path,
 def train(args: argparse.Namespace, method: str, seed: int, caches: dict[str, Any], folder: Path) -> dict[str, Any]:
     """One student of one method and seed: its last and best test accuracy and wall time."""
     _, loss, sources, options = METHODS[method]
+    student, options = options.get("student", args.student), {k: v for k, v in options.items() if k != "student"}
     schedule = {"epochs": args.epochs, "seed": seed, "device": args.device, **options}
     started = time.perf_counter()
     if loss is None:  # teacher training is exactly plain cross-entropy on fresh views
-        run_folder = train_teacher(TeacherConfig(model=args.student, dataset=args.dataset, out=str(folder),
+        run_folder = train_teacher(TeacherConfig(model=student, dataset=args.dataset, out=str(folder),
                                                  **schedule), show_progress=False).checkpoint.parent
     else:
         paths = [caches[source]["path"] for source in sources]
-        [summary] = distill(DistillConfig(students=(args.student,), losses=(loss,), cache=paths[0],
+        [summary] = distill(DistillConfig(students=(student,), losses=(loss,), cache=paths[0],
                                           extra_caches=tuple(paths[1:]), out=str(folder), **schedule),
                             show_progress=False)
         run_folder = summary.folder
@@ -184,7 +197,8 @@ def train(args: argparse.Namespace, method: str, seed: int, caches: dict[str, An
         curve = [float(row["test_acc"]) for row in csv.DictReader(file)]
     from kdcache.data import load_dataset
 
-    return {"seed": seed, "last": curve[-1], "best": max(curve), "best_epoch": curve.index(max(curve)) + 1,
+    return {"seed": seed, "student": student, "last": curve[-1], "best": max(curve),
+            "best_epoch": curve.index(max(curve)) + 1,
             "seconds": seconds, "test_size": len(load_dataset(args.dataset, None, "test").labels)}
 
 

@@ -189,6 +189,10 @@ def test_the_loader_refuses_random_erasing_and_a_mixing_collate_and_the_loss_a_f
     with pytest.raises(SystemExit):
         timm_train.student_and_loss(timm_args(cache, data, kd_loss="rkd"), kdcache.create_model("resnet8", 3), train)
     assert "--kd-loss rkd reads the student's embedding, which timm's train.py does not give" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # DeiT's distillation head: timm's train.py gives its loss no dict of outputs
+        timm_train.student_and_loss(timm_args(cache, data, kd_loss="deit-hard"), kdcache.create_model("resnet8", 3),
+                                    train)
+    assert "--kd-loss deit-hard reads the student's distillation, which timm's" in capsys.readouterr().err
 
 
 TIMM_TRAIN = os.environ.get("KDCACHE_TIMM_TRAIN")
