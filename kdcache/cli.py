@@ -303,6 +303,8 @@ def models_command(pattern: str, source: str, pretrained: bool) -> None:
     Wherever a model is named (--teacher, --student, --model, recipes, the Python API):
       NAME                          kdcache's registry (this list)
       timm:NAME                     any timm model (pip install "kdcache[timm]"), e.g. timm:convnext_atto
+      timm:NAME,key=value,...       with constructor arguments (numbers, true, false), e.g. a ViT at 32 px:
+                                    timm:deit_tiny_distilled_patch16_224,img_size=32,patch_size=8
       torchvision:NAME              torchvision.models.get_model(NAME), e.g. torchvision:resnet50
       gpt:layers=L,width=D,heads=H  a small GPT (defaults layers=6, width=384, heads=6; optional context=1024,
                                     dropout=0); its vocabulary is the data's

@@ -14,6 +14,7 @@ from console import run_cli
 from kdcache.config import DistillConfig
 from kdcache.errors import KdcacheError
 from kdcache.losses import deit_hard, deit_soft, get_loss, scaled_loss
+from kdcache.models import pretrained_tag
 from kdcache.models.outputs import DISTILLATION, ModelOutputs
 from kdcache.stages import distill
 
@@ -163,6 +164,11 @@ def test_a_model_without_a_distillation_token_is_refused_naming_the_models_that_
 def test_a_timm_specs_arguments_are_numbers_or_booleans_and_a_mistake_is_one_line(spec, message):
     with pytest.raises(KdcacheError, match=message):
         kdcache.create_model(spec, num_classes=10)
+
+
+def test_a_timm_specs_float_argument_is_no_pretrained_tag():
+    assert not pretrained_tag("timm:vit_tiny_patch16_224,img_size=32,drop_rate=0.1")
+    assert pretrained_tag("timm:vit_tiny_patch16_224.augreg_in21k,img_size=32")
 
 
 # -- a run ---------------------------------------------------------------------------------------------------------
