@@ -146,6 +146,15 @@ def test_the_distillation_output_is_the_distillation_tokens_head_and_regions_the
     torch.testing.assert_close(outputs.eval()(images)["regions"][:, 0], mean)
 
 
+def test_your_own_loop_gives_distill_loss_the_model_outputs_dict():
+    """README: ModelOutputs(model, (1,), ["distillation"]) makes the dict DistillLoss takes."""
+    outputs, images = ModelOutputs(_tiny_deit(), (1,), [DISTILLATION]).train(), torch.randn(4, 3, 32, 32)
+    labels, regions = torch.tensor([0, 3, 9, 1]), torch.randn(4, 2, 10)  # a cache's targets: the loss reads region 0
+    found = outputs(images)
+    total = kdcache.DistillLoss("deit-hard", epochs=1)(found, (labels, {"regions": regions}))
+    torch.testing.assert_close(total, deit_hard(found["regions"][:, 0], found[DISTILLATION], regions[:, 0], labels))
+
+
 def test_a_model_without_a_distillation_token_is_refused_naming_the_models_that_have_one():
     plain = kdcache.create_model("timm:vit_tiny_patch16_224,img_size=32,patch_size=8,embed_dim=32,depth=1,num_heads=2",
                                  num_classes=10)
