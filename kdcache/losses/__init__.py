@@ -38,7 +38,8 @@ from kdcache.losses.spec import (
 from kdcache.losses.tokens import TOKEN_LOSSES, distilbert, token_jsd, token_kl, token_reverse_kl, token_tvd
 from kdcache.tensors import attention_map  # the map AT compares, made where models make theirs
 
-__all__ = ["PAPER_EPOCHS", "PEERS", "at", "attention_map", "deit_hard", "deit_hard_distillation", "deit_soft", "dkd", "dml", "fitnet", "get_loss", "kd", "list_losses",
+__all__ = ["PAPER_EPOCHS", "PEERS", "at", "attention_map", "deit_hard", "deit_hard_distillation", "deit_soft",
+           "dkd", "dml", "fitnet", "get_loss", "kd", "list_losses",
            "loss_parts",
            "LossSpec", "LossSum", "nckd", "register_loss", "rkd", "rkd_angle", "rkd_distance", "scaled_loss", "sdd",
            "sdd_lskd",

@@ -327,7 +327,8 @@ def deit_soft(student: Tensor, distillation: Tensor, teacher: Tensor, labels: Te
     """DeiT's soft distillation with its ½/½ weighting: ½ CE(ψ(Z_s), y) + ½ τ² KL(ψ(Z_t/τ) ‖ ψ(Z_dist/τ)).
 
     The KL term is `kd(distillation, teacher, τ)`: KL from the teacher's softened prediction (the released code's
-    direction, F.kl_div(log ψ(Z_dist/τ), log ψ(Z_t/τ))), summed over classes, a mean over samples as the paper has it.
+    direction, F.kl_div(log ψ(Z_dist/τ), log ψ(Z_t/τ))), summed over classes, a mean over samples as the paper has
+    it.
     The released code divides the summed KL by B·C (`outputs_kd.numel()`), a term C times smaller.
     """
     return 0.5 * F.cross_entropy(upcast(student), labels.long()) + 0.5 * kd(distillation, teacher, temperature)

@@ -284,8 +284,9 @@ def _distillation_head(spec: LossSpec, student: Outputs) -> Tensor:
     """The student's distillation-head logits [B, C], refused in one line when the student gave none."""
     if DISTILLATION not in student:
         raise KdcacheError(f"loss {spec.name!r} trains a distillation head, and the student's outputs hold only "
-                           f"{', '.join(student)}: give it {DISTILLATION!r} [B, C] beside 'regions' (kdcache.ModelOutputs("
-                           f"model, (1,), ['{DISTILLATION}']) of a timm *_distilled_* model gives both)")
+                           f"{', '.join(student)}: give it {DISTILLATION!r} [B, C] beside 'regions' "
+                           f"(kdcache.ModelOutputs(model, (1,), ['{DISTILLATION}']) of a timm *_distilled_* model "
+                           f"gives both)")
     return student[DISTILLATION]
 
 
@@ -419,9 +420,9 @@ class LossSum:
             raise KdcacheError(f"--loss {self.name}: a sum needs two or more losses with distinct terms; "
                                f"{', '.join(repeated) or 'one loss'} would be counted twice")
         if self.student_outputs and self.uses_regions:
-            raise KdcacheError(f"--loss {self.name}: a distillation head's loss (deit-hard, deit-soft) reads the global "
-                               f"logits of the class and distillation tokens, which have no region logits for an SDD "
-                               f"loss beside it: sum it with losses on the global logit")
+            raise KdcacheError(f"--loss {self.name}: a distillation head's loss (deit-hard, deit-soft) reads the "
+                               f"global logits of the class and distillation tokens, which have no region logits for "
+                               f"an SDD loss beside it: sum it with losses on the global logit")
 
     @property
     def term_names(self) -> tuple[str, ...]:

@@ -112,8 +112,8 @@ def require_distillation_token(model: nn.Module, asked_by: str) -> None:
     """Refuse, in one line, a model without a distillation token (timm's set_distilled_training) for the
     `distillation` output that `asked_by` reads."""
     if not callable(getattr(model, "set_distilled_training", None)):
-        raise KdcacheError(f"{asked_by} trains a distillation token's head, and {model_name(model)} has no distillation "
-                           f"token: use {DISTILLED_MODELS}")
+        raise KdcacheError(f"{asked_by} trains a distillation token's head, and {model_name(model)} has no "
+                           f"distillation token: use {DISTILLED_MODELS}")
 
 
 def distilled_heads(model: nn.Module, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

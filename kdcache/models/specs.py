@@ -168,12 +168,13 @@ def _timm():
     return timm
 
 
-TIMM_FORM = "timm:NAME or timm:NAME,key=value,... (numbers, true or false), such as timm:vit_tiny_patch16_224,img_size=32"
+TIMM_FORM = ("timm:NAME or timm:NAME,key=value,... (numbers, true or false), such as "
+             "timm:vit_tiny_patch16_224,img_size=32")
 
 
 def _timm_arguments(body: str) -> tuple[str, dict[str, int | float | bool]]:
-    """The model name and the constructor's keyword arguments of a timm spec's body (`vit_tiny_patch16_224,img_size=32`):
-    numbers and booleans only, so a spec read from a file passes timm data, never a name of code."""
+    """The model name and the constructor's keyword arguments of a timm spec's body (`vit_tiny_patch16_224,
+    img_size=32`): numbers and booleans only, so a spec read from a file passes timm data, never a name of code."""
     name, *items = body.split(",")
     arguments: dict[str, int | float | bool] = {}
     for item in items:
