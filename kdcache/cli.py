@@ -250,6 +250,8 @@ def eval_command(checkpoint: str | None, model: str | None, cache: str | None, r
     \b
     kdcache eval runs/distill/resnet8x4-sdd-lskd    (a run folder: model.json names model, data)
     kdcache eval model.pt --model resnet8 --dataset digits --json
+    kdcache eval runs/distill/resnet8-kd/model_int8.pt   (a --qat run's int8 TorchScript, on the CPU; its run
+                                                          folder means it too)
     kdcache eval --cache caches/teacher.zarr
     """
     from dataclasses import asdict

@@ -378,6 +378,11 @@ class DistillConfig(TrainConfig):
     ema_teacher: float | None = option(None, "The teacher is the exponential moving average of the student's own "
                                              "weights with this decay, e.g. 0.999 (mean teacher); no --cache.",
                                        type=click.FLOAT)
+    qat: str | None = option(None, "Quantisation-aware training: int8 trains the student with fake quantisation "
+                                   "(torch's FX graph mode, from the first step, in float32) so the loss reads the "
+                                   "quantised outputs, then converts it to int8 on the CPU: model_int8.pt "
+                                   "(TorchScript) beside model.pt (the float weights), test_acc_int8 beside test_acc "
+                                   "(fake-quantised). Logit losses only (regions included); known: int8.")
 
     @property
     def has_teacher(self) -> bool:

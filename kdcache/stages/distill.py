@@ -24,6 +24,7 @@ from kdcache.losses import LossSpec, LossSum, loss_parts, scaled_loss
 from kdcache.models import check_model_spec, create_model, load_student_weights, load_teacher, pretrained_tag
 from kdcache.models.outputs import DISTILLATION, TeacherOutputs, feature_stages, parse_outputs, \
     probe_output_shapes, require_distillation_token, student_outputs
+from kdcache.models.quantised import QuantisedStudent, check_qat_scheme
 from kdcache.runtime import pick_device
 from kdcache.stages.adversarial import Critic, loss_critics
 from kdcache.stages.dataset import CacheDataset, load_cache_data
@@ -53,6 +54,7 @@ class RunSummary:
     folder: Path
     kept: bool = False  # finished by an earlier call and kept as it was (--resume): summary.csv has its row
     test_top5: float | None = None  # the last epoch's; None for 5 classes or fewer (kdcache.stages.evaluate)
+    test_acc_int8: float | None = None  # a --qat run's int8 model's, the last epoch's; None without --qat
 
 
 def distill(config: DistillConfig, show_progress: bool = True,
@@ -68,6 +70,7 @@ def distill(config: DistillConfig, show_progress: bool = True,
     if config.views_per_step < 1 or (config.views_per_step > 1 and config.batch_path != "device"):
         raise KdcacheError(f"--views-per-step: expected 1, or more on --batch-path device, got "
                            f"{config.views_per_step} on --batch-path {config.batch_path}")
+    check_qat_scheme(config.qat)
     for student, loss in config.runs():  # names are checked before any work
         check_model_spec(student)
         if loss not in LM_LOSSES:  # a language model's (on a token cache) are checked with it
@@ -164,6 +167,7 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: DataSource
     scales = tuple(config.scales or (stored.scales if stored else (1, 2, 4)))
     losses = {name: scaled_loss(name, config.loss_overrides(), config.epochs) for _, name in config.runs()}
     kinds = tuple(dict.fromkeys(kind for loss in losses.values() for kind in loss.needs))
+    _check_qat(config, losses)
     student_data, test, policy = _student_data(config, caches, data, test, scales, losses)
     here, shard = _shard(cache, len(data.labels), config)
     # a student's stage shapes are found on these, at its own size
@@ -268,7 +272,22 @@ def _student_model(config: DistillConfig, student: str, num_classes: int, images
         raise KdcacheError(f"student {student} predicts {classes} classes but this run's data has {num_classes}: "
                            f"a factory should take num_classes= (kdcache passes it), or choose a student with "
                            f"{num_classes} outputs")
-    return model
+    return QuantisedStudent(model, images) if config.qat else model
+
+
+def _check_qat(config: DistillConfig, losses: dict[str, LossSpec | LossSum]) -> None:
+    """Refuse what a fake-quantised student cannot give (stages, embedding) or compute in (bf16, fp16)."""
+    if config.qat is None:
+        return
+    reading = {name: loss.needs for name, loss in losses.items() if loss.needs}
+    if reading:
+        name, needs = next(iter(reading.items()))
+        raise KdcacheError(f"--qat {config.qat}: loss {name} reads the student's {', '.join(needs)}, which its "
+                           f"quantised graphs (forward_features, forward_head) do not give; use a logit loss (kd, "
+                           f"dkd, sdd-lskd, ...) or drop --qat")
+    if config.precision in ("bf16", "fp16"):
+        raise KdcacheError(f"--precision {config.precision}: --qat {config.qat} computes its fake quantisation in "
+                           f"float32; drop --precision (or give fp32)")
 
 
 def _load_data(config: DistillConfig, cache: TeacherCache | None
@@ -387,7 +406,7 @@ def _summary(run: Run, kept: bool) -> RunSummary:
     return RunSummary(run.name, run.record["arch"], run.record["loss"], run.history[-1]["test_acc"],
                       best["test_acc"], int(best["epoch"]), sum(row["seconds"] for row in run.history),
                       sum(row["img_per_s"] for row in run.history) / len(run.history), run.folder, kept,
-                      run.history[-1].get("test_top5"))
+                      run.history[-1].get("test_top5"), run.history[-1].get("test_acc_int8"))
 
 
 def _inside(folder: Path, cache: Location) -> bool:

@@ -21,7 +21,8 @@ from kdcache.data import DataSource, load_at_size
 from kdcache.data.files import default_workers
 from kdcache.distributed import all_sum
 from kdcache.errors import KdcacheError
-from kdcache.models.checkpoint import checkpoint_sidecar, load_teacher
+from kdcache.models.checkpoint import checkpoint_sidecar, load_teacher, resolve_checkpoint
+from kdcache.models.quantised import INT8_FILE, is_torchscript, load_int8
 from kdcache.stages.text_train import described_text, next_token_metrics
 from kdcache.runtime import autocast, pick_device, prepare_model
 from kdcache.stages.dataset import load_described_data
@@ -108,11 +109,25 @@ def evaluate_model(checkpoint: str | os.PathLike, model: str | None = None, data
     if test.num_classes != num_classes:
         raise KdcacheError(f"eval: {checkpoint} was trained on {num_classes} classes but {test.name} has "
                            f"{test.num_classes}; pass the --dataset it was trained on")
-    network, info = load_teacher(checkpoint, model, num_classes)
-    where = pick_device(device)
+    network, info = _int8_model(checkpoint, sidecar, model, device) or load_teacher(checkpoint, model, num_classes)
+    where = pick_device("cpu" if isinstance(network, torch.jit.ScriptModule) else device)
     testing = EvalSplit(test, where, default_workers(workers), batch_size=batch_size)
     found = evaluate_batches(prepare_model(network, where), testing.batches(range(len(testing))), len(testing))
     return ModelEvaluation(info["checkpoint"], info["arch"], test.name, split, num_classes, **asdict(found))
+
+
+def _int8_model(checkpoint: str | os.PathLike, sidecar: dict, model: str | None, device: str | None
+                ) -> tuple[torch.jit.ScriptModule, dict] | None:
+    """A --qat run's int8 TorchScript model (a run folder of one means it) and what names it; None for weights."""
+    path = resolve_checkpoint(checkpoint)
+    if sidecar.get("test_acc_int8") is not None and path.parent.joinpath(INT8_FILE).is_file() and path.name != INT8_FILE:
+        path = path.parent / INT8_FILE  # the run folder's model.pt holds the float weights; its product is int8
+    if not is_torchscript(path):
+        return None
+    if model is not None or device not in (None, "auto", "cpu"):
+        raise KdcacheError(f"eval: {path} is an int8 TorchScript model, which carries its own network and runs on the "
+                           f"CPU (quantised kernels); drop --model and --device")
+    return load_int8(path), {"checkpoint": str(path), "arch": f"{sidecar.get('arch', 'TorchScript')} (int8)"}
 
 
 def _evaluate_language_model(checkpoint: str | os.PathLike, model: str | None, sidecar: dict,

@@ -25,6 +25,7 @@ from kdcache.errors import KdcacheError
 from kdcache.losses import LossSpec, LossSum
 from kdcache.models import file_sha256, read_checkpoint, save_checkpoint
 from kdcache.models.outputs import REGIONS, ModelOutputs
+from kdcache.models.quantised import INT8_FILE, QuantisedStudent, convert_int8, save_int8
 from kdcache.runtime import epoch_generator, prepare_model
 from kdcache.stages.adversarial import Critic
 from kdcache.stages.recipe_options import StepHook, learning_rate, make_optimizer, recipe_hooks, step_autocast, \
@@ -40,7 +41,7 @@ RUN_STATE = {"model", "optimizer", "epoch", "record", "history"}  # what last.pt
 NEWER_OPTIONS = {name: value for name, value in config_dict(DistillConfig()).items()
                  if name in ("optimizer", "schedule", "lr_warmup_epochs", "label_smoothing", "ema_decay", "precision",
                              "clip_grad", "teacher_weights", "views_per_step", "mutual", "ema_teacher",
-                             "student_checkpoint")}
+                             "student_checkpoint", "qat")}
 # where things are and how they are read, not what they are: a run resumes after its cache, data or run folder
 # moved, or with another number of loader workers
 LOCATIONS = {"cache": None, "extra_caches": None,
@@ -101,6 +102,7 @@ class Run:
         self.critics = list(critics)
         self.start_epoch = 0
         self.history: list[dict[str, float]] = []
+        self.int8: torch.jit.ScriptModule | None = None  # a --qat student converted at its last epoch
 
     def train_epoch(self, epoch: int, batches: Iterator[Batch | tuple[Batch, ...]], steps: int,
                     show_progress: bool) -> dict[str, float]:
@@ -184,13 +186,18 @@ class Run:
         """Zero loss terms for a rank that holds none of a global batch (it still joins the step's collectives)."""
         return dict.fromkeys(self.loss.term_names, sum(value.sum() for value in student.values()) * 0)
 
-    def evaluate(self, split: Split) -> dict[str, float]:
+    def evaluate(self, split: Split, last: bool = False) -> dict[str, float]:
         """The global logit on the un-augmented test split: test_acc (top-1), test_top5 (more than 5 classes) and
-        test_loss, and the same of each reported hook's weights (the weight EMA's test_acc_ema, ...)."""
+        test_loss, and the same of each reported hook's weights (the weight EMA's test_acc_ema, ...); at the `last`
+        epoch of a --qat student, also its int8 conversion's, on the CPU (test_acc_int8, ...)."""
         part = distributed.even_share(split.test_size, self.here)  # each rank evaluates its share
         found = {}
         for suffix, model in self._reported().items():
             found |= evaluate_batches(model, split.test_batches(part.samples), split.test_size).metrics(suffix)
+        if last and isinstance(self.model, QuantisedStudent):
+            self.int8 = convert_int8(self.model)
+            on_cpu = ((x.cpu(), y.cpu()) for x, y in split.test_batches(part.samples))
+            found |= evaluate_batches(self.int8, on_cpu, split.test_size).metrics("_int8")
         return found
 
     def _reported(self) -> dict[str, nn.Module]:
@@ -243,7 +250,9 @@ class Run:
         if not self.here.is_main:
             return path
         for suffix, model in self._reported().items():  # model.pt, model_ema.pt: checkpoints any command loads
-            save_checkpoint(self.folder / f"model{suffix}.pt", model)
+            # a --qat student's: its float network's weights, under that network's own names
+            save_checkpoint(self.folder / f"model{suffix}.pt",
+                            model.float_state() if isinstance(model, QuantisedStudent) else model)
         if self.logit_map.regressors:  # FitNet's: a further run can start from them, as the paper's stage 2 does
             save_checkpoint(self.folder / "regressors.pt", self.logit_map.regressors,
                             outputs=list(self.logit_map.output_names))
@@ -251,6 +260,11 @@ class Run:
         sidecar = {**self.record, "test_acc": self.history[-1]["test_acc"], "best_test_acc": best["test_acc"],
                    **{f"test_acc{suffix}": self.history[-1][f"test_acc{suffix}"] for suffix in self._reported() if suffix},
                    "best_epoch": best["epoch"], "epochs": len(self.history), "sha256": file_sha256(path)}
+        if isinstance(self.model, QuantisedStudent):  # its int8 model, converted now if the last epoch ran before
+            sidecar["test_acc_int8"] = self.history[-1].get("test_acc_int8")
+            save_int8(self.int8 or convert_int8(self.model), self.folder / INT8_FILE)
+            int8_sidecar = {**sidecar, "format": "torchscript int8", "sha256": file_sha256(self.folder / INT8_FILE)}
+            self.folder.joinpath(INT8_FILE).with_suffix(".json").write_text(json.dumps(int8_sidecar, indent=2) + "\n")
         (self.folder / "model.json").write_text(json.dumps(sidecar, indent=2) + "\n")
         return path
 
@@ -360,7 +374,7 @@ def fit(runs: list[Run], split: Split, views: Views, targets: Sequence[Targets] 
                                               epoch_generator(config.seed, epoch))
                                 for view_params, provider in zip(params, targets or [None] * per_step)))
             for run, metrics in zip(group, train_together(group, epoch, batches, steps, show_progress)):
-                metrics.update(run.evaluate(split))
+                metrics.update(run.evaluate(split, last=epoch + 1 == config.epochs))
                 run.end_epoch(metrics)
                 if show_progress:
                     tqdm.write(epoch_line(run.name, epoch, config.epochs, metrics))

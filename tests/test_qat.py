@@ -1,0 +1,180 @@
+"""Quantisation-aware students (`distill --qat int8`): the loss reads the fake-quantised outputs, the int8 model
+exported at the end predicts as the fake-quantised one did and is reported beside it, a run resumes its observers,
+and what cannot be quantised is refused in one line."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from console import run_cli
+from interrupt import interrupted_after_first_epoch
+from small_runs import saved_teacher, synthetic_splits
+from kdcache.config import DistillConfig
+from kdcache.data import get_policy, normalize
+from kdcache.models import create_model
+from kdcache.models.outputs import REGIONS, ModelOutputs
+from kdcache.models.quantised import INT8_FILE, QuantisedStudent, convert_int8, is_torchscript, load_int8
+from kdcache.report import distill_sweep, summary_table
+from kdcache.stages.dump import dump_teacher
+
+CLASSES = 3
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_splits(64, CLASSES, seed=7)
+
+
+@pytest.fixture(scope="module")
+def cache(data, tmp_path_factory):
+    """A tiny cache of a random resnet8 over the synthetic split: 2 views, scales 1,2."""
+    folder = tmp_path_factory.mktemp("qat")
+    teacher, path = saved_teacher(folder, CLASSES, seed=3)
+    info = {"arch": "resnet8", "checkpoint": str(path), "checkpoint_sha256": "0" * 64}
+    dump_teacher(teacher, info, data[0], get_policy("cifar"), folder / "c.zarr", views=2, scales=(1, 2),
+                 block_size=32, show_progress=False)
+    return folder / "c.zarr"
+
+
+def qat_config(cache, out, **options):
+    settings = {"cache": str(cache), "students": ("resnet8",), "losses": ("sdd-kd",), "qat": "int8", "epochs": 2,
+                "batch_size": 16, "lr": 0.05, "out": str(out), "device": "cpu"}
+    return DistillConfig(**{**settings, **options})
+
+
+def trained_student(steps=4):
+    """A fake-quantised resnet8 after a few steps on random images (observers and BatchNorm moved), and them."""
+    torch.manual_seed(0)
+    images = torch.randn(16, 3, 16, 16)
+    student = QuantisedStudent(create_model("resnet8", num_classes=CLASSES), images)
+    optimiser = torch.optim.SGD(student.parameters(), lr=0.05)
+    for _ in range(steps):
+        loss = student(images).logsumexp(-1).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return student, images
+
+
+def output_quantiser(student):
+    """The fake quantiser of the head's output: the logits the loss reads are on its grid."""
+    return dict(student.head.named_modules())["activation_post_process_2"]
+
+
+def test_the_loss_reads_logits_on_the_int8_grid_that_the_converted_model_gives(data):
+    student, images = trained_student()
+
+    def on_the_grid(logits):  # of the output quantiser's scale and zero point as they are now (7-bit on x86)
+        quantiser = output_quantiser(student)
+        steps = logits / quantiser.scale + quantiser.zero_point
+        return (steps - steps.round()).abs().max() < 1e-3 and steps.min() >= 0 and steps.max() <= 127
+
+    logits = student.train()(images)  # a training step's: the observer moves, then quantises with what it saw
+    assert logits.requires_grad and on_the_grid(logits)
+    regions = ModelOutputs(student, (1, 2), ()).eval()(images)[REGIONS]  # every region through the quantised head
+    assert regions.shape == (16, 5, CLASSES) and on_the_grid(regions)
+    scale = float(output_quantiser(student).scale)
+    float_network = create_model("resnet8", num_classes=CLASSES)
+    float_network.load_state_dict(student.float_state())  # model.pt: the same weights without fake quantisation
+    student.eval()
+    with torch.no_grad():
+        fake, plain, int8 = student(images), float_network.eval()(images), convert_int8(student)(images)
+    assert (fake - plain).abs().max() > scale / 4  # quantisation changes the logits the loss sees
+    # the int8 kernels round as fake quantisation does, up to the order of sums and the int32 bias: a value on a
+    # rounding edge flips a step and the flip travels through the layers. Measured over 256 random images: 1.4
+    # steps of the output grid on average, 6 at most; the bound here is 2 on average, 10 at most
+    steps = (fake - int8).abs() / scale
+    assert steps.mean() <= 2 and steps.max() <= 10
+
+
+def test_eval_mode_freezes_the_quantisation_parameters_the_int8_model_is_converted_with():
+    student, images = trained_student()
+    ranges = ("scale", "zero_point", "min_val", "max_val")
+    before = {key: value.clone() for key, value in student.state_dict().items() if key.endswith(ranges)}
+    with torch.no_grad():
+        student.eval()(images * 10)  # test images far outside the training range change no observer
+    assert len(before) > 40 and all(torch.equal(value, student.state_dict()[key]) for key, value in before.items())
+    with torch.no_grad():
+        student.train()(images * 10)  # while training, they observe
+    assert not all(torch.equal(value, student.state_dict()[key]) for key, value in before.items())
+
+
+def test_a_qat_distill_exports_an_int8_model_reported_beside_the_fake_quantised_one(cache, data, tmp_path, capsys,
+                                                                                    monkeypatch):
+    runs = distill_sweep(qat_config(cache, tmp_path / "runs"), show_progress=False, data=data)
+    folder = runs[0].folder
+    last = list(csv.DictReader(open(folder / "metrics.csv")))[-1]
+    sidecar = json.loads((folder / "model.json").read_text())
+    assert float(last["test_acc_int8"]) == sidecar["test_acc_int8"] == runs[0].test_acc_int8
+    assert float(last["test_acc"]) == sidecar["test_acc"] == runs[0].test_acc  # the fake-quantised student's
+    table = summary_table(runs)
+    assert "int8" in table.splitlines()[0] and f"{100 * runs[0].test_acc_int8:.2f}%" in table.splitlines()[1]
+    # model_int8.pt is TorchScript (read by TorchScript's loader); model.pt and last.pt are weights-only pickles
+    assert is_torchscript(folder / INT8_FILE) and not is_torchscript(folder / "model.pt")
+    int8 = load_int8(folder / INT8_FILE)
+    student = create_model("resnet8", num_classes=CLASSES)
+    student.load_state_dict(torch.load(folder / "model.pt", weights_only=True)["model"])
+    resumable = torch.load(folder / "last.pt", weights_only=True)["model"]
+    assert any("activation_post_process" in key for key in resumable)  # the observers, for --resume
+    test = data[1]
+    images = normalize(test.images, test.mean, test.std)
+    with torch.no_grad():
+        predicted = int8(images).argmax(-1)
+    assert (predicted == test.labels).float().mean().item() == pytest.approx(runs[0].test_acc_int8)
+    # the fake-quantised model as last.pt holds it predicts the same class on at least 90 % of the test images
+    fake = QuantisedStudent(create_model("resnet8", num_classes=CLASSES), images[:2])
+    fake.load_state_dict(resumable)
+    with torch.no_grad():
+        agree = (fake.eval()(images).argmax(-1) == predicted).float().mean().item()
+    assert agree >= 0.9
+    # a --qat run folder means its int8 model (on this test split: synthetic data's description keeps no sizes)
+    monkeypatch.setattr("kdcache.stages.evaluate._split_of", lambda *args: test)
+    code, out, err = run_cli(["eval", folder, "--json"], capsys)
+    assert code == 0, err
+    found = json.loads(out)
+    assert code == 0 and found["top1"] == pytest.approx(runs[0].test_acc_int8)
+    assert found["checkpoint"] == str(folder / INT8_FILE) and found["model"] == "resnet8 (int8)"
+
+
+def test_a_resumed_qat_run_continues_its_observers_and_ends_as_an_uninterrupted_one(cache, data, tmp_path):
+    whole = distill_sweep(qat_config(cache, tmp_path / "whole"), show_progress=False, data=data)[0]
+    interrupted_after_first_epoch(monkeypatch := pytest.MonkeyPatch(), lambda: distill_sweep(
+        qat_config(cache, tmp_path / "parts"), show_progress=False, data=data))
+    monkeypatch.undo()
+    resumed = distill_sweep(qat_config(cache, tmp_path / "parts", resume=True), show_progress=False, data=data)[0]
+    assert (resumed.test_acc, resumed.test_acc_int8) == (whole.test_acc, whole.test_acc_int8)
+    ends = [torch.load(run.folder / "last.pt", weights_only=True)["model"] for run in (whole, resumed)]
+    assert ends[0].keys() == ends[1].keys() and all(torch.equal(ends[0][key], ends[1][key]) for key in ends[0])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--qat", "int4"], "kdcache: error: --qat: unknown scheme 'int4'; known: int8"),
+    (["--qat", "int8", "--loss", "rkd"], "kdcache: error: --qat int8: loss rkd reads the student's embedding, which"),
+    (["--qat", "int8", "--precision", "bf16"], "kdcache: error: --precision bf16: --qat int8 computes its fake "),
+])
+def test_what_qat_cannot_do_is_refused_in_one_line(flags, message, tmp_path, capsys):
+    code, out, err = run_cli(["distill", "--ema-teacher", "0.9", "--student", "resnet8", "--epochs", "1",
+                              "--out", tmp_path, "--device", "cpu", *flags], capsys)
+    assert code == 2 and err.startswith(message) and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "resnet8-rkd").exists()
+
+
+def test_a_student_fx_cannot_trace_is_refused_naming_it_and_why():
+    class Branching(torch.nn.Module):
+        arch = "python:tests:branching"
+
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, CLASSES)
+
+        def forward_features(self, images):
+            return images if images.sum() > 0 else -images  # control flow on values: no graph
+
+        def forward_head(self, features, pre_logits=False):
+            return self.fc(features.mean((2, 3)))
+
+    with pytest.raises(Exception, match=r"--qat int8: torch.fx cannot trace python:tests:branching.forward_features\("
+                                        r"\) \(.*\); quantisation-aware training needs a traceable student"):
+        QuantisedStudent(Branching(), torch.randn(2, 3, 8, 8))
