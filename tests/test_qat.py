@@ -2,6 +2,7 @@
 exported at the end predicts as the fake-quantised one did and is reported beside it, a run resumes its observers,
 and what cannot be quantised is refused in one line."""
 
+import copy
 import csv
 import json
 
@@ -38,19 +39,20 @@ def cache(data, tmp_path_factory):
     return folder / "c.zarr"
 
 
-def qat_config(cache, out, **options):
-    settings = {"cache": str(cache), "students": ("resnet8",), "losses": ("sdd-kd",), "qat": "int8", "epochs": 2,
-                "batch_size": 16, "lr": 0.05, "out": str(out), "device": "cpu"}
-    return DistillConfig(**{**settings, **options})
+@pytest.fixture(scope="module")
+def finished(cache, data, tmp_path_factory):
+    """A --qat int8 run of two epochs from the tiny cache, finished."""
+    return distill_sweep(qat_config(cache, tmp_path_factory.mktemp("runs")), show_progress=False, data=data)
 
 
-def trained_student(steps=4):
-    """A fake-quantised resnet8 after a few steps on random images (observers and BatchNorm moved), and them."""
+@pytest.fixture(scope="module")
+def trained():
+    """A fake-quantised resnet8 after two steps on random images (observers and BatchNorm moved), and them."""
     torch.manual_seed(0)
     images = torch.randn(16, 3, 16, 16)
     student = QuantisedStudent(create_model("resnet8", num_classes=CLASSES), images)
     optimiser = torch.optim.SGD(student.parameters(), lr=0.05)
-    for _ in range(steps):
+    for _ in range(2):
         loss = student(images).logsumexp(-1).mean()
         optimiser.zero_grad()
         loss.backward()
@@ -58,13 +60,19 @@ def trained_student(steps=4):
     return student, images
 
 
+def qat_config(cache, out, **options):
+    settings = {"cache": str(cache), "students": ("resnet8",), "losses": ("sdd-kd",), "qat": "int8", "epochs": 2,
+                "batch_size": 16, "lr": 0.05, "out": str(out), "device": "cpu"}
+    return DistillConfig(**{**settings, **options})
+
+
 def output_quantiser(student):
     """The fake quantiser of the head's output: the logits the loss reads are on its grid."""
     return dict(student.head.named_modules())["activation_post_process_2"]
 
 
-def test_the_loss_reads_logits_on_the_int8_grid_that_the_converted_model_gives(data):
-    student, images = trained_student()
+def test_the_loss_reads_logits_on_the_int8_grid_that_the_converted_model_gives(trained):
+    student, images = copy.deepcopy(trained)
 
     def on_the_grid(logits):  # of the output quantiser's scale and zero point as they are now (7-bit on x86)
         quantiser = output_quantiser(student)
@@ -89,8 +97,8 @@ def test_the_loss_reads_logits_on_the_int8_grid_that_the_converted_model_gives(d
     assert steps.mean() <= 2 and steps.max() <= 10
 
 
-def test_eval_mode_freezes_the_quantisation_parameters_the_int8_model_is_converted_with():
-    student, images = trained_student()
+def test_eval_mode_freezes_the_quantisation_parameters_the_int8_model_is_converted_with(trained):
+    student, images = copy.deepcopy(trained)
     ranges = ("scale", "zero_point", "min_val", "max_val")
     before = {key: value.clone() for key, value in student.state_dict().items() if key.endswith(ranges)}
     with torch.no_grad():
@@ -101,9 +109,9 @@ def test_eval_mode_freezes_the_quantisation_parameters_the_int8_model_is_convert
     assert not all(torch.equal(value, student.state_dict()[key]) for key, value in before.items())
 
 
-def test_a_qat_distill_exports_an_int8_model_reported_beside_the_fake_quantised_one(cache, data, tmp_path, capsys,
+def test_a_qat_distill_exports_an_int8_model_reported_beside_the_fake_quantised_one(finished, data, capsys,
                                                                                     monkeypatch):
-    runs = distill_sweep(qat_config(cache, tmp_path / "runs"), show_progress=False, data=data)
+    runs = finished
     folder = runs[0].folder
     last = list(csv.DictReader(open(folder / "metrics.csv")))[-1]
     sidecar = json.loads((folder / "model.json").read_text())
@@ -138,8 +146,8 @@ def test_a_qat_distill_exports_an_int8_model_reported_beside_the_fake_quantised_
     assert found["checkpoint"] == str(folder / INT8_FILE) and found["model"] == "resnet8 (int8)"
 
 
-def test_a_resumed_qat_run_continues_its_observers_and_ends_as_an_uninterrupted_one(cache, data, tmp_path):
-    whole = distill_sweep(qat_config(cache, tmp_path / "whole"), show_progress=False, data=data)[0]
+def test_a_resumed_qat_run_continues_its_observers_and_ends_as_an_uninterrupted_one(finished, cache, data, tmp_path):
+    whole = finished[0]
     interrupted_after_first_epoch(monkeypatch := pytest.MonkeyPatch(), lambda: distill_sweep(
         qat_config(cache, tmp_path / "parts"), show_progress=False, data=data))
     monkeypatch.undo()
