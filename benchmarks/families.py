@@ -11,7 +11,9 @@ Issue 19's methods (not run by default) are the same student under other recipes
 against the papers' SGD, SDD-LSKD from caches of mixup, CutMix and RandAugment views of teacher A (K views each,
 drawn with the same seed), and SLD on one view or two views per step. Issue 34.5's: KD with the temperature
 falling linearly from 8 at the first epoch to 2 at the last (`--temperature 'linear(8,2)'`, the progressive
-distillation of the KD tutorial), beside plain KD at its T 4.
+distillation of the KD tutorial), beside plain KD at its T 4. Issue 34's `kd-qat-int8` and
+`sdd-lskd-qat-int8` train with `--qat int8`: the row's accuracy is the fake-quantised student's, `int8 last` the
+accuracy of the int8 model converted from it at the last epoch (on the CPU).
 
     python benchmarks/families.py                 # digits on the CPU: both teachers trained here
     python benchmarks/families.py --methods ce,ce-16px,sdd-lskd,sdd-lskd-16px   # issue 34: a 16 px student
@@ -82,6 +84,9 @@ METHODS = {
     "ce-vit": ("cross-entropy (fresh views), distilled ViT, AdamW", None, (), {"student": VIT, **ADAMW}),
     "deit-hard": ("DeiT hard-label, teacher A, distilled ViT, AdamW", "deit-hard", ("a",), {"student": VIT, **ADAMW}),
     "deit-soft": ("DeiT soft (τ 3), teacher A, distilled ViT, AdamW", "deit-soft", ("a",), {"student": VIT, **ADAMW}),
+    # issue 34: quantisation-aware students, the fake-quantised accuracy in the row, the int8 model's beside it
+    "kd-qat-int8": ("KD, teacher A, --qat int8", "kd", ("a",), {"qat": "int8"}),
+    "sdd-lskd-qat-int8": ("SDD-LSKD, teacher A, --qat int8", "sdd-lskd", ("a",), {"qat": "int8"}),
 }
 # cache -> (teacher, dump options): "a" comes first, the others read its views or draw their own K views
 CACHES = {
@@ -142,6 +147,9 @@ def main() -> None:
     for method in methods.values():
         method.update(aggregate(method["runs"]))
         method["correct_last"] = [round(run["last"] * run["test_size"]) for run in method["runs"]]
+        if "last_int8" in method["runs"][0]:  # a --qat method's int8 model, converted at the last epoch
+            int8 = [run["last_int8"] for run in method["runs"]]
+            method.update(last_int8_mean=statistics.fmean(int8), last_int8_std=statistics.stdev(int8))
     result["methods"], result["seconds"] = methods, time.perf_counter() - started
     (out / "families.json").write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
@@ -194,12 +202,14 @@ def train(args: argparse.Namespace, method: str, seed: int, caches: dict[str, An
         run_folder = summary.folder
     seconds = time.perf_counter() - started
     with open(run_folder / "metrics.csv") as file:
-        curve = [float(row["test_acc"]) for row in csv.DictReader(file)]
+        rows = list(csv.DictReader(file))
+    curve = [float(row["test_acc"]) for row in rows]
     from kdcache.data import load_dataset
 
+    int8 = {"last_int8": float(rows[-1]["test_acc_int8"])} if rows[-1].get("test_acc_int8") else {}
     return {"seed": seed, "student": student, "last": curve[-1], "best": max(curve),
             "best_epoch": curve.index(max(curve)) + 1,
-            "seconds": seconds, "test_size": len(load_dataset(args.dataset, None, "test").labels)}
+            "seconds": seconds, "test_size": len(load_dataset(args.dataset, None, "test").labels), **int8}
 
 
 def table(result: dict[str, Any], title: str = "families") -> str:
@@ -215,7 +225,8 @@ def table(result: dict[str, Any], title: str = "families") -> str:
     lines += ["", f"{'method':<48} {'last (%)':>15} {'best (%)':>15}  correct (last)  {'wall s/run':>10}"]
     for method in result["methods"].values():
         lines.append(f"{method['label']:<48} {_pm(method, 'last', 100, 2):>15} {_pm(method, 'best', 100, 2):>15}  "
-                     f"{', '.join(map(str, method['correct_last'])):>14}  {method['seconds_mean']:>10.1f}")
+                     f"{', '.join(map(str, method['correct_last'])):>14}  {method['seconds_mean']:>10.1f}"
+                     + (f"  int8 last {_pm(method, 'last_int8', 100, 2)}" if "last_int8_mean" in method else ""))
     return "\n".join(lines)
 
 
