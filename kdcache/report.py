@@ -355,13 +355,15 @@ def summary_table(summaries: list[RunSummary]) -> str:
     width = max([30, *(len(s.name) for s in summaries)])  # a spec's run name (timm_resnet18-kd) can be long
     top5 = any(s.test_top5 is not None for s in summaries)  # a column only where it says something (> 5 classes)
     int8 = any(s.test_acc_int8 is not None for s in summaries)  # --qat runs': their int8 model's beside test acc
-    lines = [f"{'run':<{width}} {'test acc':>9}" + (f" {'int8':>8}" if int8 else "") + (f" {'top-5':>8}" if top5 else "")
+    lines = [f"{'run':<{width}} {'test acc':>9}" + (f" {'int8':>8}" if int8 else "")
+             + (f" {'top-5':>8}" if top5 else "")
              + f" {'best (epoch)':>14} {'vs ce':>7} {'img/s':>8}"]
     for s in summaries:
         gain = f"{100 * (s.test_acc - ce[s.student]):+.2f}" if s.student in ce and s.loss != "ce" else ""
         shown_top5 = _percent_column(s.test_top5) if top5 else ""
         shown_int8 = _percent_column(s.test_acc_int8) if int8 else ""
-        lines.append(f"{s.name:<{width}} {100 * s.test_acc:>8.2f}%{shown_int8}{shown_top5} {100 * s.best_test_acc:>7.2f}% "
+        lines.append(f"{s.name:<{width}} {100 * s.test_acc:>8.2f}%{shown_int8}{shown_top5} "
+                     f"{100 * s.best_test_acc:>7.2f}% "
                      f"({s.best_epoch:>3}) {gain:>7} {s.img_per_s:>8.0f}")
     return "\n".join(lines)
 

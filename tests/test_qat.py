@@ -113,7 +113,8 @@ def test_a_qat_distill_exports_an_int8_model_reported_beside_the_fake_quantised_
                                                                                     monkeypatch):
     runs = finished
     folder = runs[0].folder
-    last = list(csv.DictReader(open(folder / "metrics.csv")))[-1]
+    with open(folder / "metrics.csv") as file:
+        last = list(csv.DictReader(file))[-1]
     sidecar = json.loads((folder / "model.json").read_text())
     assert float(last["test_acc_int8"]) == sidecar["test_acc_int8"] == runs[0].test_acc_int8
     assert float(last["test_acc"]) == sidecar["test_acc"] == runs[0].test_acc  # the fake-quantised student's
@@ -144,6 +145,10 @@ def test_a_qat_distill_exports_an_int8_model_reported_beside_the_fake_quantised_
     found = json.loads(out)
     assert code == 0 and found["top1"] == pytest.approx(runs[0].test_acc_int8)
     assert found["checkpoint"] == str(folder / INT8_FILE) and found["model"] == "resnet8 (int8)"
+    code, _, err = run_cli(["eval", folder / INT8_FILE, "--device", "cuda"], capsys)
+    assert code == 2 and err.strip() == (f"kdcache: error: eval: {folder / INT8_FILE} is an int8 TorchScript model, "
+                                         f"which carries its own network and runs on the CPU (quantised kernels); "
+                                         f"drop --model and --device")
 
 
 def test_a_resumed_qat_run_continues_its_observers_and_ends_as_an_uninterrupted_one(finished, cache, data, tmp_path):
@@ -163,8 +168,8 @@ def test_a_resumed_qat_run_continues_its_observers_and_ends_as_an_uninterrupted_
     (["--qat", "int8", "--precision", "bf16"], "kdcache: error: --precision bf16: --qat int8 computes its fake "),
 ])
 def test_what_qat_cannot_do_is_refused_in_one_line(flags, message, tmp_path, capsys):
-    code, out, err = run_cli(["distill", "--ema-teacher", "0.9", "--student", "resnet8", "--epochs", "1",
-                              "--out", tmp_path, "--device", "cpu", *flags], capsys)
+    code, _, err = run_cli(["distill", "--ema-teacher", "0.9", "--student", "resnet8", "--epochs", "1",
+                            "--out", tmp_path, "--device", "cpu", *flags], capsys)
     assert code == 2 and err.startswith(message) and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "resnet8-rkd").exists()
 

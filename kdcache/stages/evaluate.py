@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -120,8 +121,8 @@ def _int8_model(checkpoint: str | os.PathLike, sidecar: dict, model: str | None,
                 ) -> tuple[torch.jit.ScriptModule, dict] | None:
     """A --qat run's int8 TorchScript model (a run folder of one means it) and what names it; None for weights."""
     path = resolve_checkpoint(checkpoint)
-    if sidecar.get("test_acc_int8") is not None and path.parent.joinpath(INT8_FILE).is_file() and path.name != INT8_FILE:
-        path = path.parent / INT8_FILE  # the run folder's model.pt holds the float weights; its product is int8
+    if Path(checkpoint).is_dir() and sidecar.get("test_acc_int8") is not None:
+        path = path.parent / INT8_FILE  # a --qat run folder's model.pt holds the float weights; its product is int8
     if not is_torchscript(path):
         return None
     if model is not None or device not in (None, "auto", "cpu"):
