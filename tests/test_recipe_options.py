@@ -136,9 +136,11 @@ def test_a_run_recorded_before_the_options_resumes_as_one_that_keeps_their_defau
     new = {"arch": "resnet8", "config": {"epochs": 3, "lr": 0.05, "optimizer": "sgd", "schedule": "step",
                                          "lr_warmup_epochs": 0.0, "label_smoothing": 0.0, "ema_decay": None,
                                          "precision": "auto", "clip_grad": None, "teacher_weights": [],
-                                         "views_per_step": 1, "mutual": False, "ema_teacher": None}}
+                                         "views_per_step": 1, "mutual": False, "ema_teacher": None,
+                                         "qat": None}}
     assert _what_it_computes(old) == _what_it_computes(new)
-    for changed in ({"optimizer": "adamw"}, {"views_per_step": 2}, {"mutual": True}, {"ema_teacher": 0.99}):
+    for changed in ({"optimizer": "adamw"}, {"views_per_step": 2}, {"mutual": True}, {"ema_teacher": 0.99},
+                    {"qat": "int8"}):
         assert _what_it_computes(old) != _what_it_computes({**new, "config": {**new["config"], **changed}})
 
 
