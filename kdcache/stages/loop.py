@@ -186,14 +186,15 @@ class Run:
         """Zero loss terms for a rank that holds none of a global batch (it still joins the step's collectives)."""
         return dict.fromkeys(self.loss.term_names, sum(value.sum() for value in student.values()) * 0)
 
-    def evaluate(self, split: Split, last: bool = False) -> dict[str, float]:
+    def evaluate(self, split: Split) -> dict[str, float]:
         """The global logit on the un-augmented test split: test_acc (top-1), test_top5 (more than 5 classes) and
-        test_loss, and the same of each reported hook's weights (the weight EMA's test_acc_ema, ...); at the `last`
+        test_loss, and the same of each reported hook's weights (the weight EMA's test_acc_ema, ...); at the last
         epoch of a --qat student, also its int8 conversion's, on the CPU (test_acc_int8, ...)."""
         part = distributed.even_share(split.test_size, self.here)  # each rank evaluates its share
         found = {}
         for suffix, model in self._reported().items():
             found |= evaluate_batches(model, split.test_batches(part.samples), split.test_size).metrics(suffix)
+        last = len(self.history) + 1 == self.config.epochs  # the epoch being evaluated is recorded after this
         if last and isinstance(self.model, QuantisedStudent):
             self.int8 = convert_int8(self.model)
             on_cpu = ((x.cpu(), y.cpu()) for x, y in split.test_batches(part.samples))
@@ -374,7 +375,7 @@ def fit(runs: list[Run], split: Split, views: Views, targets: Sequence[Targets] 
                                               epoch_generator(config.seed, epoch))
                                 for view_params, provider in zip(params, targets or [None] * per_step)))
             for run, metrics in zip(group, train_together(group, epoch, batches, steps, show_progress)):
-                metrics.update(run.evaluate(split, last=epoch + 1 == config.epochs))
+                metrics.update(run.evaluate(split))
                 run.end_epoch(metrics)
                 if show_progress:
                     tqdm.write(epoch_line(run.name, epoch, config.epochs, metrics))
