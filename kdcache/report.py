@@ -257,7 +257,8 @@ def distill_sweep(config: DistillConfig, show_progress: bool = True,
             print(summary_table(summaries))
             print(f"{len(summaries)} run(s) in {time.perf_counter() - started:.0f} s; written to {config.out}/ "
                   f"(a row per run added to summary.csv, summary.png, and per run folder: metrics.csv, model.pt, "
-                  f"last.pt)")
+                  f"last.pt" + (", model_int8.pt: the int8 model, TorchScript, for the CPU" if config.qat else "")
+                  + ")")
     return summaries
 
 

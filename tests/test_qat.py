@@ -14,11 +14,13 @@ from interrupt import interrupted_after_first_epoch
 from small_runs import saved_teacher, synthetic_splits
 from kdcache.config import DistillConfig
 from kdcache.data import get_policy, normalize
+from kdcache.errors import KdcacheError
 from kdcache.models import create_model
 from kdcache.models.outputs import REGIONS, ModelOutputs
 from kdcache.models.quantised import INT8_FILE, QuantisedStudent, convert_int8, is_torchscript, load_int8
 from kdcache.report import distill_sweep, summary_table
 from kdcache.stages.dump import dump_teacher
+from kdcache.stages.loop import epoch_line
 
 CLASSES = 3
 
@@ -58,6 +60,12 @@ def trained():
         loss.backward()
         optimiser.step()
     return student, images
+
+
+def last_row(folder):
+    """The last row of a run's metrics.csv, as numbers."""
+    with open(folder / "metrics.csv") as file:
+        return {key: float(value) for key, value in list(csv.DictReader(file))[-1].items()}
 
 
 def qat_config(cache, out, **options):
@@ -113,11 +121,11 @@ def test_a_qat_distill_exports_an_int8_model_reported_beside_the_fake_quantised_
                                                                                     monkeypatch):
     runs = finished
     folder = runs[0].folder
-    with open(folder / "metrics.csv") as file:
-        last = list(csv.DictReader(file))[-1]
+    last = last_row(folder)
     sidecar = json.loads((folder / "model.json").read_text())
-    assert float(last["test_acc_int8"]) == sidecar["test_acc_int8"] == runs[0].test_acc_int8
-    assert float(last["test_acc"]) == sidecar["test_acc"] == runs[0].test_acc  # the fake-quantised student's
+    assert last["test_acc_int8"] == sidecar["test_acc_int8"] == runs[0].test_acc_int8
+    assert last["test_acc"] == sidecar["test_acc"] == runs[0].test_acc  # the fake-quantised student's
+    assert f"int8 {runs[0].test_acc_int8:.4f}" in epoch_line("r", 1, 2, {**last_row(folder), "epoch": 2})
     table = summary_table(runs)
     assert "int8" in table.splitlines()[0] and f"{100 * runs[0].test_acc_int8:.2f}%" in table.splitlines()[1]
     # model_int8.pt is TorchScript (read by TorchScript's loader); model.pt and last.pt are weights-only pickles
@@ -188,6 +196,13 @@ def test_a_student_fx_cannot_trace_is_refused_naming_it_and_why():
         def forward_head(self, features, pre_logits=False):
             return self.fc(features.mean((2, 3)))
 
-    with pytest.raises(Exception, match=r"--qat int8: torch.fx cannot trace python:tests:branching.forward_features\("
-                                        r"\) \(.*\); quantisation-aware training needs a traceable student"):
+    with pytest.raises(KdcacheError, match=r"--qat int8: torch.fx cannot trace python:tests:branching.forward_features\("
+                                           r"\) \(.*\); quantisation-aware training needs a traceable student"):
         QuantisedStudent(Branching(), torch.randn(2, 3, 8, 8))
+
+
+def test_a_student_without_forward_features_and_forward_head_is_refused_naming_them():
+    plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, CLASSES))
+    with pytest.raises(KdcacheError, match=r"^--qat int8: Sequential has no forward_features\(\) and forward_head\(\), "
+                                           r"whose graphs are quantised"):
+        QuantisedStudent(plain, torch.randn(2, 3, 8, 8))

@@ -382,8 +382,10 @@ def fit(runs: list[Run], split: Split, views: Views, targets: Sequence[Targets] 
 
 
 def epoch_line(name: str, epoch: int, epochs: int, metrics: dict[str, float]) -> str:
-    """The line printed after each epoch: loss, train and test top-1 (top-5 beside it where recorded), the EMA's."""
-    shown = [("test", "test_acc"), ("top5", "test_top5"), ("ema", "test_acc_ema"), ("ema top5", "test_top5_ema")]
+    """The line printed after each epoch: loss, train and test top-1 (top-5 beside it where recorded), the EMA's,
+    the int8 model's (a --qat run's last epoch)."""
+    shown = [("test", "test_acc"), ("top5", "test_top5"), ("ema", "test_acc_ema"), ("ema top5", "test_top5_ema"),
+             ("int8", "test_acc_int8")]
     return (f"{name:>28} epoch {epoch + 1:>3}/{epochs}  loss {metrics['loss_total']:.4f}  train "
             f"{metrics['train_acc']:.4f}  " + "".join(f"{label} {metrics[key]:.4f}  " for label, key in shown
                                                       if key in metrics)
