@@ -196,8 +196,9 @@ def test_a_student_fx_cannot_trace_is_refused_naming_it_and_why():
         def forward_head(self, features, pre_logits=False):
             return self.fc(features.mean((2, 3)))
 
-    with pytest.raises(KdcacheError, match=r"--qat int8: torch.fx cannot trace python:tests:branching.forward_features\("
-                                           r"\) \(.*\); quantisation-aware training needs a traceable student"):
+    with pytest.raises(KdcacheError, match=r"--qat int8: torch.fx cannot trace python:tests:branching"
+                                           r".forward_features\(\) \(.*\); quantisation-aware training needs a "
+                                           r"traceable student"):
         QuantisedStudent(Branching(), torch.randn(2, 3, 8, 8))
 
 
