@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import shlex
 import statistics
 import sys
@@ -149,7 +150,8 @@ def main() -> None:
         method["correct_last"] = [round(run["last"] * run["test_size"]) for run in method["runs"]]
         if "last_int8" in method["runs"][0]:  # a --qat method's int8 model, converted at the last epoch
             int8 = [run["last_int8"] for run in method["runs"]]
-            method.update(last_int8_mean=statistics.fmean(int8), last_int8_std=statistics.stdev(int8))
+            method.update(last_int8_mean=statistics.fmean(int8),
+                          last_int8_std=statistics.stdev(int8) if len(int8) > 1 else math.nan)
     result["methods"], result["seconds"] = methods, time.perf_counter() - started
     (out / "families.json").write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))

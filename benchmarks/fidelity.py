@@ -15,6 +15,7 @@ import argparse
 import csv
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
@@ -213,12 +214,13 @@ def train_student(args: argparse.Namespace, method: str, seed: int, teacher: dic
 
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean and sample standard deviation (n - 1) over seeds of last/best accuracy, best epoch and wall time."""
+    """Mean and sample standard deviation (n - 1) over seeds of last/best accuracy, best epoch and wall time; the
+    deviation of one seed is NaN (none was measured), which the tables print as no spread."""
     stats = {}
     for key in ("last", "best", "best_epoch", "seconds"):
         values = [run[key] for run in runs]
         stats[f"{key}_mean"] = statistics.fmean(values)
-        stats[f"{key}_std"] = statistics.stdev(values)
+        stats[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else math.nan
     return stats
 
 
@@ -255,7 +257,9 @@ def table(result: dict[str, Any]) -> str:
 
 def _pm(stats: dict[str, Any], key: str, scale: float, digits: int, signed: bool = False) -> str:
     sign = "+" if signed else ""
-    return f"{scale * stats[key + '_mean']:{sign}.{digits}f} ± {scale * stats[key + '_std']:.{digits}f}"
+    spread = stats[key + "_std"]
+    mean = f"{scale * stats[key + '_mean']:{sign}.{digits}f}"
+    return mean if math.isnan(spread) else f"{mean} ± {scale * spread:.{digits}f}"
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
