@@ -23,3 +23,15 @@ def attention_map(features: Tensor, p: float = 2) -> Tensor:
         raise KdcacheError(f"attention_map(): needs features [B, C, H, W], found {tuple(features.shape)}")
     energy = features.abs().pow(p).mean(dim=1)
     return F.normalize(energy.flatten(1), dim=1, eps=NORMALIZE_EPS).view_as(energy)
+
+
+def head_output(head: str, name: str) -> str:
+    """The name of output `name` passed through the learned head of loss `head`: `crd/embedding` is CRD's
+    projection of `embedding` (a student's, or the teacher's, as the dict it is found in says)."""
+    return f"{head}/{name}"
+
+
+def negatives_output(name: str) -> str:
+    """The name of the teacher's outputs of other samples a contrastive loss reads beside output `name`:
+    `negatives/embedding` [B, K, D]."""
+    return f"negatives/{name}"

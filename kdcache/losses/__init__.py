@@ -1,7 +1,7 @@
 """Distillation losses: pure functions on tensors (`functions` on logits, `features` on features and embeddings,
 `tokens` on a language model's logits against a top-k token cache) and the `--loss NAME` specs (`spec`)."""
 
-from kdcache.losses.features import at, fitnet, rkd, rkd_angle, rkd_distance, sp
+from kdcache.losses.features import at, crd, fitnet, irg, irg_edge, irg_vertex, rkd, rkd_angle, rkd_distance, sp
 
 from kdcache.losses.functions import (
                                       deit_hard,
@@ -44,5 +44,5 @@ __all__ = ["PAPER_EPOCHS", "PEERS", "at", "attention_map", "deit_hard", "deit_ha
            "LossSpec", "LossSum", "nckd", "register_loss", "rkd", "rkd_angle", "rkd_distance", "scaled_loss", "sdd",
            "sdd_lskd",
            "sdd_region_weights", "sld", "sld_student_term", "sld_switched", "sld_teacher_term", "sp", "standardize",
-           "swap_target_max", "tckd", "upcast",
+           "swap_target_max", "tckd", "upcast", "crd", "irg", "irg_edge", "irg_vertex",
            "TOKEN_LOSSES", "distilbert", "token_jsd", "token_kl", "token_reverse_kl", "token_tvd"]

@@ -1,5 +1,6 @@
 """Feature- and relation-based distillation losses as pure functions on tensors: FitNet, attention transfer,
-similarity-preserving and relational KD.
+similarity-preserving and relational KD, contrastive representation distillation and the instance relationship
+graph.
 
 Shapes. Feature maps are `[B, C, H, W]`; attention maps `[B, H, W]`; embeddings `[B, D]` (any `[B, ...]` is
 flattened per sample). Precision as in `functions.py`: fp16/bf16 inputs are computed in float32; float32 and
@@ -16,6 +17,16 @@ Sources (the formulas and the defaults of each `--loss` weight were checked agai
          squared Frobenius distance over b²; weight 3000).
   RKD    Park et al., CVPR 2019; RepDistiller `distiller_zoo/RKD.py` (distances over their mean over distinct
          pairs, angles at every vertex of every triplet, both through the Huber loss; weights 25 and 50).
+  CRD    Tian, Krishnan, Isola, ICLR 2020; RepDistiller `crd/criterion.py` (Embed: a linear head to 128 dimensions
+         and L2 normalisation on each side; τ 0.07, K 16384, weight 0.8). Here the InfoNCE (softmax) form of
+         the paper's objective, with the student as anchor and the teacher's embeddings of other samples, drawn
+         from the cache, as negatives; RepDistiller's code uses the NCE (binary) form against two momentum memory
+         banks, both directions.
+  IRG    Liu, Cao, Li, Yuan, Hu, Li, Duan, CVPR 2019; the reference PyTorch transcription of the authors' Caffe
+         code, AberHu/Knowledge-Distillation-Zoo `kd_losses/irg.py` (vertex: mean squared error; edge: squared
+         Euclidean distance matrices, diagonal 0, each over its largest entry, mean squared error; weights 0.1
+         and 5.0 in `train_kd.py`). The transformation term (between two layers' graphs) is not implemented: a
+         cache holds one embedding per sample, not two layers.
 """
 
 from collections.abc import Sequence
@@ -74,11 +85,17 @@ def sp(student_features: Tensor, teacher_features: Tensor) -> Tensor:
     return (_gram(student) - _gram(teacher)).pow(2).sum() / len(student) ** 2
 
 
-def _distances(embedding: Tensor) -> Tensor:
-    """Euclidean distances [B, B] between the rows, 0 on the diagonal, over their mean over distinct pairs."""
+def _squared_distances(embedding: Tensor) -> tuple[Tensor, Tensor]:
+    """Squared Euclidean distances [B, B] between the rows (clamped at DISTANCE_EPS, the diagonal too), and the
+    mask of distinct pairs."""
     squared = embedding.pow(2).sum(dim=1)
     gram = (squared[:, None] + squared[None, :] - 2 * embedding @ embedding.T).clamp_min(DISTANCE_EPS)
-    distinct = ~torch.eye(len(embedding), dtype=torch.bool, device=embedding.device)
+    return gram, ~torch.eye(len(embedding), dtype=torch.bool, device=embedding.device)
+
+
+def _distances(embedding: Tensor) -> Tensor:
+    """Euclidean distances [B, B] between the rows, 0 on the diagonal, over their mean over distinct pairs."""
+    gram, distinct = _squared_distances(embedding)
     distances = torch.where(distinct, gram.sqrt(), 0)
     return distances / distances[distinct].mean()
 
@@ -106,6 +123,59 @@ def rkd(student_embedding: Tensor, teacher_embedding: Tensor, distance_weight: f
     """Relational KD (Park et al. 2019): distance_weight · rkd_distance + angle_weight · rkd_angle."""
     return distance_weight * rkd_distance(student_embedding, teacher_embedding) + \
         angle_weight * rkd_angle(student_embedding, teacher_embedding)
+
+
+def crd(student_embedding: Tensor, teacher_embedding: Tensor, negatives: Tensor, temperature: float = 0.07) -> Tensor:
+    """Contrastive representation distillation (Tian et al. 2020), InfoNCE form, mean over the batch of
+    −log[exp(sᵀt/τ) / (exp(sᵀt/τ) + Σ_k exp(sᵀt_k⁻/τ))], every vector L2-normalised first.
+
+    student_embedding, teacher_embedding: [B, D] (each side through its projection head, to a common D);
+    negatives: [B, K, D], for each sample the teacher's embeddings of K other samples.
+    """
+    student, teacher, negatives = upcast(student_embedding), upcast(teacher_embedding), upcast(negatives)
+    if student.dim() != 2 or student.shape != teacher.shape or negatives.dim() != 3 or \
+            negatives.shape[0] != len(student) or negatives.shape[2] != student.shape[1]:
+        raise KdcacheError(f"crd(): needs embeddings [B, D] on both sides and negatives [B, K, D] of the same B and "
+                           f"D, found {tuple(student.shape)}, {tuple(teacher.shape)} and {tuple(negatives.shape)}; "
+                           f"project both sides to a common dimension first (CRD's linear heads)")
+    student, teacher, negatives = (F.normalize(x, dim=-1, eps=NORMALIZE_EPS) for x in (student, teacher, negatives))
+    positive = (student * teacher).sum(dim=1, keepdim=True)  # [B, 1]
+    against = torch.einsum("bd,bkd->bk", student, negatives)  # [B, K]
+    logits = torch.cat([positive, against], dim=1) / temperature
+    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+
+
+def irg_vertex(student_embedding: Tensor, teacher_embedding: Tensor) -> Tensor:
+    """IRG's vertex term: the mean squared error of the instances' embeddings (the mean over instances of
+    ‖s_i − t_i‖² / D); the student's projected to the teacher's dimension first where they differ."""
+    student, teacher = _embeddings(student_embedding, teacher_embedding, "irg_vertex()")
+    if student.shape != teacher.shape:
+        raise KdcacheError(f"irg_vertex(): the student's embedding {tuple(student.shape)} and the teacher's "
+                           f"{tuple(teacher.shape)} differ in dimension; project the student's to the teacher's first")
+    return (student - teacher).pow(2).mean()
+
+
+def _irg_edges(embedding: Tensor) -> Tensor:
+    """IRG's edge matrix [B, B]: squared Euclidean distances, 0 on the diagonal, over the largest of them."""
+    gram, distinct = _squared_distances(embedding)
+    edges = torch.where(distinct, gram, 0)
+    return edges / edges.max()
+
+
+def irg_edge(student_embedding: Tensor, teacher_embedding: Tensor) -> Tensor:
+    """IRG's edge term: the mean squared difference of the two edge matrices [B, B] (any dimensions)."""
+    student, teacher = _embeddings(student_embedding, teacher_embedding, "irg_edge()")
+    return (_irg_edges(student) - _irg_edges(teacher)).pow(2).mean()
+
+
+def irg(student_embedding: Tensor, teacher_embedding: Tensor, vertex_weight: float = 0.1,
+        edge_weight: float = 5.0, projected_student: Tensor | None = None) -> Tensor:
+    """Instance relationship graph (Liu et al. 2019) of one layer: vertex_weight · irg_vertex + edge_weight ·
+    irg_edge; the vertex term reads `projected_student` (the student's embedding through a head to the teacher's
+    dimension) where given, the edge term the student's own embedding."""
+    vertex_student = student_embedding if projected_student is None else projected_student
+    return vertex_weight * irg_vertex(vertex_student, teacher_embedding) + \
+        edge_weight * irg_edge(student_embedding, teacher_embedding)
 
 
 def _embeddings(student: Tensor, teacher: Tensor, call: str) -> tuple[Tensor, Tensor]:

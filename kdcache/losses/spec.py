@@ -3,8 +3,9 @@
 Each pure function of `kdcache.losses.functions` and `kdcache.losses.features` that a spec can name has a
 terms function here, registered under the pure function's name: it returns the loss's own terms (`kd`; DKD's
 `tckd` and `nckd`; SDD's `sdd`; SLD's `teacher_swap` and `student_swap`; `fitnet`, `at`, `sp`, RKD's
-`rkd_distance` and `rkd_angle`; DeiT's `deit`; adversarial's `adv`) before weighting, and `LossSpec.compute`
-weights them and adds cross-entropy (`ce`) and the `total`. metrics.csv has a column per term.
+`rkd_distance` and `rkd_angle`; CRD's `crd`; IRG's `irg_vertex` and `irg_edge`; DeiT's `deit`; adversarial's `adv`)
+before weighting, and `LossSpec.compute` weights them and adds cross-entropy (`ce`) and the `total`. metrics.csv has
+a column per term.
 
 A terms function reads the model outputs it needs (kdcache.models.outputs) from two dicts, the student's and
 the teacher's: `regions` for the logit losses; `embedding`, `attention/<stage>`, `hint/<stage>` for the feature
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from kdcache.errors import KdcacheError
 from kdcache.losses.adversarial import VERDICT, adversarial_loss
-from kdcache.losses.features import at, fitnet, rkd_angle, rkd_distance, sp
+from kdcache.losses.features import at, crd, fitnet, irg_edge, irg_vertex, rkd_angle, rkd_distance, sp
 from kdcache.losses.functions import (
     deit_hard_distillation,
     dkd,
@@ -46,6 +47,7 @@ from kdcache.losses.functions import (
 from kdcache.models.outputs import DISTILLATION
 from kdcache.registry import Registry
 from kdcache.schedules import Schedule, bind_schedule
+from kdcache.tensors import head_output, negatives_output
 
 Outputs = dict[str, Tensor]  # a model's outputs by name: regions [B, R, C], embedding [B, D], ...
 TermsFunction = Callable[["LossSpec", Outputs, Outputs, Tensor, float], dict[str, Tensor]]
@@ -55,6 +57,9 @@ SDD_BASES = {"kd": kd, "dkd": dkd}  # the per-region losses SDD is published wit
 PEERS = "peers"  # the teacher-side name of deep mutual learning's peer logits [P, B, C]
 PAPER_EPOCHS = 240  # the schedule the papers' epoch counts (warm-ups, SLD's switch) refer to
 SCHEDULED = ("temperature", "ce_weight", "distill_weight", "alpha", "beta")  # the fields a Schedule may set
+# the learned heads on the embedding a loss reads, by its function: the spec field giving their output dimension
+# (None: the teacher's, and only where the student's differs) and whether the teacher's embedding has one too
+EMBEDDING_HEADS = {"crd": ("embed_dim", True), "irg": (None, False)}
 
 
 def _terms(function: str, *names: str, needs: tuple[str, ...] = (), reads: str = "regions",
@@ -99,6 +104,10 @@ class LossSpec:
     detach_swapped_student: bool = False  # SLD: the official code lets gradient through the swapped student
     discriminator_lr: float | None = None  # adversarial: the discriminator's Adam learning rate
     discriminator_width: int | None = None  # adversarial: the discriminator's hidden width
+    negatives: int | None = None  # CRD: K, the other samples' cached embeddings contrasted per sample
+    embed_dim: int | None = None  # CRD: the dimension both projection heads map the embeddings to
+    vertex_weight: float | None = None  # IRG
+    edge_weight: float | None = None  # IRG
 
     def __post_init__(self) -> None:
         call = f"LossSpec({self.name!r})"
@@ -140,6 +149,15 @@ class LossSpec:
     def student_outputs(self) -> tuple[str, ...]:
         """The outputs only the student gives that the loss reads (DeiT's `distillation`): none for most losses."""
         return TERMS.entry(self.function).student_reads
+
+    @property
+    def heads(self) -> tuple[tuple[str, int | None, bool], ...]:
+        """The learned heads on the embedding the loss reads, trained with the student: (the loss's name for
+        them, their output dimension or None for the teacher's, whether the teacher's embedding has one too)."""
+        if self.function not in EMBEDDING_HEADS:
+            return ()
+        field, teacher_side = EMBEDDING_HEADS[self.function]
+        return ((self.function, getattr(self, field) if field else None, teacher_side),)
 
     @property
     def uses_regions(self) -> bool:
@@ -362,6 +380,33 @@ def _adversarial_terms(spec: LossSpec, student: Outputs, teacher: Outputs, label
     return {"adv": adversarial_loss(student[VERDICT])}
 
 
+@_terms("crd", "crd", needs=("temperature", "negatives", "embed_dim"), reads="embedding")
+def _crd_terms(spec: LossSpec, student: Outputs, teacher: Outputs, labels: Tensor, epoch: float) -> dict[str, Tensor]:
+    """CRD of each teacher's embedding against K of its embeddings of other samples, both sides through the
+    projection heads (`crd/embedding`, `crd/negatives/embedding`), summed over teachers."""
+    total = 0
+    for name in teacher_outputs(teacher, "embedding", "crd"):
+        negatives = teacher.get(head_output("crd", negatives_output(name)))
+        if negatives is None or head_output("crd", name) not in student:
+            raise KdcacheError(f"loss {spec.name!r} contrasts each sample with the cached embeddings of other samples "
+                               f"through learned projection heads, and this step's targets came without them: train "
+                               f"from --cache on the default --batch-path device (not --live-teacher, not "
+                               f"--batch-path dataset)")
+        total = total + crd(student[head_output("crd", name)], teacher[head_output("crd", name)],
+                            negatives[:, :spec.negatives], spec.temperature)
+    return {"crd": total}
+
+
+@_terms("irg", "irg_vertex", "irg_edge", needs=("vertex_weight", "edge_weight"), reads="embedding")
+def _irg_terms(spec: LossSpec, student: Outputs, teacher: Outputs, labels: Tensor, epoch: float) -> dict[str, Tensor]:
+    """IRG's weighted vertex and edge terms of each teacher's embedding, summed over teachers; the vertex term reads
+    the student's embedding through its head (`irg/embedding`) where its dimension differs from the teacher's."""
+    names = teacher_outputs(teacher, "embedding", "irg")
+    return {"irg_vertex": spec.vertex_weight * sum(irg_vertex(student.get(head_output("irg", n), student[n]), teacher[n])
+                                                   for n in names),
+            "irg_edge": spec.edge_weight * sum(irg_edge(student[n], teacher[n]) for n in names)}
+
+
 def _outputs(value: Tensor | Outputs) -> Outputs:
     """Region logits alone as the outputs dict they stand for."""
     return value if isinstance(value, dict) else {"regions": value}
@@ -436,6 +481,15 @@ class LossSum:
     @property
     def student_outputs(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(name for part in self.parts for name in part.student_outputs))
+
+    @property
+    def heads(self) -> tuple[tuple[str, int | None, bool], ...]:
+        return tuple(head for part in self.parts for head in part.heads)
+
+    @property
+    def negatives(self) -> int | None:
+        """The most negatives any part contrasts (None: no part does)."""
+        return max((part.negatives for part in self.parts if part.negatives), default=None)
 
     @property
     def uses_regions(self) -> bool:
