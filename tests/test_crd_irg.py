@@ -1,13 +1,21 @@
 """CRD and IRG from cached embeddings: the pure functions against float64 transcriptions of their papers' formulas
 (values and gradients), the negatives the cache gives, and distill runs that train and save the heads."""
 
+import csv
 import math
 
 import pytest
 import torch
 
+from small_runs import saved_teacher, synthetic_splits
+from kdcache.cache import open_cache
+from kdcache.config import DistillConfig
+from kdcache.data import get_policy
 from kdcache.errors import KdcacheError
 from kdcache.losses import crd, get_loss, irg, irg_edge, irg_vertex
+from kdcache.models import file_sha256, read_checkpoint
+from kdcache.stages import CachedTargets, distill
+from kdcache.stages.dump import dump_teacher
 
 STEP = 1e-6  # central differences in float64
 
@@ -116,3 +124,97 @@ def test_the_losses_are_registered_with_their_papers_defaults():
     assert contrast.term_names == ("ce", "crd", "total") and contrast.needs == ("embedding",)
     assert (graph.distill_weight, graph.vertex_weight, graph.edge_weight) == (1, 0.1, 5.0)
     assert graph.term_names == ("ce", "irg_vertex", "irg_edge", "total") and graph.needs == ("embedding",)
+
+
+# -- from a cache ----------------------------------------------------------------------------------------------------
+CLASSES, SAMPLES = 3, 16
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_splits(SAMPLES, CLASSES, seed=5)
+
+
+def _dump(data, folder, outputs):
+    model, checkpoint = saved_teacher(folder, CLASSES, seed=4)
+    info = {"arch": "resnet8", "num_classes": CLASSES, "checkpoint": str(checkpoint),
+            "checkpoint_sha256": file_sha256(checkpoint)}
+    path = folder / "c.zarr"
+    dump_teacher(model, info, data[0], get_policy("cifar"), path, views=2, scales=(1,), block_size=8,
+                 outputs=outputs, show_progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache(data, tmp_path_factory):
+    return _dump(data, tmp_path_factory.mktemp("embedding"), ("regions", "embedding"))
+
+
+def _config(tmp_path, name, **fields):
+    return DistillConfig(**{"students": ("resnet8",), "epochs": 1, "batch_size": 8, "out": str(tmp_path / name),
+                            "device": "cpu", "seed": 1, **fields})
+
+
+def test_the_negatives_are_other_samples_cached_embeddings_never_the_sample_itself(cache):
+    with open_cache(cache) as opened:
+        targets = CachedTargets(opened, outputs=("embedding",), negatives=50, seed=3)
+        targets.begin_epoch(1)
+        array = opened.spec.output_arrays["embedding"]
+        bank = torch.from_numpy(opened.view_arrays(1, names=(array,))[array]).float()
+        indices = torch.tensor([0, 5, 15, 5])
+        given = targets(indices, torch.zeros(4))
+        negatives = given["negatives/embedding"]
+        assert negatives.shape == (4, SAMPLES - 1, bank.shape[1])  # K = 50 is more than the 15 others: 15
+        # each negative is a row of the view held, and never the sample's own
+        matches = (negatives[:, :, None, :] == bank[None, None]).all(dim=-1)  # [b, K, N]
+        assert matches.any(dim=-1).all()
+        assert not matches[torch.arange(4), :, indices].any()
+        targets.begin_epoch(1)  # the same view again (another run's epoch): the same draws
+        assert torch.equal(targets(indices, torch.zeros(4))["negatives/embedding"], negatives)
+
+
+def _weights(folder, name):
+    return read_checkpoint(folder / name)["model"]
+
+
+def test_a_crd_run_trains_both_heads_with_the_student_saves_them_and_repeats_itself_in_a_sweep(cache, data, tmp_path):
+    alone = distill(_config(tmp_path, "alone", cache=str(cache), losses=("crd",)), show_progress=False, data=data)[0]
+    with open(alone.folder / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert {"loss_ce", "loss_crd", "loss_total"} <= set(rows[0]) and all(float(row["loss_crd"]) > 0 for row in rows)
+    saved = read_checkpoint(alone.folder / "regressors.pt")
+    assert saved["outputs"] == ["crd/embedding", "teacher:crd/embedding"]
+    # resnet8's embedding (64) on both sides, each projected to CRD's 128 dimensions
+    assert saved["model"]["0.weight"].shape == saved["model"]["1.weight"].shape == (128, 64)
+    momentum = read_checkpoint(alone.folder / "last.pt")["optimizer"]["state"]
+    heads = sorted(momentum)[-4:]  # the last parameters the optimiser holds: both heads' weights and biases
+    assert all(momentum[index]["momentum_buffer"].abs().sum() > 0 for index in heads)  # both had gradients
+    # the same seed again, after another run of the sweep drew its own negatives from the same views: the same run
+    swept = distill(_config(tmp_path, "sweep", cache=str(cache), losses=("irg", "crd")), show_progress=False,
+                    data=data)[1]
+    for name in ("model.pt", "regressors.pt"):
+        a, b = (_weights(run.folder, name) for run in (alone, swept))
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a), name
+
+
+def test_an_irg_run_has_its_terms_in_metrics(cache, data, tmp_path):
+    run = distill(_config(tmp_path, "irg", cache=str(cache), losses=("irg",)), show_progress=False,
+                  data=data)[0]
+    with open(run.folder / "metrics.csv") as file:
+        row = next(csv.DictReader(file))
+    assert float(row["loss_irg_vertex"]) > 0 and float(row["loss_irg_edge"]) > 0
+    assert not (run.folder / "regressors.pt").exists()  # the same embedding dimension: no projection to learn
+
+
+@pytest.mark.parametrize("loss", ["crd", "irg"])
+def test_a_cache_without_embeddings_is_refused_with_the_command_that_adds_them(data, tmp_path, loss):
+    plain = _dump(data, tmp_path, ("regions",))
+    with pytest.raises(KdcacheError, match=rf"loss {loss} reads the teacher's embedding outputs.*--outputs "
+                                           rf"regions,embedding"):
+        distill(_config(tmp_path, "no", cache=str(plain), losses=(loss,)), show_progress=False, data=data)
+
+
+def test_crd_without_a_cache_view_to_draw_from_is_refused(cache, data, tmp_path):
+    with pytest.raises(KdcacheError, match=r"CRD draws each sample's negatives .* --batch-path device"):
+        distill(_config(tmp_path, "ds", cache=str(cache), losses=("crd",), batch_path="dataset"), show_progress=False,
+                data=data)

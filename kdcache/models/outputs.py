@@ -14,6 +14,11 @@ through its own stages, paired from the last (the teacher's last stage with the 
 different depths still pair: its attention map is resized to the teacher's by `losses.at`, and its hint passes
 through a `HintRegressor` to the teacher's channels and size. The outputs of a second teacher's cache carry a
 suffix, `embedding#1`, so that each teacher's term is computed and summed.
+
+A loss may learn heads on the embedding, trained with the student as FitNet's regressors are and saved with them
+(regressors.pt): CRD's linear projections of both sides to a common dimension, `crd/embedding` (the student's,
+made in `forward`) and the teacher's `crd/embedding` and `crd/negatives/embedding` (made of the targets by
+`project_targets`); IRG's projection of the student's embedding to the teacher's dimension, `irg/embedding`.
 """
 
 from __future__ import annotations
@@ -27,13 +32,14 @@ from torch import nn
 
 from kdcache.errors import KdcacheError
 from kdcache.models.logit_map import LogitMap, _channels_last, model_name, speaks_timm
-from kdcache.tensors import attention_map
+from kdcache.tensors import attention_map, head_output, negatives_output
 
 REGIONS, EMBEDDING, DISTILLATION = "regions", "embedding", "distillation"
 DISTILLED_MODELS = ("a timm *_distilled_* model (timm:deit_tiny_distilled_patch16_224; any timm ViT's shape with a "
                     "distillation token: timm:deit_tiny_distilled_patch16_224,img_size=32,patch_size=8,depth=4)")
 STAGE_KINDS = ("attention", "hint")
 OUTPUT_FORMS = "regions, embedding, attention (every stage), attention:STAGE, hint (the middle stage), hint:STAGE"
+TEACHER_HEAD = "teacher:"  # the key of a learned head on the teacher's outputs among a student's regressors
 
 
 def base_name(name: str) -> str:
@@ -152,7 +158,10 @@ class ModelOutputs(LogitMap):
     """A model's named outputs from one forward pass: a dict of the names in `outputs` (regions always).
 
     sources: the module each attention or hint output is made from (default: the stage its name says, for a
-    teacher); regressors: a HintRegressor per hint output (a student's), kept under the output's position.
+    teacher); regressors: the learned heads trained with the student, by the output each gives: a hint's name, a
+    HintRegressor that replaces that output (FitNet); `LOSS/NAME` (`crd/embedding`), a head that adds that output,
+    made from the student's NAME; `teacher:LOSS/NAME`, one that `project_targets` applies to the teacher's NAME
+    (and to its negatives).
     """
 
     def __init__(self, model: nn.Module, scales: Sequence[int], outputs: Sequence[str],
@@ -174,7 +183,10 @@ class ModelOutputs(LogitMap):
         if missing:
             raise KdcacheError(f"{model_name(model)} has no module {missing[0]!r}, whose output was asked for; its "
                                f"stages are {', '.join(feature_stages(model)) or 'not named'}")
-        self.output_names = [name for name in self.outputs if name in (regressors or {})]
+        regressors = regressors or {}
+        # the hints' regressors first, in the outputs' order (the order regressors.pt has always kept), then heads
+        self.output_names = [*(name for name in self.outputs if name in regressors),
+                             *(name for name in regressors if name not in self.outputs)]
         self.regressors = nn.ModuleList([regressors[name] for name in self.output_names])
         self._captured: dict[str, torch.Tensor] | None = None
         self._hooks = [modules[module].register_forward_hook(self._capture_hook(module))
@@ -216,6 +228,9 @@ class ModelOutputs(LogitMap):
                 result[name] = self.regressors[self.output_names.index(name)](stage)
             else:
                 result[name] = stage
+        for name, head in zip(self.output_names, self.regressors):
+            if name not in self.outputs and not name.startswith(TEACHER_HEAD):
+                result[name] = head(result[name.split("/", 1)[1]])
         return result
 
     def _logits(self, features: torch.Tensor, image_size: Sequence[int]) -> dict[str, torch.Tensor]:
@@ -224,6 +239,18 @@ class ModelOutputs(LogitMap):
             return {REGIONS: self.regions(features, image_size)}
         logits, distillation = distilled_heads(self.model, features)
         return {REGIONS: logits[:, None], DISTILLATION: distillation}
+
+    def project_targets(self, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The teacher's outputs with those of the learned teacher-side heads added: `crd/embedding` made from
+        `embedding` [b, D], and `crd/negatives/embedding` from `negatives/embedding` [b, K, D], where given."""
+        found = dict(targets)
+        for name, head in zip(self.output_names, self.regressors):
+            if name.startswith(TEACHER_HEAD):
+                loss, _, source = name[len(TEACHER_HEAD):].partition("/")
+                for given in (source, negatives_output(source)):
+                    if given in targets:
+                        found[head_output(loss, given)] = head(targets[given])
+        return found
 
     def _stage_map(self, output: torch.Tensor, name: str) -> torch.Tensor:
         """A stage's output as a map [B, C, H, W] (timm's NHWC stages permuted)."""
@@ -272,10 +299,12 @@ class TeacherOutputs:
 
 
 def student_outputs(model: nn.Module, kinds: Sequence[str], teachers: Sequence[TeacherOutputs], images: torch.Tensor,
-                    student: str = "the student") -> tuple[tuple[str, ...], dict[str, str], dict[str, nn.Module]]:
+                    student: str = "the student", heads: Sequence[tuple[str, int | None, bool]] = ()
+                    ) -> tuple[tuple[str, ...], dict[str, str], dict[str, nn.Module]]:
     """The outputs a student gives for losses reading `kinds` from these teachers: their names (teacher k's with
-    the suffix #k), the student stage each attention or hint output is made from, and a fresh HintRegressor per
-    hint (to the teacher's channels and size; the student's channels found on `images`)."""
+    the suffix #k), the student stage each attention or hint output is made from, and the fresh regressors (for
+    ModelOutputs): a HintRegressor per hint (to the teacher's channels and size; the student's channels found on
+    `images`), and the embedding heads the losses ask for (LossSpec.heads)."""
     outputs, sources = [], {}
     stages = feature_stages(model)
     for k, teacher in enumerate(teachers):
@@ -288,4 +317,24 @@ def student_outputs(model: nn.Module, kinds: Sequence[str], teachers: Sequence[T
              for name in outputs if output_kind(name) == "hint"}
     channels = stage_channels(model, sorted({sources[name] for name in hints}), images) if hints else {}
     regressors = {name: HintRegressor(channels[sources[name]], shape) for name, shape in hints.items()}
+    embeddings = {name: teachers[teacher_index(name)].outputs[base_name(name)][0]
+                  for name in outputs if output_kind(name) == EMBEDDING}
+    if heads and embeddings:
+        own = probe_output_shapes(model, [EMBEDDING], images)[EMBEDDING][0]
+        regressors |= embedding_heads(heads, own, embeddings)
     return tuple(outputs), sources, regressors
+
+
+def embedding_heads(heads: Sequence[tuple[str, int | None, bool]], student_dim: int,
+                    teacher_dims: dict[str, int]) -> dict[str, nn.Module]:
+    """Fresh linear heads on the embeddings, by the output each gives (ModelOutputs' regressors): for each loss's
+    (name, dimension or None for the teacher's, teacher side too) and each teacher embedding, the student's head to
+    that dimension (with None, only where the student's differs from the teacher's), and the teacher's."""
+    made = {}
+    for loss, dim, teacher_side in heads:
+        for name, teacher_dim in teacher_dims.items():
+            if dim is not None or student_dim != teacher_dim:
+                made[head_output(loss, name)] = nn.Linear(student_dim, dim or teacher_dim)
+            if teacher_side:
+                made[TEACHER_HEAD + head_output(loss, name)] = nn.Linear(teacher_dim, dim or teacher_dim)
+    return made

@@ -168,14 +168,16 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: DataSource
     losses = {name: scaled_loss(name, config.loss_overrides(), config.epochs) for _, name in config.runs()}
     kinds = tuple(dict.fromkeys(kind for loss in losses.values() for kind in loss.needs))
     _check_qat(config, losses)
+    negatives = _negatives(config, losses)
     student_data, test, policy = _student_data(config, caches, data, test, scales, losses)
     here, shard = _shard(cache, len(data.labels), config)
     # a student's stage shapes are found on these, at its own size
     images = normalize(student_data.first_images(), data.mean, data.std)
-    targets, source, teachers = _targets(config, caches, data, scales, device, shard, kinds, images, show_progress)
+    targets, source, teachers = _targets(config, caches, data, scales, device, shard, kinds, images, show_progress,
+                                         negatives)
     # one provider per view of a step: each holds its own view (the live teacher computes any)
     providers = None if targets is None else [targets] + [
-        _targets(config, caches, data, scales, device, shard, kinds, images, False)[0] if caches else targets
+        _targets(config, caches, data, scales, device, shard, kinds, images, False, negatives)[0] if caches else targets
         for _ in range(config.views_per_step - 1)]
     # with a cache, its views are replayed (also by a live teacher: the online baseline on the same pixels)
     views = CachedViews(cache, policy, config.view_order, config.seed) if cache is not None else \
@@ -244,7 +246,7 @@ def _students(config: DistillConfig, losses: dict[str, LossSpec | LossSum], num_
         loss = losses[loss_name]
         if DISTILLATION in loss.student_outputs:
             require_distillation_token(model, f"--loss {loss_name} (student {student})")
-        outputs, sources, regressors = student_outputs(model, loss.needs, teachers, images, student) \
+        outputs, sources, regressors = student_outputs(model, loss.needs, teachers, images, student, loss.heads) \
             if loss.needs else ((), {}, {})
         students.append((model, (outputs + loss.student_outputs, sources, regressors),
                          loss_critics(loss, num_classes, device, here, config.seed)))
@@ -317,12 +319,24 @@ def _check_cache(cache: TeacherCache, data: DataSource, policy: Policy,
                     cache.path, cache.spec.topk, ", ".join(standardising))
 
 
+def _negatives(config: DistillConfig, losses: dict[str, LossSpec | LossSum]) -> int:
+    """The most negatives a contrastive loss of the runs draws per sample (0: none), refused where no cache view is
+    held to draw them from."""
+    negatives = max((loss.negatives or 0 for loss in losses.values()), default=0)
+    if negatives and (config.live_teacher is not None or config.batch_path != "device" or not config.cache):
+        raise KdcacheError(f"--loss {','.join(config.losses)}: CRD draws each sample's negatives from the teacher's "
+                           f"cached embeddings of the view held for training; train from --cache on the default "
+                           f"--batch-path device (a live teacher keeps no embeddings of other samples, and the "
+                           f"dataset path holds no view)")
+    return negatives
+
+
 def _targets(config: DistillConfig, caches: list[TeacherCache], data: DataSource,
              scales: tuple[int, ...], device: torch.device, shard: Shard, kinds: tuple[str, ...], images: torch.Tensor,
-             show_progress: bool) -> tuple[Targets | None, dict, list[TeacherOutputs]]:
+             show_progress: bool, negatives: int = 0) -> tuple[Targets | None, dict, list[TeacherOutputs]]:
     """The target provider (the cache, the caches' ensemble, the live teacher, or None when the students teach
     themselves), how the runs' records name it, and what each teacher gives besides region logits (of the kinds
-    the losses read).
+    the losses read); each cache draws `negatives` other samples' embeddings per sample (CRD).
 
     A streamed split's targets stay in host memory, each batch's gathered there: an ImageNet view is gigabytes.
     """
@@ -336,7 +350,8 @@ def _targets(config: DistillConfig, caches: list[TeacherCache], data: DataSource
             statement = require_target_memory(cache, samples, device, on_host=stored.streamed, outputs=outputs)
             if show_progress and distributed.world().is_main:
                 print(statement, flush=True)
-            providers.append(CachedTargets(cache, scales, device, samples, on_host=stored.streamed, outputs=outputs))
+            providers.append(CachedTargets(cache, scales, device, samples, on_host=stored.streamed, outputs=outputs,
+                                           negatives=negatives, seed=config.seed))
             teachers.append(TeacherOutputs({name: stored.outputs[name] for name in outputs},
                                            stored.teacher.get("stages", [])))
         first = caches[0].spec

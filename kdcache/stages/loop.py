@@ -67,10 +67,10 @@ class Run:
 
     Three views of the model: `model`, the network itself (what checkpoints hold); `logit_map`, its outputs
     (ModelOutputs: region logits, and those `outputs` a feature or relation loss reads, FitNet's `regressors`
-    included) on the device; `step_module`, what a training step calls (the ModelOutputs, DDP-wrapped under
-    torchrun). The regressors train with the model and are saved beside it (regressors.pt). `critics`: the models
-    the loss trains beside the student with their own optimisers (an adversarial loss's discriminator), each
-    stepped in every step before the student's loss and kept in last.pt.
+    and the embedding heads of CRD and IRG included) on the device; `step_module`, what a training step calls (the
+    ModelOutputs, DDP-wrapped under torchrun). The regressors train with the model and are saved beside it
+    (regressors.pt). `critics`: the models the loss trains beside the student with their own optimisers (an
+    adversarial loss's discriminator), each stepped in every step before the student's loss and kept in last.pt.
     """
 
     def __init__(self, name: str, model: nn.Module, loss: LossSpec | LossSum, scales: tuple[int, ...],
@@ -135,14 +135,15 @@ class Run:
 
     def targets_of(self, batch: Batch, step: Sequence[Outputs]) -> Outputs | None:
         """A view's targets: the batch's, their regions cut to the run's, and the run's own providers' on its images
-        (`step`: every outputs of the runs trained together on them, in their order)."""
+        (`step`: every outputs of the runs trained together on them, in their order); then those of the run's learned
+        teacher-side heads (CRD's projections) added."""
         x, _, found = batch
         found = dict(found or {})
         if REGIONS in found:
             found[REGIONS] = found[REGIONS][:, :self.num_regions]
         for provider in self.targets:
             found |= provider(None, x, step)
-        return found or None
+        return self.logit_map.project_targets(found) if found else None
 
     def loss_terms(self, outputs: list[Outputs], views: tuple[Batch, ...], targets: list[Outputs | None],
                    epoch: int) -> dict[str, torch.Tensor]:
@@ -363,11 +364,11 @@ def fit(runs: list[Run], split: Split, views: Views, targets: Sequence[Targets] 
     for epoch in range(min(run.start_epoch for run in runs), config.epochs):
         slots = range(epoch * per_step, (epoch + 1) * per_step)
         params = [views.params(slot) for slot in slots]
-        for provider, slot in zip(targets or (), slots):
-            next_view = views.view_of(slot + per_step) if epoch + 1 < config.epochs else None
-            provider.begin_epoch(views.view_of(slot), next_view)
         active = [run for run in runs if epoch >= run.start_epoch]
         for group in [active] if together else [[run] for run in active]:
+            for provider, slot in zip(targets or (), slots):  # each run's epoch from the same start (CRD's draws)
+                next_view = views.view_of(slot + per_step) if epoch + 1 < config.epochs else None
+                provider.begin_epoch(views.view_of(slot), next_view)
             if batch_path is not None:
                 batches = zip(batch_path(epoch, epoch_generator(config.seed, epoch)))
             else:  # every view's batches from a generator of the same seed: the same samples, step by step

@@ -18,11 +18,12 @@ from kdcache.cache.topk import topk_bytes
 from kdcache.errors import KdcacheError
 from kdcache.losses import PEERS
 from kdcache.models import region_indices
-from kdcache.models.outputs import REGIONS, ModelOutputs, with_teacher
+from kdcache.models.outputs import EMBEDDING, REGIONS, ModelOutputs, output_kind, with_teacher
 from kdcache.runtime import autocast, prepare_model
 from kdcache.stages.recipe_options import WeightEMA, step_autocast
 from kdcache.stages.topk import decode_topk
 from kdcache.stages.views import require_outputs
+from kdcache.tensors import negatives_output
 
 
 Outputs = dict[str, torch.Tensor]  # a model's outputs by name (ModelOutputs): regions [b, R, C], ...
@@ -36,7 +37,8 @@ class Targets(Protocol):
     runs trained together (peers read them). A provider that follows the student's weights is a StepHook too."""
 
     def begin_epoch(self, view: int | None, next_view: int | None = None) -> None:
-        """Get ready to give the targets of `view` (None: fresh views); `next_view` is the following epoch's."""
+        """Get ready to give the targets of `view` (None: fresh views); `next_view` is the following epoch's. Runs
+        trained one after another on an epoch each call it before their batches, with the same views."""
         ...
 
     def __call__(self, indices: torch.Tensor | None, images: torch.Tensor, step: Sequence[Outputs] = ()) -> Outputs:
@@ -52,12 +54,18 @@ class CachedTargets:
 
     A top-k cache stays compact (values, classes, rest); each batch's logits are rebuilt on the device.
     outputs: the further outputs to give besides the region logits (their arrays alone are read).
+    negatives: K, for a contrastive loss (CRD): each sample's `negatives/embedding` [b, K, D] beside its
+    `embedding`, the rows of K other samples of the resident view (the cache is the memory bank; at most N - 1 of
+    the N held, drawn uniformly with replacement, never the sample itself), drawn each batch from a generator
+    seeded with `seed` and the view, so a run repeats them.
     """
 
     def __init__(self, cache: TeacherCache, scales: tuple[int, ...] | None = None,
                  device: torch.device = torch.device("cpu"), samples: range | None = None,
-                 on_host: bool = False, outputs: tuple[str, ...] = ()) -> None:
+                 on_host: bool = False, outputs: tuple[str, ...] = (), negatives: int = 0, seed: int = 0) -> None:
         self.cache, self.device, self.on_host = cache, device, on_host
+        self.negatives, self.seed = negatives, seed
+        self._draws: torch.Generator | None = None
         # array -> output name; an output the cache lacks is refused with the command that caches it
         self.outputs = {cache.spec.output_arrays[name]: name for name in require_outputs(cache, outputs)}
         self.names = (*cache.spec.logit_arrays, *self.outputs)
@@ -72,25 +80,36 @@ class CachedTargets:
         self._in_use = 0
 
     def begin_epoch(self, view: int | None, next_view: int | None = None) -> None:
-        """Make `view` resident; start reading `next_view` in the background."""
+        """Make `view` resident; start reading `next_view` in the background. Called again with the same views (a
+        further run trained on the epoch), it keeps both and starts the negatives' draws over."""
         if view != self._view:
-            if self._next is not None and self._next[0] == view:
-                arrays = self._next[1].result()
-                self._in_use = 1 - self._in_use
-            else:
-                if self._next is not None:  # a read of another view may still be filling the other buffers
-                    self._next[1].exception()  # waits; its error, if any, is that view's, raised when it is read
-                arrays = self.cache.view_arrays(view, self.samples, self._buffers[self._in_use], self.names)
-            # logits, or values, indices, rest; then the outputs
-            tensors = {name: torch.from_numpy(values) for name, values in arrays.items()}
-            if self.regions is not None:
-                tensors |= {name: tensors[name][:, self.regions] for name in self.cache.spec.logit_arrays}
-            self._arrays = {name: tensor if self.on_host else tensor.to(self.device) for name, tensor in tensors.items()}
-            self._view = view
-        self._next = None
-        if next_view is not None and next_view != view:
+            self._load(view)
+        if self._next is not None and self._next[0] != next_view:
+            self._next[1].exception()  # a read of another view must end before the next one fills its buffers
+            self._next = None
+        if self._next is None and next_view is not None and next_view != view:
             self._next = (next_view, self.cache.prefetch(next_view, self.samples, self._buffers[1 - self._in_use],
                                                          self.names))
+        if self.negatives:  # the same draws for each run trained on the view, and on any resume
+            device = self.device if not self.on_host else torch.device("cpu")
+            self._draws = torch.Generator(device).manual_seed(self.seed * 1_000_003 + view)
+
+    def _load(self, view: int) -> None:
+        """Make `view` resident: the read started for it, or a read now."""
+        if self._next is not None and self._next[0] == view:
+            arrays = self._next[1].result()
+            self._in_use = 1 - self._in_use
+        else:
+            if self._next is not None:  # a read of another view may still be filling the other buffers
+                self._next[1].exception()  # waits; its error, if any, is that view's, raised when it is read
+            arrays = self.cache.view_arrays(view, self.samples, self._buffers[self._in_use], self.names)
+        self._next = None
+        # logits, or values, indices, rest; then the outputs
+        tensors = {name: torch.from_numpy(values) for name, values in arrays.items()}
+        if self.regions is not None:
+            tensors |= {name: tensors[name][:, self.regions] for name in self.cache.spec.logit_arrays}
+        self._arrays = {name: tensor if self.on_host else tensor.to(self.device) for name, tensor in tensors.items()}
+        self._view = view
 
     def __call__(self, indices: torch.Tensor, images: torch.Tensor, step: Sequence[Outputs] = ()) -> Outputs:
         """The float32 outputs of these samples under the current view: regions [b, R, C], and the others'."""
@@ -98,7 +117,22 @@ class CachedTargets:
                 for name, tensor in self._arrays.items()}
         logits = [rows[name] for name in self.cache.spec.logit_arrays]
         regions = logits[0].float() if len(logits) == 1 else decode_topk(*logits, self.cache.spec.num_classes)
-        return {REGIONS: regions, **{self.outputs[array]: rows[array].float() for array in self.outputs}}
+        found = {REGIONS: regions, **{self.outputs[array]: rows[array].float() for array in self.outputs}}
+        if self.negatives:
+            found |= {negatives_output(self.outputs[array]): self._negatives(self._arrays[array], indices).float()
+                      for array in self.outputs if output_kind(self.outputs[array]) == EMBEDDING}
+        return found
+
+    def _negatives(self, bank: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """For each sample, the rows [b, K, D] of K others of the view held (`bank`, [N, D]), on the device."""
+        held = len(bank)
+        if held < 2:
+            raise KdcacheError(f"a contrastive loss draws each sample's negatives from the other samples held, and "
+                               f"{self.cache.path} holds {held} here: train on a split of two or more samples")
+        count = min(self.negatives, held - 1)
+        others = torch.randint(0, held - 1, (len(indices), count), generator=self._draws, device=self._draws.device)
+        own = indices.to(others.device)[:, None]
+        return bank[others + (others >= own)].to(self.device, non_blocking=True)  # skips the sample's own row
 
 
 # CachedTargets holds a view three times: the view in use and the next one in host buffers, and one on the device
