@@ -166,18 +166,15 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: DataSource
         config = replace(config, augmentation=config.augmentation or data.default_policy)
     scales = tuple(config.scales or (stored.scales if stored else (1, 2, 4)))
     losses = {name: scaled_loss(name, config.loss_overrides(), config.epochs) for _, name in config.runs()}
-    kinds = tuple(dict.fromkeys(kind for loss in losses.values() for kind in loss.needs))
     _check_qat(config, losses)
-    negatives = _negatives(config, losses)
     student_data, test, policy = _student_data(config, caches, data, test, scales, losses)
     here, shard = _shard(cache, len(data.labels), config)
     # a student's stage shapes are found on these, at its own size
     images = normalize(student_data.first_images(), data.mean, data.std)
-    targets, source, teachers = _targets(config, caches, data, scales, device, shard, kinds, images, show_progress,
-                                         negatives)
+    targets, source, teachers = _targets(config, caches, data, scales, device, shard, losses, images, show_progress)
     # one provider per view of a step: each holds its own view (the live teacher computes any)
     providers = None if targets is None else [targets] + [
-        _targets(config, caches, data, scales, device, shard, kinds, images, False, negatives)[0] if caches else targets
+        _targets(config, caches, data, scales, device, shard, losses, images, False)[0] if caches else targets
         for _ in range(config.views_per_step - 1)]
     # with a cache, its views are replayed (also by a live teacher: the online baseline on the same pixels)
     views = CachedViews(cache, policy, config.view_order, config.seed) if cache is not None else \
@@ -332,14 +329,16 @@ def _negatives(config: DistillConfig, losses: dict[str, LossSpec | LossSum]) -> 
 
 
 def _targets(config: DistillConfig, caches: list[TeacherCache], data: DataSource,
-             scales: tuple[int, ...], device: torch.device, shard: Shard, kinds: tuple[str, ...], images: torch.Tensor,
-             show_progress: bool, negatives: int = 0) -> tuple[Targets | None, dict, list[TeacherOutputs]]:
+             scales: tuple[int, ...], device: torch.device, shard: Shard, losses: dict[str, LossSpec | LossSum],
+             images: torch.Tensor, show_progress: bool) -> tuple[Targets | None, dict, list[TeacherOutputs]]:
     """The target provider (the cache, the caches' ensemble, the live teacher, or None when the students teach
     themselves), how the runs' records name it, and what each teacher gives besides region logits (of the kinds
-    the losses read); each cache draws `negatives` other samples' embeddings per sample (CRD).
+    the losses read); each cache draws the negatives a contrastive loss reads (CRD).
 
     A streamed split's targets stay in host memory, each batch's gathered there: an ImageNet view is gigabytes.
     """
+    kinds = tuple(dict.fromkeys(kind for loss in losses.values() for kind in loss.needs))
+    negatives = _negatives(config, losses)
     if not config.has_teacher:  # the students' own: their peers (--mutual) or their weight average (--ema-teacher)
         return None, {"mutual": list(config.students)} if config.mutual else {"ema_teacher": config.ema_teacher}, []
     if config.live_teacher is None:
