@@ -372,6 +372,8 @@ class DistillConfig(TrainConfig):
     alpha: float | Schedule | None = _loss_value("alpha (DKD's)")
     beta: float | Schedule | None = _loss_value("beta (DKD's)")
     warmup_epochs: float | None = option(None, "Override the loss warm-up (in epochs of this run).", type=click.FLOAT)
+    negatives: int | None = option(None, "Override CRD's negatives per sample, K: other samples' cached embeddings "
+                                         "(at most N - 1 are drawn).", type=click.INT)
     mutual: bool = option(False, "Deep mutual learning: train the --student models together, step by step on the same "
                                  "batches, each also learning from the others' predictions (loss dml; with --cache, "
                                  "plus the one --loss). Two or more students.")
@@ -412,9 +414,9 @@ class DistillConfig(TrainConfig):
             return dataclasses.replace(self, name=None, resume=False)
         return dataclasses.replace(self, students=(student,), losses=(loss,), pairs=(), name=None, resume=False)
 
-    def loss_overrides(self) -> dict[str, float | Schedule]:
+    def loss_overrides(self) -> dict[str, float | int | Schedule]:
         """The loss hyper-parameters given explicitly."""
-        names = ("temperature", "ce_weight", "distill_weight", "alpha", "beta", "warmup_epochs")
+        names = ("temperature", "ce_weight", "distill_weight", "alpha", "beta", "warmup_epochs", "negatives")
         smoothing = {"label_smoothing": self.label_smoothing} if self.label_smoothing else {}
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None} | smoothing
 

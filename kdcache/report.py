@@ -214,7 +214,7 @@ def dataset_table() -> str:
 
 
 # the weights a loss may set, as `kdcache losses` shows them beside each loss (the distill flags that override them)
-LOSS_DEFAULTS = ("ce_weight", "distill_weight", "temperature", "alpha", "beta", "warmup_epochs")
+LOSS_DEFAULTS = ("ce_weight", "distill_weight", "temperature", "alpha", "beta", "warmup_epochs", "negatives")
 
 
 def loss_table() -> str:

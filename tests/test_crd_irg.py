@@ -218,3 +218,16 @@ def test_crd_without_a_cache_view_to_draw_from_is_refused(cache, data, tmp_path)
     with pytest.raises(KdcacheError, match=r"CRD draws each sample's negatives .* --batch-path device"):
         distill(_config(tmp_path, "ds", cache=str(cache), losses=("crd",), batch_path="dataset"), show_progress=False,
                 data=data)
+
+
+def test_negatives_sets_k_and_a_loss_without_negatives_refuses_it(cache, data, tmp_path, monkeypatch):
+    from kdcache.losses import scaled_loss
+
+    assert scaled_loss("crd", _config(tmp_path, "k", negatives=5).loss_overrides(), 1).negatives == 5
+    with pytest.raises(KdcacheError, match=r"--negatives does not apply to loss 'kd'"):
+        distill(_config(tmp_path, "kd", cache=str(cache), losses=("kd",), negatives=5), show_progress=False, data=data)
+    drawn = []
+    original = CachedTargets._negatives
+    monkeypatch.setattr(CachedTargets, "_negatives", lambda self, *args: drawn.append(original(self, *args)) or drawn[-1])
+    distill(_config(tmp_path, "k3", cache=str(cache), losses=("crd",), negatives=3), show_progress=False, data=data)
+    assert drawn and all(found.shape[1] == 3 for found in drawn)

@@ -41,7 +41,7 @@ RUN_STATE = {"model", "optimizer", "epoch", "record", "history"}  # what last.pt
 NEWER_OPTIONS = {name: value for name, value in config_dict(DistillConfig()).items()
                  if name in ("optimizer", "schedule", "lr_warmup_epochs", "label_smoothing", "ema_decay", "precision",
                              "clip_grad", "teacher_weights", "views_per_step", "mutual", "ema_teacher",
-                             "student_checkpoint", "qat")}
+                             "student_checkpoint", "qat", "negatives")}
 # where things are and how they are read, not what they are: a run resumes after its cache, data or run folder
 # moved, or with another number of loader workers
 LOCATIONS = {"cache": None, "extra_caches": None,

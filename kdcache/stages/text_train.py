@@ -257,7 +257,7 @@ def distill_text(config: DistillConfig, cache: TeacherCache, data: TextData, tes
 
 # options of the image loop a language model has no use for: refused rather than silently ignored
 IMAGE_ONLY = ("augmentation", "ema_decay", "label_smoothing", "views_per_step", "mutual", "ema_teacher", "live_teacher",
-              "student_checkpoint", "qat")
+              "student_checkpoint", "qat", "negatives")
 
 
 def language_model(spec: str, vocabulary: int, flag: str) -> nn.Module:
