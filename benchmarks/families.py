@@ -88,6 +88,9 @@ METHODS = {
     # issue 34: quantisation-aware students, the fake-quantised accuracy in the row, the int8 model's beside it
     "kd-qat-int8": ("KD, teacher A, --qat int8", "kd", ("a",), {"qat": "int8"}),
     "sdd-lskd-qat-int8": ("SDD-LSKD, teacher A, --qat int8", "sdd-lskd", ("a",), {"qat": "int8"}),
+    # issue 34: from the cached embedding (CRD's negatives: other samples' embeddings of the view held)
+    "crd": ("CRD (embedding, negatives: the cache), teacher A", "crd", ("features",), {}),
+    "irg": ("IRG (embedding: vertex and edge), teacher A", "irg", ("features",), {}),
 }
 # cache -> (teacher, dump options): "a" comes first, the others read its views or draw their own K views
 CACHES = {

@@ -231,3 +231,10 @@ def test_negatives_sets_k_and_a_loss_without_negatives_refuses_it(cache, data, t
     monkeypatch.setattr(CachedTargets, "_negatives", lambda self, *args: drawn.append(original(self, *args)) or drawn[-1])
     distill(_config(tmp_path, "k3", cache=str(cache), losses=("crd",), negatives=3), show_progress=False, data=data)
     assert drawn and all(found.shape[1] == 3 for found in drawn)
+
+
+def test_a_language_models_run_refuses_negatives_rather_than_ignoring_it():
+    from kdcache.stages.text_train import refuse_image_options
+
+    with pytest.raises(KdcacheError, match=r"trains without --negatives"):
+        refuse_image_options(DistillConfig(negatives=5))
