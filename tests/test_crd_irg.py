@@ -238,3 +238,20 @@ def test_a_language_models_run_refuses_negatives_rather_than_ignoring_it():
 
     with pytest.raises(KdcacheError, match=r"trains without --negatives"):
         refuse_image_options(DistillConfig(negatives=5))
+
+
+def test_irgs_vertex_term_reads_the_students_embedding_through_a_head_where_the_dimensions_differ(data):
+    from kdcache.data import normalize
+    from kdcache.models import create_model
+    from kdcache.models.outputs import ModelOutputs, TeacherOutputs, student_outputs
+
+    images = normalize(data[0].images[:4], data[0].mean, data[0].std)
+    model = create_model("wrn_16_2", num_classes=CLASSES)  # a 128-dimension embedding against the teacher's 64
+    outputs, sources, heads = student_outputs(model, ("embedding",), [TeacherOutputs({"embedding": [64]}, [])],
+                                              images, heads=get_loss("irg").heads)
+    assert list(heads) == ["irg/embedding"] and heads["irg/embedding"].weight.shape == (64, 128)
+    student = ModelOutputs(model, (1,), outputs, sources, heads)(images)
+    teacher = {"regions": torch.randn(4, 1, CLASSES), "embedding": torch.randn(4, 64)}
+    terms = get_loss("irg").compute(student, teacher, torch.tensor([0, 1, 2, 0]), 1)
+    torch.testing.assert_close(terms["irg_vertex"], 0.1 * irg_vertex(student["irg/embedding"], teacher["embedding"]))
+    torch.testing.assert_close(terms["irg_edge"], 5.0 * irg_edge(student["embedding"], teacher["embedding"]))

@@ -55,7 +55,7 @@ def test_per_pair_overrides_of_the_released_configs_reach_the_distill_config():
 
 @pytest.mark.parametrize(("edit", "expected"), [
     (lambda r: r.update(student="resnet9"), "student: model spec 'resnet9': kdcache's registry has no model 'resnet9'"),
-    (lambda r: r["losses"].update(crd={}), "losses: unknown name 'crd'"),
+    (lambda r: r["losses"].update(**{"no-such-loss": {}}), "losses: unknown name 'no-such-loss'"),
     (lambda r: r["losses"].update(kd={"cache": "x"}), "losses.kd should map DistillConfig fields"),
     (lambda r: r["losses"].update(kd={"beta": 6.0}), "--beta does not apply to loss 'kd'"),
     (lambda r: r["published"].update(kd=7333), "published.kd should be a top-1 % in (0, 100)"),
