@@ -251,8 +251,8 @@ class DumpConfig:
                               "middle stage's feature map, FitNet's) or hint:STAGE. Default: what --loss needs, else "
                               "regions only. --dataset text: hidden (the teacher's final hidden state at every "
                               "position, for --loss distilbert).")
-    losses: tuple[str, ...] = option((), "Cache what these losses read (fitnet: a hint; at: attention maps; sp, rkd: "
-                                         "the embedding); repeatable.", flag="--loss", multiple=True)
+    losses: tuple[str, ...] = option((), "Cache what these losses read (fitnet: a hint; at: attention maps; sp, rkd, "
+                                         "crd, irg: the embedding); repeatable.", flag="--loss", multiple=True)
     views_from: str | None = option(None, "Run this teacher on exactly the views of another cache (its dataset, "
                                           "split, policy, views and seed), for several teachers: distill --cache A "
                                           "--cache B.", type=click.Path(exists=True))
