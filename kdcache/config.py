@@ -385,6 +385,12 @@ class DistillConfig(TrainConfig):
                                    "quantised outputs, then converts it to int8 on the CPU: model_int8.pt "
                                    "(TorchScript) beside model.pt (the float weights), test_acc_int8 beside test_acc "
                                    "(fake-quantised). Logit losses only (regions included); known: int8.")
+    generations: int = option(1, "Born-again networks: train this many generations of the one --student and --loss, "
+                                 "generation G+1 from generation G's student dumped on the first --cache's views "
+                                 "(OUT/genG/ holds generation G's run and its student's cache student.zarr; "
+                                 "OUT/summary.csv every generation's accuracy).", type=click.IntRange(min=1))
+    generations_ensemble: bool = option(False, "With --generations N: the last generation learns from the ensemble "
+                                               "(equal weights) of every earlier generation's student (BAN's BANE).")
 
     @property
     def has_teacher(self) -> bool:

@@ -27,6 +27,7 @@ from kdcache.models import count_parameters, create_model, list_models
 from kdcache.models.lm import GPT_FORM
 from kdcache.stages.distill import RunSummary, distill
 from kdcache.stages.dump import DumpResult
+from kdcache.stages.generations import STUDENT_CACHE, Generation, distill_generations
 from kdcache.stages.text_train import TOKEN_LOSS_DEFAULTS, LanguageRun
 from kdcache.stages.evaluate import CacheEvaluation, ModelEvaluation
 
@@ -244,6 +245,8 @@ def distill_sweep(config: DistillConfig, show_progress: bool = True,
     """`kdcache distill`: train the sweep, then (rank 0) add its rows to summary.csv, redraw summary.png and print
     this call's table."""
     started = time.perf_counter()
+    if config.generations > 1:
+        return generations_sweep(config, show_progress, data)
     summaries = distill(config, show_progress, data)
     if world().is_main and summaries and all(isinstance(run, LanguageRun) for run in summaries):
         write_language_summary(summaries, Path(config.out))
@@ -275,15 +278,51 @@ def write_summary(summaries: list[RunSummary], out: Path) -> None:
             writer = csv.DictWriter(file, columns, extrasaction="ignore")
             if file.tell() == 0:
                 writer.writeheader()
-            # test_top5 empty for 5 classes or fewer, where it is always 100 %
-            writer.writerows({"run": s.name, "student": s.student, "loss": s.loss, "test_acc": f"{s.test_acc:.4f}",
-                              "test_top5": _fraction(s.test_top5), "best_test_acc": f"{s.best_test_acc:.4f}",
-                              "best_epoch": s.best_epoch, "img_per_s": f"{s.img_per_s:.1f}", "folder": s.folder}
-                             for s in summaries if not s.kept)
+            writer.writerows(_summary_row(s) for s in summaries if not s.kept)
         with open(path, newline="") as file:
             _plot_summary([row["run"] for row in csv.DictReader(file)], out)
     finally:
         lock.release()
+
+
+def generations_sweep(config: DistillConfig, show_progress: bool = True,
+                      data: tuple[ImageData, ImageData] | None = None) -> list[RunSummary]:
+    """`kdcache distill --generations N`: train the generations, then write OUT/summary.csv (a row per generation)
+    and print their table; each generation's run, in order."""
+    if data is not None:
+        raise KdcacheError("--generations dumps each generation's student on the data its cache names, loaded by "
+                           "name; pass no data (the cache's dataset is read as the cache recorded it)")
+    generations = distill_generations(config, show_progress)
+    if world().is_main:
+        write_generations_summary(generations, Path(config.out))
+        if show_progress:
+            print(generations_table(generations))
+            print(f"{len(generations)} generations written to {config.out}/ (a row per generation in summary.csv; "
+                  f"per generation genG/: its run folder and, but for the last, its student's cache "
+                  f"{STUDENT_CACHE})")
+    return [generation.run for generation in generations]
+
+
+def write_generations_summary(generations: list[Generation], out: Path) -> None:
+    """OUT/summary.csv of a generations run: a row per generation (its number, the caches it learned from, then the
+    columns of a sweep's summary.csv), rewritten whole: the folder holds this one generations run."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "summary.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, GENERATION_COLUMNS)
+        writer.writeheader()
+        writer.writerows({"generation": g.number, "teachers": " ".join(g.teachers), **_summary_row(g.run)}
+                         for g in generations)
+
+
+def generations_table(generations: list[Generation]) -> str:
+    """A printed table: each generation's accuracy and its gain over generation 1."""
+    first = generations[0].run.test_acc
+    lines = [f"{'generation':>10} {'test acc':>9} {'best (epoch)':>14} {'vs gen 1':>9}  teacher"]
+    for g in generations:
+        gain = f"{100 * (g.run.test_acc - first):+.2f}" if g.number > 1 else ""
+        lines.append(f"{g.number:>10} {100 * g.run.test_acc:>8.2f}% {100 * g.run.best_test_acc:>7.2f}% "
+                     f"({g.run.best_epoch:>3}) {gain:>9}  {' + '.join(g.teachers)}")
+    return "\n".join(lines)
 
 
 def write_language_summary(runs: list[LanguageRun], out: Path) -> None:
@@ -318,6 +357,14 @@ def language_table(runs: list[LanguageRun]) -> str:
 
 SUMMARY_COLUMNS = ("run", "student", "loss", "test_acc", "test_top5", "best_test_acc", "best_epoch", "img_per_s",
                    "folder")
+GENERATION_COLUMNS = ("generation", "teachers", *SUMMARY_COLUMNS)  # a generations run's summary.csv
+
+
+def _summary_row(s: RunSummary) -> dict[str, Any]:
+    """A run's row of summary.csv (test_top5 empty for 5 classes or fewer, where it is always 100 %)."""
+    return {"run": s.name, "student": s.student, "loss": s.loss, "test_acc": f"{s.test_acc:.4f}",
+            "test_top5": _fraction(s.test_top5), "best_test_acc": f"{s.best_test_acc:.4f}",
+            "best_epoch": s.best_epoch, "img_per_s": f"{s.img_per_s:.1f}", "folder": s.folder}
 
 
 def _summary_columns(path: Path) -> tuple[str, ...]:

@@ -134,6 +134,12 @@ def _check_sources(config: DistillConfig) -> None:
                            "one --loss, with --cache)")
     if config.mutual and config.batch_path != "device":
         raise KdcacheError("--mutual: the students step together on the device path; drop --batch-path dataset")
+    if config.generations_ensemble and config.generations < 2:
+        raise KdcacheError(f"--generations-ensemble: the last generation learns from the ensemble of the earlier "
+                           f"ones; give --generations 2 or more (got {config.generations})")
+    if config.generations > 1:  # each generation is one call here, its cache dumped in between
+        raise KdcacheError("distill(): --generations trains generation after generation through "
+                           "kdcache.stages.generations.distill_generations (the command calls it)")
 
 
 def _check_teachers(config: DistillConfig, locations: list[Location]) -> None:
