@@ -15,12 +15,17 @@ distillation of the KD tutorial), beside plain KD at its T 4. Issue 34's `kd-qat
 `sdd-lskd-qat-int8` train with `--qat int8`: the row's accuracy is the fake-quantised student's, `int8 last` the
 accuracy of the int8 model converted from it at the last epoch (on the CPU).
 
+Issue 34's born-again methods (not run by default) train 3 generations of the student with KD, generation 1 from
+teacher A's cache and each later one from a cache of its predecessor dumped on the same views (born-again-ensemble:
+generation 3 from the ensemble of generations 1 and 2); the table gives each generation a row.
+
     python benchmarks/families.py                 # digits on the CPU: both teachers trained here
     python benchmarks/families.py --methods ce,ce-16px,sdd-lskd,sdd-lskd-16px   # issue 34: a 16 px student
     python benchmarks/families.py --methods ce,ce-adamw,sdd-lskd,sdd-lskd-adamw,sdd-lskd-mixup,sdd-lskd-cutmix,\
         sdd-lskd-randaugment,sld,sld-two-views --out runs/recipes    # issue 19's rows
     python benchmarks/families.py --methods ce,kd,kd-temperature-schedule,sdd-lskd --out runs/schedules  # 34.5's
     python benchmarks/families.py --methods ce,ce-vit,deit-hard,deit-soft --out runs/deit    # issue 34's DeiT rows
+    python benchmarks/families.py --methods ce,born-again,born-again-ensemble --out runs/born-again  # issue 34
 
 Issue 34's DeiT rows train their own student, VIT (a 4-block distilled ViT at 32 px, not --student), with AdamW:
 `ce-vit` is its cross-entropy baseline; `deit-hard` and `deit-soft` train its distillation head on teacher A's cache;
@@ -34,6 +39,7 @@ import csv
 import json
 import math
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -46,6 +52,7 @@ from kdcache.runtime import pick_device
 from kdcache.schedules import parse_schedule
 from kdcache.stages import distill, train_teacher
 from kdcache.stages.dump import dump_from_config
+from kdcache.stages.generations import distill_generations
 
 # the recipe options of the AdamW rows (issue 19): timm's usual AdamW with a cosine schedule, nothing tuned here
 ADAMW = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "schedule": "cosine", "lr_warmup_epochs": 2}
@@ -91,6 +98,10 @@ METHODS = {
     # issue 34: from the cached embedding (CRD's negatives: other samples' embeddings of the view held)
     "crd": ("CRD (embedding, negatives: the cache), teacher A", "crd", ("features",), {}),
     "irg": ("IRG (embedding: vertex and edge), teacher A", "irg", ("features",), {}),
+    # issue 34: born-again networks, each generation's accuracy a row of its own; the method's is the last one's
+    "born-again": ("born-again (KD), 3 generations from teacher A", "kd", ("a",), {"generations": 3}),
+    "born-again-ensemble": ("born-again (KD), gen 3 from gens 1-2's ensemble", "kd", ("a",),
+                            {"generations": 3, "generations_ensemble": True}),
 }
 # cache -> (teacher, dump options): "a" comes first, the others read its views or draw their own K views
 CACHES = {
@@ -155,6 +166,9 @@ def main() -> None:
             int8 = [run["last_int8"] for run in method["runs"]]
             method.update(last_int8_mean=statistics.fmean(int8),
                           last_int8_std=statistics.stdev(int8) if len(int8) > 1 else math.nan)
+        if "generations" in method["runs"][0]:  # born-again: each generation over the seeds
+            method["generations"] = [aggregate(list(runs)) for runs in zip(*(run["generations"]
+                                                                              for run in method["runs"]))]
     result["methods"], result["seconds"] = methods, time.perf_counter() - started
     (out / "families.json").write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
@@ -201,20 +215,32 @@ def train(args: argparse.Namespace, method: str, seed: int, caches: dict[str, An
                                                  **schedule), show_progress=False).checkpoint.parent
     else:
         paths = [caches[source]["path"] for source in sources]
-        [summary] = distill(DistillConfig(students=(student,), losses=(loss,), cache=paths[0],
-                                          extra_caches=tuple(paths[1:]), out=str(folder), **schedule),
-                            show_progress=False)
-        run_folder = summary.folder
+        config = DistillConfig(students=(student,), losses=(loss,), cache=paths[0], extra_caches=tuple(paths[1:]),
+                               out=str(folder), **schedule)
+        if config.generations > 1:  # born-again: a rerun replaces this method's generations (they refuse a used --out)
+            shutil.rmtree(folder, ignore_errors=True)
+            runs = [generation.run for generation in distill_generations(config, show_progress=False)]
+        else:
+            runs = distill(config, show_progress=False)
+        run_folder = runs[-1].folder
     seconds = time.perf_counter() - started
-    with open(run_folder / "metrics.csv") as file:
-        rows = list(csv.DictReader(file))
-    curve = [float(row["test_acc"]) for row in rows]
     from kdcache.data import load_dataset
 
+    found = {"seed": seed, "student": student, **curve(run_folder), "seconds": seconds,
+             "test_size": len(load_dataset(args.dataset, None, "test").labels)}
+    if loss is not None and len(runs) > 1:  # every generation's own, for its row
+        found["generations"] = [{**curve(run.folder), "seconds": run.seconds} for run in runs]
+    return found
+
+
+def curve(run_folder: Path) -> dict[str, float]:
+    """A run's last and best test accuracy and the best one's epoch, from its metrics.csv; a --qat run's int8
+    model's accuracy (converted at the last epoch) too."""
+    with open(run_folder / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    accuracy = [float(row["test_acc"]) for row in rows]
     int8 = {"last_int8": float(rows[-1]["test_acc_int8"])} if rows[-1].get("test_acc_int8") else {}
-    return {"seed": seed, "student": student, "last": curve[-1], "best": max(curve),
-            "best_epoch": curve.index(max(curve)) + 1,
-            "seconds": seconds, "test_size": len(load_dataset(args.dataset, None, "test").labels), **int8}
+    return {"last": accuracy[-1], "best": max(accuracy), "best_epoch": accuracy.index(max(accuracy)) + 1, **int8}
 
 
 def table(result: dict[str, Any], title: str = "families") -> str:
@@ -232,6 +258,9 @@ def table(result: dict[str, Any], title: str = "families") -> str:
         lines.append(f"{method['label']:<48} {_pm(method, 'last', 100, 2):>15} {_pm(method, 'best', 100, 2):>15}  "
                      f"{', '.join(map(str, method['correct_last'])):>14}  {method['seconds_mean']:>10.1f}"
                      + (f"  int8 last {_pm(method, 'last_int8', 100, 2)}" if "last_int8_mean" in method else ""))
+        for number, generation in enumerate(method.get("generations", []), start=1):
+            lines.append(f"{f'  generation {number}':<48} {_pm(generation, 'last', 100, 2):>15} "
+                         f"{_pm(generation, 'best', 100, 2):>15}  {'':>14}  {generation['seconds_mean']:>10.1f}")
     return "\n".join(lines)
 
 
