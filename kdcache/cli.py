@@ -236,7 +236,7 @@ def inspect_command(cache: str, as_json: bool) -> None:
 @click.option("--recorded", is_flag=True, help="With --cache: only the recorded top-1 per view (reads no logits).")
 @click.option("--dataset", help="Dataset from `kdcache datasets` (default: the run's, from model.json).")
 @click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset (default: the run's).")
-@options_from(TeacherConfig, only=("image_size", "workers", "preload", "max_image_pixels"))
+@options_from(TeacherConfig, only=("image_size", "workers", "preload", "max_image_pixels", "classes"))
 @click.option("--split", type=click.Choice(["train", "test"]), help="Which split to evaluate on, un-augmented "
               "(default test).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass (default 250, as the "
@@ -252,6 +252,7 @@ def eval_command(checkpoint: str | None, model: str | None, cache: str | None, r
     kdcache eval model.pt --model resnet8 --dataset digits --json
     kdcache eval runs/distill/resnet8-kd/model_int8.pt   (a --qat run's int8 TorchScript, on the CPU; its run
                                                           folder means it too)
+    kdcache eval runs/lwf/lwf --classes 0-4         (the test images of classes 0-4 alone)
     kdcache eval --cache caches/teacher.zarr
     """
     from dataclasses import asdict

@@ -109,6 +109,12 @@ def _max_image_pixels() -> Any:
                         "large images.", type=click.IntRange(min=1))
 
 
+def _classes() -> Any:
+    return option(None, "Only the samples of these classes, e.g. 0-4 or 0,2,5 (of data held in memory): labels and "
+                        "the head's class count stay the dataset's; both splits, and a cache records them (distill "
+                        "and eval then read the same classes unless given).")
+
+
 def _scales(default: tuple[int, ...] | None, help: str) -> Any:
     return option(default, help, parse="scales")
 
@@ -185,6 +191,7 @@ class TeacherConfig(TrainConfig):
     workers: int | None = _workers()  # None: data.files.default_workers()
     preload: bool = _preload()
     max_image_pixels: int | None = _max_image_pixels()  # None: the loader's (Pillow's limit)
+    classes: str | None = _classes()
     seq_len: int | None = _seq_len()
     tokenizer: str | None = _tokenizer()
     vocab_size: int | None = _vocab_size()
@@ -208,6 +215,7 @@ class DumpConfig:
     workers: int | None = _workers()
     preload: bool = _preload()
     max_image_pixels: int | None = _max_image_pixels()
+    classes: str | None = _classes()
     seq_len: int | None = _seq_len()
     tokenizer: str | None = _tokenizer()
     vocab_size: int | None = _vocab_size()
@@ -346,6 +354,7 @@ class DistillConfig(TrainConfig):
     workers: int | None = _workers()
     preload: bool = _preload()
     max_image_pixels: int | None = _max_image_pixels()
+    classes: str | None = _classes()
     tokenizer: str | None = _tokenizer()
     token_tail: str = option("bucket", "A token cache's losses: bucket compares the teacher's k ids and the rest of the "
                                        "vocabulary as one more outcome; renormalize, the k ids alone (the teacher "
@@ -374,6 +383,10 @@ class DistillConfig(TrainConfig):
     warmup_epochs: float | None = option(None, "Override the loss warm-up (in epochs of this run).", type=click.FLOAT)
     negatives: int | None = option(None, "Override CRD's negatives per sample, K: other samples' cached embeddings "
                                          "(at most N - 1 are drawn).", type=click.INT)
+    kd_classes: str | None = option(None, "The distillation term reads only these classes' logits, e.g. 0-4, the "
+                                          "teacher's and the student's alike (its softmax over them); cross-entropy "
+                                          "reads every class. Learning without Forgetting's KD on the old classes "
+                                          "(README: Born-again generations and continual learning). Loss kd.")
     mutual: bool = option(False, "Deep mutual learning: train the --student models together, step by step on the same "
                                  "batches, each also learning from the others' predictions (loss dml; with --cache, "
                                  "plus the one --loss). Two or more students.")
@@ -424,7 +437,8 @@ class DistillConfig(TrainConfig):
         """The loss hyper-parameters given explicitly."""
         names = ("temperature", "ce_weight", "distill_weight", "alpha", "beta", "warmup_epochs", "negatives")
         smoothing = {"label_smoothing": self.label_smoothing} if self.label_smoothing else {}
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None} | smoothing
+        restricted = {"kd_classes": parse_kd_classes(self.kd_classes)} if self.kd_classes else {}
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None} | smoothing | restricted
 
 
 
@@ -470,11 +484,18 @@ class RecipeConfig:
     resume: bool = option(False, "Continue each run from its last checkpoint (a finished run is kept).")
 
 
+def parse_kd_classes(text: str, num_classes: int | None = None) -> tuple[int, ...]:
+    """--kd-classes as the classes it names (each below num_classes where given)."""
+    from kdcache.data import parse_classes  # the data layer parses every class list; config stays light
+
+    return parse_classes(text, num_classes, "--kd-classes")
+
+
 def loader_options(config: Any) -> dict[str, Any]:
-    """The loader options a config sets (image_size, max_image_pixels, preload; a text source's seq_len, tokenizer,
-    vocab_size), for load_dataset."""
+    """The loader options a config sets (image_size, max_image_pixels, preload, classes; a text source's seq_len,
+    tokenizer, vocab_size), for load_dataset."""
     options = {name: getattr(config, name) for name in ("image_size", "max_image_pixels", "seq_len", "tokenizer",
-                                                        "vocab_size")
+                                                        "vocab_size", "classes")
                if getattr(config, name, None) is not None}
     return {**options, "preload": True} if getattr(config, "preload", False) else options
 

@@ -27,7 +27,7 @@ def require_fits(cache: TeacherCache, dataset: dict[str, Any], augmentation: dic
     expected = {"dataset.name": dataset["name"], "dataset.split": dataset["split"],
                 "teacher.num_classes": dataset["num_classes"], "dataset.source": dataset.get("source"),
                 "scales": scales, "augmentation": augmentation, "dataset.mean": list(dataset["mean"]),
-                "dataset.std": list(dataset["std"])}
+                "dataset.std": list(dataset["std"]), "dataset.classes": dataset.get("classes")}
     if teacher is not None:
         expected = {"teacher.arch": teacher, **expected}
     cache.require(expected)

@@ -24,6 +24,8 @@ from kdcache.data.sources import (
                                   load_dataset,
                                   load_splits,
                                   normalize,
+                                  only_classes,
+                                  parse_classes,
                                   register_dataset,
 )
 
@@ -49,5 +51,7 @@ __all__ = [
     "load_dataset",
     "load_splits",
     "normalize",
+    "only_classes",
+    "parse_classes",
     "register_dataset",
 ]

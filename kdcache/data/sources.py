@@ -5,6 +5,7 @@ function name with `@register_dataset`; `load_dataset` checks the name, split an
 for all of them.
 """
 
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -58,6 +59,7 @@ class ImageData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     view_size: int | None = None  # views made at the held size, then resized to this side (`at_size`)
+    classes: tuple[int, ...] | None = None  # the classes kept (--classes), else None: every class's samples
     fingerprint: str = field(init=False)
 
     def __post_init__(self):
@@ -96,6 +98,7 @@ class ImageData:
             "std": list(self.std),
             "fingerprint": self.fingerprint,
             **({} if self.view_size is None else {"view_size": self.view_size}),
+            **({"classes": list(self.classes)} if self.classes is not None else {}),
         }
 
     def at_size(self, side: int) -> "ImageData":
@@ -195,8 +198,10 @@ register_dataset = DATASETS.register
 list_datasets = DATASETS.names
 
 
-def load_dataset(name: str, root: str | Path | None = None, split: str = "train", **options: object) -> ImageData:
-    """One split of a registered dataset; `options` are the loader's keyword options."""
+def load_dataset(name: str, root: str | Path | None = None, split: str = "train",
+                 classes: str | Sequence[int] | None = None, **options: object) -> ImageData:
+    """One split of a registered dataset; `options` are the loader's keyword options; `classes` (such as "0-4")
+    keeps only those classes' samples (`only_classes`)."""
     loader = DATASETS.entry(name)
     if split not in SPLITS:
         raise KdcacheError(f"load_dataset({name!r}): unknown split {split!r}; known: {', '.join(SPLITS)}")
@@ -206,7 +211,37 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
         raise KdcacheError(
             f"load_dataset({name!r}): unknown option(s) {', '.join(unknown)}; known: {', '.join(known) or 'none'}"
         )
-    return loader(root, split, **options)
+    data = loader(root, split, **options)
+    return data if classes is None else only_classes(data, classes)
+
+
+def parse_classes(classes: str | Sequence[int], num_classes: int | None, flag: str = "--classes") -> tuple[int, ...]:
+    """The sorted classes that "0-4", "0,2,5" or "0-4,7" (or the numbers themselves) name, each below num_classes
+    (unchecked where None)."""
+    bound = "" if num_classes is None else f", each from 0 to {num_classes - 1}"
+    problem = KdcacheError(f"{flag}: expected classes such as 0-4 or 0,2,5{bound}; got {classes!r}")
+    named: set[int] = set()
+    for item in classes.split(",") if isinstance(classes, str) else classes:
+        first, dash, last = str(item).strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()) or (dash and int(last) < int(first)):
+            raise problem
+        named.update(range(int(first), int(last if dash else first) + 1))
+    if not named or (num_classes is not None and max(named) >= num_classes):
+        raise problem
+    return tuple(sorted(named))
+
+
+def only_classes(data: ImageData, classes: str | Sequence[int]) -> ImageData:
+    """The split's samples of these classes alone, their labels (and the class count, mean and std) unchanged, so
+    that a model's head still spans every class; recorded in its description as `classes`."""
+    if not isinstance(data, ImageData):
+        raise KdcacheError(f"--classes: keeps some classes of images held in memory (digits, cifar10, cifar100, "
+                           f"synthetic, an imagefolder with --preload); {data.name} {data.split} is not: drop --classes"
+                           + (" or add --preload" if getattr(data, "streamed", False) else ""))
+    kept = parse_classes(classes, data.num_classes)
+    chosen = torch.isin(data.labels, torch.tensor(kept))
+    return dataclasses.replace(data, images=data.images[chosen].contiguous(), labels=data.labels[chosen],
+                               classes=kept)
 
 
 def load_at_size(name: str, root: str | Path | None = None, split: str = "train", **options: object) -> ImageData:

@@ -108,6 +108,9 @@ class LossSpec:
     embed_dim: int | None = None  # CRD: the dimension both projection heads map the embeddings to
     vertex_weight: float | None = None  # IRG
     edge_weight: float | None = None  # IRG
+    # --kd-classes: the distillation term reads these classes' logits alone, the teacher's and the student's (LwF's
+    # old classes); () reads every class. The cross-entropy reads every class either way.
+    kd_classes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         call = f"LossSpec({self.name!r})"
@@ -126,6 +129,10 @@ class LossSpec:
             raise KdcacheError(f"{call}: {unbound[0]} {getattr(self, unbound[0])} needs the run's epochs: give the "
                                f"text to scaled_loss(name, overrides, epochs) or DistillLoss(epochs=...), or "
                                f"parse_schedule(text).over(epochs)")
+        if self.kd_classes and self.function != "kd":
+            raise KdcacheError(f"--kd-classes: restricts the kd loss's logits (Learning without Forgetting's KD on "
+                               f"the old classes); loss {self.name!r} ({self.function}) reads labels, regions or "
+                               f"features over every class: use --loss kd, or drop --kd-classes")
 
     def at(self, epoch: float) -> LossSpec:
         """This loss at `epoch` (from 1): each scheduled field at its value then, the others as they are."""
@@ -223,6 +230,9 @@ class LossSpec:
             if teacher["regions"].shape != student["regions"].shape:
                 raise KdcacheError(f"{call}: teacher logits {tuple(teacher['regions'].shape)} and student logits "
                                    f"{tuple(student['regions'].shape)} differ in shape")
+        if self.kd_classes:
+            student["regions"], teacher["regions"] = (kept_classes(logits, self.kd_classes, call)
+                                                      for logits in (student["regions"], teacher["regions"]))
         weight = self.distill_weight * self.warmup_factor(epoch)
         own = TERMS.entry(self.function)(self, student, teacher, class_labels(labels), epoch)
         return {name: weight * value for name, value in own.items()}
@@ -521,6 +531,14 @@ class LossSum:
                 terms |= part.distillation_terms(student, teacher, labels, epoch)
         terms["total"] = sum(terms.values())
         return terms
+
+
+def kept_classes(logits: Tensor, classes: tuple[int, ...], call: str) -> Tensor:
+    """The logits of `classes` alone (the last dimension), refusing a class the logits do not have."""
+    if max(classes) >= logits.shape[-1]:
+        raise KdcacheError(f"{call}: --kd-classes names class {max(classes)} but the logits have "
+                           f"{logits.shape[-1]} classes (0 to {logits.shape[-1] - 1})")
+    return logits[..., list(classes)]
 
 
 def class_labels(labels: Tensor) -> Tensor:

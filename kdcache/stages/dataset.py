@@ -88,6 +88,8 @@ def load_described_data(described: dict[str, Any], data_root: str | Path | None 
         options = {"image_size": described["image_shape"][-1], **options}
     if "preload" in dataset_options(name):  # a split of files streams them; an older cache held the split in memory
         options = {"preload": described.get("source") != "files", **options}
+    if described.get("classes") is not None:  # a split of some classes (--classes): the same classes of any split
+        options = {"classes": described["classes"], **options}
     data = load_at_size(name, data_root, split or described["split"], **options)
     return data.at_size(described["view_size"]) if resized else data
 

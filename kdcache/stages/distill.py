@@ -15,12 +15,12 @@ from kdcache import distributed
 from kdcache.cache import TeacherCache, open_cache
 from kdcache.cache.fit import outputs_of_kinds, require_same_views
 from kdcache.cache.location import Location
-from kdcache.config import DistillConfig, loader_options, recorded_config, save_config
+from kdcache.config import DistillConfig, loader_options, parse_kd_classes, recorded_config, save_config
 from kdcache.data import DataSource, Policy, load_splits, normalize, policy_for, stored_policy, student_views
 from kdcache.data.files import default_workers
 from kdcache.distributed import Shard, World
 from kdcache.errors import KdcacheError
-from kdcache.losses import LossSpec, LossSum, loss_parts, scaled_loss
+from kdcache.losses import LossSpec, LossSum, scaled_loss
 from kdcache.models import check_model_spec, create_model, load_student_weights, load_teacher, pretrained_tag
 from kdcache.models.outputs import DISTILLATION, TeacherOutputs, feature_stages, parse_outputs, \
     probe_output_shapes, require_distillation_token, student_outputs
@@ -74,7 +74,7 @@ def distill(config: DistillConfig, show_progress: bool = True,
     for student, loss in config.runs():  # names are checked before any work
         check_model_spec(student)
         if loss not in LM_LOSSES:  # a language model's (on a token cache) are checked with it
-            loss_parts(loss)
+            scaled_loss(loss, config.loss_overrides(), config.epochs)  # names, weights and --kd-classes
     if config.student_checkpoint and len({student for student, _ in config.runs()}) > 1:
         raise KdcacheError("--student-checkpoint: one file starts one student spec, and this run trains "
                            f"{', '.join(sorted({student for student, _ in config.runs()}))}: train each student with "
@@ -171,6 +171,8 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: DataSource
     if stored is None:  # fresh views: the run records the policy it draws them from, the source's by default
         config = replace(config, augmentation=config.augmentation or data.default_policy)
     scales = tuple(config.scales or (stored.scales if stored else (1, 2, 4)))
+    if config.kd_classes:  # named within the data's classes before any work
+        parse_kd_classes(config.kd_classes, data.num_classes)
     losses = {name: scaled_loss(name, config.loss_overrides(), config.epochs) for _, name in config.runs()}
     _check_qat(config, losses)
     student_data, test, policy = _student_data(config, caches, data, test, scales, losses)

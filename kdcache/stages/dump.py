@@ -107,7 +107,7 @@ def save_cache_config(config: DumpConfig) -> str | Path:
 
 
 def _with_views_of(config: DumpConfig) -> DumpConfig:
-    """The config with the dataset, split, policy, views and seed of the --views-from cache."""
+    """The config with the dataset, split (its classes), policy, views and seed of the --views-from cache."""
     if config.views is not None or config.exhaustive:
         raise KdcacheError("dump-teacher: --views-from takes the views (their number, policy and seed) from its "
                            "cache; drop --views and --exhaustive")
@@ -120,7 +120,9 @@ def _with_views_of(config: DumpConfig) -> DumpConfig:
     policy = {"augmentation": name, "ra_ops": options["num_ops"], "ra_magnitude": options["magnitude"],
               "mix": mix["mode"] if mix else None,
               **({"mix_alpha": mix["alpha"], "mix_prob": mix["prob"]} if mix else {})}
+    classes = spec.dataset.get("classes")  # a cache of some classes' samples: the same samples
     return dataclasses.replace(config, dataset=spec.dataset["name"], split=spec.dataset["split"], **policy,
+                               classes=None if classes is None else ",".join(map(str, classes)),
                                views=None if spec.exhaustive else spec.num_views, exhaustive=spec.exhaustive,
                                seed=spec.seed, **sized, **loaded)
 
