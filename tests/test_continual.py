@@ -49,6 +49,13 @@ def test_the_readme_continual_recipe_runs_and_reports_old_and_new_classes(tmp_pa
     with open_cache(tmp_path / "caches" / "lwf-old-on-new.zarr") as cache:  # the old model over the new classes
         assert cache.spec.dataset["classes"] == [5, 6, 7, 8, 9] and set(cache.labels().tolist()) == {5, 6, 7, 8, 9}
     assert "kd_classes: 0-4" in (tmp_path / "runs" / "lwf" / "lwf" / "config.yaml").read_text()
+    code, _, err = run_cli(["distill", "--cache", "caches/lwf-old-on-new.zarr", "--classes", "0-4"], capsys)
+    assert code == 2 and "classes" in err and "[5, 6, 7, 8, 9]" in err and "[0, 1, 2, 3, 4]" in err
+    code, _, err = run_cli(["dump-teacher", "--checkpoint", "runs/lwf/fine-tune", "--views-from",
+                            "caches/lwf-old-on-new.zarr", "--out", "again.zarr"], capsys)  # the same samples' views
+    with open_cache("caches/lwf-old-on-new.zarr") as cache, open_cache("again.zarr") as again:
+        assert code == 0 and again.spec.dataset == cache.spec.dataset
+        assert (again.aug_params(0) == cache.aug_params(0)).all()
 
 
 def test_kd_classes_distil_the_old_classes_softmax_alone_and_cross_entropy_reads_every_class():
