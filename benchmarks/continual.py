@@ -3,9 +3,10 @@
 The old model (resnet8) is trained on classes 0-4 alone and dumped over the images of classes 5-9 (the README's
 recipe, "Born-again generations and continual learning"). Two successors start from its weights and train on 5-9
 alone: `fine-tune` by cross-entropy on the new labels, `lwf` adding KD at T = 2 from the old model's softmax over
-classes 0-4 (`--kd-classes 0-4`, LwF's weight 1). Each is evaluated, over all 10 logits, on the test images of the
-old classes (forgetting), of the new ones, and of all; the old model is the reference. Writes continual.json and a
-table.
+classes 0-4 (`--kd-classes 0-4`, LwF's weight 1). Each is evaluated on the test images of the old classes
+(forgetting), of the new ones, and of all, among all 10 logits (class-incremental) and, for one task's images, among
+that task's own logits (task-aware, as LwF's head per task answers); the old model is the reference. Writes
+continual.json and a table.
 
     python benchmarks/continual.py               # digits on the CPU
     python benchmarks/continual.py --quick       # a tiny run that checks the pipeline
@@ -56,10 +57,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+ANSWERS = {"old": (OLD, False), "old, its head": (OLD, True), "new": (NEW, False), "new, its head": (NEW, True),
+           "all": (ALL, False)}  # column -> (the test images' classes, answered among their logits alone)
+
+
 def accuracies(run_folder: Path, device: str) -> dict[str, float]:
-    """A model's top-1 over all 10 logits on the test images of the old classes, the new ones, and all."""
-    return {name: evaluate_model(str(run_folder), classes=classes, device=device).top1
-            for name, classes in (("old", OLD), ("new", NEW), ("all", ALL))}
+    """A model's top-1 on the test images of the old classes, the new ones and all, among all 10 logits (class-
+    incremental) and, for a task, among its own classes' logits (task-aware: LwF's head per task)."""
+    return {name: evaluate_model(str(run_folder), classes=classes, within_classes=within, device=device).top1
+            for name, (classes, within) in ANSWERS.items()}
 
 
 def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict[str, dict[str, float]]:
@@ -83,11 +89,11 @@ def table(result: dict[str, Any]) -> str:
     config = result["config"]
     lines = [f"continual learning on digits: old task 0-4, new task 5-9; {config['model']}, old model "
              f"{config['teacher_epochs']} epochs, successors {config['epochs']} epochs at lr {config['lr']}, "
-             f"{config['seeds']} seed(s); top-1 over all 10 logits",
-             f"{'model':<12} {'old classes':>15} {'new classes':>15} {'all':>15}"]
+             f"{config['seeds']} seed(s); top-1 (%) among all 10 logits, or among the task's own (its head)",
+             f"{'model':<12} " + " ".join(f"{name:>15}" for name in ANSWERS)]
     for model in result["seeds"][0]:
         cells = []
-        for split in ("old", "new", "all"):
+        for split in ANSWERS:
             values = [100 * seed[model][split] for seed in result["seeds"]]
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.fmean(values):.2f} ± {spread:.2f}")

@@ -237,6 +237,9 @@ def inspect_command(cache: str, as_json: bool) -> None:
 @click.option("--dataset", help="Dataset from `kdcache datasets` (default: the run's, from model.json).")
 @click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the dataset (default: the run's).")
 @options_from(TeacherConfig, only=("image_size", "workers", "preload", "max_image_pixels", "classes"))
+@click.option("--within-classes", is_flag=True, default=None, help="Top-1, top-5 and loss among the logits of the "
+              "split's classes alone (--classes, or the run's), as a model with a head per task answers that task: "
+              "Learning without Forgetting's evaluation (without it, the answer is among every class's logits).")
 @click.option("--split", type=click.Choice(["train", "test"]), help="Which split to evaluate on, un-augmented "
               "(default test).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass (default 250, as the "
@@ -252,7 +255,8 @@ def eval_command(checkpoint: str | None, model: str | None, cache: str | None, r
     kdcache eval model.pt --model resnet8 --dataset digits --json
     kdcache eval runs/distill/resnet8-kd/model_int8.pt   (a --qat run's int8 TorchScript, on the CPU; its run
                                                           folder means it too)
-    kdcache eval runs/lwf/lwf --classes 0-4         (the test images of classes 0-4 alone)
+    kdcache eval runs/lwf/lwf --classes 0-4         (the test images of classes 0-4 alone; --within-classes:
+                                                     answered among their logits alone)
     kdcache eval --cache caches/teacher.zarr
     """
     from dataclasses import asdict

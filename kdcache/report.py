@@ -130,8 +130,9 @@ def model_evaluation_text(found: ModelEvaluation) -> str:
                 f"{found.samples} next tokens: top-1 {found.top1:.4f}  top-5 {found.top5:.4f}  loss {found.loss:.4f}  "
                 f"perplexity {math.exp(found.loss):.2f}")
     top5 = "" if found.top5 is None else f"  top-5 {found.top5:.4f}"
+    among = "" if found.among is None else f" among the logits of classes {','.join(map(str, found.among))}"
     return (f"{found.checkpoint} ({found.model}, {found.num_classes} classes) on {found.dataset} {found.split}, "
-            f"{found.samples} samples: top-1 {found.top1:.4f}{top5}  loss {found.loss:.4f}")
+            f"{found.samples} samples{among}: top-1 {found.top1:.4f}{top5}  loss {found.loss:.4f}")
 
 
 def cache_evaluation_text(found: CacheEvaluation) -> str:
@@ -248,20 +249,19 @@ def distill_sweep(config: DistillConfig, show_progress: bool = True,
     if config.generations > 1:
         return generations_sweep(config, show_progress, data)
     summaries = distill(config, show_progress, data)
-    if world().is_main and summaries and all(isinstance(run, LanguageRun) for run in summaries):
+    if not world().is_main:
+        return summaries
+    if summaries and all(isinstance(run, LanguageRun) for run in summaries):
         write_language_summary(summaries, Path(config.out))
-        if show_progress:
-            print(language_table(summaries))
-            print(f"{len(summaries)} run(s) in {time.perf_counter() - started:.0f} s; written to {config.out}/ (a row "
-                  f"per run added to summary.csv, and per run folder: metrics.csv, model.pt, model.json)")
-    elif world().is_main:
+        table, written = language_table(summaries), "and per run folder: metrics.csv, model.pt, model.json"
+    else:
         write_summary(summaries, Path(config.out))
-        if show_progress:
-            print(summary_table(summaries))
-            print(f"{len(summaries)} run(s) in {time.perf_counter() - started:.0f} s; written to {config.out}/ "
-                  f"(a row per run added to summary.csv, summary.png, and per run folder: metrics.csv, model.pt, "
-                  f"last.pt" + (", model_int8.pt: the int8 model, TorchScript, for the CPU" if config.qat else "")
-                  + ")")
+        table, written = summary_table(summaries), "summary.png, and per run folder: metrics.csv, model.pt, last.pt" + (
+            ", model_int8.pt: the int8 model, TorchScript, for the CPU" if config.qat else "")
+    if show_progress:
+        print(table)
+        print(f"{len(summaries)} run(s) in {time.perf_counter() - started:.0f} s; written to {config.out}/ (a row per "
+              f"run added to summary.csv, {written})")
     return summaries
 
 
@@ -295,11 +295,10 @@ def generations_sweep(config: DistillConfig, show_progress: bool = True,
     generations = distill_generations(config, show_progress)
     if world().is_main:
         write_generations_summary(generations, Path(config.out))
-        if show_progress:
-            print(generations_table(generations))
-            print(f"{len(generations)} generations written to {config.out}/ (a row per generation in summary.csv; "
-                  f"per generation genG/: its run folder and, but for the last, its student's cache "
-                  f"{STUDENT_CACHE})")
+    if world().is_main and show_progress:
+        print(generations_table(generations))
+        print(f"{len(generations)} generations written to {config.out}/ (a row per generation in summary.csv; per "
+              f"generation genG/: its run folder and, but for the last, its student's cache {STUDENT_CACHE})")
     return [generation.run for generation in generations]
 
 

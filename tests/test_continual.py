@@ -42,10 +42,11 @@ def test_the_readme_continual_recipe_runs_and_reports_old_and_new_classes(tmp_pa
         printed.append(out)
     old_test = len(load_dataset("digits", split="test", classes="0-4").labels)
     new_test = len(load_dataset("digits", split="test", classes="5-9").labels)
-    evaluated = [re.search(r"(\S+)/model.pt .* on digits test, (\d+) samples: top-1 ([\d.]+)", text).groups()
-                 for text in printed if "samples: top-1" in text]
-    assert [(run.split("/")[-1], int(samples)) for run, samples, _ in evaluated] == [
-        ("old", old_test), ("fine-tune", old_test), ("fine-tune", new_test), ("lwf", old_test), ("lwf", new_test)]
+    evaluated = [re.search(r"(\S+)/model.pt .* on digits test, (\d+) samples( among the logits of classes "
+                           r"0,1,2,3,4)?: top-1 ([\d.]+)", text).groups() for text in printed if "top-1" in text]
+    assert [(run.split("/")[-1], int(samples), bool(among)) for run, samples, among, _ in evaluated] == [
+        ("old", old_test, False), ("fine-tune", old_test, True), ("fine-tune", old_test, False),
+        ("fine-tune", new_test, False), ("lwf", old_test, True), ("lwf", old_test, False), ("lwf", new_test, False)]
     with open_cache(tmp_path / "caches" / "lwf-old-on-new.zarr") as cache:  # the old model over the new classes
         assert cache.spec.dataset["classes"] == [5, 6, 7, 8, 9] and set(cache.labels().tolist()) == {5, 6, 7, 8, 9}
     assert "kd_classes: 0-4" in (tmp_path / "runs" / "lwf" / "lwf" / "config.yaml").read_text()
@@ -77,7 +78,7 @@ def test_kd_classes_distil_the_old_classes_softmax_alone_and_cross_entropy_reads
         get_loss("kd", kd_classes=(0, 12)).compute(student, teacher, labels, epoch=1)
 
 
-def test_classes_keep_some_classes_samples_and_a_bad_list_is_one_line(tmp_path, capsys):
+def test_classes_keep_some_classes_samples_and_a_bad_list_is_one_line(tmp_path, capsys, digits_cache):
     full, kept = load_dataset("digits", split="test"), load_dataset("digits", split="test", classes="0-2,7")
     assert set(kept.labels.tolist()) == {0, 1, 2, 7} and kept.num_classes == 10 and kept.mean == full.mean
     assert len(kept.labels) == int(torch.isin(full.labels, torch.tensor([0, 1, 2, 7])).sum())
@@ -87,3 +88,29 @@ def test_classes_keep_some_classes_samples_and_a_bad_list_is_one_line(tmp_path, 
         assert code == 2 and f"--classes: expected classes such as 0-4 or 0,2,5, each from 0 to 9; got {bad!r}" in err
     code, _, err = run_cli(["distill", "--cache", "c.zarr", "--kd-classes", "0-x"], capsys)
     assert code == 2 and "--kd-classes: expected classes such as 0-4" in err
+    code, _, err = run_cli(["distill", "--cache", digits_cache, "--loss", "kd", "--kd-classes", "0-12", "--out",
+                            tmp_path / "runs"], capsys)  # the data's classes are known once it is loaded
+    assert code == 2 and "--kd-classes: expected classes such as 0-4 or 0,2,5, each from 0 to 9; got '0-12'" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_eval_within_classes_answers_among_those_classes_logits_alone(tmp_path, capsys):
+    from kdcache.data import normalize
+    from kdcache.models import create_model, save_checkpoint
+    from kdcache.stages.evaluate import evaluate_model
+
+    torch.manual_seed(1)
+    model = create_model("resnet8", num_classes=10).eval()
+    save_checkpoint(tmp_path / "m.pt", model)
+    test = load_dataset("digits", split="test", classes="2,4,9")
+    with torch.no_grad():
+        logits = model(normalize(test.images, test.mean, test.std))
+    found = evaluate_model(tmp_path / "m.pt", "resnet8", "digits", classes="2,4,9", within_classes=True, device="cpu")
+    place = {2: 0, 4: 1, 9: 2}
+    expected = (logits[:, [2, 4, 9]].argmax(-1) == torch.tensor([place[int(y)] for y in test.labels])).double().mean()
+    assert found.among == [2, 4, 9] and found.top5 is None and abs(found.top1 - float(expected)) < 1e-9
+    everywhere = evaluate_model(tmp_path / "m.pt", "resnet8", "digits", classes="2,4,9", device="cpu")
+    assert abs(everywhere.top1 - float((logits.argmax(-1) == test.labels).double().mean())) < 1e-9
+    code, _, err = run_cli(["eval", tmp_path / "m.pt", "--model", "resnet8", "--dataset", "digits",
+                            "--within-classes"], capsys)
+    assert code == 2 and "eval --within-classes: answers among some classes' logits, and digits test holds every" in err

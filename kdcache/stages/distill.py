@@ -89,6 +89,8 @@ def distill(config: DistillConfig, show_progress: bool = True,
         if caches and caches[0].spec.kind == "tokens":  # a causal LM's: student LMs on its corpus
             return distill_from_token_cache(config, caches[0], device, show_progress)
         data, test = data or _load_data(config, caches[0] if caches else None)
+        if config.kd_classes:  # within the data's classes, before any work
+            parse_kd_classes(config.kd_classes, data.num_classes)
         return _distill(config, caches, data, test, device, show_progress, held)
 
 
@@ -171,8 +173,6 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: DataSource
     if stored is None:  # fresh views: the run records the policy it draws them from, the source's by default
         config = replace(config, augmentation=config.augmentation or data.default_policy)
     scales = tuple(config.scales or (stored.scales if stored else (1, 2, 4)))
-    if config.kd_classes:  # named within the data's classes before any work
-        parse_kd_classes(config.kd_classes, data.num_classes)
     losses = {name: scaled_loss(name, config.loss_overrides(), config.epochs) for _, name in config.runs()}
     _check_qat(config, losses)
     student_data, test, policy = _student_data(config, caches, data, test, scales, losses)

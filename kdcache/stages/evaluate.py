@@ -89,18 +89,21 @@ class ModelEvaluation:
     top5: float | None
     loss: float
     samples: int
+    among: list[int] | None = None  # within_classes: top-1, top-5 and loss among these classes' logits alone
 
 
 def evaluate_model(checkpoint: str | os.PathLike, model: str | None = None, dataset: str | None = None,
                    data_root: str | os.PathLike | None = None, split: str = "test", image_size: int | None = None,
                    batch_size: int = EVAL_BATCH, device: str | None = None, workers: int | None = None,
-                   preload: bool | None = None, classes: str | None = None) -> ModelEvaluation:
+                   preload: bool | None = None, classes: str | None = None,
+                   within_classes: bool = False) -> ModelEvaluation:
     """A model's weights (a file, or a kdcache run folder, whose model.json names the model, its classes, its data
     and where that data lay) on a split of its dataset, un-augmented, as the training loop evaluates it.
 
     `model`: the spec, needed for weights without a kdcache sidecar (a run folder's own spec is never a python:
     one, which only a caller may name); `dataset`, `data_root`, `image_size`, `preload`, `classes` (the test images
-    of these classes alone, e.g. "0-4"): instead of the recorded.
+    of these classes alone, e.g. "0-4"): instead of the recorded. `within_classes`: the model answers among the
+    split's classes' logits alone, as a model with a head per task answers that task (LwF's evaluation).
     """
     sidecar = checkpoint_sidecar(checkpoint)  # a path that is neither weights nor a run folder is refused here
     if dataset is None and (sidecar.get("dataset") or {}).get("source") == "tokens":
@@ -115,8 +118,40 @@ def evaluate_model(checkpoint: str | os.PathLike, model: str | None = None, data
     network, info = _int8_model(checkpoint, sidecar, model, device) or load_teacher(checkpoint, model, num_classes)
     where = pick_device("cpu" if isinstance(network, torch.jit.ScriptModule) else device)
     testing = EvalSplit(test, where, default_workers(workers), batch_size=batch_size)
-    found = evaluate_batches(prepare_model(network, where), testing.batches(range(len(testing))), len(testing))
-    return ModelEvaluation(info["checkpoint"], info["arch"], test.name, split, num_classes, **asdict(found))
+    network, batches = prepare_model(network, where), testing.batches(range(len(testing)))
+    among = _split_classes(test) if within_classes else None
+    if among is not None:
+        network, batches = TaskHead(network, among), TaskHead.labels(batches, among, num_classes)
+    found = evaluate_batches(network, batches, len(testing))
+    return ModelEvaluation(info["checkpoint"], info["arch"], test.name, split, num_classes, **asdict(found),
+                           among=among)
+
+
+def _split_classes(test: DataSource) -> list[int]:
+    """The classes a split was cut to (--classes, given or recorded), refusing a split of every class."""
+    if getattr(test, "classes", None) is None:
+        raise KdcacheError(f"eval --within-classes: answers among some classes' logits, and {test.name} {test.split} "
+                           f"holds every class; give --classes (e.g. 0-4), or drop --within-classes")
+    return list(test.classes)
+
+
+class TaskHead(torch.nn.Module):
+    """A model's logits of some classes alone: the head of one task, as a model with a head per task answers it."""
+
+    def __init__(self, model: torch.nn.Module, classes: list[int]) -> None:
+        super().__init__()
+        self.model, self.classes = model, classes
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's logits of the task's classes, in their order."""
+        return self.model(images)[..., self.classes]
+
+    @staticmethod
+    def labels(batches: Iterable[TestBatch], classes: list[int], num_classes: int) -> Iterable[tuple]:
+        """The batches with each label as its place among the task's classes (the head's logit index)."""
+        place = torch.full((num_classes,), -1, dtype=torch.long)
+        place[classes] = torch.arange(len(classes))
+        return ((images, place.to(labels.device)[labels]) for images, labels in batches)
 
 
 def _int8_model(checkpoint: str | os.PathLike, sidecar: dict, model: str | None, device: str | None
