@@ -3,6 +3,7 @@ student, dumped on exactly the first cache's views; every generation's run is ke
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,6 +84,25 @@ def test_a_generations_run_refuses_what_it_cannot_do_in_one_line(first_cache, tm
     assert code == 2 and "--name x: a generations run names its folders" in err
     code, err = run_cli(["distill", "--cache", cache, "--generations-ensemble", "--out", str(tmp_path / "o")], capsys)[::2]
     assert code == 2 and "give --generations 2 or more (got 1)" in err
+    tokens = Path(__file__).resolve().parent / "fixtures" / "formats" / "v6-tokens.zarr"
+    code, err = run_cli(["distill", "--cache", tokens, "--generations", "2", "--out", tmp_path / "o"], capsys)[::2]
+    assert code == 2 and "is a token cache, and born-again generations are dumped as image caches" in err
     (tmp_path / "out" / "gen1").mkdir(parents=True)
     with pytest.raises(KdcacheError, match="holds an earlier generations run .*continue it with --resume"):
         distill_sweep(generations_config(first_cache, tmp_path / "out"), show_progress=False)
+
+
+def test_the_families_table_gives_each_born_again_generation_a_row(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import families
+
+    stats = {"last_mean": 0.5, "last_std": 0.01, "best_mean": 0.6, "best_std": 0.02, "seconds_mean": 3.0}
+    method = {"label": families.METHODS["born-again"][0], **stats, "correct_last": [180, 181],
+              "generations": [{**stats, "last_mean": 0.5 + g / 10} for g in range(3)]}
+    result = {"config": {"dataset": "digits", "student": "resnet8", "epochs": 1, "seeds": 2, "views": 1},
+              "environment": {"device": "cpu"}, "teachers": {}, "caches": {}, "methods": {"born-again": method}}
+    rows = families.table(result).splitlines()[-4:]
+    assert rows[0].startswith("born-again (KD), 3 generations from teacher A")
+    assert [row.split()[:3] for row in rows[1:]] == [["generation", "1", "50.00"], ["generation", "2", "60.00"],
+                                                     ["generation", "3", "70.00"]]
+    assert families.METHODS["born-again-ensemble"][3] == {"generations": 3, "generations_ensemble": True}

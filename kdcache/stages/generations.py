@@ -78,8 +78,8 @@ def _dump_student(config: DistillConfig, run: RunSummary, out: Path, show_progre
 
 
 def check_generations(config: DistillConfig) -> None:
-    """Refuse, in one line, what a generations run cannot do: several runs, no cache to start from, a --name,
-    --generations-ensemble alone, or an earlier generations run in --out without --resume."""
+    """Refuse, in one line, what a generations run cannot do: several runs, no cache to start from or a token cache,
+    a --name, or an earlier generations run in --out without --resume."""
     runs = config.runs()
     if len(runs) != 1 or config.mutual:
         raise KdcacheError(f"--generations: trains one student with one loss, generation after generation; got "
@@ -89,6 +89,12 @@ def check_generations(config: DistillConfig) -> None:
         raise KdcacheError("--generations: generation 1 learns from --cache CACHE (the original teacher's), and each "
                            "later one from a cache of its predecessor; give --cache, without --live-teacher and "
                            "--ema-teacher")
+    with open_cache(config.cache) as first:
+        tokens = first.spec.kind == "tokens"
+    if tokens:
+        raise KdcacheError(f"--generations: {config.cache} is a token cache, and born-again generations are dumped as "
+                           f"image caches; train a language model's generations one `distill` and one `dump-teacher "
+                           f"--dataset text --checkpoint RUN` at a time")
     if config.name is not None:
         raise KdcacheError(f"--name {config.name}: a generations run names its folders OUT/gen1, OUT/gen2, ...; "
                            f"drop --name")
