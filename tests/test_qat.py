@@ -5,6 +5,8 @@ and what cannot be quantised is refused in one line."""
 import copy
 import csv
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -17,7 +19,8 @@ from kdcache.data import get_policy, normalize
 from kdcache.errors import KdcacheError
 from kdcache.models import create_model
 from kdcache.models.outputs import REGIONS, ModelOutputs
-from kdcache.models.quantised import INT8_FILE, QuantisedStudent, convert_int8, is_torchscript, load_int8
+from kdcache.models.quantised import INT8_FILE, TORCHSCRIPT_FILE, QuantisedStudent, convert_int8, is_torchscript, \
+    quantised_engine, rebuild_int8
 from kdcache.report import distill_sweep, summary_table
 from kdcache.stages.dump import dump_teacher
 from kdcache.stages.loop import epoch_line
@@ -117,8 +120,7 @@ def test_eval_mode_freezes_the_quantisation_parameters_the_int8_model_is_convert
     assert not all(torch.equal(value, student.state_dict()[key]) for key, value in before.items())
 
 
-def test_a_qat_distill_exports_an_int8_model_reported_beside_the_fake_quantised_one(finished, data, capsys,
-                                                                                    monkeypatch):
+def test_a_qat_distill_exports_an_int8_model_reported_beside_the_fake_quantised_one(finished, data):
     runs = finished
     folder = runs[0].folder
     last = last_row(folder)
@@ -128,9 +130,13 @@ def test_a_qat_distill_exports_an_int8_model_reported_beside_the_fake_quantised_
     assert f"int8 {runs[0].test_acc_int8:.4f}" in epoch_line("r", 1, 2, {**last_row(folder), "epoch": 2})
     table = summary_table(runs)
     assert "int8" in table.splitlines()[0] and f"{100 * runs[0].test_acc_int8:.2f}%" in table.splitlines()[1]
-    # model_int8.pt is TorchScript (read by TorchScript's loader); model.pt and last.pt are weights-only pickles
-    assert is_torchscript(folder / INT8_FILE) and not is_torchscript(folder / "model.pt")
-    int8 = load_int8(folder / INT8_FILE)
+    # model_int8.pt is the int8 state, weights only (data); the TorchScript beside it is a program for deployment
+    assert not is_torchscript(folder / INT8_FILE) and is_torchscript(folder / TORCHSCRIPT_FILE)
+    assert any(value.is_quantized for value in torch.load(folder / INT8_FILE, weights_only=True)["model"].values()
+               if isinstance(value, torch.Tensor))
+    record = json.loads((folder / "model_int8.json").read_text())
+    assert record["int8"] == {"scheme": "int8", "backend": quantised_engine(), "input_shape": list(data[1].images.shape[1:])}
+    int8 = rebuild_int8(create_model("resnet8", num_classes=CLASSES), record["int8"], folder / INT8_FILE, "record")
     student = create_model("resnet8", num_classes=CLASSES)
     student.load_state_dict(torch.load(folder / "model.pt", weights_only=True)["model"])
     resumable = torch.load(folder / "last.pt", weights_only=True)["model"]
@@ -139,24 +145,79 @@ def test_a_qat_distill_exports_an_int8_model_reported_beside_the_fake_quantised_
     images = normalize(test.images, test.mean, test.std)
     with torch.no_grad():
         predicted = int8(images).argmax(-1)
-    assert (predicted == test.labels).float().mean().item() == pytest.approx(runs[0].test_acc_int8)
+        assert torch.equal(torch.jit.load(folder / TORCHSCRIPT_FILE)(images), int8(images))  # the same program
+    assert (predicted == test.labels).float().mean().item() == runs[0].test_acc_int8
     # the fake-quantised model as last.pt holds it predicts the same class on at least 90 % of the test images
     fake = QuantisedStudent(create_model("resnet8", num_classes=CLASSES), images[:2])
     fake.load_state_dict(resumable)
     with torch.no_grad():
         agree = (fake.eval()(images).argmax(-1) == predicted).float().mean().item()
     assert agree >= 0.9
-    # a --qat run folder means its int8 model (on this test split: synthetic data's description keeps no sizes)
-    monkeypatch.setattr("kdcache.stages.evaluate._split_of", lambda *args: test)
-    code, out, err = run_cli(["eval", folder, "--json"], capsys)
-    assert code == 0, err
-    found = json.loads(out)
-    assert code == 0 and found["top1"] == pytest.approx(runs[0].test_acc_int8)
-    assert found["checkpoint"] == str(folder / INT8_FILE) and found["model"] == "resnet8 (int8)"
-    code, _, err = run_cli(["eval", folder / INT8_FILE, "--device", "cuda"], capsys)
-    assert code == 2 and err.strip() == (f"kdcache: error: eval: {folder / INT8_FILE} is an int8 TorchScript model, "
-                                         f"which carries its own network and runs on the CPU (quantised kernels); "
-                                         f"drop --model and --device")
+
+
+@pytest.fixture
+def evaluated_on_test(data, monkeypatch):
+    """`kdcache eval` on the synthetic test split (its description keeps no sizes to load it again by)."""
+    monkeypatch.setattr("kdcache.stages.evaluate._split_of", lambda *args: data[1])
+
+
+def test_eval_rebuilds_the_int8_model_from_its_weights_and_never_runs_the_torchscript(finished, tmp_path, capsys,
+                                                                                      evaluated_on_test):
+    folder = tmp_path / "run"
+    shutil.copytree(finished[0].folder, folder)
+    (folder / TORCHSCRIPT_FILE).write_bytes(b"not a program")  # never read: eval rebuilds from the weights
+    for given in (folder, folder / INT8_FILE):  # a --qat run folder means its int8 model
+        code, out, err = run_cli(["eval", given, "--json"], capsys)
+        assert code == 0, err
+        found = json.loads(out)
+        assert found["top1"] == finished[0].test_acc_int8
+        assert found["checkpoint"] == str(folder / INT8_FILE) and found["model"] == "resnet8 (int8)"
+
+
+def test_a_torchscript_file_given_to_eval_is_refused_without_running_it(finished, capsys):
+    path = finished[0].folder / TORCHSCRIPT_FILE
+    code, _, err = run_cli(["eval", path], capsys)
+    assert code == 2 and err.strip() == (f"kdcache: error: eval: {path} is TorchScript, a program, which kdcache "
+                                         f"never runs (data is never code); pass the --qat run folder it came from "
+                                         f"(eval rebuilds the int8 model from its weights-only {INT8_FILE}), or run "
+                                         f"it yourself with torch.jit.load")
+
+
+class Payload:
+    """Unpickling this runs a command: what a tampered state file would do if it were loaded as a pickle."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("payload", "holds the Python object "),
+    ("truncated", "is truncated or corrupt"),
+    ("missing", "is a --qat run folder without model_int8.pt"),
+    ("record", "its \"int8\" record should name a scheme"),
+])
+def test_a_tampered_int8_state_is_refused_in_one_line_naming_it(damage, message, finished, tmp_path, capsys,
+                                                                evaluated_on_test):
+    folder, marker = tmp_path / "run", tmp_path / "ran"
+    shutil.copytree(finished[0].folder, folder)
+    state = folder / INT8_FILE
+    if damage == "payload":
+        torch.save({"model": Payload(marker)}, state)
+    elif damage == "truncated":
+        state.write_bytes(state.read_bytes()[:1000])
+    elif damage == "missing":
+        state.unlink()
+    else:
+        sidecar = folder / "model_int8.json"
+        sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "int8": {"scheme": "int4"}}))
+    code, _, err = run_cli(["eval", folder], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert str(folder) in err and not marker.exists()
+    code, _, err = run_cli(["eval", folder, "--device", "cuda"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
 
 
 def test_a_resumed_qat_run_continues_its_observers_and_ends_as_an_uninterrupted_one(finished, cache, data, tmp_path):
@@ -173,6 +234,8 @@ def test_a_resumed_qat_run_continues_its_observers_and_ends_as_an_uninterrupted_
 @pytest.mark.parametrize("flags, message", [
     (["--qat", "int4"], "kdcache: error: --qat: unknown scheme 'int4'; known: int8"),
     (["--qat", "int8", "--loss", "rkd"], "kdcache: error: --qat int8: loss rkd reads the student's embedding, which"),
+    (["--qat", "int8", "--loss", "deit-hard"], "kdcache: error: --qat int8: loss deit-hard reads the student's "
+                                               "distillation, which its quantised graphs"),
     (["--qat", "int8", "--precision", "bf16"], "kdcache: error: --precision bf16: --qat int8 computes its fake "),
 ])
 def test_what_qat_cannot_do_is_refused_in_one_line(flags, message, tmp_path, capsys):

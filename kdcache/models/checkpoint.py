@@ -241,7 +241,9 @@ def _check_plain(value: object, where: str) -> None:
     elif isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
             _check_plain(item, f"{where}[{index}]")
-    elif not isinstance(value, (torch.Tensor, str, int, float, bool, type(None))):
+    # torch.dtype: a quantised module's state (an int8 model's packed parameters) names its dtype, which
+    # weights-only loading reads back
+    elif not isinstance(value, (torch.Tensor, torch.dtype, str, int, float, bool, type(None))):
         raise TypeError(
             f"save_checkpoint(): {where} is a {type(value).__name__}; store tensors and plain values only "
             "(for a dataclass, dataclasses.asdict) so the file loads weights-only"

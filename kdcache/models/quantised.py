@@ -10,8 +10,11 @@ refused. Fake quantisation always computes in float32 (autocast is off inside), 
 
 In eval mode the observers are off: the quantisation parameters stay what training left, which are the ones the
 int8 model is converted with. `convert_int8` converts on the CPU (`convert_fx`: quantised kernels of x86/fbgemm
-or qnnpack) and `save_int8` writes the result as TorchScript (`torch.jit.trace`), which `load_int8` reads back on
-the CPU without unpickling Python objects.
+or qnnpack). `save_int8` writes the int8 state dict weights-only (INT8_FILE: data) and, for the user's own
+deployment, a TorchScript program traced from it (TORCHSCRIPT_FILE), which kdcache never loads: data is never
+code. `rebuild_int8` makes the int8 model again from data alone: the student's spec (as the user or the run's
+record names it), the backend and input shape model_int8.json records, the same prepare and convert, then the
+weights-only state.
 """
 
 from __future__ import annotations
@@ -24,16 +27,19 @@ import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.ao.quantization import disable_observer, enable_observer
 
 from kdcache.errors import KdcacheError
+from kdcache.models.checkpoint import read_checkpoint, save_checkpoint
 from kdcache.models.logit_map import model_name, speaks_timm
 
 QAT_SCHEMES = ("int8",)
-INT8_FILE = "model_int8.pt"  # a --qat run's int8 model, TorchScript, beside model.pt (the float weights)
+INT8_FILE = "model_int8.pt"  # a --qat run's int8 state dict, weights only (data), beside model.pt (the float weights)
+TORCHSCRIPT_FILE = "model_int8.torchscript.pt"  # the same int8 model as a TorchScript program, for deployment only
 
 
 def check_qat_scheme(scheme: str | None) -> None:
@@ -57,6 +63,7 @@ def _quiet() -> Iterator[None]:
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the int8 graph's qparams are constants, rightly
         warnings.filterwarnings("ignore", message=".*(reduce_range|quantized tensor creation|_empty_affine).*")
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # torch.load's quantised tensors
         yield
 
 
@@ -71,14 +78,14 @@ class _Method(nn.Module):
         return getattr(self.network, self.method)(inputs)
 
 
-def _prepared(network: nn.Module, method: str, example: torch.Tensor) -> nn.Module:
+def _prepared(network: nn.Module, method: str, example: torch.Tensor, backend: str) -> nn.Module:
     """The FX graph of `network.method` with fake quantisation (or one line naming why FX cannot trace it)."""
     from torch.ao.quantization import get_default_qat_qconfig_mapping
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
     try:
         with _quiet():
-            return prepare_qat_fx(_Method(network, method), get_default_qat_qconfig_mapping(quantised_engine()),
+            return prepare_qat_fx(_Method(network, method), get_default_qat_qconfig_mapping(backend),
                                   (example,))
     except Exception as error:  # tracing fails in many ways: control flow on values, unsupported calls, ...
         reason = str(error).strip().split("\n", 1)[0][:300] or type(error).__name__
@@ -89,21 +96,23 @@ def _prepared(network: nn.Module, method: str, example: torch.Tensor) -> nn.Modu
 class QuantisedStudent(nn.Module):
     """A student with fake quantisation: `forward_features` and `forward_head` are the network's own, each an FX
     graph with fake quantisers. Its state dict (last.pt) holds the observers and quantisation parameters too;
-    `float_state` is the network's own state dict (model.pt), read from the graphs under the network's names."""
+    `float_state` is the network's own state dict (model.pt), read from the graphs under the network's names.
+    `backend`: whose default QAT qconfig prepares the graphs (the CPU's quantised kernels, quantised_engine())."""
 
-    def __init__(self, network: nn.Module, images: torch.Tensor) -> None:
+    def __init__(self, network: nn.Module, images: torch.Tensor, backend: str | None = None) -> None:
         super().__init__()
         if not speaks_timm(network):
             raise KdcacheError(f"--qat int8: {model_name(network)} has no forward_features() and forward_head(), "
                                f"whose graphs are quantised; give it those two methods (README, 'Your own models')")
         self.arch = model_name(network)
+        self.backend = backend or quantised_engine()
         self.input_shape = tuple(images.shape[1:])  # one image's: what the int8 model is traced on
         training = network.training
         with torch.no_grad():
             features = network.eval().forward_features(images[:2])
         network.train()  # prepared for training: fake quantisers and fused conv-BN that update the statistics
-        self.features = _prepared(network, "forward_features", images[:2])
-        self.head = _prepared(network, "forward_head", features)
+        self.features = _prepared(network, "forward_features", images[:2], self.backend)
+        self.head = _prepared(network, "forward_head", features, self.backend)
         self.train(training)
         # prepare_qat_fx reuses the network's parameters and buffers: name each of the network's by its place here
         ours = {id(value): key for key, value in self.state_dict(keep_vars=True).items()}
@@ -143,8 +152,9 @@ class QuantisedStudent(nn.Module):
         return {key: state[place] for key, place in self.float_names.items()}
 
 
-class _Int8Network(nn.Module):
-    """The converted halves as one network: int8 features, then the int8 head."""
+class Int8Network(nn.Module):
+    """The converted halves as one network: int8 features, then the int8 head (FX graphs of quantised modules, run
+    on the CPU)."""
 
     def __init__(self, features: nn.Module, head: nn.Module) -> None:
         super().__init__()
@@ -154,27 +164,33 @@ class _Int8Network(nn.Module):
         return self.head(self.features(images))
 
 
-def convert_int8(student: QuantisedStudent) -> torch.jit.ScriptModule:
-    """The student converted to int8 on the CPU (a copy: training may go on), traced to TorchScript on an image of
-    its input shape."""
+def convert_int8(student: QuantisedStudent) -> Int8Network:
+    """The student converted to int8 on the CPU (a copy: training may go on) with the backend's kernels."""
     from torch.ao.quantization.quantize_fx import convert_fx
 
-    torch.backends.quantized.engine = quantised_engine()
+    torch.backends.quantized.engine = student.backend
     copied = copy.deepcopy(student).cpu().eval()
     with _quiet(), torch.no_grad():
-        network = _Int8Network(convert_fx(copied.features), convert_fx(copied.head)).eval()
-        return torch.jit.trace(network, torch.zeros(1, *student.input_shape))
+        return Int8Network(convert_fx(copied.features), convert_fx(copied.head)).eval()
 
 
-def save_int8(network: torch.jit.ScriptModule, path: str | os.PathLike) -> None:
-    """Write the int8 TorchScript atomically (a temporary file beside it, then renamed)."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def int8_record(student: QuantisedStudent) -> dict[str, Any]:
+    """What rebuilding the int8 model needs besides the student's spec (model_int8.json's "int8"): the scheme, the
+    backend whose qconfig prepared it, and one image's shape [C, H, W], which the graphs are traced on."""
+    return {"scheme": QAT_SCHEMES[0], "backend": student.backend, "input_shape": list(student.input_shape)}
+
+
+def save_int8(network: Int8Network, record: dict[str, Any], folder: Path) -> None:
+    """Write the int8 model twice: its state dict, weights only (INT8_FILE: data, what `kdcache eval` rebuilds the
+    model from), and a TorchScript program traced from it (TORCHSCRIPT_FILE: for the user's own deployment; kdcache
+    never loads it). Each is written atomically (a temporary file beside it, then renamed)."""
+    save_checkpoint(folder / INT8_FILE, network)  # its state dict's _metadata too: quantised modules read versions
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{TORCHSCRIPT_FILE}.", suffix=".tmp")
     os.close(handle)
     try:
-        with _quiet():
-            torch.jit.save(network, temporary)
-        os.replace(temporary, path)
+        with _quiet(), torch.no_grad():
+            torch.jit.save(torch.jit.trace(network, torch.zeros(1, *record["input_shape"])), temporary)
+        os.replace(temporary, folder / TORCHSCRIPT_FILE)
     except BaseException:
         os.unlink(temporary)
         raise
@@ -189,13 +205,48 @@ def is_torchscript(path: str | os.PathLike) -> bool:
         return False
 
 
-def load_int8(path: str | os.PathLike) -> torch.jit.ScriptModule:
-    """An int8 TorchScript model on the CPU, in eval mode (TorchScript's own loader: no Python object unpickled)."""
-    torch.backends.quantized.engine = quantised_engine()
+def _checked_record(record: object, where: str) -> tuple[str, tuple[int, ...]]:
+    """The backend and input shape of model_int8.json's "int8" record, or one line saying what is wrong with it."""
+    record = record if isinstance(record, dict) else {}
+    backend, shape = record.get("backend"), record.get("input_shape")
+    if record.get("scheme") not in QAT_SCHEMES or not (
+            isinstance(shape, list) and len(shape) == 3 and all(type(size) is int and size > 0 for size in shape)):
+        raise KdcacheError(f"{where}: its \"int8\" record should name a scheme ({', '.join(QAT_SCHEMES)}), a backend "
+                           f"and an input_shape [C, H, W], found {record!r}; write it again with "
+                           f"`kdcache distill --qat int8`")
+    if backend not in torch.backends.quantized.supported_engines:
+        raise KdcacheError(f"{where}: the int8 model was converted for the {backend!r} quantised kernels, which this "
+                           f"torch build lacks (it has {', '.join(torch.backends.quantized.supported_engines)}); "
+                           f"evaluate it where torch has them")
+    return backend, tuple(shape)
+
+
+def rebuild_int8(network: nn.Module, record: object, path: Path, where: str) -> Int8Network:
+    """The int8 model a --qat run saved, rebuilt from data: `network` (the float student its spec names, fresh)
+    prepared and converted as training did, with the backend `record` names (`where`: the file holding it), then
+    the weights-only int8 state at `path` loaded into it, strictly; on the CPU, in eval mode."""
+    backend, shape = _checked_record(record, where)
+    example = torch.zeros(2, *shape)
+    student = QuantisedStudent(network, example, backend)
+    with _quiet(), torch.no_grad():
+        student.train()(example)  # every observer sees a value, so convert_fx has ranges: placeholders, replaced below
+    converted = convert_int8(student)
+    with _quiet():
+        content = read_checkpoint(path)  # weights only: a tampered file is refused in one line, never run
+    state = content.get("model") if isinstance(content, dict) else None
+    expected = converted.state_dict()
+    if not isinstance(state, dict):
+        raise KdcacheError(f"{path} holds no int8 state dict (expected a dict under 'model'); write it again with "
+                           f"`kdcache distill --qat int8`")
+    if state.keys() != expected.keys():
+        odd = sorted(state.keys() ^ expected.keys())[0]
+        raise KdcacheError(f"{path} does not fit {model_name(network)}'s int8 graphs ({odd} is in one, not the "
+                           f"other); evaluate it with the student it was trained as, or write it again with "
+                           f"`kdcache distill --qat int8`")
     try:
-        with _quiet():
-            return torch.jit.load(str(path), map_location="cpu").eval()
-    except Exception as error:
+        converted.load_state_dict(state, strict=True)
+    except Exception as error:  # a quantised module's loader fails in many ways on values of the wrong kind
         reason = str(error).strip().split("\n", 1)[0][:200] or type(error).__name__
-        raise KdcacheError(f"{path} is no loadable TorchScript model ({reason}): write it again with "
-                           f"`kdcache distill --qat int8`") from None
+        raise KdcacheError(f"{path} does not fit {model_name(network)}'s int8 graphs ({reason}); write it again "
+                           f"with `kdcache distill --qat int8`") from None
+    return converted.eval()

@@ -283,10 +283,12 @@ def _student_model(config: DistillConfig, student: str, num_classes: int, images
 
 
 def _check_qat(config: DistillConfig, losses: dict[str, LossSpec | LossSum]) -> None:
-    """Refuse what a fake-quantised student cannot give (stages, embedding) or compute in (bf16, fp16)."""
+    """Refuse what a fake-quantised student cannot give (stages, embedding, DeiT's distillation head) or compute in
+    (bf16, fp16)."""
     if config.qat is None:
         return
-    reading = {name: loss.needs for name, loss in losses.items() if loss.needs}
+    reading = {name: (*loss.needs, *loss.student_outputs) for name, loss in losses.items()
+               if loss.needs or loss.student_outputs}
     if reading:
         name, needs = next(iter(reading.items()))
         raise KdcacheError(f"--qat {config.qat}: loss {name} reads the student's {', '.join(needs)}, which its "

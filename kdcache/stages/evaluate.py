@@ -23,7 +23,9 @@ from kdcache.data.files import default_workers
 from kdcache.distributed import all_sum
 from kdcache.errors import KdcacheError
 from kdcache.models.checkpoint import checkpoint_sidecar, load_teacher, resolve_checkpoint
-from kdcache.models.quantised import INT8_FILE, is_torchscript, load_int8
+from kdcache.models import create_model
+from kdcache.models.quantised import INT8_FILE, Int8Network, is_torchscript, rebuild_int8
+from kdcache.models.specs import require_spec_from_file
 from kdcache.stages.text_train import described_text, next_token_metrics
 from kdcache.runtime import autocast, pick_device, prepare_model
 from kdcache.stages.dataset import load_described_data
@@ -106,6 +108,10 @@ def evaluate_model(checkpoint: str | os.PathLike, model: str | None = None, data
     split's classes' logits alone, as a model with a head per task answers that task (LwF's evaluation).
     """
     sidecar = checkpoint_sidecar(checkpoint)  # a path that is neither weights nor a run folder is refused here
+    if is_torchscript(weights := resolve_checkpoint(checkpoint)):  # a program (--qat's deployable int8): never run
+        raise KdcacheError(f"eval: {weights} is TorchScript, a program, which kdcache never "
+                           f"runs (data is never code); pass the --qat run folder it came from (eval rebuilds the "
+                           f"int8 model from its weights-only {INT8_FILE}), or run it yourself with torch.jit.load")
     if dataset is None and (sidecar.get("dataset") or {}).get("source") == "tokens":
         return _evaluate_language_model(checkpoint, model, sidecar, data_root, split, device)
     options = {name: value for name, value in (("image_size", image_size), ("preload", preload), ("classes", classes))
@@ -115,8 +121,9 @@ def evaluate_model(checkpoint: str | os.PathLike, model: str | None = None, data
     if test.num_classes != num_classes:
         raise KdcacheError(f"eval: {checkpoint} was trained on {num_classes} classes but {test.name} has "
                            f"{test.num_classes}; pass the --dataset it was trained on")
-    network, info = _int8_model(checkpoint, sidecar, model, device) or load_teacher(checkpoint, model, num_classes)
-    where = pick_device("cpu" if isinstance(network, torch.jit.ScriptModule) else device)
+    network, info = _int8_model(checkpoint, sidecar, model, num_classes, device) \
+        or load_teacher(checkpoint, model, num_classes)
+    where = pick_device("cpu" if isinstance(network, Int8Network) else device)
     testing = EvalSplit(test, where, default_workers(workers), batch_size=batch_size)
     network, batches = prepare_model(network, where), testing.batches(range(len(testing)))
     among = _split_classes(test) if within_classes else None
@@ -154,18 +161,27 @@ class TaskHead(torch.nn.Module):
         return ((images, place.to(labels.device)[labels]) for images, labels in batches)
 
 
-def _int8_model(checkpoint: str | os.PathLike, sidecar: dict, model: str | None, device: str | None
-                ) -> tuple[torch.jit.ScriptModule, dict] | None:
-    """A --qat run's int8 TorchScript model (a run folder of one means it) and what names it; None for weights."""
+def _int8_model(checkpoint: str | os.PathLike, sidecar: dict, model: str | None, num_classes: int,
+                device: str | None) -> tuple[Int8Network, dict] | None:
+    """A --qat run's int8 model (a run folder of one means it, as does its INT8_FILE), rebuilt from data: the
+    student's spec, the recorded backend and input shape, the weights-only int8 state; None for float weights."""
     path = resolve_checkpoint(checkpoint)
     if Path(checkpoint).is_dir() and sidecar.get("test_acc_int8") is not None:
         path = path.parent / INT8_FILE  # a --qat run folder's model.pt holds the float weights; its product is int8
-    if not is_torchscript(path):
+        if not path.is_file():
+            raise KdcacheError(f"eval: {checkpoint} is a --qat run folder without {INT8_FILE} (its int8 weights); "
+                               f"evaluate its float weights with `kdcache eval {path.parent / 'model.pt'}`")
+        sidecar = checkpoint_sidecar(path)
+    elif "int8" not in sidecar and path.name != INT8_FILE:  # by its name, an int8 state lacking its record is refused
         return None
-    if model is not None or device not in (None, "auto", "cpu"):
-        raise KdcacheError(f"eval: {path} is an int8 TorchScript model, which carries its own network and runs on the "
-                           f"CPU (quantised kernels); drop --model and --device")
-    return load_int8(path), {"checkpoint": str(path), "arch": f"{sidecar.get('arch', 'TorchScript')} (int8)"}
+    where = str(path.with_suffix(".json"))
+    if device not in (None, "auto", "cpu"):
+        raise KdcacheError(f"eval: {path} is an int8 model, whose quantised kernels run on the CPU; drop --device")
+    if not (model or sidecar.get("arch")):
+        raise KdcacheError(f"eval: which student is {path}? {where} names none; pass --model SPEC")
+    arch = model or require_spec_from_file(sidecar["arch"], where, "--model")
+    network = rebuild_int8(create_model(arch, num_classes=num_classes), sidecar.get("int8"), path, where)
+    return network, {"checkpoint": str(path), "arch": f"{arch} (int8)"}
 
 
 def _evaluate_language_model(checkpoint: str | os.PathLike, model: str | None, sidecar: dict,

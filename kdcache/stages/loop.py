@@ -25,7 +25,8 @@ from kdcache.errors import KdcacheError
 from kdcache.losses import LossSpec, LossSum
 from kdcache.models import file_sha256, read_checkpoint, save_checkpoint
 from kdcache.models.outputs import REGIONS, ModelOutputs
-from kdcache.models.quantised import INT8_FILE, QuantisedStudent, convert_int8, save_int8
+from kdcache.models.quantised import INT8_FILE, TORCHSCRIPT_FILE, Int8Network, QuantisedStudent, convert_int8, \
+    int8_record, save_int8
 from kdcache.runtime import epoch_generator, prepare_model
 from kdcache.stages.adversarial import Critic
 from kdcache.stages.recipe_options import StepHook, learning_rate, make_optimizer, recipe_hooks, step_autocast, \
@@ -102,7 +103,7 @@ class Run:
         self.critics = list(critics)
         self.start_epoch = 0
         self.history: list[dict[str, float]] = []
-        self.int8: torch.jit.ScriptModule | None = None  # a --qat student converted at its last epoch
+        self.int8: Int8Network | None = None  # a --qat student converted at its last epoch
 
     def train_epoch(self, epoch: int, batches: Iterator[Batch | tuple[Batch, ...]], steps: int,
                     show_progress: bool) -> dict[str, float]:
@@ -264,8 +265,11 @@ class Run:
                    "best_epoch": best["epoch"], "epochs": len(self.history), "sha256": file_sha256(path)}
         if isinstance(self.model, QuantisedStudent):  # its int8 model, converted now if the last epoch ran before
             sidecar["test_acc_int8"] = self.history[-1].get("test_acc_int8")
-            save_int8(self.int8 or convert_int8(self.model), self.folder / INT8_FILE)
-            int8_sidecar = {**sidecar, "format": "torchscript int8", "sha256": file_sha256(self.folder / INT8_FILE)}
+            record = int8_record(self.model)
+            save_int8(self.int8 or convert_int8(self.model), record, self.folder)
+            # what `kdcache eval` rebuilds the int8 model from, with the student's spec (arch) and the weights
+            int8_sidecar = {**sidecar, "format": "int8 state dict, weights only", "int8": record,
+                            "torchscript": TORCHSCRIPT_FILE, "sha256": file_sha256(self.folder / INT8_FILE)}
             self.folder.joinpath(INT8_FILE).with_suffix(".json").write_text(json.dumps(int8_sidecar, indent=2) + "\n")
         (self.folder / "model.json").write_text(json.dumps(sidecar, indent=2) + "\n")
         return path
