@@ -253,8 +253,8 @@ def eval_command(checkpoint: str | None, model: str | None, cache: str | None, r
     \b
     kdcache eval runs/distill/resnet8x4-sdd-lskd    (a run folder: model.json names model, data)
     kdcache eval model.pt --model resnet8 --dataset digits --json
-    kdcache eval runs/distill/resnet8-kd/model_int8.pt   (a --qat run's int8 TorchScript, on the CPU; its run
-                                                          folder means it too)
+    kdcache eval runs/distill/resnet8-kd   (a --qat run folder: its int8 model, rebuilt on the CPU from the
+                                            weights-only model_int8.pt; its TorchScript copy is never run)
     kdcache eval runs/lwf/lwf --classes 0-4         (the test images of classes 0-4 alone; --within-classes:
                                                      answered among their logits alone)
     kdcache eval --cache caches/teacher.zarr

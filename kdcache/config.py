@@ -395,9 +395,11 @@ class DistillConfig(TrainConfig):
                                        type=click.FLOAT)
     qat: str | None = option(None, "Quantisation-aware training: int8 trains the student with fake quantisation "
                                    "(torch's FX graph mode, from the first step, in float32) so the loss reads the "
-                                   "quantised outputs, then converts it to int8 on the CPU: model_int8.pt "
-                                   "(TorchScript) beside model.pt (the float weights), test_acc_int8 beside test_acc "
-                                   "(fake-quantised). Logit losses only (regions included); known: int8.")
+                                   "quantised outputs, then converts it to int8 on the CPU: model_int8.pt (its "
+                                   "weights, which eval rebuilds it from) and model_int8.torchscript.pt (a program "
+                                   "for your deployment, never loaded by kdcache) beside model.pt (the float "
+                                   "weights), test_acc_int8 beside test_acc (fake-quantised). Logit losses only "
+                                   "(regions included); known: int8.")
     generations: int = option(1, "Born-again networks: train this many generations of the one --student and --loss, "
                                  "generation G+1 from generation G's student dumped on the first --cache's views "
                                  "(OUT/genG/ holds generation G's run and its student's cache student.zarr; "

@@ -257,7 +257,8 @@ def distill_sweep(config: DistillConfig, show_progress: bool = True,
     else:
         write_summary(summaries, Path(config.out))
         table, written = summary_table(summaries), "summary.png, and per run folder: metrics.csv, model.pt, last.pt" + (
-            ", model_int8.pt: the int8 model, TorchScript, for the CPU" if config.qat else "")
+            ", model_int8.pt: the int8 weights (eval reads them), model_int8.torchscript.pt: the int8 program, "
+            "for your deployment" if config.qat else "")
     if show_progress:
         print(table)
         print(f"{len(summaries)} run(s) in {time.perf_counter() - started:.0f} s; written to {config.out}/ (a row per "

@@ -198,6 +198,7 @@ class Payload:
     ("truncated", "is truncated or corrupt"),
     ("missing", "is a --qat run folder without model_int8.pt"),
     ("record", "its \"int8\" record should name a scheme"),
+    ("spec", "names the model 'python:os:system': a python: spec imports and runs the code it names"),
 ])
 def test_a_tampered_int8_state_is_refused_in_one_line_naming_it(damage, message, finished, tmp_path, capsys,
                                                                 evaluated_on_test):
@@ -210,9 +211,10 @@ def test_a_tampered_int8_state_is_refused_in_one_line_naming_it(damage, message,
         state.write_bytes(state.read_bytes()[:1000])
     elif damage == "missing":
         state.unlink()
-    else:
+    else:  # model_int8.json: a record kdcache cannot rebuild from, or a spec naming code
         sidecar = folder / "model_int8.json"
-        sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "int8": {"scheme": "int4"}}))
+        changed = {"int8": {"scheme": "int4"}} if damage == "record" else {"arch": "python:os:system"}
+        sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), **changed}))
     code, _, err = run_cli(["eval", folder], capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert str(folder) in err and not marker.exists()
@@ -231,18 +233,23 @@ def test_a_resumed_qat_run_continues_its_observers_and_ends_as_an_uninterrupted_
     assert ends[0].keys() == ends[1].keys() and all(torch.equal(ends[0][key], ends[1][key]) for key in ends[0])
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--qat", "int4"], "kdcache: error: --qat: unknown scheme 'int4'; known: int8"),
-    (["--qat", "int8", "--loss", "rkd"], "kdcache: error: --qat int8: loss rkd reads the student's embedding, which"),
-    (["--qat", "int8", "--loss", "deit-hard"], "kdcache: error: --qat int8: loss deit-hard reads the student's "
-                                               "distillation, which its quantised graphs"),
-    (["--qat", "int8", "--precision", "bf16"], "kdcache: error: --precision bf16: --qat int8 computes its fake "),
+# a distilled ViT with a distillation token (DeiT's losses read its head), tiny
+TINY_DEIT = "timm:deit_tiny_distilled_patch16_224,img_size=32,patch_size=8,embed_dim=32,depth=1,num_heads=2"
+
+
+@pytest.mark.parametrize("student, flags, message", [
+    ("resnet8", ["--qat", "int4"], "kdcache: error: --qat: unknown scheme 'int4'; known: int8"),
+    ("resnet8", ["--qat", "int8", "--loss", "rkd"],
+     "kdcache: error: --qat int8: loss rkd reads the student's embedding, which"),
+    (TINY_DEIT, ["--qat", "int8", "--loss", "deit-hard"],
+     "kdcache: error: --qat int8: loss deit-hard reads the student's distillation, which its quantised graphs"),
+    ("resnet8", ["--qat", "int8", "--precision", "bf16"], "kdcache: error: --precision bf16: --qat int8 computes "),
 ])
-def test_what_qat_cannot_do_is_refused_in_one_line(flags, message, tmp_path, capsys):
-    code, _, err = run_cli(["distill", "--ema-teacher", "0.9", "--student", "resnet8", "--epochs", "1",
+def test_what_qat_cannot_do_is_refused_in_one_line(student, flags, message, tmp_path, capsys):
+    code, _, err = run_cli(["distill", "--ema-teacher", "0.9", "--student", student, "--epochs", "1",
                             "--out", tmp_path, "--device", "cpu", *flags], capsys)
     assert code == 2 and err.startswith(message) and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "resnet8-rkd").exists()
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_student_fx_cannot_trace_is_refused_naming_it_and_why():
