@@ -161,6 +161,7 @@ class Int8Network(nn.Module):
         self.features, self.head = features, head
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The int8 model's logits [B, C] (dequantised to float) of normalised images on the CPU."""
         return self.head(self.features(images))
 
 
@@ -212,7 +213,7 @@ def _checked_record(record: object, where: str) -> tuple[str, tuple[int, ...]]:
     if record.get("scheme") not in QAT_SCHEMES or not (
             isinstance(shape, list) and len(shape) == 3 and all(type(size) is int and size > 0 for size in shape)):
         raise KdcacheError(f"{where}: its \"int8\" record should name a scheme ({', '.join(QAT_SCHEMES)}), a backend "
-                           f"and an input_shape [C, H, W], found {record!r}; write it again with "
+                           f"and an input_shape [C, H, W], found {record!r}; train it again with "
                            f"`kdcache distill --qat int8`")
     if backend not in torch.backends.quantized.supported_engines:
         raise KdcacheError(f"{where}: the int8 model was converted for the {backend!r} quantised kernels, which this "
@@ -236,17 +237,17 @@ def rebuild_int8(network: nn.Module, record: object, path: Path, where: str) -> 
     state = content.get("model") if isinstance(content, dict) else None
     expected = converted.state_dict()
     if not isinstance(state, dict):
-        raise KdcacheError(f"{path} holds no int8 state dict (expected a dict under 'model'); write it again with "
+        raise KdcacheError(f"{path} holds no int8 state dict (expected a dict under 'model'); train it again with "
                            f"`kdcache distill --qat int8`")
     if state.keys() != expected.keys():
         odd = sorted(state.keys() ^ expected.keys())[0]
         raise KdcacheError(f"{path} does not fit {model_name(network)}'s int8 graphs ({odd} is in one, not the "
-                           f"other); evaluate it with the student it was trained as, or write it again with "
+                           f"other); pass --model with the student it was trained as, or train it again with "
                            f"`kdcache distill --qat int8`")
     try:
         converted.load_state_dict(state, strict=True)
     except Exception as error:  # a quantised module's loader fails in many ways on values of the wrong kind
         reason = str(error).strip().split("\n", 1)[0][:200] or type(error).__name__
-        raise KdcacheError(f"{path} does not fit {model_name(network)}'s int8 graphs ({reason}); write it again "
+        raise KdcacheError(f"{path} does not fit {model_name(network)}'s int8 graphs ({reason}); train it again "
                            f"with `kdcache distill --qat int8`") from None
     return converted.eval()
