@@ -1,6 +1,8 @@
 """Distillation losses: pure functions on tensors (`functions` on logits, `features` on features and embeddings,
-`tokens` on a language model's logits against a top-k token cache) and the `--loss NAME` specs (`spec`)."""
+`tokens` on a language model's logits against a top-k token cache, `dense` on dense-prediction maps) and the
+`--loss NAME` specs (`spec`)."""
 
+from kdcache.losses.dense import cwd, pixel_kd
 from kdcache.losses.features import at, crd, fitnet, irg, irg_edge, irg_vertex, rkd, rkd_angle, rkd_distance, sp
 
 from kdcache.losses.functions import (
@@ -45,4 +47,5 @@ __all__ = ["PAPER_EPOCHS", "PEERS", "at", "attention_map", "deit_hard", "deit_ha
            "sdd_lskd",
            "sdd_region_weights", "sld", "sld_student_term", "sld_switched", "sld_teacher_term", "sp", "standardize",
            "swap_target_max", "tckd", "upcast", "crd", "irg", "irg_edge", "irg_vertex",
-           "TOKEN_LOSSES", "distilbert", "token_jsd", "token_kl", "token_reverse_kl", "token_tvd"]
+           "TOKEN_LOSSES", "distilbert", "token_jsd", "token_kl", "token_reverse_kl", "token_tvd",
+           "cwd", "pixel_kd"]
