@@ -14,15 +14,16 @@ Sources (the formulas were checked against these; no code was copied):
          CVPR 2019 (and TPAMI 2020): the pixel-wise term, the KL divergence of the class distributions at each
          pixel, averaged over the pixels, with no temperature; hence kdcache's default T 1 (T > 1 softens both
          sides as in KD, and T² keeps the gradient's scale). The authors' released `CriterionPixelWise`
-         (irfanICMLL/structure_knowledge_distillation) computes the cross-entropy −Σ p_t log p_s instead of the
-         KL (the same gradient: they differ by the teacher's entropy) and divides the sum over the whole batch
-         by H·W only; kdcache takes the mean over the samples too, so the value does not grow with the batch.
+         (irfanICMLL/structure_knowledge_distillation `utils/criterion.py`) computes the cross-entropy
+         −Σ p_t log p_s instead of the KL (the same gradient: they differ by the teacher's entropy) and divides
+         the sum over the whole batch by H·W only; kdcache takes the mean over the samples too, so the value
+         does not grow with the batch.
   CWD    Shu, Liu, Gao, Yan, Shen, "Channel-wise Knowledge Distillation for Dense Prediction", ICCV 2021: each
          channel's map softmax-normalised over the H·W positions at temperature T, KL(teacher ‖ student) summed
-         over the positions, T²; T 4 here. Its released implementation, open-mmlab/mmrazor
+         over the positions, T²; T 4 here. Its implementation in open-mmlab/mmrazor
          `mmrazor/models/losses/cwd.py` (`ChannelWiseDivergence`), divides that sum over every sample and
          channel by C·N, the mean over samples and channels that kdcache takes too (same value); mmrazor's
-         PSPNet config on Cityscapes sets tau 1 and loss_weight 5.
+         PSPNet config on Cityscapes (`configs/distill/mmseg/cwd/`) sets tau 1 and loss_weight 5.
 """
 
 import torch.nn.functional as F
