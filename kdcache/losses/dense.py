@@ -21,7 +21,7 @@ Sources (the formulas were checked against these; no code was copied):
   CWD    Shu, Liu, Gao, Yan, Shen, "Channel-wise Knowledge Distillation for Dense Prediction", ICCV 2021: each
          channel's map softmax-normalised over the H·W positions at temperature T, KL(teacher ‖ student) summed
          over the positions, T²; T 4 here. Its implementation in open-mmlab/mmrazor
-         `mmrazor/models/losses/cwd.py` (`ChannelWiseDivergence`), divides that sum over every sample and
+         `mmrazor/models/losses/cwd.py` (`ChannelWiseDivergence`) divides that sum over every sample and
          channel by C·N, the mean over samples and channels that kdcache takes too (same value); mmrazor's
          PSPNet config on Cityscapes (`configs/distill/mmseg/cwd/`) sets tau 1 and loss_weight 5.
 """
