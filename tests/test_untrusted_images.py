@@ -126,6 +126,19 @@ def test_max_image_pixels_reaches_the_workers(tmp_path, capsys):
     assert code == 2 and "above the limit of 5,000" in err and err.count("\n") == 1
 
 
+def test_eval_takes_max_image_pixels_as_the_commands_that_train_do(tmp_path, capsys):
+    from console import run_cli
+
+    root = write_folder(tmp_path / "pets")  # images up to 120 x 50 = 6000 pixels
+    _, checkpoint = saved_teacher(tmp_path, num_classes=3, seed=0)
+    common = [checkpoint, "--model", "resnet8", "--dataset", "imagefolder", "--data-root", root, "--image-size", 32,
+              "--workers", 0, "--device", "cpu"]
+    code, _, err = run_cli(["eval", *common, "--max-image-pixels", 5000], capsys)
+    assert code == 2 and "above the limit of 5,000" in err and err.count("\n") == 1
+    code, out, err = run_cli(["eval", *common, "--max-image-pixels", 6000], capsys)
+    assert code == 0 and "top-1" in out, err
+
+
 def test_a_file_name_with_a_line_break_is_refused_when_the_folder_is_listed(tmp_path):
     root = write_folder(tmp_path / "pets")
     Image.new("RGB", (40, 40)).save(root / "train" / "cat" / "a\nb.png")

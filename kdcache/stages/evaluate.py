@@ -98,13 +98,13 @@ def evaluate_model(checkpoint: str | os.PathLike, model: str | None = None, data
                    data_root: str | os.PathLike | None = None, split: str = "test", image_size: int | None = None,
                    batch_size: int = EVAL_BATCH, device: str | None = None, workers: int | None = None,
                    preload: bool | None = None, classes: str | None = None,
-                   within_classes: bool = False) -> ModelEvaluation:
+                   within_classes: bool = False, max_image_pixels: int | None = None) -> ModelEvaluation:
     """A model's weights (a file, or a kdcache run folder, whose model.json names the model, its classes, its data
     and where that data lay) on a split of its dataset, un-augmented, as the training loop evaluates it.
 
     `model`: the spec, needed for weights without a kdcache sidecar (a run folder's own spec is never a python:
     one, which only a caller may name); `dataset`, `data_root`, `image_size`, `preload`, `classes` (the test images
-    of these classes alone, e.g. "0-4"): instead of the recorded. `within_classes`: the model answers among the
+    of these classes alone, e.g. "0-4"), `max_image_pixels` (files' limit): instead of the recorded. `within_classes`: the model answers among the
     split's classes' logits alone, as a model with a head per task answers that task (LwF's evaluation).
     """
     sidecar = checkpoint_sidecar(checkpoint)  # a path that is neither weights nor a run folder is refused here
@@ -114,8 +114,8 @@ def evaluate_model(checkpoint: str | os.PathLike, model: str | None = None, data
                            f"int8 model from its weights-only {INT8_FILE}), or run it yourself with torch.jit.load")
     if dataset is None and (sidecar.get("dataset") or {}).get("source") == "tokens":
         return _evaluate_language_model(checkpoint, model, sidecar, data_root, split, device)
-    options = {name: value for name, value in (("image_size", image_size), ("preload", preload), ("classes", classes))
-               if value is not None}
+    options = {name: value for name, value in (("image_size", image_size), ("preload", preload), ("classes", classes),
+                                               ("max_image_pixels", max_image_pixels)) if value is not None}
     test = _split_of(checkpoint, sidecar, dataset, data_root, split, options)
     num_classes = int(sidecar.get("num_classes", test.num_classes))
     if test.num_classes != num_classes:
