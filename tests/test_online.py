@@ -114,7 +114,7 @@ def test_the_ema_teacher_is_the_slow_average_of_the_students_weights_after_every
     targets = []
     compute = run.loss.compute
     run.loss = type("Recording", (), {"compute": lambda _, s, t, y, e: targets.append(t) or compute(s, t, y, e),
-                                      "term_names": run.loss.term_names})()
+                                      "term_names": run.loss.term_names, "settings": run.loss.settings})()
     for batch in batches:
         run.train_epoch(0, iter([batch]), 1, show_progress=False)
         for name, value in run.model.state_dict().items():
