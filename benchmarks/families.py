@@ -9,27 +9,28 @@ views too. Every method trains the same student for every seed. Writes families.
 
 Issue 19's methods (not run by default) are the same student under other recipes and views: AdamW + cosine
 against the papers' SGD, SDD-LSKD from caches of mixup, CutMix and RandAugment views of teacher A (K views each,
-drawn with the same seed), and SLD on one view or two views per step. Issue 34.5's: KD with the temperature
-falling linearly from 8 at the first epoch to 2 at the last (`--temperature 'linear(8,2)'`, the progressive
-distillation of the KD tutorial), beside plain KD at its T 4. Issue 34's `kd-qat-int8` and
-`sdd-lskd-qat-int8` train with `--qat int8`: the row's accuracy is the fake-quantised student's, `int8 last` the
-accuracy of the int8 model converted from it at the last epoch (on the CPU).
+drawn with the same seed), and SLD on one view or two views per step.
 
-Issue 34's born-again methods (not run by default) train 3 generations of the student with KD, generation 1 from
-teacher A's cache and each later one from a cache of its predecessor dumped on the same views (born-again-ensemble:
-generation 3 from the ensemble of generations 1 and 2); the table gives each generation a row.
+Issue 34's methods (not run by default; FIDELITY.md's section on them gives the commands it ran) set the rest of
+the seeds' families beside `kd` and `sdd-lskd`:
+- `crd`, `irg`: from the cached embedding (CRD's negatives: other samples' embeddings of the view held);
+- `kd-temperature-schedule`: KD with T falling linearly from 8 to 2 (`--temperature 'linear(8,2)'`, the KD
+  tutorial's progressive distillation);
+- `kd-adversarial`: KD plus a discriminator's term (`--loss kd,adversarial`);
+- `kd-qat-int8`, `sdd-lskd-qat-int8`: `--qat int8`, the row's accuracy the fake-quantised student's and `int8 last`
+  the int8 model's converted from it at the last epoch (on the CPU);
+- `ce-16px`, `sdd-lskd-16px`: the student at 16 px, fresh views or teacher A's 32 px cache (cross-resolution);
+- `ce-vit`, `deit-hard`, `deit-soft`: their own student, VIT (a 4-block distilled ViT at 32 px, not --student),
+  with AdamW, evaluated on the mean of its two heads;
+- `born-again`, `born-again-ensemble`: 3 generations of KD students, each later one from a cache of its
+  predecessor dumped on the same views (the ensemble form: generation 3 from generations 1 and 2), a row each.
 
     python benchmarks/families.py                 # digits on the CPU: both teachers trained here
-    python benchmarks/families.py --methods ce,ce-16px,sdd-lskd,sdd-lskd-16px   # issue 34: a 16 px student
     python benchmarks/families.py --methods ce,ce-adamw,sdd-lskd,sdd-lskd-adamw,sdd-lskd-mixup,sdd-lskd-cutmix,\
         sdd-lskd-randaugment,sld,sld-two-views --out runs/recipes    # issue 19's rows
-    python benchmarks/families.py --methods ce,kd,kd-temperature-schedule,sdd-lskd --out runs/schedules  # 34.5's
-    python benchmarks/families.py --methods ce,ce-vit,deit-hard,deit-soft --out runs/deit    # issue 34's DeiT rows
-    python benchmarks/families.py --methods ce,born-again,born-again-ensemble --out runs/born-again  # issue 34
-
-Issue 34's DeiT rows train their own student, VIT (a 4-block distilled ViT at 32 px, not --student), with AdamW:
-`ce-vit` is its cross-entropy baseline; `deit-hard` and `deit-soft` train its distillation head on teacher A's cache;
-each is evaluated on the mean of its two heads.
+    python benchmarks/families.py --methods ce,kd,sdd-lskd,crd,irg,kd-temperature-schedule,kd-adversarial,\
+        kd-qat-int8,ce-16px,sdd-lskd-16px,ce-vit,deit-hard,deit-soft --out runs/families34   # issue 34's rows
+    python benchmarks/families.py --seeds 1 --methods sdd-lskd,born-again,born-again-ensemble --out runs/born-again
 """
 
 from __future__ import annotations
