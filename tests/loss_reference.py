@@ -144,7 +144,7 @@ def at(student_maps, teacher_maps):
 def sp(student, teacher):
     """Tung & Mori 2019: G = F Fᵀ over the batch, rows L2-normalised; ‖G_s − G_t‖_F² / b²."""
     def gram(rows):
-        return [l2_normalize([sum(a * b for a, b in zip(x, y)) for y in rows]) for x in rows]
+        return [l2_normalize([dot(x, y) for y in rows]) for x in rows]
     g_s, g_t = gram(student), gram(teacher)
     b = len(student)
     return sum((g_s[i][j] - g_t[i][j]) ** 2 for i in range(b) for j in range(b)) / (b * b)
@@ -185,6 +185,41 @@ def rkd(student, teacher, distance_weight=25.0, angle_weight=50.0):
 
 def _flatten(nested):
     return [x for item in nested for x in (_flatten(item) if isinstance(item, list) else [item])]
+
+
+def dot(u, v):
+    return sum(a * b for a, b in zip(u, v))
+
+
+def crd(student, teacher, negatives, temperature):
+    """Tian et al. 2020 (InfoNCE form): mean over i of −log[e^{s_i·t_i/τ} / (e^{s_i·t_i/τ} + Σ_k e^{s_i·n_ik/τ})],
+    every vector L2-normalised."""
+    losses = []
+    for s, t, others in zip(student, teacher, negatives):
+        s, t = l2_normalize(s), l2_normalize(t)
+        positive = math.exp(dot(s, t) / temperature)
+        against = sum(math.exp(dot(s, l2_normalize(n)) / temperature) for n in others)
+        losses.append(-math.log(positive / (positive + against)))
+    return sum(losses) / len(losses)
+
+
+def irg_edges(rows):
+    """Liu et al. 2019 (as the reference code): ‖x_i − x_j‖², 0 for i = j, over the largest entry."""
+    b = len(rows)
+    d = [[0.0 if i == j else max(sum((x - y) ** 2 for x, y in zip(rows[i], rows[j])), 1e-12) for j in range(b)]
+         for i in range(b)]
+    top = max(max(row) for row in d)
+    return [[value / top for value in row] for row in d]
+
+
+def irg(student, teacher, vertex_weight, edge_weight, projected=None):
+    """λ_v · mean_i ‖s_i − t_i‖² / D + λ_e · mean_ij (A^s_ij − A^t_ij)²."""
+    vertex_rows = projected if projected is not None else student
+    vertex = sum(sum((a - b) ** 2 for a, b in zip(s, t)) for s, t in zip(vertex_rows, teacher)) / (
+        len(teacher) * len(teacher[0]))
+    a_s, a_t = irg_edges(student), irg_edges(teacher)
+    edge = sum((x - y) ** 2 for row_s, row_t in zip(a_s, a_t) for x, y in zip(row_s, row_t)) / len(student) ** 2
+    return vertex_weight * vertex + edge_weight * edge
 
 
 def numeric_gradient(reference, student, step=1e-6):

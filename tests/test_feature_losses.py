@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import loss_reference as ref
 from kdcache.errors import KdcacheError
-from kdcache.losses import at, attention_map, fitnet, rkd, rkd_angle, rkd_distance, sp
+from kdcache.losses import at, attention_map, crd, fitnet, irg, rkd, rkd_angle, rkd_distance, sp
 
 STEP = 1e-6  # central differences in float64: error ~ STEP² · third derivative, well under the tolerance
 
@@ -29,6 +29,7 @@ def _cases(seed):
         return torch.randn(*shape, generator=generator, dtype=torch.float64)
 
     embedding_s, embedding_t = draw(5, 4), draw(5, 4)
+    negatives, wide_t = draw(5, 3, 4), draw(5, 8)
     features_s, features_t = draw(3, 2, 3, 3), draw(3, 4, 3, 3)
     stages_t = [features_t, draw(3, 4, 2, 2)]
     hint_s, hint_t = draw(2, 3, 2, 2), draw(2, 3, 2, 2)
@@ -44,6 +45,18 @@ def _cases(seed):
         "rkd": (lambda s: rkd(s, embedding_t), lambda s: ref.rkd(s.tolist(), embedding_t.tolist()), embedding_s),
         "rkd (weights 1, 2)": (lambda s: rkd(s, embedding_t, 1, 2),
                                lambda s: ref.rkd(s.tolist(), embedding_t.tolist(), 1, 2), embedding_s),
+        "crd": (lambda s: crd(s, embedding_t, negatives, 0.5),
+                lambda s: ref.crd(s.tolist(), embedding_t.tolist(), negatives.tolist(), 0.5), embedding_s),
+        "crd (τ 0.07)": (lambda s: crd(s, embedding_t, negatives),
+                         lambda s: ref.crd(s.tolist(), embedding_t.tolist(), negatives.tolist(), 0.07), embedding_s),
+        "crd (the negatives' gradient)": (
+            lambda n: crd(embedding_s, embedding_t, n, 0.5),
+            lambda n: ref.crd(embedding_s.tolist(), embedding_t.tolist(), n.tolist(), 0.5), negatives),
+        "irg": (lambda s: irg(s, embedding_t), lambda s: ref.irg(s.tolist(), embedding_t.tolist(), 0.1, 5.0),
+                embedding_s),
+        "irg (other dimensions, projected)": (
+            lambda s: irg(s, wide_t, 2.0, 3.0, projected_student=s.repeat(1, 2)),
+            lambda s: ref.irg(s.tolist(), wide_t.tolist(), 2.0, 3.0, s.repeat(1, 2).tolist()), embedding_s),
     }
 
 
