@@ -76,11 +76,12 @@ class CropFlip:
         offsets = torch.arange(2 * self.padding + 1)
         return torch.cartesian_prod(offsets, offsets, torch.arange(2))
 
-    def apply(self, images: Tensor, params: Tensor) -> Tensor:
-        """Pad, crop and maybe flip each image as its params row says, in two gathers for the whole batch."""
+    def apply(self, images: Tensor, params: Tensor, fill: int = 0) -> Tensor:
+        """Pad (with `fill`: zeros, as RandomCrop(padding=...) fills images; a label map's ignore index), crop and
+        maybe flip each image as its params row says, in two gathers for the whole batch."""
         params = _checked_params(self, images, params)
         batch, channels, height, width = images.shape
-        padded = F.pad(images, (self.padding,) * 4)  # zeros, as RandomCrop(padding=...) fills
+        padded = F.pad(images, (self.padding,) * 4, value=fill)
         dx, dy, flip = params.unbind(dim=1)
         row_offsets = torch.arange(height, device=images.device)
         col_offsets = torch.arange(width, device=images.device)
@@ -122,8 +123,8 @@ class Identity:
         """The one view: int64 [1, 0]."""
         return torch.zeros(1, 0, dtype=torch.int64)
 
-    def apply(self, images: Tensor, params: Tensor) -> Tensor:
-        """The images unchanged (the same tensor)."""
+    def apply(self, images: Tensor, params: Tensor, fill: int = 0) -> Tensor:
+        """The images unchanged (the same tensor; nothing to fill)."""
         _checked_params(self, images, params)
         return images
 

@@ -1,7 +1,7 @@
 """Models: specs (kdcache's registry, timm, torchvision, GPT, Hugging Face folders, your own), the CIFAR family, region logits, checkpoints."""
 
 # Importing the architecture modules registers their constructors.
-from kdcache.models import imagenet, mobilenetv2, resnet, shufflenet, vgg, wrn  # noqa: F401
+from kdcache.models import imagenet, mobilenetv2, resnet, segmentation, shufflenet, vgg, wrn  # noqa: F401
 from kdcache.models._registry import register_model
 from kdcache.models.checkpoint import (
     file_sha256,
