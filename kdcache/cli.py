@@ -298,9 +298,10 @@ def verify_command(cache: str) -> None:
 
 @cli.command("models")
 @click.argument("pattern", default="*")
-@click.option("--source", type=click.Choice(["kdcache", "timm", "torchvision", "gpt"]), default="kdcache",
-              show_default=True, help="Whose models: kdcache's registry (with parameter counts), timm's, torchvision's, "
-              "or example shapes of kdcache's GPT (with parameter counts).")
+@click.option("--source", type=click.Choice(["kdcache", "timm", "torchvision", "gpt", "smp"]), default="kdcache",
+              show_default=True, help="Whose models: kdcache's registry (with parameter counts), timm's, torchvision's "
+              "(segmentation models too), example shapes of kdcache's GPT (with parameter counts), or the "
+              "architectures of segmentation-models-pytorch.")
 @click.option("--pretrained", is_flag=True, help="With --source timm: list timm's pretrained tags (such as "
               "timm:resnet50.a1_in1k), whose weights you fetch yourself and pass with --checkpoint.")
 def models_command(pattern: str, source: str, pretrained: bool) -> None:
@@ -312,7 +313,10 @@ def models_command(pattern: str, source: str, pretrained: bool) -> None:
       timm:NAME                     any timm model (pip install "kdcache[timm]"), e.g. timm:convnext_atto
       timm:NAME,key=value,...       with constructor arguments (numbers, true, false), e.g. a ViT at 32 px:
                                     timm:deit_tiny_distilled_patch16_224,img_size=32,patch_size=8
-      torchvision:NAME              torchvision.models.get_model(NAME), e.g. torchvision:resnet50
+      torchvision:NAME              torchvision.models.get_model(NAME), e.g. torchvision:resnet50; a segmentation
+                                    NAME (torchvision:deeplabv3_resnet50) without backbone weights, per-pixel logits
+      smp:ARCH,key=value,...        a segmentation-models-pytorch model (pip install "kdcache[seg]"), arguments its
+                                    constructor's (numbers, true, false, names), e.g. smp:Unet,encoder_name=resnet18
       gpt:layers=L,width=D,heads=H  a small GPT (defaults layers=6, width=384, heads=6; optional context=1024,
                                     dropout=0); its vocabulary is the data's
       hf:PATH                       a Hugging Face causal LM in a local folder (config.json, model.safetensors),

@@ -4,7 +4,11 @@
 - `timm:NAME`: any timm model (`pip install "kdcache[timm]"`), pretrained tags such as `resnet50.a1_in1k` too;
   `timm:NAME,key=value,...` passes numbers and true/false to timm's constructor (a ViT at 32 px:
   `timm:deit_tiny_distilled_patch16_224,img_size=32,patch_size=8,depth=4`);
-- `torchvision:NAME`: `torchvision.models.get_model(NAME)`, given timm's interface by an adapter;
+- `torchvision:NAME`: `torchvision.models.get_model(NAME)`, given timm's interface by an adapter; a segmentation
+  NAME (deeplabv3_resnet50, ...) is built without its backbone's weights and returns per-pixel logits
+  (kdcache.models.dense_specs);
+- `smp:ARCH[,key=value,...]`: a segmentation-models-pytorch model (`pip install "kdcache[seg]"`), the keys its
+  constructor's (numbers, true/false, names: `smp:Unet,encoder_name=resnet18`), never its weights (dense_specs);
 - `gpt:layers=L,width=D,heads=H[,context=T][,dropout=P]`: a small GPT for students trained from scratch, its
   vocabulary the class count (kdcache.models.lm; keys left out take layers=6, width=384, heads=6, context=1024);
 - `hf:PATH`: a Hugging Face causal LM in a local folder (config.json, model.safetensors), with the folder's weights;
@@ -31,12 +35,19 @@ from torch import nn
 
 from kdcache.errors import KdcacheError
 from kdcache.models._registry import MODELS
+from kdcache.models.dense_specs import (
+    build_smp,
+    build_torchvision_segmentation,
+    smp_architecture,
+    smp_names,
+    torchvision_segmentation_names,
+)
 from kdcache.models.lm import build_gpt, build_hf, gpt_examples, hf_exists, parse_gpt_spec
 from kdcache.models.torchvision_adapter import adapt_torchvision
 from kdcache.registry import Registry
 
-SPEC_FORMS = ("NAME (kdcache's registry), timm:NAME, torchvision:NAME, gpt:layers=L,width=D,heads=H, hf:PATH or "
-              "python:module.path:callable")
+SPEC_FORMS = ("NAME (kdcache's registry), timm:NAME, torchvision:NAME, smp:ARCH,key=value,..., "
+              "gpt:layers=L,width=D,heads=H, hf:PATH or python:module.path:callable")
 NO_DOWNLOADS = ("kdcache never downloads weights: download the file once where there is internet (timm's and Hugging "
                 "Face's model.safetensors, or torchvision's .pth) and pass it with --checkpoint")
 
@@ -106,7 +117,7 @@ def create_model(spec: str, num_classes: int | None = 100, pretrained: bool = Fa
 
 # the sources a spec read from a file kdcache finds may name: models built by name or from a folder's tensors and
 # JSON (hf: runs no code from the folder), never code to import
-FILE_SOURCES = ("kdcache", "timm", "torchvision", "gpt", "hf")
+FILE_SOURCES = ("kdcache", "timm", "torchvision", "gpt", "hf", "smp")
 
 
 def require_spec_from_file(spec: str, where: str, flag: str = "--teacher") -> str:
@@ -172,22 +183,26 @@ TIMM_FORM = ("timm:NAME or timm:NAME,key=value,... (numbers, true or false), suc
              "timm:vit_tiny_patch16_224,img_size=32")
 
 
-def _timm_arguments(body: str) -> tuple[str, dict[str, int | float | bool]]:
-    """The model name and the constructor's keyword arguments of a timm spec's body (`vit_tiny_patch16_224,
-    img_size=32`): numbers and booleans only, so a spec read from a file passes timm data, never a name of code."""
+def _spec_arguments(scheme: str, body: str, form: str, reserved: tuple[str, ...],
+                    names: bool = False) -> tuple[str, dict[str, int | float | bool | str]]:
+    """The model name and the constructor's keyword arguments of a spec's body (`vit_tiny_patch16_224,img_size=32`):
+    numbers, booleans and, where `names`, words (smp's encoder_name=resnet18), which the constructor looks up in
+    its own tables, so a spec read from a file passes data, never a name of code. `reserved`: the keys kdcache
+    sets."""
     name, *items = body.split(",")
-    arguments: dict[str, int | float | bool] = {}
+    arguments: dict[str, int | float | bool | str] = {}
     for item in items:
         key, equals, text = item.partition("=")
-        if not equals or not key.isidentifier() or key in arguments or key in ("pretrained", "num_classes"):
-            raise KdcacheError(f"model spec 'timm:{body}': {item!r} is not a new key=value (num_classes and pretrained "
-                               f"are kdcache's to set); a timm model is named as {TIMM_FORM}")
-        arguments[key] = _timm_value(text, body)
+        if not equals or not key.isidentifier() or key in arguments or key in reserved:
+            kept = f"{', '.join(reserved[:-1])} and {reserved[-1]}"
+            raise KdcacheError(f"model spec '{scheme}:{body}': {item!r} is not a new key=value ({kept} are kdcache's "
+                               f"to set); a {scheme} model is named as {form}")
+        arguments[key] = _spec_value(text, scheme, body, form, names)
     return name, arguments
 
 
-def _timm_value(text: str, body: str) -> int | float | bool:
-    """One argument's value: an integer, a float, true or false."""
+def _spec_value(text: str, scheme: str, body: str, form: str, names: bool) -> int | float | bool | str:
+    """One argument's value: an integer, a float, true or false; else, where `names`, the text itself."""
     if text in ("true", "false"):
         return text == "true"
     for kind in (int, float):
@@ -195,8 +210,15 @@ def _timm_value(text: str, body: str) -> int | float | bool:
             return kind(text)
         except ValueError:
             pass
-    raise KdcacheError(f"model spec 'timm:{body}': value {text!r} is not a number, true or false; a timm model is "
-                       f"named as {TIMM_FORM}")
+    if names and text:
+        return text
+    raise KdcacheError(f"model spec '{scheme}:{body}': value {text!r} is not a number, true or false"
+                       f"{' or a name' if names else ''}; a {scheme} model is named as {form}")
+
+
+def _timm_arguments(body: str) -> tuple[str, dict[str, int | float | bool]]:
+    """The model name and the constructor's keyword arguments of a timm spec's body: numbers and booleans only."""
+    return _spec_arguments("timm", body, TIMM_FORM, ("num_classes", "pretrained"))
 
 
 def _timm_exists(body: str) -> bool:
@@ -223,18 +245,48 @@ SOURCES.register(Source(_timm_build, lambda pattern: _timm().list_models(pattern
 def _torchvision_names(pattern: str) -> list[str]:
     import torchvision.models
 
-    return [name for name in torchvision.models.list_models(module=torchvision.models)
-            if fnmatch.fnmatchcase(name, pattern)]
+    names = torchvision.models.list_models(module=torchvision.models) + torchvision_segmentation_names()
+    return sorted(name for name in names if fnmatch.fnmatchcase(name, pattern))
 
 
 def _torchvision_build(name: str, num_classes: int) -> nn.Module:
     import torchvision.models
 
+    if name in torchvision_segmentation_names():
+        return build_torchvision_segmentation(name, num_classes)
     return adapt_torchvision(torchvision.models.get_model(name, weights=None, num_classes=num_classes))
 
 
 SOURCES.register(Source(_torchvision_build, _torchvision_names, lambda name: name in _torchvision_names("*"),
                         "torchvision"), "torchvision")
+
+
+# -- segmentation-models-pytorch -----------------------------------------------------------------------------------
+SMP_FORM = "smp:ARCH or smp:ARCH,key=value,... (numbers, true, false or names), such as smp:Unet,encoder_name=resnet18"
+
+
+def _smp_arguments(body: str) -> tuple[str, dict[str, int | float | bool | str]]:
+    """The architecture and the constructor's keyword arguments of an smp spec's body; weights are refused."""
+    architecture, arguments = _spec_arguments("smp", body, SMP_FORM, ("classes", "in_channels", "activation"),
+                                              names=True)
+    if "encoder_weights" in arguments:
+        raise KdcacheError(f"model spec 'smp:{body}': kdcache builds smp's models with encoder_weights=None and "
+                           f"downloads no weights; drop encoder_weights and pass the weights as a local file with "
+                           f"--checkpoint")
+    return architecture, arguments
+
+
+def _smp_build(body: str, num_classes: int) -> nn.Module:
+    architecture, arguments = _smp_arguments(body)
+    return build_smp(f"smp:{body}", architecture, arguments, num_classes)
+
+
+def _smp_exists(body: str) -> bool:
+    """Whether smp has the architecture; a spec naming none is one line listing the known ones."""
+    return smp_architecture(f"smp:{body}", _smp_arguments(body)[0]) is not None
+
+
+SOURCES.register(Source(_smp_build, smp_names, _smp_exists, "segmentation-models-pytorch"), "smp")
 
 
 # -- language models -----------------------------------------------------------------------------------------------
