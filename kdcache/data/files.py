@@ -129,31 +129,44 @@ class ImageFiles:
 def read_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Tensor, int]:
     """A file as a uint8 RGB image [3, H, W] and the crc32c of its bytes (computed from the bytes read anyway); a
     file above `max_pixels` or whose bytes are no whole image is refused before a decoder sees it."""
-    try:
-        with open(path, "rb") as file:
-            raw = file.read()
-    except OSError as error:
-        raise KdcacheError(f"{path}: cannot be read ({error.strerror or error}); restore the file or check the "
-                           f"folder's permissions") from None
+    raw = read_file_bytes(path)
     # the decoders want a writable buffer, google_crc32c a bytes object: one copy of the (small, encoded) bytes
     return decode_image_bytes(np.frombuffer(raw, np.uint8).copy(), path, max_pixels), google_crc32c.value(raw)
 
 
-def decode_image_bytes(data: np.ndarray, path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tensor:
-    """Encoded image bytes as uint8 RGB [3, H, W]: torchvision.io, or PIL for the formats torchvision cannot decode;
-    checked first (data.untrusted), so a bad or huge file is one line naming it, never a crash."""
-    from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms import functional as TF
-    from torchvision.transforms.v2.functional import to_dtype
-
+def read_file_bytes(path: str) -> bytes:
+    """A file's bytes; one line naming it where it cannot be read."""
     try:
-        check_image_bytes(data.tobytes(), max_pixels)
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as error:
+        raise KdcacheError(f"{path}: cannot be read ({error.strerror or error}); restore the file or check the "
+                           f"folder's permissions") from None
+
+
+def check_file_bytes(raw: bytes, path: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+                     advice: str | None = None) -> tuple[int, int]:
+    """(width, height) of an image file's bytes, checked by data.untrusted before any decoder sees them; a bad or
+    huge file is one line naming it and saying what to do (`advice`, BAD_FILE_ADVICE by default)."""
+    try:
+        return check_image_bytes(raw, max_pixels)
     except TooManyPixelsError as error:
         raise KdcacheError(f"{path}: {error}; an image this large takes gigabytes to decode: raise the limit with "
                            f"--max-image-pixels N (max_image_pixels= in load_dataset) if you trust the file, or "
                            f"shrink it") from None
     except BadImageError as error:
-        raise KdcacheError(f"{path}: not a decodable image ({error}); {BAD_FILE_ADVICE}") from None
+        raise KdcacheError(f"{path}: not a decodable image ({error}); {advice or BAD_FILE_ADVICE}") from None
+
+
+def decode_image_bytes(data: np.ndarray, path: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+                       advice: str | None = None) -> Tensor:
+    """Encoded image bytes as uint8 RGB [3, H, W]: torchvision.io, or PIL for the formats torchvision cannot decode;
+    checked first (data.untrusted), so a bad or huge file is one line naming it (and `advice`), never a crash."""
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms import functional as TF
+    from torchvision.transforms.v2.functional import to_dtype
+
+    check_file_bytes(data.tobytes(), path, max_pixels, advice)
     try:
         if path.lower().endswith(PIL_ONLY_EXTENSIONS):
             with Image.open(io.BytesIO(data.tobytes())) as file:
@@ -162,10 +175,15 @@ def decode_image_bytes(data: np.ndarray, path: str, max_pixels: int = DEFAULT_MA
         image = decode_image(torch.from_numpy(data), ImageReadMode.RGB)
         return to_dtype(image, torch.uint8, scale=True) if image.dtype != torch.uint8 else image  # 16-bit PNGs
     except Exception as error:  # a damaged or mislabelled file fails in decoder-specific ways
-        # torchvision's C++ errors start "function, source.cpp:line, ": only the rest means anything to a user
-        detail = re.sub(r"^\w+, \S+:\d+, ", "", str(error).strip().split("\n")[0])
-        raise KdcacheError(f"{path}: not a decodable image ({type(error).__name__}: {detail}); "
-                           f"{BAD_FILE_ADVICE}") from None
+        raise KdcacheError(f"{path}: not a decodable image ({decoder_error(error)}); "
+                           f"{advice or BAD_FILE_ADVICE}") from None
+
+
+def decoder_error(error: Exception) -> str:
+    """A decoder's exception as one line: its type and first line, less torchvision's C++ source location."""
+    # torchvision's C++ errors start "function, source.cpp:line, ": only the rest means anything to a user
+    detail = re.sub(r"^\w+, \S+:\d+, ", "", str(error).strip().split("\n")[0])
+    return f"{type(error).__name__}: {detail}"
 
 
 # a dump resumes over the same listing (names and labels): a replacement under the same name resumes it unless the
