@@ -7,6 +7,7 @@ from kdcache.data import policies  # noqa: F401  (importing it registers the pol
 from kdcache.data import synthesized  # noqa: F401  (importing it registers the `synthesized` loader)
 from kdcache.data import text  # noqa: F401  (importing it registers the `text` loader)
 from kdcache.data import dense  # noqa: F401  (importing it registers the `digits-scenes` loader)
+from kdcache.data import dense_folders  # noqa: F401  (importing it registers `voc` and `cityscapes`)
 from kdcache.data.augment import (
                                   AugmentPolicy,
                                   CropFlip,
