@@ -67,9 +67,10 @@ def _dataset(default: str | None = "digits", help: str = "Dataset from `kdcache 
 
 
 def _data_root() -> Any:
-    return option(None, "Folder holding the dataset (CIFAR, imagefolder); for --dataset text the corpus: pydoc "
-                        "(CPython's own documentation, the default), a UTF-8 file, a folder of .txt/.md/.rst files or "
-                        "hf-disk:FOLDER (a Hugging Face dataset saved with save_to_disk).", type=click.Path())
+    return option(None, "Folder holding the dataset (CIFAR, imagefolder, voc, cityscapes); for --dataset text the "
+                        "corpus: pydoc (CPython's own documentation, the default), a UTF-8 file, a folder of "
+                        ".txt/.md/.rst files or hf-disk:FOLDER (a Hugging Face dataset saved with save_to_disk).",
+                  type=click.Path())
 
 
 def _seq_len() -> Any:
@@ -89,8 +90,8 @@ def _vocab_size() -> Any:
 
 
 def _image_size(more: str = "") -> Any:
-    return option(None, "Side of the square views of imagefolder (default 224) and of synthetic's images (default "
-                        "32)." + more, type=click.IntRange(min=8))
+    return option(None, "Side of the square views of imagefolder (default 224), of synthetic's images (default 32) "
+                        "and of voc's and cityscapes' (default 64)." + more, type=click.IntRange(min=8))
 
 
 def _workers() -> Any:

@@ -209,6 +209,9 @@ def dataset_table() -> str:
         "torchvision's on-disk format and never download; synthetic is generated",
         "           imagefolder reads --data-root/train and val/ (or test/) in torchvision's ImageFolder layout, at 224×224 "
         "(--image-size), streamed from its files (--preload: decoded into memory)",
+        "           voc and cityscapes read --data-root in torchvision's VOCSegmentation (VOC2012) and Cityscapes "
+        "(gtFine) layouts: images with a label per pixel, held in memory at 64×64 (--image-size); test is their val "
+        "split",
         "           text packs a tokenised corpus (a text file, a folder of .txt/.md/.rst, hf-disk:PATH, or Python's own "
         "pydoc topics) into next-token sequences; from Python for now (load_dataset('text', CORPUS)), not the commands",
         "policies:  " + ", ".join(list_policies()) + " (imagenet: RandomResizedCrop + flip, sampled views only)",

@@ -17,13 +17,14 @@ from kdcache.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
 from kdcache.errors import KdcacheError
 
 HEIGHT, WIDTH, SIDE = 20, 30, 10  # files of 20 x 30 held at 10 x 10: shorter side halved, then 15 -> 10 centred
-# the source pixel each held pixel takes (NEAREST_EXACT: the one under the output pixel's centre): rows 2r + 1, and
-# columns 2c + 1 of the 15 wide resize, less its centre crop's left 2 (round(2.5), Python's and torchvision's)
+# the source pixel each held pixel (r, c) takes (NEAREST_EXACT: the one under the output pixel's centre): row 2r + 1,
+# column 2(c + 2) + 1, the centre crop starting at column 2 of the 15 wide resize (round(2.5), as torchvision rounds)
 HELD_ROWS, HELD_COLUMNS = slice(1, HEIGHT, 2), slice(5, 25, 2)
 VOC_IDS = {"train": ["2007_000001", "2007_000002", "2007_000003"], "test": ["2008_000001", "2008_000002"]}
 CITYSCAPES_FILES = {"train": [("aachen", "aachen_000000_000019"), ("aachen", "aachen_000001_000019"),
                               ("bochum", "bochum_000000_000313")], "test": [("lindau", "lindau_000000_000019")]}
-CITYSCAPES_TRAIN_IDS = {0: IGNORE_INDEX, 4: IGNORE_INDEX, 7: 0, 8: 1, 26: 13, 33: 18}  # torchvision's Cityscapes.classes
+# the label ids the fake maps hold and their train ids in torchvision's Cityscapes.classes
+CITYSCAPES_TRAIN_IDS = {0: IGNORE_INDEX, 4: IGNORE_INDEX, 7: 0, 8: 1, 26: 13, 33: 18}
 
 
 def colour(value: int) -> tuple[int, int, int]:
@@ -176,7 +177,7 @@ def relabel(path: Path, values: np.ndarray) -> None:
 
 VOC_FILE = "VOCdevkit/VOC2012/{}/2007_000002.{}"
 VOC_TRAIN_LIST = "VOCdevkit/VOC2012/ImageSets/Segmentation/train.txt"
-VOC_ADVICE = "replace it with the file as VOC2012 ships it, or remove the sample's ID from .*train.txt"
+VOC_ADVICE = r"replace it with the file as VOC2012 ships it, or remove the sample's ID from .*train.txt"
 VOC_FAULTS = {
     "truncated label map": (lambda root: truncate(root / VOC_FILE.format("SegmentationClass", "png")),
                             r"2007_000002.png: not a decodable image \(its IDAT chunk declares .*\(truncated\)\); "

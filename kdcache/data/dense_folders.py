@@ -58,7 +58,8 @@ VOC_LAYOUT = ("ROOT/VOCdevkit/VOC2012/ holding JPEGImages/ID.jpg, SegmentationCl
 CITYSCAPES_FOLDERS = {"train": "train", "test": "val"}  # split -> leftImg8bit/<folder> and gtFine/<folder>
 CITYSCAPES_IMAGE, CITYSCAPES_LABELS = "_leftImg8bit.png", "_gtFine_labelIds.png"
 CITYSCAPES_LAYOUT = ("ROOT/leftImg8bit/{train,val}/CITY/NAME_leftImg8bit.png and "
-                     "ROOT/gtFine/{train,val}/CITY/NAME_gtFine_labelIds.png (torchvision's Cityscapes layout, fine labels)")
+                     "ROOT/gtFine/{train,val}/CITY/NAME_gtFine_labelIds.png (torchvision's Cityscapes layout, fine "
+                     "labels)")
 LABEL_MAP_MODES = ("P", "L")  # PIL's palette and 8-bit grey: one 8-bit value per pixel
 NOT_A_LABEL = -1  # in a value table: a value no label map of the dataset holds
 
