@@ -169,6 +169,10 @@ def train_teacher_command(ctx: click.Context, **_: Any) -> None:
         click.echo(f"teacher held-out perplexity {result.test_ppl:.2f} (best {result.best_test_ppl:.2f}); checkpoint "
                    f"{result.folder / 'model.pt'}, sidecar {result.folder / 'model.json'}, tokenizer "
                    f"{result.folder / 'tokenizer.json'}")
+    elif world().is_main and hasattr(result, "test_miou"):  # a segmentation model (--dataset digits-scenes)
+        click.echo(f"teacher test mIoU {result.test_miou:.4f} (best {result.best_test_miou:.4f}), pixel accuracy "
+                   f"{result.test_pixel_acc:.4f}; checkpoint {result.folder / 'model.pt'}, sidecar "
+                   f"{result.folder / 'model.json'}")
     elif world().is_main:
         click.echo(f"teacher test accuracy {result.test_acc:.4f} (best {result.best_test_acc:.4f}); "
                    f"checkpoint {result.checkpoint}, sidecar {result.sidecar}")

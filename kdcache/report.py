@@ -25,11 +25,12 @@ from kdcache.errors import KdcacheError
 from kdcache.losses import TOKEN_LOSSES, get_loss, list_losses
 from kdcache.models import count_parameters, create_model, list_models
 from kdcache.models.lm import GPT_FORM
+from kdcache.stages.dense_train import SegmentationRun
 from kdcache.stages.distill import RunSummary, distill
 from kdcache.stages.dump import DumpResult
 from kdcache.stages.generations import STUDENT_CACHE, Generation, distill_generations
 from kdcache.stages.text_train import TOKEN_LOSS_DEFAULTS, LanguageRun
-from kdcache.stages.evaluate import CacheEvaluation, ModelEvaluation
+from kdcache.stages.evaluate import CacheEvaluation, ModelEvaluation, SegmentationEvaluation
 
 SUMMARY_WAIT_SECONDS = 60.0  # another call into the same --out adding its rows takes well under a second
 
@@ -123,8 +124,14 @@ def _policy_extras(augmentation: dict) -> str:
     return "".join(f"; {extra}" for extra in extras)
 
 
-def model_evaluation_text(found: ModelEvaluation) -> str:
-    """`kdcache eval MODEL`'s line: which weights on which data, top-1, top-5 (more than 5 classes) and loss."""
+def model_evaluation_text(found: ModelEvaluation | SegmentationEvaluation) -> str:
+    """`kdcache eval MODEL`'s line: which weights on which data, top-1, top-5 (more than 5 classes) and loss; a
+    segmentation model's mIoU, pixel accuracy and loss per labelled pixel."""
+    if isinstance(found, SegmentationEvaluation):
+        return (f"{found.checkpoint} ({found.model}, {found.num_classes} classes) on {found.dataset} {found.split}, "
+                f"{found.images} images, {found.pixels} labelled pixels: mIoU {found.miou:.4f} (over the "
+                f"{found.classes} classes present in labels or predictions)  pixel accuracy {found.pixel_acc:.4f}  "
+                f"loss {found.loss:.4f}")
     if found.dataset == "text":  # a language model: its positions' next tokens, and the perplexity
         return (f"{found.checkpoint} ({found.model}, {found.num_classes} tokens) on text {found.split}, "
                 f"{found.samples} next tokens: top-1 {found.top1:.4f}  top-5 {found.top5:.4f}  loss {found.loss:.4f}  "
@@ -257,6 +264,9 @@ def distill_sweep(config: DistillConfig, show_progress: bool = True,
     if summaries and all(isinstance(run, LanguageRun) for run in summaries):
         write_language_summary(summaries, Path(config.out))
         table, written = language_table(summaries), "and per run folder: metrics.csv, model.pt, model.json"
+    elif summaries and all(isinstance(run, SegmentationRun) for run in summaries):
+        write_segmentation_summary(summaries, Path(config.out))
+        table, written = segmentation_table(summaries), "and per run folder: metrics.csv, model.pt, model.json"
     else:
         write_summary(summaries, Path(config.out))
         table, written = summary_table(summaries), "summary.png, and per run folder: metrics.csv, model.pt, last.pt" + (
@@ -330,19 +340,49 @@ def generations_table(generations: list[Generation]) -> str:
 
 def write_language_summary(runs: list[LanguageRun], out: Path) -> None:
     """Add a row per run to out/summary.csv (run, model, loss, held-out perplexity, its best, tokens/s, folder)."""
+    _append_summary_rows(out, ["run", "model", "loss", "test_ppl", "best_test_ppl", "tokens_per_s", "folder"],
+                         [[run.name, run.model, run.loss, f"{run.test_ppl:.2f}", f"{run.best_test_ppl:.2f}",
+                           f"{run.tokens_per_s:.0f}", run.folder] for run in runs])
+
+
+def write_segmentation_summary(runs: list[SegmentationRun], out: Path) -> None:
+    """Add a row per run to out/summary.csv (run, student, loss, test mIoU, pixel accuracy, best mIoU and its epoch,
+    img/s, folder)."""
+    _append_summary_rows(out, ["run", "student", "loss", "test_miou", "test_pixel_acc", "best_test_miou",
+                               "best_epoch", "img_per_s", "folder"],
+                         [[run.name, run.student, run.loss, f"{run.test_miou:.4f}", f"{run.test_pixel_acc:.4f}",
+                           f"{run.best_test_miou:.4f}", run.best_epoch, f"{run.img_per_s:.1f}", run.folder]
+                          for run in runs])
+
+
+def _append_summary_rows(out: Path, header: list[str], rows: list[list[Any]]) -> None:
+    """Add rows to out/summary.csv, its header first when it is new, under its lock (as write_summary: the rows of
+    every call into one --out are kept)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "summary.csv"
-    lock = WriterLock(path).acquire_waiting(SUMMARY_WAIT_SECONDS)  # as write_summary: rows of every call kept
+    lock = WriterLock(path).acquire_waiting(SUMMARY_WAIT_SECONDS)
     try:
         new = not path.exists() or path.stat().st_size == 0
         with open(path, "a", newline="") as file:
             writer = csv.writer(file)
             if new:
-                writer.writerow(["run", "model", "loss", "test_ppl", "best_test_ppl", "tokens_per_s", "folder"])
-            writer.writerows([run.name, run.model, run.loss, f"{run.test_ppl:.2f}", f"{run.best_test_ppl:.2f}",
-                              f"{run.tokens_per_s:.0f}", run.folder] for run in runs)
+                writer.writerow(header)
+            writer.writerows(rows)
     finally:
         lock.release()
+
+
+def segmentation_table(runs: list[SegmentationRun]) -> str:
+    """A printed table: each run's test mIoU and pixel accuracy, its best mIoU, and its mIoU's difference from the
+    same student's ce run (in points)."""
+    ce = {run.student: run.test_miou for run in runs if run.loss == "ce"}
+    width = max([30, *(len(run.name) for run in runs)])
+    lines = [f"{'run':<{width}} {'test mIoU':>9} {'pixel acc':>9} {'best mIoU (epoch)':>18} {'vs ce':>7} {'img/s':>8}"]
+    for run in runs:
+        gain = f"{100 * (run.test_miou - ce[run.student]):+.2f}" if run.student in ce and run.loss != "ce" else ""
+        lines.append(f"{run.name:<{width}} {100 * run.test_miou:>8.2f}% {100 * run.test_pixel_acc:>8.2f}% "
+                     f"{100 * run.best_test_miou:>10.2f}% ({run.best_epoch:>3}) {gain:>7} {run.img_per_s:>8.0f}")
+    return "\n".join(lines)
 
 
 

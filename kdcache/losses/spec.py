@@ -28,6 +28,7 @@ from torch import Tensor
 
 from kdcache.errors import KdcacheError
 from kdcache.losses.adversarial import VERDICT, adversarial_loss
+from kdcache.losses.dense import cwd, pixel_kd
 from kdcache.losses.features import at, crd, fitnet, irg_edge, irg_vertex, rkd_angle, rkd_distance, sp
 from kdcache.losses.functions import (
     deit_hard_distillation,
@@ -60,6 +61,10 @@ SCHEDULED = ("temperature", "ce_weight", "distill_weight", "alpha", "beta")  # t
 # the learned heads on the embedding a loss reads, by its function: the spec field giving their output dimension
 # (None: the teacher's, and only where the student's differs) and whether the teacher's embedding has one too
 EMBEDDING_HEADS = {"crd": ("embed_dim", True), "irg": (None, False)}
+# segmentation's: the name of a model's per-pixel logits [B, C, H, W] among its outputs (the teacher's at the
+# cache's output stride), and the pure functions that read them (a segmentation student's losses, beside ce)
+LOGIT_MAP = "logit_map"
+DENSE_FUNCTIONS = ("pixel_kd", "cwd")
 
 
 def _terms(function: str, *names: str, needs: tuple[str, ...] = (), reads: str = "regions",
@@ -415,6 +420,19 @@ def _irg_terms(spec: LossSpec, student: Outputs, teacher: Outputs, labels: Tenso
     return {"irg_vertex": spec.vertex_weight * sum(irg_vertex(student.get(head_output("irg", n), student[n]), teacher[n])
                                                    for n in names),
             "irg_edge": spec.edge_weight * sum(irg_edge(student[n], teacher[n]) for n in names)}
+
+
+@_terms("pixel_kd", "pixel_kd", needs=("temperature",), reads=LOGIT_MAP)
+def _pixel_kd_terms(spec: LossSpec, student: Outputs, teacher: Outputs, labels: Tensor,
+                    epoch: float) -> dict[str, Tensor]:
+    """Pixel-wise KD of the student's logit map against the teacher's (the student's resized to the teacher's)."""
+    return {"pixel_kd": pixel_kd(student[LOGIT_MAP], teacher[LOGIT_MAP], spec.temperature)}
+
+
+@_terms("cwd", "cwd", needs=("temperature",), reads=LOGIT_MAP)
+def _cwd_terms(spec: LossSpec, student: Outputs, teacher: Outputs, labels: Tensor, epoch: float) -> dict[str, Tensor]:
+    """Channel-wise distillation of the student's logit map against the teacher's."""
+    return {"cwd": cwd(student[LOGIT_MAP], teacher[LOGIT_MAP], spec.temperature)}
 
 
 def _outputs(value: Tensor | Outputs) -> Outputs:

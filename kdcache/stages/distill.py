@@ -17,6 +17,7 @@ from kdcache.cache.fit import outputs_of_kinds, require_same_views
 from kdcache.cache.location import Location
 from kdcache.config import DistillConfig, loader_options, parse_kd_classes, recorded_config, save_config
 from kdcache.data import DataSource, Policy, load_splits, normalize, policy_for, stored_policy, student_views
+from kdcache.data.dense import is_dense
 from kdcache.data.files import default_workers
 from kdcache.distributed import Shard, World
 from kdcache.errors import KdcacheError
@@ -28,6 +29,7 @@ from kdcache.models.quantised import QuantisedStudent, check_qat_scheme
 from kdcache.runtime import pick_device
 from kdcache.stages.adversarial import Critic, loss_critics
 from kdcache.stages.dataset import CacheDataset, load_cache_data
+from kdcache.stages.dense_train import SegmentationRun, distill_dense, refuse_dense_losses
 from kdcache.stages.folders import FINISHED, NEW, RunFolder, hold_run_folder, run_name
 from kdcache.stages.loop import Run, fit, loader_batches
 from kdcache.stages.splits import Batch, make_split
@@ -58,7 +60,7 @@ class RunSummary:
 
 
 def distill(config: DistillConfig, show_progress: bool = True,
-            data: tuple[DataSource, DataSource] | None = None) -> list[RunSummary]:
+            data: tuple[DataSource, DataSource] | None = None) -> list[RunSummary] | list[SegmentationRun]:
     """Train every (student, loss) pair of the config from one target source; each run writes its own folder,
     held for the run's life (see `kdcache.stages.folders`).
 
@@ -89,6 +91,8 @@ def distill(config: DistillConfig, show_progress: bool = True,
         if caches and caches[0].spec.kind == "tokens":  # a causal LM's: student LMs on its corpus
             return distill_from_token_cache(config, caches[0], device, show_progress)
         data, test = data or _load_data(config, caches[0] if caches else None)
+        if is_dense(data):  # labels per pixel: segmentation students (kdcache.stages.dense_train)
+            return distill_dense(config, locations[0] if locations else None, data, test, device, show_progress, held)
         if config.kd_classes:  # within the data's classes, before any work
             parse_kd_classes(config.kd_classes, data.num_classes)
         return _distill(config, caches, data, test, device, show_progress, held)
@@ -174,6 +178,7 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: DataSource
         config = replace(config, augmentation=config.augmentation or data.default_policy)
     scales = tuple(config.scales or (stored.scales if stored else (1, 2, 4)))
     losses = {name: scaled_loss(name, config.loss_overrides(), config.epochs) for _, name in config.runs()}
+    refuse_dense_losses(losses, data)
     _check_qat(config, losses)
     student_data, test, policy = _student_data(config, caches, data, test, scales, losses)
     here, shard = _shard(cache, len(data.labels), config)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from kdcache.cache import TeacherCache, open_cache
 from kdcache.data import DataSource, load_at_size
+from kdcache.data.dense import DenseData, is_dense
 from kdcache.data.files import default_workers
 from kdcache.distributed import all_sum
 from kdcache.errors import KdcacheError
@@ -29,6 +30,8 @@ from kdcache.models.specs import require_spec_from_file
 from kdcache.stages.text_train import described_text, next_token_metrics
 from kdcache.runtime import autocast, pick_device, prepare_model
 from kdcache.stages.dataset import load_described_data
+from kdcache.stages.dense_train import require_task
+from kdcache.stages.segmentation_metrics import evaluate_segmentation
 from kdcache.stages.splits import EVAL_BATCH, TestBatch, EvalSplit
 
 TOP_K = 5  # the second accuracy reported: ImageNet's top-5
@@ -97,10 +100,11 @@ class ModelEvaluation:
 def evaluate_model(checkpoint: str | os.PathLike, model: str | None = None, dataset: str | None = None,
                    data_root: str | os.PathLike | None = None, split: str = "test", image_size: int | None = None,
                    batch_size: int = EVAL_BATCH, device: str | None = None, workers: int | None = None,
-                   preload: bool | None = None, classes: str | None = None,
-                   within_classes: bool = False, max_image_pixels: int | None = None) -> ModelEvaluation:
+                   preload: bool | None = None, classes: str | None = None, within_classes: bool = False,
+                   max_image_pixels: int | None = None) -> ModelEvaluation | SegmentationEvaluation:
     """A model's weights (a file, or a kdcache run folder, whose model.json names the model, its classes, its data
-    and where that data lay) on a split of its dataset, un-augmented, as the training loop evaluates it.
+    and where that data lay) on a split of its dataset, un-augmented, as the training loop evaluates it; a
+    segmentation model's (data labelled per pixel) mIoU and pixel accuracy (SegmentationEvaluation).
 
     `model`: the spec, needed for weights without a kdcache sidecar (a run folder's own spec is never a python:
     one, which only a caller may name); `dataset`, `data_root`, `image_size`, `preload`, `classes` (the test images
@@ -121,6 +125,8 @@ def evaluate_model(checkpoint: str | os.PathLike, model: str | None = None, data
     if test.num_classes != num_classes:
         raise KdcacheError(f"eval: {checkpoint} was trained on {num_classes} classes but {test.name} has "
                            f"{test.num_classes}; pass the --dataset it was trained on")
+    if is_dense(test):  # labelled per pixel: mIoU and pixel accuracy
+        return _evaluate_segmentation_model(checkpoint, model, test, batch_size, device)
     network, info = _int8_model(checkpoint, sidecar, model, num_classes, device) \
         or load_teacher(checkpoint, model, num_classes)
     where = pick_device("cpu" if isinstance(network, Int8Network) else device)
@@ -132,6 +138,36 @@ def evaluate_model(checkpoint: str | os.PathLike, model: str | None = None, data
     found = evaluate_batches(network, batches, len(testing))
     return ModelEvaluation(info["checkpoint"], info["arch"], test.name, split, num_classes, **asdict(found),
                            among=among)
+
+
+@dataclass(frozen=True)
+class SegmentationEvaluation:
+    """`kdcache eval` of a segmentation model: which weights, model and data; its mIoU (the mean IoU over the classes
+    present in the split's labels or predictions), pixel accuracy and mean cross-entropy over the labelled pixels;
+    how many images, labelled pixels and classes they were counted over (kdcache.stages.segmentation_metrics)."""
+
+    checkpoint: str
+    model: str
+    dataset: str
+    split: str
+    num_classes: int
+    miou: float
+    pixel_acc: float
+    loss: float
+    images: int
+    pixels: int
+    classes: int
+
+
+def _evaluate_segmentation_model(checkpoint: str | os.PathLike, model: str | None, test: DenseData, batch_size: int,
+                                 device: str | None) -> SegmentationEvaluation:
+    """A segmentation model's weights on a split labelled per pixel, un-augmented, as its training evaluated it."""
+    network, info = load_teacher(checkpoint, model, test.num_classes)
+    require_task(network, info["arch"], test, "--model")
+    where = pick_device(device)
+    found = evaluate_segmentation(prepare_model(network, where), test.evaluation(where, batch_size), test.num_classes)
+    return SegmentationEvaluation(info["checkpoint"], info["arch"], test.name, test.split, test.num_classes,
+                                  **asdict(found))
 
 
 def _split_classes(test: DataSource) -> list[int]:

@@ -11,11 +11,13 @@ import torch
 from kdcache import distributed
 from kdcache.config import TeacherConfig, loader_options, recorded_config, save_config
 from kdcache.data import load_splits, policy_for
+from kdcache.data.dense import is_dense
 from kdcache.data.text import is_text
 from kdcache.data.files import default_workers
 from kdcache.losses import get_loss
 from kdcache.models import create_model
 from kdcache.runtime import pick_device
+from kdcache.stages.dense_train import SegmentationRun, require_task, train_dense_teacher
 from kdcache.stages.loop import Run, fit
 from kdcache.stages.splits import make_split
 from kdcache.stages.text_train import LanguageRun, train_text_teacher
@@ -32,9 +34,10 @@ class TrainedModel:
     best_test_acc: float
 
 
-def train_teacher(config: TeacherConfig, show_progress: bool = True) -> TrainedModel | LanguageRun:
+def train_teacher(config: TeacherConfig, show_progress: bool = True) -> TrainedModel | LanguageRun | SegmentationRun:
     """Train a registry model with cross-entropy on fresh augmented views every epoch; write model.pt + model.json.
-    On a text dataset, a language model on its sequences (kdcache.stages.text_train).
+    On a text dataset, a language model on its sequences (kdcache.stages.text_train); on a segmentation dataset,
+    a segmentation model on its label maps (kdcache.stages.dense_train).
 
     Under torchrun: DDP, each rank holding an even share of the samples (see `distill`).
     """
@@ -45,9 +48,12 @@ def train_teacher(config: TeacherConfig, show_progress: bool = True) -> TrainedM
     data, test = load_splits(config.dataset, config.data_root, **loader_options(config))
     if is_text(data):  # a language model: its own loop (next tokens, held-out perplexity)
         return train_text_teacher(config, data, test, device, show_progress and here.is_main)
+    if is_dense(data):  # a class per pixel: its own loop (mIoU and pixel accuracy each epoch)
+        return train_dense_teacher(config, data, test, device, show_progress and here.is_main)
     policy = policy_for(data, config.augmentation)
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=data.num_classes)
+    require_task(model, config.model, data, "--model")
     record = {"arch": config.model, "num_classes": data.num_classes, "loss": "ce", "dataset": data.describe(),
               "config": recorded_config(config)}
     loss = get_loss("ce", label_smoothing=config.label_smoothing)

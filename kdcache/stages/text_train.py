@@ -114,7 +114,7 @@ def train_language_model(model: nn.Module, data: TextData, test: TextData, objec
                "tokens_per_s": (epoch + 1) * steps * config.batch_size * data.seq_len / seconds, "seconds": seconds}
         _non_finite(row, folder)
         history.append(row)
-        _append_metrics(folder / "metrics.csv", row)
+        append_metrics(folder / "metrics.csv", row)
         if show_progress:
             tqdm.write(f"{folder.name:>28} epoch {epoch + 1:>3}/{config.epochs}  loss {row['loss_total']:.4f}  "
                        f"held-out perplexity {row['test_ppl']:.1f}  {row['tokens_per_s']:.0f} tok/s")
@@ -137,7 +137,7 @@ def _non_finite(row: dict[str, float], folder: Path) -> None:
                            f"the run diverged: lower --lr or set --clip-grad 1.0")
 
 
-def _append_metrics(path: Path, row: dict[str, float]) -> None:
+def append_metrics(path: Path, row: dict[str, float]) -> None:
     """One row of metrics.csv, its header with the first."""
     new = not path.exists()
     with open(path, "a", newline="") as file:
