@@ -8,6 +8,7 @@ import math
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -375,27 +376,32 @@ def _append_summary_rows(out: Path, header: list[str], rows: list[list[Any]]) ->
 def segmentation_table(runs: list[SegmentationRun]) -> str:
     """A printed table: each run's test mIoU and pixel accuracy, its best mIoU, and its mIoU's difference from the
     same student's ce run (in points)."""
-    ce = {run.student: run.test_miou for run in runs if run.loss == "ce"}
-    width = max([30, *(len(run.name) for run in runs)])
-    lines = [f"{'run':<{width}} {'test mIoU':>9} {'pixel acc':>9} {'best mIoU (epoch)':>18} {'vs ce':>7} {'img/s':>8}"]
-    for run in runs:
-        gain = f"{100 * (run.test_miou - ce[run.student]):+.2f}" if run.student in ce and run.loss != "ce" else ""
-        lines.append(f"{run.name:<{width}} {100 * run.test_miou:>8.2f}% {100 * run.test_pixel_acc:>8.2f}% "
-                     f"{100 * run.best_test_miou:>10.2f}% ({run.best_epoch:>3}) {gain:>7} {run.img_per_s:>8.0f}")
-    return "\n".join(lines)
+    def row(run: SegmentationRun, ce: SegmentationRun | None) -> str:
+        gain = "" if ce is None else f"{100 * (run.test_miou - ce.test_miou):+.2f}"
+        return (f"{100 * run.test_miou:>8.2f}% {100 * run.test_pixel_acc:>8.2f}% {100 * run.best_test_miou:>10.2f}% "
+                f"({run.best_epoch:>3}) {gain:>7} {run.img_per_s:>8.0f}")
+    return _table_of_runs(runs, lambda run: run.student,
+                          f"{'test mIoU':>9} {'pixel acc':>9} {'best mIoU (epoch)':>18} {'vs ce':>7} {'img/s':>8}", row)
 
+
+def _table_of_runs(runs: list[Any], model: Callable[[Any], str], header: str,
+                   row: Callable[[Any, Any | None], str]) -> str:
+    """A printed table: `header` beside 'run', then per run its name beside `row(run, ce)`, ce the same model's
+    cross-entropy run (None for a ce run itself, or a model without one)."""
+    ce = {model(run): run for run in runs if run.loss == "ce"}
+    width = max([30, *(len(run.name) for run in runs)])  # a spec's run name (timm_resnet18-kd) can be long
+    return "\n".join([f"{'run':<{width}} {header}", *(f"{run.name:<{width}} "
+                                                       f"{row(run, None if run.loss == 'ce' else ce.get(model(run)))}"
+                                                       for run in runs)])
 
 
 def language_table(runs: list[LanguageRun]) -> str:
     """A printed table: each run's held-out perplexity, and its difference from the same model's ce run."""
-    ce = {run.model: run.test_ppl for run in runs if run.loss == "ce"}
-    width = max([30, *(len(run.name) for run in runs)])
-    lines = [f"{'run':<{width}} {'held-out ppl':>12} {'best':>8} {'vs ce':>8} {'tok/s':>8}"]
-    for run in runs:
-        gain = f"{run.test_ppl - ce[run.model]:+.1f}" if run.model in ce and run.loss != "ce" else ""
-        lines.append(f"{run.name:<{width}} {run.test_ppl:>12.1f} {run.best_test_ppl:>8.1f} {gain:>8} "
-                     f"{run.tokens_per_s:>8.0f}")
-    return "\n".join(lines)
+    def row(run: LanguageRun, ce: LanguageRun | None) -> str:
+        gain = "" if ce is None else f"{run.test_ppl - ce.test_ppl:+.1f}"
+        return f"{run.test_ppl:>12.1f} {run.best_test_ppl:>8.1f} {gain:>8} {run.tokens_per_s:>8.0f}"
+    return _table_of_runs(runs, lambda run: run.model, f"{'held-out ppl':>12} {'best':>8} {'vs ce':>8} {'tok/s':>8}",
+                          row)
 
 
 SUMMARY_COLUMNS = ("run", "student", "loss", "test_acc", "test_top5", "best_test_acc", "best_epoch", "img_per_s",

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from kdcache import losses as L
 from kdcache.errors import KdcacheError
 from kdcache.losses.adversarial import VERDICT
+from kdcache.losses.spec import LOGIT_MAP
 
 SETTINGS = settings(max_examples=40, deadline=None)
 SCALE_SETS = [(1,), (1, 2), (1, 4), (1, 2, 4)]
@@ -238,18 +239,20 @@ def test_half_inputs_are_computed_in_float32(name):
 # --- the registry ------------------------------------------------------------------------------
 
 NAMES = ["ce", "kd", "dkd", "kd+ls", "dkd+ls", "sdd-kd", "sdd-dkd", "sdd-lskd", "sdd-lskd-kd", "sld",
-         "fitnet", "at", "sp", "rkd", "dml", "adversarial", "deit-hard", "deit-soft", "crd", "irg"]
+         "fitnet", "at", "sp", "rkd", "dml", "adversarial", "deit-hard", "deit-soft", "crd", "irg", "pixel-kd", "cwd"]
 # each loss's own terms, besides ce and total: what metrics.csv has a column for
 OWN_TERMS = {"ce": set(), "kd": {"kd"}, "kd+ls": {"kd"}, "dkd": {"tckd", "nckd"}, "dkd+ls": {"tckd", "nckd"},
              "sdd-kd": {"sdd"}, "sdd-dkd": {"sdd"}, "sdd-lskd": {"sdd"}, "sdd-lskd-kd": {"sdd"},
              "sld": {"teacher_swap", "student_swap"}, "fitnet": {"fitnet"}, "at": {"at"}, "sp": {"sp"},
              "rkd": {"rkd_distance", "rkd_angle"}, "dml": {"mutual"}, "adversarial": {"adv"}, "deit-hard": {"deit"},
-             "deit-soft": {"deit"}, "crd": {"crd"}, "irg": {"irg_vertex", "irg_edge"}}
+             "deit-soft": {"deit"}, "crd": {"crd"}, "irg": {"irg_vertex", "irg_edge"}, "pixel-kd": {"pixel_kd"},
+             "cwd": {"cwd"}}
 # what the feature and relation losses read besides the region logits (the adversarial one: its discriminator's
 # scores of the student's predictions; DeiT's: the student's distillation head; CRD's: its heads' outputs), for the
 # registry's test
 FEATURES = {"hint/layer2": (B, 8, 4, 4), "attention/layer1": (B, 4, 4), "embedding": (B, 16), L.PEERS: (2, B, C),
-            VERDICT: (B,), "distillation": (B, C), "crd/embedding": (B, 8), "crd/negatives/embedding": (B, 5, 8)}
+            VERDICT: (B,), "distillation": (B, C), "crd/embedding": (B, 8), "crd/negatives/embedding": (B, 5, 8),
+            LOGIT_MAP: (B, C, 4, 4)}
 
 
 def distillation(terms: dict) -> torch.Tensor:
@@ -267,7 +270,7 @@ def test_every_name_resolves_and_totals_its_terms():
         spec = L.get_loss(name)
         assert spec.name == name and spec.paper and spec.code
         assert spec.function in ("ce", "kd", "dkd", "sdd", "sdd_lskd", "sld", "fitnet", "at", "sp", "rkd", "dml",
-                                 "adversarial", "deit_hard", "deit_soft", "crd", "irg")
+                                 "adversarial", "deit_hard", "deit_soft", "crd", "irg", "pixel_kd", "cwd")
         terms = spec.compute(student, teacher, labels, epoch=200)
         assert set(terms) == {"ce", "total"} | OWN_TERMS[name] and list(terms) == list(spec.term_names)
         torch.testing.assert_close(terms["total"], sum(v for k, v in terms.items() if k != "total"))
@@ -297,6 +300,10 @@ def test_defaults_are_the_papers():
     sld = L.get_loss("sld")
     assert sld.temperatures == (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
     assert (sld.switch_epoch, sld.ce_weight, sld.distill_weight) == (150, 0.1, 0.9)
+    # segmentation: SKD's pixel-wise term (lambda_pi 10, no temperature); CWD on the logits (weight 3, T 4)
+    pixel, channel = L.get_loss("pixel-kd"), L.get_loss("cwd")
+    assert (pixel.ce_weight, pixel.distill_weight, pixel.temperature) == (1.0, 10.0, 1.0)
+    assert (channel.ce_weight, channel.distill_weight, channel.temperature) == (1.0, 3.0, 4.0)
 
 
 def test_unknown_name_lists_the_known_ones():

@@ -138,6 +138,12 @@ class DenseData:
                                f"give --aug {' or --aug '.join(DENSE_POLICIES)}")
         return LabelledPolicy(get_policy(name, image_size=tuple(self.images.shape[-2:])))
 
+    def at_size(self, side: int) -> DenseData:
+        """Refused (what --image-size asks of a split held at its own size): a label map has no exact resize."""
+        raise KdcacheError(f"--image-size {side}: {self.name}'s images and label maps are used at their own size "
+                           f"({self.images.shape[-1]} px), since resizing a label map would move its classes' "
+                           f"borders; drop --image-size")
+
     def views(self, policy: LabelledPolicy, params: Tensor, indices: Tensor, device: torch.device) -> DenseBatch:
         """Samples `indices` under their rows of params [N, P]: normalised images and int64 label maps on `device`."""
         chosen = params[indices.cpu()].to(device)

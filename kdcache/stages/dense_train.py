@@ -122,6 +122,7 @@ def train_segmentation(model: nn.Module, data: DenseData, test: DenseData, views
     """Train `model` on `views` of `data` (epoch e: view e mod K), with the teacher's maps of `targets` where the
     loss distils; after each epoch the test split's mIoU and pixel accuracy go to folder/metrics.csv; model.pt
     and model.json at the end."""
+    folder.mkdir(parents=True, exist_ok=True)
     model = prepare_model(model, device).train()
     optimizer, dtype = make_optimizer(model.parameters(), config), training_dtype(config.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

@@ -31,7 +31,7 @@ from kdcache.stages.text_train import described_text, next_token_metrics
 from kdcache.runtime import autocast, pick_device, prepare_model
 from kdcache.stages.dataset import load_described_data
 from kdcache.stages.dense_train import require_task
-from kdcache.stages.segmentation_metrics import evaluate_segmentation
+from kdcache.stages.segmentation_metrics import SegmentationScore, evaluate_segmentation
 from kdcache.stages.splits import EVAL_BATCH, TestBatch, EvalSplit
 
 TOP_K = 5  # the second accuracy reported: ImageNet's top-5
@@ -141,22 +141,16 @@ def evaluate_model(checkpoint: str | os.PathLike, model: str | None = None, data
 
 
 @dataclass(frozen=True)
-class SegmentationEvaluation:
-    """`kdcache eval` of a segmentation model: which weights, model and data; its mIoU (the mean IoU over the classes
-    present in the split's labels or predictions), pixel accuracy and mean cross-entropy over the labelled pixels;
-    how many images, labelled pixels and classes they were counted over (kdcache.stages.segmentation_metrics)."""
+class SegmentationEvaluation(SegmentationScore):
+    """`kdcache eval` of a segmentation model: its score (mIoU over the classes present in the split's labels or
+    predictions, pixel accuracy, mean cross-entropy over the labelled pixels, what they were counted over:
+    kdcache.stages.segmentation_metrics), and which weights, model and data."""
 
     checkpoint: str
     model: str
     dataset: str
     split: str
     num_classes: int
-    miou: float
-    pixel_acc: float
-    loss: float
-    images: int
-    pixels: int
-    classes: int
 
 
 def _evaluate_segmentation_model(checkpoint: str | os.PathLike, model: str | None, test: DenseData, batch_size: int,
@@ -166,8 +160,8 @@ def _evaluate_segmentation_model(checkpoint: str | os.PathLike, model: str | Non
     require_task(network, info["arch"], test, "--model")
     where = pick_device(device)
     found = evaluate_segmentation(prepare_model(network, where), test.evaluation(where, batch_size), test.num_classes)
-    return SegmentationEvaluation(info["checkpoint"], info["arch"], test.name, test.split, test.num_classes,
-                                  **asdict(found))
+    return SegmentationEvaluation(**asdict(found), checkpoint=info["checkpoint"], model=info["arch"], dataset=test.name,
+                                  split=test.split, num_classes=test.num_classes)
 
 
 def _split_classes(test: DataSource) -> list[int]:
