@@ -160,7 +160,11 @@ def quickstart(ctx: click.Context, **_: Any) -> None:
               help="The old name of --aug, kept for one release.")
 @click.pass_context
 def train_teacher_command(ctx: click.Context, **_: Any) -> None:
-    """Train a teacher (cross-entropy, the SGD recipe of the KD literature) and write a weights-only checkpoint."""
+    """Train a teacher (cross-entropy, the SGD recipe of the KD literature) and write a weights-only checkpoint.
+
+    On data labelled per pixel (--dataset digits-scenes) it trains a segmentation model (--model fcn_resnet20) with
+    cross-entropy per pixel and records the test mIoU and pixel accuracy each epoch.
+    """
     from kdcache.distributed import world
     from kdcache.stages import train_teacher
 
@@ -196,7 +200,11 @@ def dump_teacher_command(ctx: click.Context, **_: Any) -> None:
 @options_from(DistillConfig)
 @click.pass_context
 def distill_command(ctx: click.Context, **_: Any) -> None:
-    """Stage 2: train students from a teacher cache (SDD-LSKD by default) and compare them."""
+    """Stage 2: train students from a teacher cache (SDD-LSKD by default) and compare them.
+
+    A segmentation teacher's cache (or --live-teacher on --dataset digits-scenes) trains segmentation students
+    (--student fcn_resnet8) with --loss ce, pixel-kd or cwd, compared by test mIoU and pixel accuracy.
+    """
     from kdcache.report import distill_sweep
 
     distill_sweep(_resolved(DistillConfig, ctx, "distill"))
@@ -252,7 +260,8 @@ def inspect_command(cache: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_command(checkpoint: str | None, model: str | None, cache: str | None, recorded: bool, as_json: bool,
                  **options: Any) -> None:
-    """A model's top-1, top-5 and mean cross-entropy on a test split, or a teacher's accuracy over a cache's views.
+    """A model's top-1, top-5 and mean cross-entropy on a test split, or a teacher's accuracy over a cache's views; a
+    segmentation model's mIoU, pixel accuracy and mean cross-entropy per labelled pixel.
 
     \b
     kdcache eval runs/distill/resnet8x4-sdd-lskd    (a run folder: model.json names model, data)
@@ -261,6 +270,8 @@ def eval_command(checkpoint: str | None, model: str | None, cache: str | None, r
                                             weights-only model_int8.pt; its TorchScript copy is never run)
     kdcache eval runs/lwf/lwf --classes 0-4         (the test images of classes 0-4 alone; --within-classes:
                                                      answered among their logits alone)
+    kdcache eval runs/seg-teacher                   (a segmentation run: mIoU over the classes present in the
+                                                     labels or predictions, pixel accuracy)
     kdcache eval --cache caches/teacher.zarr
     """
     from dataclasses import asdict

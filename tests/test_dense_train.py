@@ -188,6 +188,8 @@ def test_train_teacher_records_miou_and_pixel_accuracy_and_eval_reports_the_same
     assert (found["images"], found["model"]) == (8, "fcn_resnet8")
     code, out, _ = run_cli(["eval", teacher_run], capsys)
     assert code == 0 and f"mIoU {sidecar['test_miou']:.4f}" in out and "pixel accuracy" in out
+    code, _, err = run_cli(["eval", teacher_run, "--within-classes"], capsys)
+    assert code == 2 and "drop --within-classes" in err and len(err.strip().splitlines()) == 1
 
 
 def test_distill_from_the_live_teacher_prints_and_writes_miou_and_pixel_accuracy(teacher_run, small_scenes, tmp_path,

@@ -125,6 +125,9 @@ def evaluate_model(checkpoint: str | os.PathLike, model: str | None = None, data
     if test.num_classes != num_classes:
         raise KdcacheError(f"eval: {checkpoint} was trained on {num_classes} classes but {test.name} has "
                            f"{test.num_classes}; pass the --dataset it was trained on")
+    if is_dense(test) and within_classes:
+        raise KdcacheError("eval --within-classes: answers among some classes' logits, and a segmentation model's "
+                           "mIoU and pixel accuracy are over every class of its label maps; drop --within-classes")
     if is_dense(test):  # labelled per pixel: mIoU and pixel accuracy
         return _evaluate_segmentation_model(checkpoint, model, test, batch_size, device)
     network, info = _int8_model(checkpoint, sidecar, model, num_classes, device) \
