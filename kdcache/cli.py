@@ -384,7 +384,9 @@ def recipe_command(ctx: click.Context, list_only: bool, **_: Any) -> None:
 WRITES_NOTHING = "it writes nothing, so nothing was left half-done"
 RESUME_ADVICE = {
     "dump-teacher": "rerun the same command to resume: finished blocks are kept",
-    "distill": "rerun the same command with --resume to continue each run from its last finished epoch",
+    "distill": "rerun the same command with --resume to continue each run from its last finished epoch; a language "
+               "model's or a segmentation model's run does not resume: the same command without --resume starts it "
+               "again in a folder of its own",
     "recipe": "rerun the same command with --resume to continue (its cache resumes by itself)",
     "synthesize": "rerun the same command to resume: finished batches are kept (the cache over them is dumped anew)",
     "train-teacher": "train-teacher does not resume: rerun it to train again",

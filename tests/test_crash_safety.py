@@ -185,7 +185,9 @@ def test_an_empty_folder_left_by_a_zarr_creation_killed_before_its_zarr_json_is_
 
 ADVICE = {
     "dump-teacher": "rerun the same command to resume: finished blocks are kept",
-    "distill": "rerun the same command with --resume to continue each run from its last finished epoch",
+    "distill": "rerun the same command with --resume to continue each run from its last finished epoch; a language "
+               "model's or a segmentation model's run does not resume: the same command without --resume starts it "
+               "again in a folder of its own",
     "recipe": "rerun the same command with --resume to continue (its cache resumes by itself)",
     "synthesize": "rerun the same command to resume: finished batches are kept (the cache over them is dumped anew)",
     "train-teacher": "train-teacher does not resume: rerun it to train again",

@@ -431,7 +431,9 @@ def test_sigterm_stops_a_dump_cleanly_with_the_right_advice_and_the_rerun_resume
 
 
 @pytest.mark.parametrize("command, advice", [
-    ("distill", "rerun the same command with --resume to continue each run from its last finished epoch"),
+    ("distill", "rerun the same command with --resume to continue each run from its last finished epoch; a language "
+                "model's or a segmentation model's run does not resume: the same command without --resume starts "
+                "it again in a folder of its own"),
     ("train-teacher", "train-teacher does not resume: rerun it to train again"),
 ])
 def test_an_interrupted_command_says_exactly_what_continues_it(monkeypatch, capsys, command, advice):
