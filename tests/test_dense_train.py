@@ -4,6 +4,7 @@ live teacher on the same views, and train-teacher, distill and eval through the 
 
 import csv
 import json
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -13,13 +14,14 @@ import torch.nn.functional as F
 import kdcache.data.dense as dense
 import kdcache.stages.dense_targets as dense_targets
 from kdcache.cli import main
-from kdcache.config import TrainConfig
+from kdcache.config import DistillConfig, TrainConfig
 from kdcache.data import load_dataset
 from kdcache.data.dense import IGNORE_INDEX, DenseData
+from kdcache.errors import KdcacheError
 from kdcache.losses import cwd, pixel_kd, scaled_loss
 from kdcache.models import create_model
 from kdcache.stages.dense_targets import LiveDenseTargets, at_stride
-from kdcache.stages.dense_train import LiveOnViews, segmentation_terms, train_segmentation
+from kdcache.stages.dense_train import LiveOnViews, distill_dense, segmentation_terms, train_segmentation
 from kdcache.stages.segmentation_metrics import confusion_matrix, scores
 from tests.console import run_cli
 
@@ -246,3 +248,11 @@ def test_students_from_the_cache_and_from_the_live_teacher_on_its_views_learn_al
             curves[source] = [[float(row[key]) for key in ("loss_total", "loss_cwd", "test_miou")]
                               for row in csv.DictReader(file)]
     assert curves["cache"] == pytest.approx(curves["live"], rel=1e-4, abs=1e-6)
+
+
+def test_several_caches_are_refused_for_a_segmentation_student(scenes, tmp_path):
+    config = DistillConfig(cache="a.zarr", extra_caches=("b.zarr",), students=("fcn_resnet8",), losses=("cwd",),
+                           out=str(tmp_path))
+    with ExitStack() as held, pytest.raises(KdcacheError, match=r"one teacher; give one --cache \(got 2\)"):
+        distill_dense(config, None, *scenes, CPU, False, held)
+    assert not any(tmp_path.iterdir())

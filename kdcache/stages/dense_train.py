@@ -45,7 +45,7 @@ from kdcache.stages.text_train import append_metrics
 SEGMENTATION_FUNCTIONS = ("ce", *DENSE_FUNCTIONS)  # the loss functions a segmentation model trains with
 # options of the image loop the segmentation loop has no use for: refused rather than silently ignored
 TEACHER_UNUSED = ("ema_decay", "image_size", "seq_len", "tokenizer", "vocab_size")
-DISTILL_UNUSED = ("ema_decay", "views_per_step", "extra_caches", "teacher_weights", "student_checkpoint", "scales",
+DISTILL_UNUSED = ("ema_decay", "views_per_step", "teacher_weights", "student_checkpoint", "scales",
                   "image_size", "tokenizer", "view_order", "batch_path", "alpha", "beta", "negatives", "kd_classes",
                   "mutual", "ema_teacher", "qat", "generations_ensemble")
 
@@ -275,8 +275,11 @@ def distill_dense(config: DistillConfig, cache: Location | None, data: DenseData
     each in a run folder of its own, held until `held` closes (taken once nothing is left to refuse)."""
     _refuse_unused(config, DISTILL_UNUSED, "distill")
     if config.resume:
-        raise KdcacheError("distill --resume: a segmentation student's run does not resume; start it again with "
-                           "another --out")
+        raise KdcacheError("distill --resume: a segmentation student's run does not resume; the same command without "
+                           "--resume starts it again in a folder of its own")
+    if config.extra_caches:
+        raise KdcacheError(f"distill: a segmentation student learns from one teacher; give one --cache (got "
+                           f"{1 + len(config.extra_caches)})")
     specs = {name: segmentation_loss(name, config) for _, name in config.runs()}
     models = []
     for student, _ in config.runs():  # every run of a student starts from the same weights
