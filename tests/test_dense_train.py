@@ -19,11 +19,12 @@ from kdcache.data import load_dataset
 from kdcache.data.dense import IGNORE_INDEX, DenseData
 from kdcache.errors import KdcacheError
 from kdcache.losses import cwd, pixel_kd, scaled_loss
-from kdcache.models import create_model
+from kdcache.models import create_model, save_checkpoint
 from kdcache.stages.dense_targets import LiveDenseTargets, at_stride
 from kdcache.stages.dense_train import LiveOnViews, distill_dense, segmentation_terms, train_segmentation
 from kdcache.stages.segmentation_metrics import confusion_matrix, scores
 from tests.console import run_cli
+from tests.small_runs import saved_teacher
 
 CPU = torch.device("cpu")
 
@@ -248,6 +249,19 @@ def test_students_from_the_cache_and_from_the_live_teacher_on_its_views_learn_al
             curves[source] = [[float(row[key]) for key in ("loss_total", "loss_cwd", "test_miou")]
                               for row in csv.DictReader(file)]
     assert curves["cache"] == pytest.approx(curves["live"], rel=1e-4, abs=1e-6)
+
+
+def test_a_segmentation_student_or_live_teacher_is_refused_for_data_labelled_per_image(tmp_path, capsys):
+    _, classifier = saved_teacher(tmp_path, 10, seed=0)
+    segmenter = tmp_path / "segmenter.pt"
+    save_checkpoint(segmenter, create_model("fcn_resnet8", num_classes=10))
+    for teacher, spec, student, expected in [
+            (classifier, "resnet8", "fcn_resnet8", "--student fcn_resnet8: fcn_resnet8 is a segmentation model (a "
+                                                   "class per pixel), and digits labels whole images"),
+            (segmenter, "fcn_resnet8", "resnet8", "--live-teacher fcn_resnet8: fcn_resnet8 is a segmentation model")]:
+        code, _, err = run_cli(["distill", "--live-teacher", teacher, "--teacher", spec, "--dataset", "digits",
+                                "--student", student, "--loss", "kd", "--epochs", 1, "--out", tmp_path / "run"], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
 
 
 def test_several_caches_are_refused_for_a_segmentation_student(scenes, tmp_path):

@@ -29,7 +29,7 @@ from kdcache.models.quantised import QuantisedStudent, check_qat_scheme
 from kdcache.runtime import pick_device
 from kdcache.stages.adversarial import Critic, loss_critics
 from kdcache.stages.dataset import CacheDataset, load_cache_data
-from kdcache.stages.dense_train import SegmentationRun, distill_dense, refuse_dense_losses
+from kdcache.stages.dense_train import SegmentationRun, distill_dense, refuse_dense_losses, require_task
 from kdcache.stages.folders import FINISHED, NEW, RunFolder, hold_run_folder, run_name
 from kdcache.stages.loop import Run, fit, loader_batches
 from kdcache.stages.splits import Batch, make_split
@@ -192,7 +192,7 @@ def _distill(config: DistillConfig, caches: list[TeacherCache], data: DataSource
     # with a cache, its views are replayed (also by a live teacher: the online baseline on the same pixels)
     views = CachedViews(cache, policy, config.view_order, config.seed) if cache is not None else \
         FreshViews(policy, len(data.labels), config.seed)
-    students = _students(config, losses, data.num_classes, teachers, images, device, here)
+    students = _students(config, losses, data, teachers, images, device, here)
     runs, folders = [], _run_folders(config, held, show_progress)
     for (student, loss_name), (model, outputs, critics), folder in zip(config.runs(), students, folders):
         record = {"arch": student, "num_classes": data.num_classes, "loss": loss_name,
@@ -240,7 +240,7 @@ def _student_data(config: DistillConfig, caches: list[TeacherCache], data: DataS
     return student_data, test.at_size(config.image_size), student_policy
 
 
-def _students(config: DistillConfig, losses: dict[str, LossSpec | LossSum], num_classes: int,
+def _students(config: DistillConfig, losses: dict[str, LossSpec | LossSum], data: DataSource,
               teachers: list[TeacherOutputs], images: torch.Tensor, device: torch.device, here: World
               ) -> list[tuple[torch.nn.Module, tuple[tuple[str, ...], dict[str, str], dict[str, torch.nn.Module]],
                               list[Critic]]]:
@@ -252,21 +252,25 @@ def _students(config: DistillConfig, losses: dict[str, LossSpec | LossSum], num_
     for k, (student, loss_name) in enumerate(config.runs()):
         # every run of a student starts from the same weights; mutual students from their own, as DML's do
         torch.manual_seed(config.seed + (k if config.mutual else 0))
-        model = _student_model(config, student, num_classes, images)
+        model = _student_model(config, student, data.num_classes, images, data)
         loss = losses[loss_name]
         if DISTILLATION in loss.student_outputs:
             require_distillation_token(model, f"--loss {loss_name} (student {student})")
         outputs, sources, regressors = student_outputs(model, loss.needs, teachers, images, student, loss.heads) \
             if loss.needs else ((), {}, {})
         students.append((model, (outputs + loss.student_outputs, sources, regressors),
-                         loss_critics(loss, num_classes, device, here, config.seed)))
+                         loss_critics(loss, data.num_classes, device, here, config.seed)))
     return students
 
 
-def _student_model(config: DistillConfig, student: str, num_classes: int, images: torch.Tensor) -> torch.nn.Module:
+def _student_model(config: DistillConfig, student: str, num_classes: int, images: torch.Tensor,
+                   data: DataSource | None = None) -> torch.nn.Module:
     """A student with the run's class count: fresh weights, or --student-checkpoint's (a head for another class count
-    replaced by a fresh one); a head that gives another class count is refused here, before any training."""
+    replaced by a fresh one); a head that gives another class count, or a model of another task than `data`'s
+    (a segmentation model for images labelled whole), is refused here, before any training."""
     model = create_model(student, num_classes=num_classes)
+    if data is not None:
+        require_task(model, student, data, "--student")
     if config.student_checkpoint:
         replaced = load_student_weights(config.student_checkpoint, model, num_classes)
         if replaced and distributed.world().is_main:
@@ -378,6 +382,7 @@ def _targets(config: DistillConfig, caches: list[TeacherCache], data: DataSource
                    "ensemble": [{"cache_identity": c.spec.identity_digest(), "teacher": c.spec.teacher} for c in caches]}
         return EnsembleTargets(providers, weights), source, teachers
     teacher, teacher_info = load_teacher(config.live_teacher, config.teacher, data.num_classes)
+    require_task(teacher, teacher_info["arch"], data, "--live-teacher")
     if caches:  # replaying the cache's views live is the equivalence baseline: same teacher only
         caches[0].require({"teacher.arch": teacher_info["arch"],
                            "teacher.checkpoint_sha256": teacher_info["checkpoint_sha256"]})
