@@ -262,6 +262,8 @@ def test_a_segmentation_student_or_live_teacher_is_refused_for_data_labelled_per
         code, _, err = run_cli(["distill", "--live-teacher", teacher, "--teacher", spec, "--dataset", "digits",
                                 "--student", student, "--loss", "kd", "--epochs", 1, "--out", tmp_path / "run"], capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
+    code, _, err = run_cli(["eval", segmenter, "--model", "fcn_resnet8", "--dataset", "digits"], capsys)
+    assert code == 2 and "--model fcn_resnet8: fcn_resnet8 is a segmentation model" in err
 
 
 def test_several_caches_are_refused_for_a_segmentation_student(scenes, tmp_path):

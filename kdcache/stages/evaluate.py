@@ -132,6 +132,7 @@ def evaluate_model(checkpoint: str | os.PathLike, model: str | None = None, data
         return _evaluate_segmentation_model(checkpoint, model, test, batch_size, device)
     network, info = _int8_model(checkpoint, sidecar, model, num_classes, device) \
         or load_teacher(checkpoint, model, num_classes)
+    require_task(network, info["arch"], test, "--model")  # a segmentation model has no top-1 of whole images
     where = pick_device("cpu" if isinstance(network, Int8Network) else device)
     testing = EvalSplit(test, where, default_workers(workers), batch_size=batch_size)
     network, batches = prepare_model(network, where), testing.batches(range(len(testing)))
