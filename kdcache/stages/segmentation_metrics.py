@@ -1,6 +1,6 @@
 """How good a segmentation model is: the confusion matrix over the labelled pixels of a split, its mean
-intersection-over-union (mIoU) and its pixel accuracy, as torchvision's reference scripts and mmsegmentation
-count them.
+intersection-over-union (mIoU) and its pixel accuracy: the matrix and each class's IoU as torchvision's reference
+scripts compute them (references/segmentation/utils.py, ConfusionMatrix), the mean as mmsegmentation takes it.
 
 The confusion matrix counts, over every pixel whose label is not IGNORE_INDEX (255: padding, borders), how often
 true class i was predicted as class j (rows: the label, columns: the prediction); it is summed over the whole split
