@@ -48,8 +48,8 @@ def test_top_level_help_lists_the_commands(capsys):
 
 @pytest.mark.parametrize(("argv", "expected"), [
     (["train-teacher", "--model", "resnet9", "--epochs", "1"],
-     "model spec 'resnet9': kdcache's registry has no model 'resnet9'; known: mobilenet_v2, mobilenetv2,"),
-    (["train-teacher", "--dataset", "mnist"], "load_dataset(): unknown name 'mnist'; known: cifar10, cifar100, digits, imagefolder"),
+     "model spec 'resnet9': kdcache's registry has no model 'resnet9'; known: fcn_resnet20, fcn_resnet8, mobilenet_v2,"),
+    (["train-teacher", "--dataset", "mnist"], "load_dataset(): unknown name 'mnist'; known: cifar10, cifar100, cityscapes, digits, digits-scenes, imagefolder"),
     (["train-teacher", "--dataset", "cifar100", "--data-root", "/nonexistent/data"], "/nonexistent/data"),
     (["dump-teacher", "--checkpoint", "/nonexistent/t.pt", "--teacher", "resnet8"], "/nonexistent/t.pt"),
     (["dump-teacher", "--checkpoint", "x.pt", "--views", "0"], "--views"),
