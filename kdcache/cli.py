@@ -313,10 +313,10 @@ def verify_command(cache: str) -> None:
 
 @cli.command("models")
 @click.argument("pattern", default="*")
-@click.option("--source", type=click.Choice(["kdcache", "timm", "torchvision", "gpt", "smp"]), default="kdcache",
+@click.option("--source", type=click.Choice(["kdcache", "timm", "torchvision", "gpt", "smp", "clip"]), default="kdcache",
               show_default=True, help="Whose models: kdcache's registry (with parameter counts), timm's, torchvision's "
-              "(segmentation models too), example shapes of kdcache's GPT (with parameter counts), or the "
-              "architectures of segmentation-models-pytorch.")
+              "(segmentation models too), example shapes of kdcache's GPT (with parameter counts), the architectures "
+              "of segmentation-models-pytorch, or open_clip's CLIP architectures.")
 @click.option("--pretrained", is_flag=True, help="With --source timm: list timm's pretrained tags (such as "
               "timm:resnet50.a1_in1k), whose weights you fetch yourself and pass with --checkpoint.")
 def models_command(pattern: str, source: str, pretrained: bool) -> None:
@@ -336,6 +336,8 @@ def models_command(pattern: str, source: str, pretrained: bool) -> None:
                                     dropout=0); its vocabulary is the data's
       hf:PATH                       a Hugging Face causal LM in a local folder (config.json, model.safetensors),
                                     with the folder's weights; no code from the folder runs
+      clip:NAME[,key=value,...]     open_clip's CLIP architecture NAME as a zero-shot teacher over the data's
+                                    class names (pip install "kdcache[clip]"), e.g. clip:ViT-B-32
       python:module.path:callable   your own factory returning an nn.Module (num_classes= passed if accepted)
     Weights always come from a local file (--checkpoint, or an hf: folder): kdcache never downloads any.
     """

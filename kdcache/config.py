@@ -208,8 +208,10 @@ class DumpConfig:
     checkpoint: str = option("", "Teacher weights: a .pt/.pth (mdistiller's, torchvision's, kdcache's model.pt), a "
                                  ".safetensors (timm's, Hugging Face's), or a kdcache run folder. Never downloaded. "
                                  "An hf:PATH teacher needs none (its folder's weights; given, it is loaded over them).")
-    teacher: str = option("", "Teacher model spec: a kdcache name, timm:NAME, torchvision:NAME, gpt:..., hf:PATH or "
-                              "python:module:callable; read from the checkpoint's kdcache sidecar when omitted.")
+    teacher: str = option("", "Teacher model spec: a kdcache name, timm:NAME, torchvision:NAME, gpt:..., hf:PATH, "
+                              "clip:NAME (open_clip's CLIP: its zero-shot logits against the data's class names, "
+                              "'a photo of a {name}.') or python:module:callable; read from the checkpoint's kdcache "
+                              "sidecar when omitted.")
     dataset: str = _dataset()
     data_root: str | None = _data_root()
     image_size: int | None = _image_size()
@@ -261,7 +263,7 @@ class DumpConfig:
                               "regions only. --dataset text: hidden (the teacher's final hidden state at every "
                               "position, for --loss distilbert).")
     losses: tuple[str, ...] = option((), "Cache what these losses read (fitnet: a hint; at: attention maps; sp, rkd, "
-                                         "crd, irg: the embedding); repeatable.", flag="--loss", multiple=True)
+                                         "crd, irg, clip: the embedding); repeatable.", flag="--loss", multiple=True)
     views_from: str | None = option(None, "Run this teacher on exactly the views of another cache (its dataset, "
                                           "split, policy, views and seed), for several teachers: distill --cache A "
                                           "--cache B.", type=click.Path(exists=True))

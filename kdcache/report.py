@@ -58,7 +58,8 @@ def describe_cache(path: str | Path) -> dict[str, Any]:
         size = store_bytes(cache.store.location)
         report = {"path": str(path), "format": cache.store.format_name, "metadata": cache.metadata,
                   "shape": {"logits": list(spec.logits_shape), "aug": [spec.num_views, spec.num_samples, spec.num_params],
-                            **{name: [spec.num_views, spec.num_samples, *shape] for name, shape in spec.outputs.items()}},
+                            **{name: [spec.num_views, spec.num_samples, *shape] for name, shape in spec.outputs.items()},
+                            **{name: list(spec.constant_layout(name)[0]) for name in spec.constant_arrays}},
                   "bytes_on_disk": size, "blocks_written": written, "blocks_total": progress.size,
                   "complete": written == progress.size, "view_accuracy": accuracy,
                   "self_check": self_check_scope(cache)[1]}
@@ -84,6 +85,7 @@ def describe_cache(path: str | Path) -> dict[str, Any]:
         f"head      {spec.head}; verify's self-check: {report['self_check']}",
         "outputs   " + ("; ".join(f"{name} {[spec.num_views, spec.num_samples, *shape]}"
                                   for name, shape in spec.outputs.items()) or "region logits only"),
+        *_zero_shot_lines(spec),
         f"size      {_megabytes(size)} on disk",
         f"complete  {'yes' if report['complete'] else 'no'}: {written} of {progress.size} (view, block) units written",
         f"accuracy  teacher top-1 per view: {' '.join(shown)}{' ...' if len(accuracy) > 16 else ''}"
@@ -91,6 +93,17 @@ def describe_cache(path: str | Path) -> dict[str, Any]:
            if "mix" in spec.augmentation else ""),
     ])
     return report
+
+
+def _zero_shot_lines(spec: Any) -> list[str]:
+    """inspect's line for a zero-shot teacher: its stored text embedding and the prompts it embeds."""
+    if not spec.constant_arrays:
+        return []
+    zero_shot, (shape, dtype) = spec.teacher["zero_shot"], spec.constant_layout("text_embedding")
+    names = zero_shot["class_names"]
+    shown = ", ".join(names[:8]) + (f", ... ({len(names)} classes)" if len(names) > 8 else "")
+    return [f"zero-shot text_embedding {list(shape)} {dtype}: prompts {zero_shot['template']!r} for {shown}; the "
+            f"logits are the image embedding's scores against them"]
 
 
 def _token_cache_text(path: str | Path, spec: Any, report: dict[str, Any]) -> str:

@@ -203,6 +203,11 @@ def crd(student, teacher, negatives, temperature):
     return sum(losses) / len(losses)
 
 
+def embedding_cosine(student, teacher):
+    """CLIP distillation's embedding term: mean over i of 1 − s_i·t_i / (‖s_i‖ ‖t_i‖)."""
+    return sum(1 - dot(s, t) / math.sqrt(dot(s, s) * dot(t, t)) for s, t in zip(student, teacher)) / len(student)
+
+
 def irg_edges(rows):
     """Liu et al. 2019 (as the reference code): ‖x_i − x_j‖², 0 for i = j, over the largest entry."""
     b = len(rows)

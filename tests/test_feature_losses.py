@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import loss_reference as ref
 from kdcache.errors import KdcacheError
-from kdcache.losses import at, attention_map, crd, fitnet, irg, rkd, rkd_angle, rkd_distance, sp
+from kdcache.losses import at, attention_map, crd, embedding_cosine, fitnet, irg, rkd, rkd_angle, rkd_distance, sp
 
 STEP = 1e-6  # central differences in float64: error ~ STEP² · third derivative, well under the tolerance
 
@@ -52,6 +52,11 @@ def _cases(seed):
         "crd (the negatives' gradient)": (
             lambda n: crd(embedding_s, embedding_t, n, 0.5),
             lambda n: ref.crd(embedding_s.tolist(), embedding_t.tolist(), n.tolist(), 0.5), negatives),
+        "embedding_cosine": (lambda s: embedding_cosine(s, embedding_t),
+                             lambda s: ref.embedding_cosine(s.tolist(), embedding_t.tolist()), embedding_s),
+        "embedding_cosine (the teacher's gradient)": (
+            lambda t: embedding_cosine(embedding_s, t),
+            lambda t: ref.embedding_cosine(embedding_s.tolist(), t.tolist()), embedding_t),
         "irg": (lambda s: irg(s, embedding_t), lambda s: ref.irg(s.tolist(), embedding_t.tolist(), 0.1, 5.0),
                 embedding_s),
         "irg (other dimensions, projected)": (

@@ -93,7 +93,7 @@ def test_create_model_unknown_name_lists_known_names():
         create_model("resnet9")
     assert str(caught.value) == (f"model spec 'resnet9': kdcache's registry has no model 'resnet9'; known: "
                                  f"{', '.join(list_models())}; other models are named as NAME (kdcache's registry), "
-                                 f"timm:NAME, torchvision:NAME, gpt:layers=L,width=D,heads=H, hf:PATH or "
+                                 f"timm:NAME, torchvision:NAME, gpt:layers=L,width=D,heads=H, hf:PATH, clip:NAME or "
                                  f"python:module.path:callable")
 
 

@@ -33,7 +33,8 @@ FORMAT_VERSIONS = {
        "(`embedding`, `attention.<stage>`, `hint.<stage>`), each an array chunked as the logits are",
     6: "as 5; or a token cache (metadata `tokens`): a causal language model's next-token distribution per sequence "
        "and position, its top-k token ids and log-probabilities quantised as `tokens` describes, `labels` the next "
-       "token of each position",
+       "token of each position; a zero-shot teacher's cache (metadata `teacher.zero_shot`, kdcache after 6964e66) "
+       "adds `text_embedding`, which a reader without it ignores",
 }
 WRITTEN_VERSION = 6
 TOKENS_SINCE = 6  # the first format version that may be a token cache
@@ -59,6 +60,9 @@ ARRAYS = {
     "attention.<stage>": "[views, samples, H, W] the attention-transfer map of the stage's output: the channel mean "
                          "of its squares, L2-normalised over the H*W positions (Zagoruyko & Komodakis 2017, p = 2)",
     "hint.<stage>": "[views, samples, C, H, W] the stage's output feature map, FitNet's hint (Romero et al. 2015)",
+    "text_embedding": "[classes, D] float32: a zero-shot teacher's (CLIP's) L2-normalised text embedding of one "
+                      "prompt per class, teacher.zero_shot.template with the class name of teacher.zero_shot.class_names "
+                      "(underscores read as spaces); its logits are logit_scale.exp() * embedding @ text_embedding.T",
     "labels": "[samples] class labels",
     "progress": "[views, blocks] -1 while a block is not written; then how many of its samples the "
                 "teacher's global logit (region 0) classifies correctly",
@@ -78,9 +82,10 @@ IDENTITY_FIELDS = (
     "dataset.name", "dataset.split", "dataset.num_samples", "dataset.image_shape", "dataset.num_classes",
     "dataset.mean", "dataset.std", "dataset.fingerprint",
     "augmentation", "views.count", "views.exhaustive", "views.seed", "scales", "logits.dtype",
-    "logits.block_size", "logits.topk", "outputs", "tokens",
+    "logits.block_size", "logits.topk", "outputs", "tokens", "teacher.zero_shot",
 )
 FULL_ARRAYS = ("logits",)
+TEXT_EMBEDDING = "text_embedding"  # a zero-shot teacher's class prompts, embedded: written once, with the arrays
 FILE_ARRAYS = ("files", "file_crc32c")
 TOPK_ARRAYS = ("topk_values", "topk_indices", "topk_rest")
 
@@ -136,6 +141,16 @@ class CacheSpec:
     def output_arrays(self) -> dict[str, str]:
         """The arrays of the further outputs, by output name (`attention/layer1` is stored as `attention.layer1`)."""
         return {name: output_array(name) for name in self.outputs}
+
+    @property
+    def constant_arrays(self) -> tuple[str, ...]:
+        """The arrays written once when the cache is created, of the teacher rather than the samples: a zero-shot
+        teacher's text embedding."""
+        return (TEXT_EMBEDDING,) if "zero_shot" in self.teacher else ()
+
+    def constant_layout(self, name: str) -> tuple[tuple[int, ...], str]:
+        """Shape and dtype of one of the constant arrays."""
+        return {TEXT_EMBEDDING: ((self.num_classes, int(self.teacher["zero_shot"]["dim"])), "float32")}[name]
 
     @property
     def data_arrays(self) -> tuple[str, ...]:
@@ -227,7 +242,8 @@ class CacheSpec:
                            "remaining mass evenly)"} if self.topk else {})},
             **({"outputs": self.outputs} if self.format_version >= OUTPUTS_SINCE else {}),
             "arrays": {name: self.array_description(name) for name in (*self.data_arrays, "aug", "labels", "progress",
-                                                                          DIGEST_ARRAY, *self.file_arrays)},
+                                                                          DIGEST_ARRAY, *self.file_arrays,
+                                                                          *self.constant_arrays)},
             "view_accuracy": self.view_accuracy,
         }
 
@@ -286,6 +302,8 @@ class CacheSpec:
                 raise CorruptCacheError(f"{where}: metadata field 'outputs' should map output names (embedding, "
                                         f"attention/<stage>, hint/<stage>) to positive sizes, found {name!r}: "
                                         f"{_short(shape)}")
+        if "zero_shot" in self.teacher:
+            self._check_zero_shot(where)
         if self.streamed and self.format_version < 4:
             raise CorruptCacheError(f"{where}: metadata says format {self.format_version} but 'dataset.source' files, "
                                     f"which format 4 introduced: the metadata was edited — rebuild it with "
@@ -306,6 +324,19 @@ class CacheSpec:
                 a is None or (isinstance(a, (int, float)) and not isinstance(a, bool)) for a in accuracy)):
             raise CorruptCacheError(f"{where}: metadata field 'view_accuracy' should be null or one number per view "
                                     f"(views.count = {self.num_views}), found {_short(accuracy)}")
+
+    def _check_zero_shot(self, where: str) -> None:
+        """Refuse a zero-shot teacher's description that no dump writes: a template, a name per class, a dimension."""
+        zero_shot = self.teacher["zero_shot"]
+        fields = zero_shot if isinstance(zero_shot, dict) else {}
+        names, dim = fields.get("class_names"), fields.get("dim")
+        if not (isinstance(fields.get("template"), str) and isinstance(names, list) and len(names) == self.num_classes
+                and all(isinstance(name, str) for name in names)
+                and isinstance(dim, int) and not isinstance(dim, bool) and dim > 0):
+            raise CorruptCacheError(f"{where}: metadata field 'teacher.zero_shot' should hold a template, one class "
+                                    f"name per class ({self.num_classes}) and a positive dim, found "
+                                    f"{_short(zero_shot)}; the metadata was edited: rebuild the cache with "
+                                    f"`kdcache dump-teacher --overwrite`")
 
     def identity_digest(self) -> str:
         """sha256 of the identity fields: names a cache by what it holds, wherever it lies."""

@@ -14,8 +14,8 @@ import numpy as np
 from kdcache.cache.backends import open_store
 from kdcache.cache.location import Location, Place, store_exists
 from kdcache.cache.lock import ReadersLock
-from kdcache.cache.layout import (DIGEST_ARRAY, DIGEST_BYTES, DIGEST_SINCE, PENDING, TOPK_ARRAYS, CacheSpec,
-                                  all_finite, cache_id, require_match, require_metadata_digest, require_same_cache)
+from kdcache.cache.layout import (DIGEST_ARRAY, DIGEST_BYTES, DIGEST_SINCE, PENDING, TEXT_EMBEDDING, TOPK_ARRAYS,
+                                  CacheSpec, all_finite, cache_id, require_match, require_metadata_digest, require_same_cache)
 from kdcache.cache.store import ChunkReadError, Store
 from kdcache.cache.topk import decode_topk_array
 from kdcache.errors import CorruptCacheError, KdcacheError
@@ -141,7 +141,7 @@ class TeacherCache:
             raise KdcacheError(f"cache {self.path} is incomplete: {len(missing)} of {progress.size} (view, block) "
                                f"units are not written (first: view {view}, block {block}); rerun the same "
                                f"`kdcache dump-teacher` command to finish it")
-        for name in ("labels", "aug", *self.spec.data_arrays, *self.spec.file_arrays):
+        for name in ("labels", "aug", *self.spec.data_arrays, *self.spec.file_arrays, *self.spec.constant_arrays):
             problem = next(self.missing_chunks(name, None), None)
             if problem is not None:
                 raise self._damaged(problem)
@@ -156,6 +156,17 @@ class TeacherCache:
         for a streamed split."""
         with self._unchanged():
             return self._read_checked("aug", view)
+
+    def text_embedding(self) -> np.ndarray:
+        """[classes, D] float32: a zero-shot teacher's (CLIP's) L2-normalised text embedding of each class's prompt,
+        the prompts as the metadata's teacher.zero_shot says (template, class_names)."""
+        if TEXT_EMBEDDING not in self.spec.constant_arrays:
+            raise KdcacheError(f"cache {self.path} holds no text embedding: its teacher {self.spec.teacher['arch']} is "
+                               f"no zero-shot teacher; a clip:NAME teacher's cache has one")
+        values = self._read_checked(TEXT_EMBEDDING, None)
+        if not all_finite(values):
+            raise self._damaged(Problem(TEXT_EMBEDDING, None, None, None, "holds NaN or Inf values"))
+        return values
 
     def file_listing(self) -> list[bytes]:
         """A streamed split's files as the dump listed them, relative to the split's folder, in sample order."""
@@ -289,6 +300,8 @@ class TeacherCache:
                          "views.count, dataset.num_samples, logits.block_size"),
             **({DIGEST_ARRAY: ((DIGEST_BYTES,), "uint8", None, "format_version")}
                if spec.format_version >= DIGEST_SINCE else {}),
+            **{name: (*spec.constant_layout(name), None, "teacher.num_classes, teacher.zero_shot.dim")
+               for name in spec.constant_arrays},
             **({"files": ((spec.dataset["listing_bytes"],), "uint8", None, "dataset.listing_bytes"),
                 "file_crc32c": ((spec.num_samples,), "uint32", (spec.block_size,),
                                 "dataset.num_samples, logits.block_size")} if spec.streamed else {})}

@@ -20,11 +20,13 @@ ProblemAt = Callable[..., list[Problem]]  # (what, array name) -> [the Problem a
 def verify(cache: TeacherCache, on_block: Callable[[], None] | None = None) -> list[Problem]:
     """Read every chunk: checksums, missing chunks, completeness, finiteness, region-0 self-check."""
     small = SMALL_ARRAYS + ((DIGEST_ARRAY,) if cache.spec.format_version >= DIGEST_SINCE else ()) + \
-        cache.spec.file_arrays
+        cache.spec.file_arrays + cache.spec.constant_arrays
     problems = [p for name in small for p in cache.missing_chunks(name, None)]
     problems += [p for name in small for p in cache.unreadable_chunks(name, None)]
     if any(p.array == "progress" for p in problems):
         return problems
+    problems += [Problem(name, None, None, None, "holds NaN or Inf values") for name in cache.spec.constant_arrays
+                 if not any(p.array == name for p in problems) and not np.isfinite(cache.store.read(name)).all()]
     progress, labels = cache.progress(), cache.labels()
     tolerance = SELF_CHECK_TOLERANCE.get(cache.spec.teacher["precision"], 4e-2)
     for view in range(cache.num_views):

@@ -29,14 +29,17 @@ class CacheWriter:
 
     @classmethod
     def open(cls, place: Place, spec: CacheSpec, labels: np.ndarray, aug_params: np.ndarray | None,
-             format: str | None = None, overwrite: bool = False, listing: bytes = b"") -> CacheWriter:
+             format: str | None = None, overwrite: bool = False, listing: bytes = b"",
+             constants: dict[str, np.ndarray] | None = None) -> CacheWriter:
         """Take the writer lock, then create the cache, or resume it when it exists and was made with the same spec.
 
         aug_params: every view's parameters, written now; None for a streamed split, whose blocks bring their own
-        (with `listing`, its files).
+        (with `listing`, its files). constants: the values of the spec's constant arrays (a zero-shot teacher's
+        text embedding), written when the cache is created.
         """
         path = Location.of(place).resolved()  # through a symlink: the real store, under the same lock
-        store_class(path, format)  # an HDF5 cache at a URL is refused before any lock is taken
+        store_class(path, format)
+        _check_constants(spec, constants or {})  # an HDF5 cache at a URL is refused before any lock is taken
         locks = [WriterLock(path).acquire()]
         try:
             if store_exists(path) and (not _started_by_kdcache(path) or overwrite):  # a folder of the user's: refused
@@ -46,7 +49,7 @@ class CacheWriter:
                 remove_store(path)
             if store_exists(path):
                 return cls(cls._resumable(path, spec), spec, locks)
-            return cls(cls._created(path, format, spec, labels, aug_params, listing), spec, locks)
+            return cls(cls._created(path, format, spec, labels, aug_params, listing, constants or {}), spec, locks)
         except BaseException:
             for lock in reversed(locks):
                 lock.release()
@@ -81,12 +84,12 @@ class CacheWriter:
 
     @classmethod
     def _created(cls, path: Location, format: str | None, spec: CacheSpec, labels: np.ndarray,
-                 aug_params: np.ndarray | None, listing: bytes) -> Store:
+                 aug_params: np.ndarray | None, listing: bytes, constants: dict[str, np.ndarray]) -> Store:
         """A new store with every array and the metadata; a disk that cannot hold even that is one line."""
         store = None
         try:
             store = create_store(path, format)
-            cls._create_arrays(store, spec, labels, aug_params, listing)
+            cls._create_arrays(store, spec, labels, aug_params, listing, constants)
         except BaseException as error:
             if store is not None:
                 with contextlib.suppress(Exception):  # closing flushes, which a full disk refuses too
@@ -99,7 +102,7 @@ class CacheWriter:
 
     @staticmethod
     def _create_arrays(store: Store, spec: CacheSpec, labels: np.ndarray, aug_params: np.ndarray | None,
-                       listing: bytes) -> None:
+                       listing: bytes, constants: dict[str, np.ndarray]) -> None:
         block = spec.block_size
         store.create_array("labels", spec.labels_shape, "int64", spec.labels_shape)
         store.create_array("aug", (spec.num_views, spec.num_samples, spec.num_params), spec.aug_dtype,
@@ -118,6 +121,10 @@ class CacheWriter:
         if not spec.streamed:
             store.write("aug", (), aug_params.astype(np.int32))
         store.write("progress", (), np.full((spec.num_views, spec.num_blocks), PENDING, np.int64))
+        for name in spec.constant_arrays:  # one checksummed chunk each
+            shape, dtype = spec.constant_layout(name)
+            store.create_array(name, shape, dtype, shape)
+            store.write(name, (), constants[name].astype(dtype))
         metadata = new_cache_id(spec.to_metadata())  # the store's id, here only: a resume keeps it
         store.create_array(DIGEST_ARRAY, (DIGEST_BYTES,), "uint8", (DIGEST_BYTES,))
         store.write(DIGEST_ARRAY, (), metadata_digest(metadata))
@@ -247,6 +254,19 @@ class BackgroundWriter:
     def _raise_pending(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+def _check_constants(spec: CacheSpec, constants: dict[str, np.ndarray]) -> None:
+    """Refuse constant arrays other than the spec's, or of another shape, or not finite."""
+    if sorted(constants) != sorted(spec.constant_arrays):
+        raise ValueError(f"the cache's constant arrays are {list(spec.constant_arrays)}; got {sorted(constants)}")
+    for name, values in constants.items():
+        shape, dtype = spec.constant_layout(name)
+        if values.shape != shape:
+            raise ValueError(f"{name} should be of shape {shape}, got {values.shape}")
+        if not all_finite(values.astype(dtype)):
+            raise KdcacheError(f"the teacher's {name} holds NaN or Inf values; nothing was written. Check the "
+                               f"checkpoint")
 
 
 def _indices(values: np.ndarray, limit: int = 10) -> str:

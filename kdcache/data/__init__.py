@@ -16,7 +16,7 @@ from kdcache.data.augment import (
                                   list_policies,
 )
 from kdcache.data.files import FileBatches, FilePolicy, ImageFiles
-from kdcache.data.source import DataSource, Policy, policy_for, stored_policy, student_views
+from kdcache.data.source import DataSource, Policy, class_names, policy_for, stored_policy, student_views
 from kdcache.data.sources import (
                                   ImageData,
                                   data_fingerprint,
@@ -40,6 +40,7 @@ __all__ = [
     "ImageFiles",
     "Policy",
     "policy_for",
+    "class_names",
     "stored_policy",
     "student_views",
     "Identity",

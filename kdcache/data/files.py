@@ -59,6 +59,7 @@ class ImageFiles:
     std: tuple[float, ...]
     image_size: int
     max_pixels: int = DEFAULT_MAX_PIXELS  # a file whose header declares more is refused before it is decoded
+    class_names: tuple[str, ...] = ()  # a name per class (its folder's), for a zero-shot teacher's prompts
     fingerprint: str = field(init=False)
     listing_bytes: int = field(init=False)  # the size of listing(), which describe() names
 

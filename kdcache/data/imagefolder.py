@@ -70,10 +70,10 @@ def imagefolder(root: str | Path | None, split: str, *, image_size: int = DEFAUL
         start = len(os.path.join(str(folder), ""))  # make_dataset joins folder, class and name: cut the folder off
         relative = np.array([os.fsencode(path[start:].replace(os.sep, "/")) for path in paths])
         return ImageFiles("imagefolder", split, str(folder), relative, torch.tensor(labels, dtype=torch.int64),
-                          len(classes), IMAGENET_MEAN, IMAGENET_STD, image_size, max_image_pixels)
+                          len(classes), IMAGENET_MEAN, IMAGENET_STD, image_size, max_image_pixels, tuple(classes))
     images = _decode_all(paths, image_size, max_image_pixels, f"decode {folder.name}")
     return ImageData("imagefolder", split, images, torch.tensor(labels, dtype=torch.int64), len(classes),
-                     IMAGENET_MEAN, IMAGENET_STD)
+                     IMAGENET_MEAN, IMAGENET_STD, class_names=tuple(classes))
 
 
 def _split_folder(root: str | Path | None, split: str, why: str = "") -> Path:

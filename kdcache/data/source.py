@@ -103,6 +103,12 @@ class DataSource(Protocol):
         ...
 
 
+def class_names(data: DataSource) -> tuple[str, ...]:
+    """A name per class of a source that knows them (digits, CIFAR, an image folder's folders: `class_names`), for a
+    zero-shot teacher's prompts; () for one that names none (synthetic data, text)."""
+    return tuple(getattr(data, "class_names", ()))
+
+
 def policy_for(data: DataSource, name: str | None, mix: dict | None = None, **options: object) -> Policy:
     """The augmentation policy `name` (None: the source's default; with its options, e.g. RandAugment's num_ops,
     those given as None left out) for this data, mixed as `mix` ({mode, alpha, prob}) says."""

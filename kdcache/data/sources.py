@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdcache.data.augment import AugmentPolicy, get_policy, resize_views
-from kdcache.data.cifar import read_cifar
+from kdcache.data.cifar import CIFAR10_CLASSES, CIFAR100_CLASSES, read_cifar
 from kdcache.data.mixing import replay, with_mixing
 from kdcache.data.source import EVAL_BATCH, TestBatch
 from kdcache.errors import KdcacheError
@@ -37,6 +37,7 @@ CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 DIGITS_SIZE = 32
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 SYNTHETIC_NUM_SAMPLES = {"train": 2000, "test": 500}
 SYNTHETIC_PATTERN_CELLS = 4  # each class pattern is a random 4×4 colour grid, smoothly upsampled
@@ -60,6 +61,7 @@ class ImageData:
     std: tuple[float, ...]
     view_size: int | None = None  # views made at the held size, then resized to this side (`at_size`)
     classes: tuple[int, ...] | None = None  # the classes kept (--classes), else None: every class's samples
+    class_names: tuple[str, ...] = ()  # a name per class, for a zero-shot teacher's prompts; () where none is known
     fingerprint: str = field(init=False)
 
     def __post_init__(self):
@@ -267,14 +269,14 @@ def dataset_options(name: str) -> list[str]:
 def cifar10(root: str | Path | None, split: str) -> ImageData:
     """CIFAR-10 from `root` in torchvision's layout (`root/cifar-10-batches-py/`); never downloads."""
     images, labels = read_cifar("cifar10", root, split)
-    return ImageData("cifar10", split, images, labels, 10, CIFAR10_MEAN, CIFAR10_STD)
+    return ImageData("cifar10", split, images, labels, 10, CIFAR10_MEAN, CIFAR10_STD, class_names=CIFAR10_CLASSES)
 
 
 @register_dataset
 def cifar100(root: str | Path | None, split: str) -> ImageData:
     """CIFAR-100 (fine labels) from `root` in torchvision's layout (`root/cifar-100-python/`); never downloads."""
     images, labels = read_cifar("cifar100", root, split)
-    return ImageData("cifar100", split, images, labels, 100, CIFAR100_MEAN, CIFAR100_STD)
+    return ImageData("cifar100", split, images, labels, 100, CIFAR100_MEAN, CIFAR100_STD, class_names=CIFAR100_CLASSES)
 
 
 @register_dataset
@@ -284,7 +286,8 @@ def digits(root: str | Path | None, split: str) -> ImageData:
     train_indices, test_indices = _digits_split(labels.numpy())
     mean, std = _channel_stats(images[train_indices])
     indices = train_indices if split == "train" else test_indices
-    return ImageData("digits", split, images[indices].contiguous(), labels[indices], 10, mean, std)
+    return ImageData("digits", split, images[indices].contiguous(), labels[indices], 10, mean, std,
+                     class_names=DIGIT_NAMES)
 
 
 def _digits_images() -> tuple[Tensor, Tensor]:

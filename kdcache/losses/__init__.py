@@ -3,7 +3,8 @@
 `--loss NAME` specs (`spec`)."""
 
 from kdcache.losses.dense import cwd, pixel_kd
-from kdcache.losses.features import at, crd, fitnet, irg, irg_edge, irg_vertex, rkd, rkd_angle, rkd_distance, sp
+from kdcache.losses.features import (at, crd, embedding_cosine, fitnet, irg, irg_edge, irg_vertex, rkd, rkd_angle,
+                                      rkd_distance, sp)
 
 from kdcache.losses.functions import (
                                       deit_hard,
@@ -48,4 +49,4 @@ __all__ = ["PAPER_EPOCHS", "PEERS", "at", "attention_map", "deit_hard", "deit_ha
            "sdd_region_weights", "sld", "sld_student_term", "sld_switched", "sld_teacher_term", "sp", "standardize",
            "swap_target_max", "tckd", "upcast", "crd", "irg", "irg_edge", "irg_vertex",
            "TOKEN_LOSSES", "distilbert", "token_jsd", "token_kl", "token_reverse_kl", "token_tvd",
-           "cwd", "pixel_kd"]
+           "cwd", "pixel_kd", "embedding_cosine"]

@@ -1,6 +1,6 @@
 """Feature- and relation-based distillation losses as pure functions on tensors: FitNet, attention transfer,
-similarity-preserving and relational KD, contrastive representation distillation and the instance relationship
-graph.
+similarity-preserving and relational KD, contrastive representation distillation, the instance relationship
+graph and CLIP distillation's cosine embedding term.
 
 Shapes. Feature maps are `[B, C, H, W]`; attention maps `[B, H, W]`; embeddings `[B, D]` (any `[B, ...]` is
 flattened per sample). Precision as in `functions.py`: fp16/bf16 inputs are computed in float32; float32 and
@@ -27,6 +27,10 @@ Sources (the formulas and the defaults of each `--loss` weight were checked agai
          Euclidean distance matrices, diagonal 0, each over its largest entry, mean squared error; weights 0.1
          and 5.0 in `train_kd.py`). The transformation term (between two layers' graphs) is not implemented: a
          cache holds one embedding per sample, not two layers.
+  CLIP   Radford et al., ICML 2021 (the zero-shot logits a CLIP teacher gives); the embedding term after Yang et
+         al., CVPR 2024, CLIP-KD (its feature distillation, an MSE between the student's embedding, through a
+         linear projection where the dimensions differ, and the teacher's): here 1 − cos, which on the normalised
+         embeddings is that MSE up to scale, and a linear head on the student's side always.
 """
 
 from collections.abc import Sequence
@@ -176,6 +180,20 @@ def irg(student_embedding: Tensor, teacher_embedding: Tensor, vertex_weight: flo
     vertex_student = student_embedding if projected_student is None else projected_student
     return vertex_weight * irg_vertex(vertex_student, teacher_embedding) + \
         edge_weight * irg_edge(student_embedding, teacher_embedding)
+
+
+def embedding_cosine(student_embedding: Tensor, teacher_embedding: Tensor) -> Tensor:
+    """The cosine embedding term of CLIP distillation: the mean over the batch of 1 − cos(s_i, t_i), the student's
+    embedding (through its linear head to the teacher's dimension) against the teacher's image embedding [B, D].
+    On unit vectors it is half the squared distance, so it is CLIP-KD's feature distillation (an MSE of the
+    embeddings) on L2-normalised embeddings, up to scale."""
+    student, teacher = upcast(student_embedding).flatten(1), upcast(teacher_embedding).flatten(1)
+    if student.shape != teacher.shape:
+        raise KdcacheError(f"embedding_cosine(): the student's embedding {tuple(student.shape)} and the teacher's "
+                           f"{tuple(teacher.shape)} differ in shape; project the student's to the teacher's dimension "
+                           f"first (a linear head)")
+    cosine = (F.normalize(student, dim=1, eps=NORMALIZE_EPS) * F.normalize(teacher, dim=1, eps=NORMALIZE_EPS)).sum(1)
+    return (1 - cosine).mean()
 
 
 def _embeddings(student: Tensor, teacher: Tensor, call: str) -> tuple[Tensor, Tensor]:

@@ -3,7 +3,8 @@
 Each pure function of `kdcache.losses.functions` and `kdcache.losses.features` that a spec can name has a
 terms function here, registered under the pure function's name: it returns the loss's own terms (`kd`; DKD's
 `tckd` and `nckd`; SDD's `sdd`; SLD's `teacher_swap` and `student_swap`; `fitnet`, `at`, `sp`, RKD's
-`rkd_distance` and `rkd_angle`; CRD's `crd`; IRG's `irg_vertex` and `irg_edge`; DeiT's `deit`; adversarial's `adv`)
+`rkd_distance` and `rkd_angle`; CRD's `crd`; IRG's `irg_vertex` and `irg_edge`; DeiT's `deit`; adversarial's `adv`;
+CLIP's `zero_shot_kd` and `embedding_cos`)
 before weighting, and `LossSpec.compute` weights them and adds cross-entropy (`ce`) and the `total`. metrics.csv has
 a column per term.
 
@@ -29,7 +30,8 @@ from torch import Tensor
 from kdcache.errors import KdcacheError
 from kdcache.losses.adversarial import VERDICT, adversarial_loss
 from kdcache.losses.dense import cwd, pixel_kd
-from kdcache.losses.features import at, crd, fitnet, irg_edge, irg_vertex, rkd_angle, rkd_distance, sp
+from kdcache.losses.features import at, crd, embedding_cosine, fitnet, irg_edge, irg_vertex, rkd_angle, rkd_distance, \
+    sp
 from kdcache.losses.functions import (
     deit_hard_distillation,
     dkd,
@@ -59,8 +61,10 @@ PEERS = "peers"  # the teacher-side name of deep mutual learning's peer logits [
 PAPER_EPOCHS = 240  # the schedule the papers' epoch counts (warm-ups, SLD's switch) refer to
 SCHEDULED = ("temperature", "ce_weight", "distill_weight", "alpha", "beta")  # the fields a Schedule may set
 # the learned heads on the embedding a loss reads, by its function: the spec field giving their output dimension
-# (None: the teacher's, and only where the student's differs) and whether the teacher's embedding has one too
-EMBEDDING_HEADS = {"crd": ("embed_dim", True), "irg": (None, False)}
+# (None: the teacher's), whether the teacher's embedding has one too, and whether the student's has one even where
+# its dimension is the teacher's (IRG's only projects where they differ)
+EMBEDDING_HEADS = {"crd": ("embed_dim", True, True), "irg": (None, False, False), "clip": (None, False, True)}
+EmbeddingHead = tuple[str, int | None, bool, bool]  # LossSpec.heads: (loss, dimension or None, teacher side, always)
 # segmentation's: the name of a model's per-pixel logits [B, C, H, W] among its outputs (the teacher's at the
 # cache's output stride), and the pure functions that read them (a segmentation student's losses, beside ce)
 LOGIT_MAP = "logit_map"
@@ -113,6 +117,7 @@ class LossSpec:
     embed_dim: int | None = None  # CRD: the dimension both projection heads map the embeddings to
     vertex_weight: float | None = None  # IRG
     edge_weight: float | None = None  # IRG
+    embedding_weight: float | None = None  # CLIP: the cosine embedding term's weight (the zero-shot KD term's is 1)
     # --kd-classes: the distillation term reads these classes' logits alone, the teacher's and the student's (LwF's
     # old classes); () reads every class. The cross-entropy reads every class either way.
     kd_classes: tuple[int, ...] = ()
@@ -163,13 +168,14 @@ class LossSpec:
         return TERMS.entry(self.function).student_reads
 
     @property
-    def heads(self) -> tuple[tuple[str, int | None, bool], ...]:
+    def heads(self) -> tuple[EmbeddingHead, ...]:
         """The learned heads on the embedding the loss reads, trained with the student: (the loss's name for
-        them, their output dimension or None for the teacher's, whether the teacher's embedding has one too)."""
+        them, their output dimension or None for the teacher's, whether the teacher's embedding has one too,
+        whether the student's has one where its dimension is already the teacher's)."""
         if self.function not in EMBEDDING_HEADS:
             return ()
-        field, teacher_side = EMBEDDING_HEADS[self.function]
-        return ((self.function, getattr(self, field) if field else None, teacher_side),)
+        field, teacher_side, always = EMBEDDING_HEADS[self.function]
+        return ((self.function, getattr(self, field) if field else None, teacher_side, always),)
 
     @property
     def uses_regions(self) -> bool:
@@ -435,6 +441,18 @@ def _cwd_terms(spec: LossSpec, student: Outputs, teacher: Outputs, labels: Tenso
     return {"cwd": cwd(student[LOGIT_MAP], teacher[LOGIT_MAP], spec.temperature)}
 
 
+@_terms("clip", "zero_shot_kd", "embedding_cos", needs=("temperature", "embedding_weight"), reads="embedding")
+def _clip_terms(spec: LossSpec, student: Outputs, teacher: Outputs, labels: Tensor, epoch: float) -> dict[str, Tensor]:
+    """CLIP distillation into an image-only student: KD on the teacher's zero-shot logits (its region 0), and the
+    weighted cosine term of each teacher's image embedding against the student's through its head
+    (`clip/embedding`), summed over teachers."""
+    names = teacher_outputs(teacher, "embedding", "clip")
+    return {"zero_shot_kd": kd(upcast(student["regions"][:, 0]), upcast(teacher["regions"][:, 0]),
+                               spec.temperature),
+            "embedding_cos": spec.embedding_weight * sum(embedding_cosine(student[head_output("clip", name)],
+                                                                          teacher[name]) for name in names)}
+
+
 def _outputs(value: Tensor | Outputs) -> Outputs:
     """Region logits alone as the outputs dict they stand for."""
     return value if isinstance(value, dict) else {"regions": value}
@@ -511,7 +529,7 @@ class LossSum:
         return tuple(dict.fromkeys(name for part in self.parts for name in part.student_outputs))
 
     @property
-    def heads(self) -> tuple[tuple[str, int | None, bool], ...]:
+    def heads(self) -> tuple[EmbeddingHead, ...]:
         return tuple(head for part in self.parts for head in part.heads)
 
     @property

@@ -1,7 +1,8 @@
-"""Models: specs (kdcache's registry, timm, torchvision, GPT, Hugging Face folders, your own), the CIFAR family, region logits, checkpoints."""
+"""Models: specs (kdcache's registry, timm, torchvision, GPT, Hugging Face folders, open_clip's CLIP, your own), the CIFAR family, region logits, checkpoints."""
 
 # Importing the architecture modules registers their constructors.
 from kdcache.models import imagenet, mobilenetv2, resnet, segmentation, shufflenet, vgg, wrn  # noqa: F401
+from kdcache.models import clip  # noqa: F401  (registers the clip: spec source; open_clip is imported when used)
 from kdcache.models._registry import register_model
 from kdcache.models.checkpoint import (
     file_sha256,

@@ -12,7 +12,7 @@ import os
 import pickle
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -286,10 +286,13 @@ def checkpoint_sidecar(checkpoint: str | Path) -> dict[str, Any]:
         raise KdcacheError(f"{sidecar} is not valid JSON ({error}); fix or delete it and pass --teacher") from error
 
 
-def load_teacher(checkpoint: str | Path | None, arch: str | None, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+def load_teacher(checkpoint: str | Path | None, arch: str | None, num_classes: int,
+                 class_names: Sequence[str] = ()) -> tuple[nn.Module, dict[str, Any]]:
     """A teacher in eval mode and the metadata that names it (arch: its spec, classes, checkpoint and its sha256).
     An hf:PATH teacher needs no checkpoint: its folder's weights (config.json and safetensors, hashed together) are
-    used; a checkpoint given as well is loaded over them, strictly."""
+    used; a checkpoint given as well is loaded over them, strictly. A zero-shot teacher (a model with `zero_shot`:
+    CLIP) embeds its prompts for `class_names`, the data's, once its weights are loaded: `zero_shot` in the metadata
+    says what they were."""
     if arch:
         check_model_spec(arch)  # a misspelt spec is named before the weights are looked for
     if not checkpoint and arch and weights_in_spec(arch):  # hf:PATH: the folder's weights, named by their digest
@@ -311,4 +314,6 @@ def load_teacher(checkpoint: str | Path | None, arch: str | None, num_classes: i
     load_checkpoint(checkpoint, model, CHOOSE_TEACHER)
     info = {"arch": arch, "num_classes": num_classes, "checkpoint": str(checkpoint),
             "checkpoint_sha256": file_sha256(checkpoint)}
+    if callable(getattr(model, "zero_shot", None)):  # its logits are scores against its classes' prompts
+        info["zero_shot"] = model.zero_shot(class_names)
     return model.eval(), info

@@ -18,7 +18,8 @@ suffix, `embedding#1`, so that each teacher's term is computed and summed.
 A loss may learn heads on the embedding, trained with the student as FitNet's regressors are and saved with them
 (regressors.pt): CRD's linear projections of both sides to a common dimension, `crd/embedding` (the student's,
 made in `forward`) and the teacher's `crd/embedding` and `crd/negatives/embedding` (made of the targets by
-`project_targets`); IRG's projection of the student's embedding to the teacher's dimension, `irg/embedding`.
+`project_targets`); IRG's projection of the student's embedding to the teacher's dimension, `irg/embedding`;
+CLIP distillation's linear head from the student's embedding to the CLIP teacher's, `clip/embedding`.
 """
 
 from __future__ import annotations
@@ -299,7 +300,7 @@ class TeacherOutputs:
 
 
 def student_outputs(model: nn.Module, kinds: Sequence[str], teachers: Sequence[TeacherOutputs], images: torch.Tensor,
-                    student: str = "the student", heads: Sequence[tuple[str, int | None, bool]] = ()
+                    student: str = "the student", heads: Sequence[tuple[str, int | None, bool, bool]] = ()
                     ) -> tuple[tuple[str, ...], dict[str, str], dict[str, nn.Module]]:
     """The outputs a student gives for losses reading `kinds` from these teachers: their names (teacher k's with
     the suffix #k), the student stage each attention or hint output is made from, and the fresh regressors (for
@@ -325,15 +326,15 @@ def student_outputs(model: nn.Module, kinds: Sequence[str], teachers: Sequence[T
     return tuple(outputs), sources, regressors
 
 
-def embedding_heads(heads: Sequence[tuple[str, int | None, bool]], student_dim: int,
+def embedding_heads(heads: Sequence[tuple[str, int | None, bool, bool]], student_dim: int,
                     teacher_dims: dict[str, int]) -> dict[str, nn.Module]:
     """Fresh linear heads on the embeddings, by the output each gives (ModelOutputs' regressors): for each loss's
-    (name, dimension or None for the teacher's, teacher side too) and each teacher embedding, the student's head to
-    that dimension (with None, only where the student's differs from the teacher's), and the teacher's."""
+    (name, dimension or None for the teacher's, teacher side too, always) and each teacher embedding, the student's
+    head to that dimension (unless `always`, only where the student's differs from it), and the teacher's."""
     made = {}
-    for loss, dim, teacher_side in heads:
+    for loss, dim, teacher_side, always in heads:
         for name, teacher_dim in teacher_dims.items():
-            if dim is not None or student_dim != teacher_dim:
+            if always or student_dim != (dim or teacher_dim):
                 made[head_output(loss, name)] = nn.Linear(student_dim, dim or teacher_dim)
             if teacher_side:
                 made[TEACHER_HEAD + head_output(loss, name)] = nn.Linear(teacher_dim, dim or teacher_dim)

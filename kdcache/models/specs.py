@@ -13,6 +13,8 @@
   vocabulary the class count (kdcache.models.lm; keys left out take layers=6, width=384, heads=6, context=1024);
 - `hf:PATH`: a Hugging Face causal LM in a local folder (config.json, model.safetensors), with the folder's weights;
   transformers runs no code from the folder (kdcache.models.lm);
+- `clip:NAME[,key=value,...]`: open_clip's CLIP architecture NAME as a zero-shot teacher (`pip install
+  "kdcache[clip]"`; kdcache.models.clip), its weights from a local file like every other's;
 - `python:module.path:callable`: your own importable factory returning an nn.Module (`num_classes=` passed
   when it accepts it), imported only when the user typed the spec: a spec read from a file kdcache finds (a run
   folder's model.json) names models built by name or read from a folder as data only, never a python: one
@@ -47,7 +49,7 @@ from kdcache.models.torchvision_adapter import adapt_torchvision
 from kdcache.registry import Registry
 
 SPEC_FORMS = ("NAME (kdcache's registry), timm:NAME, torchvision:NAME, smp:ARCH,key=value,..., "
-              "gpt:layers=L,width=D,heads=H, hf:PATH or python:module.path:callable")
+              "gpt:layers=L,width=D,heads=H, hf:PATH, clip:NAME or python:module.path:callable")
 NO_DOWNLOADS = ("kdcache never downloads weights: download the file once where there is internet (timm's and Hugging "
                 "Face's model.safetensors, or torchvision's .pth) and pass it with --checkpoint")
 
@@ -117,7 +119,7 @@ def create_model(spec: str, num_classes: int | None = 100, pretrained: bool = Fa
 
 # the sources a spec read from a file kdcache finds may name: models built by name or from a folder's tensors and
 # JSON (hf: runs no code from the folder), never code to import
-FILE_SOURCES = ("kdcache", "timm", "torchvision", "gpt", "hf", "smp")
+FILE_SOURCES = ("kdcache", "timm", "torchvision", "gpt", "hf", "smp", "clip")
 
 
 def require_spec_from_file(spec: str, where: str, flag: str = "--teacher") -> str:
@@ -183,7 +185,7 @@ TIMM_FORM = ("timm:NAME or timm:NAME,key=value,... (numbers, true or false), suc
              "timm:vit_tiny_patch16_224,img_size=32")
 
 
-def _spec_arguments(scheme: str, body: str, form: str, reserved: tuple[str, ...],
+def spec_arguments(scheme: str, body: str, form: str, reserved: tuple[str, ...] = (),
                     names: bool = False) -> tuple[str, dict[str, int | float | bool | str]]:
     """The model name and the constructor's keyword arguments of a spec's body (`vit_tiny_patch16_224,img_size=32`):
     numbers, booleans and, where `names`, words (smp's encoder_name=resnet18), which the constructor looks up in
@@ -194,9 +196,9 @@ def _spec_arguments(scheme: str, body: str, form: str, reserved: tuple[str, ...]
     for item in items:
         key, equals, text = item.partition("=")
         if not equals or not key.isidentifier() or key in arguments or key in reserved:
-            kept = f"{', '.join(reserved[:-1])} and {reserved[-1]}"
-            raise KdcacheError(f"model spec '{scheme}:{body}': {item!r} is not a new key=value ({kept} are kdcache's "
-                               f"to set); a {scheme} model is named as {form}")
+            kept = f" ({', '.join(reserved[:-1])} and {reserved[-1]} are kdcache's to set)" if reserved else ""
+            raise KdcacheError(f"model spec '{scheme}:{body}': {item!r} is not a new key=value{kept}; a {scheme} "
+                               f"model is named as {form}")
         arguments[key] = _spec_value(text, scheme, body, form, names)
     return name, arguments
 
@@ -218,7 +220,7 @@ def _spec_value(text: str, scheme: str, body: str, form: str, names: bool) -> in
 
 def _timm_arguments(body: str) -> tuple[str, dict[str, int | float | bool]]:
     """The model name and the constructor's keyword arguments of a timm spec's body: numbers and booleans only."""
-    return _spec_arguments("timm", body, TIMM_FORM, ("num_classes", "pretrained"))
+    return spec_arguments("timm", body, TIMM_FORM, ("num_classes", "pretrained"))
 
 
 def _timm_exists(body: str) -> bool:
@@ -267,7 +269,7 @@ SMP_FORM = "smp:ARCH or smp:ARCH,key=value,... (numbers, true, false or names), 
 
 def _smp_arguments(body: str) -> tuple[str, dict[str, int | float | bool | str]]:
     """The architecture and the constructor's keyword arguments of an smp spec's body; weights are refused."""
-    architecture, arguments = _spec_arguments("smp", body, SMP_FORM, ("classes", "in_channels", "activation"),
+    architecture, arguments = spec_arguments("smp", body, SMP_FORM, ("classes", "in_channels", "activation"),
                                               names=True)
     if "encoder_weights" in arguments:
         raise KdcacheError(f"model spec 'smp:{body}': kdcache builds smp's models with encoder_weights=None and "

@@ -16,7 +16,8 @@ from kdcache.cache import TeacherCache, open_cache
 from kdcache.cache.fit import outputs_of_kinds, require_same_views
 from kdcache.cache.location import Location
 from kdcache.config import DistillConfig, loader_options, parse_kd_classes, recorded_config, save_config
-from kdcache.data import DataSource, Policy, load_splits, normalize, policy_for, stored_policy, student_views
+from kdcache.data import DataSource, Policy, class_names, load_splits, normalize, policy_for, stored_policy, \
+    student_views
 from kdcache.data.dense import is_dense
 from kdcache.data.files import default_workers
 from kdcache.distributed import Shard, World
@@ -381,7 +382,7 @@ def _targets(config: DistillConfig, caches: list[TeacherCache], data: DataSource
         source |= {"extra_caches": [str(cache.path) for cache in caches[1:]], "teacher_weights": weights,
                    "ensemble": [{"cache_identity": c.spec.identity_digest(), "teacher": c.spec.teacher} for c in caches]}
         return EnsembleTargets(providers, weights), source, teachers
-    teacher, teacher_info = load_teacher(config.live_teacher, config.teacher, data.num_classes)
+    teacher, teacher_info = load_teacher(config.live_teacher, config.teacher, data.num_classes, class_names(data))
     require_task(teacher, teacher_info["arch"], data, "--live-teacher")
     if caches:  # replaying the cache's views live is the equivalence baseline: same teacher only
         caches[0].require({"teacher.arch": teacher_info["arch"],

@@ -21,7 +21,7 @@ from kdcache.cache.sizes import byte_size
 from kdcache.cache.writer import CacheWriter
 from kdcache.config import CONFIG_FILE, DumpConfig, config_text, loader_options
 from kdcache.data import AugmentPolicy, DataSource, FileBatches, FilePolicy, ImageData, ImageFiles, Policy, \
-    dataset_options, load_dataset, normalize, policy_for
+    class_names, dataset_options, load_dataset, normalize, policy_for
 from kdcache.data.files import NO_FILE, batch_on_device, check_checksums, default_workers, stream
 from kdcache.data.mixing import Mixed, replay
 from kdcache.data.source import policy_settings
@@ -67,7 +67,7 @@ def dump_from_config(config: DumpConfig, show_progress: bool = True) -> DumpResu
         return result
     policy = policy_for(data, config.augmentation, config.mixing(), num_ops=config.ra_ops,
                         magnitude=config.ra_magnitude)
-    teacher, info = load_teacher(config.checkpoint, config.teacher or None, data.num_classes)
+    teacher, info = load_teacher(config.checkpoint, config.teacher or None, data.num_classes, class_names(data))
     outputs = parse_outputs(config.outputs or dumped_outputs(config.losses), teacher)
     result = dump_teacher(teacher, info, data, policy, config.out, views=config.views,
                         exhaustive=config.exhaustive, scales=config.scales, batch_size=config.batch_size,
@@ -169,8 +169,10 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: DataSou
                        topk, device)
     if show_progress and here.is_main:
         print(_view_size(spec), flush=True)
+    # of the teacher rather than the samples (a zero-shot teacher's text embedding): its tensor of the array's name
+    constants = {name: getattr(teacher, name).detach().float().cpu().numpy() for name in spec.constant_arrays}
     writer = open_writer(out, spec, data.labels.numpy(), None if streamed else params.numpy(), format, overwrite,
-                         here, data.listing())
+                         here, data.listing(), constants)
     try:
         blocks, shard = distributed.shard(spec.num_blocks, spec.block_size, spec.num_samples, here)
         pending = writer.pending(blocks)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.cache import TeacherCache, open_cache
-from kdcache.data import DataSource, load_at_size
+from kdcache.data import DataSource, class_names, load_at_size
 from kdcache.data.dense import DenseData, is_dense
 from kdcache.data.files import default_workers
 from kdcache.distributed import all_sum
@@ -131,7 +131,7 @@ def evaluate_model(checkpoint: str | os.PathLike, model: str | None = None, data
     if is_dense(test):  # labelled per pixel: mIoU and pixel accuracy
         return _evaluate_segmentation_model(checkpoint, model, test, batch_size, device)
     network, info = _int8_model(checkpoint, sidecar, model, num_classes, device) \
-        or load_teacher(checkpoint, model, num_classes)
+        or load_teacher(checkpoint, model, num_classes, class_names(test))
     require_task(network, info["arch"], test, "--model")  # a segmentation model has no top-1 of whole images
     where = pick_device("cpu" if isinstance(network, Int8Network) else device)
     testing = EvalSplit(test, where, default_workers(workers), batch_size=batch_size)

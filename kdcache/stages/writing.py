@@ -40,16 +40,18 @@ class DumpResult:
 
 
 def open_writer(out: Location, spec: CacheSpec, labels: np.ndarray, params: np.ndarray | None, format: str | None,
-                overwrite: bool, here: World, listing: bytes = b"") -> CacheWriter:
+                overwrite: bool, here: World, listing: bytes = b"",
+                constants: dict[str, np.ndarray] | None = None) -> CacheWriter:
     """The cache's writer: one process creates or resumes it; under torchrun rank 0 does, and the others join."""
     if not here.distributed:
-        return CacheWriter.open(out, spec, labels, params, format, overwrite, listing)
+        return CacheWriter.open(out, spec, labels, params, format, overwrite, listing, constants)
     backend = store_class(out, format)
     if backend.format_name != "zarr":
         raise KdcacheError(f"a sharded dump ({here.size} processes) writes Zarr, where each rank writes only its "
                            f"own chunk files; {out} is {backend.format_name}, whose file takes one writer: use "
                            f"a .zarr --out (or --format zarr), or run one process")
-    main = distributed.from_main(lambda: CacheWriter.open(out, spec, labels, params, format, overwrite, listing))
+    main = distributed.from_main(lambda: CacheWriter.open(out, spec, labels, params, format, overwrite, listing,
+                                                          constants))
     return main if here.is_main else CacheWriter.join(out)
 
 
