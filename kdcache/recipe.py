@@ -24,7 +24,7 @@ from kdcache.cache import open_cache
 from kdcache.cache.location import Location, store_exists
 from kdcache.config import DistillConfig, DumpConfig, RecipeConfig, config_keys, fields_from_keys, load_config, \
     save_config
-from kdcache.data import ImageData, load_dataset
+from kdcache.data import ImageData, class_names, load_dataset
 from kdcache.errors import KdcacheError, unknown_name
 from kdcache.losses import PAPER_EPOCHS, get_loss, list_losses, scaled_loss
 from kdcache.models import (
@@ -191,7 +191,7 @@ def ensure_cache(dump: DumpConfig, show_progress: bool = True) -> bool:
 def teacher_test_accuracy(dump: DumpConfig, test: ImageData) -> float:
     """Top-1 accuracy of the dump's teacher checkpoint on the un-augmented test split."""
     device = pick_device(dump.device)
-    teacher = load_teacher(dump.checkpoint, dump.teacher, test.num_classes)[0]
+    teacher = load_teacher(dump.checkpoint, dump.teacher, test.num_classes, class_names(test))[0]
     testing = EvalSplit(test, device)
     return evaluate_batches(prepare_model(teacher, device), testing.batches(range(len(testing))), len(testing)).top1
 

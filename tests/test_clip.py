@@ -22,7 +22,7 @@ from kdcache.config import DumpConfig
 from kdcache.data import get_policy, load_dataset, normalize
 from kdcache.errors import KdcacheError
 from kdcache.losses import get_loss
-from kdcache.models import create_model, load_teacher, read_checkpoint, save_checkpoint
+from kdcache.models import create_model, list_models, load_teacher, read_checkpoint, save_checkpoint
 from kdcache.models.outputs import ModelOutputs, embedding_heads
 from kdcache.report import describe_cache, verify_cache
 from kdcache.stages import CachedTargets
@@ -170,6 +170,12 @@ def test_a_spec_kdcache_cannot_build_without_a_download_is_one_line(spec, messag
     assert "\n" not in str(caught.value)
 
 
+def test_models_lists_the_architectures_kdcache_builds_as_teachers():
+    listed = list_models("*", "clip")
+    assert {"clip:ViT-B-32", "clip:ViT-L-14-quickgelu"} <= set(listed)
+    assert not {"clip:RN50", "clip:ViT-B-16-SigLIP", "clip:coca_ViT-B-32", "clip:convnext_base"} & set(listed)
+
+
 def test_without_open_clip_a_clip_spec_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "open_clip", None)  # import open_clip raises ImportError
     with pytest.raises(KdcacheError, match=r'pip install "kdcache\[clip\]"'):
@@ -189,6 +195,14 @@ def test_a_dataset_without_class_names_and_a_clip_student_are_refused(weights, t
     model = create_model(SPEC, num_classes=3)
     with pytest.raises(KdcacheError, match="has no class prompts embedded yet"):
         model(torch.zeros(1, 3, 32, 32))
+
+
+def test_views_of_another_size_than_the_towers_are_one_line(folder, weights, tmp_path, capsys):
+    code, _, err = run_cli(["dump-teacher", "--teacher", SPEC, "--checkpoint", weights, "--dataset", "imagefolder",
+                            "--data-root", folder, "--image-size", "48", "--views", "1", "--scales", "1",
+                            "--device", "cpu", "--out", tmp_path / "c.zarr"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "takes 32x32 images (its positional embedding's), and these views are 48x48" in err
 
 
 def test_a_pickled_checkpoint_loads_weights_only(tmp_path):

@@ -239,20 +239,21 @@ def test_half_inputs_are_computed_in_float32(name):
 # --- the registry ------------------------------------------------------------------------------
 
 NAMES = ["ce", "kd", "dkd", "kd+ls", "dkd+ls", "sdd-kd", "sdd-dkd", "sdd-lskd", "sdd-lskd-kd", "sld",
-         "fitnet", "at", "sp", "rkd", "dml", "adversarial", "deit-hard", "deit-soft", "crd", "irg", "pixel-kd", "cwd"]
+         "fitnet", "at", "sp", "rkd", "dml", "adversarial", "deit-hard", "deit-soft", "crd", "irg", "pixel-kd", "cwd", "clip"]
 # each loss's own terms, besides ce and total: what metrics.csv has a column for
 OWN_TERMS = {"ce": set(), "kd": {"kd"}, "kd+ls": {"kd"}, "dkd": {"tckd", "nckd"}, "dkd+ls": {"tckd", "nckd"},
              "sdd-kd": {"sdd"}, "sdd-dkd": {"sdd"}, "sdd-lskd": {"sdd"}, "sdd-lskd-kd": {"sdd"},
              "sld": {"teacher_swap", "student_swap"}, "fitnet": {"fitnet"}, "at": {"at"}, "sp": {"sp"},
              "rkd": {"rkd_distance", "rkd_angle"}, "dml": {"mutual"}, "adversarial": {"adv"}, "deit-hard": {"deit"},
              "deit-soft": {"deit"}, "crd": {"crd"}, "irg": {"irg_vertex", "irg_edge"}, "pixel-kd": {"pixel_kd"},
-             "cwd": {"cwd"}}
+             "cwd": {"cwd"},
+             "clip": {"zero_shot_kd", "embedding_cos"}}
 # what the feature and relation losses read besides the region logits (the adversarial one: its discriminator's
-# scores of the student's predictions; DeiT's: the student's distillation head; CRD's: its heads' outputs), for the
-# registry's test
+# scores of the student's predictions; DeiT's: the student's distillation head; CRD's and CLIP's: their heads'
+# outputs), for the registry's test
 FEATURES = {"hint/layer2": (B, 8, 4, 4), "attention/layer1": (B, 4, 4), "embedding": (B, 16), L.PEERS: (2, B, C),
             VERDICT: (B,), "distillation": (B, C), "crd/embedding": (B, 8), "crd/negatives/embedding": (B, 5, 8),
-            LOGIT_MAP: (B, C, 4, 4)}
+            LOGIT_MAP: (B, C, 4, 4), "clip/embedding": (B, 16)}
 
 
 def distillation(terms: dict) -> torch.Tensor:
@@ -270,7 +271,7 @@ def test_every_name_resolves_and_totals_its_terms():
         spec = L.get_loss(name)
         assert spec.name == name and spec.paper and spec.code
         assert spec.function in ("ce", "kd", "dkd", "sdd", "sdd_lskd", "sld", "fitnet", "at", "sp", "rkd", "dml",
-                                 "adversarial", "deit_hard", "deit_soft", "crd", "irg", "pixel_kd", "cwd")
+                                 "adversarial", "deit_hard", "deit_soft", "crd", "irg", "pixel_kd", "cwd", "clip")
         terms = spec.compute(student, teacher, labels, epoch=200)
         assert set(terms) == {"ce", "total"} | OWN_TERMS[name] and list(terms) == list(spec.term_names)
         torch.testing.assert_close(terms["total"], sum(v for k, v in terms.items() if k != "total"))

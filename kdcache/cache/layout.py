@@ -61,8 +61,9 @@ ARRAYS = {
                          "of its squares, L2-normalised over the H*W positions (Zagoruyko & Komodakis 2017, p = 2)",
     "hint.<stage>": "[views, samples, C, H, W] the stage's output feature map, FitNet's hint (Romero et al. 2015)",
     "text_embedding": "[classes, D] float32: a zero-shot teacher's (CLIP's) L2-normalised text embedding of one "
-                      "prompt per class, teacher.zero_shot.template with the class name of teacher.zero_shot.class_names "
-                      "(underscores read as spaces); its logits are logit_scale.exp() * embedding @ text_embedding.T",
+                      "prompt per class, teacher.zero_shot.template with the class name of "
+                      "teacher.zero_shot.class_names (underscores read as spaces); its logits are "
+                      "logit_scale.exp() * embedding @ text_embedding.T",
     "labels": "[samples] class labels",
     "progress": "[views, blocks] -1 while a block is not written; then how many of its samples the "
                 "teacher's global logit (region 0) classifies correctly",

@@ -15,7 +15,8 @@ from kdcache.cache.backends import open_store
 from kdcache.cache.location import Location, Place, store_exists
 from kdcache.cache.lock import ReadersLock
 from kdcache.cache.layout import (DIGEST_ARRAY, DIGEST_BYTES, DIGEST_SINCE, PENDING, TEXT_EMBEDDING, TOPK_ARRAYS,
-                                  CacheSpec, all_finite, cache_id, require_match, require_metadata_digest, require_same_cache)
+                                  CacheSpec, all_finite, cache_id, require_match, require_metadata_digest,
+                                  require_same_cache)
 from kdcache.cache.store import ChunkReadError, Store
 from kdcache.cache.topk import decode_topk_array
 from kdcache.errors import CorruptCacheError, KdcacheError

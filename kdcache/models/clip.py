@@ -103,7 +103,9 @@ def _build(body: str, num_classes: int) -> nn.Module:
 
 
 def _names(pattern: str) -> list[str]:
-    return [name for name in open_clip_module().list_models() if fnmatch.fnmatchcase(name, pattern)]
+    """The architectures kdcache builds as teachers (not the ones `_unsupported` refuses) that match a pattern."""
+    return [name for name in open_clip_module().list_models()
+            if fnmatch.fnmatchcase(name, pattern) and _unsupported(_builtin_config(name)) is None]
 
 
 def _exists(body: str) -> bool:

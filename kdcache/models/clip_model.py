@@ -63,6 +63,13 @@ class ClipTeacher(CLIP):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """The image tower's tokens after its transformer, [B, 1 + patches, width]."""
+        size = tuple(self.visual.image_size)
+        if tuple(images.shape[-2:]) != size:  # its positional embedding has one entry per patch of that size
+            raise KdcacheError(f"{getattr(self, 'arch', 'clip')} takes {size[0]}x{size[1]} images (its positional "
+                               f"embedding's), and these views are {images.shape[-2]}x{images.shape[-1]}: make the "
+                               f"views at its size (--image-size {size[0]} for an imagefolder), or name the "
+                               f"architecture at theirs (clip:NAME,image_size={images.shape[-1]}) with weights of "
+                               f"that size")
         return self.visual.transformer(self.visual._embeds(images))
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -169,10 +169,8 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: DataSou
                        topk, device)
     if show_progress and here.is_main:
         print(_view_size(spec), flush=True)
-    # of the teacher rather than the samples (a zero-shot teacher's text embedding): its tensor of the array's name
-    constants = {name: getattr(teacher, name).detach().float().cpu().numpy() for name in spec.constant_arrays}
     writer = open_writer(out, spec, data.labels.numpy(), None if streamed else params.numpy(), format, overwrite,
-                         here, data.listing(), constants)
+                         here, data.listing(), _constant_arrays(teacher, spec))
     try:
         blocks, shard = distributed.shard(spec.num_blocks, spec.block_size, spec.num_samples, here)
         pending = writer.pending(blocks)
@@ -197,6 +195,12 @@ def dump_teacher(teacher: nn.Module, teacher_info: dict[str, Any], data: DataSou
     finally:
         writer.close()
     return DumpResult(out.target, images, seconds, store_bytes(out), accuracy, resumed)
+
+
+def _constant_arrays(teacher: nn.Module, spec: CacheSpec) -> dict[str, np.ndarray]:
+    """The values of the cache's arrays of the teacher rather than the samples (a zero-shot teacher's text
+    embedding): the teacher's tensor of each array's name."""
+    return {name: getattr(teacher, name).detach().float().cpu().numpy() for name in spec.constant_arrays}
 
 
 def _view_size(spec: CacheSpec) -> str:

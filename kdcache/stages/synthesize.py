@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from kdcache.config import SynthesizeConfig, loader_options, save_config
-from kdcache.data import ImageData, get_policy, load_dataset, normalize
+from kdcache.data import ImageData, class_names, get_policy, load_dataset, normalize
 from kdcache.data.synthesized import DESCRIPTION, IMAGES, LABELS
 from kdcache.errors import KdcacheError
 from kdcache.models import load_teacher
@@ -136,7 +136,7 @@ def synthesize(config: SynthesizeConfig, show_progress: bool = True) -> Synthesi
         raise KdcacheError(f"--labels: unknown source {config.labels!r}; known: {', '.join(LABEL_SOURCES)}")
     started, device = time.perf_counter(), pick_device(config.device)
     source = load_dataset(config.dataset, config.data_root, "train", **loader_options(config))
-    teacher, info = load_teacher(config.checkpoint, config.teacher or None, source.num_classes)
+    teacher, info = load_teacher(config.checkpoint, config.teacher or None, source.num_classes, class_names(source))
     teacher = teacher.to(device).eval().requires_grad_(False)
     folder = Path(config.out)
     _claim(folder, config)
