@@ -38,8 +38,8 @@ class CacheWriter:
         text embedding), written when the cache is created.
         """
         path = Location.of(place).resolved()  # through a symlink: the real store, under the same lock
-        store_class(path, format)
-        _check_constants(spec, constants or {})  # an HDF5 cache at a URL is refused before any lock is taken
+        store_class(path, format)  # an HDF5 cache at a URL is refused before any lock is taken
+        _check_constants(spec, constants or {})
         locks = [WriterLock(path).acquire()]
         try:
             if store_exists(path) and (not _started_by_kdcache(path) or overwrite):  # a folder of the user's: refused
