@@ -241,8 +241,9 @@ def inspect_command(cache: str, as_json: bool) -> None:
 @cli.command("eval")
 @click.argument("checkpoint", metavar="[MODEL_OR_RUN_FOLDER]", required=False)
 @click.option("--model", "--teacher", "model", help="Model spec of the weights (a kdcache name, timm:NAME, "
-              "torchvision:NAME or python:module:callable); read from a run folder's model.json when omitted, "
-              "where a python: spec is never taken: type it here.")
+              "torchvision:NAME, clip:NAME (its zero-shot accuracy over the data's class names) or "
+              "python:module:callable); read from a run folder's model.json when omitted, where a python: spec is "
+              "never taken: type it here.")
 @click.option("--cache", help="Instead of a model: a teacher cache; report the teacher's top-1 and top-5 over each "
               "of its views, from the stored logits, beside the top-1 the dump recorded.")
 @click.option("--recorded", is_flag=True, help="With --cache: only the recorded top-1 per view (reads no logits).")

@@ -3,6 +3,7 @@ its zero-shot logits and image embedding cached per view and its class prompts' 
 checksummed, in both backends; an image-only student distils both (--loss clip); a user's mistakes are one line."""
 
 import csv
+import json
 import shutil
 import sys
 
@@ -123,14 +124,16 @@ def test_a_student_distils_the_zero_shot_logits_and_the_embedding_from_the_cache
     assert saved["outputs"] == ["clip/embedding"] and saved["model"]["0.weight"].shape == (32, 64)
 
 
-def test_the_dump_command_caches_the_zero_shot_teacher_and_inspect_shows_it(folder, weights, tmp_path, capsys):
-    out = tmp_path / "c.zarr"
+def test_the_dump_command_on_streamed_files_caches_the_zero_shot_teacher_and_inspect_shows_it(folder, weights,
+                                                                                               tmp_path, capsys):
+    out = tmp_path / "c.zarr"  # the folder's files read by workers: its class names are its folders' too
     code, _, err = run_cli(["dump-teacher", "--teacher", SPEC, "--checkpoint", weights, "--dataset", "imagefolder",
-                            "--data-root", folder, "--preload", "--image-size", "32", "--views", "1", "--scales", "1",
+                            "--data-root", folder, "--image-size", "32", "--views", "1", "--scales", "1",
                             "--loss", "clip", "--device", "cpu", "--out", out], capsys)
     assert code == 0, err
     code, text, _ = run_cli(["inspect", out], capsys)
-    assert code == 0 and "zero-shot text_embedding [3, 32]" in text and "embedding [1, 15, 32]" in text
+    assert code == 0 and "embedding [1, 15, 32]" in text and "streamed from its files" in text
+    assert "zero-shot text_embedding [3, 32] float32: prompts 'a photo of a {}.' for cat, dog, owl" in text
 
 
 def test_the_clip_loss_is_cross_entropy_kd_on_the_zero_shot_logits_and_the_cosine_of_the_heads_embedding():
@@ -153,6 +156,17 @@ def test_the_student_learns_a_head_to_the_teachers_embedding_even_of_the_same_di
     heads = embedding_heads(get_loss("clip").heads, 32, {"embedding": 32, "embedding#1": 16})
     assert {name: (head.in_features, head.out_features) for name, head in heads.items()} == {
         "clip/embedding": (32, 32), "clip/embedding#1": (32, 16)}
+
+
+def test_eval_gives_the_zero_shot_accuracy_on_the_test_split(folder, weights, capsys):
+    code, out, err = run_cli(["eval", weights, "--model", SPEC, "--dataset", "imagefolder", "--data-root", folder,
+                              "--preload", "--image-size", "32", "--device", "cpu", "--json"], capsys)
+    assert code == 0, err
+    test = load_dataset("imagefolder", str(folder), "test", preload=True, image_size=32)
+    teacher, _ = load_teacher(weights, SPEC, len(CLASSES), CLASSES)
+    with torch.no_grad():
+        right = (teacher(test.normalized()).argmax(1) == test.labels).float().mean().item()
+    assert json.loads(out)["top1"] == pytest.approx(right) and json.loads(out)["samples"] == len(test.labels)
 
 
 # -- one line for each mistake -----------------------------------------------------------------------------------------
