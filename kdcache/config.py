@@ -110,6 +110,12 @@ def _max_image_pixels() -> Any:
                         "large images.", type=click.IntRange(min=1))
 
 
+def _class_names(whose: str = "A clip: teacher's") -> Any:
+    return option(None, f"{whose} class names for its prompts: a UTF-8 file of one name per line, in label order "
+                        "(default: the dataset's: digits' words, CIFAR's label names, an image folder's folder "
+                        "names).", type=click.Path(exists=True, dir_okay=False))
+
+
 def _classes() -> Any:
     return option(None, "Only the samples of these classes, e.g. 0-4 or 0,2,5 (of data held in memory): labels and "
                         "the head's class count stay the dataset's; both splits, and a cache records them (distill "
@@ -212,6 +218,7 @@ class DumpConfig:
                               "clip:NAME (open_clip's CLIP: its zero-shot logits against the data's class names, "
                               "'a photo of a {name}.') or python:module:callable; read from the checkpoint's kdcache "
                               "sidecar when omitted.")
+    class_names: str | None = _class_names()
     dataset: str = _dataset()
     data_root: str | None = _data_root()
     image_size: int | None = _image_size()
@@ -329,6 +336,7 @@ class DistillConfig(TrainConfig):
                                             "views when --cache is given too).")
     teacher: str | None = option(None, "Model spec of --live-teacher (read from its sidecar when omitted); with "
                                        "--cache, the cache must come from this spec.")
+    class_names: str | None = _class_names("A clip: --live-teacher's")
     students: tuple[str, ...] = option(("resnet8x4",), "Student model spec: a kdcache name, timm:NAME, "
                                                        "torchvision:NAME or python:module:callable; repeat for several "
                                                        "students.", flag="--student", multiple=True)

@@ -60,6 +60,11 @@ def cache(request, folder, weights, tmp_path_factory):
     return dump(folder, weights, tmp_path_factory.mktemp("cache") / f"c.{request.param}").path
 
 
+@pytest.fixture(scope="module")
+def zarr_cache(folder, weights, tmp_path_factory):
+    return dump(folder, weights, tmp_path_factory.mktemp("cache") / "c.zarr").path
+
+
 def test_the_teacher_gives_open_clips_embedding_and_zero_shot_logits_in_timms_interface(weights):
     model, info = load_teacher(weights, SPEC, 3, ("cat", "maple_tree", "dog"))
     assert info["zero_shot"] == {"template": "a photo of a {}.", "class_names": ["cat", "maple_tree", "dog"],
@@ -108,10 +113,9 @@ def test_inspect_names_the_prompts_and_verify_reads_the_text_embeddings_checksum
         opened.text_embedding()
 
 
-def test_a_student_distils_the_zero_shot_logits_and_the_embedding_from_the_cache(cache, folder, tmp_path, capsys):
-    if cache.suffix != ".zarr":
-        pytest.skip("one backend trains")
-    code, out, err = run_cli(["distill", "--cache", cache, "--data-root", folder, "--preload", "--student", "resnet8",
+def test_a_student_distils_the_zero_shot_logits_and_the_embedding_from_the_cache(zarr_cache, folder, tmp_path,
+                                                                                  capsys):
+    code, out, err = run_cli(["distill", "--cache", zarr_cache, "--data-root", folder, "--preload", "--student", "resnet8",
                               "--loss", "clip", "--epochs", "1", "--batch-size", "8", "--device", "cpu",
                               "--out", tmp_path / "runs"], capsys)
     assert code == 0, err
@@ -217,6 +221,25 @@ def test_views_of_another_size_than_the_towers_are_one_line(folder, weights, tmp
                             "--device", "cpu", "--out", tmp_path / "c.zarr"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "takes 32x32 images (its positional embedding's), and these views are 48x48" in err
+
+
+def test_class_names_from_a_file_name_the_prompts_and_a_live_teacher_with_others_is_refused(
+        folder, weights, zarr_cache, tmp_path, capsys):
+    names = tmp_path / "names.txt"
+    names.write_text("tabby cat\nhound\nbarn owl\n", encoding="utf-8")
+    written = dump(folder, weights, tmp_path / "c.zarr", class_names=str(names)).path
+    teacher, _ = load_teacher(weights, SPEC, 3, ("tabby cat", "hound", "barn owl"))
+    with open_cache(written) as opened:
+        assert opened.spec.teacher["zero_shot"]["class_names"] == ["tabby cat", "hound", "barn owl"]
+        np.testing.assert_array_equal(opened.text_embedding(), teacher.text_embedding.numpy())
+    code, _, err = run_cli(["distill", "--cache", zarr_cache, "--live-teacher", weights, "--teacher", SPEC,
+                            "--class-names", names, "--data-root", folder, "--preload", "--student", "resnet8",
+                            "--loss", "clip", "--epochs", "1", "--device", "cpu", "--out", tmp_path / "runs"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "was written for teacher.zero_shot.class_names ['cat', 'dog', 'owl'] but this run has ['tabby cat'" in err
+    names.write_text("tabby cat\n\nbarn owl\n", encoding="utf-8")
+    with pytest.raises(KdcacheError, match="line 2 is empty"):
+        dump(folder, weights, tmp_path / "d.zarr", class_names=str(names))
 
 
 def test_a_pickled_checkpoint_loads_weights_only(tmp_path):

@@ -401,7 +401,8 @@ def require_match(spec: CacheSpec, where: str, expected: dict[str, Any]) -> None
 
 
 # what a run passes to match a field whose name does not say it: the class count is the dataset's
-_MADE_FROM = {"teacher.num_classes": "dataset (its class count)"}
+_MADE_FROM = {"teacher.num_classes": "dataset (its class count)",
+              "teacher.zero_shot": "class names (the dataset, or --class-names)"}
 
 
 def first_difference(name: str, have: Any, want: Any) -> tuple[str, Any, Any]:

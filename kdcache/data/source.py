@@ -11,6 +11,7 @@ choose machinery the source cannot hold (the loop's split, the dump's batches).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -103,10 +104,21 @@ class DataSource(Protocol):
         ...
 
 
-def class_names(data: DataSource) -> tuple[str, ...]:
-    """A name per class of a source that knows them (digits, CIFAR, an image folder's folders: `class_names`), for a
-    zero-shot teacher's prompts; () for one that names none (synthetic data, text)."""
-    return tuple(getattr(data, "class_names", ()))
+def class_names(data: DataSource, names_file: str | None = None) -> tuple[str, ...]:
+    """A name per class for a zero-shot teacher's prompts: the lines of `names_file` (--class-names: UTF-8, one name
+    per line, in label order) where given, else the source's where it knows them (digits, CIFAR, an image folder's
+    folders: `class_names`); () for one that names none (synthetic data, text)."""
+    if names_file is None:
+        return tuple(getattr(data, "class_names", ()))
+    try:
+        names = tuple(line.strip() for line in Path(names_file).read_text(encoding="utf-8").splitlines())
+    except (OSError, UnicodeDecodeError) as error:
+        raise KdcacheError(f"--class-names {names_file}: cannot be read as UTF-8 text ({error}); pass a text file of "
+                           f"one class name per line") from None
+    if "" in names:
+        raise KdcacheError(f"--class-names {names_file}: line {names.index('') + 1} is empty; give one class name "
+                           f"per line, in label order, and no empty lines")
+    return names
 
 
 def policy_for(data: DataSource, name: str | None, mix: dict | None = None, **options: object) -> Policy:

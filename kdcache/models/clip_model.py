@@ -48,10 +48,11 @@ class ClipTeacher(CLIP):
         records of it (the template and the class names)."""
         names = tuple(class_names)
         if len(names) != self.num_classes:
-            given = f"{len(names)} class names" if names else "no class names"
-            raise KdcacheError(f"{getattr(self, 'arch', 'clip')}: zero-shot logits need a name per class, and the "
-                               f"dataset gives {given} for its {self.num_classes} classes; use a dataset whose classes "
-                               f"are named (digits, cifar10, cifar100, an imagefolder's folders)")
+            given = f"{len(names)} class names were" if names else "no class names were"
+            raise KdcacheError(f"{getattr(self, 'arch', 'clip')}: zero-shot logits need a name per class, and "
+                               f"{given} given for the data's {self.num_classes} classes; pass --class-names FILE (one "
+                               f"name per line, in label order), or use a dataset whose classes are named (digits, "
+                               f"cifar10, cifar100, an imagefolder's folders)")
         prompts = [PROMPT.format(name.replace("_", " ")) for name in names]
         training = self.training
         self.eval()

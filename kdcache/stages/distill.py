@@ -382,11 +382,12 @@ def _targets(config: DistillConfig, caches: list[TeacherCache], data: DataSource
         source |= {"extra_caches": [str(cache.path) for cache in caches[1:]], "teacher_weights": weights,
                    "ensemble": [{"cache_identity": c.spec.identity_digest(), "teacher": c.spec.teacher} for c in caches]}
         return EnsembleTargets(providers, weights), source, teachers
-    teacher, teacher_info = load_teacher(config.live_teacher, config.teacher, data.num_classes, class_names(data))
+    teacher, teacher_info = load_teacher(config.live_teacher, config.teacher, data.num_classes,
+                                         class_names(data, config.class_names))
     require_task(teacher, teacher_info["arch"], data, "--live-teacher")
-    if caches:  # replaying the cache's views live is the equivalence baseline: same teacher only
-        caches[0].require({"teacher.arch": teacher_info["arch"],
-                           "teacher.checkpoint_sha256": teacher_info["checkpoint_sha256"]})
+    if caches:  # replaying the cache's views live is the equivalence baseline: same teacher (and prompts) only
+        caches[0].require({f"teacher.{field}": teacher_info[field]
+                           for field in ("arch", "checkpoint_sha256", "zero_shot") if field in teacher_info})
     outputs = parse_outputs(",".join(kinds), teacher)[1:]
     shapes = probe_output_shapes(teacher, outputs, images)
     return (LiveTeacher(teacher, scales, device, outputs), {"live_teacher": teacher_info},

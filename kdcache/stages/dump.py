@@ -67,7 +67,8 @@ def dump_from_config(config: DumpConfig, show_progress: bool = True) -> DumpResu
         return result
     policy = policy_for(data, config.augmentation, config.mixing(), num_ops=config.ra_ops,
                         magnitude=config.ra_magnitude)
-    teacher, info = load_teacher(config.checkpoint, config.teacher or None, data.num_classes, class_names(data))
+    teacher, info = load_teacher(config.checkpoint, config.teacher or None, data.num_classes,
+                                 class_names(data, config.class_names))
     outputs = parse_outputs(config.outputs or dumped_outputs(config.losses), teacher)
     result = dump_teacher(teacher, info, data, policy, config.out, views=config.views,
                         exhaustive=config.exhaustive, scales=config.scales, batch_size=config.batch_size,
