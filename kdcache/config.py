@@ -262,8 +262,14 @@ class DumpConfig:
     block_size: int = option(0, "Samples per chunk (0: about 2 MB per chunk).", type=click.IntRange(min=0))
     topk: int = option(0, "Store per region only the k largest logits, their classes and one logit for the rest "
                           "(format 2; e.g. 20 for 1000 classes, see benchmarks/TOPK.md); 0 stores every logit. "
-                          "--dataset text: the token ids kept per position (0: 36, benchmarks/TOKENS.md).",
+                          "--dataset text: the token ids kept per position (0: 36, benchmarks/TOKENS.md). A dense "
+                          "dataset (digits-scenes): the classes kept per map position (0: all).",
                        type=click.IntRange(min=0))
+    stride: int | None = option(None, "A dense dataset (digits-scenes: a label per pixel): the output stride of the "
+                                      "cached logit maps, each position the mean of a stride x stride block of the "
+                                      "teacher's per-pixel logits (default 4; 1 keeps every pixel; it must divide the "
+                                      "image's height and width). benchmarks/RESULTS.md measures bytes and error per "
+                                      "stride.", type=click.IntRange(min=1))
     outputs: str = option("", "What to cache besides the region logits, comma-separated: embedding (the pooled "
                               "features), attention (every stage's attention map) or attention:STAGE, hint (the "
                               "middle stage's feature map, FitNet's) or hint:STAGE. Default: what --loss needs, else "

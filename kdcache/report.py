@@ -63,9 +63,9 @@ def describe_cache(path: str | Path) -> dict[str, Any]:
                   "bytes_on_disk": size, "blocks_written": written, "blocks_total": progress.size,
                   "complete": written == progress.size, "view_accuracy": accuracy,
                   "self_check": self_check_scope(cache)[1]}
-    if spec.kind == "tokens":
+    if spec.kind in ("tokens", "dense"):
         report["shape"] = {name: list(spec.array_layout(name)[0]) for name in spec.data_arrays}
-        report["text"] = _token_cache_text(path, spec, report)
+        report["text"] = (_token_cache_text if spec.kind == "tokens" else _dense_cache_text)(path, spec, report)
         return report
     shown = [("-" if a is None else f"{a:.4f}") for a in accuracy[:16]]
     report["text"] = "\n".join([
@@ -123,6 +123,31 @@ def _token_cache_text(path: str | Path, spec: Any, report: dict[str, Any]) -> st
         f"complete  {'yes' if report['complete'] else 'no'}: {report['blocks_written']} of {report['blocks_total']} "
         f"blocks written",
         f"accuracy  teacher next-token top-1: {'-' if accuracy is None else f'{accuracy:.4f}'}"])
+
+
+def _dense_cache_text(path: str | Path, spec: Any, report: dict[str, Any]) -> str:
+    """inspect's text for a dense cache: teacher, data, views, the maps' stride and storage, their bytes."""
+    dataset, accuracy = spec.dataset, report["view_accuracy"]
+    (height, width), stride = spec.map_size, spec.stride
+    stored = f"the top {spec.topk} classes per position, the rest rebuilt" if spec.topk else "every class's logit"
+    shown = [("-" if a is None else f"{a:.4f}") for a in accuracy[:16]]
+    return "\n".join([
+        f"{path} ({report['format']}, format version {spec.format_version}, a dense cache)",
+        f"teacher   {spec.teacher['arch']} ({spec.num_classes} classes, sha256 "
+        f"{spec.teacher.get('checkpoint_sha256', '?')[:12]}, {spec.teacher.get('precision')})",
+        f"dataset   {dataset['name']} {dataset['split']}, {spec.num_samples} images {dataset['image_shape']} with label "
+        f"maps, fingerprint {dataset['fingerprint'][:12]}, mean {dataset['mean']} std {dataset['std']}",
+        f"views     {spec.num_views}{' (exhaustive)' if spec.exhaustive else ''} of policy "
+        f"{spec.augmentation['name']} {spec.augmentation.get('param_names')} (label maps padded with "
+        f"{spec.augmentation.get('mask_fill')}), seed {spec.seed}",
+        f"maps      {height}×{width} at stride {stride} (each position the mean of a {stride}×{stride} block of the "
+        f"teacher's logits), {stored}, {spec.dtype}: {spec.bytes_per_sample} bytes per view of an image; "
+        f"{spec.block_size} samples per chunk",
+        f"size      {_megabytes(report['bytes_on_disk'])} on disk",
+        f"complete  {'yes' if report['complete'] else 'no'}: {report['blocks_written']} of {report['blocks_total']} "
+        f"(view, block) units written",
+        f"accuracy  teacher pixel accuracy per view (labelled pixels, full size): {' '.join(shown)}"
+        f"{' ...' if len(accuracy) > 16 else ''}"])
 
 
 def _policy_extras(augmentation: dict) -> str:

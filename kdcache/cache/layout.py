@@ -1,4 +1,4 @@
-"""Cache format versions 1 to 6: the arrays, the metadata schema, and the checks
+"""Cache format versions 1 to 7: the arrays, the metadata schema, and the checks
 that a cache fits its use."""
 
 from __future__ import annotations
@@ -33,11 +33,14 @@ FORMAT_VERSIONS = {
        "(`embedding`, `attention.<stage>`, `hint.<stage>`), each an array chunked as the logits are",
     6: "as 5; or a token cache (metadata `tokens`): a causal language model's next-token distribution per sequence "
        "and position, its top-k token ids and log-probabilities quantised as `tokens` describes, `labels` the next "
-       "token of each position; a zero-shot teacher's cache (metadata `teacher.zero_shot`, kdcache after 6964e66) "
-       "adds `text_embedding`, which a reader without it ignores",
+       "token of each position",
+    7: "as 6, where a zero-shot teacher's cache (metadata `teacher.zero_shot`) adds `text_embedding`; or a dense cache (metadata `dense`): a segmentation teacher's per-pixel logits at an output stride, "
+       "each map's positions row-major where regions stand ([views, samples, positions, classes], or their top k per "
+       "position as format 2 keeps per region), `labels` [views, samples] the labelled pixels of each view",
 }
-WRITTEN_VERSION = 6
+WRITTEN_VERSION = 7
 TOKENS_SINCE = 6  # the first format version that may be a token cache
+DENSE_SINCE = 7  # the first format version that may be a dense cache
 OUTPUTS_SINCE = 5  # the first format version that may hold outputs besides the region logits
 TARGET_CHUNK_BYTES = 2 * 2**20  # one view x one block of samples per chunk: 1-4 MB reads well from disk
 PENDING = -1  # progress value of a block not yet written
@@ -83,7 +86,7 @@ IDENTITY_FIELDS = (
     "dataset.name", "dataset.split", "dataset.num_samples", "dataset.image_shape", "dataset.num_classes",
     "dataset.mean", "dataset.std", "dataset.fingerprint",
     "augmentation", "views.count", "views.exhaustive", "views.seed", "scales", "logits.dtype",
-    "logits.block_size", "logits.topk", "outputs", "tokens", "teacher.zero_shot",
+    "logits.block_size", "logits.topk", "outputs", "tokens", "teacher.zero_shot", "dense",
 )
 FULL_ARRAYS = ("logits",)
 TEXT_EMBEDDING = "text_embedding"  # a zero-shot teacher's class prompts, embedded: written once, with the arrays
@@ -112,6 +115,7 @@ class CacheSpec:
     outputs: dict[str, list[int]] = field(default_factory=dict)
 
     kind: ClassVar[str] = "regions"  # what a sample's values are: region logits (or a token cache's positions)
+    since: ClassVar[int] = 1  # the first format version that may hold this kind
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -262,12 +266,17 @@ class CacheSpec:
         """How many predictions `progress` counts the right ones of, per view: one per sample."""
         return self.num_samples
 
+    def scored(self, view: int) -> int:
+        """How many predictions `progress` counts the right ones of in view `view` (the same in every view here)."""
+        return self.num_scored
+
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any], where: str) -> CacheSpec:
         """Parse and check a stored metadata document; a missing or malformed field names itself."""
         version = _format_version(metadata, where)
-        if "tokens" in metadata and version >= TOKENS_SINCE and cls is CacheSpec:
-            return SPEC_KINDS["tokens"].from_metadata(metadata, where)
+        kind = next((kind for kind in SPEC_KINDS if kind in metadata), None)
+        if kind is not None and version >= SPEC_KINDS[kind].since and cls is CacheSpec:
+            return SPEC_KINDS[kind].from_metadata(metadata, where)
         get = _FieldReader(metadata, where)
         scales = tuple(get("scales", list))
         if not (scales and all(isinstance(s, int) and not isinstance(s, bool) for s in scales) and scales[0] == 1
@@ -313,6 +322,10 @@ class CacheSpec:
         if len(feature_map) != 2 or not all(isinstance(n, int) and n > 0 for n in feature_map):
             raise CorruptCacheError(f"{where}: metadata field 'teacher.feature_map' should be [height, width] of the "
                                     f"teacher's final feature map, found {_short(feature_map)}")
+        self._check_counts(where)
+
+    def _check_counts(self, where: str) -> None:
+        """Refuse views, block size, dtype, top-k or per-view accuracy that no dump writes (every kind's fields)."""
         if self.num_views < 1 or self.block_size < 1 or self.dtype not in ("float16", "float32"):
             raise CorruptCacheError(f"{where}: metadata has views.count={self.num_views}, logits.block_size="
                                     f"{self.block_size}, logits.dtype={self.dtype!r}; expected positive counts "
@@ -350,7 +363,8 @@ class CacheSpec:
                 if any(name == f or name.startswith(f + ".") for f in IDENTITY_FIELDS)}
 
 
-# the kinds of cache besides region logits, by the metadata field that marks them: token_layout registers its spec
+# the kinds of cache besides region logits, by the metadata field that marks them: token_layout and dense_layout
+# register their specs
 SPEC_KINDS: dict[str, type[CacheSpec]] = {}
 
 

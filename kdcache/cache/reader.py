@@ -127,7 +127,8 @@ class TeacherCache:
 
     def view_accuracy(self) -> list[float | None]:
         """Teacher top-1 accuracy of region 0 per view (None for a view not fully written)."""
-        return [None if (row == PENDING).any() else float(row.sum()) / self.spec.num_scored for row in self.progress()]
+        return [None if (row == PENDING).any() else float(row.sum()) / self.spec.scored(view)
+                for view, row in enumerate(self.progress())]
 
     def require(self, expected: dict[str, Any]) -> None:
         """Refuse this cache if a metadata field differs from what the caller expects (see layout.require_match)."""

@@ -14,7 +14,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from kdcache.cache.layout import SPEC_KINDS, CacheSpec, _FieldReader, _format_version, _short
+from kdcache.cache.layout import SPEC_KINDS, TOKENS_SINCE, CacheSpec, _FieldReader, _format_version, _short
 from kdcache.cache.token_codec import TokenCodec
 from kdcache.errors import CorruptCacheError
 
@@ -49,6 +49,7 @@ class TokenCacheSpec(CacheSpec):
 
     tokens: dict[str, Any] = field(default_factory=dict)  # TokenCodec.describe()
     kind: ClassVar[str] = "tokens"
+    since: ClassVar[int] = TOKENS_SINCE
 
     @functools.cached_property
     def codec(self) -> TokenCodec:

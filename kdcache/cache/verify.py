@@ -60,6 +60,9 @@ def _verify_block(cache: TeacherCache, view: int, block: int, progress: int, lab
         if not finite.all():
             what = "logits" if name in spec.logit_arrays else "values"
             return problem(f"NaN or Inf {what} for samples {list(np.flatnonzero(~finite)[:10] + rows.start)}", name)
+    if spec.kind == "dense":
+        return (_topk_invariants(cache, arrays, problem) if spec.topk else []) or \
+            _within_labelled(int(labels[view, rows.start:rows.stop].sum()), progress, problem)
     block_labels = labels[rows.start:rows.stop]
     if spec.kind == "tokens":
         return _verify_tokens(cache, arrays, block_labels, progress, problem)
@@ -85,6 +88,12 @@ def _self_check(cache: TeacherCache, logits: np.ndarray, tolerance: float, probl
 
 def _verify_topk(cache: TeacherCache, arrays: dict[str, np.ndarray], labels: np.ndarray, progress: int,
                  problem: ProblemAt) -> list[Problem]:
+    """Top-k storage's own invariants, then the count of region-0 predictions that are right."""
+    return _topk_invariants(cache, arrays, problem) or \
+        _recount(arrays["topk_indices"][:, 0, 0], labels, progress, problem)
+
+
+def _topk_invariants(cache: TeacherCache, arrays: dict[str, np.ndarray], problem: ProblemAt) -> list[Problem]:
     """Top-k storage's own invariants: valid distinct classes, values descending, the rest below them."""
     values, indices, rest = (arrays[name] for name in TOPK_ARRAYS)
     num_classes = cache.spec.num_classes
@@ -97,7 +106,16 @@ def _verify_topk(cache: TeacherCache, arrays: dict[str, np.ndarray], labels: np.
         return problem("values are not in descending order", "topk_values")
     if (rest.astype(np.float32) > values[..., -1].astype(np.float32)).any():
         return problem("the rest logit exceeds the k-th largest one, which no top-k encoding gives", "topk_rest")
-    return _recount(indices[:, 0, 0], labels, progress, problem)
+    return []
+
+
+def _within_labelled(labelled: int, progress: int, problem: ProblemAt) -> list[Problem]:
+    """A dense block's recorded count of right pixels is at most its labelled pixels (the count itself is of the
+    teacher's logits at full size, which a map at a stride does not hold)."""
+    if not 0 <= progress <= labelled:
+        return problem(f"progress records {progress} correct teacher pixels, but the block's views have {labelled} "
+                       f"labelled pixels ('labels')")
+    return []
 
 
 def _verify_tokens(cache: TeacherCache, arrays: dict[str, np.ndarray], labels: np.ndarray, progress: int,
@@ -139,6 +157,8 @@ def self_check_scope(cache: TeacherCache) -> tuple[list[int], str]:
     spec = cache.spec
     if spec.kind == "tokens":
         return [], "skipped: a token cache has positions, not regions"
+    if spec.kind == "dense":
+        return [], "skipped: a dense cache has a map's positions, not regions"
     if spec.head != "linear":
         return [], "skipped: " + SELF_CHECK_SKIPPED.get(spec.head, f"the teacher's head kind {spec.head!r} is unknown")
     if spec.topk:

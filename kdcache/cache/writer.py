@@ -193,7 +193,8 @@ class CacheWriter:
 
     def view_accuracy(self) -> list[float]:
         """Teacher top-1 accuracy of region 0 per view, from the blocks written so far."""
-        return [float(row[row != PENDING].sum()) / self.spec.num_scored for row in self.progress()]
+        return [float(row[row != PENDING].sum()) / self.spec.scored(view)
+                for view, row in enumerate(self.progress())]
 
     def finish(self) -> list[float]:
         """Record per-view teacher accuracy in the metadata when every block is written; returns it."""

@@ -26,29 +26,17 @@ from kdcache.data.files import NO_FILE, batch_on_device, check_checksums, defaul
 from kdcache.data.mixing import Mixed, replay
 from kdcache.data.source import policy_settings
 from kdcache.data.text import TOKENIZER_FILE, is_text
+from kdcache.data.dense import is_dense
+from kdcache.stages.dense_dump import dump_dense_from_config
 from kdcache.stages.text_dump import dump_text_from_config
 from kdcache.errors import KdcacheError
 from kdcache.models import describe_outputs, load_teacher
 from kdcache.models.outputs import REGIONS, ModelOutputs, feature_stages, output_shapes, parse_outputs
 from kdcache.runtime import autocast, pick_device, precision, prepare_model
-from kdcache.stages.topk import encode_topk
-from kdcache.stages.writing import Block, DumpResult, open_writer, write_pending
+from kdcache.stages.views import DEFAULT_VIEWS, view_params
+from kdcache.stages.writing import Block, DumpResult, encoded_logits, open_writer, write_pending
 
-DEFAULT_VIEWS = 4  # DumpConfig.views None: a dump without --views or --exhaustive
 DEFAULTS = DumpConfig()  # dump_teacher()'s defaults are the command's
-
-
-def view_params(policy: AugmentPolicy, num_samples: int, num_views: int | None, exhaustive: bool, seed: int) -> torch.Tensor:
-    """[K, N, P] augmentation parameters: K sampled views, or every view of a finite policy per sample."""
-    generator = torch.Generator().manual_seed(seed)
-    if exhaustive:
-        grid = policy.enumerate()  # [V, P]
-        # each sample sees every view once, in its own seeded random order
-        order = torch.rand(num_samples, len(grid), generator=generator).argsort(dim=1)
-        return grid[order].transpose(0, 1).contiguous()
-    if num_views is None or num_views < 1:
-        raise KdcacheError(f"--views: expected a positive number of views per sample, got {num_views}")
-    return torch.stack([policy.sample(generator, num_samples) for _ in range(num_views)])
 
 
 def dump_from_config(config: DumpConfig, show_progress: bool = True) -> DumpResult:
@@ -60,8 +48,13 @@ def dump_from_config(config: DumpConfig, show_progress: bool = True) -> DumpResu
     if config.views_from:
         config = _with_views_of(config)
     data = load_dataset(config.dataset, config.data_root, config.split, **_text_tokenizer(config))
-    if is_text(data):  # a language model's next-token distributions: a token cache
-        result = dump_text_from_config(config, data, device, show_progress)
+    if config.stride is not None and not is_dense(data):
+        raise KdcacheError(f"--stride is the output stride of a dense dataset's logit maps; {config.dataset} has a "
+                           f"label per {'sequence position' if is_text(data) else 'image'}: leave it out")
+    # a language model's next-token distributions (a token cache), or a segmentation teacher's maps (a dense cache)
+    other_kind = dump_text_from_config if is_text(data) else dump_dense_from_config if is_dense(data) else None
+    if other_kind is not None:
+        result = other_kind(config, data, device, show_progress)
         if distributed.world().is_main:
             save_cache_config(given)
         return result
@@ -256,13 +249,8 @@ def _teacher_outputs(outputs: nn.Module, x: torch.Tensor, dtype: str) -> dict[st
 def _stored_arrays(outputs: dict[str, torch.Tensor], spec: CacheSpec) -> dict[str, np.ndarray]:
     """A block's outputs as the cache stores them: the region logits whole or as their top-k encoding, and
     each further output in its array."""
-    logits = outputs[REGIONS]
     further = {array: outputs[name].cpu().numpy() for name, array in spec.output_arrays.items()}
-    if not spec.topk:
-        return {"logits": logits.cpu().numpy(), **further}
-    values, indices, rest = encode_topk(logits, spec.topk)
-    return {"topk_values": values.to(logits.dtype).cpu().numpy(), "topk_rest": rest.to(logits.dtype).cpu().numpy(),
-            "topk_indices": indices.to(getattr(torch, spec.index_dtype)).cpu().numpy(), **further}
+    return {**encoded_logits(outputs[REGIONS], spec), **further}
 
 
 def _concatenated(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -4,7 +4,6 @@ kdcache.cache.token_codec stores them), which resumes, shards under torchrun and
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 from kdcache import distributed
-from kdcache.cache.location import Location, Place, store_bytes
+from kdcache.cache.location import Location, Place
 from kdcache.cache.token_codec import DEFAULT_K, DEFAULT_WIDTH, TokenCodec, TopTokens
 from kdcache.cache.token_layout import HIDDEN, TokenCacheSpec, token_cache_spec
 from kdcache.config import DumpConfig, options_given
@@ -22,7 +21,7 @@ from kdcache.errors import KdcacheError
 from kdcache.models import load_teacher
 from kdcache.runtime import autocast, pick_device, precision, prepare_model
 from kdcache.stages.token_topk import top_tokens_on_device
-from kdcache.stages.writing import Block, DumpResult, open_writer, write_pending
+from kdcache.stages.writing import Block, DumpResult, dump_pending, open_writer
 
 HEAD_ROWS = 512  # positions whose logits the head computes at a time: a [512, V] slice stays in cache for V ~ 4k
 
@@ -47,23 +46,11 @@ def dump_tokens(teacher: nn.Module, teacher_info: dict[str, Any], data: TextData
     codec = TokenCodec(k=topk, vocab=data.num_classes, width=width)
     spec = token_cache_spec({**teacher_info, "precision": precision(device)}, data.describe(), codec, block_size,
                             teacher.num_features if hidden else 0)
+    model = prepare_model(teacher, device).eval()
     writer = open_writer(out, spec, data.next_tokens().numpy(), np.zeros((1, spec.num_samples, 0), np.int32),
                          format, overwrite, here)
-    try:
-        blocks, _ = distributed.shard(spec.num_blocks, spec.block_size, spec.num_samples, here)
-        pending = writer.pending(blocks)
-        resumed = len(pending) < len(blocks)
-        model = prepare_model(teacher, device).eval()
-        started = time.perf_counter()
-        total = write_pending(writer, token_blocks(model, data, spec, batch_size, device, pending), pending,
-                              f"dump {out.name}", here, show_progress, unit="seq")
-        seconds = time.perf_counter() - started
-        distributed.barrier()  # every rank's blocks are written before rank 0 reads the progress
-        accuracy = writer.finish() if here.is_main else writer.view_accuracy()
-        sequences = int(distributed.all_sum(torch.tensor(total)))
-    finally:
-        writer.close()
-    return DumpResult(out.target, sequences, seconds, store_bytes(out), accuracy, resumed, unit="sequence")
+    return dump_pending(writer, out, lambda pending: token_blocks(model, data, spec, batch_size, device, pending),
+                        here, show_progress, unit="sequence")
 
 
 def token_blocks(model: nn.Module, data: TextData, spec: TokenCacheSpec, batch_size: int, device: torch.device,

@@ -10,11 +10,13 @@ import torch
 
 from kdcache.cache import TeacherCache, fit
 from kdcache.cache.fit import require_outputs  # noqa: F401  (where kdcache.stages.targets reads it)
-from kdcache.data import DataSource, Policy
+from kdcache.data import AugmentPolicy, DataSource, Policy
+from kdcache.data.dense import LabelledPolicy
 from kdcache.errors import CorruptCacheError, KdcacheError
 from kdcache.runtime import epoch_generator
 
 VIEW_ORDERS = ("cycle", "shuffle")
+DEFAULT_VIEWS = 4  # DumpConfig.views None: a dump without --views or --exhaustive
 
 
 class Views(Protocol):
@@ -78,6 +80,19 @@ class FreshViews:
         """[N, P] parameters drawn for this epoch; None for files, whose views are drawn for each image's own size
         where it is decoded (from the seed, the epoch and the sample)."""
         return self.policy.sample(epoch_generator(self.seed, epoch), self.num_samples)
+
+
+def view_params(policy: AugmentPolicy | LabelledPolicy, num_samples: int, num_views: int | None, exhaustive: bool, seed: int) -> torch.Tensor:
+    """[K, N, P] augmentation parameters of a dump: K sampled views, or every view of a finite policy per sample."""
+    generator = torch.Generator().manual_seed(seed)
+    if exhaustive:
+        grid = policy.enumerate()  # [V, P]
+        # each sample sees every view once, in its own seeded random order
+        order = torch.rand(num_samples, len(grid), generator=generator).argsort(dim=1)
+        return grid[order].transpose(0, 1).contiguous()
+    if num_views is None or num_views < 1:
+        raise KdcacheError(f"--views: expected a positive number of views per sample, got {num_views}")
+    return torch.stack([policy.sample(generator, num_samples) for _ in range(num_views)])
 
 
 def require_fits(cache: TeacherCache, data: DataSource, policy: Policy, scales: tuple[int, ...],
