@@ -7,11 +7,12 @@ the teacher's on the views replayed from its stored parameters.
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from kdcache.cache import open_cache, verify
-from kdcache.cache.layout import FORMAT_VERSIONS, TOKENS_SINCE, WRITTEN_VERSION
+from kdcache.cache.layout import DENSE_SINCE, FORMAT_VERSIONS, TOKENS_SINCE, WRITTEN_VERSION
 from kdcache.data import get_policy, load_dataset, normalize, policy_for
 from kdcache.errors import KdcacheError
 from kdcache.models import LogitMap, load_teacher
@@ -35,9 +36,13 @@ FIXTURES = {
     "v5-outputs.zarr": (5, 0, False),
     "v5-topk-outputs.h5": (5, 2, False),
     "v6.zarr": (6, 0, False),
+    "v7.zarr": (7, 0, False),
 }
 # token caches (format 6 on): file -> (format version, k, log-probabilities' width, their largest decoding error)
-TOKEN_FIXTURES = {"v6-tokens.zarr": (6, 4, "q8", 0.05), "v6-tokens-fp16.h5": (6, 4, "fp16", 2e-3)}
+TOKEN_FIXTURES = {"v6-tokens.zarr": (6, 4, "q8", 0.05), "v6-tokens-fp16.h5": (6, 4, "fp16", 2e-3),
+                  "v7-tokens.zarr": (7, 4, "q8", 0.05)}
+# dense caches (format 7 on): file -> (format version, k, output stride)
+DENSE_FIXTURES = {"v7-dense.zarr": (7, 0, 4), "v7-dense-topk.h5": (7, 2, 8)}
 TEXT_TEACHER = "gpt:layers=1,width=16,heads=2"
 STREAMED_FIXTURE = "v4-files.zarr"  # format 4 over the image folder images/, streamed
 SCALES = (1, 2)
@@ -52,6 +57,7 @@ def teacher_and_data():
 def test_every_format_version_has_a_fixture():
     assert {version for version, _, _ in FIXTURES.values()} == set(FORMAT_VERSIONS)
     assert {version for version, *_ in TOKEN_FIXTURES.values()} == {v for v in FORMAT_VERSIONS if v >= TOKENS_SINCE}
+    assert {version for version, *_ in DENSE_FIXTURES.values()} == {v for v in FORMAT_VERSIONS if v >= DENSE_SINCE}
     assert max(FORMAT_VERSIONS) == WRITTEN_VERSION
 
 
@@ -122,6 +128,32 @@ def test_a_token_cache_of_every_version_reads_verifies_and_equals_the_live_teach
     assert (ids == live.indices.numpy()).all()
     torch.testing.assert_close(torch.from_numpy(logprobs), live.values, rtol=0, atol=tolerance)
     assert "a token cache" in describe_cache(FIXTURES_DIR / name)["text"]
+
+
+@pytest.mark.parametrize("name", DENSE_FIXTURES)
+def test_a_dense_cache_of_every_version_reads_verifies_and_equals_the_live_teacher_on_the_replayed_views(name):
+    from kdcache.data.dense import DIGIT_NAMES, DenseData, compose_scenes
+    from kdcache.data.sources import _channel_stats, _digits_images
+    from kdcache.stages.dense_targets import at_stride, open_dense_targets
+    from kdcache.stages.topk import rebuild_topk
+
+    version, k, stride = DENSE_FIXTURES[name]
+    digits, labels = _digits_images()  # the fixture's data, as make_fixtures.py composes it
+    images, masks = compose_scenes(digits, labels, 12, np.random.RandomState(0))
+    data = DenseData("digits-scenes", "train", images, masks, ("background", *DIGIT_NAMES), *_channel_stats(images))
+    model, info = load_teacher(FIXTURES_DIR / "dense-teacher.pt", "fcn_resnet8", data.num_classes)
+    with open_dense_targets(FIXTURES_DIR / name, data, torch.device("cpu")) as targets:
+        spec = targets.cache.spec
+        assert (spec.format_version, spec.topk, spec.stride) == (version, k, stride) and verify(targets.cache) == []
+        assert spec.teacher["checkpoint_sha256"] == info["checkpoint_sha256"]
+        for view in range(targets.num_views):
+            views, _ = data.views(targets.policy, targets.params(view), torch.arange(12), torch.device("cpu"))
+            with torch.no_grad():
+                live = at_stride(model(views), stride).half().float()
+            if k:  # the top k per position, and one logit for the rest, rebuilt as the cache rebuilds them
+                live = rebuild_topk(live.movedim(1, -1), k, torch.float16).movedim(-1, 1)
+            torch.testing.assert_close(targets.maps(view, torch.arange(12), None), live, rtol=2e-3, atol=2e-3)
+    assert "a dense cache" in describe_cache(FIXTURES_DIR / name)["text"]
 
 
 @pytest.mark.parametrize("name", [name for name, (version, _, _) in FIXTURES.items() if version < WRITTEN_VERSION])
