@@ -187,3 +187,25 @@ def test_dump_teacher_on_digits_scenes_writes_a_dense_cache_that_inspect_and_ver
     code, _, err = run_cli([*common[:2], "digits", *common[3:], "--stride", "4"], capsys)
     assert code == 2 and "--stride is the output stride of a dense dataset's logit maps; digits has a label per image" \
         in err
+
+
+@pytest.mark.slow
+def test_the_benchmark_measures_every_stride_and_storage_and_the_dump_against_the_forward(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dense_cache.py"
+    spec = importlib.util.spec_from_file_location("dense_cache_benchmark", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    benchmark.main(["--quick", "--json", str(tmp_path / "rows.json")])
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(row["stride"], row["storage"]) for row in rows["storage"]] == [
+        (stride, storage) for stride in (1, 2, 4, 8) for storage in ("full fp16", "top-1 fp16", "top-2 fp16",
+                                                                      "top-4 fp16")]
+    full = {row["stride"]: row for row in rows["storage"] if row["storage"] == "full fp16"}
+    assert full[1]["mae"] < 1e-3 and full[1]["raw_bytes"] == 48 * 48 * 11 * 2 == 16 * full[4]["raw_bytes"]
+    assert [row["what"] for row in rows["throughput"]] == ["forward", "dump stride 4 full", "dump stride 4 top-2"]
+    assert all(row["img_per_s"] > 0 and row["ratio"] > 0 for row in rows["throughput"])
+    assert "| 8 | top-4 fp16 |" in capsys.readouterr().out

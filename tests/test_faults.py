@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kdcache.cache import Store, open_cache, open_store, verify
-from kdcache.cache.layout import DIGEST_ARRAY, metadata_digest
+from kdcache.cache.layout import DIGEST_ARRAY, WRITTEN_VERSION, metadata_digest
 from kdcache.cache.lock import lock_path
 from kdcache.config import DistillConfig, DumpConfig
 from kdcache.data import get_policy, load_dataset
@@ -399,8 +399,9 @@ def test_missing_attributes_and_another_format_version_are_named(pristine, prist
     rewrite_metadata(cache, {})
     with pytest.raises(CorruptCacheError, match="has no kdcache metadata"):
         open_cache(cache)
-    rewrite_metadata(cache, edited(metadata, "format_version", 7))
-    with pytest.raises(CorruptCacheError, match=r"cache format version 7, this kdcache .* reads versions 1, 2, 3, 4, 5, 6"):
+    rewrite_metadata(cache, edited(metadata, "format_version", WRITTEN_VERSION + 1))
+    with pytest.raises(CorruptCacheError, match=rf"cache format version {WRITTEN_VERSION + 1}, this kdcache .* reads "
+                                                rf"versions {', '.join(map(str, range(1, WRITTEN_VERSION + 1)))};"):
         open_cache(cache)
     rewrite_metadata(cache, edited(metadata, "format_version", 2))  # format 2 without its top-k field
     with pytest.raises(CorruptCacheError, match=r"'format_version' is 2 but 'logits.topk' is missing"):

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from kdcache.cache.layout import ARRAYS, DENSE_SINCE, SPEC_KINDS, CacheSpec, _FieldReader, _format_version, _short
+from kdcache.cache.layout import ARRAYS, DENSE_SINCE, SPEC_KINDS, CacheSpec, _short, shared_fields
 from kdcache.errors import CorruptCacheError
 
 DENSE_POSITIONS = ("row-major over the map: position p is row p // w, column p % w, the mean of the teacher's "
@@ -94,19 +94,11 @@ class DenseCacheSpec(CacheSpec):
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any], where: str) -> DenseCacheSpec:
-        version = _format_version(metadata, where)
-        get = _FieldReader(metadata, where)
-        spec = cls(teacher=get("teacher", dict), dataset=get("dataset", dict), augmentation=get("augmentation", dict),
-                   num_views=get("views.count", int), exhaustive=get("views.exhaustive", bool),
-                   seed=get("views.seed", int), scales=tuple(get("scales", list)), dtype=get("logits.dtype", str),
-                   block_size=get("logits.block_size", int),
-                   topk=get("logits.topk", int) if "topk" in metadata["logits"] else 0,
-                   view_accuracy=metadata.get("view_accuracy"), format_version=version,
-                   outputs=get("outputs", dict), dense=_dense_fields(get))
-        for name, kind in DENSE_FIELDS:
-            get(name, kind)
-        spec._check_values(where)
-        return spec
+        get, shared = shared_fields(metadata, where)
+        spec = cls(**shared, scales=tuple(get("scales", list)), outputs=get("outputs", dict),
+                   dense={"stride": get("dense.stride", int), "map": get("dense.map", list),
+                          "labelled_pixels": get("dense.labelled_pixels", list)})
+        return spec.checked(get, DENSE_FIELDS, where)
 
     def _check_values(self, where: str) -> None:
         self._check_counts(where)
@@ -129,12 +121,6 @@ class DenseCacheSpec(CacheSpec):
             raise CorruptCacheError(f"{where}: metadata fields disagree: teacher.num_classes={self.num_classes}, "
                                     f"dataset.num_classes={self.dataset['num_classes']}: it was edited — rebuild it "
                                     f"with `kdcache dump-teacher --overwrite`")
-
-
-def _dense_fields(get: _FieldReader) -> dict[str, Any]:
-    """The metadata's `dense` document, each field a reader relies on checked for its type."""
-    return {"stride": get("dense.stride", int), "map": get("dense.map", list),
-            "labelled_pixels": get("dense.labelled_pixels", list)}
 
 
 def dense_cache_spec(teacher: dict[str, Any], dataset: dict[str, Any], augmentation: dict[str, Any], num_views: int,

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import numpy as np
 
@@ -277,32 +277,25 @@ class CacheSpec:
         kind = next((kind for kind in SPEC_KINDS if kind in metadata), None)
         if kind is not None and version >= SPEC_KINDS[kind].since and cls is CacheSpec:
             return SPEC_KINDS[kind].from_metadata(metadata, where)
-        get = _FieldReader(metadata, where)
+        get, shared = shared_fields(metadata, where)
         scales = tuple(get("scales", list))
         if not (scales and all(isinstance(s, int) and not isinstance(s, bool) for s in scales) and scales[0] == 1
                 and all(a < b for a, b in zip(scales, scales[1:]))):
             # the stored regions follow the scales in order: any other order would name the wrong cells
             raise CorruptCacheError(f"{where}: metadata field 'scales' must be integers ascending from 1, as dumps "
                                     f"write them, found {list(scales)!r}")
-        spec = cls(
-            teacher=get("teacher", dict), dataset=get("dataset", dict), augmentation=get("augmentation", dict),
-            num_views=get("views.count", int), exhaustive=get("views.exhaustive", bool),
-            seed=get("views.seed", int), scales=scales, dtype=get("logits.dtype", str),
-            block_size=get("logits.block_size", int),
-            topk=get("logits.topk", int) if "topk" in metadata["logits"] else 0,
-            view_accuracy=metadata.get("view_accuracy"), format_version=version,
-            outputs=get("outputs", dict) if version >= OUTPUTS_SINCE else {})
-        # every field a reader relies on later, so that a missing one is named here
-        for name, kind in (("teacher.arch", str), ("teacher.num_classes", int), ("teacher.checkpoint_sha256", str),
-                           ("teacher.precision", str), ("teacher.feature_map", list), ("dataset.name", str),
-                           ("dataset.split", str), ("dataset.num_samples", int), ("dataset.mean", list),
-                           ("dataset.std", list), ("dataset.fingerprint", str), ("augmentation.name", str),
-                           ("augmentation.param_names", list)):
-            get(name, kind)
+        spec = cls(**shared, scales=scales, outputs=get("outputs", dict) if version >= OUTPUTS_SINCE else {})
         if spec.streamed:
             get("dataset.listing_bytes", int)
-        spec._check_values(where)
-        return spec
+        return spec.checked(get, REGION_FIELDS, where)
+
+    def checked(self, get: _FieldReader, required: tuple[tuple[str, type], ...], where: str) -> Self:
+        """This spec, read from a metadata document, once each field a reader relies on later is found with its type
+        (so that a missing one is named here) and the values are ones a dump writes."""
+        for name, kind in required:
+            get(name, kind)
+        self._check_values(where)
+        return self
 
     def _check_values(self, where: str) -> None:
         """Refuse fields whose type is right but whose value no dump writes."""
@@ -361,6 +354,26 @@ class CacheSpec:
         flat = {**_flatten(self.to_metadata()), "logits.topk": self.topk}  # 0 for a full cache, which has no field
         return {name: value for name, value in flat.items()
                 if any(name == f or name.startswith(f + ".") for f in IDENTITY_FIELDS)}
+
+
+# the metadata fields a region cache's reader relies on, with their types
+REGION_FIELDS = (("teacher.arch", str), ("teacher.num_classes", int), ("teacher.checkpoint_sha256", str),
+                 ("teacher.precision", str), ("teacher.feature_map", list), ("dataset.name", str),
+                 ("dataset.split", str), ("dataset.num_samples", int), ("dataset.mean", list), ("dataset.std", list),
+                 ("dataset.fingerprint", str), ("augmentation.name", str), ("augmentation.param_names", list))
+
+
+def shared_fields(metadata: dict[str, Any], where: str) -> tuple[_FieldReader, dict[str, Any]]:
+    """A reader of a metadata document's fields (after its format and version are checked), and the CacheSpec fields
+    that every kind of cache stores alike, read with it."""
+    version = _format_version(metadata, where)
+    get = _FieldReader(metadata, where)
+    return get, {"teacher": get("teacher", dict), "dataset": get("dataset", dict),
+                 "augmentation": get("augmentation", dict), "num_views": get("views.count", int),
+                 "exhaustive": get("views.exhaustive", bool), "seed": get("views.seed", int),
+                 "dtype": get("logits.dtype", str), "block_size": get("logits.block_size", int),
+                 "topk": get("logits.topk", int) if "topk" in metadata["logits"] else 0,
+                 "view_accuracy": metadata.get("view_accuracy"), "format_version": version}
 
 
 # the kinds of cache besides region logits, by the metadata field that marks them: token_layout and dense_layout

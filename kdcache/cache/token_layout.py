@@ -14,7 +14,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from kdcache.cache.layout import SPEC_KINDS, TOKENS_SINCE, CacheSpec, _FieldReader, _format_version, _short
+from kdcache.cache.layout import SPEC_KINDS, TOKENS_SINCE, CacheSpec, _short, shared_fields
 from kdcache.cache.token_codec import TokenCodec
 from kdcache.errors import CorruptCacheError
 
@@ -101,18 +101,10 @@ class TokenCacheSpec(CacheSpec):
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any], where: str) -> TokenCacheSpec:
-        version = _format_version(metadata, where)
-        get = _FieldReader(metadata, where)
-        spec = cls(teacher=get("teacher", dict), dataset=get("dataset", dict), augmentation=get("augmentation", dict),
-                   num_views=get("views.count", int), exhaustive=get("views.exhaustive", bool),
-                   seed=get("views.seed", int), scales=tuple(get("scales", list)), dtype=get("logits.dtype", str),
-                   block_size=get("logits.block_size", int), topk=get("logits.topk", int),
-                   view_accuracy=metadata.get("view_accuracy"), format_version=version, tokens=get("tokens", dict),
+        get, shared = shared_fields(metadata, where)
+        spec = cls(**shared, scales=tuple(get("scales", list)), tokens=get("tokens", dict),
                    outputs=get("outputs", dict))
-        for name, kind in TOKEN_FIELDS:
-            get(name, kind)
-        spec._check_values(where)
-        return spec
+        return spec.checked(get, (("logits.topk", int), *TOKEN_FIELDS), where)
 
     def _check_values(self, where: str) -> None:
         codec = self.codec  # a malformed description is refused here, naming its field
