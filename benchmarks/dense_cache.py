@@ -1,7 +1,8 @@
 """Dense caches on digits-scenes: bytes per image and the stored map's error at each output stride and storage, and
 the dense dump against the teacher's pure forward on the same views (issue 35).
 
-    python benchmarks/dense_cache.py [--train-epochs 3] [--samples 250] [--repeats 5] [--threads 1] [--json FILE]
+    python benchmarks/dense_cache.py [--train-epochs 3] [--samples 250] [--dump-samples 1000] [--repeats 5]
+                                     [--threads 1] [--json FILE]
     python benchmarks/dense_cache.py --quick     # a few scenes, random weights, one repeat: the script's own test
 
 Teacher: fcn_resnet20, trained here for --train-epochs epochs on digits-scenes' train split (Adam, lr 2e-3, batch
@@ -18,9 +19,9 @@ size on the same views (every pixel, padding included), up(m) being m upsampled 
   MAE           mean over pixels and classes of |z - up(m)|
   KL            mean over pixels of KL(softmax(z) ‖ softmax(up(m))) at T = 1, in nats
   agree         the share of pixels where argmax up(m) = argmax z
-Throughput: `dump_dense` timed whole (store created, every block written, finished; stride 4, fp16, full and top-2)
-against the teacher's pure forward on the same views (DenseData.views, then the teacher under the dump's autocast,
-nothing kept), the same batches; the order alternates, a first round is a warm-up and is dropped; medians of img/s,
+Throughput: `dump_dense` over one view of the first --dump-samples scenes of the train split, timed whole (store
+created, every block written, finished; stride 4, fp16, full and top-2), against the teacher's pure forward on the
+same views (DenseData.views, then the teacher under the dump's autocast, nothing kept), the same batches; the order alternates, a first round is a warm-up and is dropped; medians of img/s,
 and the median of the per-repeat ratios dump / forward.
 """
 
@@ -77,11 +78,11 @@ def teacher(epochs: int, checkpoint: str | None) -> torch.nn.Module:
     return model.eval()
 
 
-def first_scenes(count: int) -> DenseData:
-    """The first `count` scenes of digits-scenes' test split, normalised as the split is."""
-    test = load_dataset("digits-scenes", split="test")
-    return DenseData(test.name, test.split, test.images[:count].clone(), test.masks[:count].clone(), test.class_names,
-                     test.mean, test.std)
+def first_scenes(count: int, split: str) -> DenseData:
+    """The first `count` scenes of a split of digits-scenes, normalised as the split is."""
+    whole = load_dataset("digits-scenes", split=split)
+    return DenseData(whole.name, whole.split, whole.images[:count].clone(), whole.masks[:count].clone(),
+                     whole.class_names, whole.mean, whole.std)
 
 
 def full_logits(model: torch.nn.Module, data: DenseData, params: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -175,6 +176,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-epochs", type=int, default=3, help="epochs of training of the teacher (0: random)")
     parser.add_argument("--checkpoint", help="the teacher's weights instead (an fcn_resnet20 of 11 classes)")
     parser.add_argument("--samples", type=int, default=250, help="scenes of the test split measured")
+    parser.add_argument("--dump-samples", type=int, default=1000, help="scenes of the train split the dumps time")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds of the dumps and the forward")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -182,7 +184,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     if args.quick:
-        args.train_epochs, args.samples, args.repeats = 0, 8, 1
+        args.train_epochs, args.samples, args.dump_samples, args.repeats = 0, 8, 8, 1
     return args
 
 
@@ -191,10 +193,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    model, data = teacher(args.train_epochs, args.checkpoint), first_scenes(args.samples)
+    model, data = teacher(args.train_epochs, args.checkpoint), first_scenes(args.samples, "test")
     with tempfile.TemporaryDirectory() as folder:
         storage = storage_rows(model, data, Path(folder), args.batch_size)
-        throughput = throughput_rows(model, data, Path(folder), args.batch_size, args.repeats)
+        throughput = throughput_rows(model, first_scenes(args.dump_samples, "train"), Path(folder), args.batch_size,
+                                     args.repeats)
     weights = args.checkpoint or (f"trained {args.train_epochs} epochs here" if args.train_epochs else "random")
     command = "python " + " ".join(map(shlex.quote, ["benchmarks/dense_cache.py", *(argv or sys.argv[1:])]))
     print("\n".join([
@@ -202,7 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         f"- device: commit {source_commit()}; CPU `{cpu_model()}`, {os.cpu_count()} cores, torch threads "
         f"{torch.get_num_threads()}; python {platform.python_version()}, torch {torch.__version__}",
         f"- teacher: {TEACHER} ({weights}), pixel accuracy {storage[0]['pixel_accuracy']:.4f} on the view; "
-        f"{len(data)} test scenes, batch {args.batch_size}, {args.repeats} timed repeats",
+        f"maps of {len(data)} test scenes; dumps of {args.dump_samples} train scenes, batch {args.batch_size}, "
+        f"{args.repeats} timed repeats",
         "", tables(storage, throughput), "", f"{time.perf_counter() - started:.0f} s"]))
     if args.json:
         Path(args.json).write_text(json.dumps({"storage": storage, "throughput": throughput}, indent=2))
