@@ -209,3 +209,22 @@ def test_the_benchmark_measures_every_stride_and_storage_and_the_dump_against_th
     assert [row["what"] for row in rows["throughput"]] == ["forward", "dump stride 4 full", "dump stride 4 top-2"]
     assert all(row["img_per_s"] > 0 and row["ratio"] > 0 for row in rows["throughput"])
     assert "| 8 | top-4 fp16 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_sharded_dense_dump_equals_a_single_process_one(tmp_path):
+    from test_scale_out import ENV, kdcache
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "teacher.pt", create_model("fcn_resnet8", num_classes=11))
+    args = ["dump-teacher", "--dataset", "digits-scenes", "--split", "test", "--teacher", "fcn_resnet8", "--checkpoint",
+            "teacher.pt", "--views", 1, "--stride", 8, "--topk", 2, "--block-size", 64, "--device", "cpu"]
+    assert ENV["OMP_NUM_THREADS"] == "1"  # both dumps at one thread a process: the same float32 sums
+    kdcache(tmp_path, *args, "--out", "one.zarr")
+    printed = kdcache(tmp_path, *args, "--out", "sharded.zarr", processes=2)
+    assert printed.count("wrote sharded.zarr") == 1
+    with open_cache(tmp_path / "sharded.zarr") as sharded, open_cache(tmp_path / "one.zarr") as one:
+        assert sharded.spec.kind == "dense" and sharded.spec.num_blocks == 4 and verify(sharded) == []
+        for name in (*one.spec.data_arrays, "aug", "labels", "progress"):
+            np.testing.assert_array_equal(sharded.store.read(name), one.store.read(name), err_msg=name)
+        assert sharded.metadata["view_accuracy"] == one.metadata["view_accuracy"]
