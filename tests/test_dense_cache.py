@@ -180,6 +180,11 @@ def test_dump_teacher_on_digits_scenes_writes_a_dense_cache_that_inspect_and_ver
     assert code == 0 and "a dense cache" in out and "6×6 at stride 8" in out and "top 2 classes per position" in out
     code, out, _ = run_cli(["verify", cache], capsys)
     assert code == 0
+    code, _, err = run_cli(["eval", "--cache", cache], capsys)
+    assert code == 2 and "cannot be recounted; pass --recorded" in err and len(err.strip().splitlines()) == 1
+    code, out, _ = run_cli(["eval", "--cache", cache, "--recorded"], capsys)
+    with open_cache(cache) as opened:
+        assert code == 0 and f"{opened.view_accuracy()[0]:.4f}" in out
     for given, why in ((["--scales", "1,2"], "--scales are for image classifiers' caches"),
                        (["--mix", "cutmix"], "--mix are for image classifiers' caches")):
         code, _, err = run_cli([*common, "--overwrite", *given], capsys)

@@ -274,6 +274,10 @@ def evaluate_cache(path: str | os.PathLike, recompute: bool = True) -> CacheEval
     top-k cache's stored classes), which reads every written view once."""
     with open_cache(path) as cache:
         spec, recorded = cache.spec, cache.view_accuracy()
+        if spec.kind == "dense" and recompute:
+            raise KdcacheError(f"eval --cache {path}: a dense cache holds the teacher's maps at stride "
+                               f"{spec.stride}, from which the pixel accuracy the dump recorded at full size cannot "
+                               f"be recounted; pass --recorded to read that")
         labels = cache.labels() if recompute else None
         views = [ViewAccuracy(view, accuracy, *(_stored_accuracy(cache, view, labels) if recompute and accuracy
                                                 is not None else (None, None)))
