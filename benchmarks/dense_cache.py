@@ -15,14 +15,16 @@ the rest as one logit: kdcache.stages.topk), a one-view cache is written by `dum
 `open_dense_targets`, and its maps m [C, H/s, W/s] compared with the teacher's float32 logits z [C, H, W] at full
 size on the same views (every pixel, padding included), up(m) being m upsampled bilinearly (align_corners=False):
   raw B/img     bytes of one view of one image in the data arrays, uncompressed (DenseCacheSpec.bytes_per_sample)
-  disk B/img    the store's bytes on disk (Zarr, compressed; labels, aug and metadata included) over the images
+  disk B/img    the store's bytes on disk over the images: Zarr as kdcache writes it (uncompressed chunks with
+                crc32c, the last block's chunk written whole), labels, aug and metadata included
   MAE           mean over pixels and classes of |z - up(m)|
   KL            mean over pixels of KL(softmax(z) ‖ softmax(up(m))) at T = 1, in nats
   agree         the share of pixels where argmax up(m) = argmax z
 Throughput: `dump_dense` over one view of the first --dump-samples scenes of the train split, timed whole (store
 created, every block written, finished; stride 4, fp16, full and top-2), against the teacher's pure forward on the
-same views (DenseData.views, then the teacher under the dump's autocast, nothing kept), the same batches; the order alternates, a first round is a warm-up and is dropped; medians of img/s,
-and the median of the per-repeat ratios dump / forward.
+same views (DenseData.views, then the teacher under the dump's autocast, nothing kept), the same batches; the order
+alternates, a first round is a warm-up and is dropped; medians of img/s, and the median of the per-repeat ratios
+dump / forward.
 """
 
 from __future__ import annotations

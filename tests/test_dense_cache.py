@@ -233,3 +233,21 @@ def test_a_sharded_dense_dump_equals_a_single_process_one(tmp_path):
         for name in (*one.spec.data_arrays, "aug", "labels", "progress"):
             np.testing.assert_array_equal(sharded.store.read(name), one.store.read(name), err_msg=name)
         assert sharded.metadata["view_accuracy"] == one.metadata["view_accuracy"]
+
+
+def test_an_edited_dense_metadata_is_refused_naming_its_fields(teacher, data, tmp_path):
+    from kdcache.cache.backends import open_store
+    from kdcache.errors import CorruptCacheError
+
+    _dump(teacher, data, tmp_path / "c.zarr")
+    with open_store(tmp_path / "c.zarr", read_only=False) as store:
+        metadata = store.metadata()
+        store.set_metadata({**metadata, "dense": {**metadata["dense"], "map": [6, 6]}})
+    with pytest.raises(CorruptCacheError, match=r"a dense cache has .* dense.stride=4, dense.map=\[6, 6\] for images "
+                                                r"\[3, 48, 48\]: it was edited"):
+        open_cache(tmp_path / "c.zarr")
+    with open_store(tmp_path / "c.zarr", read_only=False) as store:
+        store.set_metadata({**metadata, "dense": {key: value for key, value in metadata["dense"].items()
+                                                  if key != "labelled_pixels"}})
+    with pytest.raises(CorruptCacheError, match=r"metadata field 'dense.labelled_pixels' is missing"):
+        open_cache(tmp_path / "c.zarr")

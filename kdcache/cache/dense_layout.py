@@ -21,8 +21,8 @@ from kdcache.cache.layout import ARRAYS, DENSE_SINCE, SPEC_KINDS, CacheSpec, _sh
 from kdcache.errors import CorruptCacheError
 
 DENSE_POSITIONS = ("row-major over the map: position p is row p // w, column p % w, the mean of the teacher's "
-                   "logits over rows s·(p // w) to s·(p // w) + s - 1 and columns s·(p % w) to s·(p % w) + s - 1 of "
-                   "the view at full size (s the stride)")
+                   "logits over rows s·(p // w) to s·(p // w) + s - 1 and columns s·(p % w) to s·(p % w) + s - 1 "
+                   "of the view at full size (s the stride)")
 DENSE_ARRAYS = {
     "logits": "[views, samples, positions, classes] raw pre-softmax teacher logits at each position of the view's map "
               "at the stride (dense.positions)",
@@ -102,15 +102,15 @@ class DenseCacheSpec(CacheSpec):
 
     def _check_values(self, where: str) -> None:
         self._check_counts(where)
-        channels, height, width = (self.dataset["image_shape"] + [0, 0, 0])[:3]
+        _, height, width = (self.dataset["image_shape"] + [0, 0, 0])[:3]
         stride, pixels = self.stride, self.dense["labelled_pixels"]
         if self.scales or self.outputs or stride < 1 or self.dense["map"] != [height // stride, width // stride] or \
                 height % stride or width % stride:
             raise CorruptCacheError(f"{where}: a dense cache has no scales, no further outputs and a map of the "
                                     f"image's size over the stride; its metadata says scales={list(self.scales)}, "
                                     f"outputs={_short(self.outputs)}, dense.stride={stride}, dense.map="
-                                    f"{_short(self.dense['map'])} for images {_short(self.dataset['image_shape'])}: it was "
-                                    f"edited — rebuild it with `kdcache dump-teacher --overwrite`")
+                                    f"{_short(self.dense['map'])} for images {_short(self.dataset['image_shape'])}: "
+                                    f"it was edited — rebuild it with `kdcache dump-teacher --overwrite`")
         if len(pixels) != self.num_views or not all(isinstance(n, int) and not isinstance(n, bool) and
                                                     0 <= n <= self.num_samples * height * width for n in pixels):
             raise CorruptCacheError(f"{where}: metadata field 'dense.labelled_pixels' should be one count per view "
