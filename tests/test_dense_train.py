@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 import kdcache.data.dense as dense
-import kdcache.stages.dense_targets as dense_targets
 from kdcache.cli import main
 from kdcache.config import DistillConfig, TrainConfig
 from kdcache.data import load_dataset
@@ -233,7 +232,6 @@ def test_a_segmentation_mistake_is_one_line(argv, expected, teacher_run, small_s
     assert not (tmp_path / "run" / "model.pt").exists()
 
 
-@pytest.mark.skipif(not hasattr(dense_targets, "open_dense_targets"), reason="the dense cache's reader is not here yet")
 def test_students_from_the_cache_and_from_the_live_teacher_on_its_views_learn_alike(teacher_run, small_scenes,
                                                                                     tmp_path, capsys):
     cache = tmp_path / "cache.zarr"
@@ -246,8 +244,8 @@ def test_students_from_the_cache_and_from_the_live_teacher_on_its_views_learn_al
                                 "--epochs", 3, "--batch-size", 8, "--out", tmp_path / source], capsys)
         assert code == 0, err
         with open(tmp_path / source / "fcn_resnet8-cwd" / "metrics.csv") as file:
-            curves[source] = [[float(row[key]) for key in ("loss_total", "loss_cwd", "test_miou")]
-                              for row in csv.DictReader(file)]
+            curves[source] = [float(row[key]) for row in csv.DictReader(file)
+                              for key in ("loss_total", "loss_cwd", "test_miou")]
     assert curves["cache"] == pytest.approx(curves["live"], rel=1e-4, abs=1e-6)
 
 
