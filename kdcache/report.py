@@ -255,6 +255,8 @@ def dataset_table() -> str:
         "torchvision's on-disk format and never download; synthetic is generated",
         "           imagefolder reads --data-root/train and val/ (or test/) in torchvision's ImageFolder layout, at 224×224 "
         "(--image-size), streamed from its files (--preload: decoded into memory)",
+        "           digits-scenes needs nothing: scikit-learn's digits composed into 48×48 scenes labelled per pixel "
+        "(11 classes: background and the ten digits), for segmentation",
         "           voc and cityscapes read --data-root in torchvision's VOCSegmentation (VOC2012) and Cityscapes "
         "(gtFine) layouts: images with a label per pixel, held in memory at 64×64 (--image-size); test is their val "
         "split",

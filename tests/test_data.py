@@ -186,7 +186,7 @@ def test_synthetic_options():
 
 def test_unknown_name_and_split():
     assert {"cifar10", "cifar100", "digits", "synthetic"} <= set(list_datasets())
-    with pytest.raises(KdcacheError, match="load_dataset\\(\\): unknown name 'imagenet'; known: cifar10, cifar100, digits"):
+    with pytest.raises(KdcacheError, match="load_dataset\\(\\): unknown name 'imagenet'; known: cifar10, cifar100, cityscapes, digits"):
         load_dataset("imagenet")
     with pytest.raises(KdcacheError, match="unknown split 'val'; known: train, test"):
         load_dataset("digits", split="val")

@@ -20,11 +20,12 @@ from kdcache.models import (
     num_regions,
     parse_scales,
     region_indices,
+    segmentation,
 )
 from kdcache.models.logit_map import FeatureMapClassifier
 
 # the CIFAR family, whose mdistiller fixtures these tests read; torchvision's are in test_imagenet_models.py
-MODELS = [name for name in list_models() if name not in imagenet.NAMES]
+MODELS = [name for name in list_models() if name not in imagenet.NAMES + segmentation.NAMES]  # classifiers
 SCALES = (1, 2, 4)
 
 

@@ -6,10 +6,10 @@ from model_fixtures import FIXTURES, load_fixture, reference_input, reference_st
 from torch import nn
 
 from kdcache.errors import KdcacheError
-from kdcache.models import create_model, imagenet, list_models, register_model
+from kdcache.models import create_model, imagenet, list_models, register_model, segmentation
 
 # the CIFAR family; torchvision's ImageNet models (kdcache.models.imagenet) are tested in test_imagenet_models.py
-MODELS = [name for name in list_models() if name not in imagenet.NAMES]
+MODELS = [name for name in list_models() if name not in imagenet.NAMES + segmentation.NAMES]  # classifiers
 
 # Side of the final feature map at 32×32 input.
 MAP_SIDE = {
@@ -93,7 +93,8 @@ def test_create_model_unknown_name_lists_known_names():
         create_model("resnet9")
     assert str(caught.value) == (f"model spec 'resnet9': kdcache's registry has no model 'resnet9'; known: "
                                  f"{', '.join(list_models())}; other models are named as NAME (kdcache's registry), "
-                                 f"timm:NAME, torchvision:NAME, gpt:layers=L,width=D,heads=H, hf:PATH, clip:NAME or "
+                                 f"timm:NAME, torchvision:NAME, smp:ARCH,key=value,..., gpt:layers=L,width=D,heads=H, hf:PATH, "
+                                 f"clip:NAME or "
                                  f"python:module.path:callable")
 
 

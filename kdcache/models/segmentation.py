@@ -44,6 +44,8 @@ class FCNResNet(nn.Module):
         logits = self.forward_head(self.forward_features(images))
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
+NAMES = ("fcn_resnet8", "fcn_resnet20")  # the registry's segmentation models (the rest are classifiers)
+
 
 @register_model
 def fcn_resnet8(num_classes: int = 21) -> FCNResNet:
