@@ -1,8 +1,13 @@
 """Damage done to caches on disk, the way disks and people do it, for the fault tests."""
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
+import pytest
+
+from kdcache.cache.store import Store
 
 
 def chunk_file(cache: Path, array: str, coords: tuple[int, ...]) -> Path:
@@ -29,3 +34,23 @@ def flip_chunk_byte(cache: Path, array: str, coords: tuple[int, ...], offset: in
 def delete_chunk(cache: Path, array: str, coords: tuple[int, ...]) -> None:
     """Remove one Zarr chunk file."""
     chunk_file(cache, array, coords).unlink()
+
+
+@contextlib.contextmanager
+def disk_full_at_write(monkeypatch: pytest.MonkeyPatch, array: str, count: int) -> Iterator[None]:
+    """Within the block, the count-th write to `array` fails as a full disk does (ENOSPC); every other write goes
+    through, and after the block every write does."""
+    store_write, writes = Store.write, []
+
+    def failing(self, name, selection, values):
+        if name == array:
+            writes.append(selection)
+            if len(writes) == count:
+                raise OSError(28, "No space left on device")
+        return store_write(self, name, selection, values)
+
+    monkeypatch.setattr(Store, "write", failing)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(Store, "write", store_write)

@@ -7,11 +7,11 @@ import socket
 import numpy as np
 import pytest
 import torch
-from cache_faults import flip_chunk_byte
+from cache_faults import disk_full_at_write, flip_chunk_byte
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdcache.cache import Store, open_cache, verify
+from kdcache.cache import open_cache, verify
 from kdcache.cache.lock import WriterLock, lock_path
 from kdcache.data import get_policy, load_dataset, normalize
 from kdcache.errors import CorruptCacheError, KdcacheError
@@ -91,19 +91,8 @@ def test_a_dump_interrupted_mid_way_resumes_to_the_arrays_of_an_uninterrupted_ru
                                                                                     monkeypatch):
     whole, broken = tmp_path / f"whole{SUFFIX[fmt]}", tmp_path / f"broken{SUFFIX[fmt]}"
     dump(teacher, data, whole)
-    store_write, logits_writes = Store.write, []
-
-    def disk_full_at_fifth_block(self, name, selection, values):
-        if name == "logits":
-            logits_writes.append(selection)
-            if len(logits_writes) == 5:
-                raise OSError(28, "No space left on device")
-        return store_write(self, name, selection, values)
-
-    monkeypatch.setattr(Store, "write", disk_full_at_fifth_block)
-    with pytest.raises(KdcacheError, match=r"could not write view 1, block 1 .*No space left.*rerun the same command"):
+    with disk_full_at_write(monkeypatch, "logits", 5), pytest.raises(KdcacheError, match=r"could not write view 1, block 1 .*No space left.*rerun the same command"):
         dump(teacher, data, broken)
-    monkeypatch.setattr(Store, "write", store_write)
     assert not lock_path(broken).exists()
     with open_cache(broken) as cache:
         progress = cache.progress()

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from kdcache.cache import open_cache, verify
-from kdcache.cache.store import Store
 from kdcache.data.dense import DIGIT_NAMES, IGNORE_INDEX, DenseData, compose_scenes
 from kdcache.data.sources import _channel_stats, _digits_images
 from kdcache.errors import KdcacheError
@@ -14,8 +13,8 @@ from kdcache.models import create_model, save_checkpoint
 from kdcache.report import describe_cache
 from kdcache.stages.dense_dump import dump_dense
 from kdcache.stages.dense_targets import at_stride, open_dense_targets
-from tests.cache_faults import flip_chunk_byte
-from tests.console import run_cli
+from cache_faults import disk_full_at_write, flip_chunk_byte
+from console import run_cli
 
 SCENES, VIEWS, BLOCK, CPU = 12, 2, 4, torch.device("cpu")
 INFO = {"arch": "fcn_resnet8", "num_classes": 11, "checkpoint": "teacher.pt", "checkpoint_sha256": "0" * 64}
@@ -100,19 +99,8 @@ def test_the_view_accuracy_is_the_teachers_pixel_accuracy_on_labelled_pixels_at_
 def test_an_interrupted_dense_dump_resumes_to_the_arrays_of_an_uninterrupted_one(teacher, data, tmp_path, monkeypatch):
     whole, broken = tmp_path / "whole.h5", tmp_path / "broken.h5"
     _dump(teacher, data, whole, topk=2)
-    store_write, writes = Store.write, []
-
-    def disk_full_at_second_block(self, name, selection, values):
-        if name == "topk_values":
-            writes.append(selection)
-            if len(writes) == 2:
-                raise OSError(28, "No space left on device")
-        return store_write(self, name, selection, values)
-
-    monkeypatch.setattr(Store, "write", disk_full_at_second_block)
-    with pytest.raises(KdcacheError, match=r"could not write view 0, block 1 .*rerun the same command"):
+    with disk_full_at_write(monkeypatch, "topk_values", 2), pytest.raises(KdcacheError, match=r"could not write view 0, block 1 .*rerun the same command"):
         _dump(teacher, data, broken, topk=2)
-    monkeypatch.setattr(Store, "write", store_write)
     result = _dump(teacher, data, broken, topk=2)
     assert result.resumed and result.images == VIEWS * SCENES - BLOCK
     with open_cache(whole) as a, open_cache(broken) as b:

@@ -22,8 +22,8 @@ from kdcache.models import create_model, save_checkpoint
 from kdcache.stages.dense_targets import LiveDenseTargets, at_stride
 from kdcache.stages.dense_train import LiveOnViews, distill_dense, segmentation_terms, train_segmentation
 from kdcache.stages.segmentation_metrics import confusion_matrix, scores
-from tests.console import run_cli
-from tests.small_runs import saved_teacher
+from console import run_cli
+from small_runs import saved_teacher
 
 CPU = torch.device("cpu")
 

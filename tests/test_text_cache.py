@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from kdcache.cache import open_cache, verify
-from kdcache.cache.store import Store
 from kdcache.errors import KdcacheError
 from kdcache.data.text import load_text, train_bpe, load_corpus
 from kdcache.models import create_model
 from kdcache.report import describe_cache
 from kdcache.stages.text_dump import dump_tokens
 from kdcache.stages.text_train import cache_text
+from cache_faults import disk_full_at_write
 from console import run_cli
 
 TEACHER = "gpt:layers=1,width=32,heads=2"
@@ -79,19 +79,8 @@ def test_a_token_dump_interrupted_mid_way_resumes_to_the_arrays_of_an_uninterrup
                                                                                           monkeypatch):
     whole, broken = tmp_path / f"whole{SUFFIX[fmt]}", tmp_path / f"broken{SUFFIX[fmt]}"
     _dump(teacher, text, whole)
-    store_write, writes = Store.write, []
-
-    def disk_full_at_second_block(self, name, selection, values):
-        if name == "token_ids":
-            writes.append(selection)
-            if len(writes) == 2:
-                raise OSError(28, "No space left on device")
-        return store_write(self, name, selection, values)
-
-    monkeypatch.setattr(Store, "write", disk_full_at_second_block)
-    with pytest.raises(KdcacheError, match=r"could not write view 0, block 1 .*rerun the same command"):
+    with disk_full_at_write(monkeypatch, "token_ids", 2), pytest.raises(KdcacheError, match=r"could not write view 0, block 1 .*rerun the same command"):
         _dump(teacher, text, broken)
-    monkeypatch.setattr(Store, "write", store_write)
     result = _dump(teacher, text, broken)
     assert result.resumed and result.images == text.num_samples - 16
     with open_cache(whole) as a, open_cache(broken) as b:
