@@ -19,7 +19,9 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--cache", default="caches/quickstart-digits.zarr")
 parser.add_argument("--epochs", type=int, default=10)
 parser.add_argument("--loss", default="sdd-lskd", help="a `kdcache losses` name; sdd-lskd distils every region")
+parser.add_argument("--seed", type=int, default=0, help="the student's initial weights (the same in every process)")
 args = parser.parse_args()
+torch.manual_seed(args.seed)  # a run is repeatable: its weights start the same every time
 
 distributed = "WORLD_SIZE" in os.environ  # set by torchrun
 device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
